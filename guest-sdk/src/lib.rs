@@ -1,0 +1,279 @@
+//! Write Sluice tasks in Rust.
+//!
+//! This crate owns the Rust side of the `sluice:task` WIT contract. It hides the generated
+//! bindings behind a small surface: a task is one function from a serde-deserializable input to
+//! `Result<T, Signal>` where `T` is serializable, exported with [`export_task!`]:
+//!
+//! ```ignore
+//! use sluice_guest::{export_task, Signal};
+//!
+//! fn run(x: i64) -> Result<i64, Signal> {
+//!     if x < 0 {
+//!         return Err(Signal::retry("x is negative"));
+//!     }
+//!     Ok(x)
+//! }
+//!
+//! export_task!(run);
+//! ```
+//!
+//! The task's input arrives as JSON and is deserialized into the function's argument type; an
+//! input that does not fit fails the task run with a message naming the expected type. The
+//! returned value is serialized to JSON as the task's output. Returning `Err(signal)` moves the
+//! task run to the state the signal names (see [`Signal`]). A panic fails the task run; the panic
+//! message is captured from stderr.
+//!
+//! Read-only run information lives in [`context`]; log lines go through [`log`] or the
+//! [`info!`]-style macros.
+
+#[allow(unused_extern_crates)] // the generated bindings name the crate by path
+extern crate self as sluice_guest;
+
+use std::time::Duration;
+
+pub use serde;
+pub use serde_json;
+
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "task",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "__sluice_export_task_world",
+        default_bindings_module: "::sluice_guest::__private::bindings",
+        runtime_path: "::sluice_guest::__private::wit_bindgen::rt",
+    });
+}
+
+use bindings::sluice::task::types as wit;
+
+/// A signal overrides the state Sluice would infer from the task's return value (Prefect's
+/// signals).
+///
+/// | signal | state of the task run |
+/// |---|---|
+/// | [`Signal::fail`] | Failed, no retry |
+/// | [`Signal::retry`] | AwaitingRetry, or Failed when no retries remain |
+/// | [`Signal::skip`] | Skipped (counts as success downstream) |
+/// | [`Signal::pause`] | Paused until resumed |
+/// | [`Signal::success`] | Completed with a message |
+#[derive(Debug, Clone, PartialEq)]
+pub enum Signal {
+    /// Fail the task run.
+    Fail(String),
+    /// Retry the task run, optionally after `delay` instead of the task's configured delay.
+    Retry {
+        /// Why the task asks to be retried.
+        message: String,
+        /// Overrides the configured retry delay.
+        delay: Option<Duration>,
+    },
+    /// Skip the task run.
+    Skip(String),
+    /// Pause the task run until it is resumed.
+    Pause(String),
+    /// Complete the task run with an explicit message and optional output (JSON).
+    Success {
+        /// The output, already serialized to JSON; `None` means `null`.
+        output: Option<String>,
+        /// The message recorded on the Completed state.
+        message: String,
+    },
+}
+
+impl Signal {
+    /// Fail the task run with `message`.
+    pub fn fail(message: impl Into<String>) -> Self {
+        Signal::Fail(message.into())
+    }
+
+    /// Ask for a retry after the task's configured delay.
+    pub fn retry(message: impl Into<String>) -> Self {
+        Signal::Retry {
+            message: message.into(),
+            delay: None,
+        }
+    }
+
+    /// Ask for a retry after `delay`.
+    pub fn retry_after(message: impl Into<String>, delay: Duration) -> Self {
+        Signal::Retry {
+            message: message.into(),
+            delay: Some(delay),
+        }
+    }
+
+    /// Skip the task run with `message`.
+    pub fn skip(message: impl Into<String>) -> Self {
+        Signal::Skip(message.into())
+    }
+
+    /// Pause the task run with `message`.
+    pub fn pause(message: impl Into<String>) -> Self {
+        Signal::Pause(message.into())
+    }
+
+    /// Complete with `output` and `message`. If `output` cannot be serialized the task fails
+    /// with the serialization error.
+    pub fn success(output: impl serde::Serialize, message: impl Into<String>) -> Self {
+        match serde_json::to_string(&output) {
+            Ok(json) => Signal::Success {
+                output: Some(json),
+                message: message.into(),
+            },
+            Err(e) => Signal::Fail(format!("cannot serialize the SUCCESS output: {e}")),
+        }
+    }
+
+    fn into_wit(self) -> wit::Signal {
+        match self {
+            Signal::Fail(m) => wit::Signal::Fail(m),
+            Signal::Retry { message, delay } => wit::Signal::Retry(wit::RetryRequest {
+                message,
+                delay_ms: delay.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            }),
+            Signal::Skip(m) => wit::Signal::Skip(m),
+            Signal::Pause(m) => wit::Signal::Pause(m),
+            Signal::Success { output, message } => {
+                wit::Signal::Success(wit::SuccessReport { output, message })
+            }
+        }
+    }
+}
+
+/// Read-only information about the current task run (Prefect's context).
+pub mod context {
+    use super::bindings::sluice::task::context as wit;
+
+    /// The value of a context key: a built-in (`flow_run_id`, `task_run_id`, `task_name`,
+    /// `attempt`, `map_index`, `parameters`) or one set by the flow or `--context key=value`.
+    pub fn get(key: &str) -> Option<String> {
+        wit::get(key)
+    }
+
+    /// The id of the flow run.
+    pub fn flow_run_id() -> String {
+        wit::flow_run_id()
+    }
+
+    /// The id of this task run.
+    pub fn task_run_id() -> String {
+        wit::task_run_id()
+    }
+
+    /// The task's name.
+    pub fn task_name() -> String {
+        wit::task_name()
+    }
+
+    /// The attempt number, starting at 1.
+    pub fn attempt() -> u32 {
+        wit::attempt()
+    }
+
+    /// The index of this child run within a mapped task.
+    pub fn map_index() -> Option<u32> {
+        wit::map_index()
+    }
+
+    /// The flow run's parameters, deserialized into `T`.
+    pub fn parameters<T: serde::de::DeserializeOwned>() -> Result<T, serde_json::Error> {
+        serde_json::from_str(&wit::parameters())
+    }
+}
+
+/// Log lines recorded with the task run.
+pub mod log {
+    use super::bindings::sluice::task::log as wit;
+
+    /// The severity of a log line.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Level {
+        /// Very detailed tracing.
+        Trace,
+        /// Debugging detail.
+        Debug,
+        /// Normal progress.
+        Info,
+        /// Something unexpected that the task handled.
+        Warn,
+        /// Something failed.
+        Error,
+    }
+
+    /// Record one log line.
+    pub fn log(level: Level, message: &str) {
+        let level = match level {
+            Level::Trace => wit::Level::Trace,
+            Level::Debug => wit::Level::Debug,
+            Level::Info => wit::Level::Info,
+            Level::Warn => wit::Level::Warn,
+            Level::Error => wit::Level::Error,
+        };
+        wit::log(level, message);
+    }
+}
+
+/// Log at trace level with `format!` arguments.
+#[macro_export]
+macro_rules! trace { ($($t:tt)*) => { $crate::log::log($crate::log::Level::Trace, &::std::format!($($t)*)) }; }
+/// Log at debug level with `format!` arguments.
+#[macro_export]
+macro_rules! debug { ($($t:tt)*) => { $crate::log::log($crate::log::Level::Debug, &::std::format!($($t)*)) }; }
+/// Log at info level with `format!` arguments.
+#[macro_export]
+macro_rules! info { ($($t:tt)*) => { $crate::log::log($crate::log::Level::Info, &::std::format!($($t)*)) }; }
+/// Log at warn level with `format!` arguments.
+#[macro_export]
+macro_rules! warn { ($($t:tt)*) => { $crate::log::log($crate::log::Level::Warn, &::std::format!($($t)*)) }; }
+/// Log at error level with `format!` arguments.
+#[macro_export]
+macro_rules! error { ($($t:tt)*) => { $crate::log::log($crate::log::Level::Error, &::std::format!($($t)*)) }; }
+
+/// Export `run` as the component's task. `run` is any `fn(I) -> Result<O, Signal>` where `I` is
+/// deserializable and `O` serializable.
+#[macro_export]
+macro_rules! export_task {
+    ($run:expr) => {
+        struct __SluiceTask;
+
+        impl $crate::__private::Guest for __SluiceTask {
+            fn run(
+                input: ::std::string::String,
+            ) -> ::std::result::Result<::std::string::String, $crate::__private::WitSignal> {
+                $crate::__private::run_with(&input, $run)
+            }
+        }
+
+        $crate::__private::bindings::__sluice_export_task_world!(__SluiceTask with_types_in $crate::__private::bindings);
+    };
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use super::bindings;
+    pub use super::bindings::Guest;
+    pub use super::wit::Signal as WitSignal;
+    pub use wit_bindgen;
+
+    /// Deserialize the input, run the task, serialize its output.
+    pub fn run_with<I, O>(
+        input: &str,
+        run: impl FnOnce(I) -> Result<O, super::Signal>,
+    ) -> Result<String, WitSignal>
+    where
+        I: serde::de::DeserializeOwned,
+        O: serde::Serialize,
+    {
+        let input: I = serde_json::from_str(input).map_err(|e| {
+            WitSignal::Fail(format!(
+                "the task's input does not fit `{}`: {e}",
+                std::any::type_name::<I>()
+            ))
+        })?;
+        let output = run(input).map_err(super::Signal::into_wit)?;
+        serde_json::to_string(&output)
+            .map_err(|e| WitSignal::Fail(format!("cannot serialize the task's output: {e}")))
+    }
+}

@@ -1,0 +1,96 @@
+//! The `sluice` command line.
+//!
+//! Exit codes, for every command that runs something:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | the run ended in a Completed-type state (Completed, Cached, Skipped, Mapped) |
+//! | 1 | the run ended Failed, Crashed or Cancelled (any of their types: TimedOut, TriggerFailed, …) |
+//! | 2 | usage or input error: bad flags, input that is not JSON, a file that is not a task |
+//! | 3 | the run is waiting: Paused, or AwaitingRetry (another Scheduled-type state) |
+
+mod task_run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sluice::state::StateType;
+
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about = "A sandboxed workflow engine: every task is a WebAssembly component")]
+struct Cli {
+    /// Where Sluice keeps its state (precompiled components, …).
+    #[arg(long, global = true, env = "SLUICE_HOME", default_value = ".sluice")]
+    home: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work with single tasks.
+    #[command(subcommand)]
+    Task(TaskCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TaskCommand {
+    /// Run one task component once, in its sandbox, and report its state.
+    Run(task_run::Args),
+}
+
+/// Exit code for a final state type.
+fn exit_code(ty: StateType) -> ExitCode {
+    match ty {
+        StateType::Completed => ExitCode::SUCCESS,
+        StateType::Scheduled | StateType::Paused | StateType::Pending => ExitCode::from(3),
+        StateType::Running
+        | StateType::Cancelling
+        | StateType::Cancelled
+        | StateType::Failed
+        | StateType::Crashed => ExitCode::from(1),
+    }
+}
+
+/// Print to stdout; a closed pipe (`sluice … | head`) is not an error worth a panic.
+fn print_stdout(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// An error in what the user gave us (exit code 2), as opposed to a run that failed.
+#[derive(Debug)]
+struct UsageError(anyhow::Error);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Task(TaskCommand::Run(args)) => task_run::run(&cli.home, args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {:#}", e.0);
+            ExitCode::from(2)
+        }
+    }
+}

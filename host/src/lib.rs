@@ -1,0 +1,14 @@
+//! Sluice: a workflow engine in which every task is a WebAssembly component, run in its own
+//! sandbox under a fuel budget, a wall-clock deadline and a memory cap, with Prefect's execution
+//! model (states, signals, retries, context).
+//!
+//! The crate's layers, bottom up:
+//! - [`sandbox`]: the only module that touches wasmtime; loads components and runs one task run.
+//! - [`state`]: the state model and the mapping from a run's ending to a state.
+//! - [`context`], [`ids`], [`clock`]: plain types shared by every layer.
+
+pub mod clock;
+pub mod context;
+pub mod ids;
+pub mod sandbox;
+pub mod state;

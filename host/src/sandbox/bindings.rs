@@ -1,0 +1,82 @@
+//! The host side of the `sluice:task` WIT contract: the one `bindgen!` in the host, and the
+//! implementations of the `context` and `log` imports. Every string a guest passes in is checked
+//! against the run's host-call limit before it is used.
+
+use super::RunState;
+use super::capture;
+use super::outcome::{Limit, LimitExceeded, LogLevel, LogSource};
+
+wasmtime::component::bindgen!({
+    world: "task",
+    path: "../wit",
+    imports: { default: trappable },
+    exports: { default: async },
+});
+
+pub(super) use sluice::task::types::Signal as WitSignal;
+
+impl RunState {
+    /// Refuse a guest-provided string longer than the host-call limit.
+    fn check_host_call(&mut self, len: usize) -> wasmtime::Result<()> {
+        let len = len as u64;
+        if len > self.host_call_bytes {
+            let v = LimitExceeded {
+                limit: Limit::HostCallBytes,
+                max: self.host_call_bytes,
+                requested: Some(len),
+            };
+            self.host_call_violation.get_or_insert(v);
+            return Err(wasmtime::Error::msg(v.to_string()));
+        }
+        Ok(())
+    }
+}
+
+impl sluice::task::types::Host for RunState {}
+
+impl sluice::task::context::Host for RunState {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        self.check_host_call(key.len())?;
+        Ok(self.ctx.get(&key))
+    }
+
+    fn flow_run_id(&mut self) -> wasmtime::Result<String> {
+        Ok(self.ctx.flow_run_id.to_string())
+    }
+
+    fn task_run_id(&mut self) -> wasmtime::Result<String> {
+        Ok(self.ctx.task_run_id.to_string())
+    }
+
+    fn task_name(&mut self) -> wasmtime::Result<String> {
+        Ok(self.ctx.task_name.to_string())
+    }
+
+    fn attempt(&mut self) -> wasmtime::Result<u32> {
+        Ok(self.ctx.attempt)
+    }
+
+    fn map_index(&mut self) -> wasmtime::Result<Option<u32>> {
+        Ok(self.ctx.map_index)
+    }
+
+    fn parameters(&mut self) -> wasmtime::Result<String> {
+        Ok(self.ctx.parameters.to_string())
+    }
+}
+
+impl sluice::task::log::Host for RunState {
+    fn log(&mut self, level: sluice::task::log::Level, message: String) -> wasmtime::Result<()> {
+        use sluice::task::log::Level;
+        self.check_host_call(message.len())?;
+        let level = match level {
+            Level::Trace => LogLevel::Trace,
+            Level::Debug => LogLevel::Debug,
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+            Level::Error => LogLevel::Error,
+        };
+        capture::lock(&self.logs).push(LogSource::Log, level, message);
+        Ok(())
+    }
+}

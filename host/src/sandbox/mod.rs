@@ -1,0 +1,905 @@
+//! The sandbox: the only part of Sluice that touches wasmtime. It owns the engine (pooling
+//! allocator, fuel, epoch interruption), turns component bytes into ready-to-instantiate
+//! [`TaskComponent`]s (compiling each distinct component once, ever, through the on-disk store of
+//! precompiled artifacts), and runs one task run in a fresh store and instance under a
+//! [`RunBudget`], returning a plain [`RunOutcome`]. The rest of the host sees only these plain
+//! types.
+//!
+//! Guests get no ambient authority: stdin is closed, there are no environment variables,
+//! arguments, preopened directories or sockets; stdout and stderr are captured into the run's
+//! bounded log buffer.
+
+mod artifacts;
+mod bindings;
+mod budget;
+mod capture;
+mod limiter;
+mod outcome;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, OnceCell, Semaphore};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
+    UpdateDeadline, WasmBacktrace,
+};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use self::artifacts::ArtifactStore;
+use self::bindings::{TaskPre, WitSignal};
+use self::capture::{Capture, LogSink, SharedSink};
+use self::limiter::Limiter;
+pub use self::budget::RunBudget;
+pub use self::outcome::{
+    Ending, Limit, LimitExceeded, LogLevel, LogRecord, LogSource, RunOutcome, Signal, TimeLimit,
+    Usage,
+};
+use crate::clock::{ClockRef, SystemClock};
+use crate::context::TaskContext;
+
+/// Why a component could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bytes are not a WebAssembly component.
+    #[error("`{name}` is not a WebAssembly component: {reason}")]
+    NotAComponent {
+        /// The component's name (its path, usually).
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The component is malformed or could not be compiled.
+    #[error("`{name}` could not be compiled: {detail}")]
+    Compile {
+        /// The component's name.
+        name: String,
+        /// The compiler's error.
+        detail: String,
+    },
+    /// The component is valid but is not a Sluice task: it does not export `run` with the
+    /// contract's type, or imports something the host does not provide.
+    #[error("`{name}` cannot run as a Sluice task: {detail}")]
+    Incompatible {
+        /// The component's name.
+        name: String,
+        /// What does not match.
+        detail: String,
+    },
+    /// The precompiled artifact could not be written.
+    #[error("cannot write the precompiled component to `{path}`: {source}")]
+    Store {
+        /// The artifact directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The sandbox itself failed.
+    #[error("the sandbox failed: {0}")]
+    Sandbox(String),
+}
+
+impl LoadError {
+    /// Whether trying again might succeed (an I/O problem), as opposed to a problem with the
+    /// component itself.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, LoadError::Read { .. } | LoadError::Store { .. })
+    }
+}
+
+/// How a component became ready in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadSource {
+    /// Compiled with Cranelift (and stored, when the sandbox has an artifact directory).
+    Compiled,
+    /// Loaded from the artifact directory without compiling.
+    Precompiled,
+}
+
+/// How a component was loaded and how long it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadInfo {
+    /// Compiled or precompiled.
+    pub source: LoadSource,
+    /// Time to compile or load it, and link it.
+    pub duration: Duration,
+}
+
+/// A component ready to run: compiled, linked against the host, and checked against the
+/// contract. Cheap to clone.
+#[derive(Clone)]
+pub struct TaskComponent(Arc<ComponentInner>);
+
+struct ComponentInner {
+    name: String,
+    digest: blake3::Hash,
+    pre: TaskPre<RunState>,
+    load: LoadInfo,
+}
+
+impl TaskComponent {
+    /// The name it was loaded under (its path, usually).
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// blake3 of the component's bytes, in hex.
+    pub fn digest(&self) -> String {
+        self.0.digest.to_hex().to_string()
+    }
+
+    /// How it was first loaded in this process.
+    pub fn load_info(&self) -> LoadInfo {
+        self.0.load
+    }
+}
+
+impl fmt::Debug for TaskComponent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskComponent")
+            .field("name", &self.0.name)
+            .field("digest", &self.digest())
+            .field("load", &self.0.load)
+            .finish()
+    }
+}
+
+/// A signal to stop a running task. Cloning shares the signal.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<CancelInner>);
+
+#[derive(Debug, Default)]
+struct CancelInner {
+    cancelled: AtomicBool,
+    notify: Notify,
+}
+
+impl CancelToken {
+    /// A token that has not been cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancel: running guests are interrupted within one epoch tick.
+    pub fn cancel(&self) {
+        self.0.cancelled.store(true, Ordering::SeqCst);
+        self.0.notify.notify_waiters();
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the token is cancelled.
+    pub async fn cancelled(&self) {
+        loop {
+            let notified = self.0.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Configuration of a [`Sandbox`]; every setting has a documented default.
+#[derive(Debug, Clone)]
+pub struct SandboxBuilder {
+    artifact_dir: Option<PathBuf>,
+    max_concurrent_runs: u32,
+    max_memory_bytes: u64,
+    epoch_tick: Duration,
+    clock: ClockRef,
+}
+
+impl Default for SandboxBuilder {
+    fn default() -> Self {
+        Self {
+            artifact_dir: None,
+            max_concurrent_runs: 128,
+            max_memory_bytes: 4 << 30,
+            epoch_tick: Duration::from_millis(5),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl SandboxBuilder {
+    /// Where precompiled components are kept. Default: none (compile in memory, once per
+    /// process).
+    pub fn artifact_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.artifact_dir = Some(dir.into());
+        self
+    }
+
+    /// How many task runs may execute at once; more wait for a slot. Each slot reserves address
+    /// space (not memory) for its instances. Default: 128.
+    pub fn max_concurrent_runs(mut self, n: u32) -> Self {
+        self.max_concurrent_runs = n.max(1);
+        self
+    }
+
+    /// The largest a single linear memory may grow, whatever a run's budget says. Default:
+    /// 4 GiB (the most a 32-bit memory can address).
+    pub fn max_memory_bytes(mut self, bytes: u64) -> Self {
+        self.max_memory_bytes = bytes;
+        self
+    }
+
+    /// How often running guests are checked against their deadline and cancellation. Default:
+    /// 5 ms.
+    pub fn epoch_tick(mut self, tick: Duration) -> Self {
+        self.epoch_tick = tick.max(Duration::from_micros(100));
+        self
+    }
+
+    /// The clock used for log timestamps. Default: the system clock.
+    pub fn clock(mut self, clock: ClockRef) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Start the sandbox: build the engine and start its epoch ticker.
+    pub fn build(self) -> Result<Sandbox, LoadError> {
+        let sandbox_err = |e: wasmtime::Error| LoadError::Sandbox(error_chain(&e));
+        let n = self.max_concurrent_runs;
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(16))
+            .total_memories(n.saturating_mul(4))
+            .total_tables(n.saturating_mul(8))
+            .total_stacks(n)
+            .max_memory_size(usize::try_from(self.max_memory_bytes).unwrap_or(usize::MAX))
+            .linear_memory_keep_resident(64 << 10)
+            .table_keep_resident(16 << 10);
+        let mut config = Config::new();
+        config
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .consume_fuel(true)
+            .epoch_interruption(true)
+            .wasm_component_model(true)
+            .wasm_backtrace_max_frames(NonZeroUsize::new(BACKTRACE_FRAMES));
+        let engine = Engine::new(&config).map_err(sandbox_err)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(sandbox_err)?;
+        bindings::Task::add_to_linker::<_, wasmtime::component::HasSelf<RunState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(sandbox_err)?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker_engine = engine.clone();
+        let ticker_stop = stop.clone();
+        let tick = self.epoch_tick;
+        std::thread::Builder::new()
+            .name("sluice-epoch".into())
+            .spawn(move || {
+                while !ticker_stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    ticker_engine.increment_epoch();
+                }
+            })
+            .map_err(|e| LoadError::Sandbox(format!("cannot start the epoch ticker: {e}")))?;
+
+        let artifacts = self
+            .artifact_dir
+            .map(|dir| ArtifactStore::new(dir, &engine));
+        Ok(Sandbox(Arc::new(Inner {
+            engine,
+            linker,
+            artifacts,
+            components: Mutex::default(),
+            slots: Semaphore::new(n as usize),
+            clock: self.clock,
+            stop,
+        })))
+    }
+}
+
+/// Runs task components. Cheap to clone; clones share the engine, the loaded components and the
+/// run slots.
+#[derive(Clone)]
+pub struct Sandbox(Arc<Inner>);
+
+type ComponentCell = Arc<OnceCell<TaskComponent>>;
+
+struct Inner {
+    engine: Engine,
+    linker: Linker<RunState>,
+    artifacts: Option<ArtifactStore>,
+    /// Every component loaded in this process, by digest, so the same bytes are prepared once.
+    components: Mutex<HashMap<blake3::Hash, ComponentCell>>,
+    slots: Semaphore,
+    clock: ClockRef,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("artifact_dir", &self.artifact_dir())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Per-run state inside the wasmtime store.
+pub(crate) struct RunState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+    logs: SharedSink,
+    ctx: TaskContext,
+    host_call_bytes: u64,
+    host_call_violation: Option<LimitExceeded>,
+    interrupted: Option<Interruption>,
+}
+
+impl WasiView for RunState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interruption {
+    Deadline,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Instantiate,
+    Call,
+}
+
+type CallResult = Result<Result<String, WitSignal>, (Phase, wasmtime::Error)>;
+
+impl Sandbox {
+    /// A sandbox with the default settings.
+    pub fn builder() -> SandboxBuilder {
+        SandboxBuilder::default()
+    }
+
+    /// The directory of precompiled artifacts, if any.
+    pub fn artifact_dir(&self) -> Option<&Path> {
+        self.0.artifacts.as_ref().map(ArtifactStore::dir)
+    }
+
+    /// Load the component in the file at `path` (binary, or WebAssembly text).
+    pub async fn load_file(&self, path: &Path) -> Result<TaskComponent, LoadError> {
+        let bytes = tokio::fs::read(path).await.map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.load_bytes(&path.display().to_string(), bytes).await
+    }
+
+    /// Load a component from its bytes (binary, or WebAssembly text). The same bytes are
+    /// prepared once per process and compiled once per artifact directory; compiling happens on
+    /// a blocking thread, off the async runtime.
+    pub async fn load_bytes(&self, name: &str, bytes: Vec<u8>) -> Result<TaskComponent, LoadError> {
+        let bytes = component_binary(name, bytes)?;
+        let digest = blake3::hash(&bytes);
+        let cell = {
+            let mut map = self.0.components.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(digest).or_default().clone()
+        };
+        cell.get_or_try_init(|| {
+            let this = self.clone();
+            let name = name.to_owned();
+            async move {
+                tokio::task::spawn_blocking(move || this.prepare(name, &bytes, digest))
+                    .await
+                    .map_err(|e| LoadError::Sandbox(format!("the compiler thread failed: {e}")))?
+            }
+        })
+        .await
+        .cloned()
+    }
+
+    fn prepare(
+        &self,
+        name: String,
+        bytes: &[u8],
+        digest: blake3::Hash,
+    ) -> Result<TaskComponent, LoadError> {
+        let started = Instant::now();
+        let engine = &self.0.engine;
+        let compile_err = |e: wasmtime::Error| LoadError::Compile {
+            name: name.clone(),
+            detail: error_chain(&e),
+        };
+        let (component, source) = match &self.0.artifacts {
+            None => (
+                Component::new(engine, bytes).map_err(compile_err)?,
+                LoadSource::Compiled,
+            ),
+            Some(store) => match store.load(engine, &digest) {
+                Some(c) => (c, LoadSource::Precompiled),
+                None => {
+                    tracing::info!(component = %name, "compiling");
+                    let artifact = engine.precompile_component(bytes).map_err(compile_err)?;
+                    let path = store
+                        .store(&digest, &artifact)
+                        .map_err(|source| LoadError::Store {
+                            path: store.dir().to_owned(),
+                            source,
+                        })?;
+                    let c = store.load(engine, &digest).ok_or_else(|| {
+                        LoadError::Sandbox(format!(
+                            "the artifact just written to `{}` could not be loaded",
+                            path.display()
+                        ))
+                    })?;
+                    (c, LoadSource::Compiled)
+                }
+            },
+        };
+        let incompatible = |detail: String| LoadError::Incompatible {
+            name: name.clone(),
+            detail,
+        };
+        let pre = self
+            .0
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| incompatible(error_chain(&e)))?;
+        let pre = TaskPre::new(pre).map_err(|e| {
+            incompatible(format!(
+                "it must export `run: func(input: string) -> result<string, signal>` \
+                 (world `sluice:task/task@0.1.0`): {}",
+                error_chain(&e)
+            ))
+        })?;
+        Ok(TaskComponent(Arc::new(ComponentInner {
+            name,
+            digest,
+            pre,
+            load: LoadInfo {
+                source,
+                duration: started.elapsed(),
+            },
+        })))
+    }
+
+    /// Run `component` once with `input`, in a fresh store and instance, under `budget`.
+    /// Never fails: every problem, the host's included, is an [`Ending`].
+    pub async fn run(
+        &self,
+        component: &TaskComponent,
+        input: &serde_json::Value,
+        ctx: &TaskContext,
+        budget: &RunBudget,
+        cancel: Option<&CancelToken>,
+    ) -> RunOutcome {
+        // The semaphore is never closed, so acquiring only waits for a free slot.
+        let _slot = self.0.slots.acquire().await.ok();
+        let input = input.to_string();
+        let started = Instant::now();
+        let deadline = started + budget.timeout;
+        let sink: SharedSink = Arc::new(Mutex::new(LogSink::new(
+            budget.log_bytes,
+            self.0.clock.clone(),
+        )));
+        let mut store = self.new_store(ctx, budget, &sink, deadline, cancel);
+
+        let result = {
+            let call = call(&component.0.pre, &mut store, &input);
+            tokio::select! {
+                biased;
+                r = call => Ok(r),
+                () = tokio::time::sleep_until(deadline.into()) => Err(Interruption::Deadline),
+                () = cancelled(cancel) => Err(Interruption::Cancelled),
+            }
+        };
+        let duration = started.elapsed();
+
+        let ending = {
+            let log_sink = capture::lock(&sink);
+            match result {
+                Err(Interruption::Deadline) => {
+                    Ending::TimedOut(TimeLimit::Deadline(budget.timeout))
+                }
+                Err(Interruption::Cancelled) => Ending::Cancelled,
+                Ok(Ok(Ok(output))) => output_ending(output, budget),
+                Ok(Ok(Err(signal))) => signal_ending(signal, budget),
+                Ok(Err((phase, e))) => error_ending(store.data(), &log_sink, phase, &e, budget),
+            }
+        };
+        let fuel = budget.fuel.unwrap_or(u64::MAX);
+        let usage = Usage {
+            fuel_consumed: fuel.saturating_sub(store.get_fuel().unwrap_or(0)),
+            duration,
+            memory_peak_bytes: store.data().limiter.memory_peak,
+        };
+        drop(store);
+        let logs = capture::lock(&sink).finish();
+        RunOutcome {
+            ending,
+            logs: logs.records,
+            logs_dropped_bytes: logs.dropped_bytes,
+            usage,
+        }
+    }
+
+    fn new_store(
+        &self,
+        ctx: &TaskContext,
+        budget: &RunBudget,
+        sink: &SharedSink,
+        deadline: Instant,
+        cancel: Option<&CancelToken>,
+    ) -> Store<RunState> {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(Capture::new(
+            sink.clone(),
+            LogSource::Stdout,
+            budget.host_call_bytes,
+        ))
+        .stderr(Capture::new(
+            sink.clone(),
+            LogSource::Stderr,
+            budget.host_call_bytes,
+        ))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+        let state = RunState {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limiter: Limiter::new(budget.memory_bytes, budget.table_elements, budget.instances),
+            logs: sink.clone(),
+            ctx: ctx.clone(),
+            host_call_bytes: budget.host_call_bytes,
+            host_call_violation: None,
+            interrupted: None,
+        };
+        let mut store = Store::new(&self.0.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        // Fuel is always enabled in the engine; "unlimited" is the largest amount.
+        if let Err(e) = store.set_fuel(budget.fuel.unwrap_or(u64::MAX)) {
+            tracing::error!("cannot set fuel: {e}");
+        }
+        // Caps every transfer from guest to host (the output, a log line, one write) before the
+        // host allocates it; the finer per-kind limits are checked after.
+        let transfer = budget.output_bytes.max(budget.host_call_bytes);
+        store.set_hostcall_fuel(usize::try_from(transfer).unwrap_or(usize::MAX));
+        store.set_epoch_deadline(1);
+        let cancel = cancel.cloned();
+        store.epoch_deadline_callback(move |mut cx| {
+            let why = if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
+                Interruption::Cancelled
+            } else if Instant::now() >= deadline {
+                Interruption::Deadline
+            } else {
+                // Let other tasks on this thread run, then check again after the next tick.
+                return Ok(UpdateDeadline::Yield(1));
+            };
+            cx.data_mut().interrupted = Some(why);
+            Ok(UpdateDeadline::Interrupt)
+        });
+        store
+    }
+}
+
+async fn call(pre: &TaskPre<RunState>, store: &mut Store<RunState>, input: &String) -> CallResult {
+    let task = pre
+        .instantiate_async(&mut *store)
+        .await
+        .map_err(|e| (Phase::Instantiate, e))?;
+    task.call_run(&mut *store, input)
+        .await
+        .map_err(|e| (Phase::Call, e))
+}
+
+async fn cancelled(cancel: Option<&CancelToken>) {
+    match cancel {
+        Some(c) => c.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Check the component-model header, converting WebAssembly text first.
+fn component_binary(name: &str, bytes: Vec<u8>) -> Result<Vec<u8>, LoadError> {
+    let not_a_component = |reason: String| LoadError::NotAComponent {
+        name: name.to_owned(),
+        reason,
+    };
+    if let Some(rest) = bytes.strip_prefix(b"\0asm") {
+        return match rest.get(..4) {
+            Some([0x0d, 0x00, 0x01, 0x00]) => Ok(bytes),
+            Some([0x01, 0x00, 0x00, 0x00]) => Err(not_a_component(
+                "it is a core WebAssembly module; Sluice runs components (build Rust tasks for \
+                 `wasm32-wasip2`, or wrap a module with `wasm-tools component new`)"
+                    .into(),
+            )),
+            _ => Err(not_a_component(
+                "it has an unsupported WebAssembly version or layer".into(),
+            )),
+        };
+    }
+    let looks_like_text = std::str::from_utf8(&bytes).is_ok_and(|t| {
+        let t = t.trim_start();
+        t.starts_with('(') || t.starts_with(";;")
+    });
+    if looks_like_text {
+        let binary =
+            wat::parse_bytes(&bytes).map_err(|e| not_a_component(format!("invalid text: {e}")))?;
+        return component_binary(name, binary.into_owned());
+    }
+    Err(not_a_component(
+        "it does not start with the WebAssembly magic bytes `\\0asm`".into(),
+    ))
+}
+
+fn output_ending(output: String, budget: &RunBudget) -> Ending {
+    let len = output.len() as u64;
+    if len > budget.output_bytes {
+        return Ending::LimitExceeded(LimitExceeded {
+            limit: Limit::OutputBytes,
+            max: budget.output_bytes,
+            requested: Some(len),
+        });
+    }
+    match serde_json::from_str(&output) {
+        Ok(v) => Ending::Output(v),
+        Err(e) => Ending::GuestFault {
+            message: format!("the task's output is not valid JSON: {e}"),
+        },
+    }
+}
+
+fn signal_ending(signal: WitSignal, budget: &RunBudget) -> Ending {
+    let len = match &signal {
+        WitSignal::Fail(m) | WitSignal::Skip(m) | WitSignal::Pause(m) => m.len(),
+        WitSignal::Retry(r) => r.message.len(),
+        WitSignal::Success(s) => s.message.len() + s.output.as_ref().map_or(0, String::len),
+    } as u64;
+    if len > budget.output_bytes {
+        return Ending::LimitExceeded(LimitExceeded {
+            limit: Limit::OutputBytes,
+            max: budget.output_bytes,
+            requested: Some(len),
+        });
+    }
+    Ending::Signal(match signal {
+        WitSignal::Fail(message) => Signal::Fail { message },
+        WitSignal::Retry(r) => Signal::Retry {
+            message: r.message,
+            delay: r.delay_ms.map(Duration::from_millis),
+        },
+        WitSignal::Skip(message) => Signal::Skip { message },
+        WitSignal::Pause(message) => Signal::Pause { message },
+        WitSignal::Success(s) => {
+            let output = match s.output.as_deref().map(serde_json::from_str).transpose() {
+                Ok(v) => v.unwrap_or(serde_json::Value::Null),
+                Err(e) => {
+                    return Ending::GuestFault {
+                        message: format!("the SUCCESS signal's output is not valid JSON: {e}"),
+                    };
+                }
+            };
+            Signal::Success {
+                output,
+                message: s.message,
+            }
+        }
+    })
+}
+
+/// The marker of wasmtime's error when a guest hands the host more than the hostcall fuel.
+const TRANSFER_TOO_LARGE: &str = "too much data is being copied between the host and the guest";
+/// How many guest stack frames wasmtime captures, and a trap message shows.
+const BACKTRACE_FRAMES: usize = 24;
+/// How many of the guest's last stderr lines a trap message shows.
+const STDERR_LINES: usize = 8;
+
+fn error_ending(
+    state: &RunState,
+    logs: &LogSink,
+    phase: Phase,
+    err: &wasmtime::Error,
+    budget: &RunBudget,
+) -> Ending {
+    match state.interrupted {
+        Some(Interruption::Cancelled) => return Ending::Cancelled,
+        Some(Interruption::Deadline) => {
+            return Ending::TimedOut(TimeLimit::Deadline(budget.timeout));
+        }
+        None => {}
+    }
+    let trap = err.downcast_ref::<Trap>().copied();
+    if trap == Some(Trap::OutOfFuel) {
+        return Ending::TimedOut(TimeLimit::Fuel(budget.fuel.unwrap_or(u64::MAX)));
+    }
+    if let Some(v) = state
+        .limiter
+        .violation
+        .or(state.host_call_violation)
+        .or(logs.violation)
+    {
+        return Ending::LimitExceeded(v);
+    }
+    let chain = error_chain(err);
+    if chain.contains(TRANSFER_TOO_LARGE) {
+        // A transfer during execution carries the guest's backtrace; the output is lifted after
+        // the guest returned, with no guest frames left.
+        let (limit, max) = if err.downcast_ref::<WasmBacktrace>().is_some() {
+            (Limit::HostCallBytes, budget.host_call_bytes)
+        } else {
+            (Limit::OutputBytes, budget.output_bytes)
+        };
+        return Ending::LimitExceeded(LimitExceeded {
+            limit,
+            max,
+            requested: None,
+        });
+    }
+    if phase == Phase::Instantiate {
+        if chain.contains("instance count too high") {
+            return Ending::LimitExceeded(LimitExceeded {
+                limit: Limit::Instances,
+                max: u64::from(budget.instances),
+                requested: None,
+            });
+        }
+        return Ending::HostFault {
+            message: format!("cannot instantiate the component: {chain}"),
+        };
+    }
+    let stderr = logs.stderr_tail(STDERR_LINES);
+    let mut message = match (trap, panic_message(&stderr)) {
+        (_, Some(panic)) => format!("the task panicked{panic}"),
+        (Some(Trap::StackOverflow), _) => {
+            "stack overflow: the guest exhausted its call stack".into()
+        }
+        (Some(Trap::MemoryOutOfBounds), _) if let Some(f) = deep_recursion(err) => format!(
+            "stack overflow: `{f}` recursed until the guest's stack in linear memory ran out \
+             (trap: {})",
+            Trap::MemoryOutOfBounds
+        ),
+        (Some(t), _) => format!("the guest trapped: {t}"),
+        (None, _) => format!("the guest failed: {chain}"),
+    };
+    let stderr: Vec<&String> = stderr.iter().filter(|l| !l.trim().is_empty()).collect();
+    if !stderr.is_empty() {
+        message.push_str("\nstderr:");
+        for line in stderr {
+            message.push_str("\n  ");
+            message.push_str(line);
+        }
+    }
+    if let Some(bt) = err.downcast_ref::<WasmBacktrace>() {
+        message.push_str("\nguest backtrace:");
+        push_backtrace(&mut message, bt);
+    }
+    Ending::GuestFault { message }
+}
+
+/// The function, when the trap's backtrace is one function calling itself over and over: the
+/// signature of a shadow-stack overflow (compilers keep large frames in linear memory, below
+/// the data, so overflowing them is an out-of-bounds access rather than a call-stack trap).
+fn deep_recursion(err: &wasmtime::Error) -> Option<String> {
+    let frames = err.downcast_ref::<WasmBacktrace>()?.frames();
+    let first = frames.first()?;
+    let recursive = frames.len() >= BACKTRACE_FRAMES
+        && frames.iter().all(|f| f.func_index() == first.func_index());
+    recursive.then(|| frame_name(first))
+}
+
+fn frame_name(frame: &wasmtime::FrameInfo) -> String {
+    frame.func_name().map_or_else(
+        || format!("<function {}>", frame.func_index()),
+        |n| format!("{:#}", rustc_demangle::demangle(n)),
+    )
+}
+
+/// The panic in a Rust guest's stderr (` at <location>: <message>`), if there is one.
+fn panic_message(stderr: &[String]) -> Option<String> {
+    let start = stderr.iter().rposition(|l| l.contains(" panicked at "))?;
+    let location = stderr[start]
+        .split_once(" panicked at ")
+        .map_or("", |(_, loc)| loc.trim_end_matches(':'));
+    let text: Vec<&str> = stderr[start + 1..]
+        .iter()
+        .map(String::as_str)
+        .take_while(|l| !l.starts_with("note: "))
+        .collect();
+    Some(format!(" at {location}: {}", text.join("\n")))
+}
+
+fn push_backtrace(out: &mut String, bt: &WasmBacktrace) {
+    for (i, frame) in bt.frames().iter().enumerate() {
+        let module = frame.module().name().unwrap_or("<module>");
+        out.push_str(&format!("\n  {i:>3}: {module}!{}", frame_name(frame)));
+    }
+}
+
+/// An error and its causes, joined with `: `.
+fn error_chain(e: &wasmtime::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_checked_before_compiling() {
+        let err = |bytes: &[u8]| {
+            component_binary("x.wasm", bytes.to_vec())
+                .expect_err("not a component")
+                .to_string()
+        };
+        assert!(err(b"\0asm\x01\0\0\0").contains("core WebAssembly module"));
+        assert!(err(b"\0asm\x02\0\0\0").contains("unsupported WebAssembly version"));
+        assert!(err(&[0xde, 0xad, 0xbe, 0xef]).contains("magic bytes"));
+        assert!(err(b"(module").contains("invalid text"));
+        assert!(err(b"(module)").contains("core WebAssembly module"));
+        assert!(component_binary("c.wat", b"(component)".to_vec()).is_ok());
+    }
+
+    #[test]
+    fn outputs_are_checked_for_size_and_json() {
+        let budget = RunBudget {
+            output_bytes: 4,
+            ..RunBudget::default()
+        };
+        assert_eq!(
+            output_ending("[1]".into(), &budget),
+            Ending::Output(serde_json::json!([1]))
+        );
+        assert!(matches!(
+            output_ending("[1,2]".into(), &budget),
+            Ending::LimitExceeded(LimitExceeded {
+                limit: Limit::OutputBytes,
+                max: 4,
+                requested: Some(5)
+            })
+        ));
+        assert!(matches!(
+            output_ending("nope".into(), &budget),
+            Ending::GuestFault { .. }
+        ));
+    }
+}

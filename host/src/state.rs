@@ -344,7 +344,11 @@ mod tests {
         let sig = |s: Signal| Ending::Signal(s);
         let m = || "m".to_owned();
         let cases = [
-            (Ending::Output(serde_json::json!(3)), none, StateName::Completed),
+            (
+                Ending::Output(serde_json::json!(3)),
+                none,
+                StateName::Completed,
+            ),
             (
                 sig(Signal::Success {
                     output: serde_json::json!(1),
@@ -387,8 +391,16 @@ mod tests {
                 },
                 StateName::TimedOut,
             ),
-            (sig(Signal::Skip { message: m() }), retry, StateName::Skipped),
-            (sig(Signal::Pause { message: m() }), retry, StateName::Paused),
+            (
+                sig(Signal::Skip { message: m() }),
+                retry,
+                StateName::Skipped,
+            ),
+            (
+                sig(Signal::Pause { message: m() }),
+                retry,
+                StateName::Paused,
+            ),
             (Ending::GuestFault { message: m() }, none, StateName::Failed),
             (
                 Ending::GuestFault { message: m() },
@@ -410,10 +422,18 @@ mod tests {
                 StateName::Failed,
             ),
             (Ending::Cancelled, retry, StateName::Cancelled),
-            (Ending::HostFault { message: m() }, retry, StateName::Crashed),
+            (
+                Ending::HostFault { message: m() },
+                retry,
+                StateName::Crashed,
+            ),
         ];
         for (ending, retry, name) in cases {
-            assert_eq!(State::after_run(&ending, retry, now()).name, name, "{ending:?}");
+            assert_eq!(
+                State::after_run(&ending, retry, now()).name,
+                name,
+                "{ending:?}"
+            );
         }
     }
 
@@ -449,7 +469,11 @@ mod tests {
             s.message.as_deref(),
             Some("memory limit of 1024 bytes exceeded (asked for 2048 bytes)")
         );
-        let s = State::after_run(&Ending::TimedOut(TimeLimit::Fuel(7)), Retry::Exhausted, now());
+        let s = State::after_run(
+            &Ending::TimedOut(TimeLimit::Fuel(7)),
+            Retry::Exhausted,
+            now(),
+        );
         assert_eq!(s.message.as_deref(), Some("fuel budget of 7 exhausted"));
     }
 }

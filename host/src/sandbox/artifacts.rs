@@ -5,7 +5,9 @@
 //! renamed into place, so a reader never sees a partial file.
 //!
 //! The directory must be writable only by the user running Sluice: loading an artifact runs the
-//! machine code in it.
+//! machine code in it. Artifacts are memory-mapped while in use, so they must never be modified
+//! in place (a process mapping a file that shrinks under it dies of SIGBUS); replace them by
+//! rename, as this store does, or delete them.
 
 use std::hash::{Hash, Hasher};
 use std::io::Write;

@@ -219,7 +219,9 @@ impl OutputStream for Capture {
     }
 
     fn check_write(&mut self) -> StreamResult<usize> {
-        Ok(WRITE_PERMIT.min(usize::try_from(self.max_write).unwrap_or(usize::MAX)).max(1))
+        Ok(WRITE_PERMIT
+            .min(usize::try_from(self.max_write).unwrap_or(usize::MAX))
+            .max(1))
     }
 }
 
@@ -288,7 +290,11 @@ mod tests {
         let logs = s.finish();
         assert_eq!(logs.dropped_bytes, 101);
         assert_eq!(logs.records.len(), 3);
-        assert!(logs.records[2].message.contains("101 more bytes were dropped"));
+        assert!(
+            logs.records[2]
+                .message
+                .contains("101 more bytes were dropped")
+        );
     }
 
     #[test]

@@ -34,9 +34,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use self::artifacts::ArtifactStore;
 use self::bindings::{TaskPre, WitSignal};
+pub use self::budget::RunBudget;
 use self::capture::{Capture, LogSink, SharedSink};
 use self::limiter::Limiter;
-pub use self::budget::RunBudget;
 pub use self::outcome::{
     Ending, Limit, LimitExceeded, LogLevel, LogRecord, LogSource, RunOutcome, Signal, TimeLimit,
     Usage,
@@ -396,10 +396,12 @@ impl Sandbox {
 
     /// Load the component in the file at `path` (binary, or WebAssembly text).
     pub async fn load_file(&self, path: &Path) -> Result<TaskComponent, LoadError> {
-        let bytes = tokio::fs::read(path).await.map_err(|source| LoadError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|source| LoadError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
         self.load_bytes(&path.display().to_string(), bytes).await
     }
 
@@ -448,12 +450,13 @@ impl Sandbox {
                 None => {
                     tracing::info!(component = %name, "compiling");
                     let artifact = engine.precompile_component(bytes).map_err(compile_err)?;
-                    let path = store
-                        .store(&digest, &artifact)
-                        .map_err(|source| LoadError::Store {
-                            path: store.dir().to_owned(),
-                            source,
-                        })?;
+                    let path =
+                        store
+                            .store(&digest, &artifact)
+                            .map_err(|source| LoadError::Store {
+                                path: store.dir().to_owned(),
+                                source,
+                            })?;
                     let c = store.load(engine, &digest).ok_or_else(|| {
                         LoadError::Sandbox(format!(
                             "the artifact just written to `{}` could not be loaded",

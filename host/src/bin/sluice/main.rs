@@ -18,7 +18,11 @@ use clap::{Parser, Subcommand};
 use sluice::state::StateType;
 
 #[derive(Debug, Parser)]
-#[command(name = "sluice", version, about = "A sandboxed workflow engine: every task is a WebAssembly component")]
+#[command(
+    name = "sluice",
+    version,
+    about = "A sandboxed workflow engine: every task is a WebAssembly component"
+)]
 struct Cli {
     /// Where Sluice keeps its state (precompiled components, …).
     #[arg(long, global = true, env = "SLUICE_HOME", default_value = ".sluice")]

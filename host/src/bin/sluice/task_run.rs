@@ -74,7 +74,8 @@ fn parse_fuel(s: &str) -> Result<FuelArg, String> {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 30s or 500ms: {e}"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration like 30s or 500ms: {e}"))
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

@@ -6,7 +6,9 @@ use sluice_guest::{Signal, context, export_task};
 fn run(_: IgnoredAny) -> Result<bool, Signal> {
     match context::get("key").as_deref() {
         Some("abc") => Ok(true),
-        _ => Err(Signal::fail("the context key `key` does not unlock this task")),
+        _ => Err(Signal::fail(
+            "the context key `key` does not unlock this task",
+        )),
     }
 }
 

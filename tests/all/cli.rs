@@ -1,0 +1,193 @@
+//! `sluice task run` through the binary, as a user runs it.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::support::{fixture, guest};
+
+fn sluice(args: &[&str]) -> Output {
+    let home = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-home");
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .env("SLUICE_HOME", home)
+        .output()
+        .expect("run sluice")
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn path(name: &str) -> String {
+    guest(name).display().to_string()
+}
+
+#[test]
+fn try_unlock_completes_with_the_key_and_fails_without_it() {
+    let out = sluice(&[
+        "task",
+        "run",
+        &path("try_unlock"),
+        "--context",
+        "key=abc",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let v = json_of(&out);
+    assert_eq!(v["state"], "Completed");
+    assert_eq!(v["type"], "COMPLETED");
+    assert_eq!(v["output"], true);
+    for field in [
+        "message",
+        "fuel_consumed",
+        "duration_ms",
+        "memory_peak_bytes",
+        "logs",
+    ] {
+        assert!(v.get(field).is_some(), "no `{field}` in {v}");
+    }
+    assert!(v["fuel_consumed"].as_u64().is_some_and(|f| f > 0));
+
+    let out = sluice(&["task", "run", &path("try_unlock")]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("state    Failed (FAILED)\n"), "{text}");
+}
+
+#[test]
+fn retry_if_negative_awaits_retry_or_completes() {
+    let out = sluice(&[
+        "task",
+        "run",
+        &path("retry_if_negative"),
+        "--input",
+        "-1",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let v = json_of(&out);
+    assert_eq!(v["state"], "AwaitingRetry");
+    assert_eq!(v["type"], "SCHEDULED");
+
+    let out = sluice(&[
+        "task",
+        "run",
+        &path("retry_if_negative"),
+        "--input",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let v = json_of(&out);
+    assert_eq!(v["state"], "Completed");
+    assert_eq!(v["output"], 2);
+}
+
+#[test]
+fn every_exit_code() {
+    let code = |args: &[&str]| sluice(args).status.code();
+    assert_eq!(code(&["task", "run", &path("signal_skip")]), Some(0));
+    assert_eq!(code(&["task", "run", &path("signal_fail")]), Some(1));
+    assert_eq!(code(&["task", "run", &path("signal_pause")]), Some(3));
+    let hostile = path("hostile");
+    assert_eq!(
+        code(&[
+            "task",
+            "run",
+            &hostile,
+            "--input",
+            r#"{"do":"loop"}"#,
+            "--fuel",
+            "1000000"
+        ]),
+        Some(1)
+    );
+    assert_eq!(
+        code(&["task", "run", &hostile, "--input", "{not json"]),
+        Some(2)
+    );
+    assert_eq!(
+        code(&["task", "run", &hostile, "--timeout", "soon"]),
+        Some(2)
+    );
+    assert_eq!(code(&["task", "run", "/no/such.wasm"]), Some(2));
+    assert_eq!(code(&["task", "bogus"]), Some(2));
+}
+
+#[test]
+fn limits_from_flags_are_applied_and_named() {
+    let hostile = path("hostile");
+    let out = sluice(&[
+        "task",
+        "run",
+        &hostile,
+        "--input",
+        r#"{"do":"loop"}"#,
+        "--fuel",
+        "unlimited",
+        "--timeout",
+        "200ms",
+        "--json",
+    ]);
+    let v = json_of(&out);
+    assert_eq!(v["state"], "TimedOut");
+    assert_eq!(v["message"], "wall-clock deadline of 200ms passed");
+
+    let out = sluice(&[
+        "task",
+        "run",
+        &hostile,
+        "--input",
+        r#"{"do":"memory_bomb"}"#,
+        "--memory",
+        "16MiB",
+        "--json",
+    ]);
+    let v = json_of(&out);
+    assert_eq!(v["state"], "Failed");
+    let msg = v["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.starts_with("memory limit of 16777216 bytes exceeded"),
+        "{msg}"
+    );
+
+    let out = sluice(&[
+        "task",
+        "run",
+        &fixture("huge_output.wat").display().to_string(),
+        "--memory",
+        "2GiB",
+        "--json",
+    ]);
+    let v = json_of(&out);
+    assert_eq!(v["message"], "output limit of 16777216 bytes exceeded");
+}
+
+#[test]
+fn invalid_components_and_input_are_usage_errors_with_clear_messages() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let noise = dir.path().join("noise.wasm");
+    std::fs::write(&noise, [0x13u8, 0x37, 0, 1, 2, 3]).expect("write");
+    let out = sluice(&["task", "run", &noise.display().to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("noise.wasm` is not a WebAssembly component"),
+        "{err}"
+    );
+
+    let out = sluice(&["task", "run", &path("add_one"), "--input", "[1,"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: --input is not valid JSON: "),
+        "{err}"
+    );
+}

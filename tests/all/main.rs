@@ -1,0 +1,10 @@
+//! Sluice's integration tests, in one binary so guests are built and components compiled once.
+//! Guests are built from source (Rust guests under `examples/` and `tests/guests/`, WebAssembly
+//! text under `tests/fixtures/`) by the helpers in [`support`].
+
+mod cli;
+mod hostile;
+mod limits;
+mod loading;
+mod signals;
+mod support;

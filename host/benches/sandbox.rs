@@ -1,1 +1,257 @@
-fn main() {}
+//! The sandbox benchmark: per-task cost of a trivial Rust task, in one run,
+//!
+//! (a) the raw wasmtime floor: pooling allocator (tuned as the sandbox's), one `InstancePre`, a
+//!     fresh `Store` and instance per call, no fuel, no epochs, no limits, an empty WASI context,
+//!     typed call of `run`;
+//! (b) the same task through `Sandbox::run` (fuel, epoch deadline, limiter, log capture,
+//!     context, output validation, state-ready outcome);
+//!
+//! and the ratio (b)/(a). Also: Cranelift compile time and the warm load time of a precompiled
+//! artifact, for a small and a larger component.
+//!
+//! Run: `cargo bench --bench sandbox` (add `-- --iterations N` to change the sample size).
+
+#[path = "../../tests/common/guests.rs"]
+mod guests;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sluice::context::TaskContext;
+use sluice::sandbox::{Ending, LoadSource, RunBudget, Sandbox};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+// The raw floor's own bindings: the benchmark must not go through Sluice's.
+mod raw {
+    wasmtime::component::bindgen!({
+        world: "task",
+        path: "../wit",
+        exports: { default: async },
+    });
+}
+
+struct RawState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+impl WasiView for RawState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl raw::sluice::task::types::Host for RawState {}
+impl raw::sluice::task::context::Host for RawState {
+    fn get(&mut self, _: String) -> Option<String> {
+        None
+    }
+    fn flow_run_id(&mut self) -> String {
+        String::new()
+    }
+    fn task_run_id(&mut self) -> String {
+        String::new()
+    }
+    fn task_name(&mut self) -> String {
+        String::new()
+    }
+    fn attempt(&mut self) -> u32 {
+        1
+    }
+    fn map_index(&mut self) -> Option<u32> {
+        None
+    }
+    fn parameters(&mut self) -> String {
+        "{}".into()
+    }
+}
+impl raw::sluice::task::log::Host for RawState {
+    fn log(&mut self, _: raw::sluice::task::log::Level, _: String) {}
+}
+
+#[derive(Debug)]
+struct Stats {
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+    mean: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    let total: Duration = samples.iter().sum();
+    Stats {
+        p50: at(0.5),
+        p90: at(0.9),
+        p99: at(0.99),
+        mean: total / samples.len() as u32,
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn print_row(name: &str, s: &Stats) {
+    println!(
+        "{name:<34} p50 {:>8.1} µs   p90 {:>8.1} µs   p99 {:>8.1} µs   mean {:>8.1} µs",
+        us(s.p50),
+        us(s.p90),
+        us(s.p99),
+        us(s.mean)
+    );
+}
+
+async fn raw_floor(wasm: &Path, warmup: usize, iterations: usize) -> Stats {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(16)
+        .total_core_instances(256)
+        .total_memories(64)
+        .total_tables(128)
+        .total_stacks(16)
+        // The same pooling tuning as the sandbox, so the ratio measures only what Sluice adds.
+        .linear_memory_keep_resident(64 << 10)
+        .table_keep_resident(16 << 10);
+    let mut config = Config::new();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    let engine = Engine::new(&config).expect("engine");
+    let component = Component::from_file(&engine, wasm).expect("component");
+    let mut linker = Linker::<RawState>::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).expect("wasi");
+    raw::Task::add_to_linker::<_, HasSelf<RawState>>(&mut linker, |s| s).expect("link");
+    let pre = raw::TaskPre::new(linker.instantiate_pre(&component).expect("pre")).expect("pre");
+    let input = "1".to_owned();
+    let mut samples = Vec::with_capacity(iterations);
+    for i in 0..warmup + iterations {
+        let started = Instant::now();
+        let mut store = Store::new(
+            &engine,
+            RawState {
+                wasi: WasiCtx::builder().build(),
+                table: ResourceTable::new(),
+            },
+        );
+        let task = pre
+            .instantiate_async(&mut store)
+            .await
+            .expect("instantiate");
+        let out = task.call_run(&mut store, &input).await.expect("call");
+        drop(store);
+        let elapsed = started.elapsed();
+        assert_eq!(out.ok().as_deref(), Some("2"));
+        if i >= warmup {
+            samples.push(elapsed);
+        }
+    }
+    stats(samples)
+}
+
+async fn through_sluice(wasm: &Path, warmup: usize, iterations: usize) -> Stats {
+    let sandbox = Sandbox::builder().build().expect("sandbox");
+    let component = sandbox.load_file(wasm).await.expect("load");
+    let ctx = TaskContext::new("add_one");
+    let budget = RunBudget::default();
+    let input = json!(1);
+    let mut samples = Vec::with_capacity(iterations);
+    for i in 0..warmup + iterations {
+        let started = Instant::now();
+        let out = sandbox.run(&component, &input, &ctx, &budget, None).await;
+        let elapsed = started.elapsed();
+        assert_eq!(out.ending, Ending::Output(json!(2)));
+        if i >= warmup {
+            samples.push(elapsed);
+        }
+    }
+    stats(samples)
+}
+
+/// Compile once into a fresh artifact directory, then load the artifact from fresh sandboxes
+/// (as new processes would).
+async fn compile_and_warm_load(wasm: &Path, loads: usize) -> (Duration, Stats) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bytes = std::fs::read(wasm).expect("read");
+    let sandbox = Sandbox::builder()
+        .artifact_dir(dir.path())
+        .build()
+        .expect("sandbox");
+    let c = sandbox
+        .load_bytes("bench", bytes.clone())
+        .await
+        .expect("load");
+    assert_eq!(c.load_info().source, LoadSource::Compiled);
+    let compile = c.load_info().duration;
+    let mut samples = Vec::with_capacity(loads);
+    for _ in 0..loads {
+        let sandbox = Sandbox::builder()
+            .artifact_dir(dir.path())
+            .build()
+            .expect("sandbox");
+        let c = sandbox
+            .load_bytes("bench", bytes.clone())
+            .await
+            .expect("load");
+        assert_eq!(c.load_info().source, LoadSource::Precompiled);
+        samples.push(c.load_info().duration);
+    }
+    (compile, stats(samples))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let iterations = args
+        .iter()
+        .position(|a| a == "--iterations")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5000);
+    let warmup = (iterations / 10).max(50);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let add_one = guests::guest("add_one");
+    let hostile = guests::guest("hostile");
+    runtime.block_on(async {
+        println!(
+            "trivial task: add_one ({} KiB), {iterations} iterations after {warmup} warm-up",
+            std::fs::metadata(&add_one).map_or(0, |m| m.len() >> 10)
+        );
+        // Interleave the two a few times so drift on a noisy machine hits both alike.
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            a.push(raw_floor(&add_one, warmup, iterations / 3).await);
+            b.push(through_sluice(&add_one, warmup, iterations / 3).await);
+        }
+        let a = a.into_iter().min_by_key(|s| s.p50).expect("runs");
+        let b = b.into_iter().min_by_key(|s| s.p50).expect("runs");
+        print_row("(a) raw wasmtime floor", &a);
+        print_row("(b) Sluice sandbox run", &b);
+        println!(
+            "ratio (b)/(a) at p50: {:.2}   targets: p50 (b) <= 100 µs, ratio <= 2",
+            us(b.p50) / us(a.p50)
+        );
+        println!();
+        for (name, wasm) in [("add_one", &add_one), ("hostile", &hostile)] {
+            let size = std::fs::metadata(wasm).map_or(0, |m| m.len());
+            let (compile, warm) = compile_and_warm_load(wasm, 20).await;
+            println!(
+                "{name:<8} {:>6} KiB   compile {:>8.1} ms   warm load (precompiled) p50 {:>6.2} ms  p90 {:>6.2} ms",
+                size >> 10,
+                ms(compile),
+                ms(warm.p50),
+                ms(warm.p90)
+            );
+        }
+    });
+}

@@ -15,6 +15,13 @@ fn sluice(args: &[&str]) -> Output {
         .expect("run sluice")
 }
 
+/// `sluice task run <component> <args>`.
+fn task_run(component: &str, args: &[&str]) -> Output {
+    let mut all = vec!["task", "run", component];
+    all.extend_from_slice(args);
+    sluice(&all)
+}
+
 fn json_of(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -31,14 +38,7 @@ fn path(name: &str) -> String {
 
 #[test]
 fn try_unlock_completes_with_the_key_and_fails_without_it() {
-    let out = sluice(&[
-        "task",
-        "run",
-        &path("try_unlock"),
-        "--context",
-        "key=abc",
-        "--json",
-    ]);
+    let out = task_run(&path("try_unlock"), &["--context", "key=abc", "--json"]);
     assert_eq!(out.status.code(), Some(0));
     let v = json_of(&out);
     assert_eq!(v["state"], "Completed");
@@ -55,7 +55,7 @@ fn try_unlock_completes_with_the_key_and_fails_without_it() {
     }
     assert!(v["fuel_consumed"].as_u64().is_some_and(|f| f > 0));
 
-    let out = sluice(&["task", "run", &path("try_unlock")]);
+    let out = task_run(&path("try_unlock"), &[]);
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("state    Failed (FAILED)\n"), "{text}");
@@ -63,27 +63,13 @@ fn try_unlock_completes_with_the_key_and_fails_without_it() {
 
 #[test]
 fn retry_if_negative_awaits_retry_or_completes() {
-    let out = sluice(&[
-        "task",
-        "run",
-        &path("retry_if_negative"),
-        "--input",
-        "-1",
-        "--json",
-    ]);
+    let out = task_run(&path("retry_if_negative"), &["--input", "-1", "--json"]);
     assert_eq!(out.status.code(), Some(3));
     let v = json_of(&out);
     assert_eq!(v["state"], "AwaitingRetry");
     assert_eq!(v["type"], "SCHEDULED");
 
-    let out = sluice(&[
-        "task",
-        "run",
-        &path("retry_if_negative"),
-        "--input",
-        "2",
-        "--json",
-    ]);
+    let out = task_run(&path("retry_if_negative"), &["--input", "2", "--json"]);
     assert_eq!(out.status.code(), Some(0));
     let v = json_of(&out);
     assert_eq!(v["state"], "Completed");
@@ -124,32 +110,32 @@ fn every_exit_code() {
 #[test]
 fn limits_from_flags_are_applied_and_named() {
     let hostile = path("hostile");
-    let out = sluice(&[
-        "task",
-        "run",
+    let out = task_run(
         &hostile,
-        "--input",
-        r#"{"do":"loop"}"#,
-        "--fuel",
-        "unlimited",
-        "--timeout",
-        "200ms",
-        "--json",
-    ]);
+        &[
+            "--input",
+            r#"{"do":"loop"}"#,
+            "--fuel",
+            "unlimited",
+            "--timeout",
+            "200ms",
+            "--json",
+        ],
+    );
     let v = json_of(&out);
     assert_eq!(v["state"], "TimedOut");
     assert_eq!(v["message"], "wall-clock deadline of 200ms passed");
 
-    let out = sluice(&[
-        "task",
-        "run",
+    let out = task_run(
         &hostile,
-        "--input",
-        r#"{"do":"memory_bomb"}"#,
-        "--memory",
-        "16MiB",
-        "--json",
-    ]);
+        &[
+            "--input",
+            r#"{"do":"memory_bomb"}"#,
+            "--memory",
+            "16MiB",
+            "--json",
+        ],
+    );
     let v = json_of(&out);
     assert_eq!(v["state"], "Failed");
     let msg = v["message"].as_str().unwrap_or_default();
@@ -158,14 +144,10 @@ fn limits_from_flags_are_applied_and_named() {
         "{msg}"
     );
 
-    let out = sluice(&[
-        "task",
-        "run",
+    let out = task_run(
         &fixture("huge_output.wat").display().to_string(),
-        "--memory",
-        "2GiB",
-        "--json",
-    ]);
+        &["--memory", "2GiB", "--json"],
+    );
     let v = json_of(&out);
     assert_eq!(v["message"], "output limit of 16777216 bytes exceeded");
 }
@@ -175,7 +157,7 @@ fn invalid_components_and_input_are_usage_errors_with_clear_messages() {
     let dir = tempfile::tempdir().expect("temp dir");
     let noise = dir.path().join("noise.wasm");
     std::fs::write(&noise, [0x13u8, 0x37, 0, 1, 2, 3]).expect("write");
-    let out = sluice(&["task", "run", &noise.display().to_string()]);
+    let out = task_run(&noise.display().to_string(), &[]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -183,7 +165,7 @@ fn invalid_components_and_input_are_usage_errors_with_clear_messages() {
         "{err}"
     );
 
-    let out = sluice(&["task", "run", &path("add_one"), "--input", "[1,"]);
+    let out = task_run(&path("add_one"), &["--input", "[1,"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -11,6 +11,11 @@ use sluice::sandbox::{Ending, RunBudget, RunOutcome, Sandbox, TaskComponent};
 mod guests;
 pub use guests::{guest, root};
 
+/// A fixture under `tests/fixtures/`.
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
 /// One sandbox for the whole test binary.
 pub fn sandbox() -> &'static Sandbox {
     static SANDBOX: OnceLock<Sandbox> = OnceLock::new();

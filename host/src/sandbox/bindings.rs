@@ -13,7 +13,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub(super) use sluice::task::types::Signal as WitSignal;
+pub(super) use self::sluice::task::types::Signal as WitSignal;
 
 impl RunState {
     /// Refuse a guest-provided string longer than the host-call limit.
@@ -32,9 +32,9 @@ impl RunState {
     }
 }
 
-impl sluice::task::types::Host for RunState {}
+impl self::sluice::task::types::Host for RunState {}
 
-impl sluice::task::context::Host for RunState {
+impl self::sluice::task::context::Host for RunState {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
         self.check_host_call(key.len())?;
         Ok(self.ctx.get(&key))
@@ -65,9 +65,13 @@ impl sluice::task::context::Host for RunState {
     }
 }
 
-impl sluice::task::log::Host for RunState {
-    fn log(&mut self, level: sluice::task::log::Level, message: String) -> wasmtime::Result<()> {
-        use sluice::task::log::Level;
+impl self::sluice::task::log::Host for RunState {
+    fn log(
+        &mut self,
+        level: self::sluice::task::log::Level,
+        message: String,
+    ) -> wasmtime::Result<()> {
+        use self::sluice::task::log::Level;
         self.check_host_call(message.len())?;
         let level = match level {
             Level::Trace => LogLevel::Trace,

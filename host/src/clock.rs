@@ -5,14 +5,22 @@
 //! Run budgets (a task's wall-clock deadline) are real elapsed time and do not use this clock.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-/// A source of the current time.
+/// A future that completes at a time.
+pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A source of the current time, and of waiting for a time.
 pub trait Clock: Send + Sync + fmt::Debug {
     /// The current time.
     fn now(&self) -> DateTime<Utc>;
+
+    /// Completes once `now() >= at`.
+    fn sleep_until(&self, at: DateTime<Utc>) -> Sleep;
 }
 
 /// A shared clock.
@@ -26,9 +34,16 @@ impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
     }
+
+    fn sleep_until(&self, at: DateTime<Utc>) -> Sleep {
+        let wait = (at - Utc::now()).to_std().unwrap_or_default();
+        Box::pin(tokio::time::sleep(wait))
+    }
 }
 
-/// A clock that only moves when told to. Cloning shares the same time.
+/// A clock that only moves when told to, or when something sleeps on it: sleeping jumps the
+/// clock forward to the wake-up time at once, so code that waits (retry delays) runs without
+/// waiting and records the times it would have. Cloning shares the same time.
 #[derive(Debug, Clone)]
 pub struct SimClock(Arc<Mutex<DateTime<Utc>>>);
 
@@ -54,6 +69,14 @@ impl Clock for SimClock {
     fn now(&self) -> DateTime<Utc> {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn sleep_until(&self, at: DateTime<Utc>) -> Sleep {
+        let mut now = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if *now < at {
+            *now = at;
+        }
+        Box::pin(std::future::ready(()))
+    }
 }
 
 #[cfg(test)]
@@ -70,5 +93,13 @@ mod tests {
         assert_eq!(clock.now(), start + TimeDelta::seconds(90));
         clock.set(start);
         assert_eq!(shared.now(), start);
+        drop(clock.sleep_until(start + TimeDelta::seconds(5)));
+        assert_eq!(shared.now(), start + TimeDelta::seconds(5));
+        drop(clock.sleep_until(start));
+        assert_eq!(
+            shared.now(),
+            start + TimeDelta::seconds(5),
+            "never backwards"
+        );
     }
 }

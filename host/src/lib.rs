@@ -5,10 +5,14 @@
 //! The crate's layers, bottom up:
 //! - [`sandbox`]: the only module that touches wasmtime; loads components and runs one task run.
 //! - [`state`]: the state model and the mapping from a run's ending to a state.
+//! - [`flow`]: flow definitions, from TOML manifests or the builder; triggers.
+//! - [`runner`]: executes flow runs: scheduling, triggers, retries, mapping, handlers.
 //! - [`context`], [`ids`], [`clock`]: plain types shared by every layer.
 
 pub mod clock;
 pub mod context;
+pub mod flow;
 pub mod ids;
+pub mod runner;
 pub mod sandbox;
 pub mod state;

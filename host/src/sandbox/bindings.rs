@@ -13,7 +13,24 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub(super) use self::sluice::task::types::Signal as WitSignal;
+/// The state-handler world reuses the task world's interfaces (and so the imports below).
+pub(super) mod handler {
+    wasmtime::component::bindgen!({
+        world: "handler",
+        path: "../wit",
+        imports: { default: trappable },
+        exports: { default: async },
+        with: {
+            "sluice:task/types": super::sluice::task::types,
+            "sluice:task/context": super::sluice::task::context,
+            "sluice:task/log": super::sluice::task::log,
+        },
+    });
+}
+
+pub(super) use self::sluice::task::types::{
+    Signal as WitSignal, State as WitState, StateType as WitStateType,
+};
 
 impl RunState {
     /// Refuse a guest-provided string longer than the host-call limit.

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OnceCell, Semaphore};
-use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
     UpdateDeadline, WasmBacktrace,
@@ -33,7 +33,8 @@ use wasmtime::{
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use self::artifacts::ArtifactStore;
-use self::bindings::{TaskPre, WitSignal};
+use self::bindings::handler::HandlerPre;
+use self::bindings::{TaskPre, WitSignal, WitState, WitStateType};
 pub use self::budget::RunBudget;
 use self::capture::{Capture, LogSink, SharedSink};
 use self::limiter::Limiter;
@@ -43,6 +44,7 @@ pub use self::outcome::{
 };
 use crate::clock::{ClockRef, SystemClock};
 use crate::context::TaskContext;
+use crate::state::{State, StateName, StateType};
 
 /// Why a component could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -121,43 +123,65 @@ pub struct LoadInfo {
     pub duration: Duration,
 }
 
-/// A component ready to run: compiled, linked against the host, and checked against the
-/// contract. Cheap to clone.
-#[derive(Clone)]
-pub struct TaskComponent(Arc<ComponentInner>);
-
-struct ComponentInner {
+/// A component compiled and linked against the host, shared by every kind of component made
+/// from the same bytes.
+struct Prepared {
     name: String,
     digest: blake3::Hash,
-    pre: TaskPre<RunState>,
+    pre: InstancePre<RunState>,
     load: LoadInfo,
 }
 
-impl TaskComponent {
-    /// The name it was loaded under (its path, usually).
-    pub fn name(&self) -> &str {
-        &self.0.name
-    }
+/// A task component ready to run: compiled, linked against the host, and checked against the
+/// `task` world. Cheap to clone.
+#[derive(Clone)]
+pub struct TaskComponent(Arc<(Arc<Prepared>, TaskPre<RunState>)>);
 
-    /// blake3 of the component's bytes, in hex.
-    pub fn digest(&self) -> String {
-        self.0.digest.to_hex().to_string()
-    }
+/// A state-handler component ready to run, checked against the `handler` world. Cheap to clone.
+#[derive(Clone)]
+pub struct HandlerComponent(Arc<(Arc<Prepared>, HandlerPre<RunState>)>);
 
-    /// How it was first loaded in this process.
-    pub fn load_info(&self) -> LoadInfo {
-        self.0.load
-    }
+macro_rules! component_accessors {
+    ($ty:ident) => {
+        impl $ty {
+            /// The name it was loaded under (its path, usually).
+            pub fn name(&self) -> &str {
+                &self.0.0.name
+            }
+
+            /// blake3 of the component's bytes, in hex.
+            pub fn digest(&self) -> String {
+                self.0.0.digest.to_hex().to_string()
+            }
+
+            /// How it was first loaded in this process.
+            pub fn load_info(&self) -> LoadInfo {
+                self.0.0.load
+            }
+        }
+
+        impl fmt::Debug for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($ty))
+                    .field("name", &self.name())
+                    .field("digest", &self.digest())
+                    .field("load", &self.load_info())
+                    .finish()
+            }
+        }
+    };
 }
 
-impl fmt::Debug for TaskComponent {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TaskComponent")
-            .field("name", &self.0.name)
-            .field("digest", &self.digest())
-            .field("load", &self.0.load)
-            .finish()
-    }
+component_accessors!(TaskComponent);
+component_accessors!(HandlerComponent);
+
+/// What a state handler decided, with its logs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandlerOutcome {
+    /// A replacement state, none to keep the new state, or why the handler failed.
+    pub result: Result<Option<State>, String>,
+    /// The handler's logs.
+    pub logs: Vec<LogRecord>,
 }
 
 /// A signal to stop a running task. Cloning shares the signal.
@@ -321,7 +345,7 @@ impl SandboxBuilder {
 #[derive(Clone)]
 pub struct Sandbox(Arc<Inner>);
 
-type ComponentCell = Arc<OnceCell<TaskComponent>>;
+type ComponentCell = Arc<OnceCell<Arc<Prepared>>>;
 
 struct Inner {
     engine: Engine,
@@ -381,8 +405,6 @@ enum Phase {
     Call,
 }
 
-type CallResult = Result<Result<String, WitSignal>, (Phase, wasmtime::Error)>;
-
 impl Sandbox {
     /// A sandbox with the default settings.
     pub fn builder() -> SandboxBuilder {
@@ -405,10 +427,43 @@ impl Sandbox {
         self.load_bytes(&path.display().to_string(), bytes).await
     }
 
-    /// Load a component from its bytes (binary, or WebAssembly text). The same bytes are
+    /// Load a task component from its bytes (binary, or WebAssembly text). The same bytes are
     /// prepared once per process and compiled once per artifact directory; compiling happens on
     /// a blocking thread, off the async runtime.
     pub async fn load_bytes(&self, name: &str, bytes: Vec<u8>) -> Result<TaskComponent, LoadError> {
+        let prepared = self.prepared(name, bytes).await?;
+        let pre = TaskPre::new(prepared.pre.clone()).map_err(|e| LoadError::Incompatible {
+            name: prepared.name.clone(),
+            detail: format!(
+                "it must export `run: func(input: string) -> result<string, signal>` \
+                 (world `sluice:task/task@0.1.0`): {}",
+                error_chain(&e)
+            ),
+        })?;
+        Ok(TaskComponent(Arc::new((prepared, pre))))
+    }
+
+    /// Load the state-handler component in the file at `path`.
+    pub async fn load_handler_file(&self, path: &Path) -> Result<HandlerComponent, LoadError> {
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|source| LoadError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+        let prepared = self.prepared(&path.display().to_string(), bytes).await?;
+        let pre = HandlerPre::new(prepared.pre.clone()).map_err(|e| LoadError::Incompatible {
+            name: prepared.name.clone(),
+            detail: format!(
+                "a state handler must export `handle: func(task: string, old: state, new: state) \
+                 -> option<state>` (world `sluice:task/handler@0.1.0`): {}",
+                error_chain(&e)
+            ),
+        })?;
+        Ok(HandlerComponent(Arc::new((prepared, pre))))
+    }
+
+    async fn prepared(&self, name: &str, bytes: Vec<u8>) -> Result<Arc<Prepared>, LoadError> {
         let bytes = component_binary(name, bytes)?;
         let digest = blake3::hash(&bytes);
         let cell = {
@@ -433,7 +488,7 @@ impl Sandbox {
         name: String,
         bytes: &[u8],
         digest: blake3::Hash,
-    ) -> Result<TaskComponent, LoadError> {
+    ) -> Result<Arc<Prepared>, LoadError> {
         let started = Instant::now();
         let engine = &self.0.engine;
         let compile_err = |e: wasmtime::Error| LoadError::Compile {
@@ -467,23 +522,15 @@ impl Sandbox {
                 }
             },
         };
-        let incompatible = |detail: String| LoadError::Incompatible {
-            name: name.clone(),
-            detail,
-        };
-        let pre = self
-            .0
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| incompatible(error_chain(&e)))?;
-        let pre = TaskPre::new(pre).map_err(|e| {
-            incompatible(format!(
-                "it must export `run: func(input: string) -> result<string, signal>` \
-                 (world `sluice:task/task@0.1.0`): {}",
-                error_chain(&e)
-            ))
-        })?;
-        Ok(TaskComponent(Arc::new(ComponentInner {
+        let pre =
+            self.0
+                .linker
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::Incompatible {
+                    name: name.clone(),
+                    detail: error_chain(&e),
+                })?;
+        Ok(Arc::new(Prepared {
             name,
             digest,
             pre,
@@ -491,7 +538,7 @@ impl Sandbox {
                 source,
                 duration: started.elapsed(),
             },
-        })))
+        }))
     }
 
     /// Run `component` once with `input`, in a fresh store and instance, under `budget`.
@@ -504,9 +551,80 @@ impl Sandbox {
         budget: &RunBudget,
         cancel: Option<&CancelToken>,
     ) -> RunOutcome {
+        let input = input.to_string();
+        let pre = &component.0.1;
+        let ex = self
+            .execute(ctx, budget, cancel, async |store: &mut Store<RunState>| {
+                let task = pre
+                    .instantiate_async(&mut *store)
+                    .await
+                    .map_err(|e| (Phase::Instantiate, e))?;
+                task.call_run(&mut *store, &input)
+                    .await
+                    .map_err(|e| (Phase::Call, e))
+            })
+            .await;
+        let ending = ex.ending(budget, |r| match r {
+            Ok(output) => output_ending(output, budget),
+            Err(signal) => signal_ending(signal, budget),
+        });
+        ex.finish(ending, budget)
+    }
+
+    /// Run a state handler on the transition `old` → `new` of `task`, in a fresh sandbox under
+    /// `budget`. A handler that fails, or returns something invalid, is reported in the
+    /// outcome; it never fails the caller.
+    pub async fn run_handler(
+        &self,
+        handler: &HandlerComponent,
+        task: &str,
+        old: &State,
+        new: &State,
+        ctx: &TaskContext,
+        budget: &RunBudget,
+    ) -> HandlerOutcome {
+        let (old_w, new_w) = (wit_state(old), wit_state(new));
+        let pre = &handler.0.1;
+        let task_name = task.to_owned();
+        let ex = self
+            .execute(ctx, budget, None, async |store: &mut Store<RunState>| {
+                let h = pre
+                    .instantiate_async(&mut *store)
+                    .await
+                    .map_err(|e| (Phase::Instantiate, e))?;
+                h.call_handle(&mut *store, &task_name, &old_w, &new_w)
+                    .await
+                    .map_err(|e| (Phase::Call, e))
+            })
+            .await;
+        let mut decided = None;
+        let ending = ex.ending(budget, |r| {
+            decided = Some(r);
+            Ending::Output(serde_json::Value::Null)
+        });
+        let now = self.0.clock.now();
+        let outcome = ex.finish(ending, budget);
+        let result = match (decided, &outcome.ending) {
+            (Some(None), _) => Ok(None),
+            (Some(Some(w)), _) => from_wit_state(w, now),
+            (None, ending) => Err(describe(ending)),
+        };
+        HandlerOutcome {
+            result,
+            logs: outcome.logs,
+        }
+    }
+
+    /// Run `call` in a fresh store under `budget`, stopping it at the deadline or on cancel.
+    async fn execute<R>(
+        &self,
+        ctx: &TaskContext,
+        budget: &RunBudget,
+        cancel: Option<&CancelToken>,
+        call: impl AsyncFnOnce(&mut Store<RunState>) -> Result<R, (Phase, wasmtime::Error)>,
+    ) -> Execution<R> {
         // The semaphore is never closed, so acquiring only waits for a free slot.
         let _slot = self.0.slots.acquire().await.ok();
-        let input = input.to_string();
         let started = Instant::now();
         let deadline = started + budget.timeout;
         let sink: SharedSink = Arc::new(Mutex::new(LogSink::new(
@@ -514,9 +632,8 @@ impl Sandbox {
             self.0.clock.clone(),
         )));
         let mut store = self.new_store(ctx, budget, &sink, deadline, cancel);
-
         let result = {
-            let call = call(&component.0.pre, &mut store, &input);
+            let call = call(&mut store);
             tokio::select! {
                 biased;
                 r = call => Ok(r),
@@ -524,33 +641,11 @@ impl Sandbox {
                 () = cancelled(cancel) => Err(Interruption::Cancelled),
             }
         };
-        let duration = started.elapsed();
-
-        let ending = {
-            let log_sink = capture::lock(&sink);
-            match result {
-                Err(Interruption::Deadline) => {
-                    Ending::TimedOut(TimeLimit::Deadline(budget.timeout))
-                }
-                Err(Interruption::Cancelled) => Ending::Cancelled,
-                Ok(Ok(Ok(output))) => output_ending(output, budget),
-                Ok(Ok(Err(signal))) => signal_ending(signal, budget),
-                Ok(Err((phase, e))) => error_ending(store.data(), &log_sink, phase, &e, budget),
-            }
-        };
-        let fuel = budget.fuel.unwrap_or(u64::MAX);
-        let usage = Usage {
-            fuel_consumed: fuel.saturating_sub(store.get_fuel().unwrap_or(0)),
-            duration,
-            memory_peak_bytes: store.data().limiter.memory_peak,
-        };
-        drop(store);
-        let logs = capture::lock(&sink).finish();
-        RunOutcome {
-            ending,
-            logs: logs.records,
-            logs_dropped_bytes: logs.dropped_bytes,
-            usage,
+        Execution {
+            result,
+            duration: started.elapsed(),
+            store,
+            sink,
         }
     }
 
@@ -614,14 +709,96 @@ impl Sandbox {
     }
 }
 
-async fn call(pre: &TaskPre<RunState>, store: &mut Store<RunState>, input: &String) -> CallResult {
-    let task = pre
-        .instantiate_async(&mut *store)
-        .await
-        .map_err(|e| (Phase::Instantiate, e))?;
-    task.call_run(&mut *store, input)
-        .await
-        .map_err(|e| (Phase::Call, e))
+/// A finished (or stopped) call in its store.
+struct Execution<R> {
+    result: Result<Result<R, (Phase, wasmtime::Error)>, Interruption>,
+    duration: Duration,
+    store: Store<RunState>,
+    sink: SharedSink,
+}
+
+impl<R> Execution<R> {
+    /// How the run ended; `returned` maps what the guest returned.
+    fn ending(&self, budget: &RunBudget, returned: impl FnOnce(R) -> Ending) -> Ending
+    where
+        R: Clone,
+    {
+        let log_sink = capture::lock(&self.sink);
+        match &self.result {
+            Err(Interruption::Deadline) => Ending::TimedOut(TimeLimit::Deadline(budget.timeout)),
+            Err(Interruption::Cancelled) => Ending::Cancelled,
+            Ok(Ok(r)) => returned(r.clone()),
+            Ok(Err((phase, e))) => error_ending(self.store.data(), &log_sink, *phase, e, budget),
+        }
+    }
+
+    fn finish(self, ending: Ending, budget: &RunBudget) -> RunOutcome {
+        let fuel = budget.fuel.unwrap_or(u64::MAX);
+        let usage = Usage {
+            fuel_consumed: fuel.saturating_sub(self.store.get_fuel().unwrap_or(0)),
+            duration: self.duration,
+            memory_peak_bytes: self.store.data().limiter.memory_peak,
+        };
+        drop(self.store);
+        let logs = capture::lock(&self.sink).finish();
+        RunOutcome {
+            ending,
+            logs: logs.records,
+            logs_dropped_bytes: logs.dropped_bytes,
+            usage,
+        }
+    }
+}
+
+/// A sentence for an ending that is not a normal return.
+fn describe(ending: &Ending) -> String {
+    match ending {
+        Ending::GuestFault { message } | Ending::HostFault { message } => message.clone(),
+        Ending::LimitExceeded(l) => l.to_string(),
+        Ending::TimedOut(t) => t.to_string(),
+        Ending::Cancelled => "cancelled".into(),
+        Ending::Output(_) | Ending::Signal(_) => "returned".into(),
+    }
+}
+
+fn wit_state(s: &State) -> WitState {
+    WitState {
+        name: s.name.as_str().to_owned(),
+        type_: match s.state_type() {
+            StateType::Scheduled => WitStateType::Scheduled,
+            StateType::Pending => WitStateType::Pending,
+            StateType::Running => WitStateType::Running,
+            StateType::Paused => WitStateType::Paused,
+            StateType::Cancelling => WitStateType::Cancelling,
+            StateType::Cancelled => WitStateType::Cancelled,
+            StateType::Completed => WitStateType::Completed,
+            StateType::Failed => WitStateType::Failed,
+            StateType::Crashed => WitStateType::Crashed,
+        },
+        message: s.message.clone(),
+        result: s.result.as_ref().map(|v| v.to_string()),
+    }
+}
+
+/// A handler's returned state. Its type is implied by its name; a name Sluice does not know, or
+/// a result that is not JSON, is an error.
+fn from_wit_state(
+    w: WitState,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<State>, String> {
+    let name: StateName = w
+        .name
+        .parse()
+        .map_err(|e| format!("the handler returned an invalid state: {e}"))?;
+    let mut state = State::new(name, now);
+    state.message = w.message;
+    if let Some(r) = w.result {
+        state.result = Some(
+            serde_json::from_str(&r)
+                .map_err(|e| format!("the handler returned a result that is not JSON: {e}"))?,
+        );
+    }
+    Ok(Some(state))
 }
 
 async fn cancelled(cancel: Option<&CancelToken>) {

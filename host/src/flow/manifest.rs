@@ -1,0 +1,567 @@
+//! Flow manifests: TOML files that describe a flow. Parsing checks everything before anything
+//! runs and reports each problem with the file, line and column: unknown keys (with a
+//! did-you-mean), wrong types, missing component files, references to unknown tasks or
+//! parameters, and cycles (named).
+//!
+//! ```toml
+//! name = "example"
+//! reference_tasks = ["load"]          # optional; default: the terminal tasks
+//! concurrency = 8                     # optional; default 64
+//!
+//! [parameters]                        # name = default
+//! count = 3
+//!
+//! [context]                           # key = "value", read by tasks
+//! key = "abc"
+//!
+//! [tag_limits]                        # tag = how many of its runs at once
+//! db = 1
+//!
+//! [tasks.extract]
+//! component = "tasks/extract.wasm"    # or { path = "…", build = "shell command" }
+//! input = { n = "$params.count" }     # "$params.X", "$tasks.X" are references; "$$" escapes
+//!
+//! [tasks.load]
+//! component = "tasks/load.wasm"
+//! input = "$tasks.extract"
+//! upstream_tasks = []                 # state-only dependencies
+//! trigger = "all_successful"          # all_failed, any_successful, any_failed, all_finished, manual_only
+//! retries = 2
+//! retry_delay = "1s"
+//! backoff = { factor = 2.0, max = "1m", jitter = 0.1 }
+//! fuel = 1000000                      # or "unlimited"
+//! timeout = "30s"
+//! memory = "64MiB"
+//! map = true                          # or ["field", …]
+//! skip_on_upstream_skip = true
+//! tags = ["db"]
+//! on_completion = ["handlers/notify.wasm"]   # also on_failure, on_retry, on_state
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{
+    Backoff, DEFAULT_CONCURRENCY, FlowDef, FlowError, Hint, Hooks, Input, MapOver, TaskDef, Trigger,
+};
+use crate::sandbox::RunBudget;
+
+/// A problem in a manifest, with its position.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}:{column}: {message}", file.display())]
+pub struct ManifestError {
+    /// The manifest file.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlow {
+    name: String,
+    #[serde(default)]
+    parameters: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    context: BTreeMap<String, String>,
+    #[serde(default)]
+    reference_tasks: Vec<Spanned<String>>,
+    concurrency: Option<usize>,
+    #[serde(default)]
+    tag_limits: BTreeMap<String, usize>,
+    #[serde(default)]
+    tasks: indexmap::IndexMap<String, Spanned<RawTask>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTask {
+    component: Spanned<RawComponent>,
+    input: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    upstream_tasks: Vec<Spanned<String>>,
+    trigger: Option<Trigger>,
+    #[serde(default)]
+    retries: u32,
+    retry_delay: Option<Spanned<String>>,
+    backoff: Option<RawBackoff>,
+    fuel: Option<Spanned<RawFuel>>,
+    timeout: Option<Spanned<String>>,
+    memory: Option<Spanned<RawSize>>,
+    map: Option<RawMap>,
+    #[serde(default = "yes")]
+    skip_on_upstream_skip: bool,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    on_completion: Vec<Spanned<String>>,
+    #[serde(default)]
+    on_failure: Vec<Spanned<String>>,
+    #[serde(default)]
+    on_retry: Vec<Spanned<String>>,
+    #[serde(default)]
+    on_state: Vec<Spanned<String>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawComponent {
+    Path(String),
+    Build { path: String, build: Option<String> },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackoff {
+    #[serde(default = "two")]
+    factor: f64,
+    max: Option<Spanned<String>>,
+    #[serde(default)]
+    jitter: f64,
+}
+
+fn two() -> f64 {
+    2.0
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawFuel {
+    Units(u64),
+    Word(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawMap {
+    All(bool),
+    Fields(Vec<String>),
+}
+
+/// Positions of the parts of a manifest that later checks point at.
+#[derive(Debug, Default)]
+struct Spans {
+    tasks: BTreeMap<String, TaskSpans>,
+    reference_tasks: Vec<(String, Range<usize>)>,
+}
+
+#[derive(Debug, Default)]
+struct TaskSpans {
+    table: Range<usize>,
+    input: Option<Range<usize>>,
+    upstream: Vec<(String, Range<usize>)>,
+}
+
+struct Source<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, span: Range<usize>, message: impl fmt::Display) -> ManifestError {
+        let at = span.start.min(self.text.len());
+        let before = &self.text[..at];
+        let line = before.matches('\n').count() + 1;
+        let column = before
+            .rfind('\n')
+            .map_or(at, |nl| at - nl - 1)
+            .saturating_add(1);
+        ManifestError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            message: message.to_string(),
+        }
+    }
+
+    fn toml_error(&self, e: &toml::de::Error) -> ManifestError {
+        self.error(e.span().unwrap_or(0..0), with_did_you_mean(e.message()))
+    }
+}
+
+/// Add a did-you-mean to serde's "unknown field `x`, expected one of `a`, `b`" messages.
+fn with_did_you_mean(message: &str) -> String {
+    let message = message.trim_end().to_owned();
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message;
+    };
+    let Some((field, expected)) = rest.split_once('`') else {
+        return message;
+    };
+    let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let hint = Hint::closest(field, candidates);
+    format!("{message}{hint}")
+}
+
+/// Read and parse the manifest at `path`. Component paths are resolved against the manifest's
+/// directory and must exist (unless a build command is declared).
+pub fn load(path: &Path) -> Result<FlowDef, ManifestError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ManifestError {
+        file: path.to_owned(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read the manifest: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parse manifest `text`, read from `file` (used for positions and to resolve relative paths).
+pub fn parse(file: &Path, text: &str) -> Result<FlowDef, ManifestError> {
+    let src = Source { file, text };
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let raw: RawFlow = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+    let mut spans = Spans::default();
+
+    let parameters = raw
+        .parameters
+        .into_iter()
+        .map(|(k, v)| (k, to_json(v)))
+        .collect();
+    let mut tasks = Vec::new();
+    for (name, raw_task) in raw.tasks {
+        let table_span = raw_task.span();
+        let (task, task_spans) =
+            task_def(&src, dir, name.clone(), raw_task.into_inner(), table_span)?;
+        spans.tasks.insert(name, task_spans);
+        tasks.push(task);
+    }
+    spans.reference_tasks = raw
+        .reference_tasks
+        .iter()
+        .map(|s| (s.get_ref().clone(), s.span()))
+        .collect();
+
+    let def = FlowDef {
+        name: raw.name,
+        parameters,
+        context: raw.context,
+        tasks,
+        reference_tasks: raw
+            .reference_tasks
+            .into_iter()
+            .map(Spanned::into_inner)
+            .collect(),
+        concurrency: raw.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1),
+        tag_limits: raw.tag_limits,
+    };
+    def.validate().map_err(|e| locate(&src, &spans, e))?;
+    Ok(def)
+}
+
+fn task_def(
+    src: &Source<'_>,
+    dir: &Path,
+    name: String,
+    raw: RawTask,
+    table: Range<usize>,
+) -> Result<(TaskDef, TaskSpans), ManifestError> {
+    let component_span = raw.component.span();
+    let (path, build) = match raw.component.into_inner() {
+        RawComponent::Path(p) => (p, None),
+        RawComponent::Build { path, build } => (path, build),
+    };
+    let component = dir.join(&path);
+    if build.is_none() && !component.is_file() {
+        return Err(src.error(
+            component_span,
+            format!(
+                "task `{name}`: component file `{path}` does not exist (looked at {})",
+                component.display()
+            ),
+        ));
+    }
+    let mut task = TaskDef::new(name.clone(), component);
+    task.build = build;
+    let mut spans = TaskSpans {
+        table,
+        ..TaskSpans::default()
+    };
+    if let Some(input) = raw.input {
+        spans.input = Some(input.span());
+        task.input = Input::from_json(to_json(input.into_inner()));
+    }
+    spans.upstream = raw
+        .upstream_tasks
+        .iter()
+        .map(|s| (s.get_ref().clone(), s.span()))
+        .collect();
+    task.upstream_tasks = raw
+        .upstream_tasks
+        .into_iter()
+        .map(Spanned::into_inner)
+        .collect();
+    task.trigger = raw.trigger.unwrap_or_default();
+    task.retries = raw.retries;
+    let duration = |s: &Spanned<String>, what: &str| {
+        humantime::parse_duration(s.get_ref()).map_err(|e| {
+            src.error(
+                s.span(),
+                format!(
+                    "task `{name}`: `{what}` = \"{}\" is not a duration like \"30s\" or \"500ms\": {e}",
+                    s.get_ref()
+                ),
+            )
+        })
+    };
+    if let Some(d) = &raw.retry_delay {
+        task.retry_delay = duration(d, "retry_delay")?;
+    }
+    if let Some(b) = &raw.backoff {
+        let max = match &b.max {
+            Some(m) => duration(m, "backoff.max")?,
+            None => Duration::from_secs(3600),
+        };
+        task.backoff = Some(Backoff {
+            factor: b.factor,
+            max,
+            jitter: b.jitter,
+        });
+    }
+    let mut budget = RunBudget::default();
+    if let Some(f) = &raw.fuel {
+        budget.fuel = match f.get_ref() {
+            RawFuel::Units(n) => Some(*n),
+            RawFuel::Word(w) if w == "unlimited" => None,
+            RawFuel::Word(w) => {
+                return Err(src.error(
+                    f.span(),
+                    format!("task `{name}`: `fuel` = \"{w}\" must be a number or \"unlimited\""),
+                ));
+            }
+        };
+    }
+    if let Some(t) = &raw.timeout {
+        budget.timeout = duration(t, "timeout")?;
+    }
+    if let Some(m) = &raw.memory {
+        budget.memory_bytes = match m.get_ref() {
+            RawSize::Bytes(n) => *n,
+            RawSize::Text(t) => {
+                t.parse::<bytesize::ByteSize>()
+                    .map(|b| b.as_u64())
+                    .map_err(|e| {
+                        src.error(
+                    m.span(),
+                    format!("task `{name}`: `memory` = \"{t}\" is not a size like \"64MiB\": {e}"),
+                )
+                    })?
+            }
+        };
+    }
+    task.budget = budget;
+    task.map = match raw.map {
+        None | Some(RawMap::All(false)) => MapOver::No,
+        Some(RawMap::All(true)) => MapOver::Input,
+        Some(RawMap::Fields(f)) => MapOver::Fields(f),
+    };
+    task.skip_on_upstream_skip = raw.skip_on_upstream_skip;
+    task.tags = raw.tags;
+    let hooks = |list: Vec<Spanned<String>>| -> Result<Vec<PathBuf>, ManifestError> {
+        list.into_iter()
+            .map(|h| {
+                let path = dir.join(h.get_ref());
+                if path.is_file() {
+                    Ok(path)
+                } else {
+                    Err(src.error(
+                        h.span(),
+                        format!(
+                            "task `{name}`: handler component `{}` does not exist (looked at {})",
+                            h.get_ref(),
+                            path.display()
+                        ),
+                    ))
+                }
+            })
+            .collect()
+    };
+    task.hooks = Hooks {
+        on_completion: hooks(raw.on_completion)?,
+        on_failure: hooks(raw.on_failure)?,
+        on_retry: hooks(raw.on_retry)?,
+        on_state: hooks(raw.on_state)?,
+    };
+    Ok((task, spans))
+}
+
+/// Point a validation error at the part of the manifest it is about.
+fn locate(src: &Source<'_>, spans: &Spans, e: FlowError) -> ManifestError {
+    let task_span = |t: &str| spans.tasks.get(t).map(|s| s.table.clone()).unwrap_or(0..0);
+    let span = match &e {
+        FlowError::UnknownTask { task, unknown, .. } if task == "reference_tasks" => spans
+            .reference_tasks
+            .iter()
+            .find(|(n, _)| n == unknown)
+            .map_or(0..0, |(_, s)| s.clone()),
+        FlowError::UnknownTask { task, unknown, .. } => {
+            let t = spans.tasks.get(task.as_str());
+            t.and_then(|t| t.upstream.iter().find(|(n, _)| n == unknown))
+                .map(|(_, s)| s.clone())
+                .or_else(|| t.and_then(|t| t.input.clone()))
+                .unwrap_or_else(|| task_span(task))
+        }
+        FlowError::UnknownParameter { task, .. } => spans
+            .tasks
+            .get(task.as_str())
+            .and_then(|t| t.input.clone())
+            .unwrap_or_else(|| task_span(task)),
+        FlowError::UnknownMapField { task, .. } => task_span(task),
+        FlowError::DuplicateTask(task) => task_span(task),
+        FlowError::Cycle(path) => path.first().map_or(0..0, |t| task_span(t)),
+    };
+    src.error(span, e)
+}
+
+fn to_json(v: toml::Value) -> serde_json::Value {
+    match v {
+        toml::Value::String(s) => serde_json::Value::String(s),
+        toml::Value::Integer(i) => i.into(),
+        toml::Value::Float(f) => serde_json::Number::from_f64(f)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        toml::Value::Boolean(b) => b.into(),
+        toml::Value::Datetime(d) => serde_json::Value::String(d.to_string()),
+        toml::Value::Array(a) => a.into_iter().map(to_json).collect(),
+        toml::Value::Table(t) => t.into_iter().map(|(k, v)| (k, to_json(v))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_in(dir: &Path, text: &str) -> Result<FlowDef, ManifestError> {
+        std::fs::write(dir.join("t.wasm"), b"").expect("write");
+        parse(&dir.join("flow.toml"), text)
+    }
+
+    fn err(text: &str) -> String {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let e = parse_in(dir.path(), text).expect_err("invalid");
+        e.to_string()
+            .replace(&dir.path().display().to_string(), "DIR")
+    }
+
+    #[test]
+    fn a_full_manifest_parses() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let def = parse_in(
+            dir.path(),
+            r#"
+name = "f"
+reference_tasks = ["b"]
+concurrency = 4
+[parameters]
+n = 3
+[context]
+key = "abc"
+[tag_limits]
+db = 1
+[tasks.a]
+component = "t.wasm"
+input = { n = "$params.n" }
+retries = 2
+retry_delay = "1s"
+backoff = { factor = 3.0, max = "10s" }
+fuel = "unlimited"
+timeout = "2s"
+memory = "64MiB"
+map = ["n"]
+tags = ["db"]
+[tasks.b]
+component = { path = "missing.wasm", build = "true" }
+input = "$tasks.a"
+trigger = "all_failed"
+skip_on_upstream_skip = false
+"#,
+        )
+        .expect("valid");
+        assert_eq!(def.tasks.len(), 2);
+        let a = &def.tasks[0];
+        assert_eq!(a.retries, 2);
+        assert_eq!(a.budget.fuel, None);
+        assert_eq!(a.budget.memory_bytes, 64 << 20);
+        assert_eq!(a.map, MapOver::Fields(vec!["n".into()]));
+        let b = &def.tasks[1];
+        assert_eq!(b.trigger, Trigger::AllFailed);
+        assert_eq!(b.upstream(), ["a"]);
+        assert_eq!(b.build.as_deref(), Some("true"));
+        assert!(!b.skip_on_upstream_skip);
+        assert_eq!(def.concurrency, 4);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_column() {
+        assert_eq!(
+            err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nretires = 2\n"),
+            "DIR/flow.toml:4:1: unknown field `retires`, expected one of `component`, \
+             `input`, `upstream_tasks`, `trigger`, `retries`, `retry_delay`, `backoff`, `fuel`, \
+             `timeout`, `memory`, `map`, `skip_on_upstream_skip`, `tags`, `on_completion`, \
+             `on_failure`, `on_retry`, `on_state` (did you mean `retries`?)"
+        );
+        assert_eq!(
+            err("name = \"f\"\nconcurency = 3\n"),
+            "DIR/flow.toml:2:1: unknown field `concurency`, expected one of `name`, `parameters`, \
+             `context`, `reference_tasks`, `concurrency`, `tag_limits`, `tasks` (did you mean \
+             `concurrency`?)"
+        );
+        let e = err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nretries = \"two\"\n");
+        assert_eq!(
+            e,
+            "DIR/flow.toml:4:11: invalid type: string \"two\", expected u32"
+        );
+        assert_eq!(
+            err("name = \"f\"\n[tasks.a]\ncomponent = \"nope.wasm\"\n"),
+            "DIR/flow.toml:3:13: task `a`: component file `nope.wasm` does not exist (looked at \
+             DIR/nope.wasm)"
+        );
+        assert_eq!(
+            err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nupstream_tasks = [\"b\"]\n"),
+            "DIR/flow.toml:4:19: task `a` refers to unknown task `b`"
+        );
+        assert_eq!(
+            err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\ntimeout = \"soon\"\n"),
+            "DIR/flow.toml:4:11: task `a`: `timeout` = \"soon\" is not a duration like \"30s\" or \
+             \"500ms\": unknown time unit \"soon\", supported units: ns, us/µs, ms, sec, min, \
+             hours, days, weeks, months, years (and few variations)"
+                .replace("unknown time unit \"soon\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)", &humantime::parse_duration("soon").expect_err("bad").to_string())
+        );
+        assert_eq!(
+            err(
+                "name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\ninput = \"$tasks.b\"\n\
+                 [tasks.b]\ncomponent = \"t.wasm\"\ninput = \"$tasks.a\"\n"
+            ),
+            "DIR/flow.toml:2:1: the tasks form a cycle: a → b → a"
+        );
+        assert_eq!(
+            err("name = \"f\"\nreference_tasks = [\"x\"]\n"),
+            "DIR/flow.toml:2:20: task `reference_tasks` refers to unknown task `x`"
+        );
+        assert_eq!(
+            err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\ntrigger = \"sometimes\"\n"),
+            "DIR/flow.toml:4:11: unknown variant `sometimes`, expected one of \
+             `all_successful`, `all_failed`, `any_successful`, `any_failed`, `all_finished`, \
+             `manual_only`"
+        );
+    }
+}

@@ -1,0 +1,633 @@
+//! Flow definitions: what a flow is (tasks, their components, inputs, dependencies, triggers,
+//! retries, limits, mapping, tags, hooks), built either from a TOML manifest
+//! ([`manifest::parse`]) or with the Rust builder ([`FlowBuilder`]). Both produce the same
+//! validated [`FlowDef`]: every referenced task exists and the graph has no cycle.
+
+pub mod manifest;
+pub mod trigger;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+
+pub use self::trigger::{Trigger, TriggerDecision};
+use crate::sandbox::RunBudget;
+
+/// A task's input: a JSON value in which strings `"$params.NAME"` and `"$tasks.NAME"` stand for
+/// a parameter's value and an upstream task's output (a data dependency). `"$$…"` is a literal
+/// string starting with `$`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A literal value.
+    Literal(Value),
+    /// A parameter's value.
+    Param(String),
+    /// An upstream task's output.
+    Task(String),
+    /// An object whose fields are inputs.
+    Object(BTreeMap<String, Input>),
+    /// An array whose items are inputs.
+    Array(Vec<Input>),
+}
+
+impl Input {
+    /// Parse the reference syntax out of a JSON value.
+    pub fn from_json(v: Value) -> Input {
+        match v {
+            Value::String(s) => {
+                if let Some(p) = s.strip_prefix("$params.") {
+                    Input::Param(p.to_owned())
+                } else if let Some(t) = s.strip_prefix("$tasks.") {
+                    Input::Task(t.to_owned())
+                } else if let Some(rest) = s.strip_prefix("$$") {
+                    Input::Literal(Value::String(format!("${rest}")))
+                } else {
+                    Input::Literal(Value::String(s))
+                }
+            }
+            Value::Array(items) => {
+                let items: Vec<Input> = items.into_iter().map(Input::from_json).collect();
+                if items.iter().all(|i| matches!(i, Input::Literal(_))) {
+                    Input::Literal(Value::Array(
+                        items
+                            .into_iter()
+                            .filter_map(|i| match i {
+                                Input::Literal(v) => Some(v),
+                                _ => None,
+                            })
+                            .collect(),
+                    ))
+                } else {
+                    Input::Array(items)
+                }
+            }
+            Value::Object(map) => {
+                let fields: BTreeMap<String, Input> = map
+                    .into_iter()
+                    .map(|(k, v)| (k, Input::from_json(v)))
+                    .collect();
+                if fields.values().all(|i| matches!(i, Input::Literal(_))) {
+                    Input::Literal(Value::Object(
+                        fields
+                            .into_iter()
+                            .filter_map(|(k, i)| match i {
+                                Input::Literal(v) => Some((k, v)),
+                                _ => None,
+                            })
+                            .collect(),
+                    ))
+                } else {
+                    Input::Object(fields)
+                }
+            }
+            other => Input::Literal(other),
+        }
+    }
+
+    /// Every task this input reads, in order of appearance.
+    pub fn task_refs(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        self.visit(&mut |i| {
+            if let Input::Task(t) = i {
+                out.push(t.as_str());
+            }
+        });
+        out
+    }
+
+    /// Every parameter this input reads.
+    pub fn param_refs(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        self.visit(&mut |i| {
+            if let Input::Param(p) = i {
+                out.push(p.as_str());
+            }
+        });
+        out
+    }
+
+    fn visit<'a>(&'a self, f: &mut impl FnMut(&'a Input)) {
+        f(self);
+        match self {
+            Input::Object(m) => m.values().for_each(|i| i.visit(f)),
+            Input::Array(a) => a.iter().for_each(|i| i.visit(f)),
+            _ => {}
+        }
+    }
+
+    /// The value, with references resolved by `param` and `task`.
+    pub fn resolve(
+        &self,
+        param: &impl Fn(&str) -> Option<Value>,
+        task: &mut impl FnMut(&str) -> Option<Value>,
+    ) -> Value {
+        match self {
+            Input::Literal(v) => v.clone(),
+            Input::Param(p) => param(p).unwrap_or(Value::Null),
+            Input::Task(t) => task(t).unwrap_or(Value::Null),
+            Input::Object(m) => Value::Object(
+                m.iter()
+                    .map(|(k, i)| (k.clone(), i.resolve(param, task)))
+                    .collect(),
+            ),
+            Input::Array(a) => Value::Array(a.iter().map(|i| i.resolve(param, task)).collect()),
+        }
+    }
+}
+
+/// How a mapped task splits its input into child runs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum MapOver {
+    /// Not mapped.
+    #[default]
+    No,
+    /// The input is a list; each element is one child's input.
+    Input,
+    /// The input is an object; these fields are lists of equal length, zipped: child `i` gets the
+    /// object with each field replaced by its `i`th element.
+    Fields(Vec<String>),
+}
+
+/// Retry backoff: delay `n` (from 1) is `retry_delay × factor^(n-1)`, at most `max`, plus up to
+/// `jitter` × the delay at random.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    /// Growth factor per retry (≥ 1).
+    pub factor: f64,
+    /// The largest delay.
+    pub max: Duration,
+    /// Random extra, as a fraction of the delay (0 to 1).
+    pub jitter: f64,
+}
+
+/// State-change hooks of a task in a manifest: handler components run on transitions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hooks {
+    /// Run when the task enters a Completed-type state.
+    pub on_completion: Vec<PathBuf>,
+    /// Run when the task enters a Failed-type or Crashed state.
+    pub on_failure: Vec<PathBuf>,
+    /// Run when the task enters Retrying.
+    pub on_retry: Vec<PathBuf>,
+    /// Run on every transition.
+    pub on_state: Vec<PathBuf>,
+}
+
+impl Hooks {
+    /// Every handler component named.
+    pub fn all(&self) -> impl Iterator<Item = &PathBuf> {
+        self.on_completion
+            .iter()
+            .chain(&self.on_failure)
+            .chain(&self.on_retry)
+            .chain(&self.on_state)
+    }
+}
+
+/// One task of a flow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskDef {
+    /// Unique within the flow.
+    pub name: String,
+    /// The component file.
+    pub component: PathBuf,
+    /// A shell command that produces `component` (run in the manifest's directory when the file
+    /// is missing).
+    pub build: Option<String>,
+    /// The input.
+    pub input: Input,
+    /// State-only dependencies, besides the data dependencies in `input`.
+    pub upstream_tasks: Vec<String>,
+    /// When the task runs.
+    pub trigger: Trigger,
+    /// How many times a failed run is retried.
+    pub retries: u32,
+    /// Delay before a retry.
+    pub retry_delay: Duration,
+    /// Optional exponential backoff of the delay.
+    pub backoff: Option<Backoff>,
+    /// Fuel, deadline, memory and the other limits of each run.
+    pub budget: RunBudget,
+    /// Mapping.
+    pub map: MapOver,
+    /// Skip this task when an upstream task was skipped (default true, as Prefect 1).
+    pub skip_on_upstream_skip: bool,
+    /// Tags, for per-tag concurrency limits.
+    pub tags: Vec<String>,
+    /// Handler components.
+    pub hooks: Hooks,
+}
+
+impl TaskDef {
+    /// A task named `name` running `component`, with every default: input `null`, trigger
+    /// `all_successful`, no retries, the default budget, not mapped, skipping on upstream skip.
+    pub fn new(name: impl Into<String>, component: impl Into<PathBuf>) -> Self {
+        Self {
+            name: name.into(),
+            component: component.into(),
+            build: None,
+            input: Input::Literal(Value::Null),
+            upstream_tasks: Vec::new(),
+            trigger: Trigger::default(),
+            retries: 0,
+            retry_delay: Duration::ZERO,
+            backoff: None,
+            budget: RunBudget::default(),
+            map: MapOver::No,
+            skip_on_upstream_skip: true,
+            tags: Vec::new(),
+            hooks: Hooks::default(),
+        }
+    }
+
+    /// The delay before retry number `n` (from 1).
+    pub fn retry_delay_for(&self, n: u32) -> Duration {
+        let Some(b) = self.backoff else {
+            return self.retry_delay;
+        };
+        let exp = i32::try_from(n.saturating_sub(1)).unwrap_or(i32::MAX);
+        let base = self.retry_delay.as_secs_f64() * b.factor.max(1.0).powi(exp);
+        let base = base.min(b.max.as_secs_f64());
+        let jitter = base * b.jitter.clamp(0.0, 1.0) * fastrand::f64();
+        Duration::try_from_secs_f64(base + jitter).unwrap_or(b.max)
+    }
+
+    /// Every upstream task: data dependencies first, then state-only ones, without repeats.
+    pub fn upstream(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for t in self
+            .input
+            .task_refs()
+            .into_iter()
+            .chain(self.upstream_tasks.iter().map(String::as_str))
+        {
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        out
+    }
+}
+
+/// A validated flow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowDef {
+    /// The flow's name.
+    pub name: String,
+    /// Parameters and their defaults.
+    pub parameters: BTreeMap<String, Value>,
+    /// Context values every task sees.
+    pub context: BTreeMap<String, String>,
+    /// The tasks, in definition order.
+    pub tasks: Vec<TaskDef>,
+    /// The tasks whose states decide the flow's state; empty means the terminal tasks.
+    pub reference_tasks: Vec<String>,
+    /// How many task runs may execute at once.
+    pub concurrency: usize,
+    /// Per-tag limits on task runs executing at once.
+    pub tag_limits: BTreeMap<String, usize>,
+}
+
+/// Why a flow definition is invalid (the builder's errors; the manifest parser adds positions).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlowError {
+    /// Two tasks share a name.
+    #[error("task `{0}` is defined twice")]
+    DuplicateTask(String),
+    /// A reference to a task that does not exist.
+    #[error("task `{task}` refers to unknown task `{unknown}`{hint}")]
+    UnknownTask {
+        /// The referring task (or `reference_tasks`).
+        task: String,
+        /// The missing name.
+        unknown: String,
+        /// A did-you-mean.
+        hint: Hint,
+    },
+    /// A reference to a parameter that does not exist.
+    #[error("task `{task}` refers to unknown parameter `{unknown}`{hint}")]
+    UnknownParameter {
+        /// The referring task.
+        task: String,
+        /// The missing name.
+        unknown: String,
+        /// A did-you-mean.
+        hint: Hint,
+    },
+    /// The dependencies form a cycle.
+    #[error("the tasks form a cycle: {}", .0.join(" → "))]
+    Cycle(Vec<String>),
+    /// A mapped field that the input does not have.
+    #[error("task `{task}` maps over `{field}`, which its input does not set")]
+    UnknownMapField {
+        /// The task.
+        task: String,
+        /// The field.
+        field: String,
+    },
+}
+
+/// A " (did you mean `x`?)" suffix, or nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hint(pub Option<String>);
+
+impl Hint {
+    /// The closest of `candidates` to `name`, if it is close enough to be a likely typo.
+    pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Hint {
+        Hint(
+            candidates
+                .into_iter()
+                .map(|c| (strsim::jaro_winkler(name, c), c))
+                .filter(|(score, _)| *score > 0.8)
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(_, c)| c.to_owned()),
+        )
+    }
+}
+
+impl fmt::Display for Hint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(s) => write!(f, " (did you mean `{s}`?)"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl FlowDef {
+    /// Check references and acyclicity.
+    pub fn validate(&self) -> Result<(), FlowError> {
+        let mut index = HashMap::new();
+        for (i, t) in self.tasks.iter().enumerate() {
+            if index.insert(t.name.as_str(), i).is_some() {
+                return Err(FlowError::DuplicateTask(t.name.clone()));
+            }
+        }
+        let names = || self.tasks.iter().map(|t| t.name.as_str());
+        for t in &self.tasks {
+            for u in t.upstream() {
+                if !index.contains_key(u) {
+                    return Err(FlowError::UnknownTask {
+                        task: t.name.clone(),
+                        unknown: u.to_owned(),
+                        hint: Hint::closest(u, names()),
+                    });
+                }
+            }
+            for p in t.input.param_refs() {
+                if !self.parameters.contains_key(p) {
+                    return Err(FlowError::UnknownParameter {
+                        task: t.name.clone(),
+                        unknown: p.to_owned(),
+                        hint: Hint::closest(p, self.parameters.keys().map(String::as_str)),
+                    });
+                }
+            }
+            if let MapOver::Fields(fields) = &t.map {
+                for f in fields {
+                    let present = match &t.input {
+                        Input::Object(m) => m.contains_key(f),
+                        Input::Literal(Value::Object(m)) => m.contains_key(f),
+                        _ => false,
+                    };
+                    if !present {
+                        return Err(FlowError::UnknownMapField {
+                            task: t.name.clone(),
+                            field: f.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        for r in &self.reference_tasks {
+            if !index.contains_key(r.as_str()) {
+                return Err(FlowError::UnknownTask {
+                    task: "reference_tasks".into(),
+                    unknown: r.clone(),
+                    hint: Hint::closest(r, names()),
+                });
+            }
+        }
+        if let Some(cycle) = self.find_cycle(&index) {
+            return Err(FlowError::Cycle(cycle));
+        }
+        Ok(())
+    }
+
+    fn find_cycle(&self, index: &HashMap<&str, usize>) -> Option<Vec<String>> {
+        use petgraph::graph::DiGraph;
+        let mut g = DiGraph::<usize, ()>::new();
+        let nodes: Vec<_> = (0..self.tasks.len()).map(|i| g.add_node(i)).collect();
+        for (i, t) in self.tasks.iter().enumerate() {
+            for u in t.upstream() {
+                if let Some(&j) = index.get(u) {
+                    g.add_edge(nodes[j], nodes[i], ());
+                }
+            }
+        }
+        for scc in petgraph::algo::tarjan_scc(&g) {
+            let self_loop = scc.len() == 1 && g.contains_edge(scc[0], scc[0]);
+            if scc.len() > 1 || self_loop {
+                // The shortest cycle through the first-defined member, found by breadth-first
+                // search inside the component, in dependency order.
+                let members: Vec<usize> = scc.iter().map(|n| g[*n]).collect();
+                let start = *members.iter().min()?;
+                let mut parent: HashMap<usize, usize> = HashMap::new();
+                let mut queue = std::collections::VecDeque::from([start]);
+                'search: while let Some(cur) = queue.pop_front() {
+                    let mut next: Vec<usize> = g.neighbors(nodes[cur]).map(|n| g[n]).collect();
+                    next.sort_unstable();
+                    for n in next {
+                        if !members.contains(&n) || parent.contains_key(&n) {
+                            continue;
+                        }
+                        parent.insert(n, cur);
+                        if n == start {
+                            break 'search;
+                        }
+                        queue.push_back(n);
+                    }
+                }
+                let mut path = vec![start];
+                let mut cur = *parent.get(&start)?;
+                while cur != start {
+                    path.push(cur);
+                    cur = *parent.get(&cur)?;
+                }
+                path.push(start);
+                path.reverse();
+                return Some(path.iter().map(|&i| self.tasks[i].name.clone()).collect());
+            }
+        }
+        None
+    }
+}
+
+/// Builds a [`FlowDef`] in Rust; the result is validated exactly like a manifest.
+#[derive(Debug, Clone)]
+pub struct FlowBuilder {
+    def: FlowDef,
+}
+
+impl FlowBuilder {
+    /// A flow named `name` with no tasks, no parameters, and a concurrency of 64.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            def: FlowDef {
+                name: name.into(),
+                parameters: BTreeMap::new(),
+                context: BTreeMap::new(),
+                tasks: Vec::new(),
+                reference_tasks: Vec::new(),
+                concurrency: DEFAULT_CONCURRENCY,
+                tag_limits: BTreeMap::new(),
+            },
+        }
+    }
+
+    /// Declare a parameter with its default.
+    pub fn parameter(mut self, name: impl Into<String>, default: Value) -> Self {
+        self.def.parameters.insert(name.into(), default);
+        self
+    }
+
+    /// Set a context value.
+    pub fn context(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.def.context.insert(key.into(), value.into());
+        self
+    }
+
+    /// Add a task.
+    pub fn task(mut self, task: TaskDef) -> Self {
+        self.def.tasks.push(task);
+        self
+    }
+
+    /// Set the reference tasks.
+    pub fn reference_tasks<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
+        self.def.reference_tasks = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Limit how many task runs execute at once.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.def.concurrency = n.max(1);
+        self
+    }
+
+    /// Limit how many runs of tasks tagged `tag` execute at once.
+    pub fn tag_limit(mut self, tag: impl Into<String>, n: usize) -> Self {
+        self.def.tag_limits.insert(tag.into(), n.max(1));
+        self
+    }
+
+    /// Validate and return the flow.
+    pub fn build(self) -> Result<FlowDef, FlowError> {
+        self.def.validate()?;
+        Ok(self.def)
+    }
+}
+
+/// The default global concurrency of a flow.
+pub const DEFAULT_CONCURRENCY: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn task(name: &str, input: Value) -> TaskDef {
+        let mut t = TaskDef::new(name, "x.wasm");
+        t.input = Input::from_json(input);
+        t
+    }
+
+    #[test]
+    fn inputs_parse_references_and_escapes() {
+        let i =
+            Input::from_json(json!({"a": "$tasks.up", "b": ["$params.n", 1], "c": "$$5", "d": 2}));
+        assert_eq!(i.task_refs(), ["up"]);
+        assert_eq!(i.param_refs(), ["n"]);
+        let v = i.resolve(&|p| (p == "n").then(|| json!(7)), &mut |t| {
+            (t == "up").then(|| json!("out"))
+        });
+        assert_eq!(v, json!({"a": "out", "b": [7, 1], "c": "$5", "d": 2}));
+        assert_eq!(
+            Input::from_json(json!([1, 2])),
+            Input::Literal(json!([1, 2]))
+        );
+    }
+
+    #[test]
+    fn unknown_references_get_a_did_you_mean() {
+        let err = FlowBuilder::new("f")
+            .task(task("extract", json!(null)))
+            .task(task("load", json!("$tasks.extrct")))
+            .build()
+            .expect_err("unknown task");
+        assert_eq!(
+            err.to_string(),
+            "task `load` refers to unknown task `extrct` (did you mean `extract`?)"
+        );
+        let err = FlowBuilder::new("f")
+            .parameter("count", json!(1))
+            .task(task("a", json!("$params.cuont")))
+            .build()
+            .expect_err("unknown parameter");
+        assert_eq!(
+            err.to_string(),
+            "task `a` refers to unknown parameter `cuont` (did you mean `count`?)"
+        );
+    }
+
+    #[test]
+    fn cycles_are_named() {
+        let c = task("c", json!("$tasks.b"));
+        let err = FlowBuilder::new("f")
+            .task(task("a", json!("$tasks.c")))
+            .task(task("b", json!("$tasks.a")))
+            .task(c)
+            .task(task("d", json!("$tasks.c")))
+            .build()
+            .expect_err("cycle");
+        assert_eq!(
+            err,
+            FlowError::Cycle(vec!["a".into(), "b".into(), "c".into(), "a".into()])
+        );
+        let err = FlowBuilder::new("f")
+            .task(task("self", json!("$tasks.self")))
+            .build()
+            .expect_err("self cycle");
+        assert_eq!(err.to_string(), "the tasks form a cycle: self → self");
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let mut t = TaskDef::new("t", "x.wasm");
+        t.retry_delay = Duration::from_secs(1);
+        assert_eq!(t.retry_delay_for(3), Duration::from_secs(1));
+        t.backoff = Some(Backoff {
+            factor: 2.0,
+            max: Duration::from_secs(10),
+            jitter: 0.0,
+        });
+        let delays: Vec<u64> = (1..=6).map(|n| t.retry_delay_for(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 10, 10]);
+        t.backoff = Some(Backoff {
+            factor: 2.0,
+            max: Duration::from_secs(10),
+            jitter: 0.5,
+        });
+        for _ in 0..100 {
+            let d = t.retry_delay_for(3);
+            assert!(
+                d >= Duration::from_secs(4) && d <= Duration::from_secs(6),
+                "{d:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,1296 @@
+//! The flow runner: executes a flow run on tokio with Prefect's execution model. Ready tasks run
+//! concurrently as soon as their upstream tasks finish; each task's trigger is evaluated once all
+//! of its upstream tasks are finished; signals and failures drive states, retries wait for their
+//! delay on the injected clock and reuse the inputs cached on the state; mapped tasks run one
+//! child per element; state handlers see every transition; reference tasks decide the flow's
+//! state. Scheduling is event-driven: finishing a task touches only its downstream tasks, never
+//! the whole graph. An output is dropped as soon as every task that consumes it has received it.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::clock::{ClockRef, SystemClock};
+use crate::context::TaskContext;
+use crate::flow::{FlowDef, MapOver, TaskDef, TriggerDecision};
+use crate::ids::{FlowRunId, TaskRunId};
+use crate::sandbox::{
+    CancelToken, Ending, HandlerComponent, LoadError, LogRecord, RunBudget, RunOutcome, Sandbox,
+    TaskComponent,
+};
+use crate::state::{Retry, State, StateName, StateType};
+
+/// A state handler: `(name, old, new) -> new`. Handlers are chained; each one's result is the
+/// next one's `new` (Prefect's state handlers).
+pub type StateHandler = Arc<dyn Fn(&str, &State, State) -> State + Send + Sync>;
+
+/// One recorded state change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transition {
+    /// The state before (none for the first).
+    pub from: Option<StateName>,
+    /// The state after.
+    pub to: StateName,
+    /// When.
+    pub time: DateTime<Utc>,
+    /// The new state's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The record of one task run (or one child of a mapped task).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRun {
+    /// The task's name.
+    pub name: String,
+    /// This run's id.
+    pub id: TaskRunId,
+    /// For a child of a mapped task, its index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_index: Option<u32>,
+    /// The current state.
+    pub state: State,
+    /// How many times the task's component ran.
+    pub attempts: u32,
+    /// Every transition, in order.
+    pub history: Vec<Transition>,
+    /// The output, while something may still need it (consumed outputs are released).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// Whether the output was dropped after every consumer received it.
+    #[serde(default)]
+    pub output_released: bool,
+    /// The resolved input, kept while the task may run again (input caching).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input: Option<Value>,
+    /// Time spent running, over all attempts.
+    pub run_time: Duration,
+    /// Fuel consumed, over all attempts.
+    pub fuel_consumed: u64,
+    /// Logs of the last attempt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<LogRecord>,
+    /// The child runs of a mapped task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<TaskRun>,
+}
+
+impl TaskRun {
+    fn new(name: &str, map_index: Option<u32>, now: DateTime<Utc>) -> Self {
+        let state = State::new(StateName::Pending, now);
+        Self {
+            name: name.to_owned(),
+            id: TaskRunId::new(),
+            map_index,
+            history: vec![Transition {
+                from: None,
+                to: state.name,
+                time: now,
+                message: None,
+            }],
+            state,
+            attempts: 0,
+            output: None,
+            output_released: false,
+            cached_input: None,
+            run_time: Duration::ZERO,
+            fuel_consumed: 0,
+            logs: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+}
+
+/// The record of a flow run: everything needed to show it, and to resume it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowRun {
+    /// This run's id.
+    pub id: FlowRunId,
+    /// The flow's name.
+    pub flow: String,
+    /// The flow run's state.
+    pub state: State,
+    /// Every transition of the flow run.
+    pub history: Vec<Transition>,
+    /// The parameters in effect.
+    pub parameters: BTreeMap<String, Value>,
+    /// The context in effect.
+    pub context: BTreeMap<String, String>,
+    /// The task runs, in definition order.
+    pub tasks: Vec<TaskRun>,
+}
+
+impl FlowRun {
+    /// The task run named `name`.
+    pub fn task(&self, name: &str) -> Option<&TaskRun> {
+        self.tasks.iter().find(|t| t.name == name)
+    }
+}
+
+/// What happened, as it happens (for live views).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FlowEvent {
+    /// A task run (or mapped child) changed state.
+    Task {
+        /// The task.
+        name: String,
+        /// The child index, for mapped children.
+        map_index: Option<u32>,
+        /// The new state.
+        state: StateName,
+    },
+    /// The flow run changed state.
+    Flow(StateName),
+}
+
+/// Why a flow could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// A component could not be loaded.
+    #[error("task `{task}`: {source}")]
+    Load {
+        /// The task.
+        task: String,
+        /// Why.
+        #[source]
+        source: LoadError,
+    },
+    /// A build command failed.
+    #[error("task `{task}`: the build command `{command}` failed: {detail}")]
+    Build {
+        /// The task.
+        task: String,
+        /// The command.
+        command: String,
+        /// Its exit status and stderr.
+        detail: String,
+    },
+    /// A parameter given on the command line or API is not declared.
+    #[error("unknown parameter `{name}`{hint}")]
+    UnknownParameter {
+        /// The name.
+        name: String,
+        /// A did-you-mean.
+        hint: crate::flow::Hint,
+    },
+    /// A start task that the flow does not have.
+    #[error("unknown start task `{0}`")]
+    UnknownStartTask(String),
+}
+
+/// A flow with every component loaded, ready to run any number of times.
+#[derive(Clone)]
+pub struct PreparedFlow {
+    def: Arc<FlowDef>,
+    components: Vec<TaskComponent>,
+    hooks: Vec<TaskHooks>,
+}
+
+impl fmt::Debug for PreparedFlow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreparedFlow")
+            .field("flow", &self.def.name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Default)]
+struct TaskHooks {
+    on_completion: Vec<HandlerComponent>,
+    on_failure: Vec<HandlerComponent>,
+    on_retry: Vec<HandlerComponent>,
+    on_state: Vec<HandlerComponent>,
+}
+
+impl PreparedFlow {
+    /// The flow's definition.
+    pub fn def(&self) -> &FlowDef {
+        &self.def
+    }
+}
+
+/// Runs flows. Configure with the builder methods; every setting has a default.
+#[derive(Clone)]
+pub struct FlowRunner {
+    sandbox: Sandbox,
+    clock: ClockRef,
+    task_handlers: HashMap<String, Vec<StateHandler>>,
+    all_task_handlers: Vec<StateHandler>,
+    flow_handlers: Vec<StateHandler>,
+    handler_budget: RunBudget,
+    events: Option<mpsc::UnboundedSender<FlowEvent>>,
+}
+
+impl fmt::Debug for FlowRunner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlowRunner")
+            .field("sandbox", &self.sandbox)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a run starts: fresh, or resuming a previous run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Parameter values (override the defaults).
+    pub parameters: BTreeMap<String, Value>,
+    /// Context values (override the flow's `[context]`).
+    pub context: BTreeMap<String, String>,
+    /// Stops the run: running guests are interrupted, nothing new starts.
+    pub cancel: CancelToken,
+}
+
+impl FlowRunner {
+    /// A runner using `sandbox`, the system clock and no handlers.
+    pub fn new(sandbox: Sandbox) -> Self {
+        Self {
+            sandbox,
+            clock: Arc::new(SystemClock),
+            task_handlers: HashMap::new(),
+            all_task_handlers: Vec::new(),
+            flow_handlers: Vec::new(),
+            handler_budget: RunBudget {
+                timeout: Duration::from_secs(10),
+                ..RunBudget::default()
+            },
+            events: None,
+        }
+    }
+
+    /// Use `clock` for timestamps and retry delays.
+    pub fn clock(mut self, clock: ClockRef) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Add a state handler for the task `task`.
+    pub fn task_handler(mut self, task: impl Into<String>, handler: StateHandler) -> Self {
+        self.task_handlers
+            .entry(task.into())
+            .or_default()
+            .push(handler);
+        self
+    }
+
+    /// Add a state handler for every task (after the task's own handlers).
+    pub fn every_task_handler(mut self, handler: StateHandler) -> Self {
+        self.all_task_handlers.push(handler);
+        self
+    }
+
+    /// Add a state handler for the flow run's own state.
+    pub fn flow_handler(mut self, handler: StateHandler) -> Self {
+        self.flow_handlers.push(handler);
+        self
+    }
+
+    /// Send every state change to `events`.
+    pub fn events(mut self, events: mpsc::UnboundedSender<FlowEvent>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// The sandbox.
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    /// Load every component of `def` (building those with a build command whose file is
+    /// missing), in parallel, each distinct component once.
+    pub async fn prepare(&self, def: FlowDef, dir: &Path) -> Result<PreparedFlow, PrepareError> {
+        for t in &def.tasks {
+            if let Some(cmd) = &t.build
+                && !t.component.is_file()
+            {
+                build(&t.name, cmd, dir).await?;
+            }
+        }
+        let mut loads = JoinSet::new();
+        for (i, t) in def.tasks.iter().enumerate() {
+            let sandbox = self.sandbox.clone();
+            let path = t.component.clone();
+            loads.spawn(async move { (i, sandbox.load_file(&path).await) });
+        }
+        let mut components: Vec<Option<TaskComponent>> = vec![None; def.tasks.len()];
+        while let Some(joined) = loads.join_next().await {
+            let Ok((i, loaded)) = joined else { continue };
+            components[i] = Some(loaded.map_err(|source| PrepareError::Load {
+                task: def.tasks[i].name.clone(),
+                source,
+            })?);
+        }
+        let mut hooks = Vec::with_capacity(def.tasks.len());
+        for t in &def.tasks {
+            let mut h = TaskHooks::default();
+            for (list, paths) in [
+                (&mut h.on_completion, &t.hooks.on_completion),
+                (&mut h.on_failure, &t.hooks.on_failure),
+                (&mut h.on_retry, &t.hooks.on_retry),
+                (&mut h.on_state, &t.hooks.on_state),
+            ] {
+                for p in paths {
+                    list.push(self.sandbox.load_handler_file(p).await.map_err(|source| {
+                        PrepareError::Load {
+                            task: t.name.clone(),
+                            source,
+                        }
+                    })?);
+                }
+            }
+            hooks.push(h);
+        }
+        let components = components
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.ok_or_else(|| PrepareError::Load {
+                    task: def.tasks[i].name.clone(),
+                    source: LoadError::Sandbox("the loader task did not finish".into()),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(PreparedFlow {
+            def: Arc::new(def),
+            components,
+            hooks,
+        })
+    }
+
+    /// Run `flow` from the start.
+    pub async fn run(
+        &self,
+        flow: &PreparedFlow,
+        options: RunOptions,
+    ) -> Result<FlowRun, PrepareError> {
+        let now = self.clock.now();
+        let parameters = merge_parameters(&flow.def, options.parameters)?;
+        let mut context = flow.def.context.clone();
+        context.extend(options.context);
+        let run = FlowRun {
+            id: FlowRunId::new(),
+            flow: flow.def.name.clone(),
+            state: State::new(StateName::Pending, now),
+            history: vec![Transition {
+                from: None,
+                to: StateName::Pending,
+                time: now,
+                message: None,
+            }],
+            parameters,
+            context,
+            tasks: flow
+                .def
+                .tasks
+                .iter()
+                .map(|t| TaskRun::new(&t.name, None, now))
+                .collect(),
+        };
+        Ok(Exec::new(self, flow, run, &[], options.cancel)
+            .execute()
+            .await)
+    }
+
+    /// Resume `previous` (a Paused or Failed run): tasks that completed keep their results and
+    /// do not run again; `start_tasks` run as roots, without their trigger check, using the
+    /// inputs cached on their state; every other unfinished task runs when its upstream tasks
+    /// finish.
+    pub async fn resume(
+        &self,
+        flow: &PreparedFlow,
+        previous: FlowRun,
+        start_tasks: &[&str],
+        cancel: CancelToken,
+    ) -> Result<FlowRun, PrepareError> {
+        let mut starts = Vec::new();
+        for s in start_tasks {
+            let i = flow
+                .def
+                .tasks
+                .iter()
+                .position(|t| t.name == *s)
+                .ok_or_else(|| PrepareError::UnknownStartTask((*s).to_owned()))?;
+            starts.push(i);
+        }
+        Ok(Exec::new(self, flow, previous, &starts, cancel)
+            .execute()
+            .await)
+    }
+}
+
+fn merge_parameters(
+    def: &FlowDef,
+    given: BTreeMap<String, Value>,
+) -> Result<BTreeMap<String, Value>, PrepareError> {
+    let mut params = def.parameters.clone();
+    for (k, v) in given {
+        if !params.contains_key(&k) {
+            return Err(PrepareError::UnknownParameter {
+                hint: crate::flow::Hint::closest(&k, def.parameters.keys().map(String::as_str)),
+                name: k,
+            });
+        }
+        params.insert(k, v);
+    }
+    Ok(params)
+}
+
+async fn build(task: &str, command: &str, dir: &Path) -> Result<(), PrepareError> {
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .current_dir(dir)
+        .output()
+        .await
+        .map_err(|e| PrepareError::Build {
+            task: task.to_owned(),
+            command: command.to_owned(),
+            detail: e.to_string(),
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(PrepareError::Build {
+        task: task.to_owned(),
+        command: command.to_owned(),
+        detail: format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    })
+}
+
+/// One schedulable unit: a task, or one child of a mapped task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Unit {
+    task: usize,
+    child: Option<u32>,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    upstream: Vec<usize>,
+    downstream: Vec<usize>,
+    /// Tasks whose output this task reads.
+    data_upstream: Vec<usize>,
+    /// Upstream tasks not finished yet.
+    waiting_on: usize,
+    /// Downstream tasks that have not received this task's output yet.
+    consumers_left: usize,
+    output: Option<Arc<Value>>,
+    input: Option<Arc<Value>>,
+    children_left: usize,
+    child_inputs: Vec<Arc<Value>>,
+    child_outputs: Vec<Option<Arc<Value>>>,
+}
+
+struct Done {
+    unit: Unit,
+    outcome: RunOutcome,
+}
+
+struct Exec<'a> {
+    runner: &'a FlowRunner,
+    flow: &'a PreparedFlow,
+    run: FlowRun,
+    nodes: Vec<Node>,
+    starts: HashSet<usize>,
+    ready: VecDeque<Unit>,
+    tag_blocked: HashMap<String, VecDeque<Unit>>,
+    running: usize,
+    running_by_tag: HashMap<String, usize>,
+    inflight: JoinSet<Done>,
+    timers: JoinSet<Unit>,
+    parameters: Arc<str>,
+    context: Arc<BTreeMap<String, String>>,
+    cancel: CancelToken,
+    cancelled: bool,
+}
+
+impl<'a> Exec<'a> {
+    fn new(
+        runner: &'a FlowRunner,
+        flow: &'a PreparedFlow,
+        run: FlowRun,
+        starts: &[usize],
+        cancel: CancelToken,
+    ) -> Self {
+        let def = &flow.def;
+        let index: HashMap<&str, usize> = def
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        let mut nodes: Vec<Node> = (0..def.tasks.len()).map(|_| Node::default()).collect();
+        for (i, t) in def.tasks.iter().enumerate() {
+            for u in t.upstream() {
+                let j = index[u];
+                nodes[i].upstream.push(j);
+                nodes[j].downstream.push(i);
+            }
+            let mut data: Vec<usize> = t.input.task_refs().iter().map(|u| index[u]).collect();
+            data.dedup();
+            data.sort_unstable();
+            data.dedup();
+            for &j in &data {
+                nodes[j].consumers_left += 1;
+            }
+            nodes[i].data_upstream = data;
+        }
+        let mut parameters = serde_json::Map::new();
+        for (k, v) in &run.parameters {
+            parameters.insert(k.clone(), v.clone());
+        }
+        let mut context = run.context.clone();
+        context
+            .entry("scheduled_start".into())
+            .or_insert_with(|| run.history[0].time.to_rfc3339());
+        Self {
+            runner,
+            flow,
+            nodes,
+            starts: starts.iter().copied().collect(),
+            ready: VecDeque::new(),
+            tag_blocked: HashMap::new(),
+            running: 0,
+            running_by_tag: HashMap::new(),
+            inflight: JoinSet::new(),
+            timers: JoinSet::new(),
+            parameters: Value::Object(parameters).to_string().into(),
+            context: Arc::new(context),
+            cancel,
+            cancelled: false,
+            run,
+        }
+    }
+
+    fn def(&self) -> &FlowDef {
+        &self.flow.def
+    }
+
+    fn record(&mut self, u: Unit) -> &mut TaskRun {
+        let t = &mut self.run.tasks[u.task];
+        match u.child {
+            Some(c) => &mut t.children[c as usize],
+            None => t,
+        }
+    }
+
+    fn emit(&self, event: FlowEvent) {
+        if let Some(tx) = &self.runner.events {
+            let _ = tx.send(event);
+        }
+    }
+
+    async fn execute(mut self) -> FlowRun {
+        self.flow_transition(State::new(StateName::Running, self.now()))
+            .await;
+        self.restore();
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].waiting_on == 0 && !self.run.tasks[i].state.is_terminal() {
+                self.evaluate(i).await;
+            }
+        }
+        loop {
+            self.start_ready().await;
+            if self.inflight.is_empty() && self.timers.is_empty() {
+                break;
+            }
+            tokio::select! {
+                Some(done) = self.inflight.join_next() => {
+                    match done {
+                        Ok(done) => self.finish_attempt(done).await,
+                        Err(e) => tracing::error!("a task run panicked in the host: {e}"),
+                    }
+                }
+                Some(unit) = self.timers.join_next() => {
+                    if let Ok(unit) = unit {
+                        self.ready.push_back(unit);
+                    }
+                }
+                () = self.cancel.cancelled(), if !self.cancelled => self.begin_cancel().await,
+            }
+        }
+        self.finish().await
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.runner.clock.now()
+    }
+
+    /// Prepare the node table from the run record (a fresh run, or one being resumed).
+    fn restore(&mut self) {
+        let now = self.now();
+        for i in 0..self.nodes.len() {
+            let rec = &mut self.run.tasks[i];
+            if rec.state.state_type() == StateType::Completed {
+                self.nodes[i].output = rec.output.take().map(Arc::new);
+                continue;
+            }
+            if !matches!(rec.state.name, StateName::Pending) {
+                let from = rec.state.name;
+                rec.state = State::new(StateName::Pending, now).with_message("resumed");
+                rec.history.push(Transition {
+                    from: Some(from),
+                    to: StateName::Pending,
+                    time: now,
+                    message: rec.state.message.clone(),
+                });
+            }
+            rec.children.clear();
+        }
+        // Count unfinished upstream tasks; completed ones already delivered (or still hold)
+        // their outputs.
+        for i in 0..self.nodes.len() {
+            if self.starts.contains(&i) {
+                self.nodes[i].waiting_on = 0;
+                continue;
+            }
+            let ups = self.nodes[i].upstream.clone();
+            self.nodes[i].waiting_on = ups
+                .iter()
+                .filter(|&&u| !self.run.tasks[u].state.is_terminal())
+                .count();
+        }
+        // A consumer that already received an output (it has a cached input, or completed)
+        // no longer holds it.
+        for i in 0..self.nodes.len() {
+            let received = self.run.tasks[i].cached_input.is_some()
+                || self.run.tasks[i].state.state_type() == StateType::Completed;
+            if received {
+                for u in self.nodes[i].data_upstream.clone() {
+                    self.release_one(u);
+                }
+            }
+        }
+    }
+
+    /// Every upstream task finished: decide whether the task runs.
+    async fn evaluate(&mut self, i: usize) {
+        let task = &self.flow.def.tasks[i];
+        let upstream_states: Vec<StateName> = self.nodes[i]
+            .upstream
+            .iter()
+            .map(|&u| self.run.tasks[u].state.name)
+            .collect();
+        let unit = Unit {
+            task: i,
+            child: None,
+        };
+        if self.cancelled {
+            let s = State::new(StateName::Cancelled, self.now())
+                .with_message("the flow run was cancelled before this task started");
+            self.transition(unit, s).await;
+            return self.task_finished(i).await;
+        }
+        if !self.starts.contains(&i) {
+            if task.skip_on_upstream_skip
+                && let Some(&u) = self.nodes[i]
+                    .upstream
+                    .iter()
+                    .find(|&&u| self.run.tasks[u].state.name == StateName::Skipped)
+            {
+                let msg = format!("upstream task `{}` was skipped", self.def().tasks[u].name);
+                let s = State::new(StateName::Skipped, self.now()).with_message(msg);
+                self.transition(unit, s).await;
+                return self.task_finished(i).await;
+            }
+            match task.trigger.decide(&upstream_states) {
+                TriggerDecision::Run => {}
+                TriggerDecision::Fail => {
+                    let detail: Vec<String> = self.nodes[i]
+                        .upstream
+                        .iter()
+                        .map(|&u| {
+                            format!(
+                                "`{}` is {}",
+                                self.def().tasks[u].name,
+                                self.run.tasks[u].state.name
+                            )
+                        })
+                        .collect();
+                    let msg = format!(
+                        "trigger `{}` did not pass: {}",
+                        task.trigger.as_str(),
+                        detail.join(", ")
+                    );
+                    let s = State::new(StateName::TriggerFailed, self.now()).with_message(msg);
+                    self.transition(unit, s).await;
+                    return self.task_finished(i).await;
+                }
+                TriggerDecision::Pause => {
+                    self.resolve_input(i);
+                    let s = State::new(StateName::Paused, self.now()).with_message(
+                        "manual_only: waiting to be resumed with this task as a start task",
+                    );
+                    self.transition(unit, s).await;
+                    return;
+                }
+            }
+        }
+        self.resolve_input(i);
+        self.schedule(i).await;
+    }
+
+    /// Resolve the task's input from parameters and upstream outputs (or reuse the cached one),
+    /// and cache it on the task run.
+    fn resolve_input(&mut self, i: usize) {
+        if self.nodes[i].input.is_some() {
+            return;
+        }
+        if let Some(cached) = self.run.tasks[i].cached_input.clone() {
+            self.nodes[i].input = Some(Arc::new(cached));
+            return;
+        }
+        let task = &self.flow.def.tasks[i];
+        let params = &self.run.parameters;
+        let nodes = &self.nodes;
+        let index = |name: &str| self.flow.def.tasks.iter().position(|t| t.name == name);
+        let value = task.input.resolve(&|p| params.get(p).cloned(), &mut |t| {
+            let j = index(t)?;
+            nodes[j].output.as_deref().cloned()
+        });
+        for u in self.nodes[i].data_upstream.clone() {
+            self.release_one(u);
+        }
+        self.run.tasks[i].cached_input = Some(value.clone());
+        self.nodes[i].input = Some(Arc::new(value));
+    }
+
+    /// One consumer of `u`'s output received it; drop the output when none is left.
+    fn release_one(&mut self, u: usize) {
+        let node = &mut self.nodes[u];
+        node.consumers_left = node.consumers_left.saturating_sub(1);
+        if node.consumers_left == 0 && node.output.is_some() {
+            node.output = None;
+            self.run.tasks[u].output_released = true;
+        }
+    }
+
+    /// Queue the task (or its mapped children).
+    async fn schedule(&mut self, i: usize) {
+        let task = &self.flow.def.tasks[i];
+        let input = self.nodes[i].input.clone().unwrap_or_default();
+        let children = match &task.map {
+            MapOver::No => {
+                self.ready.push_back(Unit {
+                    task: i,
+                    child: None,
+                });
+                return;
+            }
+            MapOver::Input => match &*input {
+                Value::Array(items) => Ok(items.iter().cloned().map(Arc::new).collect()),
+                other => Err(format!(
+                    "`map = true` needs a list as input, got {}",
+                    kind_of(other)
+                )),
+            },
+            MapOver::Fields(fields) => zip_fields(&input, fields),
+        };
+        let children: Vec<Arc<Value>> = match children {
+            Ok(c) => c,
+            Err(msg) => {
+                let unit = Unit {
+                    task: i,
+                    child: None,
+                };
+                let s = State::new(StateName::Failed, self.now()).with_message(msg);
+                self.transition(unit, s).await;
+                return self.task_finished(i).await;
+            }
+        };
+        let now = self.now();
+        let n = children.len();
+        let name = task.name.clone();
+        self.run.tasks[i].children = (0..n)
+            .map(|c| TaskRun::new(&name, Some(c as u32), now))
+            .collect();
+        self.nodes[i].children_left = n;
+        self.nodes[i].child_outputs = vec![None; n];
+        self.nodes[i].child_inputs = children;
+        if n == 0 {
+            return self.complete_mapped(i).await;
+        }
+        for c in 0..n {
+            self.ready.push_back(Unit {
+                task: i,
+                child: Some(c as u32),
+            });
+        }
+    }
+
+    /// Start queued units while the global and per-tag limits allow.
+    async fn start_ready(&mut self) {
+        while self.running < self.def().concurrency {
+            let Some(unit) = self.ready.pop_front() else {
+                return;
+            };
+            if self.cancelled {
+                let s = State::new(StateName::Cancelled, self.now())
+                    .with_message("the flow run was cancelled before this task started");
+                self.transition(unit, s).await;
+                self.unit_finished(unit).await;
+                continue;
+            }
+            let task = &self.flow.def.tasks[unit.task];
+            if let Some(tag) = task.tags.iter().find(|t| {
+                self.def().tag_limits.get(*t).is_some_and(|&limit| {
+                    self.running_by_tag.get(*t).copied().unwrap_or(0) >= limit
+                })
+            }) {
+                self.tag_blocked
+                    .entry(tag.clone())
+                    .or_default()
+                    .push_back(unit);
+                continue;
+            }
+            self.start(unit).await;
+        }
+    }
+
+    async fn start(&mut self, unit: Unit) {
+        let task: &TaskDef = &self.flow.def.tasks[unit.task];
+        self.running += 1;
+        for tag in &task.tags {
+            *self.running_by_tag.entry(tag.clone()).or_default() += 1;
+        }
+        let attempt = self.record(unit).attempts + 1;
+        let name = if attempt > 1 {
+            StateName::Retrying
+        } else {
+            StateName::Running
+        };
+        let msg = (attempt > 1).then(|| format!("attempt {attempt}"));
+        let mut s = State::new(name, self.now());
+        s.message = msg;
+        self.transition(unit, s).await;
+        let input = match unit.child {
+            Some(c) => self.nodes[unit.task].child_inputs[c as usize].clone(),
+            None => self.nodes[unit.task].input.clone().unwrap_or_default(),
+        };
+        let record = self.record(unit);
+        record.attempts = attempt;
+        let ctx = TaskContext {
+            flow_run_id: self.run.id,
+            task_run_id: self.record(unit).id,
+            task_name: task.name.as_str().into(),
+            attempt,
+            map_index: unit.child,
+            parameters: self.parameters.clone(),
+            values: self.context.clone(),
+        };
+        let sandbox = self.runner.sandbox.clone();
+        let component = self.flow.components[unit.task].clone();
+        let budget = task.budget;
+        let cancel = self.cancel.clone();
+        self.inflight.spawn(async move {
+            let outcome = sandbox
+                .run(&component, &input, &ctx, &budget, Some(&cancel))
+                .await;
+            Done { unit, outcome }
+        });
+    }
+
+    async fn finish_attempt(&mut self, done: Done) {
+        let Done { unit, outcome } = done;
+        let task: &TaskDef = &self.flow.def.tasks[unit.task];
+        self.running -= 1;
+        for tag in &task.tags {
+            if let Some(n) = self.running_by_tag.get_mut(tag) {
+                *n = n.saturating_sub(1);
+            }
+            if let Some(blocked) = self.tag_blocked.get_mut(tag) {
+                while let Some(u) = blocked.pop_back() {
+                    self.ready.push_front(u);
+                }
+            }
+        }
+        let attempts = self.record(unit).attempts;
+        let retry = if self.cancelled {
+            Retry::Exhausted
+        } else if attempts <= task.retries {
+            let delay = TimeDelta::from_std(task.retry_delay_for(attempts)).unwrap_or_default();
+            Retry::Remaining { delay }
+        } else {
+            Retry::Exhausted
+        };
+        let mut state = State::after_run(&outcome.ending, retry, self.now());
+        let output = state.result.take();
+        let record = self.record(unit);
+        record.run_time += outcome.usage.duration;
+        record.fuel_consumed += outcome.usage.fuel_consumed;
+        record.logs = outcome.logs;
+        if matches!(outcome.ending, Ending::Cancelled) {
+            self.cancelled = true;
+        }
+        let state = self.transition(unit, state).await;
+        match state.state_type() {
+            StateType::Scheduled => {
+                let at = state.scheduled_for.unwrap_or_else(|| self.now());
+                let sleep = self.runner.clock.sleep_until(at);
+                self.timers.spawn(async move {
+                    sleep.await;
+                    unit
+                });
+            }
+            StateType::Completed => {
+                let out = Arc::new(output.unwrap_or(Value::Null));
+                match unit.child {
+                    Some(c) => self.nodes[unit.task].child_outputs[c as usize] = Some(out),
+                    None => self.nodes[unit.task].output = Some(out),
+                }
+                self.unit_finished(unit).await;
+            }
+            _ if state.is_terminal() => self.unit_finished(unit).await,
+            // Paused: waits to be resumed with its cached input.
+            _ => {}
+        }
+    }
+
+    async fn unit_finished(&mut self, unit: Unit) {
+        match unit.child {
+            None => self.task_finished(unit.task).await,
+            Some(_) => {
+                let node = &mut self.nodes[unit.task];
+                node.children_left = node.children_left.saturating_sub(1);
+                if node.children_left == 0 {
+                    self.complete_mapped(unit.task).await;
+                }
+            }
+        }
+    }
+
+    /// Every child of a mapped task finished: the parent is Mapped with the list of outputs, or
+    /// Failed when any child did not succeed.
+    async fn complete_mapped(&mut self, i: usize) {
+        let unit = Unit {
+            task: i,
+            child: None,
+        };
+        let children = &self.run.tasks[i].children;
+        let bad: Vec<String> = children
+            .iter()
+            .filter(|c| c.state.state_type() != StateType::Completed)
+            .map(|c| format!("{} is {}", c.map_index.unwrap_or_default(), c.state.name))
+            .collect();
+        let n = children.len();
+        let now = self.now();
+        let state = if bad.is_empty() {
+            let outputs: Vec<Value> = std::mem::take(&mut self.nodes[i].child_outputs)
+                .into_iter()
+                .map(|o| o.map_or(Value::Null, Arc::unwrap_or_clone))
+                .collect();
+            self.nodes[i].output = Some(Arc::new(Value::Array(outputs)));
+            State::new(StateName::Mapped, now).with_message(format!("{n} mapped runs completed"))
+        } else if self.cancelled {
+            State::new(StateName::Cancelled, now).with_message("mapped runs were cancelled")
+        } else {
+            State::new(StateName::Failed, now).with_message(format!(
+                "{} of {n} mapped runs did not succeed: {}",
+                bad.len(),
+                bad.join(", ")
+            ))
+        };
+        self.nodes[i].child_inputs.clear();
+        self.transition(unit, state).await;
+        self.task_finished(i).await;
+    }
+
+    /// The task reached a terminal state: release what it held and wake its downstream tasks.
+    async fn task_finished(&mut self, i: usize) {
+        self.nodes[i].input = None;
+        if self.run.tasks[i].state.state_type() == StateType::Completed {
+            self.run.tasks[i].cached_input = None;
+        }
+        let mut woken = Vec::new();
+        for d in self.nodes[i].downstream.clone() {
+            let node = &mut self.nodes[d];
+            node.waiting_on = node.waiting_on.saturating_sub(1);
+            if node.waiting_on == 0 && !self.run.tasks[d].state.is_terminal() {
+                woken.push(d);
+            }
+        }
+        for d in woken {
+            Box::pin(self.evaluate(d)).await;
+        }
+    }
+
+    async fn begin_cancel(&mut self) {
+        self.cancelled = true;
+        self.flow_transition(
+            State::new(StateName::Cancelling, self.now())
+                .with_message("cancel requested: interrupting running tasks"),
+        )
+        .await;
+        // Retries waiting on a timer will not run.
+        self.timers.abort_all();
+        let waiting: Vec<Unit> = (0..self.run.tasks.len())
+            .flat_map(|i| {
+                let t = &self.run.tasks[i];
+                let own = (t.state.state_type() == StateType::Scheduled).then_some(Unit {
+                    task: i,
+                    child: None,
+                });
+                let children = t
+                    .children
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.state.state_type() == StateType::Scheduled)
+                    .map(move |(c, _)| Unit {
+                        task: i,
+                        child: Some(c as u32),
+                    });
+                own.into_iter().chain(children)
+            })
+            .collect();
+        for unit in waiting {
+            let s = State::new(StateName::Cancelled, self.now())
+                .with_message("the flow run was cancelled while this task awaited a retry");
+            self.transition(unit, s).await;
+            self.unit_finished(unit).await;
+        }
+    }
+
+    async fn finish(mut self) -> FlowRun {
+        let now = self.now();
+        // Outputs still held go into the record.
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            if let Some(out) = node.output.take() {
+                self.run.tasks[i].output = Some(Arc::unwrap_or_clone(out));
+            }
+        }
+        let unfinished: Vec<&str> = self
+            .run
+            .tasks
+            .iter()
+            .filter(|t| !t.state.is_terminal())
+            .map(|t| t.name.as_str())
+            .collect();
+        let state = if self.cancelled {
+            State::new(StateName::Cancelled, now).with_message("the flow run was cancelled")
+        } else if !unfinished.is_empty() {
+            State::new(StateName::Paused, now).with_message(format!(
+                "waiting on paused tasks: {}",
+                unfinished.join(", ")
+            ))
+        } else {
+            let refs: Vec<usize> = if self.def().reference_tasks.is_empty() {
+                (0..self.nodes.len())
+                    .filter(|&i| self.nodes[i].downstream.is_empty())
+                    .collect()
+            } else {
+                self.def()
+                    .reference_tasks
+                    .iter()
+                    .filter_map(|r| self.def().tasks.iter().position(|t| &t.name == r))
+                    .collect()
+            };
+            let failed: Vec<&str> = refs
+                .iter()
+                .filter(|&&i| {
+                    matches!(
+                        self.run.tasks[i].state.state_type(),
+                        StateType::Failed | StateType::Crashed
+                    )
+                })
+                .map(|&i| self.run.tasks[i].name.as_str())
+                .collect();
+            if !failed.is_empty() {
+                State::new(StateName::Failed, now).with_message(format!(
+                    "reference tasks did not succeed: {}",
+                    failed.join(", ")
+                ))
+            } else if refs
+                .iter()
+                .all(|&i| self.run.tasks[i].state.state_type() == StateType::Completed)
+            {
+                State::new(StateName::Completed, now).with_message("all reference tasks succeeded")
+            } else {
+                State::new(StateName::Cancelled, now)
+                    .with_message("some reference tasks were cancelled")
+            }
+        };
+        self.flow_transition(state).await;
+        self.run
+    }
+
+    /// Move a unit to `new`, through the state handlers; returns the state it ends in.
+    async fn transition(&mut self, unit: Unit, new: State) -> State {
+        let task = &self.flow.def.tasks[unit.task];
+        let old = self.record(unit).state.clone();
+        let mut state = new;
+        if let Some(hs) = self.runner.task_handlers.get(&task.name) {
+            for h in hs {
+                state = h(&task.name, &old, state);
+            }
+        }
+        for h in &self.runner.all_task_handlers {
+            state = h(&task.name, &old, state);
+        }
+        state = self.run_hooks(unit, &old, state).await;
+        let record = self.record(unit);
+        record.history.push(Transition {
+            from: Some(old.name),
+            to: state.name,
+            time: state.timestamp,
+            message: state.message.clone(),
+        });
+        record.state = state.clone();
+        self.emit(FlowEvent::Task {
+            name: task.name.clone(),
+            map_index: unit.child,
+            state: state.name,
+        });
+        state
+    }
+
+    /// Run the task's handler components that apply to this transition, in order.
+    async fn run_hooks(&mut self, unit: Unit, old: &State, mut state: State) -> State {
+        let hooks = &self.flow.hooks[unit.task];
+        let ty = state.state_type();
+        let applicable: Vec<HandlerComponent> = hooks
+            .on_state
+            .iter()
+            .chain(if ty == StateType::Completed {
+                &hooks.on_completion[..]
+            } else {
+                &[]
+            })
+            .chain(if matches!(ty, StateType::Failed | StateType::Crashed) {
+                &hooks.on_failure[..]
+            } else {
+                &[]
+            })
+            .chain(if state.name == StateName::Retrying {
+                &hooks.on_retry[..]
+            } else {
+                &[]
+            })
+            .cloned()
+            .collect();
+        if applicable.is_empty() {
+            return state;
+        }
+        let task = &self.flow.def.tasks[unit.task];
+        let ctx = TaskContext {
+            flow_run_id: self.run.id,
+            task_run_id: self.record(unit).id,
+            task_name: task.name.as_str().into(),
+            attempt: self.record(unit).attempts.max(1),
+            map_index: unit.child,
+            parameters: self.parameters.clone(),
+            values: self.context.clone(),
+        };
+        for handler in applicable {
+            let result = self
+                .runner
+                .sandbox
+                .run_handler(
+                    &handler,
+                    &task.name,
+                    old,
+                    &state,
+                    &ctx,
+                    &self.runner.handler_budget,
+                )
+                .await;
+            let logs = result.logs;
+            match result.result {
+                Ok(Some(replacement)) => state = replacement,
+                Ok(None) => {}
+                Err(problem) => {
+                    let message = format!("state handler `{}` failed: {problem}", handler.name());
+                    tracing::warn!(task = %task.name, "{message}");
+                    let time = self.runner.clock.now();
+                    self.record(unit).logs.push(LogRecord {
+                        time,
+                        source: crate::sandbox::LogSource::Log,
+                        level: crate::sandbox::LogLevel::Error,
+                        message,
+                    });
+                }
+            }
+            self.record(unit).logs.extend(logs);
+        }
+        state
+    }
+
+    async fn flow_transition(&mut self, new: State) {
+        let old = self.run.state.clone();
+        let mut state = new;
+        for h in &self.runner.flow_handlers {
+            state = h(&self.run.flow, &old, state);
+        }
+        self.run.history.push(Transition {
+            from: Some(old.name),
+            to: state.name,
+            time: state.timestamp,
+            message: state.message.clone(),
+        });
+        self.emit(FlowEvent::Flow(state.name));
+        self.run.state = state;
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Split an object input into child inputs by zipping the list-valued `fields`.
+fn zip_fields(input: &Value, fields: &[String]) -> Result<Vec<Arc<Value>>, String> {
+    let Value::Object(obj) = input else {
+        return Err(format!(
+            "mapping over fields needs an object input, got {}",
+            kind_of(input)
+        ));
+    };
+    let mut len = None;
+    for f in fields {
+        match obj.get(f) {
+            Some(Value::Array(a)) => match len {
+                None => len = Some(a.len()),
+                Some(n) if n != a.len() => {
+                    return Err(format!(
+                        "mapped fields have different lengths: `{f}` has {}, others {n}",
+                        a.len()
+                    ));
+                }
+                Some(_) => {}
+            },
+            other => {
+                return Err(format!(
+                    "mapped field `{f}` must be a list, got {}",
+                    other.map_or("nothing", kind_of)
+                ));
+            }
+        }
+    }
+    Ok((0..len.unwrap_or(0))
+        .map(|i| {
+            let mut child = obj.clone();
+            for f in fields {
+                if let Some(Value::Array(a)) = obj.get(f) {
+                    child.insert(f.clone(), a[i].clone());
+                }
+            }
+            Arc::new(Value::Object(child))
+        })
+        .collect())
+}

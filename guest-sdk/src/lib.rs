@@ -46,6 +46,23 @@ pub mod bindings {
     });
 }
 
+#[doc(hidden)]
+pub mod handler_bindings {
+    wit_bindgen::generate!({
+        world: "handler",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "__sluice_export_handler_world",
+        default_bindings_module: "::sluice_guest::handler_bindings",
+        runtime_path: "::sluice_guest::__private::wit_bindgen::rt",
+        with: {
+            "sluice:task/types@0.1.0": crate::bindings::sluice::task::types,
+            "sluice:task/context@0.1.0": crate::bindings::sluice::task::context,
+            "sluice:task/log@0.1.0": crate::bindings::sluice::task::log,
+        },
+    });
+}
+
 use bindings::sluice::task::types as wit;
 
 /// A signal overrides the state Sluice would infer from the task's return value (Prefect's
@@ -250,11 +267,113 @@ macro_rules! export_task {
     };
 }
 
+/// State handlers: components that see a task run's transitions and may replace the new state
+/// (Prefect's state handlers). A handler is one function exported with [`export_handler!`]:
+///
+/// ```ignore
+/// use sluice_guest::handler::State;
+/// use sluice_guest::{export_handler, info};
+///
+/// fn handle(task: &str, old: &State, new: &State) -> Option<State> {
+///     if new.name == "Retrying" {
+///         info!("{task} is retrying after {}", old.name);
+///     }
+///     None // keep the new state
+/// }
+///
+/// export_handler!(handle);
+/// ```
+pub mod handler {
+    use super::wit;
+
+    /// A task run's state as a handler sees it.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct State {
+        /// The state's name: `Completed`, `Retrying`, `TimedOut`, …
+        pub name: String,
+        /// Its canonical type, e.g. `"RUNNING"` for `Retrying`.
+        pub state_type: &'static str,
+        /// Its message.
+        pub message: Option<String>,
+        /// Its result, as JSON text.
+        pub result: Option<String>,
+    }
+
+    impl State {
+        /// A replacement state named `name` with `message` (its type follows from the name).
+        pub fn named(name: impl Into<String>, message: impl Into<String>) -> Self {
+            Self {
+                name: name.into(),
+                state_type: "",
+                message: Some(message.into()),
+                result: None,
+            }
+        }
+
+        #[doc(hidden)]
+        pub fn from_wit(s: wit::State) -> Self {
+            let state_type = match s.type_ {
+                wit::StateType::Scheduled => "SCHEDULED",
+                wit::StateType::Pending => "PENDING",
+                wit::StateType::Running => "RUNNING",
+                wit::StateType::Paused => "PAUSED",
+                wit::StateType::Cancelling => "CANCELLING",
+                wit::StateType::Cancelled => "CANCELLED",
+                wit::StateType::Completed => "COMPLETED",
+                wit::StateType::Failed => "FAILED",
+                wit::StateType::Crashed => "CRASHED",
+            };
+            Self {
+                name: s.name,
+                state_type,
+                message: s.message,
+                result: s.result,
+            }
+        }
+
+        #[doc(hidden)]
+        pub fn into_wit(self) -> wit::State {
+            wit::State {
+                name: self.name,
+                // The host derives the type from the name.
+                type_: wit::StateType::Pending,
+                message: self.message,
+                result: self.result,
+            }
+        }
+    }
+}
+
+/// Export `handle` as the component's state handler: any
+/// `fn(&str, &handler::State, &handler::State) -> Option<handler::State>`.
+#[macro_export]
+macro_rules! export_handler {
+    ($handle:expr) => {
+        struct __SluiceHandler;
+
+        impl $crate::handler_bindings::Guest for __SluiceHandler {
+            fn handle(
+                task: ::std::string::String,
+                old: $crate::__private::WitState,
+                new: $crate::__private::WitState,
+            ) -> ::std::option::Option<$crate::__private::WitState> {
+                let old = $crate::handler::State::from_wit(old);
+                let new = $crate::handler::State::from_wit(new);
+                ($handle)(&task, &old, &new).map($crate::handler::State::into_wit)
+            }
+        }
+
+        $crate::handler_bindings::__sluice_export_handler_world!(
+            __SluiceHandler with_types_in $crate::handler_bindings
+        );
+    };
+}
+
 #[doc(hidden)]
 pub mod __private {
     pub use super::bindings;
     pub use super::bindings::Guest;
-    pub use super::wit::Signal as WitSignal;
+    pub use super::wit::{Signal as WitSignal, State as WitState};
     pub use wit_bindgen;
 
     /// Deserialize the input, run the task, serialize its output.

@@ -75,7 +75,7 @@ pub struct TaskRun {
     pub run_time: Duration,
     /// Fuel consumed, over all attempts.
     pub fuel_consumed: u64,
-    /// Logs of the last attempt.
+    /// Logs of every attempt, and of the state handlers, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logs: Vec<LogRecord>,
     /// The child runs of a mapped task.
@@ -929,7 +929,7 @@ impl<'a> Exec<'a> {
         let record = self.record(unit);
         record.run_time += outcome.usage.duration;
         record.fuel_consumed += outcome.usage.fuel_consumed;
-        record.logs = outcome.logs;
+        record.logs.extend(outcome.logs);
         if matches!(outcome.ending, Ending::Cancelled) {
             self.cancelled = true;
         }

@@ -3,6 +3,7 @@
 //! text under `tests/fixtures/`) by the helpers in [`support`].
 
 mod cli;
+mod flows;
 mod hostile;
 mod limits;
 mod loading;

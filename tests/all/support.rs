@@ -16,6 +16,25 @@ pub fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures").join(name)
 }
 
+/// The manifest of the example flow `name`, with the example components in `examples/build/`
+/// (copied from the guests this test binary built, so no second cargo runs on the same target).
+pub fn example_flow(name: &str) -> PathBuf {
+    static COPIED: OnceLock<()> = OnceLock::new();
+    COPIED.get_or_init(|| {
+        let build = root().join("examples/build");
+        std::fs::create_dir_all(&build).expect("examples/build");
+        for entry in std::fs::read_dir(root().join("examples/tasks/rust")).expect("examples") {
+            let name = entry.expect("entry").file_name();
+            let name = name.to_string_lossy();
+            let to = build.join(format!("{name}.wasm"));
+            let tmp = build.join(format!(".{name}.wasm.tmp"));
+            std::fs::copy(guest(&name), &tmp).expect("copy a guest");
+            std::fs::rename(&tmp, &to).expect("place a guest");
+        }
+    });
+    root().join("examples").join(name).join("flow.toml")
+}
+
 /// One sandbox for the whole test binary.
 pub fn sandbox() -> &'static Sandbox {
     static SANDBOX: OnceLock<Sandbox> = OnceLock::new();

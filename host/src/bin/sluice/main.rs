@@ -9,6 +9,7 @@
 //! | 2 | usage or input error: bad flags, input that is not JSON, a file that is not a task |
 //! | 3 | the run is waiting: Paused, or AwaitingRetry (another Scheduled-type state) |
 
+mod run;
 mod task_run;
 
 use std::path::PathBuf;
@@ -34,6 +35,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a flow manifest.
+    Run(run::Args),
     /// Work with single tasks.
     #[command(subcommand)]
     Task(TaskCommand),
@@ -55,6 +58,14 @@ fn exit_code(ty: StateType) -> ExitCode {
         | StateType::Cancelled
         | StateType::Failed
         | StateType::Crashed => ExitCode::from(1),
+    }
+}
+
+/// Parse `KEY=VALUE`.
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
     }
 }
 
@@ -87,6 +98,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Run(args) => run::run(&cli.home, args).await,
             Command::Task(TaskCommand::Run(args)) => task_run::run(&cli.home, args).await,
         }
     });

@@ -25,7 +25,7 @@ pub(crate) struct Args {
     input: String,
 
     /// A context value the task can read (repeatable): `--context key=value`.
-    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = crate::parse_key_value)]
     context: Vec<(String, String)>,
 
     /// The flow parameters the task sees, as a JSON object.
@@ -55,13 +55,6 @@ pub(crate) struct Args {
 
 #[derive(Debug, Clone, Copy)]
 struct FuelArg(Option<u64>);
-
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("`{s}` is not KEY=VALUE")),
-    }
-}
 
 fn parse_fuel(s: &str) -> Result<FuelArg, String> {
     if s == "unlimited" {

@@ -1,0 +1,669 @@
+//! Flows: every example through the CLI and the library API, resume, retries and handlers with an
+//! injected clock, mapping, skips, concurrency limits, memory release, cancellation.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::{Value, json};
+use sluice::clock::SimClock;
+use sluice::flow::{FlowBuilder, FlowDef, Input, MapOver, TaskDef, Trigger, manifest};
+use sluice::runner::{FlowEvent, FlowRun, FlowRunner, PreparedFlow, RunOptions};
+use sluice::sandbox::{CancelToken, RunBudget};
+use sluice::state::{State, StateName};
+
+use crate::support::{example_flow, guest, sandbox};
+
+fn sluice_run(flow: &Path, args: &[&str]) -> Output {
+    let home = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-home");
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg(flow)
+        .args(args)
+        .arg("--json")
+        .env("SLUICE_HOME", home)
+        .output()
+        .expect("run sluice")
+}
+
+fn run_json(flow: &Path, args: &[&str]) -> (Option<i32>, Value) {
+    let out = sluice_run(flow, args);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), v)
+}
+
+fn task<'a>(run: &'a Value, name: &str) -> &'a Value {
+    run["tasks"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["name"] == name))
+        .unwrap_or_else(|| panic!("no task {name} in {run}"))
+}
+
+fn history(t: &Value) -> Vec<String> {
+    t["history"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .map(|x| x["to"].as_str().unwrap_or("?").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn prepare(runner: &FlowRunner, def: FlowDef, dir: &Path) -> PreparedFlow {
+    runner.prepare(def, dir).await.expect("prepare")
+}
+
+async fn run_example(
+    runner: &FlowRunner,
+    name: &str,
+    options: RunOptions,
+) -> (PreparedFlow, FlowRun) {
+    let path = example_flow(name);
+    let def = manifest::load(&path).expect("manifest");
+    let flow = prepare(runner, def, path.parent().expect("dir")).await;
+    let run = runner.run(&flow, options).await.expect("run");
+    (flow, run)
+}
+
+fn params(pairs: &[(&str, Value)]) -> RunOptions {
+    RunOptions {
+        parameters: pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect(),
+        ..RunOptions::default()
+    }
+}
+
+// ---- the examples, through the CLI ----
+
+#[test]
+fn trigger_branch_follows_task_a_both_ways() {
+    let flow = example_flow("trigger-branch");
+    let (code, run) = run_json(&flow, &[]);
+    assert_eq!(code, Some(0));
+    assert_eq!(run["state"], "Completed");
+    assert_eq!(task(&run, "b")["state"], "Completed");
+    assert_eq!(task(&run, "c")["state"], "TriggerFailed");
+    assert_eq!(task(&run, "c")["type"], "FAILED");
+
+    let (code, run) = run_json(&flow, &["--param", "fail=true"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(run["state"], "Failed");
+    assert_eq!(task(&run, "a")["state"], "Failed");
+    assert_eq!(task(&run, "b")["state"], "TriggerFailed");
+    assert_eq!(task(&run, "c")["state"], "Completed");
+    assert_eq!(task(&run, "c")["output"], "C ran");
+}
+
+#[test]
+fn retry_if_negative_shows_its_retries() {
+    let (code, run) = run_json(&example_flow("retry-if-negative"), &[]);
+    assert_eq!(code, Some(1));
+    let t = task(&run, "retry_if_negative");
+    assert_eq!(t["attempts"], 3);
+    assert_eq!(
+        history(t),
+        [
+            "Pending",
+            "Running",
+            "AwaitingRetry",
+            "Retrying",
+            "AwaitingRetry",
+            "Retrying",
+            "Failed"
+        ]
+    );
+    let (code, run) = run_json(&example_flow("retry-if-negative"), &["--param", "x=4"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(task(&run, "retry_if_negative")["output"], 4);
+}
+
+#[test]
+fn try_unlock_needs_its_context_key() {
+    let flow = example_flow("try-unlock");
+    let (code, run) = run_json(&flow, &[]);
+    assert_eq!((code, run["state"].as_str()), (Some(1), Some("Failed")));
+    let (code, run) = run_json(&flow, &["--context", "key=abc"]);
+    assert_eq!((code, run["state"].as_str()), (Some(0), Some("Completed")));
+    assert_eq!(task(&run, "try_unlock")["output"], true);
+}
+
+#[test]
+fn notify_on_retry_records_each_retrying_transition() {
+    let (code, run) = run_json(&example_flow("notify-on-retry"), &[]);
+    assert_eq!(code, Some(0));
+    let t = task(&run, "flaky");
+    let notes: Vec<&str> = t["logs"]
+        .as_array()
+        .map(|l| l.iter().filter_map(|r| r["message"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        notes,
+        [
+            "notify: `flaky` is retrying (attempt 2) after AwaitingRetry: attempt 1 is too early",
+            "notify: `flaky` is retrying (attempt 3) after AwaitingRetry: attempt 2 is too early",
+        ]
+    );
+}
+
+#[test]
+fn manual_pause_pauses_the_flow() {
+    let (code, run) = run_json(&example_flow("manual-pause"), &[]);
+    assert_eq!(code, Some(3));
+    assert_eq!(run["state"], "Paused");
+    assert_eq!(task(&run, "approve")["state"], "Paused");
+    assert_eq!(task(&run, "ship")["state"], "Pending");
+}
+
+#[test]
+fn map_add_one_sums_to_nine() {
+    let (code, run) = run_json(&example_flow("map-add-one"), &[]);
+    assert_eq!(code, Some(0));
+    let add = task(&run, "add_one");
+    assert_eq!(add["state"], "Mapped");
+    assert_eq!(add["type"], "COMPLETED");
+    let children = add["children"].as_array().expect("children");
+    assert_eq!(children.len(), 3);
+    for (i, c) in children.iter().enumerate() {
+        assert_eq!(c["map_index"], i);
+        assert_eq!(c["state"], "Completed");
+    }
+    assert_eq!(task(&run, "sum")["output"], 9);
+    // add_one's output went to sum and was then released.
+    assert_eq!(add["output_released"], true);
+    assert_eq!(add["output"], Value::Null);
+}
+
+#[test]
+fn cleanup_always_runs_after_a_failure() {
+    let (code, run) = run_json(&example_flow("cleanup-always"), &[]);
+    assert_eq!(code, Some(0));
+    assert_eq!(task(&run, "work")["state"], "Failed");
+    assert_eq!(task(&run, "cleanup")["state"], "Completed");
+}
+
+#[test]
+fn manifest_errors_are_usage_errors_with_positions() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let flow = dir.path().join("flow.toml");
+    std::fs::write(
+        &flow,
+        "name = \"x\"\n[tasks.a]\ncomponent = \"a.wasm\"\nretires = 1\n",
+    )
+    .expect("write");
+    let out = sluice_run(&flow, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("flow.toml:4:1: unknown field `retires`, expected one of `component`"),
+        "{err}"
+    );
+    assert!(
+        err.trim_end().ends_with("(did you mean `retries`?)"),
+        "{err}"
+    );
+    std::fs::write(&flow, "name = \"x\"\n[tasks.a]\ncomponent = \"a.wasm\"\n").expect("write");
+    let err = String::from_utf8_lossy(&sluice_run(&flow, &[]).stderr).into_owned();
+    assert!(
+        err.contains("flow.toml:3:13: task `a`: component file `a.wasm` does not exist"),
+        "{err}"
+    );
+    let out = sluice_run(&example_flow("trigger-branch"), &["--param", "fial=true"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown parameter `fial` (did you mean `fail`?)"),
+        "{err}"
+    );
+}
+
+// ---- the library API ----
+
+#[tokio::test]
+async fn the_examples_behave_the_same_through_the_library() {
+    let runner = FlowRunner::new(sandbox().clone());
+    let (_, run) = run_example(&runner, "trigger-branch", params(&[("fail", json!(true))])).await;
+    assert_eq!(run.state.name, StateName::Failed);
+    let (_, run) = run_example(
+        &runner,
+        "map-add-one",
+        params(&[("numbers", json!([10, 20]))]),
+    )
+    .await;
+    assert_eq!(
+        run.task("sum").and_then(|t| t.output.clone()),
+        Some(json!(32))
+    );
+    let (_, run) = run_example(&runner, "cleanup-always", RunOptions::default()).await;
+    assert_eq!(run.state.name, StateName::Completed);
+    let mut options = RunOptions::default();
+    options.context.insert("key".into(), "abc".into());
+    let (_, run) = run_example(&runner, "try-unlock", options).await;
+    assert_eq!(run.state.name, StateName::Completed);
+}
+
+#[tokio::test]
+async fn resuming_a_paused_run_with_a_start_task_completes_it() {
+    let runner = FlowRunner::new(sandbox().clone());
+    let (flow, paused) = run_example(&runner, "manual-pause", RunOptions::default()).await;
+    assert_eq!(paused.state.name, StateName::Paused);
+    // Input caching: the paused task holds the input it will run with.
+    assert_eq!(
+        paused.task("approve").and_then(|t| t.cached_input.clone()),
+        Some(json!(42))
+    );
+    let done = runner
+        .resume(&flow, paused, &["approve"], CancelToken::new())
+        .await
+        .expect("resume");
+    assert_eq!(done.state.name, StateName::Completed);
+    let prepare = done.task("prepare").expect("prepare");
+    assert_eq!(prepare.attempts, 1, "a completed task is not re-run");
+    assert_eq!(done.task("approve").map(|t| t.attempts), Some(1));
+    assert_eq!(
+        done.task("ship").and_then(|t| t.output.clone()),
+        Some(json!(43))
+    );
+    let history: Vec<StateName> = done
+        .task("approve")
+        .expect("approve")
+        .history
+        .iter()
+        .map(|t| t.to)
+        .collect();
+    assert_eq!(
+        history,
+        [
+            StateName::Pending,
+            StateName::Paused,
+            StateName::Pending,
+            StateName::Running,
+            StateName::Completed
+        ]
+    );
+    assert!(
+        runner
+            .resume(&flow, done, &["nope"], CancelToken::new())
+            .await
+            .is_err()
+    );
+}
+
+fn start() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000, 0).expect("valid time")
+}
+
+#[tokio::test]
+async fn retry_delays_follow_the_policy_on_an_injected_clock() {
+    let clock = SimClock::new(start());
+    let runner = FlowRunner::new(sandbox().clone()).clock(Arc::new(clock.clone()));
+    let mut t = TaskDef::new("neg", guest("retry_if_negative"));
+    t.input = Input::Literal(json!(-5));
+    t.retries = 3;
+    t.retry_delay = Duration::from_secs(10);
+    t.backoff = Some(sluice::flow::Backoff {
+        factor: 2.0,
+        max: Duration::from_secs(25),
+        jitter: 0.0,
+    });
+    let def = FlowBuilder::new("retries").task(t).build().expect("flow");
+    let flow = prepare(&runner, def, Path::new(".")).await;
+    let began = Instant::now();
+    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    // Three delays of 10 s, 20 s and 25 s (capped) passed on the clock, none in real time.
+    assert!(began.elapsed() < Duration::from_secs(5));
+    let t = run.task("neg").expect("task");
+    assert_eq!(t.attempts, 4);
+    let retrying: Vec<TimeDelta> = t
+        .history
+        .iter()
+        .filter(|h| h.to == StateName::Retrying)
+        .map(|h| h.time - start())
+        .collect();
+    assert_eq!(
+        retrying,
+        [
+            TimeDelta::seconds(10),
+            TimeDelta::seconds(30),
+            TimeDelta::seconds(55)
+        ]
+    );
+    let awaiting: Vec<_> = t
+        .history
+        .iter()
+        .filter(|h| h.to == StateName::AwaitingRetry)
+        .collect();
+    assert_eq!(awaiting.len(), 3);
+    assert_eq!(t.state.name, StateName::Failed);
+    assert_eq!(clock.now_for_test(), start() + TimeDelta::seconds(55));
+}
+
+trait NowForTest {
+    fn now_for_test(&self) -> DateTime<Utc>;
+}
+
+impl NowForTest for SimClock {
+    fn now_for_test(&self) -> DateTime<Utc> {
+        sluice::clock::Clock::now(self)
+    }
+}
+
+#[tokio::test]
+async fn handlers_chain_in_order_on_every_transition() {
+    let clock = SimClock::new(start());
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (s1, s2, s3) = (seen.clone(), seen.clone(), seen.clone());
+    let runner = FlowRunner::new(sandbox().clone())
+        .clock(Arc::new(clock))
+        .task_handler(
+            "one",
+            Arc::new(move |task: &str, old: &State, new: State| {
+                s1.lock()
+                    .expect("lock")
+                    .push(format!("first {task}: {} -> {}", old.name, new.name));
+                // Turn a failure into a skip: the next handler sees the replacement.
+                if new.name == StateName::Failed {
+                    return State::new(StateName::Skipped, new.timestamp).with_message("forgiven");
+                }
+                new
+            }),
+        )
+        .every_task_handler(Arc::new(move |task: &str, _old: &State, new: State| {
+            s2.lock()
+                .expect("lock")
+                .push(format!("second {task}: {}", new.name));
+            new
+        }))
+        .flow_handler(Arc::new(move |flow: &str, old: &State, new: State| {
+            s3.lock()
+                .expect("lock")
+                .push(format!("flow {flow}: {} -> {}", old.name, new.name));
+            new
+        }));
+    let def = FlowBuilder::new("handlers")
+        .task(TaskDef::new("one", guest("signal_fail")))
+        .build()
+        .expect("flow");
+    let flow = prepare(&runner, def, Path::new(".")).await;
+    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    assert_eq!(
+        run.task("one").map(|t| t.state.name),
+        Some(StateName::Skipped)
+    );
+    assert_eq!(run.state.name, StateName::Completed);
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        [
+            "flow handlers: Pending -> Running",
+            "first one: Pending -> Running",
+            "second one: Running",
+            "first one: Running -> Failed",
+            "second one: Skipped",
+            "flow handlers: Running -> Completed",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_failing_handler_component_is_reported_and_cannot_crash_the_flow() {
+    let runner = FlowRunner::new(sandbox().clone());
+    let mut t = TaskDef::new("t", guest("add_one"));
+    t.input = Input::Literal(json!(1));
+    // A task component is not a handler: refused when the flow is prepared.
+    t.hooks.on_completion.push(guest("add_one"));
+    let def = FlowBuilder::new("bad-handler")
+        .task(t)
+        .build()
+        .expect("flow");
+    let err = runner
+        .prepare(def, Path::new("."))
+        .await
+        .expect_err("not a handler");
+    assert!(
+        err.to_string()
+            .contains("a state handler must export `handle"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn skips_propagate_unless_the_task_opts_out() {
+    let runner = FlowRunner::new(sandbox().clone());
+    let mut follows = TaskDef::new("follows", guest("identity"));
+    follows.upstream_tasks.push("skipper".into());
+    let mut runs_anyway = TaskDef::new("runs_anyway", guest("identity"));
+    runs_anyway.upstream_tasks.push("skipper".into());
+    runs_anyway.skip_on_upstream_skip = false;
+    let def = FlowBuilder::new("skips")
+        .task(TaskDef::new("skipper", guest("signal_skip")))
+        .task(follows)
+        .task(runs_anyway)
+        .build()
+        .expect("flow");
+    let flow = prepare(&runner, def, Path::new(".")).await;
+    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    let state = |n: &str| run.task(n).map(|t| t.state.name);
+    assert_eq!(state("skipper"), Some(StateName::Skipped));
+    assert_eq!(state("follows"), Some(StateName::Skipped));
+    assert_eq!(
+        run.task("follows")
+            .and_then(|t| t.state.message.clone())
+            .as_deref(),
+        Some("upstream task `skipper` was skipped")
+    );
+    assert_eq!(state("runs_anyway"), Some(StateName::Completed));
+    assert_eq!(run.state.name, StateName::Completed);
+}
+
+#[tokio::test]
+async fn a_mapped_task_with_a_failing_child_fails_and_stops_its_consumers() {
+    let runner = FlowRunner::new(sandbox().clone());
+    let mut add = TaskDef::new("add", guest("add_one"));
+    add.input = Input::Literal(json!([1, "two", 3]));
+    add.map = MapOver::Input;
+    let mut sum = TaskDef::new("sum", guest("sum"));
+    sum.input = Input::Task("add".into());
+    let def = FlowBuilder::new("map-fail")
+        .task(add)
+        .task(sum)
+        .build()
+        .expect("flow");
+    let flow = prepare(&runner, def, Path::new(".")).await;
+    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    let add = run.task("add").expect("add");
+    assert_eq!(add.state.name, StateName::Failed);
+    assert_eq!(
+        add.state.message.as_deref(),
+        Some("1 of 3 mapped runs did not succeed: 1 is Failed")
+    );
+    assert_eq!(add.children[0].output, None);
+    assert_eq!(
+        run.task("sum").map(|t| t.state.name),
+        Some(StateName::TriggerFailed)
+    );
+
+    // Mapping over fields zips them; other fields are passed to every child.
+    let mut ctx = TaskDef::new("ctx", guest("identity"));
+    ctx.input = Input::from_json(json!({"x": [1, 2], "y": ["a", "b"], "k": 0}));
+    ctx.map = MapOver::Fields(vec!["x".into(), "y".into()]);
+    let def = FlowBuilder::new("zip").task(ctx).build().expect("flow");
+    let flow = prepare(&runner, def, Path::new(".")).await;
+    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    assert_eq!(
+        run.task("ctx").and_then(|t| t.output.clone()),
+        Some(json!([{"x": 1, "y": "a", "k": 0}, {"x": 2, "y": "b", "k": 0}]))
+    );
+}
+
+#[tokio::test]
+async fn context_reaches_every_task_with_parameters_and_map_index() {
+    let runner = FlowRunner::new(sandbox().clone());
+    let mut probe = TaskDef::new("probe", guest("hostile"));
+    probe.input =
+        Input::from_json(json!({"do": "context", "keys": ["key", "scheduled_start", "n"]}));
+    let def = FlowBuilder::new("ctx")
+        .parameter("n", json!(5))
+        .context("key", "from-flow")
+        .task(probe)
+        .build()
+        .expect("flow");
+    let flow = prepare(&runner, def, Path::new(".")).await;
+    let mut options = params(&[("n", json!(6))]);
+    options.context.insert("key".into(), "from-cli".into());
+    let run = runner.run(&flow, options).await.expect("run");
+    let out = run
+        .task("probe")
+        .and_then(|t| t.output.clone())
+        .expect("output");
+    assert_eq!(out["flow_run_id"], json!(run.id.to_string()));
+    assert_eq!(
+        out["task_run_id"],
+        json!(run.task("probe").map(|t| t.id.to_string()))
+    );
+    assert_eq!(out["task_name"], "probe");
+    assert_eq!(out["attempt"], 1);
+    assert_eq!(out["parameters"], json!({"Ok": {"n": 6}}));
+    assert_eq!(out["get"]["key"], "from-cli");
+    assert!(
+        out["get"]["scheduled_start"]
+            .as_str()
+            .is_some_and(|s| s.contains('T'))
+    );
+}
+
+#[tokio::test]
+async fn concurrency_limits_hold_globally_and_per_tag() {
+    let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let runner = FlowRunner::new(sandbox().clone()).events(events);
+    let mut builder = FlowBuilder::new("limits").concurrency(3).tag_limit("db", 1);
+    for i in 0..8 {
+        let mut t = TaskDef::new(format!("t{i}"), guest("hostile"));
+        t.input = Input::from_json(json!({"do": "sleep", "ms": 20}));
+        if i % 2 == 0 {
+            t.tags.push("db".into());
+        }
+        builder = builder.task(t);
+    }
+    let flow = prepare(&runner, builder.build().expect("flow"), Path::new(".")).await;
+    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    drop(runner);
+    assert_eq!(run.state.name, StateName::Completed);
+    let (mut running, mut db, mut max, mut max_db) = (BTreeMap::new(), 0i32, 0, 0);
+    while let Some(e) = rx.recv().await {
+        if let FlowEvent::Task { name, state, .. } = e {
+            let is_db = name[1..].parse::<u32>().is_ok_and(|i| i % 2 == 0);
+            let now_running = state == StateName::Running;
+            let was = running.insert(name, now_running).unwrap_or(false);
+            if now_running && !was && is_db {
+                db += 1;
+            }
+            if !now_running && was && is_db {
+                db -= 1;
+            }
+            max = max.max(running.values().filter(|r| **r).count());
+            max_db = max_db.max(db);
+        }
+    }
+    assert_eq!(max, 3, "the global limit");
+    assert_eq!(max_db, 1, "the db tag's limit");
+}
+
+#[tokio::test]
+async fn cancelling_a_flow_with_a_guest_in_an_infinite_loop_ends_cancelled_quickly() {
+    let cancelled_seen: Arc<Mutex<Vec<StateName>>> = Arc::default();
+    let seen = cancelled_seen.clone();
+    let runner = FlowRunner::new(sandbox().clone()).every_task_handler(Arc::new(
+        move |_: &str, _: &State, new: State| {
+            seen.lock().expect("lock").push(new.name);
+            new
+        },
+    ));
+    let mut spin = TaskDef::new("spin", guest("hostile"));
+    spin.input = Input::from_json(json!({"do": "loop"}));
+    spin.budget = RunBudget {
+        fuel: None,
+        ..RunBudget::default()
+    };
+    let mut after = TaskDef::new("after", guest("identity"));
+    after.upstream_tasks.push("spin".into());
+    after.trigger = Trigger::AllFinished;
+    let def = FlowBuilder::new("cancel")
+        .task(spin)
+        .task(after)
+        .build()
+        .expect("flow");
+    let flow = prepare(&runner, def, Path::new(".")).await;
+    let cancel = CancelToken::new();
+    let canceller = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        canceller.cancel();
+    });
+    let began = Instant::now();
+    let options = RunOptions {
+        cancel,
+        ..RunOptions::default()
+    };
+    let run = runner.run(&flow, options).await.expect("run");
+    let stopped_after_cancel = began.elapsed() - Duration::from_millis(200);
+    assert!(
+        stopped_after_cancel < Duration::from_secs(1),
+        "{stopped_after_cancel:?}"
+    );
+    assert_eq!(run.state.name, StateName::Cancelled);
+    let flow_states: Vec<StateName> = run.history.iter().map(|h| h.to).collect();
+    assert!(
+        flow_states.contains(&StateName::Cancelling),
+        "{flow_states:?}"
+    );
+    assert_eq!(
+        run.task("spin").map(|t| t.state.name),
+        Some(StateName::Cancelled)
+    );
+    assert_eq!(
+        run.task("after").map(|t| t.state.name),
+        Some(StateName::Cancelled)
+    );
+    // Handlers still ran for the cancellations.
+    assert!(
+        cancelled_seen
+            .lock()
+            .expect("lock")
+            .contains(&StateName::Cancelled)
+    );
+}
+
+#[tokio::test]
+async fn consumed_outputs_are_released_and_terminal_outputs_kept() {
+    let runner = FlowRunner::new(sandbox().clone());
+    let mut a = TaskDef::new("a", guest("add_one"));
+    a.input = Input::Literal(json!(1));
+    let mut b = TaskDef::new("b", guest("add_one"));
+    b.input = Input::Task("a".into());
+    let mut c = TaskDef::new("c", guest("add_one"));
+    c.input = Input::Task("a".into());
+    let def = FlowBuilder::new("release")
+        .task(a)
+        .task(b)
+        .task(c)
+        .build()
+        .expect("flow");
+    let flow = prepare(&runner, def, Path::new(".")).await;
+    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    let a = run.task("a").expect("a");
+    assert!(a.output_released);
+    assert_eq!(a.output, None);
+    assert_eq!(run.task("b").and_then(|t| t.output.clone()), Some(json!(3)));
+    assert_eq!(run.task("c").and_then(|t| t.output.clone()), Some(json!(3)));
+}

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -191,7 +191,8 @@ pub enum PrepareError {
 pub struct PreparedFlow {
     def: Arc<FlowDef>,
     components: Vec<TaskComponent>,
-    hooks: Vec<TaskHooks>,
+    /// Per task; `None` when the task has no handler components.
+    hooks: Vec<Option<Arc<TaskHooks>>>,
 }
 
 impl fmt::Debug for PreparedFlow {
@@ -313,22 +314,71 @@ impl FlowRunner {
                 build(&t.name, cmd, dir).await?;
             }
         }
+        // Each distinct file is read and loaded once, however many tasks use it.
+        let task_paths: HashSet<&Path> = def.tasks.iter().map(|t| t.component.as_path()).collect();
+        let handler_paths: HashSet<&Path> = def
+            .tasks
+            .iter()
+            .flat_map(|t| t.hooks.all().map(PathBuf::as_path))
+            .collect();
         let mut loads = JoinSet::new();
-        for (i, t) in def.tasks.iter().enumerate() {
+        for path in task_paths.union(&handler_paths) {
             let sandbox = self.sandbox.clone();
-            let path = t.component.clone();
-            loads.spawn(async move { (i, sandbox.load_file(&path).await) });
+            let is_task = task_paths.contains(path);
+            let is_handler = handler_paths.contains(path);
+            let path = path.to_path_buf();
+            loads.spawn(async move {
+                let task = match is_task {
+                    true => Some(sandbox.load_file(&path).await),
+                    false => None,
+                };
+                let handler = match is_handler {
+                    true => Some(sandbox.load_handler_file(&path).await),
+                    false => None,
+                };
+                (path, task, handler)
+            });
         }
-        let mut components: Vec<Option<TaskComponent>> = vec![None; def.tasks.len()];
+        let mut tasks_by_path = HashMap::new();
+        let mut handlers_by_path = HashMap::new();
+        let mut failures = HashMap::new();
         while let Some(joined) = loads.join_next().await {
-            let Ok((i, loaded)) = joined else { continue };
-            components[i] = Some(loaded.map_err(|source| PrepareError::Load {
-                task: def.tasks[i].name.clone(),
-                source,
-            })?);
+            let Ok((path, task, handler)) = joined else {
+                continue;
+            };
+            match task {
+                Some(Ok(c)) => {
+                    tasks_by_path.insert(path.clone(), c);
+                }
+                Some(Err(e)) => {
+                    failures.insert(path.clone(), e);
+                }
+                None => {}
+            }
+            match handler {
+                Some(Ok(h)) => {
+                    handlers_by_path.insert(path, h);
+                }
+                Some(Err(e)) => {
+                    failures.insert(path, e);
+                }
+                None => {}
+            }
         }
+        let mut components = Vec::with_capacity(def.tasks.len());
         let mut hooks = Vec::with_capacity(def.tasks.len());
         for t in &def.tasks {
+            let fail =
+                |path: &PathBuf, failures: &mut HashMap<PathBuf, LoadError>| PrepareError::Load {
+                    task: t.name.clone(),
+                    source: failures.remove(path).unwrap_or_else(|| {
+                        LoadError::Sandbox(format!("`{}` did not load", path.display()))
+                    }),
+                };
+            match tasks_by_path.get(&t.component) {
+                Some(c) => components.push(c.clone()),
+                None => return Err(fail(&t.component, &mut failures)),
+            }
             let mut h = TaskHooks::default();
             for (list, paths) in [
                 (&mut h.on_completion, &t.hooks.on_completion),
@@ -337,26 +387,18 @@ impl FlowRunner {
                 (&mut h.on_state, &t.hooks.on_state),
             ] {
                 for p in paths {
-                    list.push(self.sandbox.load_handler_file(p).await.map_err(|source| {
-                        PrepareError::Load {
-                            task: t.name.clone(),
-                            source,
-                        }
-                    })?);
+                    match handlers_by_path.get(p) {
+                        Some(c) => list.push(c.clone()),
+                        None => return Err(fail(p, &mut failures)),
+                    }
                 }
             }
-            hooks.push(h);
+            let empty = h.on_completion.is_empty()
+                && h.on_failure.is_empty()
+                && h.on_retry.is_empty()
+                && h.on_state.is_empty();
+            hooks.push((!empty).then(|| Arc::new(h)));
         }
-        let components = components
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| {
-                c.ok_or_else(|| PrepareError::Load {
-                    task: def.tasks[i].name.clone(),
-                    source: LoadError::Sandbox("the loader task did not finish".into()),
-                })
-            })
-            .collect::<Result<_, _>>()?;
         Ok(PreparedFlow {
             def: Arc::new(def),
             components,
@@ -475,21 +517,30 @@ struct Unit {
     child: Option<u32>,
 }
 
+type Edges = smallvec::SmallVec<[usize; 2]>;
+
+/// What the executor tracks per task (beside its record).
 #[derive(Debug, Default)]
 struct Node {
-    upstream: Vec<usize>,
-    downstream: Vec<usize>,
+    upstream: Edges,
+    downstream: Edges,
     /// Tasks whose output this task reads.
-    data_upstream: Vec<usize>,
+    data_upstream: Edges,
     /// Upstream tasks not finished yet.
     waiting_on: usize,
     /// Downstream tasks that have not received this task's output yet.
     consumers_left: usize,
     output: Option<Arc<Value>>,
     input: Option<Arc<Value>>,
+    /// For a mapped task whose children are running.
+    map: Option<Box<MapRun>>,
+}
+
+#[derive(Debug, Default)]
+struct MapRun {
     children_left: usize,
-    child_inputs: Vec<Arc<Value>>,
-    child_outputs: Vec<Option<Arc<Value>>>,
+    inputs: Vec<Arc<Value>>,
+    outputs: Vec<Option<Arc<Value>>>,
 }
 
 struct Done {
@@ -500,6 +551,7 @@ struct Done {
 struct Exec<'a> {
     runner: &'a FlowRunner,
     flow: &'a PreparedFlow,
+    index: HashMap<&'a str, usize>,
     run: FlowRun,
     nodes: Vec<Node>,
     starts: HashSet<usize>,
@@ -537,8 +589,7 @@ impl<'a> Exec<'a> {
                 nodes[i].upstream.push(j);
                 nodes[j].downstream.push(i);
             }
-            let mut data: Vec<usize> = t.input.task_refs().iter().map(|u| index[u]).collect();
-            data.dedup();
+            let mut data: Edges = t.input.task_refs().iter().map(|u| index[u]).collect();
             data.sort_unstable();
             data.dedup();
             for &j in &data {
@@ -557,6 +608,7 @@ impl<'a> Exec<'a> {
         Self {
             runner,
             flow,
+            index,
             nodes,
             starts: starts.iter().copied().collect(),
             ready: VecDeque::new(),
@@ -753,16 +805,27 @@ impl<'a> Exec<'a> {
         }
         let task = &self.flow.def.tasks[i];
         let params = &self.run.parameters;
-        let nodes = &self.nodes;
-        let index = |name: &str| self.flow.def.tasks.iter().position(|t| t.name == name);
+        let nodes = &mut self.nodes;
+        let index = &self.index;
+        // References left to resolve per upstream task: the last reference of the last consumer
+        // takes the output instead of copying it.
+        let mut refs_left: HashMap<usize, usize> = HashMap::new();
+        for t in task.input.task_refs() {
+            *refs_left.entry(index[t]).or_default() += 1;
+        }
         let value = task.input.resolve(&|p| params.get(p).cloned(), &mut |t| {
-            let j = index(t)?;
-            nodes[j].output.as_deref().cloned()
+            let j = *index.get(t)?;
+            let left = refs_left.get_mut(&j)?;
+            *left -= 1;
+            if *left == 0 && nodes[j].consumers_left == 1 {
+                nodes[j].output.take().map(Arc::unwrap_or_clone)
+            } else {
+                nodes[j].output.as_deref().cloned()
+            }
         });
         for u in self.nodes[i].data_upstream.clone() {
             self.release_one(u);
         }
-        self.run.tasks[i].cached_input = Some(value.clone());
         self.nodes[i].input = Some(Arc::new(value));
     }
 
@@ -770,7 +833,8 @@ impl<'a> Exec<'a> {
     fn release_one(&mut self, u: usize) {
         let node = &mut self.nodes[u];
         node.consumers_left = node.consumers_left.saturating_sub(1);
-        if node.consumers_left == 0 && node.output.is_some() {
+        if node.consumers_left == 0 && self.run.tasks[u].state.state_type() == StateType::Completed
+        {
             node.output = None;
             self.run.tasks[u].output_released = true;
         }
@@ -815,9 +879,11 @@ impl<'a> Exec<'a> {
         self.run.tasks[i].children = (0..n)
             .map(|c| TaskRun::new(&name, Some(c as u32), now))
             .collect();
-        self.nodes[i].children_left = n;
-        self.nodes[i].child_outputs = vec![None; n];
-        self.nodes[i].child_inputs = children;
+        self.nodes[i].map = Some(Box::new(MapRun {
+            children_left: n,
+            outputs: vec![None; n],
+            inputs: children,
+        }));
         if n == 0 {
             return self.complete_mapped(i).await;
         }
@@ -874,9 +940,9 @@ impl<'a> Exec<'a> {
         let mut s = State::new(name, self.now());
         s.message = msg;
         self.transition(unit, s).await;
-        let input = match unit.child {
-            Some(c) => self.nodes[unit.task].child_inputs[c as usize].clone(),
-            None => self.nodes[unit.task].input.clone().unwrap_or_default(),
+        let input = match (unit.child, &self.nodes[unit.task].map) {
+            (Some(c), Some(map)) => map.inputs[c as usize].clone(),
+            _ => self.nodes[unit.task].input.clone().unwrap_or_default(),
         };
         let record = self.record(unit);
         record.attempts = attempt;
@@ -945,9 +1011,9 @@ impl<'a> Exec<'a> {
             }
             StateType::Completed => {
                 let out = Arc::new(output.unwrap_or(Value::Null));
-                match unit.child {
-                    Some(c) => self.nodes[unit.task].child_outputs[c as usize] = Some(out),
-                    None => self.nodes[unit.task].output = Some(out),
+                match (unit.child, &mut self.nodes[unit.task].map) {
+                    (Some(c), Some(map)) => map.outputs[c as usize] = Some(out),
+                    _ => self.nodes[unit.task].output = Some(out),
                 }
                 self.unit_finished(unit).await;
             }
@@ -961,9 +1027,11 @@ impl<'a> Exec<'a> {
         match unit.child {
             None => self.task_finished(unit.task).await,
             Some(_) => {
-                let node = &mut self.nodes[unit.task];
-                node.children_left = node.children_left.saturating_sub(1);
-                if node.children_left == 0 {
+                let left = self.nodes[unit.task].map.as_mut().map_or(0, |m| {
+                    m.children_left = m.children_left.saturating_sub(1);
+                    m.children_left
+                });
+                if left == 0 {
                     self.complete_mapped(unit.task).await;
                 }
             }
@@ -985,8 +1053,10 @@ impl<'a> Exec<'a> {
             .collect();
         let n = children.len();
         let now = self.now();
+        let map = self.nodes[i].map.take().unwrap_or_default();
         let state = if bad.is_empty() {
-            let outputs: Vec<Value> = std::mem::take(&mut self.nodes[i].child_outputs)
+            let outputs: Vec<Value> = map
+                .outputs
                 .into_iter()
                 .map(|o| o.map_or(Value::Null, Arc::unwrap_or_clone))
                 .collect();
@@ -1001,7 +1071,6 @@ impl<'a> Exec<'a> {
                 bad.join(", ")
             ))
         };
-        self.nodes[i].child_inputs.clear();
         self.transition(unit, state).await;
         self.task_finished(i).await;
     }
@@ -1138,7 +1207,21 @@ impl<'a> Exec<'a> {
             state = h(&task.name, &old, state);
         }
         state = self.run_hooks(unit, &old, state).await;
+        // Input caching: a task that may run again keeps the input it will run with.
+        let may_run_again = matches!(
+            state.state_type(),
+            StateType::Scheduled | StateType::Paused | StateType::Failed | StateType::Crashed
+        );
+        let cache = match (unit.child, &self.nodes[unit.task].input) {
+            (None, Some(input)) if may_run_again => Some(input.clone()),
+            _ => None,
+        };
         let record = self.record(unit);
+        if let Some(input) = cache
+            && record.cached_input.is_none()
+        {
+            record.cached_input = Some(Value::clone(&input));
+        }
         record.history.push(Transition {
             from: Some(old.name),
             to: state.name,
@@ -1156,7 +1239,9 @@ impl<'a> Exec<'a> {
 
     /// Run the task's handler components that apply to this transition, in order.
     async fn run_hooks(&mut self, unit: Unit, old: &State, mut state: State) -> State {
-        let hooks = &self.flow.hooks[unit.task];
+        let Some(hooks) = &self.flow.hooks[unit.task] else {
+            return state;
+        };
         let ty = state.state_type();
         let applicable: Vec<HandlerComponent> = hooks
             .on_state

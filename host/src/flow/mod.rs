@@ -27,8 +27,8 @@ pub enum Input {
     Param(String),
     /// An upstream task's output.
     Task(String),
-    /// An object whose fields are inputs.
-    Object(BTreeMap<String, Input>),
+    /// An object whose fields are inputs, sorted by name.
+    Object(Vec<(String, Input)>),
     /// An array whose items are inputs.
     Array(Vec<Input>),
 }
@@ -65,11 +65,12 @@ impl Input {
                 }
             }
             Value::Object(map) => {
-                let fields: BTreeMap<String, Input> = map
+                let mut fields: Vec<(String, Input)> = map
                     .into_iter()
                     .map(|(k, v)| (k, Input::from_json(v)))
                     .collect();
-                if fields.values().all(|i| matches!(i, Input::Literal(_))) {
+                fields.sort_by(|a, b| a.0.cmp(&b.0));
+                if fields.iter().all(|(_, i)| matches!(i, Input::Literal(_))) {
                     Input::Literal(Value::Object(
                         fields
                             .into_iter()
@@ -112,7 +113,7 @@ impl Input {
     fn visit<'a>(&'a self, f: &mut impl FnMut(&'a Input)) {
         f(self);
         match self {
-            Input::Object(m) => m.values().for_each(|i| i.visit(f)),
+            Input::Object(m) => m.iter().for_each(|(_, i)| i.visit(f)),
             Input::Array(a) => a.iter().for_each(|i| i.visit(f)),
             _ => {}
         }
@@ -389,7 +390,7 @@ impl FlowDef {
             if let MapOver::Fields(fields) = &t.map {
                 for f in fields {
                     let present = match &t.input {
-                        Input::Object(m) => m.contains_key(f),
+                        Input::Object(m) => m.iter().any(|(k, _)| k == f),
                         Input::Literal(Value::Object(m)) => m.contains_key(f),
                         _ => false,
                     };

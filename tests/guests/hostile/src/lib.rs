@@ -40,6 +40,8 @@ enum Behaviour {
     Stdin,
     /// Panic with `message`.
     Panic { message: String },
+    /// Return the length of `of` as JSON text.
+    Len { of: serde_json::Value },
     /// Return everything the context interface answers.
     Context { keys: Vec<String> },
 }
@@ -124,6 +126,7 @@ fn run(behaviour: Behaviour) -> Result<serde_json::Value, Signal> {
             json!({ "read": r.map_err(|e| e.to_string()), "text": s })
         }
         Behaviour::Panic { message } => panic!("{message}"),
+        Behaviour::Len { of } => json!(of.to_string().len()),
         Behaviour::Context { keys } => json!({
             "flow_run_id": context::flow_run_id(),
             "task_run_id": context::task_run_id(),

@@ -667,3 +667,39 @@ async fn consumed_outputs_are_released_and_terminal_outputs_kept() {
     assert_eq!(run.task("b").and_then(|t| t.output.clone()), Some(json!(3)));
     assert_eq!(run.task("c").and_then(|t| t.output.clone()), Some(json!(3)));
 }
+
+#[test]
+fn ctrl_c_cancels_a_running_flow_from_the_cli() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let flow = dir.path().join("flow.toml");
+    let manifest = format!(
+        "name = \"spin\"\n[tasks.spin]\ncomponent = {:?}\ninput = {{ do = \"loop\" }}\nfuel = \"unlimited\"\n",
+        guest("hostile").display().to_string()
+    );
+    std::fs::write(&flow, manifest).expect("write");
+    let home = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-home");
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg(&flow)
+        .arg("--json")
+        .env("SLUICE_HOME", home)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn sluice");
+    // Let it compile and start spinning, then press Ctrl-C.
+    std::thread::sleep(Duration::from_millis(1500));
+    let sent = Instant::now();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let out = child.wait_with_output().expect("wait");
+    assert!(sent.elapsed() < Duration::from_secs(1), "{:?}", sent.elapsed());
+    assert_eq!(out.status.code(), Some(1));
+    let run: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(run["state"], "Cancelled");
+    assert_eq!(task(&run, "spin")["state"], "Cancelled");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelling"));
+}

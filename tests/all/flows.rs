@@ -251,6 +251,28 @@ async fn the_examples_behave_the_same_through_the_library() {
     options.context.insert("key".into(), "abc".into());
     let (_, run) = run_example(&runner, "try-unlock", options).await;
     assert_eq!(run.state.name, StateName::Completed);
+    let (_, run) = run_example(&runner, "try-unlock", RunOptions::default()).await;
+    assert_eq!(run.state.name, StateName::Failed);
+    let (_, run) = run_example(&runner, "retry-if-negative", RunOptions::default()).await;
+    let t = run.task("retry_if_negative").expect("task");
+    assert_eq!((t.state.name, t.attempts), (StateName::Failed, 3));
+    let retries = t
+        .history
+        .iter()
+        .filter(|h| h.to == StateName::Retrying)
+        .count();
+    assert_eq!(retries, 2);
+    let (_, run) = run_example(&runner, "notify-on-retry", RunOptions::default()).await;
+    let t = run.task("flaky").expect("task");
+    assert_eq!((t.state.name, t.attempts), (StateName::Completed, 3));
+    let notes = t
+        .logs
+        .iter()
+        .filter(|l| l.message.starts_with("notify: "))
+        .count();
+    assert_eq!(notes, 2);
+    let (_, run) = run_example(&runner, "manual-pause", RunOptions::default()).await;
+    assert_eq!(run.state.name, StateName::Paused);
 }
 
 #[tokio::test]
@@ -696,7 +718,11 @@ fn ctrl_c_cancels_a_running_flow_from_the_cli() {
         .expect("kill");
     assert!(status.success());
     let out = child.wait_with_output().expect("wait");
-    assert!(sent.elapsed() < Duration::from_secs(1), "{:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        sent.elapsed()
+    );
     assert_eq!(out.status.code(), Some(1));
     let run: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(run["state"], "Cancelled");

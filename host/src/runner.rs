@@ -840,13 +840,15 @@ impl<'a> Exec<'a> {
         }
     }
 
-    /// Queue the task (or its mapped children).
+    /// Queue the task (or its mapped children). Newly ready work goes to the front of the queue
+    /// (depth first): a consumer runs soon after its producer, so outputs waiting to be consumed
+    /// stay few however wide the flow is.
     async fn schedule(&mut self, i: usize) {
         let task = &self.flow.def.tasks[i];
         let input = self.nodes[i].input.clone().unwrap_or_default();
         let children = match &task.map {
             MapOver::No => {
-                self.ready.push_back(Unit {
+                self.ready.push_front(Unit {
                     task: i,
                     child: None,
                 });
@@ -887,8 +889,8 @@ impl<'a> Exec<'a> {
         if n == 0 {
             return self.complete_mapped(i).await;
         }
-        for c in 0..n {
-            self.ready.push_back(Unit {
+        for c in (0..n).rev() {
+            self.ready.push_front(Unit {
                 task: i,
                 child: Some(c as u32),
             });

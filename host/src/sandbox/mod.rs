@@ -418,13 +418,8 @@ impl Sandbox {
 
     /// Load the component in the file at `path` (binary, or WebAssembly text).
     pub async fn load_file(&self, path: &Path) -> Result<TaskComponent, LoadError> {
-        let bytes = tokio::fs::read(path)
+        self.load_bytes(&path.display().to_string(), read(path).await?)
             .await
-            .map_err(|source| LoadError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
-        self.load_bytes(&path.display().to_string(), bytes).await
     }
 
     /// Load a task component from its bytes (binary, or WebAssembly text). The same bytes are
@@ -445,13 +440,9 @@ impl Sandbox {
 
     /// Load the state-handler component in the file at `path`.
     pub async fn load_handler_file(&self, path: &Path) -> Result<HandlerComponent, LoadError> {
-        let bytes = tokio::fs::read(path)
-            .await
-            .map_err(|source| LoadError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
-        let prepared = self.prepared(&path.display().to_string(), bytes).await?;
+        let prepared = self
+            .prepared(&path.display().to_string(), read(path).await?)
+            .await?;
         let pre = HandlerPre::new(prepared.pre.clone()).map_err(|e| LoadError::Incompatible {
             name: prepared.name.clone(),
             detail: format!(
@@ -806,6 +797,15 @@ async fn cancelled(cancel: Option<&CancelToken>) {
         Some(c) => c.cancelled().await,
         None => std::future::pending().await,
     }
+}
+
+async fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
+    tokio::fs::read(path)
+        .await
+        .map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// Check the component-model header, converting WebAssembly text first.

@@ -68,9 +68,10 @@ pub struct TaskRun {
     /// Whether the output was dropped after every consumer received it.
     #[serde(default)]
     pub output_released: bool,
-    /// The resolved input, kept while the task may run again (input caching).
+    /// The resolved input, kept until the task completes (input caching): a retry, a resume or
+    /// a paused task runs with it instead of recomputing upstream tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cached_input: Option<Value>,
+    pub cached_input: Option<Arc<Value>>,
     /// Time spent running, over all attempts.
     pub run_time: Duration,
     /// Fuel consumed, over all attempts.
@@ -184,6 +185,14 @@ pub enum PrepareError {
     /// A start task that the flow does not have.
     #[error("unknown start task `{0}`")]
     UnknownStartTask(String),
+    /// A run record that does not belong to this flow.
+    #[error("the run record does not match flow `{flow}`: {detail}")]
+    RecordMismatch {
+        /// The flow.
+        flow: String,
+        /// What differs.
+        detail: String,
+    },
 }
 
 /// A flow with every component loaded, ready to run any number of times.
@@ -451,6 +460,17 @@ impl FlowRunner {
         start_tasks: &[&str],
         cancel: CancelToken,
     ) -> Result<FlowRun, PrepareError> {
+        let names: Vec<&str> = flow.def.tasks.iter().map(|t| t.name.as_str()).collect();
+        let recorded: Vec<&str> = previous.tasks.iter().map(|t| t.name.as_str()).collect();
+        if names != recorded || previous.flow != flow.def.name {
+            return Err(PrepareError::RecordMismatch {
+                flow: flow.def.name.clone(),
+                detail: format!(
+                    "the record is of `{}` with tasks {recorded:?}, the flow has {names:?}",
+                    previous.flow
+                ),
+            });
+        }
         let mut starts = Vec::new();
         for s in start_tasks {
             let i = flow
@@ -534,6 +554,10 @@ struct Node {
     input: Option<Arc<Value>>,
     /// For a mapped task whose children are running.
     map: Option<Box<MapRun>>,
+    /// The trigger was evaluated (a task is evaluated at most once per run).
+    evaluated: bool,
+    /// Attempts made before this run (when resuming): retries count from here.
+    base_attempts: u32,
 }
 
 #[derive(Debug, Default)]
@@ -560,6 +584,7 @@ struct Exec<'a> {
     running: usize,
     running_by_tag: HashMap<String, usize>,
     inflight: JoinSet<Done>,
+    inflight_units: HashMap<tokio::task::Id, Unit>,
     timers: JoinSet<Unit>,
     parameters: Arc<str>,
     context: Arc<BTreeMap<String, String>>,
@@ -602,9 +627,12 @@ impl<'a> Exec<'a> {
             parameters.insert(k.clone(), v.clone());
         }
         let mut context = run.context.clone();
-        context
-            .entry("scheduled_start".into())
-            .or_insert_with(|| run.history[0].time.to_rfc3339());
+        context.entry("scheduled_start".into()).or_insert_with(|| {
+            run.history
+                .first()
+                .map_or_else(|| run.state.timestamp, |h| h.time)
+                .to_rfc3339()
+        });
         Self {
             runner,
             flow,
@@ -616,6 +644,7 @@ impl<'a> Exec<'a> {
             running: 0,
             running_by_tag: HashMap::new(),
             inflight: JoinSet::new(),
+            inflight_units: HashMap::new(),
             timers: JoinSet::new(),
             parameters: Value::Object(parameters).to_string().into(),
             context: Arc::new(context),
@@ -648,7 +677,8 @@ impl<'a> Exec<'a> {
             .await;
         self.restore();
         for i in 0..self.nodes.len() {
-            if self.nodes[i].waiting_on == 0 && !self.run.tasks[i].state.is_terminal() {
+            let node = &self.nodes[i];
+            if node.waiting_on == 0 && !node.evaluated && !self.run.tasks[i].state.is_terminal() {
                 self.evaluate(i).await;
             }
         }
@@ -658,10 +688,26 @@ impl<'a> Exec<'a> {
                 break;
             }
             tokio::select! {
-                Some(done) = self.inflight.join_next() => {
-                    match done {
-                        Ok(done) => self.finish_attempt(done).await,
-                        Err(e) => tracing::error!("a task run panicked in the host: {e}"),
+                Some(done) = self.inflight.join_next_with_id() => {
+                    let done = match done {
+                        Ok((id, done)) => {
+                            self.inflight_units.remove(&id);
+                            Some(done)
+                        }
+                        Err(e) => self.inflight_units.remove(&e.id()).map(|unit| Done {
+                            unit,
+                            outcome: RunOutcome {
+                                ending: Ending::HostFault {
+                                    message: format!("the task run failed in the host: {e}"),
+                                },
+                                logs: Vec::new(),
+                                logs_dropped_bytes: 0,
+                                usage: Default::default(),
+                            },
+                        }),
+                    };
+                    if let Some(done) = done {
+                        self.finish_attempt(done).await;
                     }
                 }
                 Some(unit) = self.timers.join_next() => {
@@ -684,6 +730,7 @@ impl<'a> Exec<'a> {
         let now = self.now();
         for i in 0..self.nodes.len() {
             let rec = &mut self.run.tasks[i];
+            self.nodes[i].base_attempts = rec.attempts;
             if rec.state.state_type() == StateType::Completed {
                 self.nodes[i].output = rec.output.take().map(Arc::new);
                 continue;
@@ -726,8 +773,11 @@ impl<'a> Exec<'a> {
         }
     }
 
-    /// Every upstream task finished: decide whether the task runs.
+    /// Every upstream task finished (or the task is a start task): decide whether it runs.
     async fn evaluate(&mut self, i: usize) {
+        if std::mem::replace(&mut self.nodes[i].evaluated, true) {
+            return;
+        }
         let task = &self.flow.def.tasks[i];
         let upstream_states: Vec<StateName> = self.nodes[i]
             .upstream
@@ -800,7 +850,7 @@ impl<'a> Exec<'a> {
             return;
         }
         if let Some(cached) = self.run.tasks[i].cached_input.clone() {
-            self.nodes[i].input = Some(Arc::new(cached));
+            self.nodes[i].input = Some(cached);
             return;
         }
         let task = &self.flow.def.tasks[i];
@@ -826,7 +876,9 @@ impl<'a> Exec<'a> {
         for u in self.nodes[i].data_upstream.clone() {
             self.release_one(u);
         }
-        self.nodes[i].input = Some(Arc::new(value));
+        let value = Arc::new(value);
+        self.run.tasks[i].cached_input = Some(value.clone());
+        self.nodes[i].input = Some(value);
     }
 
     /// One consumer of `u`'s output received it; drop the output when none is left.
@@ -903,6 +955,10 @@ impl<'a> Exec<'a> {
             let Some(unit) = self.ready.pop_front() else {
                 return;
             };
+            if self.record(unit).state.is_terminal() {
+                // Cancelled while it waited for its retry timer.
+                continue;
+            }
             if self.cancelled {
                 let s = State::new(StateName::Cancelled, self.now())
                     .with_message("the flow run was cancelled before this task started");
@@ -933,12 +989,16 @@ impl<'a> Exec<'a> {
             *self.running_by_tag.entry(tag.clone()).or_default() += 1;
         }
         let attempt = self.record(unit).attempts + 1;
-        let name = if attempt > 1 {
+        let base = match unit.child {
+            Some(_) => 0,
+            None => self.nodes[unit.task].base_attempts,
+        };
+        let name = if attempt > base + 1 {
             StateName::Retrying
         } else {
             StateName::Running
         };
-        let msg = (attempt > 1).then(|| format!("attempt {attempt}"));
+        let msg = (attempt > base + 1).then(|| format!("attempt {attempt}"));
         let mut s = State::new(name, self.now());
         s.message = msg;
         self.transition(unit, s).await;
@@ -961,12 +1021,13 @@ impl<'a> Exec<'a> {
         let component = self.flow.components[unit.task].clone();
         let budget = task.budget;
         let cancel = self.cancel.clone();
-        self.inflight.spawn(async move {
+        let handle = self.inflight.spawn(async move {
             let outcome = sandbox
                 .run(&component, &input, &ctx, &budget, Some(&cancel))
                 .await;
             Done { unit, outcome }
         });
+        self.inflight_units.insert(handle.id(), unit);
     }
 
     async fn finish_attempt(&mut self, done: Done) {
@@ -983,11 +1044,16 @@ impl<'a> Exec<'a> {
                 }
             }
         }
-        let attempts = self.record(unit).attempts;
-        let retry = if self.cancelled {
+        let base = match unit.child {
+            Some(_) => 0,
+            None => self.nodes[unit.task].base_attempts,
+        };
+        let attempts = self.record(unit).attempts - base.min(self.record(unit).attempts);
+        let retry = if self.cancelled || self.cancel.is_cancelled() {
             Retry::Exhausted
         } else if attempts <= task.retries {
-            let delay = TimeDelta::from_std(task.retry_delay_for(attempts)).unwrap_or_default();
+            let delay =
+                TimeDelta::from_std(task.retry_delay_for(attempts)).unwrap_or(TimeDelta::MAX);
             Retry::Remaining { delay }
         } else {
             Retry::Exhausted
@@ -998,10 +1064,11 @@ impl<'a> Exec<'a> {
         record.run_time += outcome.usage.duration;
         record.fuel_consumed += outcome.usage.fuel_consumed;
         record.logs.extend(outcome.logs);
-        if matches!(outcome.ending, Ending::Cancelled) {
-            self.cancelled = true;
-        }
         let state = self.transition(unit, state).await;
+        if matches!(outcome.ending, Ending::Cancelled) && !self.cancelled {
+            // The guest saw the cancel before this loop did.
+            self.begin_cancel().await;
+        }
         match state.state_type() {
             StateType::Scheduled => {
                 let at = state.scheduled_for.unwrap_or_else(|| self.now());
@@ -1087,7 +1154,7 @@ impl<'a> Exec<'a> {
         for d in self.nodes[i].downstream.clone() {
             let node = &mut self.nodes[d];
             node.waiting_on = node.waiting_on.saturating_sub(1);
-            if node.waiting_on == 0 && !self.run.tasks[d].state.is_terminal() {
+            if node.waiting_on == 0 && !node.evaluated && !self.run.tasks[d].state.is_terminal() {
                 woken.push(d);
             }
         }
@@ -1133,6 +1200,18 @@ impl<'a> Exec<'a> {
     }
 
     async fn finish(mut self) -> FlowRun {
+        if self.cancelled {
+            // Nothing will run any more: paused tasks and those waiting on them end Cancelled.
+            let waiting: Vec<Unit> = (0..self.run.tasks.len())
+                .filter(|&i| !self.run.tasks[i].state.is_terminal())
+                .map(|task| Unit { task, child: None })
+                .collect();
+            for unit in waiting {
+                let s = State::new(StateName::Cancelled, self.now())
+                    .with_message("the flow run was cancelled before this task ran");
+                self.transition(unit, s).await;
+            }
+        }
         let now = self.now();
         // Outputs still held go into the record.
         for (i, node) in self.nodes.iter_mut().enumerate() {
@@ -1209,21 +1288,7 @@ impl<'a> Exec<'a> {
             state = h(&task.name, &old, state);
         }
         state = self.run_hooks(unit, &old, state).await;
-        // Input caching: a task that may run again keeps the input it will run with.
-        let may_run_again = matches!(
-            state.state_type(),
-            StateType::Scheduled | StateType::Paused | StateType::Failed | StateType::Crashed
-        );
-        let cache = match (unit.child, &self.nodes[unit.task].input) {
-            (None, Some(input)) if may_run_again => Some(input.clone()),
-            _ => None,
-        };
         let record = self.record(unit);
-        if let Some(input) = cache
-            && record.cached_input.is_none()
-        {
-            record.cached_input = Some(Value::clone(&input));
-        }
         record.history.push(Transition {
             from: Some(old.name),
             to: state.name,

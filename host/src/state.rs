@@ -261,9 +261,8 @@ impl State {
             }
             Ending::Signal(Signal::Retry { message, delay }) => match retry {
                 Retry::Remaining { delay: policy } | Retry::OnSignal { delay: policy } => {
-                    let delay = delay
-                        .and_then(|d| TimeDelta::from_std(d).ok())
-                        .unwrap_or(policy);
+                    let delay =
+                        delay.map_or(policy, |d| TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX));
                     State::awaiting_retry(now, delay, message.clone())
                 }
                 Retry::Exhausted => State::new(StateName::Failed, now)
@@ -288,7 +287,11 @@ impl State {
 
     fn awaiting_retry(now: DateTime<Utc>, delay: TimeDelta, message: String) -> State {
         let mut s = State::new(StateName::AwaitingRetry, now).with_message(message);
-        s.scheduled_for = Some(now + delay);
+        // A guest may ask for any delay; the retry time saturates instead of overflowing.
+        s.scheduled_for = Some(
+            now.checked_add_signed(delay)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        );
         s
     }
 }

@@ -282,7 +282,9 @@ async fn resuming_a_paused_run_with_a_start_task_completes_it() {
     assert_eq!(paused.state.name, StateName::Paused);
     // Input caching: the paused task holds the input it will run with.
     assert_eq!(
-        paused.task("approve").and_then(|t| t.cached_input.clone()),
+        paused
+            .task("approve")
+            .and_then(|t| t.cached_input.as_deref().cloned()),
         Some(json!(42))
     );
     let done = runner
@@ -728,4 +730,68 @@ fn ctrl_c_cancels_a_running_flow_from_the_cli() {
     assert_eq!(run["state"], "Cancelled");
     assert_eq!(task(&run, "spin")["state"], "Cancelled");
     assert!(String::from_utf8_lossy(&out.stderr).contains("cancelling"));
+}
+
+#[tokio::test]
+async fn a_task_fed_by_an_empty_map_runs_exactly_once() {
+    let runner = FlowRunner::new(sandbox().clone());
+    let mut a = TaskDef::new("a", guest("add_one"));
+    a.input = Input::Literal(json!([]));
+    a.map = MapOver::Input;
+    let mut b = TaskDef::new("b", guest("sum"));
+    b.input = Input::Task("a".into());
+    let mut c = TaskDef::new("c", guest("add_one"));
+    c.input = Input::Task("b".into());
+    let def = FlowBuilder::new("empty-map")
+        .task(a)
+        .task(b)
+        .task(c)
+        .build()
+        .expect("flow");
+    let flow = prepare(&runner, def, Path::new(".")).await;
+    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    assert_eq!(run.task("a").map(|t| t.state.name), Some(StateName::Mapped));
+    for name in ["b", "c"] {
+        let t = run.task(name).expect("task");
+        assert_eq!(t.attempts, 1, "{name}");
+        let states: Vec<StateName> = t.history.iter().map(|h| h.to).collect();
+        assert_eq!(
+            states,
+            [StateName::Pending, StateName::Running, StateName::Completed],
+            "{name}"
+        );
+    }
+    assert_eq!(run.task("c").and_then(|t| t.output.clone()), Some(json!(1)));
+}
+
+#[tokio::test]
+async fn an_absurd_retry_delay_from_a_guest_cannot_crash_the_host() {
+    let clock = SimClock::new(start());
+    let runner = FlowRunner::new(sandbox().clone()).clock(Arc::new(clock));
+    let mut t = TaskDef::new("t", guest("hostile"));
+    t.input = Input::from_json(json!({"do": "retry_after", "ms": u64::MAX}));
+    t.retries = 1;
+    let def = FlowBuilder::new("far").task(t).build().expect("flow");
+    let flow = prepare(&runner, def, Path::new(".")).await;
+    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    let t = run.task("t").expect("task");
+    assert_eq!((t.state.name, t.attempts), (StateName::Failed, 2));
+    let awaiting = t.history.iter().find(|h| h.to == StateName::AwaitingRetry);
+    assert!(awaiting.is_some());
+}
+
+#[tokio::test]
+async fn resuming_with_a_record_of_another_flow_is_refused() {
+    let runner = FlowRunner::new(sandbox().clone());
+    let (_, paused) = run_example(&runner, "manual-pause", RunOptions::default()).await;
+    let (other, _) = run_example(&runner, "cleanup-always", RunOptions::default()).await;
+    let err = runner
+        .resume(&other, paused, &[], CancelToken::new())
+        .await
+        .expect_err("mismatch");
+    assert!(
+        err.to_string()
+            .starts_with("the run record does not match flow `cleanup-always`"),
+        "{err}"
+    );
 }

@@ -129,17 +129,17 @@ async fn a_host_call_larger_than_any_transfer_is_refused_before_it_is_copied() {
 
 #[tokio::test]
 async fn logs_at_the_budget_are_kept_one_byte_over_are_dropped_and_marked() {
-    // 10 lines of 100 bytes through the log import.
+    // 10 lines of 100 bytes through the log import; each line also costs 64 bytes.
     let input = json!({"do": "log", "lines": 10, "bytes": 100});
     let with = |log_bytes| RunBudget {
         log_bytes,
         ..RunBudget::default()
     };
-    let out = hostile(input.clone(), &with(1000)).await;
+    let out = hostile(input.clone(), &with(1640)).await;
     assert_eq!(out.ending, Ending::Output(json!(10)));
     assert_eq!(out.logs.len(), 10);
     assert_eq!(out.logs_dropped_bytes, 0);
-    let out = hostile(input, &with(999)).await;
+    let out = hostile(input, &with(1639)).await;
     assert_eq!(out.ending, Ending::Output(json!(10)));
     assert_eq!(out.logs_dropped_bytes, 100);
     assert_eq!(out.logs.len(), 10, "9 lines and the truncation marker");

@@ -263,7 +263,12 @@ pub fn parse(file: &Path, text: &str) -> Result<FlowDef, ManifestError> {
             .map(Spanned::into_inner)
             .collect(),
         concurrency: raw.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1),
-        tag_limits: raw.tag_limits,
+        // A limit of 0 would block its tasks forever; at least one runs at a time.
+        tag_limits: raw
+            .tag_limits
+            .into_iter()
+            .map(|(tag, n)| (tag, n.max(1)))
+            .collect(),
     };
     def.validate().map_err(|e| locate(&src, &spans, e))?;
     Ok(def)

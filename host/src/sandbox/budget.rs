@@ -23,8 +23,8 @@ pub struct RunBudget {
     pub instances: u32,
     /// Size of the task's output (JSON text), plus any signal message, in bytes. Default: 16 MiB.
     pub output_bytes: u64,
-    /// Bytes of logs kept (the `log` import, stdout and stderr together); the rest is dropped
-    /// and counted. Default: 1 MiB.
+    /// Bytes of logs kept (the `log` import, stdout and stderr together; each line costs its
+    /// length plus 64); the rest is dropped and counted. Default: 1 MiB.
     pub log_bytes: u64,
     /// Bytes a guest may pass to the host in one call other than its output (a log line, a
     /// context key, one write to stdout). Default: 1 MiB.

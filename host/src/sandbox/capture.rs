@@ -15,6 +15,10 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use super::outcome::{Limit, LimitExceeded, LogLevel, LogRecord, LogSource};
 use crate::clock::ClockRef;
 
+/// What each record costs against the log budget besides its text, so a flood of empty lines is
+/// bounded like any other.
+pub(super) const RECORD_OVERHEAD: u64 = 64;
+
 /// How many bytes a guest may write to stdout or stderr per `check-write` permit.
 const WRITE_PERMIT: usize = 64 << 10;
 
@@ -25,6 +29,7 @@ pub(super) struct LogSink {
     limit: u64,
     used: u64,
     dropped: u64,
+    dropped_records: u64,
     records: Vec<LogRecord>,
     /// Partial lines of stdout and stderr.
     pending: [Vec<u8>; 2],
@@ -46,20 +51,24 @@ impl LogSink {
             limit,
             used: 0,
             dropped: 0,
+            dropped_records: 0,
             records: Vec::new(),
             pending: [Vec::new(), Vec::new()],
             violation: None,
         }
     }
 
-    /// Record one message, or count it as dropped when the budget is full.
+    /// Record one message, or count its bytes as dropped when the budget is full. A record costs
+    /// its length plus [`RECORD_OVERHEAD`].
     pub(super) fn push(&mut self, source: LogSource, level: LogLevel, message: String) {
         let n = message.len() as u64;
-        if self.used.saturating_add(n) > self.limit {
+        let cost = n.saturating_add(RECORD_OVERHEAD);
+        if self.used.saturating_add(cost) > self.limit {
             self.dropped = self.dropped.saturating_add(n);
+            self.dropped_records = self.dropped_records.saturating_add(1);
             return;
         }
-        self.used += n;
+        self.used += cost;
         self.records.push(LogRecord {
             time: self.clock.now(),
             source,
@@ -110,14 +119,15 @@ impl LogSink {
             }
         }
         let mut records = std::mem::take(&mut self.records);
-        if self.dropped > 0 {
+        if self.dropped > 0 || self.dropped_records > 0 {
             records.push(LogRecord {
                 time: self.clock.now(),
                 source: LogSource::Log,
                 level: LogLevel::Warn,
                 message: format!(
-                    "[sluice] logs truncated: the log budget of {} bytes was full, {} more bytes were dropped",
-                    self.limit, self.dropped
+                    "[sluice] logs truncated: the log budget of {} bytes was full, {} more bytes \
+                     in {} lines were dropped",
+                    self.limit, self.dropped, self.dropped_records
                 ),
             });
         }
@@ -282,7 +292,7 @@ mod tests {
 
     #[test]
     fn the_budget_drops_and_marks() {
-        let mut s = sink(10);
+        let mut s = sink(10 + 2 * RECORD_OVERHEAD);
         s.push(LogSource::Log, LogLevel::Info, "12345".into());
         s.push(LogSource::Log, LogLevel::Info, "12345".into());
         s.push(LogSource::Log, LogLevel::Info, "x".into());
@@ -290,10 +300,23 @@ mod tests {
         let logs = s.finish();
         assert_eq!(logs.dropped_bytes, 101);
         assert_eq!(logs.records.len(), 3);
+        let marker = &logs.records[2].message;
         assert!(
-            logs.records[2]
+            marker.contains("101 more bytes in 1 lines were dropped"),
+            "{marker}"
+        );
+    }
+
+    #[test]
+    fn empty_lines_cost_budget_too() {
+        let mut s = sink(10 * RECORD_OVERHEAD);
+        s.write_stream(LogSource::Stdout, &[b'\n'; 1000]);
+        let logs = s.finish();
+        assert_eq!(logs.records.len(), 11, "10 empty lines and the marker");
+        assert!(
+            logs.records[10]
                 .message
-                .contains("101 more bytes were dropped")
+                .contains("in 990 lines were dropped")
         );
     }
 

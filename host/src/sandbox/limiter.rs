@@ -10,6 +10,8 @@ pub(super) struct Limiter {
     table_max: u64,
     instances_max: u32,
     memory_total: u64,
+    /// The last growth granted, undone if the allocator then fails it.
+    memory_granted: u64,
     table_total: u64,
     pub(super) memory_peak: u64,
     pub(super) violation: Option<LimitExceeded>,
@@ -22,6 +24,7 @@ impl Limiter {
             table_max,
             instances_max,
             memory_total: 0,
+            memory_granted: 0,
             table_total: 0,
             memory_peak: 0,
             violation: None,
@@ -54,6 +57,7 @@ impl wasmtime::ResourceLimiter for Limiter {
         if total > self.memory_max {
             return self.refuse(Limit::Memory, self.memory_max, total);
         }
+        self.memory_granted = total - self.memory_total;
         self.memory_total = total;
         self.memory_peak = self.memory_peak.max(total);
         Ok(true)
@@ -63,6 +67,7 @@ impl wasmtime::ResourceLimiter for Limiter {
         // We allowed the growth but the allocator could not provide it (its per-memory maximum is
         // below the run's budget). Report it as the memory limit so the message is useful.
         tracing::debug!("memory growth failed: {error:#}");
+        self.memory_total -= std::mem::take(&mut self.memory_granted);
         self.violation.get_or_insert(LimitExceeded {
             limit: Limit::Memory,
             max: self.memory_max,
@@ -111,6 +116,19 @@ mod tests {
                 max: 100,
                 requested: Some(101)
             })
+        );
+    }
+
+    #[test]
+    fn a_failed_growth_is_rolled_back() {
+        let mut l = Limiter::new(100, 10, 1);
+        assert!(l.memory_growing(0, 60, None).expect("no error"));
+        assert!(l.memory_growing(60, 90, None).expect("no error"));
+        l.memory_grow_failed(wasmtime::Error::msg("no room"))
+            .expect("no error");
+        assert!(
+            l.memory_growing(60, 100, None).expect("no error"),
+            "the 30 were given back"
         );
     }
 

@@ -40,6 +40,8 @@ enum Behaviour {
     Stdin,
     /// Panic with `message`.
     Panic { message: String },
+    /// Raise RETRY asking for a delay of `ms` milliseconds.
+    RetryAfter { ms: u64 },
     /// Return the length of `of` as JSON text.
     Len { of: serde_json::Value },
     /// Return everything the context interface answers.
@@ -127,6 +129,12 @@ fn run(behaviour: Behaviour) -> Result<serde_json::Value, Signal> {
         }
         Behaviour::Panic { message } => panic!("{message}"),
         Behaviour::Len { of } => json!(of.to_string().len()),
+        Behaviour::RetryAfter { ms } => {
+            return Err(Signal::retry_after(
+                "later",
+                std::time::Duration::from_millis(ms),
+            ));
+        }
         Behaviour::Context { keys } => json!({
             "flow_run_id": context::flow_run_id(),
             "task_run_id": context::task_run_id(),

@@ -63,6 +63,12 @@ async fn prepare(runner: &FlowRunner, def: FlowDef, dir: &Path) -> PreparedFlow 
     runner.prepare(def, dir).await.expect("prepare")
 }
 
+/// Prepare a built flow and run it once with the defaults.
+async fn run_def(runner: &FlowRunner, def: FlowDef) -> FlowRun {
+    let flow = prepare(runner, def, Path::new(".")).await;
+    runner.run(&flow, RunOptions::default()).await.expect("run")
+}
+
 async fn run_example(
     runner: &FlowRunner,
     name: &str,
@@ -419,8 +425,7 @@ async fn handlers_chain_in_order_on_every_transition() {
         .task(TaskDef::new("one", guest("signal_fail")))
         .build()
         .expect("flow");
-    let flow = prepare(&runner, def, Path::new(".")).await;
-    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    let run = run_def(&runner, def).await;
     assert_eq!(
         run.task("one").map(|t| t.state.name),
         Some(StateName::Skipped)
@@ -475,8 +480,7 @@ async fn skips_propagate_unless_the_task_opts_out() {
         .task(runs_anyway)
         .build()
         .expect("flow");
-    let flow = prepare(&runner, def, Path::new(".")).await;
-    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    let run = run_def(&runner, def).await;
     let state = |n: &str| run.task(n).map(|t| t.state.name);
     assert_eq!(state("skipper"), Some(StateName::Skipped));
     assert_eq!(state("follows"), Some(StateName::Skipped));
@@ -503,8 +507,7 @@ async fn a_mapped_task_with_a_failing_child_fails_and_stops_its_consumers() {
         .task(sum)
         .build()
         .expect("flow");
-    let flow = prepare(&runner, def, Path::new(".")).await;
-    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    let run = run_def(&runner, def).await;
     let add = run.task("add").expect("add");
     assert_eq!(add.state.name, StateName::Failed);
     assert_eq!(
@@ -522,8 +525,7 @@ async fn a_mapped_task_with_a_failing_child_fails_and_stops_its_consumers() {
     ctx.input = Input::from_json(json!({"x": [1, 2], "y": ["a", "b"], "k": 0}));
     ctx.map = MapOver::Fields(vec!["x".into(), "y".into()]);
     let def = FlowBuilder::new("zip").task(ctx).build().expect("flow");
-    let flow = prepare(&runner, def, Path::new(".")).await;
-    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    let run = run_def(&runner, def).await;
     assert_eq!(
         run.task("ctx").and_then(|t| t.output.clone()),
         Some(json!([{"x": 1, "y": "a", "k": 0}, {"x": 2, "y": "b", "k": 0}]))
@@ -683,8 +685,7 @@ async fn consumed_outputs_are_released_and_terminal_outputs_kept() {
         .task(c)
         .build()
         .expect("flow");
-    let flow = prepare(&runner, def, Path::new(".")).await;
-    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    let run = run_def(&runner, def).await;
     let a = run.task("a").expect("a");
     assert!(a.output_released);
     assert_eq!(a.output, None);
@@ -748,8 +749,7 @@ async fn a_task_fed_by_an_empty_map_runs_exactly_once() {
         .task(c)
         .build()
         .expect("flow");
-    let flow = prepare(&runner, def, Path::new(".")).await;
-    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    let run = run_def(&runner, def).await;
     assert_eq!(run.task("a").map(|t| t.state.name), Some(StateName::Mapped));
     for name in ["b", "c"] {
         let t = run.task(name).expect("task");
@@ -772,8 +772,7 @@ async fn an_absurd_retry_delay_from_a_guest_cannot_crash_the_host() {
     t.input = Input::from_json(json!({"do": "retry_after", "ms": u64::MAX}));
     t.retries = 1;
     let def = FlowBuilder::new("far").task(t).build().expect("flow");
-    let flow = prepare(&runner, def, Path::new(".")).await;
-    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    let run = run_def(&runner, def).await;
     let t = run.task("t").expect("task");
     assert_eq!((t.state.name, t.attempts), (StateName::Failed, 2));
     let awaiting = t.history.iter().find(|h| h.to == StateName::AwaitingRetry);

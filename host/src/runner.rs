@@ -666,9 +666,10 @@ impl<'a> Exec<'a> {
         }
     }
 
-    fn emit(&self, event: FlowEvent) {
+    /// Send an event, built only when someone listens.
+    fn emit(&self, event: impl FnOnce() -> FlowEvent) {
         if let Some(tx) = &self.runner.events {
-            let _ = tx.send(event);
+            let _ = tx.send(event());
         }
     }
 
@@ -1296,7 +1297,7 @@ impl<'a> Exec<'a> {
             message: state.message.clone(),
         });
         record.state = state.clone();
-        self.emit(FlowEvent::Task {
+        self.emit(|| FlowEvent::Task {
             name: task.name.clone(),
             map_index: unit.child,
             state: state.name,
@@ -1389,7 +1390,7 @@ impl<'a> Exec<'a> {
             time: state.timestamp,
             message: state.message.clone(),
         });
-        self.emit(FlowEvent::Flow(state.name));
+        self.emit(|| FlowEvent::Flow(state.name));
         self.run.state = state;
     }
 }

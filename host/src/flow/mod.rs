@@ -34,55 +34,27 @@ pub enum Input {
 }
 
 impl Input {
-    /// Parse the reference syntax out of a JSON value.
+    /// Parse the reference syntax out of a JSON value. A value without references stays one
+    /// literal.
     pub fn from_json(v: Value) -> Input {
+        if !has_references(&v) {
+            return Input::Literal(v);
+        }
         match v {
-            Value::String(s) => {
-                if let Some(p) = s.strip_prefix("$params.") {
-                    Input::Param(p.to_owned())
-                } else if let Some(t) = s.strip_prefix("$tasks.") {
-                    Input::Task(t.to_owned())
-                } else if let Some(rest) = s.strip_prefix("$$") {
-                    Input::Literal(Value::String(format!("${rest}")))
-                } else {
-                    Input::Literal(Value::String(s))
-                }
-            }
-            Value::Array(items) => {
-                let items: Vec<Input> = items.into_iter().map(Input::from_json).collect();
-                if items.iter().all(|i| matches!(i, Input::Literal(_))) {
-                    Input::Literal(Value::Array(
-                        items
-                            .into_iter()
-                            .filter_map(|i| match i {
-                                Input::Literal(v) => Some(v),
-                                _ => None,
-                            })
-                            .collect(),
-                    ))
-                } else {
-                    Input::Array(items)
-                }
-            }
+            Value::String(s) => match (s.strip_prefix("$params."), s.strip_prefix("$tasks.")) {
+                (Some(p), _) => Input::Param(p.to_owned()),
+                (_, Some(t)) => Input::Task(t.to_owned()),
+                // `$$…` escapes a literal `$…`.
+                _ => Input::Literal(Value::String(s[1..].to_owned())),
+            },
+            Value::Array(items) => Input::Array(items.into_iter().map(Input::from_json).collect()),
             Value::Object(map) => {
                 let mut fields: Vec<(String, Input)> = map
                     .into_iter()
                     .map(|(k, v)| (k, Input::from_json(v)))
                     .collect();
                 fields.sort_by(|a, b| a.0.cmp(&b.0));
-                if fields.iter().all(|(_, i)| matches!(i, Input::Literal(_))) {
-                    Input::Literal(Value::Object(
-                        fields
-                            .into_iter()
-                            .filter_map(|(k, i)| match i {
-                                Input::Literal(v) => Some((k, v)),
-                                _ => None,
-                            })
-                            .collect(),
-                    ))
-                } else {
-                    Input::Object(fields)
-                }
+                Input::Object(fields)
             }
             other => Input::Literal(other),
         }
@@ -136,6 +108,18 @@ impl Input {
             ),
             Input::Array(a) => Value::Array(a.iter().map(|i| i.resolve(param, task)).collect()),
         }
+    }
+}
+
+/// Whether `v` holds a `$params.`/`$tasks.` reference or a `$$` escape anywhere.
+fn has_references(v: &Value) -> bool {
+    match v {
+        Value::String(s) => {
+            s.starts_with("$params.") || s.starts_with("$tasks.") || s.starts_with("$$")
+        }
+        Value::Array(items) => items.iter().any(has_references),
+        Value::Object(map) => map.values().any(has_references),
+        _ => false,
     }
 }
 

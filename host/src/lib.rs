@@ -7,8 +7,10 @@
 //! - [`state`]: the state model and the mapping from a run's ending to a state.
 //! - [`flow`]: flow definitions, from TOML manifests or the builder; triggers.
 //! - [`runner`]: executes flow runs: scheduling, triggers, retries, mapping, handlers.
+//! - [`store`]: durable runs, transitions, logs, results and the output cache ([`cache`]).
 //! - [`context`], [`ids`], [`clock`]: plain types shared by every layer.
 
+pub mod cache;
 pub mod clock;
 pub mod context;
 pub mod flow;
@@ -16,3 +18,4 @@ pub mod ids;
 pub mod runner;
 pub mod sandbox;
 pub mod state;
+pub mod store;

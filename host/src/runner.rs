@@ -18,6 +18,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::cache::{CacheInfo, CacheKey, CacheStatus, TaskIdentity};
 use crate::clock::{ClockRef, SystemClock};
 use crate::context::TaskContext;
 use crate::flow::{FlowDef, MapOver, TaskDef, TriggerDecision};
@@ -27,6 +28,9 @@ use crate::sandbox::{
     TaskComponent,
 };
 use crate::state::{Retry, State, StateName, StateType};
+use crate::store::{
+    Blob, CacheLookup, CacheWrite, RunHeader, RunLease, Store, StoreError, TaskWrite, Write,
+};
 
 /// A state handler: `(name, old, new) -> new`. Handlers are chained; each one's result is the
 /// next one's `new` (Prefect's state handlers).
@@ -79,6 +83,9 @@ pub struct TaskRun {
     /// Logs of every attempt, and of the state handlers, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logs: Vec<LogRecord>,
+    /// Whether the output cache was used, and why (tasks with `cache_for`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheInfo>,
     /// The child runs of a mapped task.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<TaskRun>,
@@ -105,6 +112,7 @@ impl TaskRun {
             run_time: Duration::ZERO,
             fuel_consumed: 0,
             logs: Vec::new(),
+            cache: None,
             children: Vec::new(),
         }
     }
@@ -193,6 +201,18 @@ pub enum PrepareError {
         /// What differs.
         detail: String,
     },
+    /// The store refused the run before it started (e.g. another process runs it).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The run ended but the store could not record all of it.
+    #[error("flow run {} ended {} but was not fully recorded: {source}", run.id, run.state.name)]
+    NotRecorded {
+        /// The run as it ended.
+        run: Box<FlowRun>,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
 }
 
 /// A flow with every component loaded, ready to run any number of times.
@@ -237,6 +257,7 @@ pub struct FlowRunner {
     flow_handlers: Vec<StateHandler>,
     handler_budget: RunBudget,
     events: Option<mpsc::UnboundedSender<FlowEvent>>,
+    store: Option<Arc<dyn Store>>,
 }
 
 impl fmt::Debug for FlowRunner {
@@ -256,6 +277,9 @@ pub struct RunOptions {
     pub context: BTreeMap<String, String>,
     /// Stops the run: running guests are interrupted, nothing new starts.
     pub cancel: CancelToken,
+    /// The manifest the flow came from (path and text), recorded so that `sluice resume` in
+    /// another process can rebuild the flow.
+    pub manifest: Option<(PathBuf, String)>,
 }
 
 impl FlowRunner {
@@ -272,7 +296,16 @@ impl FlowRunner {
                 ..RunBudget::default()
             },
             events: None,
+            store: None,
         }
+    }
+
+    /// Record every run in `store` (runs, transitions, logs, outputs), use its output cache, and
+    /// watch it for cancellation requested from outside. Without a store nothing is persisted
+    /// and output caching is off.
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Use `clock` for timestamps and retry delays.
@@ -444,9 +477,58 @@ impl FlowRunner {
                 .map(|t| TaskRun::new(&t.name, None, now))
                 .collect(),
         };
-        Ok(Exec::new(self, flow, run, &[], options.cancel)
+        let lease = match &self.store {
+            Some(store) => {
+                let lease = store.lease(run.id)?;
+                store.submit(Write::RunCreated(Box::new(RunHeader {
+                    id: run.id,
+                    flow: run.flow.clone(),
+                    state: run.state.clone(),
+                    transition: run.history[0].clone(),
+                    parameters: run.parameters.clone(),
+                    context: run.context.clone(),
+                    manifest: options.manifest,
+                    pid: std::process::id(),
+                })));
+                for (i, t) in run.tasks.iter().enumerate() {
+                    store.submit(Write::Task(Box::new(task_write(
+                        run.id,
+                        (i, Arc::from(t.name.as_str())),
+                        None,
+                        t,
+                        t.history.clone(),
+                    ))));
+                }
+                Some(lease)
+            }
+            None => None,
+        };
+        let run = Exec::new(self, flow, run, &[], options.cancel)
             .execute()
-            .await)
+            .await;
+        self.recorded(run, lease).await
+    }
+
+    /// Wait until the store has everything of `run`, then let other processes see it is over.
+    async fn recorded(
+        &self,
+        run: FlowRun,
+        lease: Option<Box<dyn RunLease>>,
+    ) -> Result<FlowRun, PrepareError> {
+        let Some(store) = self.store.clone() else {
+            return Ok(run);
+        };
+        let flushed = tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .unwrap_or_else(|e| Err(StoreError::io("flush", e)));
+        drop(lease);
+        match flushed {
+            Ok(()) => Ok(run),
+            Err(source) => Err(PrepareError::NotRecorded {
+                run: Box::new(run),
+                source,
+            }),
+        }
     }
 
     /// Resume `previous` (a Paused or Failed run): tasks that completed keep their results and
@@ -481,9 +563,14 @@ impl FlowRunner {
                 .ok_or_else(|| PrepareError::UnknownStartTask((*s).to_owned()))?;
             starts.push(i);
         }
-        Ok(Exec::new(self, flow, previous, &starts, cancel)
+        let lease = match &self.store {
+            Some(store) => Some(store.lease(previous.id)?),
+            None => None,
+        };
+        let run = Exec::new(self, flow, previous, &starts, cancel)
             .execute()
-            .await)
+            .await;
+        self.recorded(run, lease).await
     }
 }
 
@@ -565,6 +652,8 @@ struct MapRun {
     children_left: usize,
     inputs: Vec<Arc<Value>>,
     outputs: Vec<Option<Arc<Value>>>,
+    /// Attempts each child made before this run (when resuming).
+    base_attempts: Vec<u32>,
 }
 
 struct Done {
@@ -590,6 +679,10 @@ struct Exec<'a> {
     context: Arc<BTreeMap<String, String>>,
     cancel: CancelToken,
     cancelled: bool,
+    /// Task names, shared by every record sent to the store.
+    names: Vec<Arc<str>>,
+    /// Cache keys of units that missed the cache: their output is cached when they complete.
+    cache_keys: HashMap<Unit, CacheKey>,
 }
 
 impl<'a> Exec<'a> {
@@ -650,6 +743,12 @@ impl<'a> Exec<'a> {
             context: Arc::new(context),
             cancel,
             cancelled: false,
+            names: def
+                .tasks
+                .iter()
+                .map(|t| Arc::from(t.name.as_str()))
+                .collect(),
+            cache_keys: HashMap::new(),
             run,
         }
     }
@@ -674,6 +773,10 @@ impl<'a> Exec<'a> {
     }
 
     async fn execute(mut self) -> FlowRun {
+        let watcher = self.runner.store.clone().map(|store| {
+            let (run, cancel) = (self.run.id, self.cancel.clone());
+            tokio::spawn(watch_store(store, run, cancel))
+        });
         self.flow_transition(State::new(StateName::Running, self.now()))
             .await;
         self.restore();
@@ -719,6 +822,9 @@ impl<'a> Exec<'a> {
                 () = self.cancel.cancelled(), if !self.cancelled => self.begin_cancel().await,
             }
         }
+        if let Some(w) = watcher {
+            w.abort();
+        }
         self.finish().await
     }
 
@@ -737,16 +843,17 @@ impl<'a> Exec<'a> {
                 continue;
             }
             if !matches!(rec.state.name, StateName::Pending) {
-                let from = rec.state.name;
-                rec.state = State::new(StateName::Pending, now).with_message("resumed");
-                rec.history.push(Transition {
-                    from: Some(from),
-                    to: StateName::Pending,
-                    time: now,
-                    message: rec.state.message.clone(),
-                });
+                reset_to_pending(rec, now);
+                self.persist(
+                    Unit {
+                        task: i,
+                        child: None,
+                    },
+                    None,
+                );
             }
-            rec.children.clear();
+            // Children are kept: when the task is scheduled again, completed children keep their
+            // outputs and only the others run.
         }
         // Count unfinished upstream tasks; completed ones already delivered (or still hold)
         // their outputs.
@@ -931,18 +1038,62 @@ impl<'a> Exec<'a> {
         let now = self.now();
         let n = children.len();
         let name = task.name.clone();
-        self.run.tasks[i].children = (0..n)
-            .map(|c| TaskRun::new(&name, Some(c as u32), now))
-            .collect();
-        self.nodes[i].map = Some(Box::new(MapRun {
+        let mut map = MapRun {
             children_left: n,
             outputs: vec![None; n],
             inputs: children,
-        }));
-        if n == 0 {
+            base_attempts: vec![0; n],
+        };
+        let previous = std::mem::take(&mut self.run.tasks[i].children);
+        let mut todo = Vec::with_capacity(n);
+        if previous.len() == n {
+            // Resuming: completed children keep their outputs; the others run again, their
+            // retries counted from the attempts they already made.
+            self.run.tasks[i].children = previous;
+            for c in 0..n {
+                let child = &mut self.run.tasks[i].children[c];
+                map.base_attempts[c] = child.attempts;
+                if child.state.state_type() == StateType::Completed {
+                    map.outputs[c] = Some(Arc::new(child.output.take().unwrap_or(Value::Null)));
+                    map.children_left -= 1;
+                    continue;
+                }
+                if child.state.name != StateName::Pending {
+                    reset_to_pending(child, now);
+                    self.persist(
+                        Unit {
+                            task: i,
+                            child: Some(c as u32),
+                        },
+                        None,
+                    );
+                }
+                todo.push(c);
+            }
+        } else {
+            self.run.tasks[i].children = (0..n)
+                .map(|c| TaskRun::new(&name, Some(c as u32), now))
+                .collect();
+            if let Some(store) = &self.runner.store {
+                let parent = self.run.tasks[i].id;
+                for (c, child) in self.run.tasks[i].children.iter().enumerate() {
+                    store.submit(Write::Task(Box::new(task_write(
+                        self.run.id,
+                        (i, self.names[i].clone()),
+                        Some((parent, c as u32)),
+                        child,
+                        child.history.clone(),
+                    ))));
+                }
+            }
+            todo.extend(0..n);
+        }
+        let left = map.children_left;
+        self.nodes[i].map = Some(Box::new(map));
+        if left == 0 {
             return self.complete_mapped(i).await;
         }
-        for c in (0..n).rev() {
+        for c in todo.into_iter().rev() {
             self.ready.push_front(Unit {
                 task: i,
                 child: Some(c as u32),
@@ -983,17 +1134,122 @@ impl<'a> Exec<'a> {
         }
     }
 
+    /// Attempts the unit made before this run (when resuming); retries count from there.
+    fn base_attempts(&self, unit: Unit) -> u32 {
+        match (unit.child, &self.nodes[unit.task].map) {
+            (Some(c), Some(map)) => map.base_attempts.get(c as usize).copied().unwrap_or(0),
+            (Some(_), None) => 0,
+            (None, _) => self.nodes[unit.task].base_attempts,
+        }
+    }
+
+    /// The unit's resolved input.
+    fn unit_input(&self, unit: Unit) -> Arc<Value> {
+        match (unit.child, &self.nodes[unit.task].map) {
+            (Some(c), Some(map)) => map.inputs[c as usize].clone(),
+            _ => self.nodes[unit.task].input.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Output caching: on the unit's first attempt in this run, look its key up in the store. A
+    /// hit completes the unit as Cached without instantiating the component (returns true); a
+    /// miss records why and remembers the key, so the output is cached when the unit completes.
+    async fn try_cache(&mut self, unit: Unit) -> bool {
+        let task: &TaskDef = &self.flow.def.tasks[unit.task];
+        let (Some(policy), Some(store)) = (&task.cache, self.runner.store.clone()) else {
+            return false;
+        };
+        if self.record_ref(unit).attempts > self.base_attempts(unit) {
+            return false;
+        }
+        let input = self.unit_input(unit);
+        let component = self.flow.components[unit.task].digest();
+        let identity = TaskIdentity {
+            task: &task.name,
+            component: &component,
+            budget: &task.budget,
+            map_index: unit.child,
+        };
+        let Some(key) = CacheKey::new(policy, identity, &input, &self.run.parameters) else {
+            return false;
+        };
+        let now = self.now();
+        let miss = |key: &CacheKey, reason: String| CacheInfo {
+            status: CacheStatus::Miss,
+            key: key.key.clone(),
+            validator: key.validator.clone(),
+            reason,
+            source_flow_run: None,
+            source_task_run: None,
+            expires_at: None,
+        };
+        match store.cache_lookup(&key, now) {
+            Ok(CacheLookup::Hit {
+                output,
+                blob,
+                entry,
+            }) => {
+                let reason = format!(
+                    "output of flow run {} (task run {}), cached at {}, valid until {}",
+                    entry.flow_run,
+                    entry.task_run,
+                    entry.created_at.to_rfc3339(),
+                    entry.expires_at.to_rfc3339()
+                );
+                let state = State::new(StateName::Cached, now)
+                    .with_message(format!("cached result from flow run {}", entry.flow_run));
+                self.record(unit).cache = Some(CacheInfo {
+                    status: CacheStatus::Hit,
+                    key: key.key,
+                    validator: key.validator,
+                    reason,
+                    source_flow_run: Some(entry.flow_run),
+                    source_task_run: Some(entry.task_run),
+                    expires_at: Some(entry.expires_at),
+                });
+                let state = self
+                    .transition_with(unit, state, Some(Blob::Stored(blob)))
+                    .await;
+                if state.state_type() == StateType::Completed {
+                    self.completed(unit, output).await;
+                } else if state.is_terminal() {
+                    self.unit_finished(unit).await;
+                }
+                true
+            }
+            Ok(CacheLookup::Miss(reason)) => {
+                self.record(unit).cache = Some(miss(&key, reason));
+                self.cache_keys.insert(unit, key);
+                false
+            }
+            Err(e) => {
+                tracing::warn!(task = %task.name, "cache lookup failed: {e}");
+                self.record(unit).cache = Some(miss(&key, format!("the lookup failed: {e}")));
+                false
+            }
+        }
+    }
+
+    /// The unit completed with `out`: hand the output on and wake what waits for it.
+    async fn completed(&mut self, unit: Unit, out: Arc<Value>) {
+        match (unit.child, &mut self.nodes[unit.task].map) {
+            (Some(c), Some(map)) => map.outputs[c as usize] = Some(out),
+            _ => self.nodes[unit.task].output = Some(out),
+        }
+        self.unit_finished(unit).await;
+    }
+
     async fn start(&mut self, unit: Unit) {
+        if self.try_cache(unit).await {
+            return;
+        }
         let task: &TaskDef = &self.flow.def.tasks[unit.task];
         self.running += 1;
         for tag in &task.tags {
             *self.running_by_tag.entry(tag.clone()).or_default() += 1;
         }
         let attempt = self.record(unit).attempts + 1;
-        let base = match unit.child {
-            Some(_) => 0,
-            None => self.nodes[unit.task].base_attempts,
-        };
+        let base = self.base_attempts(unit);
         let name = if attempt > base + 1 {
             StateName::Retrying
         } else {
@@ -1003,10 +1259,7 @@ impl<'a> Exec<'a> {
         let mut s = State::new(name, self.now());
         s.message = msg;
         self.transition(unit, s).await;
-        let input = match (unit.child, &self.nodes[unit.task].map) {
-            (Some(c), Some(map)) => map.inputs[c as usize].clone(),
-            _ => self.nodes[unit.task].input.clone().unwrap_or_default(),
-        };
+        let input = self.unit_input(unit);
         let record = self.record(unit);
         record.attempts = attempt;
         let ctx = TaskContext {
@@ -1045,10 +1298,7 @@ impl<'a> Exec<'a> {
                 }
             }
         }
-        let base = match unit.child {
-            Some(_) => 0,
-            None => self.nodes[unit.task].base_attempts,
-        };
+        let base = self.base_attempts(unit);
         let attempts = self.record(unit).attempts - base.min(self.record(unit).attempts);
         let retry = if self.cancelled || self.cancel.is_cancelled() {
             Retry::Exhausted
@@ -1060,12 +1310,38 @@ impl<'a> Exec<'a> {
             Retry::Exhausted
         };
         let mut state = State::after_run(&outcome.ending, retry, self.now());
-        let output = state.result.take();
+        let output = (state.state_type() == StateType::Completed)
+            .then(|| Arc::new(state.result.take().unwrap_or(Value::Null)));
+        self.persist_logs(unit, &outcome.logs);
         let record = self.record(unit);
         record.run_time += outcome.usage.duration;
         record.fuel_consumed += outcome.usage.fuel_consumed;
         record.logs.extend(outcome.logs);
-        let state = self.transition(unit, state).await;
+        let state = self
+            .transition_with(unit, state, output.clone().map(Blob::Value))
+            .await;
+        if state.is_terminal()
+            && let Some(key) = self.cache_keys.remove(&unit)
+            && state.name == StateName::Completed
+            && let (Some(store), Some(policy), Some(out)) = (
+                &self.runner.store,
+                &self.flow.def.tasks[unit.task].cache,
+                &output,
+            )
+        {
+            let expires_at = TimeDelta::from_std(policy.cache_for)
+                .ok()
+                .and_then(|d| state.timestamp.checked_add_signed(d))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            store.submit(Write::Cache(Box::new(CacheWrite {
+                key,
+                output: out.clone(),
+                created_at: state.timestamp,
+                expires_at,
+                flow_run: self.run.id,
+                task_run: self.record_ref(unit).id,
+            })));
+        }
         if matches!(outcome.ending, Ending::Cancelled) && !self.cancelled {
             // The guest saw the cancel before this loop did.
             self.begin_cancel().await;
@@ -1080,12 +1356,8 @@ impl<'a> Exec<'a> {
                 });
             }
             StateType::Completed => {
-                let out = Arc::new(output.unwrap_or(Value::Null));
-                match (unit.child, &mut self.nodes[unit.task].map) {
-                    (Some(c), Some(map)) => map.outputs[c as usize] = Some(out),
-                    _ => self.nodes[unit.task].output = Some(out),
-                }
-                self.unit_finished(unit).await;
+                let out = output.unwrap_or_else(|| Arc::new(Value::Null));
+                self.completed(unit, out).await;
             }
             _ if state.is_terminal() => self.unit_finished(unit).await,
             // Paused: waits to be resumed with its cached input.
@@ -1124,13 +1396,16 @@ impl<'a> Exec<'a> {
         let n = children.len();
         let now = self.now();
         let map = self.nodes[i].map.take().unwrap_or_default();
+        let mut output = None;
         let state = if bad.is_empty() {
             let outputs: Vec<Value> = map
                 .outputs
                 .into_iter()
                 .map(|o| o.map_or(Value::Null, Arc::unwrap_or_clone))
                 .collect();
-            self.nodes[i].output = Some(Arc::new(Value::Array(outputs)));
+            let list = Arc::new(Value::Array(outputs));
+            output = Some(Blob::Value(list.clone()));
+            self.nodes[i].output = Some(list);
             State::new(StateName::Mapped, now).with_message(format!("{n} mapped runs completed"))
         } else if self.cancelled {
             State::new(StateName::Cancelled, now).with_message("mapped runs were cancelled")
@@ -1141,7 +1416,7 @@ impl<'a> Exec<'a> {
                 bad.join(", ")
             ))
         };
-        self.transition(unit, state).await;
+        self.transition_with(unit, state, output).await;
         self.task_finished(i).await;
     }
 
@@ -1277,6 +1552,12 @@ impl<'a> Exec<'a> {
 
     /// Move a unit to `new`, through the state handlers; returns the state it ends in.
     async fn transition(&mut self, unit: Unit, new: State) -> State {
+        self.transition_with(unit, new, None).await
+    }
+
+    /// [`Exec::transition`] for a state that carries `output` (recorded when the unit ends in a
+    /// Completed-type state).
+    async fn transition_with(&mut self, unit: Unit, new: State, output: Option<Blob>) -> State {
         let task = &self.flow.def.tasks[unit.task];
         let old = self.record(unit).state.clone();
         let mut state = new;
@@ -1297,12 +1578,60 @@ impl<'a> Exec<'a> {
             message: state.message.clone(),
         });
         record.state = state.clone();
+        self.persist(unit, output);
         self.emit(|| FlowEvent::Task {
             name: task.name.clone(),
             map_index: unit.child,
             state: state.name,
         });
         state
+    }
+
+    fn record_ref(&self, u: Unit) -> &TaskRun {
+        let t = &self.run.tasks[u.task];
+        match u.child {
+            Some(c) => &t.children[c as usize],
+            None => t,
+        }
+    }
+
+    /// Send the unit's state and its last transition to the store. Its input is stored when it
+    /// will be needed later (a retry, or a paused task), its output when it completed.
+    fn persist(&self, unit: Unit, output: Option<Blob>) {
+        let Some(store) = &self.runner.store else {
+            return;
+        };
+        let parent = unit.child.map(|c| (self.run.tasks[unit.task].id, c));
+        let rec = self.record_ref(unit);
+        let mut write = task_write(
+            self.run.id,
+            (unit.task, self.names[unit.task].clone()),
+            parent,
+            rec,
+            rec.history.last().cloned().into_iter().collect(),
+        );
+        let ty = rec.state.state_type();
+        if ty == StateType::Completed {
+            write.output = output;
+        }
+        store.submit(Write::Task(Box::new(write)));
+    }
+
+    /// Send a unit's log records to the store.
+    fn persist_logs(&self, unit: Unit, records: &[LogRecord]) {
+        let Some(store) = &self.runner.store else {
+            return;
+        };
+        if records.is_empty() {
+            return;
+        }
+        store.submit(Write::Logs {
+            run: self.run.id,
+            task_run: self.record_ref(unit).id,
+            task: self.names[unit.task].clone(),
+            map_index: unit.child,
+            records: records.to_vec(),
+        });
     }
 
     /// Run the task's handler components that apply to this transition, in order.
@@ -1365,14 +1694,17 @@ impl<'a> Exec<'a> {
                     let message = format!("state handler `{}` failed: {problem}", handler.name());
                     tracing::warn!(task = %task.name, "{message}");
                     let time = self.runner.clock.now();
-                    self.record(unit).logs.push(LogRecord {
+                    let record = LogRecord {
                         time,
                         source: crate::sandbox::LogSource::Log,
                         level: crate::sandbox::LogLevel::Error,
                         message,
-                    });
+                    };
+                    self.persist_logs(unit, std::slice::from_ref(&record));
+                    self.record(unit).logs.push(record);
                 }
             }
+            self.persist_logs(unit, &logs);
             self.record(unit).logs.extend(logs);
         }
         state
@@ -1391,7 +1723,85 @@ impl<'a> Exec<'a> {
             message: state.message.clone(),
         });
         self.emit(|| FlowEvent::Flow(state.name));
+        if let (Some(store), Some(transition)) = (&self.runner.store, self.run.history.last()) {
+            store.submit(Write::FlowState {
+                run: self.run.id,
+                state: state.clone(),
+                transition: transition.clone(),
+            });
+        }
         self.run.state = state;
+    }
+}
+
+/// The store record of task run `rec` (task `index`; `parent` for a mapped child) with its whole
+/// history; the caller trims what was already written.
+fn task_write(
+    run: FlowRunId,
+    (index, name): (usize, Arc<str>),
+    parent: Option<(TaskRunId, u32)>,
+    rec: &TaskRun,
+    transitions: Vec<Transition>,
+) -> TaskWrite {
+    let ty = rec.state.state_type();
+    TaskWrite {
+        run,
+        id: rec.id,
+        index: u32::try_from(index).unwrap_or(u32::MAX),
+        name,
+        parent,
+        state: rec.state.clone(),
+        transitions,
+        attempts: rec.attempts,
+        run_time: rec.run_time,
+        fuel_consumed: rec.fuel_consumed,
+        output: None,
+        cached_input: match (ty, parent) {
+            (StateType::Scheduled | StateType::Paused, None) => {
+                rec.cached_input.clone().map(Blob::Value)
+            }
+            _ => None,
+        },
+        clear_input: ty == StateType::Completed,
+        cache: rec.cache.clone(),
+    }
+}
+
+/// Move a record back to Pending when a run is resumed.
+fn reset_to_pending(rec: &mut TaskRun, now: DateTime<Utc>) {
+    let from = rec.state.name;
+    rec.state = State::new(StateName::Pending, now).with_message("resumed");
+    rec.history.push(Transition {
+        from: Some(from),
+        to: StateName::Pending,
+        time: now,
+        message: rec.state.message.clone(),
+    });
+}
+
+/// How often a run checks the store for a cancel requested from another process.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
+
+/// Cancel the run when another process asks for it (`sluice cancel`), or when the store can no
+/// longer record it.
+async fn watch_store(store: Arc<dyn Store>, run: FlowRunId, cancel: CancelToken) {
+    loop {
+        tokio::time::sleep(CANCEL_POLL).await;
+        if let Some(e) = store.write_error() {
+            tracing::error!("flow run {run}: cancelling, the store cannot record it: {e}");
+            cancel.cancel();
+            return;
+        }
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.cancel_requested(run)).await {
+            Ok(Ok(true)) => {
+                cancel.cancel();
+                return;
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!("flow run {run}: cannot check for cancellation: {e}"),
+            Err(_) => return,
+        }
     }
 }
 

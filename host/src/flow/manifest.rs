@@ -36,6 +36,10 @@
 //! skip_on_upstream_skip = true
 //! tags = ["db"]
 //! on_completion = ["handlers/notify.wasm"]   # also on_failure, on_retry, on_state
+//! cache_for = "1h"                    # output caching ("time travel")
+//! cache_validator = "all_inputs"      # duration_only (default), all_parameters, never_use,
+//!                                     # { partial_inputs_only = ["x"] },
+//!                                     # { partial_parameters_only = ["p"] }
 //! ```
 
 use std::collections::BTreeMap;
@@ -50,6 +54,7 @@ use toml::Spanned;
 use super::{
     Backoff, DEFAULT_CONCURRENCY, FlowDef, FlowError, Hint, Hooks, Input, MapOver, TaskDef, Trigger,
 };
+use crate::cache::{CachePolicy, CacheValidator};
 use crate::sandbox::RunBudget;
 
 /// A problem in a manifest, with its position.
@@ -111,6 +116,8 @@ struct RawTask {
     on_retry: Vec<Spanned<String>>,
     #[serde(default)]
     on_state: Vec<Spanned<String>>,
+    cache_for: Option<Spanned<String>>,
+    cache_validator: Option<Spanned<toml::Value>>,
 }
 
 fn yes() -> bool {
@@ -407,7 +414,91 @@ fn task_def(
         on_retry: hooks(raw.on_retry)?,
         on_state: hooks(raw.on_state)?,
     };
+    let validator = raw
+        .cache_validator
+        .as_ref()
+        .map(|v| cache_validator(src, &name, v))
+        .transpose()?;
+    task.cache = match (&raw.cache_for, validator) {
+        (Some(d), validator) => Some(CachePolicy {
+            cache_for: duration(d, "cache_for")?,
+            validator: validator.unwrap_or(CacheValidator::DurationOnly),
+        }),
+        (None, Some(_)) => {
+            let span = raw.cache_validator.as_ref().map_or(0..0, Spanned::span);
+            return Err(src.error(
+                span,
+                format!("task `{name}`: `cache_validator` needs `cache_for` (how long outputs stay cached)"),
+            ));
+        }
+        (None, None) => None,
+    };
     Ok((task, spans))
+}
+
+/// `cache_validator`: a name, or `{ partial_inputs_only = [...] }` /
+/// `{ partial_parameters_only = [...] }`.
+fn cache_validator(
+    src: &Source<'_>,
+    task: &str,
+    v: &Spanned<toml::Value>,
+) -> Result<CacheValidator, ManifestError> {
+    const NAMES: [&str; 6] = [
+        "duration_only",
+        "all_inputs",
+        "all_parameters",
+        "never_use",
+        "partial_inputs_only",
+        "partial_parameters_only",
+    ];
+    let err = |message: String| src.error(v.span(), format!("task `{task}`: {message}"));
+    let names = |list: &toml::Value, key: &str| -> Result<Vec<String>, ManifestError> {
+        let items = list.as_array().ok_or_else(|| {
+            err(format!(
+                "`{key}` takes a list of names, like {key} = [\"x\"]"
+            ))
+        })?;
+        items
+            .iter()
+            .map(|i| {
+                i.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| err(format!("`{key}` takes a list of names (strings)")))
+            })
+            .collect()
+    };
+    match v.get_ref() {
+        toml::Value::String(s) => match s.as_str() {
+            "duration_only" => Ok(CacheValidator::DurationOnly),
+            "all_inputs" => Ok(CacheValidator::AllInputs),
+            "all_parameters" => Ok(CacheValidator::AllParameters),
+            "never_use" => Ok(CacheValidator::NeverUse),
+            "partial_inputs_only" | "partial_parameters_only" => Err(err(format!(
+                "`{s}` needs the names to validate: cache_validator = {{ {s} = [\"x\"] }}"
+            ))),
+            other => Err(err(format!(
+                "unknown cache_validator `{other}`{}; expected one of {}",
+                Hint::closest(other, NAMES),
+                NAMES.join(", ")
+            ))),
+        },
+        toml::Value::Table(t) if t.len() == 1 => {
+            let (k, list) = t.iter().next().ok_or_else(|| err("empty table".into()))?;
+            match k.as_str() {
+                "partial_inputs_only" => Ok(CacheValidator::PartialInputsOnly(names(list, k)?)),
+                "partial_parameters_only" => {
+                    Ok(CacheValidator::PartialParametersOnly(names(list, k)?))
+                }
+                other => Err(err(format!(
+                    "unknown cache_validator `{other}`{}; the table form is {{ partial_inputs_only = [...] }} or {{ partial_parameters_only = [...] }}",
+                    Hint::closest(other, NAMES)
+                ))),
+            }
+        }
+        _ => Err(err(
+            "`cache_validator` is a name like \"all_inputs\" or a table like { partial_inputs_only = [\"x\"] }".into(),
+        )),
+    }
 }
 
 /// Point a validation error at the part of the manifest it is about.
@@ -516,13 +607,78 @@ skip_on_upstream_skip = false
     }
 
     #[test]
+    fn cache_settings_parse_and_bad_ones_are_located() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let def = parse_in(
+            dir.path(),
+            r#"name = "f"
+[parameters]
+p = 1
+[tasks.a]
+component = "t.wasm"
+cache_for = "1h"
+[tasks.b]
+component = "t.wasm"
+cache_for = "10m"
+cache_validator = { partial_parameters_only = ["p"] }
+[tasks.c]
+component = "t.wasm"
+cache_for = "1s"
+cache_validator = "all_inputs"
+"#,
+        )
+        .expect("valid");
+        let policy = |i: usize| def.tasks[i].cache.clone().expect("cached");
+        assert_eq!(policy(0).validator, CacheValidator::DurationOnly);
+        assert_eq!(policy(0).cache_for, Duration::from_secs(3600));
+        assert_eq!(
+            policy(1).validator,
+            CacheValidator::PartialParametersOnly(vec!["p".into()])
+        );
+        assert_eq!(policy(2).validator, CacheValidator::AllInputs);
+
+        let e = |text: &str| {
+            parse_in(dir.path(), text)
+                .expect_err("invalid")
+                .to_string()
+                .replace(&dir.path().display().to_string(), "DIR")
+        };
+        let head = "name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\n";
+        assert_eq!(
+            e(&format!(
+                "{head}cache_for = \"1h\"\ncache_validator = \"all_input\"\n"
+            )),
+            "DIR/flow.toml:5:19: task `a`: unknown cache_validator `all_input` (did you mean \
+             `all_inputs`?); expected one of duration_only, all_inputs, all_parameters, \
+             never_use, partial_inputs_only, partial_parameters_only"
+        );
+        assert_eq!(
+            e(&format!("{head}cache_validator = \"all_inputs\"\n")),
+            "DIR/flow.toml:4:19: task `a`: `cache_validator` needs `cache_for` (how long \
+             outputs stay cached)"
+        );
+        assert_eq!(
+            e(&format!("{head}cache_for = \"soon\"\n")),
+            "DIR/flow.toml:4:13: task `a`: `cache_for` = \"soon\" is not a duration like \
+             \"30s\" or \"500ms\": expected number at 0"
+        );
+        assert_eq!(
+            e(&format!(
+                "{head}cache_for = \"1h\"\ncache_validator = {{ partial_parameters_only = [\"q\"] }}\n"
+            )),
+            "DIR/flow.toml:2:1: task `a` refers to unknown parameter `q`"
+        );
+    }
+
+    #[test]
     fn errors_name_file_line_and_column() {
         assert_eq!(
             err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nretires = 2\n"),
             "DIR/flow.toml:4:1: unknown field `retires`, expected one of `component`, \
              `input`, `upstream_tasks`, `trigger`, `retries`, `retry_delay`, `backoff`, `fuel`, \
              `timeout`, `memory`, `map`, `skip_on_upstream_skip`, `tags`, `on_completion`, \
-             `on_failure`, `on_retry`, `on_state` (did you mean `retries`?)"
+             `on_failure`, `on_retry`, `on_state`, `cache_for`, `cache_validator` (did you mean \
+             `retries`?)"
         );
         assert_eq!(
             err("name = \"f\"\nconcurency = 3\n"),

@@ -204,6 +204,8 @@ pub struct TaskDef {
     pub tags: Vec<String>,
     /// Handler components.
     pub hooks: Hooks,
+    /// Output caching (`cache_for` and `cache_validator`); `None` caches nothing.
+    pub cache: Option<crate::cache::CachePolicy>,
 }
 
 impl TaskDef {
@@ -225,6 +227,7 @@ impl TaskDef {
             skip_on_upstream_skip: true,
             tags: Vec::new(),
             hooks: Hooks::default(),
+            cache: None,
         }
     }
 
@@ -369,6 +372,21 @@ impl FlowDef {
                         unknown: p.to_owned(),
                         hint: Hint::closest(p, self.parameters.keys().map(String::as_str)),
                     });
+                }
+            }
+            if let Some(crate::cache::CachePolicy {
+                validator: crate::cache::CacheValidator::PartialParametersOnly(names),
+                ..
+            }) = &t.cache
+            {
+                for p in names {
+                    if !self.parameters.contains_key(p) {
+                        return Err(FlowError::UnknownParameter {
+                            task: t.name.clone(),
+                            unknown: p.clone(),
+                            hint: Hint::closest(p, self.parameters.keys().map(String::as_str)),
+                        });
+                    }
                 }
             }
             if let MapOver::Fields(fields) = &t.map {

@@ -9,6 +9,10 @@
 //! | 2 | usage or input error: bad flags, input that is not JSON, a file that is not a task |
 //! | 3 | the run is waiting: Paused, or AwaitingRetry (another Scheduled-type state) |
 
+mod cache_cmd;
+mod control;
+mod history;
+mod report;
 mod run;
 mod task_run;
 
@@ -25,7 +29,7 @@ use sluice::state::StateType;
     about = "A sandboxed workflow engine: every task is a WebAssembly component"
 )]
 struct Cli {
-    /// Where Sluice keeps its state (precompiled components, …).
+    /// Where Sluice keeps its state: the run store (`sluice.db`) and precompiled components.
     #[arg(long, global = true, env = "SLUICE_HOME", default_value = ".sluice")]
     home: PathBuf,
 
@@ -35,8 +39,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a flow manifest.
+    /// Run a flow manifest (recorded in the store).
     Run(run::Args),
+    /// Continue a Paused, Failed, Cancelled or Crashed flow run in this process.
+    Resume(control::ResumeArgs),
+    /// Cancel a flow run: a live one from another terminal, or one nobody runs.
+    Cancel(control::CancelArgs),
+    /// List flow runs, newest first.
+    Runs(history::RunsArgs),
+    /// Show a flow run: tasks, states, attempts, durations, cache status, full history.
+    Show(history::ShowArgs),
+    /// Print a flow run's logs.
+    Logs(history::LogsArgs),
+    /// Inspect or clear the output cache.
+    #[command(subcommand)]
+    Cache(cache_cmd::CacheCommand),
     /// Work with single tasks.
     #[command(subcommand)]
     Task(TaskCommand),
@@ -80,6 +97,15 @@ fn print_stdout(text: &str) {
 #[derive(Debug)]
 struct UsageError(anyhow::Error);
 
+fn usage(e: impl Into<anyhow::Error>) -> UsageError {
+    UsageError(e.into())
+}
+
+/// Open the run store in `home`.
+fn open_store(home: &std::path::Path) -> Result<sluice::store::SqliteStore, UsageError> {
+    sluice::store::SqliteStore::open(home).map_err(usage)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -99,6 +125,12 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(&cli.home, args).await,
+            Command::Resume(args) => control::resume(&cli.home, args).await,
+            Command::Cancel(args) => control::cancel(&cli.home, &args).await,
+            Command::Runs(args) => history::runs(&cli.home, &args),
+            Command::Show(args) => history::show(&cli.home, &args),
+            Command::Logs(args) => history::logs(&cli.home, &args).await,
+            Command::Cache(cmd) => cache_cmd::cache(&cli.home, &cmd),
             Command::Task(TaskCommand::Run(args)) => task_run::run(&cli.home, args).await,
         }
     });

@@ -7,14 +7,18 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::anyhow;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sluice::flow::manifest;
-use sluice::runner::{FlowEvent, FlowRun, FlowRunner, RunOptions, TaskRun, Transition};
+use sluice::runner::{FlowEvent, FlowRun, FlowRunner, PrepareError, RunOptions};
 use sluice::sandbox::{CancelToken, Sandbox};
-use sluice::state::{State, StateName};
+use sluice::state::StateName;
+use sluice::store::Store;
 use tokio::sync::mpsc;
 
+use crate::report::{run_json, summary};
 use crate::{UsageError, exit_code};
 
 #[derive(Debug, clap::Args)]
@@ -38,7 +42,11 @@ pub(crate) struct Args {
 
 pub(crate) async fn run(home: &Path, args: Args) -> Result<ExitCode, UsageError> {
     let usage = |e: anyhow::Error| UsageError(e);
-    let def = manifest::load(&args.flow).map_err(|e| usage(e.into()))?;
+    let text = std::fs::read_to_string(&args.flow)
+        .map_err(|e| usage(anyhow!("cannot read {}: {e}", args.flow.display())))?;
+    // Recorded with the run, so `sluice resume` works from any directory.
+    let path = std::path::absolute(&args.flow).unwrap_or_else(|_| args.flow.clone());
+    let def = manifest::parse(&path, &text).map_err(|e| usage(e.into()))?;
     let parameters: BTreeMap<String, Value> = args
         .params
         .into_iter()
@@ -47,49 +55,96 @@ pub(crate) async fn run(home: &Path, args: Args) -> Result<ExitCode, UsageError>
             (k, value)
         })
         .collect();
-    let sandbox = Sandbox::builder()
-        .artifact_dir(home.join("artifacts"))
-        .build()
-        .map_err(|e| usage(anyhow!("cannot start the sandbox: {e}")))?;
-    let (events, rx) = mpsc::unbounded_channel();
-    let runner = FlowRunner::new(sandbox).events(events);
-    let dir = args
-        .flow
+    let session = Session::open(home)?;
+    let dir = path
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_owned);
-    let flow = runner
+    let flow = session
+        .runner
         .prepare(def, &dir)
         .await
         .map_err(|e| usage(e.into()))?;
+    let context = args.context.into_iter().collect();
+    session
+        .drive(
+            flow.def().tasks.len(),
+            args.json,
+            move |runner, cancel| async move {
+                let options = RunOptions {
+                    parameters,
+                    context,
+                    cancel,
+                    manifest: Some((path, text)),
+                };
+                runner.run(&flow, options).await
+            },
+        )
+        .await
+}
 
-    let cancel = CancelToken::new();
-    let on_ctrl_c = cancel.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("\ncancelling: interrupting running tasks…");
-            on_ctrl_c.cancel();
-        }
-    });
-    let live = (!args.json && std::io::stderr().is_terminal())
-        .then(|| tokio::spawn(live_view(rx, flow.def().tasks.len())));
-    let options = RunOptions {
-        parameters,
-        context: args.context.into_iter().collect(),
-        cancel,
-    };
-    let result = runner.run(&flow, options).await;
-    drop(runner);
-    if let Some(view) = live {
-        let _ = view.await;
+/// A runner recording into the store of `home`, with a live view of its events.
+pub(crate) struct Session {
+    pub(crate) runner: FlowRunner,
+    events: mpsc::UnboundedReceiver<FlowEvent>,
+}
+
+impl Session {
+    pub(crate) fn open(home: &Path) -> Result<Session, UsageError> {
+        let store = Arc::new(crate::open_store(home)?);
+        let sandbox = Sandbox::builder()
+            .artifact_dir(home.join("artifacts"))
+            .build()
+            .map_err(|e| UsageError(anyhow!("cannot start the sandbox: {e}")))?;
+        let (tx, events) = mpsc::unbounded_channel();
+        let runner = FlowRunner::new(sandbox)
+            .events(tx)
+            .store(store as Arc<dyn Store>);
+        Ok(Session { runner, events })
     }
-    let run = result.map_err(|e| usage(e.into()))?;
-    let report = if args.json {
-        format!("{:#}\n", run_json(&run))
-    } else {
-        summary(&run)
-    };
-    crate::print_stdout(&report);
-    Ok(exit_code(run.state.state_type()))
+
+    /// Run `go` with Ctrl-C wired to cancellation and a live view on a terminal, then print the
+    /// run (a table, or JSON) and return its exit code.
+    pub(crate) async fn drive<F, Fut>(
+        self,
+        tasks: usize,
+        json: bool,
+        go: F,
+    ) -> Result<ExitCode, UsageError>
+    where
+        F: FnOnce(FlowRunner, CancelToken) -> Fut,
+        Fut: Future<Output = Result<FlowRun, PrepareError>>,
+    {
+        let cancel = CancelToken::new();
+        let on_ctrl_c = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\ncancelling: interrupting running tasks…");
+                on_ctrl_c.cancel();
+            }
+        });
+        let live = (!json && std::io::stderr().is_terminal())
+            .then(|| tokio::spawn(live_view(self.events, tasks)));
+        let result = go(self.runner, cancel).await;
+        if let Some(view) = live {
+            let _ = view.await;
+        }
+        let (run, not_recorded) = match result {
+            Ok(run) => (run, None),
+            Err(PrepareError::NotRecorded { run, source }) => (*run, Some(source)),
+            Err(e) => return Err(UsageError(e.into())),
+        };
+        let report = if json {
+            format!("{:#}\n", run_json(&run))
+        } else {
+            summary(&run, false)
+        };
+        crate::print_stdout(&report);
+        if let Some(e) = not_recorded {
+            eprintln!("error: the store could not record all of this run: {e}");
+            return Ok(ExitCode::from(1));
+        }
+        Ok(exit_code(run.state.state_type()))
+    }
 }
 
 /// Counts of task runs by state and the tasks running now, redrawn as events arrive.
@@ -131,123 +186,4 @@ async fn live_view(mut rx: mpsc::UnboundedReceiver<FlowEvent>, tasks: usize) {
         bar.set_message(line);
     }
     bar.finish_and_clear();
-}
-
-fn summary(run: &FlowRun) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let width = run
-        .tasks
-        .iter()
-        .map(|t| t.name.len())
-        .max()
-        .unwrap_or(4)
-        .max(4);
-    let _ = writeln!(
-        out,
-        "{:<width$}  {:<13}  {:>8}  {:>10}  MESSAGE",
-        "TASK", "STATE", "ATTEMPTS", "RUN TIME"
-    );
-    for t in &run.tasks {
-        let attempts = if t.children.is_empty() {
-            t.attempts.to_string()
-        } else {
-            format!("{} maps", t.children.len())
-        };
-        let run_time = t.run_time + t.children.iter().map(|c| c.run_time).sum::<Duration>();
-        let message = t.state.message.as_deref().unwrap_or("");
-        let message = message.lines().next().unwrap_or("");
-        let _ = writeln!(
-            out,
-            "{:<width$}  {:<13}  {:>8}  {:>8.1}ms  {}",
-            t.name,
-            t.state.name.as_str(),
-            attempts,
-            run_time.as_secs_f64() * 1e3,
-            truncate(message, 100)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "\nflow run {} of `{}`: {} — {}",
-        run.id,
-        run.flow,
-        run.state.name,
-        run.state.message.as_deref().unwrap_or("")
-    );
-    for t in run.tasks.iter().filter(|t| t.output.is_some()) {
-        let output = t.output.as_ref().map(Value::to_string).unwrap_or_default();
-        let _ = writeln!(out, "output of {}: {}", t.name, truncate(&output, 200));
-    }
-    out
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_owned();
-    }
-    let mut t: String = s.chars().take(max).collect();
-    t.push('…');
-    t
-}
-
-fn state_json(s: &State) -> Value {
-    json!({
-        "state": s.name,
-        "type": s.state_type(),
-        "message": s.message,
-        "timestamp": s.timestamp,
-        "scheduled_for": s.scheduled_for,
-    })
-}
-
-fn history_json(h: &[Transition]) -> Value {
-    h.iter()
-        .map(|t| {
-            json!({
-                "from": t.from,
-                "to": t.to,
-                "type": t.to.state_type(),
-                "time": t.time,
-                "message": t.message,
-            })
-        })
-        .collect()
-}
-
-fn task_json(t: &TaskRun) -> Value {
-    let mut v = json!({
-        "name": t.name,
-        "id": t.id,
-        "state": t.state.name,
-        "type": t.state.state_type(),
-        "message": t.state.message,
-        "output": t.output,
-        "output_released": t.output_released,
-        "attempts": t.attempts,
-        "run_time_ms": t.run_time.as_secs_f64() * 1e3,
-        "fuel_consumed": t.fuel_consumed,
-        "history": history_json(&t.history),
-        "logs": t.logs,
-    });
-    if let Some(i) = t.map_index {
-        v["map_index"] = json!(i);
-    }
-    if !t.children.is_empty() {
-        v["children"] = t.children.iter().map(task_json).collect();
-    }
-    v
-}
-
-/// The flow run record: the flow's state and every task with state, type, message, output,
-/// attempts and history.
-pub(crate) fn run_json(run: &FlowRun) -> Value {
-    let mut v = state_json(&run.state);
-    v["id"] = json!(run.id);
-    v["flow"] = json!(run.flow);
-    v["parameters"] = json!(run.parameters);
-    v["context"] = json!(run.context);
-    v["history"] = history_json(&run.history);
-    v["tasks"] = run.tasks.iter().map(task_json).collect();
-    v
 }

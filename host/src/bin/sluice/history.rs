@@ -1,0 +1,197 @@
+//! The run history: `sluice runs`, `sluice show` and `sluice logs`. Each first records as Crashed
+//! the runs whose process died, so nothing is shown Running forever.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use serde_json::json;
+use sluice::state::StateName;
+use sluice::store::{RunFilter, SqliteStore, Store, StoredLog};
+
+use crate::report::{run_json, summary, truncate, when};
+use crate::{UsageError, usage};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RunsArgs {
+    /// Only runs in this state (e.g. Running, Paused, Failed, Crashed).
+    #[arg(long)]
+    state: Option<StateName>,
+    /// Only runs of this flow.
+    #[arg(long)]
+    flow: Option<String>,
+    /// At most this many runs, newest first.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ShowArgs {
+    /// The flow run's id (or a unique prefix of it).
+    run: String,
+    /// Print the flow run record as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct LogsArgs {
+    /// The flow run's id (or a unique prefix of it).
+    run: String,
+    /// Only this task's logs.
+    task: Option<String>,
+    /// Keep printing new lines until the run is no longer live.
+    #[arg(long, short)]
+    follow: bool,
+    /// Print one JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Open the store and record dead runs as Crashed.
+pub(crate) fn open_recovered(home: &Path) -> Result<SqliteStore, UsageError> {
+    let store = crate::open_store(home)?;
+    store.recover_dead(chrono::Utc::now()).map_err(usage)?;
+    Ok(store)
+}
+
+pub(crate) fn runs(home: &Path, args: &RunsArgs) -> Result<ExitCode, UsageError> {
+    let store = open_recovered(home)?;
+    let runs = store
+        .list_runs(&RunFilter {
+            state: args.state,
+            flow: args.flow.clone(),
+            limit: args.limit,
+        })
+        .map_err(usage)?;
+    let mut out = String::new();
+    if args.json {
+        let list: Vec<_> = runs
+            .iter()
+            .map(|r| {
+                json!({
+                    "id": r.id,
+                    "flow": r.flow,
+                    "state": r.state.name,
+                    "type": r.state.state_type(),
+                    "message": r.state.message,
+                    "created_at": r.created_at,
+                    "updated_at": r.updated_at,
+                    "tasks": r.tasks,
+                    "live": store.is_live(r.id),
+                })
+            })
+            .collect();
+        out = format!("{:#}\n", json!(list));
+    } else {
+        use std::fmt::Write as _;
+        let width = runs.iter().map(|r| r.flow.len()).max().unwrap_or(4).max(4);
+        let _ = writeln!(
+            out,
+            "{:<26}  {:<width$}  {:<11}  {:<19}  {:>9}  TASKS",
+            "RUN", "FLOW", "STATE", "CREATED", "DURATION"
+        );
+        for r in &runs {
+            let tasks: Vec<String> = r.tasks.iter().map(|(s, n)| format!("{s} {n}")).collect();
+            let duration = (r.updated_at - r.created_at)
+                .to_std()
+                .map(|d| format!("{:.1}s", d.as_secs_f64()))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{:<26}  {:<width$}  {:<11}  {:<19}  {:>9}  {}",
+                r.id.to_string(),
+                r.flow,
+                r.state.name.as_str(),
+                when(r.created_at),
+                duration,
+                tasks.join(", ")
+            );
+        }
+        if runs.is_empty() {
+            let _ = writeln!(out, "(no flow runs in {})", store.path().display());
+        }
+    }
+    crate::print_stdout(&out);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn show(home: &Path, args: &ShowArgs) -> Result<ExitCode, UsageError> {
+    let store = open_recovered(home)?;
+    let id = store.resolve_run(&args.run).map_err(usage)?;
+    let stored = store.load_run(id).map_err(usage)?;
+    let live = store.is_live(id);
+    let out = if args.json {
+        let mut v = run_json(&stored.run);
+        v["created_at"] = json!(stored.created_at);
+        v["live"] = json!(live);
+        v["cancel_requested_at"] = json!(stored.cancel_requested_at);
+        v["manifest"] = json!(stored.manifest.as_ref().map(|(p, _)| p));
+        format!("{v:#}\n")
+    } else {
+        let mut s = summary(&stored.run, true);
+        if live {
+            s.push_str("\n(live: a process is running it now)\n");
+        }
+        s
+    };
+    crate::print_stdout(&out);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn log_line(l: &StoredLog) -> String {
+    let task = match l.map_index {
+        Some(i) => format!("{}[{i}]", l.task),
+        None => l.task.clone(),
+    };
+    format!(
+        "{} {:<5} {}: {}\n",
+        l.record
+            .time
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        format!("{:?}", l.record.level).to_lowercase(),
+        task,
+        truncate(&l.record.message, 10_000)
+    )
+}
+
+pub(crate) async fn logs(home: &Path, args: &LogsArgs) -> Result<ExitCode, UsageError> {
+    let store = open_recovered(home)?;
+    let id = store.resolve_run(&args.run).map_err(usage)?;
+    if let Some(task) = &args.task {
+        let stored = store.load_run(id).map_err(usage)?;
+        if stored.run.task(task).is_none() {
+            let names: Vec<&str> = stored.run.tasks.iter().map(|t| t.name.as_str()).collect();
+            return Err(UsageError(anyhow!(
+                "flow run {id} has no task `{task}`{}",
+                sluice::flow::Hint::closest(task, names)
+            )));
+        }
+    }
+    let mut after = 0;
+    loop {
+        // Whether the run was live before reading, so lines written just before it ended are
+        // still printed.
+        let live = args.follow && store.is_live(id);
+        let lines = store.logs(id, args.task.as_deref(), after).map_err(usage)?;
+        let mut out = String::new();
+        for l in &lines {
+            after = after.max(l.seq);
+            if args.json {
+                out.push_str(&serde_json::to_string(l).unwrap_or_default());
+                out.push('\n');
+            } else {
+                out.push_str(&log_line(l));
+            }
+        }
+        crate::print_stdout(&out);
+        if !live {
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

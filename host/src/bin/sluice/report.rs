@@ -1,0 +1,212 @@
+//! How flow runs are shown: the summary table of `sluice run`/`resume`/`show`, the detailed
+//! history of `sluice show`, and the JSON record every one of them prints with `--json`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sluice::cache::CacheStatus;
+use sluice::runner::{FlowRun, TaskRun, Transition};
+use sluice::state::{State, StateType};
+
+/// Wall time from the first Running transition to the last terminal one.
+fn wall_time(history: &[Transition]) -> Option<Duration> {
+    let start = history
+        .iter()
+        .find(|t| t.to.state_type() == StateType::Running)?
+        .time;
+    let end = history
+        .iter()
+        .rev()
+        .find(|t| t.to.state_type().is_terminal())?
+        .time;
+    (end - start).to_std().ok()
+}
+
+fn cache_cell(t: &TaskRun) -> &'static str {
+    match t.cache.as_ref().map(|c| c.status) {
+        Some(CacheStatus::Hit) => "hit",
+        Some(CacheStatus::Miss) => "miss",
+        None => "-",
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}ms", d.as_secs_f64() * 1e3)
+}
+
+/// The task table and the flow's state (and, with `detail`, every task's history and cache
+/// explanation).
+pub(crate) fn summary(run: &FlowRun, detail: bool) -> String {
+    let mut out = String::new();
+    let width = run
+        .tasks
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:<13}  {:>8}  {:>10}  {:>10}  {:<5}  MESSAGE",
+        "TASK", "STATE", "ATTEMPTS", "RUN TIME", "WALL", "CACHE"
+    );
+    for t in &run.tasks {
+        let attempts = if t.children.is_empty() {
+            t.attempts.to_string()
+        } else {
+            format!("{} maps", t.children.len())
+        };
+        let run_time = t.run_time + t.children.iter().map(|c| c.run_time).sum::<Duration>();
+        let message = t.state.message.as_deref().unwrap_or("");
+        let message = message.lines().next().unwrap_or("");
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<13}  {:>8}  {:>10}  {:>10}  {:<5}  {}",
+            t.name,
+            t.state.name.as_str(),
+            attempts,
+            ms(run_time),
+            wall_time(&t.history).map_or_else(|| "-".into(), ms),
+            cache_cell(t),
+            truncate(message, 100)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nflow run {} of `{}`: {} — {}",
+        run.id,
+        run.flow,
+        run.state.name,
+        run.state.message.as_deref().unwrap_or("")
+    );
+    if detail {
+        let _ = writeln!(out, "\nhistory of the flow run:");
+        history(&mut out, &run.history, "  ");
+        for t in &run.tasks {
+            let _ = writeln!(out, "\n{} ({}):", t.name, t.id);
+            if let Some(c) = &t.cache {
+                let _ = writeln!(
+                    out,
+                    "  cache {} ({}): {}",
+                    cache_cell(t),
+                    c.validator,
+                    c.reason
+                );
+            }
+            history(&mut out, &t.history, "  ");
+            for c in &t.children {
+                let _ = writeln!(
+                    out,
+                    "  [{}] {} after {} attempt(s){}",
+                    c.map_index.unwrap_or_default(),
+                    c.state.name,
+                    c.attempts,
+                    match cache_cell(c) {
+                        "-" => String::new(),
+                        s => format!(", cache {s}"),
+                    }
+                );
+            }
+            if let Some(o) = &t.output {
+                let _ = writeln!(out, "  output: {}", truncate(&o.to_string(), 200));
+            }
+        }
+    } else {
+        for t in run.tasks.iter().filter(|t| t.output.is_some()) {
+            let output = t.output.as_ref().map(Value::to_string).unwrap_or_default();
+            let _ = writeln!(out, "output of {}: {}", t.name, truncate(&output, 200));
+        }
+    }
+    out
+}
+
+fn history(out: &mut String, h: &[Transition], indent: &str) {
+    for t in h {
+        let _ = writeln!(
+            out,
+            "{indent}{}  {:<13} {}",
+            t.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            t.to.as_str(),
+            t.message.as_deref().unwrap_or("")
+        );
+    }
+}
+
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_owned();
+    }
+    let mut t: String = s.chars().take(max).collect();
+    t.push('…');
+    t
+}
+
+fn state_json(s: &State) -> Value {
+    json!({
+        "state": s.name,
+        "type": s.state_type(),
+        "message": s.message,
+        "timestamp": s.timestamp,
+        "scheduled_for": s.scheduled_for,
+    })
+}
+
+fn history_json(h: &[Transition]) -> Value {
+    h.iter()
+        .map(|t| {
+            json!({
+                "from": t.from,
+                "to": t.to,
+                "type": t.to.state_type(),
+                "time": t.time,
+                "message": t.message,
+            })
+        })
+        .collect()
+}
+
+fn task_json(t: &TaskRun) -> Value {
+    let mut v = json!({
+        "name": t.name,
+        "id": t.id,
+        "state": t.state.name,
+        "type": t.state.state_type(),
+        "message": t.state.message,
+        "output": t.output,
+        "output_released": t.output_released,
+        "attempts": t.attempts,
+        "run_time_ms": t.run_time.as_secs_f64() * 1e3,
+        "wall_time_ms": wall_time(&t.history).map(|d| d.as_secs_f64() * 1e3),
+        "fuel_consumed": t.fuel_consumed,
+        "cache": t.cache,
+        "history": history_json(&t.history),
+        "logs": t.logs,
+    });
+    if let Some(i) = t.map_index {
+        v["map_index"] = json!(i);
+    }
+    if !t.children.is_empty() {
+        v["children"] = t.children.iter().map(task_json).collect();
+    }
+    v
+}
+
+/// The flow run record: the flow's state and every task with state, type, message, output,
+/// attempts, durations, cache status, history and logs.
+pub(crate) fn run_json(run: &FlowRun) -> Value {
+    let mut v = state_json(&run.state);
+    v["id"] = json!(run.id);
+    v["flow"] = json!(run.flow);
+    v["parameters"] = json!(run.parameters);
+    v["context"] = json!(run.context);
+    v["history"] = history_json(&run.history);
+    v["tasks"] = run.tasks.iter().map(task_json).collect();
+    v
+}
+
+/// A timestamp for tables: local-independent, to the second.
+pub(crate) fn when(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S").to_string()
+}

@@ -1,0 +1,407 @@
+//! Durable storage of flow runs: runs, task runs, every state transition, logs, parameters and
+//! context, results in a content-addressed blob store, and the output cache. Everything goes
+//! through the [`Store`] trait; [`SqliteStore`] is the embedded implementation (a PostgreSQL one
+//! can implement the same trait).
+//!
+//! Writes are queued ([`Store::submit`]) and committed in batches by the store (group commit), so
+//! recording a run costs the runner a channel send per transition. Reads are synchronous.
+
+mod sqlite;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+pub use sqlite::SqliteStore;
+
+use crate::cache::{CacheInfo, CacheKey};
+use crate::ids::{FlowRunId, TaskRunId};
+use crate::runner::{FlowRun, Transition};
+use crate::sandbox::LogRecord;
+use crate::state::{State, StateName};
+
+/// Why the store could not do something. Every variant names what it was working on.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened (missing directory, permissions, read-only file
+    /// system, …).
+    #[error("cannot open the store at {}: {detail}", path.display())]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// The file is not a Sluice database (another application's, or not SQLite at all). It is
+    /// left untouched.
+    #[error("{} is not a Sluice database: {detail}; it was left untouched (move it aside or choose another --home)", path.display())]
+    Foreign {
+        /// The database file.
+        path: PathBuf,
+        /// What was found.
+        detail: String,
+    },
+    /// The database was written by a newer Sluice.
+    #[error("{} has schema version {found}, newer than this Sluice understands ({supported}); upgrade Sluice", path.display())]
+    TooNew {
+        /// The database file.
+        path: PathBuf,
+        /// The schema version found.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
+    /// A query or write failed.
+    #[error("store {operation} failed: {detail}")]
+    Io {
+        /// What was being done.
+        operation: String,
+        /// Why.
+        detail: String,
+    },
+    /// No flow run has this id (or id prefix).
+    #[error("no flow run `{0}` in the store")]
+    UnknownRun(String),
+    /// An id prefix matches more than one run.
+    #[error("`{prefix}` matches {count} flow runs; give more of the id")]
+    AmbiguousRun {
+        /// The prefix given.
+        prefix: String,
+        /// How many runs it matches.
+        count: usize,
+    },
+    /// A blob the database refers to is missing or does not match its hash.
+    #[error("blob {hash} ({what}) is {problem}")]
+    Blob {
+        /// The blob's hash.
+        hash: String,
+        /// What it holds, e.g. "output of task `a`".
+        what: String,
+        /// Missing, or corrupt.
+        problem: String,
+    },
+    /// A stored record could not be read back.
+    #[error("flow run {run}: stored record is unreadable: {detail}")]
+    Corrupt {
+        /// The run.
+        run: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The run is being executed by a live process.
+    #[error("flow run {run} is live in another process (pid {pid})")]
+    Live {
+        /// The run.
+        run: FlowRunId,
+        /// The process, as it recorded itself.
+        pid: u32,
+    },
+}
+
+impl StoreError {
+    pub(crate) fn io(operation: impl Into<String>, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Io {
+            operation: operation.into(),
+            detail: e.to_string(),
+        }
+    }
+
+    /// Whether trying again later may succeed (a busy or locked database, a full disk), as
+    /// opposed to a problem that needs the user (a foreign file, a missing blob).
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, StoreError::Io { .. } | StoreError::Live { .. })
+    }
+}
+
+/// A write, queued with [`Store::submit`] and applied in order.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// A new flow run (its task runs follow as [`Write::Task`]).
+    RunCreated(Box<RunHeader>),
+    /// The flow run changed state.
+    FlowState {
+        /// The run.
+        run: FlowRunId,
+        /// The new state.
+        state: State,
+        /// The transition into it.
+        transition: Transition,
+    },
+    /// A task run's latest state, with the transitions since the last write.
+    Task(Box<TaskWrite>),
+    /// Log records of a task run.
+    Logs {
+        /// The run.
+        run: FlowRunId,
+        /// The task run.
+        task_run: TaskRunId,
+        /// The task's name.
+        task: Arc<str>,
+        /// Its map index.
+        map_index: Option<u32>,
+        /// The records.
+        records: Vec<LogRecord>,
+    },
+    /// A task's output, cached under `key` until `expires_at`.
+    Cache(Box<CacheWrite>),
+}
+
+/// What a new flow run records.
+#[derive(Debug, Clone)]
+pub struct RunHeader {
+    /// The run.
+    pub id: FlowRunId,
+    /// The flow's name.
+    pub flow: String,
+    /// The initial state.
+    pub state: State,
+    /// The first transition.
+    pub transition: Transition,
+    /// The parameters in effect.
+    pub parameters: BTreeMap<String, Value>,
+    /// The context in effect.
+    pub context: BTreeMap<String, String>,
+    /// The manifest it was defined by (path and text), so a new process can resume it.
+    pub manifest: Option<(PathBuf, String)>,
+    /// The process running it.
+    pub pid: u32,
+}
+
+/// A task run's state after a transition.
+#[derive(Debug, Clone)]
+pub struct TaskWrite {
+    /// The flow run.
+    pub run: FlowRunId,
+    /// The task run.
+    pub id: TaskRunId,
+    /// The task's position in the flow.
+    pub index: u32,
+    /// The task's name.
+    pub name: Arc<str>,
+    /// For a child of a mapped task: the parent's task run and this child's index.
+    pub parent: Option<(TaskRunId, u32)>,
+    /// The state now (without its result: that is `output`).
+    pub state: State,
+    /// Transitions since the last write of this task run.
+    pub transitions: Vec<Transition>,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Time spent running, over all attempts.
+    pub run_time: Duration,
+    /// Fuel consumed, over all attempts.
+    pub fuel_consumed: u64,
+    /// The output, when the task completed.
+    pub output: Option<Blob>,
+    /// The resolved input (input caching): `Some` to store it, `None` to keep what is stored.
+    pub cached_input: Option<Blob>,
+    /// Drop the stored input (the task completed and will not need it).
+    pub clear_input: bool,
+    /// Whether and why the output cache was used.
+    pub cache: Option<CacheInfo>,
+}
+
+/// A value to store as a blob: a value to hash, or one whose blob is already stored.
+#[derive(Debug, Clone)]
+pub enum Blob {
+    /// A value to store (the store hashes its canonical form).
+    Value(Arc<Value>),
+    /// A blob already stored, by hash.
+    Stored(String),
+}
+
+/// An output to cache.
+#[derive(Debug, Clone)]
+pub struct CacheWrite {
+    /// The key and its parts.
+    pub key: CacheKey,
+    /// The output.
+    pub output: Arc<Value>,
+    /// When it was produced.
+    pub created_at: DateTime<Utc>,
+    /// Until when it is valid.
+    pub expires_at: DateTime<Utc>,
+    /// The run that produced it.
+    pub flow_run: FlowRunId,
+    /// The task run that produced it.
+    pub task_run: TaskRunId,
+}
+
+/// The result of a cache lookup.
+#[derive(Debug, Clone)]
+pub enum CacheLookup {
+    /// A valid entry.
+    Hit {
+        /// The cached output.
+        output: Arc<Value>,
+        /// The output's blob.
+        blob: String,
+        /// The entry.
+        entry: Box<CacheEntry>,
+    },
+    /// None: why (what differs from the newest entry of the task, or that none exists).
+    Miss(String),
+}
+
+/// A stored cache entry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CacheEntry {
+    /// The key.
+    pub key: String,
+    /// The task's name.
+    pub task: String,
+    /// The validator.
+    pub validator: String,
+    /// blake3 of the component.
+    pub component: String,
+    /// The output's blob.
+    pub blob: String,
+    /// The output's size in bytes (canonical JSON).
+    pub size: u64,
+    /// When it was stored.
+    pub created_at: DateTime<Utc>,
+    /// Until when it is valid.
+    pub expires_at: DateTime<Utc>,
+    /// The flow run that produced it.
+    pub flow_run: String,
+    /// The task run that produced it.
+    pub task_run: String,
+}
+
+/// Which runs to list.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Only runs in this state.
+    pub state: Option<StateName>,
+    /// Only runs of this flow.
+    pub flow: Option<String>,
+    /// At most this many (newest first).
+    pub limit: usize,
+}
+
+/// One line of `sluice runs`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunSummary {
+    /// The run.
+    pub id: FlowRunId,
+    /// The flow.
+    pub flow: String,
+    /// Its state.
+    pub state: State,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+    /// Task runs (top-level) by state name.
+    pub tasks: BTreeMap<String, u64>,
+}
+
+/// A stored run, as a new process sees it.
+#[derive(Debug, Clone)]
+pub struct StoredRun {
+    /// The record (outputs and cached inputs loaded from their blobs).
+    pub run: FlowRun,
+    /// The manifest it was defined by, when it came from one.
+    pub manifest: Option<(PathBuf, String)>,
+    /// When the run was created.
+    pub created_at: DateTime<Utc>,
+    /// When cancellation was requested from outside, if it was.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+}
+
+/// One stored log line.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredLog {
+    /// Its position in the store (increasing), for `--follow`.
+    pub seq: i64,
+    /// The task.
+    pub task: String,
+    /// The child index, for mapped children.
+    pub map_index: Option<u32>,
+    /// The record.
+    #[serde(flatten)]
+    pub record: LogRecord,
+}
+
+/// What [`Store::cancel`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The run is live: its process was asked to cancel and will record Cancelled.
+    Requested,
+    /// The run was not live (paused, or its process died): it was recorded Cancelled here.
+    Cancelled,
+    /// The run had already finished.
+    AlreadyFinished(StateName),
+}
+
+/// Held while a process executes a run; other processes see the run as live until it is dropped
+/// (or the process dies).
+pub trait RunLease: Send + Sync + std::fmt::Debug {}
+
+/// Durable storage of flow runs and the output cache.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Queue a write. Writes are applied in order and committed in batches; a failure is kept
+    /// and reported by [`Store::write_error`] and [`Store::flush`].
+    fn submit(&self, write: Write);
+
+    /// Wait until everything submitted so far is durable.
+    fn flush(&self) -> Result<(), StoreError>;
+
+    /// The first write that failed, if any.
+    fn write_error(&self) -> Option<StoreError>;
+
+    /// Mark `run` as executed by this process until the lease is dropped. Fails when another live
+    /// process holds it.
+    fn lease(&self, run: FlowRunId) -> Result<Box<dyn RunLease>, StoreError>;
+
+    /// Look up a valid cached output for `key` at `now`.
+    fn cache_lookup(&self, key: &CacheKey, now: DateTime<Utc>) -> Result<CacheLookup, StoreError>;
+
+    /// Cache entries, newest first, optionally of one task only.
+    fn cache_entries(&self, task: Option<&str>) -> Result<Vec<CacheEntry>, StoreError>;
+
+    /// The cache entry whose key starts with `prefix`, with its value.
+    fn cache_entry(&self, prefix: &str) -> Result<(CacheEntry, Value), StoreError>;
+
+    /// Remove cache entries (of one task, or every one; only expired ones when `expired_before`
+    /// is set). Returns how many were removed. Blobs stay: runs refer to them.
+    fn clear_cache(
+        &self,
+        task: Option<&str>,
+        expired_before: Option<DateTime<Utc>>,
+    ) -> Result<usize, StoreError>;
+
+    /// The run whose id is `id_or_prefix` or starts with it.
+    fn resolve_run(&self, id_or_prefix: &str) -> Result<FlowRunId, StoreError>;
+
+    /// Load a run with its task runs, history, logs, outputs and cached inputs.
+    fn load_run(&self, run: FlowRunId) -> Result<StoredRun, StoreError>;
+
+    /// Runs, newest first.
+    fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError>;
+
+    /// Log lines of `run` (of one task, when given) after position `after`.
+    fn logs(
+        &self,
+        run: FlowRunId,
+        task: Option<&str>,
+        after: i64,
+    ) -> Result<Vec<StoredLog>, StoreError>;
+
+    /// Whether a process is executing `run` now.
+    fn is_live(&self, run: FlowRunId) -> bool;
+
+    /// Runs recorded as active (Pending, Running, Cancelling) whose process is gone: record them
+    /// Crashed, with their running task runs. Returns the runs marked.
+    fn recover_dead(&self, now: DateTime<Utc>) -> Result<Vec<FlowRunId>, StoreError>;
+
+    /// Cancel `run`: ask its live process, or record it Cancelled when nothing runs it.
+    fn cancel(&self, run: FlowRunId, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError>;
+
+    /// Whether cancellation of `run` was requested from outside.
+    fn cancel_requested(&self, run: FlowRunId) -> Result<bool, StoreError>;
+}

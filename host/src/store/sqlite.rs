@@ -1,0 +1,1315 @@
+//! The embedded store: one SQLite database (`<home>/sluice.db`, WAL, `synchronous=FULL`) with
+//! versioned migrations, blobs in a content-addressed table, and a writer thread that commits
+//! queued writes in batches (group commit). Liveness of a run is an advisory lock on
+//! `<home>/runs/<id>.lock`, held by the process executing it and released by the kernel when that
+//! process dies, however it dies.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+use serde_json::Value;
+
+use super::{
+    Blob, CacheEntry, CacheLookup, CacheWrite, CancelOutcome, RunFilter, RunHeader, RunLease,
+    RunSummary, Store, StoreError, StoredLog, StoredRun, TaskWrite, Write,
+};
+use crate::cache::{CacheKey, canonical};
+use crate::ids::{FlowRunId, TaskRunId};
+use crate::runner::{FlowRun, TaskRun, Transition};
+use crate::sandbox::LogRecord;
+use crate::state::{State, StateName};
+
+/// Identifies a Sluice database (`PRAGMA application_id`): "SLCE".
+const APPLICATION_ID: i64 = 0x534C_4345;
+
+/// Schema migrations; `PRAGMA user_version` is how many have been applied.
+const MIGRATIONS: &[&str] = &[r"
+CREATE TABLE flow_runs (
+    id TEXT PRIMARY KEY,
+    flow TEXT NOT NULL,
+    state TEXT NOT NULL,
+    state_json TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    parameters TEXT NOT NULL,
+    context TEXT NOT NULL,
+    manifest_path TEXT,
+    manifest TEXT,
+    pid INTEGER NOT NULL,
+    cancel_requested_at INTEGER
+);
+CREATE INDEX flow_runs_created ON flow_runs(created_at);
+CREATE INDEX flow_runs_state ON flow_runs(state);
+CREATE TABLE task_runs (
+    id TEXT PRIMARY KEY,
+    flow_run TEXT NOT NULL,
+    task_index INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    parent TEXT,
+    map_index INTEGER,
+    state TEXT NOT NULL,
+    state_json TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    run_time_us INTEGER NOT NULL,
+    fuel INTEGER NOT NULL,
+    output TEXT,
+    cached_input TEXT,
+    cache TEXT
+);
+CREATE INDEX task_runs_run ON task_runs(flow_run, task_index, map_index);
+CREATE TABLE transitions (
+    seq INTEGER PRIMARY KEY,
+    flow_run TEXT NOT NULL,
+    task_run TEXT,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    time INTEGER NOT NULL,
+    message TEXT
+);
+CREATE INDEX transitions_run ON transitions(flow_run, seq);
+CREATE TABLE logs (
+    seq INTEGER PRIMARY KEY,
+    flow_run TEXT NOT NULL,
+    task_run TEXT NOT NULL,
+    task TEXT NOT NULL,
+    map_index INTEGER,
+    record TEXT NOT NULL
+);
+CREATE INDEX logs_run ON logs(flow_run, seq);
+CREATE TABLE blobs (
+    hash TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE cache (
+    seq INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,
+    task TEXT NOT NULL,
+    validator TEXT NOT NULL,
+    component TEXT NOT NULL,
+    config TEXT NOT NULL,
+    inputs TEXT,
+    parameters TEXT,
+    blob TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    flow_run TEXT NOT NULL,
+    task_run TEXT NOT NULL
+);
+CREATE INDEX cache_key ON cache(key, expires_at);
+CREATE INDEX cache_task ON cache(task, created_at);
+"];
+
+/// Most writes one batch (one transaction) applies.
+const MAX_BATCH: usize = 20_000;
+
+enum Msg {
+    Write(Write),
+    Flush(mpsc::SyncSender<Result<(), StoreError>>),
+}
+
+/// The embedded SQLite store. Cheap to clone; clones share the database and the writer.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    home: PathBuf,
+    path: PathBuf,
+    read: Mutex<Connection>,
+    tx: Mutex<mpsc::Sender<Msg>>,
+    error: Arc<Mutex<Option<StoreError>>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+fn i64_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl SqliteStore {
+    /// Open (creating when absent) the store in `home`: the database `home/sluice.db`.
+    /// Refuses a file that is not a Sluice database, or one from a newer Sluice, and leaves it
+    /// untouched.
+    pub fn open(home: &Path) -> Result<SqliteStore, StoreError> {
+        let path = home.join("sluice.db");
+        let open_err = |detail: String| StoreError::Open {
+            path: path.clone(),
+            detail,
+        };
+        std::fs::create_dir_all(home.join("runs"))
+            .map_err(|e| open_err(format!("cannot create {}: {e}", home.display())))?;
+        let write = connect(&path)?;
+        migrate(&write, &path)?;
+        let read = connect(&path)?;
+        let error = Arc::new(Mutex::new(None));
+        let (tx, rx) = mpsc::channel();
+        let writer_error = error.clone();
+        std::thread::Builder::new()
+            .name("sluice-store".into())
+            .spawn(move || writer(write, rx, &writer_error))
+            .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                home: home.to_owned(),
+                path,
+                read: Mutex::new(read),
+                tx: Mutex::new(tx),
+                error,
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn read(&self) -> MutexGuard<'_, Connection> {
+        lock(&self.inner.read)
+    }
+
+    fn lock_path(&self, run: FlowRunId) -> PathBuf {
+        self.inner.home.join("runs").join(format!("{run}.lock"))
+    }
+}
+
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    };
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| open_err(&e))?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(|e| open_err(&e))?;
+    // The first statement reads the header: a file that is not SQLite fails here.
+    let app: i64 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(|e| classify_open(path, &e))?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(|e| classify_open(path, &e))?;
+    if app != APPLICATION_ID && !(app == 0 && tables == 0) {
+        return Err(StoreError::Foreign {
+            path: path.to_owned(),
+            detail: format!(
+                "it is an SQLite database of another application (application_id {app:#x}, {tables} schema objects)"
+            ),
+        });
+    }
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(|e| open_err(&e))?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(|e| open_err(&e))?;
+    Ok(conn)
+}
+
+fn classify_open(path: &Path, e: &rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => StoreError::Foreign {
+            path: path.to_owned(),
+            detail: format!("it is not an SQLite database ({e})"),
+        },
+        _ => StoreError::Open {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        },
+    }
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let open_err = |e: rusqlite::Error| StoreError::Open {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    };
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(open_err)?;
+    let supported = MIGRATIONS.len() as i64;
+    if version > supported {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found: version,
+            supported,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let batch = format!(
+            "BEGIN IMMEDIATE; {sql}; PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        );
+        if let Err(e) = conn.execute_batch(&batch) {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(open_err(e));
+        }
+    }
+    Ok(())
+}
+
+/// The writer thread: applies queued writes in batches, one transaction each.
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Msg>, error: &Mutex<Option<StoreError>>) {
+    let mut batch = Vec::new();
+    let mut flushes = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(msg) = next {
+            match msg {
+                Msg::Write(w) => batch.push(w),
+                Msg::Flush(done) => flushes.push(done),
+            }
+            next = if batch.len() < MAX_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        let result = if batch.is_empty() {
+            Ok(())
+        } else {
+            apply(&mut conn, &batch)
+        };
+        batch.clear();
+        if let Err(e) = &result {
+            tracing::error!("{e}");
+            lock(error).get_or_insert_with(|| e.clone());
+        }
+        let reply = match lock(error).clone() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        for done in flushes.drain(..) {
+            let _ = done.send(reply.clone());
+        }
+    }
+}
+
+fn apply(conn: &mut Connection, batch: &[Write]) -> Result<(), StoreError> {
+    let io = |e: rusqlite::Error| StoreError::io("write", e);
+    let tx = conn.transaction().map_err(io)?;
+    for w in batch {
+        match w {
+            Write::RunCreated(h) => run_created(&tx, h).map_err(io)?,
+            Write::FlowState {
+                run,
+                state,
+                transition,
+            } => {
+                tx.prepare_cached(
+                    "UPDATE flow_runs SET state = ?2, state_json = ?3, updated_at = ?4 WHERE id = ?1",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        run.to_string(),
+                        state.name.as_str(),
+                        state_json(state),
+                        micros(state.timestamp)
+                    ])
+                })
+                .map_err(io)?;
+                insert_transition(&tx, *run, None, transition).map_err(io)?;
+            }
+            Write::Task(t) => task_write(&tx, t).map_err(io)?,
+            Write::Logs {
+                run,
+                task_run,
+                task,
+                map_index,
+                records,
+            } => {
+                let mut s = tx
+                    .prepare_cached(
+                        "INSERT INTO logs (flow_run, task_run, task, map_index, record) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(io)?;
+                let (run, task_run) = (run.to_string(), task_run.to_string());
+                for r in records {
+                    let record = serde_json::to_string(r).unwrap_or_default();
+                    s.execute(params![run, task_run, &**task, map_index, record])
+                        .map_err(io)?;
+                }
+            }
+            Write::Cache(c) => cache_write(&tx, c).map_err(io)?,
+        }
+    }
+    tx.commit().map_err(io)
+}
+
+fn state_json(s: &State) -> String {
+    let mut s = s.clone();
+    s.result = None;
+    serde_json::to_string(&s).unwrap_or_default()
+}
+
+fn run_created(tx: &Transaction<'_>, h: &RunHeader) -> rusqlite::Result<()> {
+    let (path, text) = match &h.manifest {
+        Some((p, t)) => (Some(p.to_string_lossy().into_owned()), Some(t.as_str())),
+        None => (None, None),
+    };
+    tx.prepare_cached(
+        "INSERT INTO flow_runs (id, flow, state, state_json, created_at, updated_at, parameters, context, manifest_path, manifest, pid)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        h.id.to_string(),
+        h.flow,
+        h.state.name.as_str(),
+        state_json(&h.state),
+        micros(h.state.timestamp),
+        serde_json::to_string(&h.parameters).unwrap_or_default(),
+        serde_json::to_string(&h.context).unwrap_or_default(),
+        path,
+        text,
+        h.pid
+    ])?;
+    insert_transition(tx, h.id, None, &h.transition)
+}
+
+fn insert_transition(
+    tx: &Transaction<'_>,
+    run: FlowRunId,
+    task_run: Option<TaskRunId>,
+    t: &Transition,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO transitions (flow_run, task_run, from_state, to_state, time, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        run.to_string(),
+        task_run.map(|t| t.to_string()),
+        t.from.map(StateName::as_str),
+        t.to.as_str(),
+        micros(t.time),
+        t.message
+    ])?;
+    Ok(())
+}
+
+/// Store `blob` (when it is a value) and return its hash.
+fn put_blob(tx: &Transaction<'_>, blob: &Blob) -> rusqlite::Result<String> {
+    match blob {
+        Blob::Stored(hash) => Ok(hash.clone()),
+        Blob::Value(v) => put_value(tx, v),
+    }
+}
+
+fn put_value(tx: &Transaction<'_>, v: &Value) -> rusqlite::Result<String> {
+    let mut bytes = Vec::new();
+    canonical(v, &mut bytes);
+    let hash = blake3::hash(&bytes).to_hex().to_string();
+    tx.prepare_cached("INSERT OR IGNORE INTO blobs (hash, size, data) VALUES (?1, ?2, ?3)")?
+        .execute(params![hash, bytes.len() as i64, bytes])?;
+    Ok(hash)
+}
+
+fn task_write(tx: &Transaction<'_>, t: &TaskWrite) -> rusqlite::Result<()> {
+    let output = t.output.as_ref().map(|b| put_blob(tx, b)).transpose()?;
+    let input = t
+        .cached_input
+        .as_ref()
+        .map(|b| put_blob(tx, b))
+        .transpose()?;
+    let cache = t
+        .cache
+        .as_ref()
+        .map(|c| serde_json::to_string(c).unwrap_or_default());
+    tx.prepare_cached(
+        "INSERT INTO task_runs (id, flow_run, task_index, name, parent, map_index, state, state_json, attempts, run_time_us, fuel, output, cached_input, cache)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+         ON CONFLICT (id) DO UPDATE SET
+            state = excluded.state, state_json = excluded.state_json, attempts = excluded.attempts,
+            run_time_us = excluded.run_time_us, fuel = excluded.fuel,
+            output = coalesce(excluded.output, output),
+            cached_input = CASE WHEN ?15 THEN NULL ELSE coalesce(excluded.cached_input, cached_input) END,
+            cache = coalesce(excluded.cache, cache)",
+    )?
+    .execute(params![
+        t.id.to_string(),
+        t.run.to_string(),
+        t.index,
+        &*t.name,
+        t.parent.map(|(p, _)| p.to_string()),
+        t.parent.map(|(_, i)| i),
+        t.state.name.as_str(),
+        state_json(&t.state),
+        t.attempts,
+        i64::try_from(t.run_time.as_micros()).unwrap_or(i64::MAX),
+        i64_of(t.fuel_consumed),
+        output,
+        input,
+        cache,
+        t.clear_input
+    ])?;
+    for tr in &t.transitions {
+        insert_transition(tx, t.run, Some(t.id), tr)?;
+    }
+    Ok(())
+}
+
+fn cache_write(tx: &Transaction<'_>, c: &CacheWrite) -> rusqlite::Result<()> {
+    let blob = put_value(tx, &c.output)?;
+    let k = &c.key;
+    tx.prepare_cached(
+        "INSERT INTO cache (key, task, validator, component, config, inputs, parameters, blob, created_at, expires_at, flow_run, task_run)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        k.key,
+        k.task,
+        k.validator,
+        k.component,
+        k.config,
+        k.inputs,
+        k.parameters,
+        blob,
+        micros(c.created_at),
+        micros(c.expires_at),
+        c.flow_run.to_string(),
+        c.task_run.to_string()
+    ])?;
+    Ok(())
+}
+
+/// The lease of a run: an exclusive advisory lock on its lock file.
+#[derive(Debug)]
+struct FileLease {
+    file: File,
+    path: PathBuf,
+}
+
+impl RunLease for FileLease {}
+
+impl Drop for FileLease {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.unlock();
+    }
+}
+
+fn io_err(operation: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    move |e| StoreError::io(operation, e)
+}
+
+fn parse_state(run: &str, json: &str) -> Result<State, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+        run: run.to_owned(),
+        detail: format!("state {json:?}: {e}"),
+    })
+}
+
+fn parse_name(run: &str, s: &str) -> Result<StateName, StoreError> {
+    s.parse().map_err(|_| StoreError::Corrupt {
+        run: run.to_owned(),
+        detail: format!("unknown state name {s:?}"),
+    })
+}
+
+fn parse_id<T: std::str::FromStr>(run: &str, s: &str) -> Result<T, StoreError> {
+    s.parse().map_err(|_| StoreError::Corrupt {
+        run: run.to_owned(),
+        detail: format!("bad id {s:?}"),
+    })
+}
+
+/// Read blob `hash`, checking it against its hash.
+fn get_blob(conn: &Connection, hash: &str, what: &str) -> Result<Value, StoreError> {
+    let data: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT data FROM blobs WHERE hash = ?1")
+        .and_then(|mut s| s.query_row([hash], |r| r.get(0)).optional())
+        .map_err(io_err("blob read"))?;
+    let blob_err = |problem: String| StoreError::Blob {
+        hash: hash.to_owned(),
+        what: what.to_owned(),
+        problem,
+    };
+    let data = data.ok_or_else(|| blob_err("missing from the store".into()))?;
+    if blake3::hash(&data).to_hex().as_str() != hash {
+        return Err(blob_err(
+            "corrupt: its content does not match its hash".into(),
+        ));
+    }
+    serde_json::from_slice(&data).map_err(|e| blob_err(format!("not valid JSON: {e}")))
+}
+
+impl Store for SqliteStore {
+    fn submit(&self, write: Write) {
+        // The writer lives as long as the store; a send fails only if it panicked.
+        if lock(&self.inner.tx).send(Msg::Write(write)).is_err() {
+            lock(&self.inner.error)
+                .get_or_insert_with(|| StoreError::io("write", "the writer thread stopped"));
+        }
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let (done, wait) = mpsc::sync_channel(1);
+        lock(&self.inner.tx)
+            .send(Msg::Flush(done))
+            .map_err(|_| StoreError::io("flush", "the writer thread stopped"))?;
+        wait.recv()
+            .map_err(|_| StoreError::io("flush", "the writer thread stopped"))?
+    }
+
+    fn write_error(&self) -> Option<StoreError> {
+        lock(&self.inner.error).clone()
+    }
+
+    fn lease(&self, run: FlowRunId) -> Result<Box<dyn RunLease>, StoreError> {
+        use std::io::Write as _;
+        let path = self.lock_path(run);
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .read(true)
+            .open(&path)
+            .map_err(|e| StoreError::io(format!("lease of run {run} ({})", path.display()), e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let pid = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0);
+                return Err(StoreError::Live { run, pid });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::io(format!("lease of run {run}"), e));
+            }
+        }
+        let _ = file.set_len(0);
+        let _ = write!(file, "{}", std::process::id());
+        Ok(Box::new(FileLease { file, path }))
+    }
+
+    fn is_live(&self, run: FlowRunId) -> bool {
+        let Ok(file) = File::open(self.lock_path(run)) else {
+            return false;
+        };
+        match file.try_lock_shared() {
+            Ok(()) => {
+                let _ = file.unlock();
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
+    fn cache_lookup(&self, key: &CacheKey, now: DateTime<Utc>) -> Result<CacheLookup, StoreError> {
+        let conn = self.read();
+        let io = io_err("cache lookup");
+        let found = conn
+            .prepare_cached(
+                "SELECT c.blob, c.created_at, c.expires_at, c.flow_run, c.task_run, c.task, c.validator, c.component, b.size, b.data
+                 FROM cache c LEFT JOIN blobs b ON b.hash = c.blob
+                 WHERE c.key = ?1 AND c.expires_at > ?2 ORDER BY c.created_at DESC LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![key.key, micros(now)], |r| {
+                    Ok((
+                        CacheEntry {
+                            key: key.key.clone(),
+                            blob: r.get(0)?,
+                            created_at: from_micros(r.get(1)?),
+                            expires_at: from_micros(r.get(2)?),
+                            flow_run: r.get(3)?,
+                            task_run: r.get(4)?,
+                            task: r.get(5)?,
+                            validator: r.get(6)?,
+                            component: r.get(7)?,
+                            size: r.get::<_, Option<i64>>(8)?.unwrap_or(0) as u64,
+                        },
+                        r.get::<_, Option<Vec<u8>>>(9)?,
+                    ))
+                })
+                .optional()
+            })
+            .map_err(io)?;
+        if let Some((entry, data)) = found {
+            let Some(data) = data else {
+                return Ok(CacheLookup::Miss(format!(
+                    "the entry from flow run {} refers to blob {} which is missing from the store",
+                    entry.flow_run, entry.blob
+                )));
+            };
+            return match serde_json::from_slice(&data) {
+                Ok(v) => Ok(CacheLookup::Hit {
+                    output: Arc::new(v),
+                    blob: entry.blob.clone(),
+                    entry: Box::new(entry),
+                }),
+                Err(e) => Ok(CacheLookup::Miss(format!(
+                    "the entry from flow run {} has an unreadable blob {}: {e}",
+                    entry.flow_run, entry.blob
+                ))),
+            };
+        }
+        // Explain the miss against the newest entry of the task.
+        type Newest = (
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            String,
+            i64,
+            String,
+        );
+        let newest: Option<Newest> = conn
+            .prepare_cached(
+                "SELECT key, component, config, inputs, parameters, validator, expires_at, flow_run
+                 FROM cache WHERE task = ?1 ORDER BY created_at DESC, seq DESC LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row([&key.task], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                    ))
+                })
+                .optional()
+            })
+            .map_err(io_err("cache lookup"))?;
+        let Some((k, component, config, inputs, parameters, validator, expires, run)) = newest
+        else {
+            return Ok(CacheLookup::Miss(format!(
+                "no cached output of task `{}` yet",
+                key.task
+            )));
+        };
+        let short = |h: &str| h.chars().take(12).collect::<String>();
+        let reason = if k == key.key {
+            format!(
+                "the entry from flow run {run} expired at {}",
+                from_micros(expires).to_rfc3339()
+            )
+        } else if component != key.component {
+            format!(
+                "the component changed (cached from {}…, now {}…)",
+                short(&component),
+                short(&key.component)
+            )
+        } else if validator != key.validator {
+            format!(
+                "the validator changed (cached under {validator}, now {})",
+                key.validator
+            )
+        } else if config != key.config {
+            "the task's limits or map index changed".to_owned()
+        } else if inputs != key.inputs {
+            format!(
+                "the inputs differ from the newest entry's (flow run {run}; {})",
+                key.validator
+            )
+        } else if parameters != key.parameters {
+            format!(
+                "the parameters differ from the newest entry's (flow run {run}; {})",
+                key.validator
+            )
+        } else {
+            "no valid entry for this key".to_owned()
+        };
+        Ok(CacheLookup::Miss(reason))
+    }
+
+    fn cache_entries(&self, task: Option<&str>) -> Result<Vec<CacheEntry>, StoreError> {
+        let conn = self.read();
+        let mut s = conn
+            .prepare(
+                "SELECT c.key, c.task, c.validator, c.component, c.blob, coalesce(b.size, 0), c.created_at, c.expires_at, c.flow_run, c.task_run
+                 FROM cache c LEFT JOIN blobs b ON b.hash = c.blob
+                 WHERE ?1 IS NULL OR c.task = ?1 ORDER BY c.created_at DESC, c.seq DESC",
+            )
+            .map_err(io_err("cache list"))?;
+        let rows = s
+            .query_map([task], |r| {
+                Ok(CacheEntry {
+                    key: r.get(0)?,
+                    task: r.get(1)?,
+                    validator: r.get(2)?,
+                    component: r.get(3)?,
+                    blob: r.get(4)?,
+                    size: r.get::<_, i64>(5)? as u64,
+                    created_at: from_micros(r.get(6)?),
+                    expires_at: from_micros(r.get(7)?),
+                    flow_run: r.get(8)?,
+                    task_run: r.get(9)?,
+                })
+            })
+            .map_err(io_err("cache list"))?;
+        rows.collect::<Result<_, _>>().map_err(io_err("cache list"))
+    }
+
+    fn cache_entry(&self, prefix: &str) -> Result<(CacheEntry, Value), StoreError> {
+        let prefix = prefix.to_ascii_lowercase();
+        let entries: Vec<CacheEntry> = self
+            .cache_entries(None)?
+            .into_iter()
+            .filter(|e| e.key.starts_with(&prefix))
+            .collect();
+        let mut keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+        keys.dedup();
+        match keys.len() {
+            0 => Err(StoreError::io(
+                "cache show",
+                format!("no cache entry with key `{prefix}`"),
+            )),
+            1 => {
+                let entry = entries[0].clone();
+                let value = get_blob(
+                    &self.read(),
+                    &entry.blob,
+                    &format!("cached output of task `{}`", entry.task),
+                )?;
+                Ok((entry, value))
+            }
+            n => Err(StoreError::io(
+                "cache show",
+                format!("`{prefix}` matches {n} cache keys; give more of the key"),
+            )),
+        }
+    }
+
+    fn clear_cache(
+        &self,
+        task: Option<&str>,
+        expired_before: Option<DateTime<Utc>>,
+    ) -> Result<usize, StoreError> {
+        let conn = self.read();
+        conn.execute(
+            "DELETE FROM cache WHERE (?1 IS NULL OR task = ?1) AND (?2 IS NULL OR expires_at <= ?2)",
+            params![task, expired_before.map(micros)],
+        )
+        .map_err(io_err("cache clear"))
+    }
+
+    fn resolve_run(&self, id_or_prefix: &str) -> Result<FlowRunId, StoreError> {
+        let prefix = id_or_prefix.trim().to_ascii_uppercase();
+        if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(StoreError::UnknownRun(id_or_prefix.to_owned()));
+        }
+        let conn = self.read();
+        let mut s = conn
+            .prepare_cached("SELECT id FROM flow_runs WHERE id >= ?1 AND id < ?1 || 'ZZZZZZZZZZZZZZZZZZZZZZZZZZ' LIMIT 2")
+            .map_err(io_err("run lookup"))?;
+        let ids: Vec<String> = s
+            .query_map([&prefix], |r| r.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(io_err("run lookup"))?;
+        let ids: Vec<&String> = ids.iter().filter(|i| i.starts_with(&prefix)).collect();
+        match ids.as_slice() {
+            [] => Err(StoreError::UnknownRun(id_or_prefix.to_owned())),
+            [one] => parse_id(one, one),
+            _ => {
+                let count: i64 = conn
+                    .query_row(
+                        "SELECT count(*) FROM flow_runs WHERE substr(id, 1, length(?1)) = ?1",
+                        [&prefix],
+                        |r| r.get(0),
+                    )
+                    .map_err(io_err("run lookup"))?;
+                Err(StoreError::AmbiguousRun {
+                    prefix: id_or_prefix.to_owned(),
+                    count: count as usize,
+                })
+            }
+        }
+    }
+
+    fn load_run(&self, run: FlowRunId) -> Result<StoredRun, StoreError> {
+        let conn = self.read();
+        let id = run.to_string();
+        let io = io_err("run load");
+        type Head = (
+            String,
+            String,
+            i64,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+        );
+        let head: Option<Head> = conn
+            .query_row(
+                "SELECT flow, state_json, created_at, parameters, context, manifest_path, manifest, cancel_requested_at FROM flow_runs WHERE id = ?1",
+                [&id],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(&io)?;
+        let Some((flow, state, created, parameters, context, mpath, mtext, cancel)) = head else {
+            return Err(StoreError::UnknownRun(id));
+        };
+        let corrupt = |detail: String| StoreError::Corrupt {
+            run: id.clone(),
+            detail,
+        };
+        let state = parse_state(&id, &state)?;
+        let parameters: BTreeMap<String, Value> =
+            serde_json::from_str(&parameters).map_err(|e| corrupt(format!("parameters: {e}")))?;
+        let context: BTreeMap<String, String> =
+            serde_json::from_str(&context).map_err(|e| corrupt(format!("context: {e}")))?;
+
+        // Transitions, by task run ("" for the flow run's own).
+        let mut histories: HashMap<String, Vec<Transition>> = HashMap::new();
+        {
+            let mut s = conn
+                .prepare_cached(
+                    "SELECT coalesce(task_run, ''), from_state, to_state, time, message FROM transitions WHERE flow_run = ?1 ORDER BY seq",
+                )
+                .map_err(&io)?;
+            let rows = s
+                .query_map([&id], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                    ))
+                })
+                .map_err(&io)?;
+            for row in rows {
+                let (task_run, from, to, time, message) = row.map_err(&io)?;
+                let from = from.map(|f| parse_name(&id, &f)).transpose()?;
+                histories.entry(task_run).or_default().push(Transition {
+                    from,
+                    to: parse_name(&id, &to)?,
+                    time: from_micros(time),
+                    message,
+                });
+            }
+        }
+        let mut logs: HashMap<String, Vec<LogRecord>> = HashMap::new();
+        {
+            let mut s = conn
+                .prepare_cached(
+                    "SELECT task_run, record FROM logs WHERE flow_run = ?1 ORDER BY seq",
+                )
+                .map_err(&io)?;
+            let rows = s
+                .query_map([&id], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(&io)?;
+            for row in rows {
+                let (task_run, record) = row.map_err(&io)?;
+                let record: LogRecord =
+                    serde_json::from_str(&record).map_err(|e| corrupt(format!("log: {e}")))?;
+                logs.entry(task_run).or_default().push(record);
+            }
+        }
+        type Row = (
+            String,
+            u32,
+            String,
+            Option<String>,
+            Option<u32>,
+            String,
+            u32,
+            i64,
+            i64,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = {
+            let mut s = conn
+                .prepare_cached(
+                    "SELECT id, task_index, name, parent, map_index, state_json, attempts, run_time_us, fuel, output, cached_input, cache
+                     FROM task_runs WHERE flow_run = ?1 ORDER BY task_index, parent IS NOT NULL, map_index",
+                )
+                .map_err(&io)?;
+            s.query_map([&id], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                    r.get(9)?,
+                    r.get(10)?,
+                    r.get(11)?,
+                ))
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(&io)?
+        };
+        let mut tasks: Vec<TaskRun> = Vec::new();
+        let mut parents: HashMap<String, usize> = HashMap::new();
+        for (tid, _index, name, parent, map_index, state, attempts, rt, fuel, out, input, cache) in
+            rows
+        {
+            let state = parse_state(&id, &state)?;
+            let what = |kind: &str| match map_index {
+                Some(i) => format!("{kind} of task `{name}`[{i}]"),
+                None => format!("{kind} of task `{name}`"),
+            };
+            let output = match &out {
+                Some(h) if state.state_type() == crate::state::StateType::Completed => {
+                    Some(get_blob(&conn, h, &what("output"))?)
+                }
+                _ => None,
+            };
+            let cached_input = match &input {
+                Some(h) => Some(Arc::new(get_blob(&conn, h, &what("cached input"))?)),
+                None => None,
+            };
+            let cache = cache
+                .map(|c| serde_json::from_str(&c))
+                .transpose()
+                .map_err(|e| corrupt(format!("cache info: {e}")))?;
+            let record = TaskRun {
+                name,
+                id: parse_id(&id, &tid)?,
+                map_index,
+                history: histories.remove(&tid).unwrap_or_default(),
+                logs: logs.remove(&tid).unwrap_or_default(),
+                state,
+                attempts,
+                output,
+                output_released: false,
+                cached_input,
+                run_time: Duration::from_micros(u64::try_from(rt).unwrap_or(0)),
+                fuel_consumed: u64::try_from(fuel).unwrap_or(0),
+                cache,
+                children: Vec::new(),
+            };
+            match parent {
+                None => {
+                    parents.insert(tid, tasks.len());
+                    tasks.push(record);
+                }
+                Some(p) => match parents.get(&p) {
+                    Some(&i) => tasks[i].children.push(record),
+                    None => {
+                        return Err(corrupt(format!("task run {tid} has an unknown parent {p}")));
+                    }
+                },
+            }
+        }
+        let run_record = FlowRun {
+            id: run,
+            flow,
+            state,
+            history: histories.remove("").unwrap_or_default(),
+            parameters,
+            context,
+            tasks,
+        };
+        Ok(StoredRun {
+            run: run_record,
+            manifest: mpath.zip(mtext).map(|(p, t)| (PathBuf::from(p), t)),
+            created_at: from_micros(created),
+            cancel_requested_at: cancel.map(from_micros),
+        })
+    }
+
+    fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
+        let conn = self.read();
+        let io = io_err("run list");
+        let limit = if filter.limit == 0 {
+            i64::MAX
+        } else {
+            filter.limit as i64
+        };
+        let rows: Vec<(String, String, String, i64, i64)> = {
+            let mut s = conn
+                .prepare_cached(
+                    "SELECT id, flow, state_json, created_at, updated_at FROM flow_runs
+                     WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR flow = ?2)
+                     ORDER BY created_at DESC, id DESC LIMIT ?3",
+                )
+                .map_err(&io)?;
+            s.query_map(
+                params![filter.state.map(StateName::as_str), filter.flow, limit],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .and_then(|rows| rows.collect())
+            .map_err(&io)?
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        let mut counts = conn
+            .prepare_cached(
+                "SELECT state, count(*) FROM task_runs WHERE flow_run = ?1 AND parent IS NULL GROUP BY state",
+            )
+            .map_err(&io)?;
+        for (id, flow, state, created, updated) in rows {
+            let tasks: BTreeMap<String, u64> = counts
+                .query_map([&id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+                .and_then(|rows| rows.collect())
+                .map_err(&io)?;
+            out.push(RunSummary {
+                id: parse_id(&id, &id)?,
+                flow,
+                state: parse_state(&id, &state)?,
+                created_at: from_micros(created),
+                updated_at: from_micros(updated),
+                tasks,
+            });
+        }
+        Ok(out)
+    }
+
+    fn logs(
+        &self,
+        run: FlowRunId,
+        task: Option<&str>,
+        after: i64,
+    ) -> Result<Vec<StoredLog>, StoreError> {
+        let conn = self.read();
+        let io = io_err("log read");
+        let mut s = conn
+            .prepare_cached(
+                "SELECT seq, task, map_index, record FROM logs WHERE flow_run = ?1 AND seq > ?2 AND (?3 IS NULL OR task = ?3) ORDER BY seq",
+            )
+            .map_err(&io)?;
+        let rows: Vec<(i64, String, Option<u32>, String)> = s
+            .query_map(params![run.to_string(), after, task], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(&io)?;
+        rows.into_iter()
+            .map(|(seq, task, map_index, record)| {
+                let record = serde_json::from_str(&record).map_err(|e| StoreError::Corrupt {
+                    run: run.to_string(),
+                    detail: format!("log {seq}: {e}"),
+                })?;
+                Ok(StoredLog {
+                    seq,
+                    task,
+                    map_index,
+                    record,
+                })
+            })
+            .collect()
+    }
+
+    fn recover_dead(&self, now: DateTime<Utc>) -> Result<Vec<FlowRunId>, StoreError> {
+        let candidates: Vec<(String, String, i64)> = {
+            let conn = self.read();
+            let mut s = conn
+                .prepare_cached(
+                    "SELECT id, state, pid FROM flow_runs WHERE state IN ('Pending', 'Running', 'Cancelling')",
+                )
+                .map_err(io_err("recovery"))?;
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .and_then(|rows| rows.collect())
+                .map_err(io_err("recovery"))?
+        };
+        let mut marked = Vec::new();
+        for (id, old, pid) in candidates {
+            let run: FlowRunId = parse_id(&id, &id)?;
+            if self.is_live(run) {
+                continue;
+            }
+            let mut conn = self.read();
+            let tx = conn.transaction().map_err(io_err("recovery"))?;
+            let flow_state = State::new(StateName::Crashed, now).with_message(format!(
+                "the process running this flow run (pid {pid}) died"
+            ));
+            let changed = tx
+                .execute(
+                    "UPDATE flow_runs SET state = 'Crashed', state_json = ?2, updated_at = ?3 WHERE id = ?1 AND state = ?4",
+                    params![id, state_json(&flow_state), micros(now), old],
+                )
+                .map_err(io_err("recovery"))?;
+            if changed == 0 {
+                continue;
+            }
+            insert_transition(
+                &tx,
+                run,
+                None,
+                &Transition {
+                    from: Some(parse_name(&id, &old)?),
+                    to: StateName::Crashed,
+                    time: now,
+                    message: flow_state.message.clone(),
+                },
+            )
+            .map_err(io_err("recovery"))?;
+            crash_tasks(&tx, run, now).map_err(io_err("recovery"))?;
+            tx.commit().map_err(io_err("recovery"))?;
+            marked.push(run);
+        }
+        Ok(marked)
+    }
+
+    fn cancel(&self, run: FlowRunId, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
+        let id = run.to_string();
+        let state: Option<String> = self
+            .read()
+            .query_row("SELECT state FROM flow_runs WHERE id = ?1", [&id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(io_err("cancel"))?;
+        let state = parse_name(
+            &id,
+            &state.ok_or_else(|| StoreError::UnknownRun(id.clone()))?,
+        )?;
+        if self.is_live(run) {
+            self.read()
+                .execute(
+                    "UPDATE flow_runs SET cancel_requested_at = coalesce(cancel_requested_at, ?2) WHERE id = ?1",
+                    params![id, micros(now)],
+                )
+                .map_err(io_err("cancel"))?;
+            return Ok(CancelOutcome::Requested);
+        }
+        if matches!(
+            state.state_type(),
+            crate::state::StateType::Completed
+                | crate::state::StateType::Failed
+                | crate::state::StateType::Cancelled
+        ) {
+            return Ok(CancelOutcome::AlreadyFinished(state));
+        }
+        // Nothing runs it (paused, or its process died): record the cancellation here.
+        let mut conn = self.read();
+        let tx = conn.transaction().map_err(io_err("cancel"))?;
+        let flow_state = State::new(StateName::Cancelled, now)
+            .with_message("cancelled by `sluice cancel` while no process ran it");
+        tx.execute(
+            "UPDATE flow_runs SET state = 'Cancelled', state_json = ?2, updated_at = ?3, cancel_requested_at = ?3 WHERE id = ?1",
+            params![id, state_json(&flow_state), micros(now)],
+        )
+        .map_err(io_err("cancel"))?;
+        insert_transition(
+            &tx,
+            run,
+            None,
+            &Transition {
+                from: Some(state),
+                to: StateName::Cancelled,
+                time: now,
+                message: flow_state.message.clone(),
+            },
+        )
+        .map_err(io_err("cancel"))?;
+        let open: Vec<(String, String)> = {
+            let mut s = tx
+                .prepare("SELECT id, state FROM task_runs WHERE flow_run = ?1")
+                .map_err(io_err("cancel"))?;
+            s.query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(|rows| rows.collect())
+                .map_err(io_err("cancel"))?
+        };
+        for (tid, s) in open {
+            let name = parse_name(&id, &s)?;
+            if name.state_type().is_terminal() {
+                continue;
+            }
+            let st = State::new(StateName::Cancelled, now)
+                .with_message("the flow run was cancelled before this task finished");
+            set_task_state(&tx, run, &tid, name, &st).map_err(io_err("cancel"))?;
+        }
+        tx.commit().map_err(io_err("cancel"))?;
+        Ok(CancelOutcome::Cancelled)
+    }
+
+    fn cancel_requested(&self, run: FlowRunId) -> Result<bool, StoreError> {
+        let v: Option<Option<i64>> = self
+            .read()
+            .prepare_cached("SELECT cancel_requested_at FROM flow_runs WHERE id = ?1")
+            .and_then(|mut s| s.query_row([run.to_string()], |r| r.get(0)).optional())
+            .map_err(io_err("cancel check"))?;
+        Ok(matches!(v, Some(Some(_))))
+    }
+}
+
+/// Task runs that were running when their process died become Crashed.
+fn crash_tasks(tx: &Transaction<'_>, run: FlowRunId, now: DateTime<Utc>) -> rusqlite::Result<()> {
+    let running: Vec<(String, String)> = {
+        let mut s = tx.prepare(
+            "SELECT id, state FROM task_runs WHERE flow_run = ?1 AND state IN ('Running', 'Retrying')",
+        )?;
+        s.query_map([run.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    for (tid, old) in running {
+        let old: StateName = old.parse().unwrap_or(StateName::Running);
+        let st = State::new(StateName::Crashed, now)
+            .with_message("the process running this task died; it will run again on resume");
+        set_task_state(tx, run, &tid, old, &st)?;
+    }
+    Ok(())
+}
+
+fn set_task_state(
+    tx: &Transaction<'_>,
+    run: FlowRunId,
+    task_run: &str,
+    old: StateName,
+    st: &State,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE task_runs SET state = ?2, state_json = ?3 WHERE id = ?1",
+        params![task_run, st.name.as_str(), state_json(st)],
+    )?;
+    let task_run: Option<TaskRunId> = task_run.parse().ok();
+    insert_transition(
+        tx,
+        run,
+        task_run,
+        &Transition {
+            from: Some(old),
+            to: st.name,
+            time: st.timestamp,
+            message: st.message.clone(),
+        },
+    )
+}

@@ -5,9 +5,13 @@
 //!    the wall time per task, against the floor;
 //! 3. peak memory (VmHWM) of a 100,000-task flow whose outputs are 1 KiB each: 50,000 producers
 //!    each hand a 1 KiB string to their own consumer, which returns its length. Consumed outputs
-//!    are released, so memory must not grow with them.
+//!    are released, so memory must not grow with them;
+//! 4. the 10,000-task flow again with the SQLite store on (every transition, output and log
+//!    recorded, group commit; the time includes the final flush), against the store off;
+//! 5. an all-cache-hit run of the same flow (each child cached with `all_inputs`): tasks/s, and
+//!    the latency of one cache lookup (key computation + store lookup + decoding the value).
 //!
-//! Run: `cargo bench --bench flow`.
+//! Run: `cargo bench --bench flow` (`cargo bench --bench flow -- store` runs only 4 and 5).
 
 #[path = "../../tests/common/guests.rs"]
 mod guests;
@@ -17,11 +21,16 @@ mod raw_floor;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use serde_json::json;
+use sluice::cache::{CacheKey, CachePolicy, CacheValidator, TaskIdentity};
 use sluice::flow::{FlowBuilder, Input, MapOver, TaskDef};
 use sluice::runner::{FlowRunner, RunOptions};
-use sluice::sandbox::Sandbox;
+use sluice::sandbox::{RunBudget, Sandbox};
 use sluice::state::StateName;
+use sluice::store::{CacheLookup, SqliteStore, Store};
 
 fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -41,9 +50,20 @@ fn reset_peak() {
 }
 
 async fn mapped_flow(runner: &FlowRunner, n: usize) -> Duration {
+    mapped_flow_with(runner, n, None, StateName::Completed).await
+}
+
+/// The mapped flow with `cache` on `add_one`; every child ends in `child_state`.
+async fn mapped_flow_with(
+    runner: &FlowRunner,
+    n: usize,
+    cache: Option<CachePolicy>,
+    child_state: StateName,
+) -> Duration {
     let mut add = TaskDef::new("add_one", guests::guest("add_one"));
     add.input = Input::Literal(json!((0..n as i64).collect::<Vec<_>>()));
     add.map = MapOver::Input;
+    add.cache = cache;
     let def = FlowBuilder::new("bench-map")
         .task(add)
         .build()
@@ -54,7 +74,17 @@ async fn mapped_flow(runner: &FlowRunner, n: usize) -> Duration {
     let elapsed = began.elapsed();
     assert_eq!(run.state.name, StateName::Completed);
     assert_eq!(run.tasks[0].children.len(), n);
+    assert!(
+        run.tasks[0]
+            .children
+            .iter()
+            .all(|c| c.state.name == child_state)
+    );
     elapsed
+}
+
+fn best_of(times: Vec<Duration>) -> Duration {
+    times.into_iter().min().unwrap_or_default()
 }
 
 async fn chains_flow(runner: &FlowRunner, pairs: usize) -> (Duration, StateName) {
@@ -107,8 +137,20 @@ fn main() {
         .build()
         .expect("runtime");
     let add_one = guests::guest("add_one");
+    let only_store = std::env::args().any(|a| a == "store");
     runtime.block_on(async {
-        let floor = raw_floor::raw_floor(&add_one, 300, 3000).await;
+        let runner = FlowRunner::new(Sandbox::builder().build().expect("sandbox"));
+        let n = 10_000;
+        if !only_store {
+            engine_sections(&runner, &add_one, n).await;
+        }
+        store_sections(&runner, &add_one, n).await;
+    });
+}
+
+async fn engine_sections(runner: &FlowRunner, add_one: &Path, n: usize) {
+    {
+        let floor = raw_floor::raw_floor(add_one, 300, 3000).await;
         println!(
             "raw wasmtime floor (one thread):  p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs, mean {:.1} µs per task",
             raw_floor::us(floor.p50),
@@ -117,13 +159,11 @@ fn main() {
             raw_floor::us(floor.mean)
         );
 
-        let runner = FlowRunner::new(Sandbox::builder().build().expect("sandbox"));
-        let n = 10_000;
-        let _warm = mapped_flow(&runner, 1_000).await;
+        let _warm = mapped_flow(runner, 1_000).await;
         let best = {
             let mut times = Vec::new();
             for _ in 0..3 {
-                times.push(mapped_flow(&runner, n).await);
+                times.push(mapped_flow(runner, n).await);
             }
             times.into_iter().min().expect("runs")
         };
@@ -140,7 +180,7 @@ fn main() {
         let pairs = 50_000;
         reset_peak();
         let before = status_kib("VmRSS:");
-        let (elapsed, state) = chains_flow(&runner, pairs).await;
+        let (elapsed, state) = chains_flow(runner, pairs).await;
         let peak = status_kib("VmHWM:");
         println!(
             "100,000-task flow, 1 KiB outputs: {state} in {:.1} s; RSS before {} MiB, peak {} MiB \
@@ -149,5 +189,140 @@ fn main() {
             before >> 10,
             peak >> 10
         );
-    });
+    }
+}
+
+async fn store_sections(runner: &FlowRunner, add_one: &Path, n: usize) {
+    {
+        // 4. The store on vs off, in this run.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Arc::new(SqliteStore::open(dir.path()).expect("store"));
+        let stored =
+            FlowRunner::new(runner.sandbox().clone()).store(store.clone() as Arc<dyn Store>);
+        let mut off = Vec::new();
+        let mut on = Vec::new();
+        for _ in 0..3 {
+            off.push(mapped_flow(runner, n).await);
+            on.push(mapped_flow(&stored, n).await);
+        }
+        let (off, on) = (best_of(off), best_of(on));
+        let per = |d: Duration| raw_floor::us(d / n as u32);
+        println!(
+            "10,000-task flow, store off:      {:.0} ms  →  {:.1} µs per task",
+            raw_floor::ms(off),
+            per(off)
+        );
+        println!(
+            "10,000-task flow, store on:       {:.0} ms  →  {:.1} µs per task amortized (+{:.1} µs;              target ≤ 250 µs per task); database {} MiB after 4 runs",
+            raw_floor::ms(on),
+            per(on),
+            per(on) - per(off),
+            std::fs::metadata(store.path()).map_or(0, |m| m.len() >> 20)
+        );
+
+        // 5. All cache hits.
+        let policy = CachePolicy {
+            cache_for: Duration::from_secs(3600),
+            validator: CacheValidator::AllInputs,
+        };
+        mapped_flow_with(&stored, n, Some(policy.clone()), StateName::Completed).await;
+        let mut hits = Vec::new();
+        for _ in 0..3 {
+            hits.push(mapped_flow_with(&stored, n, Some(policy.clone()), StateName::Cached).await);
+        }
+        let hits = best_of(hits);
+        if std::env::args().any(|a| a == "split") {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let evr = FlowRunner::new(runner.sandbox().clone())
+                .store(store.clone() as Arc<dyn Store>)
+                .events(tx);
+            let t0 = Instant::now();
+            let watcher = tokio::spawn(async move {
+                let mut last = None;
+                while let Some(e) = rx.recv().await {
+                    if matches!(e, sluice::runner::FlowEvent::Flow(StateName::Completed)) {
+                        last = Some(t0.elapsed());
+                    }
+                }
+                last
+            });
+            mapped_flow_with(&evr, n, Some(policy.clone()), StateName::Cached).await;
+            let total = t0.elapsed();
+            drop(evr);
+            let loop_end = watcher.await.ok().flatten();
+            println!("split: loop done at {loop_end:?}, run returned at {total:?}");
+        }
+        println!(
+            "10,000-task all-cache-hit run:    {:.0} ms  →  {:.0} tasks/s, {:.1} µs per task              (target ≥ 100,000 tasks/s)",
+            raw_floor::ms(hits),
+            n as f64 / hits.as_secs_f64(),
+            per(hits)
+        );
+        // What a hit costs the runner: the key, and the lookup in the entries it preloaded for
+        // the task (one query per task per run, timed separately).
+        let component = runner
+            .sandbox()
+            .load_file(add_one)
+            .await
+            .expect("load")
+            .digest();
+        let budget = RunBudget::default();
+        let params = BTreeMap::new();
+        let now = chrono::Utc::now();
+        let began = Instant::now();
+        let index: std::collections::HashMap<String, sluice::store::CachedOutput> = store
+            .cache_preload("add_one", now, 64 << 20)
+            .expect("preload")
+            .into_iter()
+            .map(|c| (c.entry.key.clone(), c))
+            .collect();
+        let preload = began.elapsed();
+        // The key of child `i` (input `i`, map index `i`).
+        let key_of = |i: usize| {
+            CacheKey::new(
+                &policy,
+                TaskIdentity {
+                    task: "add_one",
+                    component: &component,
+                    budget: &budget,
+                    map_index: Some(i as u32),
+                },
+                &json!(i),
+                &params,
+            )
+            .expect("key")
+        };
+        let mut lookups = Vec::with_capacity(n);
+        for i in 0..n {
+            let began = Instant::now();
+            let key = key_of(i);
+            let value = index
+                .get(&key.key)
+                .filter(|c| c.entry.expires_at > now)
+                .and_then(|c| c.value.clone());
+            lookups.push(began.elapsed());
+            assert_eq!(value.as_deref(), Some(&json!(i + 1)), "child {i} missed");
+        }
+        let mut direct = Vec::with_capacity(1000);
+        for i in 0..1000 {
+            let key = key_of(i);
+            let began = Instant::now();
+            let hit = store.cache_lookup(&key, now).expect("lookup");
+            direct.push(began.elapsed());
+            assert!(matches!(hit, CacheLookup::Hit { .. }), "child {i} missed");
+        }
+        direct.sort_unstable();
+        println!(
+            "cache preload of 10,000 entries:  {:.1} ms; a lookup straight from SQLite (not \
+             preloaded) p50 {:.1} µs",
+            raw_floor::ms(preload),
+            raw_floor::us(direct[500])
+        );
+        lookups.sort_unstable();
+        println!(
+            "cache hit (key + preloaded lookup): p50 {:.1} µs, p99 {:.1} µs (target p50 ≤ 10 µs)",
+            raw_floor::us(lookups[n / 2]),
+            raw_floor::us(lookups[n * 99 / 100])
+        );
+    }
 }

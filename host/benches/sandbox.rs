@@ -7,7 +7,8 @@
 //!     context, output validation, state-ready outcome);
 //!
 //! and the ratio (b)/(a). Also: Cranelift compile time and the warm load time of a precompiled
-//! artifact, for a small and a larger component.
+//! artifact (mapping and linking it), for a small and a larger component, and the wall time of a
+//! warm `load_file` (through the artifact directory's file index: the file is not read).
 //!
 //! Run: `cargo bench --bench sandbox` (add `-- --iterations N` to change the sample size).
 
@@ -55,8 +56,9 @@ async fn through_sluice(wasm: &Path, warmup: usize, iterations: usize) -> Stats 
 }
 
 /// Compile once into a fresh artifact directory, then load the artifact from fresh sandboxes
-/// (as new processes would).
-async fn compile_and_warm_load(wasm: &Path, loads: usize) -> (Duration, Stats) {
+/// (as new processes would): from the bytes, and with `load_file` (wall time, and how many
+/// loads the file index served).
+async fn compile_and_warm_load(wasm: &Path, loads: usize) -> (Duration, Stats, Stats, usize) {
     let dir = tempfile::tempdir().expect("temp dir");
     let bytes = std::fs::read(wasm).expect("read");
     // Each load uses a new sandbox, as a new process would.
@@ -79,7 +81,19 @@ async fn compile_and_warm_load(wasm: &Path, loads: usize) -> (Duration, Stats) {
         assert_eq!(warm.source, LoadSource::Precompiled);
         samples.push(warm.duration);
     }
-    (first.duration, stats(samples))
+    let (mut files, mut indexed) = (Vec::with_capacity(loads), 0);
+    for _ in 0..loads {
+        let sandbox = Sandbox::builder()
+            .artifact_dir(dir.path())
+            .build()
+            .expect("sandbox");
+        let started = Instant::now();
+        let c = sandbox.load_file(wasm).await.expect("load");
+        files.push(started.elapsed());
+        assert_ne!(c.load_info().source, LoadSource::Compiled);
+        indexed += usize::from(c.load_info().source == LoadSource::Indexed);
+    }
+    (first.duration, stats(samples), stats(files), indexed)
 }
 
 fn main() {
@@ -119,13 +133,15 @@ fn main() {
         println!();
         for (name, wasm) in [("add_one", &add_one), ("hostile", &hostile)] {
             let size = std::fs::metadata(wasm).map_or(0, |m| m.len());
-            let (compile, warm) = compile_and_warm_load(wasm, 20).await;
+            let (compile, warm, file, indexed) = compile_and_warm_load(wasm, 20).await;
             println!(
-                "{name:<8} {:>6} KiB   compile {:>8.1} ms   warm load (precompiled) p50 {:>6.2} ms  p90 {:>6.2} ms",
+                "{name:<8} {:>6} KiB   compile {:>8.1} ms   warm load (precompiled) p50 {:>6.2} ms  p90 {:>6.2} ms   load_file p50 {:>6.2} ms  p90 {:>6.2} ms ({indexed}/20 indexed)",
                 size >> 10,
                 ms(compile),
                 ms(warm.p50),
-                ms(warm.p90)
+                ms(warm.p90),
+                ms(file.p50),
+                ms(file.p90),
             );
         }
     });

@@ -29,7 +29,8 @@ use crate::sandbox::{
 };
 use crate::state::{Retry, State, StateName, StateType};
 use crate::store::{
-    Blob, CacheLookup, CacheWrite, RunHeader, RunLease, Store, StoreError, TaskWrite, Write,
+    Blob, CacheLookup, CacheWrite, CachedOutput, RunHeader, RunLease, Store, StoreError, TaskWrite,
+    Write,
 };
 
 /// A state handler: `(name, old, new) -> new`. Handlers are chained; each one's result is the
@@ -173,15 +174,8 @@ pub enum PrepareError {
         source: LoadError,
     },
     /// A build command failed.
-    #[error("task `{task}`: the build command `{command}` failed: {detail}")]
-    Build {
-        /// The task.
-        task: String,
-        /// The command.
-        command: String,
-        /// Its exit status and stderr.
-        detail: String,
-    },
+    #[error(transparent)]
+    Build(#[from] crate::flow::build::BuildError),
     /// A parameter given on the command line or API is not declared.
     #[error("unknown parameter `{name}`{hint}")]
     UnknownParameter {
@@ -349,11 +343,9 @@ impl FlowRunner {
     /// Load every component of `def` (building those with a build command whose file is
     /// missing), in parallel, each distinct component once.
     pub async fn prepare(&self, def: FlowDef, dir: &Path) -> Result<PreparedFlow, PrepareError> {
-        for t in &def.tasks {
-            if let Some(cmd) = &t.build
-                && !t.component.is_file()
-            {
-                build(&t.name, cmd, dir).await?;
+        for step in crate::flow::build::plan(&def) {
+            if step.outputs.iter().any(|o| !o.is_file()) {
+                step.run(dir).await?;
             }
         }
         // Each distinct file is read and loaded once, however many tasks use it.
@@ -591,32 +583,6 @@ fn merge_parameters(
     Ok(params)
 }
 
-async fn build(task: &str, command: &str, dir: &Path) -> Result<(), PrepareError> {
-    let out = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .current_dir(dir)
-        .output()
-        .await
-        .map_err(|e| PrepareError::Build {
-            task: task.to_owned(),
-            command: command.to_owned(),
-            detail: e.to_string(),
-        })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(PrepareError::Build {
-        task: task.to_owned(),
-        command: command.to_owned(),
-        detail: format!(
-            "{}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-    })
-}
-
 /// One schedulable unit: a task, or one child of a mapped task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Unit {
@@ -683,6 +649,8 @@ struct Exec<'a> {
     names: Vec<Arc<str>>,
     /// Cache keys of units that missed the cache: their output is cached when they complete.
     cache_keys: HashMap<Unit, CacheKey>,
+    /// Per cached task, its valid cache entries by key, loaded on first use.
+    cache_index: HashMap<usize, HashMap<String, CachedOutput>>,
 }
 
 impl<'a> Exec<'a> {
@@ -749,6 +717,7 @@ impl<'a> Exec<'a> {
                 .map(|t| Arc::from(t.name.as_str()))
                 .collect(),
             cache_keys: HashMap::new(),
+            cache_index: HashMap::new(),
             run,
         }
     }
@@ -1174,6 +1143,26 @@ impl<'a> Exec<'a> {
             return false;
         };
         let now = self.now();
+        let index = self.cache_index.entry(unit.task).or_insert_with(|| {
+            match store.cache_preload(&task.name, now, CACHE_PRELOAD_BYTES) {
+                Ok(entries) => entries
+                    .into_iter()
+                    .map(|c| (c.entry.key.clone(), c))
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(task = %task.name, "cannot preload the cache: {e}");
+                    HashMap::new()
+                }
+            }
+        });
+        let preloaded = index.get(&key.key).and_then(|c| {
+            let value = c.value.clone()?;
+            (c.entry.expires_at > now).then(|| CacheLookup::Hit {
+                output: value,
+                blob: c.entry.blob.clone(),
+                entry: Box::new(c.entry.clone()),
+            })
+        });
         let miss = |key: &CacheKey, reason: String| CacheInfo {
             status: CacheStatus::Miss,
             key: key.key.clone(),
@@ -1183,7 +1172,12 @@ impl<'a> Exec<'a> {
             source_task_run: None,
             expires_at: None,
         };
-        match store.cache_lookup(&key, now) {
+        // Not preloaded (or expired since): the store is authoritative, and explains a miss.
+        let lookup = match preloaded {
+            Some(hit) => Ok(hit),
+            None => store.cache_lookup(&key, now),
+        };
+        match lookup {
             Ok(CacheLookup::Hit {
                 output,
                 blob,
@@ -1258,10 +1252,10 @@ impl<'a> Exec<'a> {
         let msg = (attempt > base + 1).then(|| format!("attempt {attempt}"));
         let mut s = State::new(name, self.now());
         s.message = msg;
+        // Counted before the transition is recorded, so a crash mid-attempt still counts it.
+        self.record(unit).attempts = attempt;
         self.transition(unit, s).await;
         let input = self.unit_input(unit);
-        let record = self.record(unit);
-        record.attempts = attempt;
         let ctx = TaskContext {
             flow_run_id: self.run.id,
             task_run_id: self.record(unit).id,
@@ -1778,6 +1772,9 @@ fn reset_to_pending(rec: &mut TaskRun, now: DateTime<Utc>) {
         message: rec.state.message.clone(),
     });
 }
+
+/// Most bytes of cached values a run preloads per task; the rest are read on a hit.
+const CACHE_PRELOAD_BYTES: u64 = 64 << 20;
 
 /// How often a run checks the store for a cancel requested from another process.
 const CANCEL_POLL: Duration = Duration::from_millis(100);

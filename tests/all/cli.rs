@@ -173,3 +173,64 @@ fn invalid_components_and_input_are_usage_errors_with_clear_messages() {
         "{err}"
     );
 }
+
+/// `sluice build`: runs each declared build command once, skips tasks newer than their
+/// sources, names the task, the command and its stderr when a build fails; `run --build`.
+#[test]
+fn sluice_build_builds_skips_and_reports_failures() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    std::fs::copy(guest("add_one"), d.join("src.wasm")).expect("copy");
+    let flow = d.join("flow.toml");
+    std::fs::write(
+        &flow,
+        r#"name = "built"
+[tasks.a]
+component = { path = "out.wasm", build = "cp src.wasm out.wasm", sources = ["src.wasm"] }
+input = 1
+"#,
+    )
+    .expect("write");
+    let flow = flow.to_str().expect("utf-8");
+    let build = |args: &[&str]| {
+        let out = sluice(args);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = build(&["build", flow]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("build: a: built in"), "{err}");
+    let (_, err) = build(&["build", flow]);
+    assert!(err.contains("build: a: up to date"), "{err}");
+    // A source newer than the component: built again.
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(d.join("src.wasm"))
+        .and_then(|f| f.set_modified(later))
+        .expect("touch");
+    let (_, err) = build(&["build", flow]);
+    assert!(err.contains("build: a: built in"), "{err}");
+    let out = sluice(&["run", "--build", flow, "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(json_of(&out)["tasks"][0]["output"], 2);
+
+    std::fs::write(
+        d.join("flow.toml"),
+        r#"name = "broken"
+[tasks.a]
+component = { path = "never.wasm", build = "echo 'no compiler here' >&2; exit 3" }
+"#,
+    )
+    .expect("write");
+    let (code, err) = build(&["build", flow]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(
+            "building `a`: `echo 'no compiler here' >&2; exit 3` failed with exit status: 3"
+        ) && err.contains("no compiler here"),
+        "{err}"
+    );
+}

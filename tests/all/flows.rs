@@ -15,7 +15,7 @@ use sluice::runner::{FlowEvent, FlowRun, FlowRunner, PreparedFlow, RunOptions};
 use sluice::sandbox::{CancelToken, RunBudget};
 use sluice::state::{State, StateName};
 
-use crate::support::{example_flow, guest, sandbox};
+use crate::support::{example_flow, guest, history, sandbox, task};
 
 fn sluice_run(flow: &Path, args: &[&str]) -> Output {
     let home = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-home");
@@ -39,24 +39,6 @@ fn run_json(flow: &Path, args: &[&str]) -> (Option<i32>, Value) {
         )
     });
     (out.status.code(), v)
-}
-
-fn task<'a>(run: &'a Value, name: &str) -> &'a Value {
-    run["tasks"]
-        .as_array()
-        .and_then(|ts| ts.iter().find(|t| t["name"] == name))
-        .unwrap_or_else(|| panic!("no task {name} in {run}"))
-}
-
-fn history(t: &Value) -> Vec<String> {
-    t["history"]
-        .as_array()
-        .map(|h| {
-            h.iter()
-                .map(|x| x["to"].as_str().unwrap_or("?").to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 async fn prepare(runner: &FlowRunner, def: FlowDef, dir: &Path) -> PreparedFlow {

@@ -7,5 +7,7 @@ mod flows;
 mod hostile;
 mod limits;
 mod loading;
+mod polyglot;
 mod signals;
+mod store;
 mod support;

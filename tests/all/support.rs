@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use serde_json::Value;
 use sluice::context::TaskContext;
 use sluice::sandbox::{Ending, RunBudget, RunOutcome, Sandbox, TaskComponent};
 
@@ -88,4 +89,24 @@ pub fn message(ending: &Ending) -> String {
         Ending::TimedOut(t) => t.to_string(),
         other => format!("{other:?}"),
     }
+}
+
+/// The task `name` of a flow run record printed as JSON.
+pub fn task<'a>(run: &'a Value, name: &str) -> &'a Value {
+    run["tasks"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["name"] == name))
+        .unwrap_or_else(|| panic!("no task {name} in {run}"))
+}
+
+/// The states a task (or flow) record's history went through, in order.
+pub fn history(t: &Value) -> Vec<String> {
+    t["history"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .map(|x| x["to"].as_str().unwrap_or("?").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -18,7 +18,8 @@
 //! db = 1
 //!
 //! [tasks.extract]
-//! component = "tasks/extract.wasm"    # or { path = "…", build = "shell command" }
+//! component = "tasks/extract.wasm"    # or { path = "…", build = "shell command",
+//!                                     #       sources = ["src/"] } (rebuilt when newer)
 //! input = { n = "$params.count" }     # "$params.X", "$tasks.X" are references; "$$" escapes
 //!
 //! [tasks.load]
@@ -128,7 +129,12 @@ fn yes() -> bool {
 #[serde(untagged)]
 enum RawComponent {
     Path(String),
-    Build { path: String, build: Option<String> },
+    Build {
+        path: String,
+        build: Option<String>,
+        #[serde(default)]
+        sources: Vec<String>,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -289,9 +295,13 @@ fn task_def(
     table: Range<usize>,
 ) -> Result<(TaskDef, TaskSpans), ManifestError> {
     let component_span = raw.component.span();
-    let (path, build) = match raw.component.into_inner() {
-        RawComponent::Path(p) => (p, None),
-        RawComponent::Build { path, build } => (path, build),
+    let (path, build, sources) = match raw.component.into_inner() {
+        RawComponent::Path(p) => (p, None, Vec::new()),
+        RawComponent::Build {
+            path,
+            build,
+            sources,
+        } => (path, build, sources),
     };
     let component = dir.join(&path);
     if build.is_none() && !component.is_file() {
@@ -305,6 +315,7 @@ fn task_def(
     }
     let mut task = TaskDef::new(name.clone(), component);
     task.build = build;
+    task.sources = sources.iter().map(|s| dir.join(s)).collect();
     let mut spans = TaskSpans {
         table,
         ..TaskSpans::default()

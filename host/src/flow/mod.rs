@@ -3,6 +3,7 @@
 //! ([`manifest::parse`]) or with the Rust builder ([`FlowBuilder`]). Both produce the same
 //! validated [`FlowDef`]: every referenced task exists and the graph has no cycle.
 
+pub mod build;
 pub mod manifest;
 pub mod trigger;
 
@@ -182,6 +183,10 @@ pub struct TaskDef {
     /// A shell command that produces `component` (run in the manifest's directory when the file
     /// is missing).
     pub build: Option<String>,
+    /// Files and directories the component is built from: `sluice build` skips the build while
+    /// the component is newer than all of them. Without sources the command always runs (and
+    /// may skip work itself).
+    pub sources: Vec<PathBuf>,
     /// The input.
     pub input: Input,
     /// State-only dependencies, besides the data dependencies in `input`.
@@ -216,6 +221,7 @@ impl TaskDef {
             name: name.into(),
             component: component.into(),
             build: None,
+            sources: Vec::new(),
             input: Input::Literal(Value::Null),
             upstream_tasks: Vec::new(),
             trigger: Trigger::default(),

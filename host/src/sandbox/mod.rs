@@ -5,6 +5,12 @@
 //! [`RunBudget`], returning a plain [`RunOutcome`]. The rest of the host sees only these plain
 //! types.
 //!
+//! Loading a file is fast when it has been loaded before: the artifact directory keeps an index
+//! from each file's identity (path, inode, size, times) to its digest, so a warm
+//! [`Sandbox::load_file`] maps the precompiled artifact without reading or hashing the file (see
+//! `file_index.rs` for what the index trusts, and its residual risk). The host can watch
+//! compiles, which take seconds for large components, through [`SandboxBuilder::load_events`].
+//!
 //! Guests get no ambient authority: stdin is closed, there are no environment variables,
 //! arguments, preopened directories or sockets; stdout and stderr are captured into the run's
 //! bounded log buffer.
@@ -13,17 +19,20 @@ mod artifacts;
 mod bindings;
 mod budget;
 mod capture;
+mod file_index;
 mod limiter;
 mod outcome;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::Read;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{Notify, OnceCell, Semaphore};
 use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
 use wasmtime::{
@@ -37,6 +46,7 @@ use self::bindings::handler::HandlerPre;
 use self::bindings::{TaskPre, WitSignal, WitState, WitStateType};
 pub use self::budget::RunBudget;
 use self::capture::{Capture, LogSink, SharedSink};
+use self::file_index::{FileIdentity, FileIndex};
 use self::limiter::Limiter;
 pub use self::outcome::{
     Ending, Limit, LimitExceeded, LogLevel, LogRecord, LogSource, RunOutcome, Signal, TimeLimit,
@@ -110,8 +120,48 @@ impl LoadError {
 pub enum LoadSource {
     /// Compiled with Cranelift (and stored, when the sandbox has an artifact directory).
     Compiled,
-    /// Loaded from the artifact directory without compiling.
+    /// Loaded from the artifact directory without compiling, found by hashing the component's
+    /// bytes.
     Precompiled,
+    /// Loaded from the artifact directory without compiling, found through the artifact
+    /// directory's file index: the component's file was neither read nor hashed
+    /// ([`Sandbox::load_file`] and [`Sandbox::load_handler_file`] only).
+    Indexed,
+}
+
+/// What the sandbox reports about loading components, to a channel given to
+/// [`SandboxBuilder::load_events`]. Only compiles are reported (loading a precompiled artifact
+/// takes milliseconds). Every `Compiling` is followed by exactly one `Compiled` or
+/// `CompileFailed` with the same name; compiles of different components may interleave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LoadEvent {
+    /// A compile started.
+    Compiling {
+        /// The component's name, as in [`LoadError`] and [`TaskComponent::name`] (its path,
+        /// usually).
+        name: String,
+        /// The size of the component binary being compiled.
+        bytes: u64,
+    },
+    /// The compile finished, and the artifact is stored when there is an artifact directory.
+    Compiled {
+        /// The component's name.
+        name: String,
+        /// The size of the component binary.
+        bytes: u64,
+        /// Time since `Compiling`: compiling and storing the artifact.
+        elapsed: Duration,
+    },
+    /// The compile (or storing the artifact) failed; the load returns the error.
+    CompileFailed {
+        /// The component's name.
+        name: String,
+        /// The size of the component binary.
+        bytes: u64,
+        /// Time since `Compiling`.
+        elapsed: Duration,
+    },
 }
 
 /// How a component was loaded and how long it took.
@@ -233,6 +283,7 @@ pub struct SandboxBuilder {
     max_memory_bytes: u64,
     epoch_tick: Duration,
     clock: ClockRef,
+    load_events: Option<UnboundedSender<LoadEvent>>,
 }
 
 impl Default for SandboxBuilder {
@@ -243,6 +294,7 @@ impl Default for SandboxBuilder {
             max_memory_bytes: 4 << 30,
             epoch_tick: Duration::from_millis(5),
             clock: Arc::new(SystemClock),
+            load_events: None,
         }
     }
 }
@@ -279,6 +331,14 @@ impl SandboxBuilder {
     /// The clock used for log timestamps. Default: the system clock.
     pub fn clock(mut self, clock: ClockRef) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Where to report compiles: a [`LoadEvent::Compiling`] when a compile starts and a
+    /// [`LoadEvent::Compiled`] (or [`LoadEvent::CompileFailed`]) when it ends, sent from the
+    /// compiler thread. A closed receiver is ignored. Default: none.
+    pub fn load_events(mut self, events: UnboundedSender<LoadEvent>) -> Self {
+        self.load_events = Some(events);
         self
     }
 
@@ -325,6 +385,7 @@ impl SandboxBuilder {
             })
             .map_err(|e| LoadError::Sandbox(format!("cannot start the epoch ticker: {e}")))?;
 
+        let index = self.artifact_dir.as_deref().map(FileIndex::new);
         let artifacts = self
             .artifact_dir
             .map(|dir| ArtifactStore::new(dir, &engine));
@@ -332,6 +393,8 @@ impl SandboxBuilder {
             engine,
             linker,
             artifacts,
+            index,
+            load_events: self.load_events,
             components: Mutex::default(),
             slots: Semaphore::new(n as usize),
             clock: self.clock,
@@ -351,6 +414,9 @@ struct Inner {
     engine: Engine,
     linker: Linker<RunState>,
     artifacts: Option<ArtifactStore>,
+    /// File identity → digest, in the artifact directory.
+    index: Option<FileIndex>,
+    load_events: Option<UnboundedSender<LoadEvent>>,
     /// Every component loaded in this process, by digest, so the same bytes are prepared once.
     components: Mutex<HashMap<blake3::Hash, ComponentCell>>,
     slots: Semaphore,
@@ -416,10 +482,12 @@ impl Sandbox {
         self.0.artifacts.as_ref().map(ArtifactStore::dir)
     }
 
-    /// Load the component in the file at `path` (binary, or WebAssembly text).
+    /// Load the component in the file at `path` (binary, or WebAssembly text). With an artifact
+    /// directory, a file loaded before and unchanged since is not read: the directory's file
+    /// index gives its digest, and the precompiled artifact is mapped ([`LoadSource::Indexed`]).
     pub async fn load_file(&self, path: &Path) -> Result<TaskComponent, LoadError> {
-        self.load_bytes(&path.display().to_string(), read(path).await?)
-            .await
+        let prepared = self.prepared_file(path).await?;
+        self.task_component(prepared)
     }
 
     /// Load a task component from its bytes (binary, or WebAssembly text). The same bytes are
@@ -427,6 +495,10 @@ impl Sandbox {
     /// a blocking thread, off the async runtime.
     pub async fn load_bytes(&self, name: &str, bytes: Vec<u8>) -> Result<TaskComponent, LoadError> {
         let prepared = self.prepared(name, bytes).await?;
+        self.task_component(prepared)
+    }
+
+    fn task_component(&self, prepared: Arc<Prepared>) -> Result<TaskComponent, LoadError> {
         let pre = TaskPre::new(prepared.pre.clone()).map_err(|e| LoadError::Incompatible {
             name: prepared.name.clone(),
             detail: format!(
@@ -438,11 +510,10 @@ impl Sandbox {
         Ok(TaskComponent(Arc::new((prepared, pre))))
     }
 
-    /// Load the state-handler component in the file at `path`.
+    /// Load the state-handler component in the file at `path` (as [`load_file`](Self::load_file)
+    /// does).
     pub async fn load_handler_file(&self, path: &Path) -> Result<HandlerComponent, LoadError> {
-        let prepared = self
-            .prepared(&path.display().to_string(), read(path).await?)
-            .await?;
+        let prepared = self.prepared_file(path).await?;
         let pre = HandlerPre::new(prepared.pre.clone()).map_err(|e| LoadError::Incompatible {
             name: prepared.name.clone(),
             detail: format!(
@@ -454,13 +525,80 @@ impl Sandbox {
         Ok(HandlerComponent(Arc::new((prepared, pre))))
     }
 
+    /// The prepared component in the file at `path`: through the file index when it knows the
+    /// file as it is now and its artifact loads, otherwise by reading and hashing the file (and
+    /// then recording it in the index).
+    async fn prepared_file(&self, path: &Path) -> Result<Arc<Prepared>, LoadError> {
+        let name = path.display().to_string();
+        if self.0.index.is_none() {
+            return self.prepared(&name, read(path).await?.bytes).await;
+        }
+        let this = self.clone();
+        let owned = path.to_owned();
+        let indexed = tokio::task::spawn_blocking(move || {
+            let index = this.0.index.as_ref()?;
+            index.lookup(&FileIdentity::of_path(&owned)?)
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some(digest) = indexed {
+            match self.prepared_from_artifact(&name, digest).await {
+                Ok(prepared) => return Ok(prepared),
+                Err(IndexedLoad::Failed(e)) => return Err(e),
+                Err(IndexedLoad::Miss) => {}
+            }
+        }
+        let file = read(path).await?;
+        let prepared = self.prepared(&name, file.bytes).await?;
+        if let Some(identity) = file.identity {
+            // Best effort, and off the async runtime: a failure is a miss next time.
+            let this = self.clone();
+            let digest = prepared.digest;
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(index) = &this.0.index {
+                    index.record(&identity, &digest);
+                }
+            })
+            .await;
+        }
+        Ok(prepared)
+    }
+
+    /// The prepared component for `digest`, shared in this process, or loaded from its artifact
+    /// without the component's bytes. A missing or unusable artifact is a miss.
+    async fn prepared_from_artifact(
+        &self,
+        name: &str,
+        digest: blake3::Hash,
+    ) -> Result<Arc<Prepared>, IndexedLoad> {
+        let cell = self.cell(digest);
+        cell.get_or_try_init(|| {
+            let this = self.clone();
+            let name = name.to_owned();
+            async move {
+                tokio::task::spawn_blocking(move || this.prepare_indexed(name, digest))
+                    .await
+                    .map_err(|e| {
+                        IndexedLoad::Failed(LoadError::Sandbox(format!(
+                            "the loader thread failed: {e}"
+                        )))
+                    })?
+            }
+        })
+        .await
+        .cloned()
+    }
+
+    fn cell(&self, digest: blake3::Hash) -> ComponentCell {
+        let mut map = self.0.components.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(digest).or_default().clone()
+    }
+
     async fn prepared(&self, name: &str, bytes: Vec<u8>) -> Result<Arc<Prepared>, LoadError> {
         let bytes = component_binary(name, bytes)?;
         let digest = blake3::hash(&bytes);
-        let cell = {
-            let mut map = self.0.components.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(digest).or_default().clone()
-        };
+        let cell = self.cell(digest);
         cell.get_or_try_init(|| {
             let this = self.clone();
             let name = name.to_owned();
@@ -472,6 +610,22 @@ impl Sandbox {
         })
         .await
         .cloned()
+    }
+
+    /// Load the artifact for `digest` and link it; no artifact (or an unusable one, which the
+    /// store removes) is a miss.
+    fn prepare_indexed(
+        &self,
+        name: String,
+        digest: blake3::Hash,
+    ) -> Result<Arc<Prepared>, IndexedLoad> {
+        let started = Instant::now();
+        let store = self.0.artifacts.as_ref().ok_or(IndexedLoad::Miss)?;
+        let component = store
+            .load(&self.0.engine, &digest)
+            .ok_or(IndexedLoad::Miss)?;
+        self.link(name, digest, &component, LoadSource::Indexed, started)
+            .map_err(IndexedLoad::Failed)
     }
 
     fn prepare(
@@ -488,35 +642,81 @@ impl Sandbox {
         };
         let (component, source) = match &self.0.artifacts {
             None => (
-                Component::new(engine, bytes).map_err(compile_err)?,
+                self.compile(&name, bytes.len() as u64, || {
+                    Component::new(engine, bytes).map_err(compile_err)
+                })?,
                 LoadSource::Compiled,
             ),
             Some(store) => match store.load(engine, &digest) {
                 Some(c) => (c, LoadSource::Precompiled),
                 None => {
-                    tracing::info!(component = %name, "compiling");
-                    let artifact = engine.precompile_component(bytes).map_err(compile_err)?;
-                    let path =
-                        store
-                            .store(&digest, &artifact)
-                            .map_err(|source| LoadError::Store {
-                                path: store.dir().to_owned(),
-                                source,
-                            })?;
-                    let c = store.load(engine, &digest).ok_or_else(|| {
-                        LoadError::Sandbox(format!(
-                            "the artifact just written to `{}` could not be loaded",
-                            path.display()
-                        ))
+                    let c = self.compile(&name, bytes.len() as u64, || {
+                        let artifact = engine.precompile_component(bytes).map_err(compile_err)?;
+                        let path =
+                            store
+                                .store(&digest, &artifact)
+                                .map_err(|source| LoadError::Store {
+                                    path: store.dir().to_owned(),
+                                    source,
+                                })?;
+                        store.load(engine, &digest).ok_or_else(|| {
+                            LoadError::Sandbox(format!(
+                                "the artifact just written to `{}` could not be loaded",
+                                path.display()
+                            ))
+                        })
                     })?;
                     (c, LoadSource::Compiled)
                 }
             },
         };
+        self.link(name, digest, &component, source, started)
+    }
+
+    /// Run `compile` on the component binary of `bytes` bytes, reporting it to the load events
+    /// (its end even if the compiler panics).
+    fn compile(
+        &self,
+        name: &str,
+        bytes: u64,
+        compile: impl FnOnce() -> Result<Component, LoadError>,
+    ) -> Result<Component, LoadError> {
+        tracing::info!(component = %name, bytes, "compiling");
+        self.report(LoadEvent::Compiling {
+            name: name.to_owned(),
+            bytes,
+        });
+        let mut end = CompileEnd {
+            sandbox: self,
+            name,
+            bytes,
+            started: Instant::now(),
+            ok: false,
+        };
+        let compiled = compile();
+        end.ok = compiled.is_ok();
+        compiled
+    }
+
+    fn report(&self, event: LoadEvent) {
+        if let Some(events) = &self.0.load_events {
+            // A receiver that has gone away is not the sandbox's problem.
+            let _ = events.send(event);
+        }
+    }
+
+    fn link(
+        &self,
+        name: String,
+        digest: blake3::Hash,
+        component: &Component,
+        source: LoadSource,
+        started: Instant,
+    ) -> Result<Arc<Prepared>, LoadError> {
         let pre =
             self.0
                 .linker
-                .instantiate_pre(&component)
+                .instantiate_pre(component)
                 .map_err(|e| LoadError::Incompatible {
                     name: name.clone(),
                     detail: error_chain(&e),
@@ -802,13 +1002,74 @@ async fn cancelled(cancel: Option<&CancelToken>) {
     }
 }
 
-async fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
-    tokio::fs::read(path)
-        .await
-        .map_err(|source| LoadError::Read {
+/// Reports the end of a compile when dropped: `Compiled` if it succeeded, `CompileFailed`
+/// otherwise (an error, or a panic unwinding through it).
+struct CompileEnd<'a> {
+    sandbox: &'a Sandbox,
+    name: &'a str,
+    bytes: u64,
+    started: Instant,
+    ok: bool,
+}
+
+impl Drop for CompileEnd<'_> {
+    fn drop(&mut self) {
+        let (name, bytes, elapsed) = (self.name.to_owned(), self.bytes, self.started.elapsed());
+        self.sandbox.report(if self.ok {
+            LoadEvent::Compiled {
+                name,
+                bytes,
+                elapsed,
+            }
+        } else {
+            LoadEvent::CompileFailed {
+                name,
+                bytes,
+                elapsed,
+            }
+        });
+    }
+}
+
+/// Why a load through the file index did not give a component.
+enum IndexedLoad {
+    /// No usable artifact: read and hash the file instead.
+    Miss,
+    /// The artifact loaded but the component cannot be used; reading the file would not help.
+    Failed(LoadError),
+}
+
+/// A component file's bytes, and its identity when the file stayed the same while it was read
+/// and had settled before (see `file_index.rs`): only then may the index record it.
+struct FileBytes {
+    bytes: Vec<u8>,
+    identity: Option<FileIdentity>,
+}
+
+async fn read(path: &Path) -> Result<FileBytes, LoadError> {
+    let owned = path.to_owned();
+    let read = tokio::task::spawn_blocking(move || -> std::io::Result<FileBytes> {
+        let now = SystemTime::now();
+        let mut file = std::fs::File::open(&owned)?;
+        let canonical = std::fs::canonicalize(&owned).ok();
+        let before = canonical
+            .clone()
+            .and_then(|c| FileIdentity::of_file(c, &file));
+        let mut bytes = Vec::with_capacity(before.as_ref().map_or(0, FileIdentity::len_hint));
+        file.read_to_end(&mut bytes)?;
+        let identity = before.filter(|before| {
+            before.settled_at(now)
+                && FileIdentity::of_file(before.path().to_owned(), &file).as_ref() == Some(before)
+        });
+        Ok(FileBytes { bytes, identity })
+    });
+    match read.await {
+        Ok(read) => read.map_err(|source| LoadError::Read {
             path: path.to_owned(),
             source,
-        })
+        }),
+        Err(e) => Err(LoadError::Sandbox(format!("the reader thread failed: {e}"))),
+    }
 }
 
 /// Check the component-model header, converting WebAssembly text first.

@@ -37,6 +37,15 @@ pub enum StoreError {
         /// Why.
         detail: String,
     },
+    /// The home or the database cannot be written: runs cannot be recorded there (history can
+    /// still be read).
+    #[error("the store at {} is read-only ({detail}); runs cannot be recorded there: choose a writable --home", path.display())]
+    ReadOnly {
+        /// The database file.
+        path: PathBuf,
+        /// What refused the write.
+        detail: String,
+    },
     /// The file is not a Sluice database (another application's, or not SQLite at all). It is
     /// left untouched.
     #[error("{} is not a Sluice database: {detail}; it was left untouched (move it aside or choose another --home)", path.display())]
@@ -272,6 +281,15 @@ pub struct CacheEntry {
     pub task_run: String,
 }
 
+/// A cache entry with its value, as preloaded.
+#[derive(Debug, Clone)]
+pub struct CachedOutput {
+    /// The entry.
+    pub entry: CacheEntry,
+    /// Its value, unless the preload's size limit was reached.
+    pub value: Option<Arc<Value>>,
+}
+
 /// Which runs to list.
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
@@ -311,6 +329,9 @@ pub struct StoredRun {
     pub created_at: DateTime<Utc>,
     /// When cancellation was requested from outside, if it was.
     pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// Blobs that could not be read (missing or corrupt): the record shows the run without
+    /// them, and resuming it is refused.
+    pub problems: Vec<StoreError>,
 }
 
 /// One stored log line.
@@ -360,6 +381,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Look up a valid cached output for `key` at `now`.
     fn cache_lookup(&self, key: &CacheKey, now: DateTime<Utc>) -> Result<CacheLookup, StoreError>;
+
+    /// Every valid cache entry of `task` at `now`, newest last, with its value while the values
+    /// loaded stay under `max_bytes` in total (later entries carry none). A runner loads these
+    /// once per task so that a hit costs a hash-map lookup; anything not found here is still
+    /// looked up with [`Store::cache_lookup`].
+    fn cache_preload(
+        &self,
+        task: &str,
+        now: DateTime<Utc>,
+        max_bytes: u64,
+    ) -> Result<Vec<CachedOutput>, StoreError>;
 
     /// Cache entries, newest first, optionally of one task only.
     fn cache_entries(&self, task: Option<&str>) -> Result<Vec<CacheEntry>, StoreError>;

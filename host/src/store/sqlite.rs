@@ -16,8 +16,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use serde_json::Value;
 
 use super::{
-    Blob, CacheEntry, CacheLookup, CacheWrite, CancelOutcome, RunFilter, RunHeader, RunLease,
-    RunSummary, Store, StoreError, StoredLog, StoredRun, TaskWrite, Write,
+    Blob, CacheEntry, CacheLookup, CacheWrite, CachedOutput, CancelOutcome, RunFilter, RunHeader,
+    RunLease, RunSummary, Store, StoreError, StoredLog, StoredRun, TaskWrite, Write,
 };
 use crate::cache::{CacheKey, canonical};
 use crate::ids::{FlowRunId, TaskRunId};
@@ -28,8 +28,11 @@ use crate::state::{State, StateName};
 /// Identifies a Sluice database (`PRAGMA application_id`): "SLCE".
 const APPLICATION_ID: i64 = 0x534C_4345;
 
-/// Schema migrations; `PRAGMA user_version` is how many have been applied.
-const MIGRATIONS: &[&str] = &[r"
+/// Schema migrations; `PRAGMA user_version` is how many have been applied. Never edit one that
+/// has shipped: add the next.
+const MIGRATIONS: &[&str] = &[
+    // 1: runs, task runs, transitions, logs, blobs, cache.
+    r"
 CREATE TABLE flow_runs (
     id TEXT PRIMARY KEY,
     flow TEXT NOT NULL,
@@ -104,7 +107,29 @@ CREATE TABLE cache (
 );
 CREATE INDEX cache_key ON cache(key, expires_at);
 CREATE INDEX cache_task ON cache(task, created_at);
-"];
+",
+    // 2: histories move into their run's row (one write per task run per batch instead of one
+    // per transition); existing transitions are carried over in order.
+    r"
+ALTER TABLE flow_runs ADD COLUMN history TEXT NOT NULL DEFAULT '';
+ALTER TABLE task_runs ADD COLUMN history TEXT NOT NULL DEFAULT '';
+UPDATE task_runs SET history = coalesce((
+    SELECT group_concat(
+        json_object('from', t.from_state, 'to', t.to_state,
+                    'time', strftime('%Y-%m-%dT%H:%M:%fZ', t.time / 1000000.0, 'unixepoch'),
+                    'message', t.message) || char(10),
+        '' ORDER BY t.seq)
+    FROM transitions t WHERE t.task_run = task_runs.id), '');
+UPDATE flow_runs SET history = coalesce((
+    SELECT group_concat(
+        json_object('from', t.from_state, 'to', t.to_state,
+                    'time', strftime('%Y-%m-%dT%H:%M:%fZ', t.time / 1000000.0, 'unixepoch'),
+                    'message', t.message) || char(10),
+        '' ORDER BY t.seq)
+    FROM transitions t WHERE t.flow_run = flow_runs.id AND t.task_run IS NULL), '');
+DROP TABLE transitions;
+",
+];
 
 /// Most writes one batch (one transaction) applies.
 const MAX_BATCH: usize = 20_000;
@@ -123,6 +148,7 @@ pub struct SqliteStore {
 struct Inner {
     home: PathBuf,
     path: PathBuf,
+    read_only: bool,
     read: Mutex<Connection>,
     tx: Mutex<mpsc::Sender<Msg>>,
     error: Arc<Mutex<Option<StoreError>>>,
@@ -156,17 +182,89 @@ impl SqliteStore {
     /// Open (creating when absent) the store in `home`: the database `home/sluice.db`.
     /// Refuses a file that is not a Sluice database, or one from a newer Sluice, and leaves it
     /// untouched.
+    /// A home (or database) that cannot be written is [`StoreError::ReadOnly`]; see
+    /// [`SqliteStore::open_read_only`] to read its history anyway.
     pub fn open(home: &Path) -> Result<SqliteStore, StoreError> {
         let path = home.join("sluice.db");
+        let runs = home.join("runs");
+        if let Err(e) = std::fs::create_dir_all(&runs) {
+            let detail = format!("cannot create {}: {e}", runs.display());
+            return Err(match e.kind() {
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+                    StoreError::ReadOnly { path, detail }
+                }
+                _ => StoreError::Open { path, detail },
+            });
+        }
+        if path.exists()
+            && let Err(e) = std::fs::OpenOptions::new().append(true).open(&path)
+            && matches!(
+                e.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            )
+        {
+            return Err(StoreError::ReadOnly {
+                path,
+                detail: format!("the database file cannot be written: {e}"),
+            });
+        }
+        let write = connect(&path, false)?;
+        if write.is_readonly("main").unwrap_or(true) {
+            return Err(StoreError::ReadOnly {
+                path,
+                detail: "the database file cannot be opened for writing".into(),
+            });
+        }
+        migrate(&write, &path)?;
+        let read = connect(&path, false)?;
+        Self::start(home, path, write, read, false)
+    }
+
+    /// Open an existing store only to read it (history of a read-only home). Writes fail.
+    pub fn open_read_only(home: &Path) -> Result<SqliteStore, StoreError> {
+        let path = home.join("sluice.db");
+        if !path.is_file() {
+            return Err(StoreError::Open {
+                detail: "there is no store there".into(),
+                path,
+            });
+        }
+        let conn = match connect(&path, true) {
+            Ok(c) => c,
+            // A WAL database whose `-shm` is gone cannot be opened in a directory that cannot be
+            // written; with no `-wal` either, nothing is pending, so it can be read as immutable.
+            Err(e) if !wal_path(&path).exists() => connect_immutable(&path).map_err(|_| e)?,
+            Err(e) => return Err(e),
+        };
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| classify_open(&path, &e))?;
+        if version > MIGRATIONS.len() as i64 || version == 0 {
+            return Err(StoreError::TooNew {
+                path,
+                found: version,
+                supported: MIGRATIONS.len() as i64,
+            });
+        }
+        let read = match connect(&path, true) {
+            Ok(c) => c,
+            Err(e) if !wal_path(&path).exists() => connect_immutable(&path).map_err(|_| e)?,
+            Err(e) => return Err(e),
+        };
+        Self::start(home, path, conn, read, true)
+    }
+
+    fn start(
+        home: &Path,
+        path: PathBuf,
+        write: Connection,
+        read: Connection,
+        read_only: bool,
+    ) -> Result<SqliteStore, StoreError> {
         let open_err = |detail: String| StoreError::Open {
             path: path.clone(),
             detail,
         };
-        std::fs::create_dir_all(home.join("runs"))
-            .map_err(|e| open_err(format!("cannot create {}: {e}", home.display())))?;
-        let write = connect(&path)?;
-        migrate(&write, &path)?;
-        let read = connect(&path)?;
         let error = Arc::new(Mutex::new(None));
         let (tx, rx) = mpsc::channel();
         let writer_error = error.clone();
@@ -178,6 +276,7 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 home: home.to_owned(),
                 path,
+                read_only,
                 read: Mutex::new(read),
                 tx: Mutex::new(tx),
                 error,
@@ -199,26 +298,33 @@ impl SqliteStore {
     }
 }
 
-fn connect(path: &Path) -> Result<Connection, StoreError> {
+fn connect(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
     let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
         path: path.to_owned(),
         detail: e.to_string(),
     };
-    let conn = Connection::open_with_flags(
-        path,
+    // Read-only: opened read-write without create, which SQLite downgrades to read-only when the
+    // files cannot be written, and which still reads a WAL database whose `-shm` it cannot
+    // write (a strict read-only open cannot).
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
         OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| open_err(&e))?;
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| open_err(&e))?;
     conn.busy_timeout(Duration::from_secs(10))
         .map_err(|e| open_err(&e))?;
     // The first statement reads the header: a file that is not SQLite fails here.
-    let app: i64 = conn
-        .query_row("PRAGMA application_id", [], |r| r.get(0))
-        .map_err(|e| classify_open(path, &e))?;
-    let tables: i64 = conn
-        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+    // One statement, one snapshot: a store being created by another process is seen either
+    // empty or complete.
+    let (app, tables): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT application_id FROM pragma_application_id()), (SELECT count(*) FROM sqlite_master)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .map_err(|e| classify_open(path, &e))?;
     if app != APPLICATION_ID && !(app == 0 && tables == 0) {
         return Err(StoreError::Foreign {
@@ -228,11 +334,68 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
             ),
         });
     }
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(|e| open_err(&e))?;
+    // Reads go through a memory map (no read syscalls for hot pages) and a 32 MiB page cache:
+    // a cache lookup touches a few index pages of a database that may be large.
+    let _ = conn.pragma_update(None, "mmap_size", 256_i64 << 20);
+    let _ = conn.pragma_update(None, "cache_size", -32_768_i64);
+    if read_only || conn.is_readonly("main").unwrap_or(true) {
+        return Ok(conn);
+    }
+    // WAL is persistent: set it once. Changing the mode needs an exclusive lock that the busy
+    // handler does not wait for, so a store being created by another process is retried.
+    let mut tries = 0;
+    loop {
+        let mode: rusqlite::Result<String> =
+            conn.query_row("PRAGMA journal_mode", [], |r| r.get(0));
+        let result = match mode {
+            Ok(m) if m.eq_ignore_ascii_case("wal") => break,
+            Ok(_) => conn.pragma_update(None, "journal_mode", "WAL"),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => break,
+            Err(e)
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && tries < 200 =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            Err(e) => return Err(open_err(&e)),
+        }
+    }
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(|e| open_err(&e))?;
     Ok(conn)
+}
+
+fn wal_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push("-wal");
+    PathBuf::from(p)
+}
+
+/// Open `path` as an immutable database (no locks, no `-shm`): only for reading a store that
+/// nothing can write.
+fn connect_immutable(path: &Path) -> Result<Connection, StoreError> {
+    let mut uri = String::from("file:");
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '?' | '#' | '%' => uri.push_str(&format!("%{:02X}", c as u32)),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str("?immutable=1");
+    Connection::open_with_flags(
+        &uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| StoreError::Open {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
 }
 
 fn classify_open(path: &Path, e: &rusqlite::Error) -> StoreError {
@@ -253,28 +416,45 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         path: path.to_owned(),
         detail: e.to_string(),
     };
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(open_err)?;
     let supported = MIGRATIONS.len() as i64;
-    if version > supported {
-        return Err(StoreError::TooNew {
-            path: path.to_owned(),
-            found: version,
-            supported,
-        });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let batch = format!(
-            "BEGIN IMMEDIATE; {sql}; PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {}; COMMIT;",
-            i + 1
-        );
-        if let Err(e) = conn.execute_batch(&batch) {
-            let _ = conn.execute_batch("ROLLBACK");
-            return Err(open_err(e));
+    loop {
+        // The version is read inside the write transaction: two processes opening a new store at
+        // once apply each migration once.
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(open_err)?;
+        let step = || -> Result<bool, StoreError> {
+            let version: i64 = conn
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(open_err)?;
+            if version > supported {
+                return Err(StoreError::TooNew {
+                    path: path.to_owned(),
+                    found: version,
+                    supported,
+                });
+            }
+            let Some(sql) = MIGRATIONS.get(version as usize) else {
+                return Ok(false);
+            };
+            conn.execute_batch(&format!(
+                "{sql}; PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {};",
+                version + 1
+            ))
+            .map_err(open_err)?;
+            Ok(true)
+        };
+        match step() {
+            Ok(more) => {
+                conn.execute_batch("COMMIT").map_err(open_err)?;
+                if !more {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
         }
     }
-    Ok(())
 }
 
 /// The writer thread: applies queued writes in batches, one transaction each.
@@ -297,9 +477,8 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Msg>, error: &Mutex<Option<St
         let result = if batch.is_empty() {
             Ok(())
         } else {
-            apply(&mut conn, &batch)
+            apply(&mut conn, std::mem::take(&mut batch))
         };
-        batch.clear();
         if let Err(e) = &result {
             tracing::error!("{e}");
             lock(error).get_or_insert_with(|| e.clone());
@@ -314,32 +493,75 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Msg>, error: &Mutex<Option<St
     }
 }
 
-fn apply(conn: &mut Connection, batch: &[Write]) -> Result<(), StoreError> {
+/// Merge `next` (a later write of the same task run) into `into`: the latest state and counters,
+/// every transition in order, the latest output, input and cache information.
+fn merge(into: &mut TaskWrite, next: TaskWrite) {
+    into.state = next.state;
+    into.transitions.extend(next.transitions);
+    into.attempts = next.attempts;
+    into.run_time = next.run_time;
+    into.fuel_consumed = next.fuel_consumed;
+    if next.output.is_some() {
+        into.output = next.output;
+    }
+    if next.clear_input {
+        into.cached_input = None;
+        into.clear_input = true;
+    } else if next.cached_input.is_some() {
+        into.cached_input = next.cached_input;
+        into.clear_input = false;
+    }
+    if next.cache.is_some() {
+        into.cache = next.cache;
+    }
+}
+
+/// Apply one batch in one transaction. Writes of the same task run are merged first, so a task
+/// that went through several states within a batch costs one row write.
+fn apply(conn: &mut Connection, batch: Vec<Write>) -> Result<(), StoreError> {
     let io = |e: rusqlite::Error| StoreError::io("write", e);
     let tx = conn.transaction().map_err(io)?;
+    let mut tasks: indexmap::IndexMap<TaskRunId, TaskWrite> = indexmap::IndexMap::new();
     for w in batch {
         match w {
-            Write::RunCreated(h) => run_created(&tx, h).map_err(io)?,
+            Write::Task(t) => match tasks.get_mut(&t.id) {
+                Some(existing) => merge(existing, *t),
+                None => {
+                    tasks.insert(t.id, *t);
+                }
+            },
+            other => apply_one(&tx, &other).map_err(io)?,
+        }
+    }
+    for t in tasks.values() {
+        task_write(&tx, t).map_err(io)?;
+    }
+    tx.commit().map_err(io)
+}
+
+fn apply_one(tx: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
+    {
+        match w {
+            Write::RunCreated(h) => run_created(tx, h)?,
             Write::FlowState {
                 run,
                 state,
                 transition,
             } => {
                 tx.prepare_cached(
-                    "UPDATE flow_runs SET state = ?2, state_json = ?3, updated_at = ?4 WHERE id = ?1",
+                    "UPDATE flow_runs SET state = ?2, state_json = ?3, updated_at = ?4, history = history || ?5 WHERE id = ?1",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
                         run.to_string(),
                         state.name.as_str(),
                         state_json(state),
-                        micros(state.timestamp)
+                        micros(state.timestamp),
+                        history_lines(std::slice::from_ref(transition))
                     ])
-                })
-                .map_err(io)?;
-                insert_transition(&tx, *run, None, transition).map_err(io)?;
+                })?;
             }
-            Write::Task(t) => task_write(&tx, t).map_err(io)?,
+            Write::Task(t) => task_write(tx, t)?,
             Write::Logs {
                 run,
                 task_run,
@@ -347,22 +569,20 @@ fn apply(conn: &mut Connection, batch: &[Write]) -> Result<(), StoreError> {
                 map_index,
                 records,
             } => {
-                let mut s = tx
-                    .prepare_cached(
+                let mut s = tx.prepare_cached(
                         "INSERT INTO logs (flow_run, task_run, task, map_index, record) VALUES (?1, ?2, ?3, ?4, ?5)",
                     )
-                    .map_err(io)?;
+                    ?;
                 let (run, task_run) = (run.to_string(), task_run.to_string());
                 for r in records {
                     let record = serde_json::to_string(r).unwrap_or_default();
-                    s.execute(params![run, task_run, &**task, map_index, record])
-                        .map_err(io)?;
+                    s.execute(params![run, task_run, &**task, map_index, record])?;
                 }
             }
-            Write::Cache(c) => cache_write(&tx, c).map_err(io)?,
+            Write::Cache(c) => cache_write(tx, c)?,
         }
     }
-    tx.commit().map_err(io)
+    Ok(())
 }
 
 fn state_json(s: &State) -> String {
@@ -377,8 +597,8 @@ fn run_created(tx: &Transaction<'_>, h: &RunHeader) -> rusqlite::Result<()> {
         None => (None, None),
     };
     tx.prepare_cached(
-        "INSERT INTO flow_runs (id, flow, state, state_json, created_at, updated_at, parameters, context, manifest_path, manifest, pid)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?9, ?10)",
+        "INSERT INTO flow_runs (id, flow, state, state_json, created_at, updated_at, parameters, context, manifest_path, manifest, pid, history)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         h.id.to_string(),
@@ -390,28 +610,40 @@ fn run_created(tx: &Transaction<'_>, h: &RunHeader) -> rusqlite::Result<()> {
         serde_json::to_string(&h.context).unwrap_or_default(),
         path,
         text,
-        h.pid
+        h.pid,
+        history_lines(std::slice::from_ref(&h.transition))
     ])?;
-    insert_transition(tx, h.id, None, &h.transition)
+    Ok(())
 }
 
+/// Transitions as history lines: one JSON object per line, appended to a run's `history`.
+fn history_lines(ts: &[Transition]) -> String {
+    let mut out = String::new();
+    for t in ts {
+        out.push_str(&serde_json::to_string(t).unwrap_or_default());
+        out.push('\n');
+    }
+    out
+}
+
+/// Append `t` to the history of the flow run (`task_run` none) or of the task run.
 fn insert_transition(
     tx: &Transaction<'_>,
     run: FlowRunId,
-    task_run: Option<TaskRunId>,
+    task_run: Option<&str>,
     t: &Transition,
 ) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT INTO transitions (flow_run, task_run, from_state, to_state, time, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        run.to_string(),
-        task_run.map(|t| t.to_string()),
-        t.from.map(StateName::as_str),
-        t.to.as_str(),
-        micros(t.time),
-        t.message
-    ])?;
+    let line = history_lines(std::slice::from_ref(t));
+    match task_run {
+        None => tx.execute(
+            "UPDATE flow_runs SET history = history || ?2 WHERE id = ?1",
+            params![run.to_string(), line],
+        )?,
+        Some(id) => tx.execute(
+            "UPDATE task_runs SET history = history || ?2 WHERE id = ?1",
+            params![id, line],
+        )?,
+    };
     Ok(())
 }
 
@@ -444,9 +676,10 @@ fn task_write(tx: &Transaction<'_>, t: &TaskWrite) -> rusqlite::Result<()> {
         .as_ref()
         .map(|c| serde_json::to_string(c).unwrap_or_default());
     tx.prepare_cached(
-        "INSERT INTO task_runs (id, flow_run, task_index, name, parent, map_index, state, state_json, attempts, run_time_us, fuel, output, cached_input, cache)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+        "INSERT INTO task_runs (id, flow_run, task_index, name, parent, map_index, state, state_json, attempts, run_time_us, fuel, output, cached_input, cache, history)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?16)
          ON CONFLICT (id) DO UPDATE SET
+            history = history || excluded.history,
             state = excluded.state, state_json = excluded.state_json, attempts = excluded.attempts,
             run_time_us = excluded.run_time_us, fuel = excluded.fuel,
             output = coalesce(excluded.output, output),
@@ -468,11 +701,9 @@ fn task_write(tx: &Transaction<'_>, t: &TaskWrite) -> rusqlite::Result<()> {
         output,
         input,
         cache,
-        t.clear_input
+        t.clear_input,
+        history_lines(&t.transitions)
     ])?;
-    for tr in &t.transitions {
-        insert_transition(tx, t.run, Some(t.id), tr)?;
-    }
     Ok(())
 }
 
@@ -525,6 +756,17 @@ fn parse_state(run: &str, json: &str) -> Result<State, StoreError> {
         run: run.to_owned(),
         detail: format!("state {json:?}: {e}"),
     })
+}
+
+fn parse_history(run: &str, text: &str) -> Result<Vec<Transition>, StoreError> {
+    text.lines()
+        .map(|l| {
+            serde_json::from_str(l).map_err(|e| StoreError::Corrupt {
+                run: run.to_owned(),
+                detail: format!("history line {l:?}: {e}"),
+            })
+        })
+        .collect()
 }
 
 fn parse_name(run: &str, s: &str) -> Result<StateName, StoreError> {
@@ -585,6 +827,12 @@ impl Store for SqliteStore {
 
     fn lease(&self, run: FlowRunId) -> Result<Box<dyn RunLease>, StoreError> {
         use std::io::Write as _;
+        if self.inner.read_only {
+            return Err(StoreError::ReadOnly {
+                path: self.inner.path.clone(),
+                detail: "opened read-only".into(),
+            });
+        }
         let path = self.lock_path(run);
         let mut file = std::fs::OpenOptions::new()
             .create(true)
@@ -747,6 +995,52 @@ impl Store for SqliteStore {
         Ok(CacheLookup::Miss(reason))
     }
 
+    fn cache_preload(
+        &self,
+        task: &str,
+        now: DateTime<Utc>,
+        max_bytes: u64,
+    ) -> Result<Vec<CachedOutput>, StoreError> {
+        let conn = self.read();
+        let io = io_err("cache preload");
+        let mut s = conn
+            .prepare_cached(
+                "SELECT c.key, c.blob, c.created_at, c.expires_at, c.flow_run, c.task_run, c.validator, c.component, b.size, b.data
+                 FROM cache c LEFT JOIN blobs b ON b.hash = c.blob
+                 WHERE c.task = ?1 AND c.expires_at > ?2 ORDER BY c.created_at, c.seq",
+            )
+            .map_err(&io)?;
+        let mut rows = s.query(params![task, micros(now)]).map_err(&io)?;
+        let mut out = Vec::new();
+        let mut loaded = 0u64;
+        while let Some(r) = rows.next().map_err(&io)? {
+            let size = r.get::<_, Option<i64>>(8).map_err(&io)?;
+            let entry = CacheEntry {
+                key: r.get(0).map_err(&io)?,
+                blob: r.get(1).map_err(&io)?,
+                created_at: from_micros(r.get(2).map_err(&io)?),
+                expires_at: from_micros(r.get(3).map_err(&io)?),
+                flow_run: r.get(4).map_err(&io)?,
+                task_run: r.get(5).map_err(&io)?,
+                task: task.to_owned(),
+                validator: r.get(6).map_err(&io)?,
+                component: r.get(7).map_err(&io)?,
+                size: size.unwrap_or(0) as u64,
+            };
+            let value = match size {
+                Some(n) if loaded + n as u64 <= max_bytes => {
+                    let data = r.get_ref(9).map_err(&io)?;
+                    let bytes = data.as_blob().unwrap_or_default();
+                    loaded += n as u64;
+                    serde_json::from_slice(bytes).ok().map(Arc::new)
+                }
+                _ => None,
+            };
+            out.push(CachedOutput { entry, value });
+        }
+        Ok(out)
+    }
+
     fn cache_entries(&self, task: Option<&str>) -> Result<Vec<CacheEntry>, StoreError> {
         let conn = self.read();
         let mut s = conn
@@ -864,10 +1158,11 @@ impl Store for SqliteStore {
             Option<String>,
             Option<String>,
             Option<i64>,
+            String,
         );
         let head: Option<Head> = conn
             .query_row(
-                "SELECT flow, state_json, created_at, parameters, context, manifest_path, manifest, cancel_requested_at FROM flow_runs WHERE id = ?1",
+                "SELECT flow, state_json, created_at, parameters, context, manifest_path, manifest, cancel_requested_at, history FROM flow_runs WHERE id = ?1",
                 [&id],
                 |r| {
                     Ok((
@@ -879,12 +1174,14 @@ impl Store for SqliteStore {
                         r.get(5)?,
                         r.get(6)?,
                         r.get(7)?,
+                        r.get(8)?,
                     ))
                 },
             )
             .optional()
             .map_err(&io)?;
-        let Some((flow, state, created, parameters, context, mpath, mtext, cancel)) = head else {
+        let Some((flow, state, created, parameters, context, mpath, mtext, cancel, history)) = head
+        else {
             return Err(StoreError::UnknownRun(id));
         };
         let corrupt = |detail: String| StoreError::Corrupt {
@@ -897,36 +1194,6 @@ impl Store for SqliteStore {
         let context: BTreeMap<String, String> =
             serde_json::from_str(&context).map_err(|e| corrupt(format!("context: {e}")))?;
 
-        // Transitions, by task run ("" for the flow run's own).
-        let mut histories: HashMap<String, Vec<Transition>> = HashMap::new();
-        {
-            let mut s = conn
-                .prepare_cached(
-                    "SELECT coalesce(task_run, ''), from_state, to_state, time, message FROM transitions WHERE flow_run = ?1 ORDER BY seq",
-                )
-                .map_err(&io)?;
-            let rows = s
-                .query_map([&id], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, Option<String>>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, Option<String>>(4)?,
-                    ))
-                })
-                .map_err(&io)?;
-            for row in rows {
-                let (task_run, from, to, time, message) = row.map_err(&io)?;
-                let from = from.map(|f| parse_name(&id, &f)).transpose()?;
-                histories.entry(task_run).or_default().push(Transition {
-                    from,
-                    to: parse_name(&id, &to)?,
-                    time: from_micros(time),
-                    message,
-                });
-            }
-        }
         let mut logs: HashMap<String, Vec<LogRecord>> = HashMap::new();
         {
             let mut s = conn
@@ -959,11 +1226,12 @@ impl Store for SqliteStore {
             Option<String>,
             Option<String>,
             Option<String>,
+            String,
         );
         let rows: Vec<Row> = {
             let mut s = conn
                 .prepare_cached(
-                    "SELECT id, task_index, name, parent, map_index, state_json, attempts, run_time_us, fuel, output, cached_input, cache
+                    "SELECT id, task_index, name, parent, map_index, state_json, attempts, run_time_us, fuel, output, cached_input, cache, history
                      FROM task_runs WHERE flow_run = ?1 ORDER BY task_index, parent IS NOT NULL, map_index",
                 )
                 .map_err(&io)?;
@@ -981,31 +1249,47 @@ impl Store for SqliteStore {
                     r.get(9)?,
                     r.get(10)?,
                     r.get(11)?,
+                    r.get(12)?,
                 ))
             })
             .and_then(|rows| rows.collect())
             .map_err(&io)?
         };
         let mut tasks: Vec<TaskRun> = Vec::new();
+        let mut problems = Vec::new();
         let mut parents: HashMap<String, usize> = HashMap::new();
-        for (tid, _index, name, parent, map_index, state, attempts, rt, fuel, out, input, cache) in
-            rows
+        for (
+            tid,
+            _index,
+            name,
+            parent,
+            map_index,
+            state,
+            attempts,
+            rt,
+            fuel,
+            out,
+            input,
+            cache,
+            hist,
+        ) in rows
         {
             let state = parse_state(&id, &state)?;
             let what = |kind: &str| match map_index {
                 Some(i) => format!("{kind} of task `{name}`[{i}]"),
                 None => format!("{kind} of task `{name}`"),
             };
-            let output = match &out {
-                Some(h) if state.state_type() == crate::state::StateType::Completed => {
-                    Some(get_blob(&conn, h, &what("output"))?)
-                }
+            let mut blob = |hash: &Option<String>, kind: &str| {
+                let hash = hash.as_deref()?;
+                get_blob(&conn, hash, &what(kind))
+                    .map_err(|e| problems.push(e))
+                    .ok()
+            };
+            let output = match state.state_type() {
+                crate::state::StateType::Completed => blob(&out, "output"),
                 _ => None,
             };
-            let cached_input = match &input {
-                Some(h) => Some(Arc::new(get_blob(&conn, h, &what("cached input"))?)),
-                None => None,
-            };
+            let cached_input = blob(&input, "cached input").map(Arc::new);
             let cache = cache
                 .map(|c| serde_json::from_str(&c))
                 .transpose()
@@ -1014,7 +1298,7 @@ impl Store for SqliteStore {
                 name,
                 id: parse_id(&id, &tid)?,
                 map_index,
-                history: histories.remove(&tid).unwrap_or_default(),
+                history: parse_history(&id, &hist)?,
                 logs: logs.remove(&tid).unwrap_or_default(),
                 state,
                 attempts,
@@ -1043,7 +1327,7 @@ impl Store for SqliteStore {
             id: run,
             flow,
             state,
-            history: histories.remove("").unwrap_or_default(),
+            history: parse_history(&id, &history)?,
             parameters,
             context,
             tasks,
@@ -1053,6 +1337,7 @@ impl Store for SqliteStore {
             manifest: mpath.zip(mtext).map(|(p, t)| (PathBuf::from(p), t)),
             created_at: from_micros(created),
             cancel_requested_at: cancel.map(from_micros),
+            problems,
         })
     }
 
@@ -1138,6 +1423,10 @@ impl Store for SqliteStore {
     }
 
     fn recover_dead(&self, now: DateTime<Utc>) -> Result<Vec<FlowRunId>, StoreError> {
+        if self.inner.read_only {
+            // Nothing can be recorded; the runs are shown as they were left.
+            return Ok(Vec::new());
+        }
         let candidates: Vec<(String, String, i64)> = {
             let conn = self.read();
             let mut s = conn
@@ -1300,11 +1589,10 @@ fn set_task_state(
         "UPDATE task_runs SET state = ?2, state_json = ?3 WHERE id = ?1",
         params![task_run, st.name.as_str(), state_json(st)],
     )?;
-    let task_run: Option<TaskRunId> = task_run.parse().ok();
     insert_transition(
         tx,
         run,
-        task_run,
+        Some(task_run),
         &Transition {
             from: Some(old),
             to: st.name,
@@ -1312,4 +1600,77 @@ fn set_task_state(
             message: st.message.clone(),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store written by schema 1 (transitions in their own table) opens with its history
+    /// intact after migration 2.
+    #[test]
+    fn migration_2_carries_histories_over() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("sluice.db");
+        let run = FlowRunId::new();
+        let task = TaskRunId::new();
+        {
+            let conn = Connection::open(&path).expect("db");
+            conn.execute_batch(&format!(
+                "{}; PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 1;",
+                MIGRATIONS[0]
+            ))
+            .expect("schema 1");
+            let st = |n: StateName| state_json(&State::new(n, from_micros(1_000)));
+            conn.execute(
+                "INSERT INTO flow_runs (id, flow, state, state_json, created_at, updated_at, parameters, context, pid)
+                 VALUES (?1, 'f', 'Completed', ?2, 1000, 3000, '{}', '{}', 1)",
+                params![run.to_string(), st(StateName::Completed)],
+            )
+            .expect("run");
+            conn.execute(
+                "INSERT INTO task_runs (id, flow_run, task_index, name, state, state_json, attempts, run_time_us, fuel)
+                 VALUES (?1, ?2, 0, 'a', 'Completed', ?3, 1, 5, 7)",
+                params![task.to_string(), run.to_string(), st(StateName::Completed)],
+            )
+            .expect("task");
+            for (i, (from, to, msg)) in [
+                (None, "Pending", None),
+                (Some("Pending"), "Running", None),
+                (Some("Running"), "Completed", Some("done \"well\"")),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                conn.execute(
+                    "INSERT INTO transitions (flow_run, task_run, from_state, to_state, time, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![run.to_string(), task.to_string(), from, to, 1_000_000 + i as i64 * 1_500, msg],
+                )
+                .expect("transition");
+            }
+            conn.execute(
+                "INSERT INTO transitions (flow_run, task_run, from_state, to_state, time) VALUES (?1, NULL, NULL, 'Pending', 1000000)",
+                [run.to_string()],
+            )
+            .expect("flow transition");
+        }
+        let store = SqliteStore::open(dir.path()).expect("migrated");
+        let loaded = store.load_run(run).expect("load");
+        let h = &loaded.run.tasks[0].history;
+        let names: Vec<StateName> = h.iter().map(|t| t.to).collect();
+        assert_eq!(
+            names,
+            [StateName::Pending, StateName::Running, StateName::Completed]
+        );
+        assert_eq!(h[1].from, Some(StateName::Pending));
+        assert_eq!(h[2].message.as_deref(), Some("done \"well\""));
+        // Milliseconds survive (schema 1 kept microseconds).
+        assert_eq!(h[2].time.timestamp_millis(), 1_003);
+        assert_eq!(loaded.run.history.len(), 1);
+        let version: i64 = store
+            .read()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 2);
+    }
 }

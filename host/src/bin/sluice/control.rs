@@ -38,7 +38,7 @@ pub(crate) struct CancelArgs {
 }
 
 pub(crate) async fn resume(home: &Path, args: ResumeArgs) -> Result<ExitCode, UsageError> {
-    let store = open_recovered(home)?;
+    let store = open_recovered(home, false)?;
     let id = store.resolve_run(&args.run).map_err(usage)?;
     if store.is_live(id) {
         return Err(UsageError(anyhow!(
@@ -50,6 +50,13 @@ pub(crate) async fn resume(home: &Path, args: ResumeArgs) -> Result<ExitCode, Us
         return Err(UsageError(anyhow!(
             "flow run {id} is already {}; nothing to resume (give --start TASK to run tasks again)",
             stored.run.state.name
+        )));
+    }
+    if !stored.problems.is_empty() {
+        let list: Vec<String> = stored.problems.iter().map(|p| format!("  {p}")).collect();
+        return Err(UsageError(anyhow!(
+            "flow run {id} cannot be resumed: the store lost part of it; nothing was changed\n{}",
+            list.join("\n")
         )));
     }
     let Some((path, text)) = stored.manifest.clone() else {
@@ -81,7 +88,7 @@ pub(crate) async fn resume(home: &Path, args: ResumeArgs) -> Result<ExitCode, Us
 }
 
 pub(crate) async fn cancel(home: &Path, args: &CancelArgs) -> Result<ExitCode, UsageError> {
-    let store = open_recovered(home)?;
+    let store = open_recovered(home, false)?;
     let id = store.resolve_run(&args.run).map_err(usage)?;
     match store.cancel(id, chrono::Utc::now()).map_err(usage)? {
         CancelOutcome::AlreadyFinished(state) => {

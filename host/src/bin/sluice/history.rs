@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use serde_json::json;
 use sluice::state::StateName;
-use sluice::store::{RunFilter, SqliteStore, Store, StoredLog};
+use sluice::store::{RunFilter, SqliteStore, Store, StoreError, StoredLog};
 
 use crate::report::{run_json, summary, truncate, when};
 use crate::{UsageError, usage};
@@ -53,14 +53,22 @@ pub(crate) struct LogsArgs {
 }
 
 /// Open the store and record dead runs as Crashed.
-pub(crate) fn open_recovered(home: &Path) -> Result<SqliteStore, UsageError> {
-    let store = crate::open_store(home)?;
+/// A read-only home is opened read-only when `read_only_ok` (showing history), refused otherwise.
+pub(crate) fn open_recovered(home: &Path, read_only_ok: bool) -> Result<SqliteStore, UsageError> {
+    let store = match SqliteStore::open(home) {
+        Ok(s) => s,
+        Err(e @ StoreError::ReadOnly { .. }) if read_only_ok => {
+            eprintln!("warning: {e}; showing the history as it was left");
+            SqliteStore::open_read_only(home).map_err(usage)?
+        }
+        Err(e) => return Err(usage(e)),
+    };
     store.recover_dead(chrono::Utc::now()).map_err(usage)?;
     Ok(store)
 }
 
 pub(crate) fn runs(home: &Path, args: &RunsArgs) -> Result<ExitCode, UsageError> {
-    let store = open_recovered(home)?;
+    let store = open_recovered(home, true)?;
     let runs = store
         .list_runs(&RunFilter {
             state: args.state,
@@ -121,16 +129,24 @@ pub(crate) fn runs(home: &Path, args: &RunsArgs) -> Result<ExitCode, UsageError>
 }
 
 pub(crate) fn show(home: &Path, args: &ShowArgs) -> Result<ExitCode, UsageError> {
-    let store = open_recovered(home)?;
+    let store = open_recovered(home, true)?;
     let id = store.resolve_run(&args.run).map_err(usage)?;
     let stored = store.load_run(id).map_err(usage)?;
     let live = store.is_live(id);
+    for p in &stored.problems {
+        eprintln!("warning: {p}");
+    }
     let out = if args.json {
         let mut v = run_json(&stored.run);
         v["created_at"] = json!(stored.created_at);
         v["live"] = json!(live);
         v["cancel_requested_at"] = json!(stored.cancel_requested_at);
         v["manifest"] = json!(stored.manifest.as_ref().map(|(p, _)| p));
+        v["problems"] = stored
+            .problems
+            .iter()
+            .map(|p| json!(p.to_string()))
+            .collect();
         format!("{v:#}\n")
     } else {
         let mut s = summary(&stored.run, true);
@@ -160,7 +176,7 @@ fn log_line(l: &StoredLog) -> String {
 }
 
 pub(crate) async fn logs(home: &Path, args: &LogsArgs) -> Result<ExitCode, UsageError> {
-    let store = open_recovered(home)?;
+    let store = open_recovered(home, true)?;
     let id = store.resolve_run(&args.run).map_err(usage)?;
     if let Some(task) = &args.task {
         let stored = store.load_run(id).map_err(usage)?;

@@ -9,6 +9,7 @@
 //! | 2 | usage or input error: bad flags, input that is not JSON, a file that is not a task |
 //! | 3 | the run is waiting: Paused, or AwaitingRetry (another Scheduled-type state) |
 
+mod build;
 mod cache_cmd;
 mod control;
 mod history;
@@ -41,6 +42,8 @@ struct Cli {
 enum Command {
     /// Run a flow manifest (recorded in the store).
     Run(run::Args),
+    /// Build a flow's components from their declared build commands.
+    Build(build::Args),
     /// Continue a Paused, Failed, Cancelled or Crashed flow run in this process.
     Resume(control::ResumeArgs),
     /// Cancel a flow run: a live one from another terminal, or one nobody runs.
@@ -101,6 +104,20 @@ fn usage(e: impl Into<anyhow::Error>) -> UsageError {
     UsageError(e.into())
 }
 
+/// An error and its causes, each cause only when the message does not already include it
+/// (our errors name their cause in their own message).
+fn chain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
+}
+
 /// Open the run store in `home`.
 fn open_store(home: &std::path::Path) -> Result<sluice::store::SqliteStore, UsageError> {
     sluice::store::SqliteStore::open(home).map_err(usage)
@@ -125,6 +142,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(&cli.home, args).await,
+            Command::Build(args) => build::build(&args).await,
             Command::Resume(args) => control::resume(&cli.home, args).await,
             Command::Cancel(args) => control::cancel(&cli.home, &args).await,
             Command::Runs(args) => history::runs(&cli.home, &args),
@@ -137,7 +155,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {:#}", e.0);
+            eprintln!("error: {}", chain(&e.0));
             ExitCode::from(2)
         }
     }

@@ -13,7 +13,7 @@ use anyhow::anyhow;
 use serde_json::Value;
 use sluice::flow::manifest;
 use sluice::runner::{FlowEvent, FlowRun, FlowRunner, PrepareError, RunOptions};
-use sluice::sandbox::{CancelToken, Sandbox};
+use sluice::sandbox::{CancelToken, LoadEvent, Sandbox};
 use sluice::state::StateName;
 use sluice::store::Store;
 use tokio::sync::mpsc;
@@ -38,6 +38,10 @@ pub(crate) struct Args {
     /// Print the flow run record as JSON instead of a table.
     #[arg(long)]
     json: bool,
+
+    /// Build the flow's components first (as `sluice build`).
+    #[arg(long)]
+    build: bool,
 }
 
 pub(crate) async fn run(home: &Path, args: Args) -> Result<ExitCode, UsageError> {
@@ -47,6 +51,9 @@ pub(crate) async fn run(home: &Path, args: Args) -> Result<ExitCode, UsageError>
     // Recorded with the run, so `sluice resume` works from any directory.
     let path = std::path::absolute(&args.flow).unwrap_or_else(|_| args.flow.clone());
     let def = manifest::parse(&path, &text).map_err(|e| usage(e.into()))?;
+    if args.build && !crate::build::build_flow(&def, &path).await {
+        return Ok(ExitCode::from(1));
+    }
     let parameters: BTreeMap<String, Value> = args
         .params
         .into_iter()
@@ -91,8 +98,11 @@ pub(crate) struct Session {
 impl Session {
     pub(crate) fn open(home: &Path) -> Result<Session, UsageError> {
         let store = Arc::new(crate::open_store(home)?);
+        let (loads, load_events) = mpsc::unbounded_channel();
+        tokio::spawn(compile_progress(load_events));
         let sandbox = Sandbox::builder()
             .artifact_dir(home.join("artifacts"))
+            .load_events(loads)
             .build()
             .map_err(|e| UsageError(anyhow!("cannot start the sandbox: {e}")))?;
         let (tx, events) = mpsc::unbounded_channel();
@@ -144,6 +154,44 @@ impl Session {
             return Ok(ExitCode::from(1));
         }
         Ok(exit_code(run.state.state_type()))
+    }
+}
+
+/// Show compiles as they happen: a component compiled for the first time (1 s per MB with
+/// Cranelift) would otherwise look like a hang. Later runs load the precompiled artifact.
+async fn compile_progress(mut rx: mpsc::UnboundedReceiver<LoadEvent>) {
+    let terminal = std::io::stderr().is_terminal();
+    let mut bars: HashMap<String, indicatif::ProgressBar> = HashMap::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            LoadEvent::Compiling { name, bytes } => {
+                let what = format!(
+                    "compiling {name} ({}), once: later runs load it precompiled",
+                    bytesize::ByteSize(bytes)
+                );
+                if terminal {
+                    let bar = indicatif::ProgressBar::new_spinner();
+                    bar.enable_steady_tick(Duration::from_millis(120));
+                    bar.set_message(what);
+                    bars.insert(name, bar);
+                } else {
+                    eprintln!("{what}");
+                }
+            }
+            LoadEvent::Compiled { name, elapsed, .. } => {
+                let done = format!("compiled {name} in {:.1} s", elapsed.as_secs_f64());
+                match bars.remove(&name) {
+                    Some(bar) => bar.finish_with_message(done),
+                    None => eprintln!("{done}"),
+                }
+            }
+            LoadEvent::CompileFailed { name, .. } => {
+                if let Some(bar) = bars.remove(&name) {
+                    bar.finish_and_clear();
+                }
+            }
+            _ => {}
+        }
     }
 }
 

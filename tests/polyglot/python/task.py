@@ -1,0 +1,56 @@
+"""The Python test guest: the input's "do" picks a behaviour (see ../README.md)."""
+
+import sys
+
+import sluice
+from sluice import context, log
+
+
+def run(input):
+    mode = input["do"]
+    if mode == "fail":
+        raise sluice.Fail("failing on purpose")
+    if mode == "retry":
+        raise sluice.Retry("try again")
+    if mode == "retry_after":
+        raise sluice.Retry("later", delay=input["ms"] / 1000)
+    if mode == "skip":
+        raise sluice.Skip("nothing to do")
+    if mode == "pause":
+        return sluice.Pause("waiting for approval")
+    if mode == "success":
+        raise sluice.Success("done early", output={"answer": 42})
+    if mode == "context":
+        return {
+            "flow_run_id": context.flow_run_id(),
+            "task_run_id": context.task_run_id(),
+            "task_name": context.task_name(),
+            "attempt": context.attempt(),
+            "map_index": context.map_index(),
+            "parameters": context.parameters(),
+            "get": {key: context.get(key) for key in input["keys"]},
+        }
+    if mode == "log":
+        log.trace("trace line")
+        log.debug("debug line")
+        log.info("info line")
+        log.warn("warn line")
+        log.error("error line")
+        print("to stdout")
+        print("to stderr", file=sys.stderr)
+        return "logged"
+    if mode == "loop":
+        i = 0
+        while True:
+            i += 1
+    if mode == "memory_bomb":
+        blocks = []
+        while True:
+            block = bytearray(1 << 20)
+            block[4096] = 1
+            blocks.append(block)
+    if mode == "crash":
+        raise ValueError("boom")
+    if mode == "echo":
+        return input["value"]
+    raise sluice.Fail(f"unknown mode {mode!r}")

@@ -556,7 +556,21 @@ impl FlowRunner {
             starts.push(i);
         }
         let lease = match &self.store {
-            Some(store) => Some(store.lease(previous.id)?),
+            Some(store) => {
+                let lease = store.lease(previous.id)?;
+                // Another process may have resumed the run between our read and our lease.
+                let now = store.load_run(previous.id)?.run;
+                if now.history.len() != previous.history.len() || now.state != previous.state {
+                    return Err(PrepareError::RecordMismatch {
+                        flow: flow.def.name.clone(),
+                        detail: format!(
+                            "flow run {} changed since it was read (now {}); read it again",
+                            previous.id, now.state.name
+                        ),
+                    });
+                }
+                Some(lease)
+            }
             None => None,
         };
         let run = Exec::new(self, flow, previous, &starts, cancel)
@@ -611,6 +625,9 @@ struct Node {
     evaluated: bool,
     /// Attempts made before this run (when resuming): retries count from here.
     base_attempts: u32,
+    /// Resuming: every task this one reads from had completed before, so its input is what it
+    /// was, and mapped children that completed keep their outputs.
+    input_unchanged: bool,
 }
 
 #[derive(Debug, Default)]
@@ -651,6 +668,9 @@ struct Exec<'a> {
     cache_keys: HashMap<Unit, CacheKey>,
     /// Per cached task, its valid cache entries by key, loaded on first use.
     cache_index: HashMap<usize, HashMap<String, CachedOutput>>,
+    /// Mapped children created but not yet sent to the store: their first write carries their
+    /// whole history.
+    unwritten: HashSet<Unit>,
 }
 
 impl<'a> Exec<'a> {
@@ -718,6 +738,7 @@ impl<'a> Exec<'a> {
                 .collect(),
             cache_keys: HashMap::new(),
             cache_index: HashMap::new(),
+            unwritten: HashSet::new(),
             run,
         }
     }
@@ -744,7 +765,8 @@ impl<'a> Exec<'a> {
     async fn execute(mut self) -> FlowRun {
         let watcher = self.runner.store.clone().map(|store| {
             let (run, cancel) = (self.run.id, self.cancel.clone());
-            tokio::spawn(watch_store(store, run, cancel))
+            // Requests are stamped with the wall clock by `sluice cancel`.
+            tokio::spawn(watch_store(store, run, cancel, Utc::now()))
         });
         self.flow_transition(State::new(StateName::Running, self.now()))
             .await;
@@ -836,6 +858,12 @@ impl<'a> Exec<'a> {
                 .iter()
                 .filter(|&&u| !self.run.tasks[u].state.is_terminal())
                 .count();
+        }
+        for i in 0..self.nodes.len() {
+            let ups = &self.nodes[i].data_upstream;
+            self.nodes[i].input_unchanged = ups
+                .iter()
+                .all(|&u| self.run.tasks[u].state.state_type() == StateType::Completed);
         }
         // A consumer that already received an output (it has a cached input, or completed)
         // no longer holds it.
@@ -1013,49 +1041,55 @@ impl<'a> Exec<'a> {
             inputs: children,
             base_attempts: vec![0; n],
         };
+        // Resuming: children recorded before keep their place (by map index); completed ones
+        // keep their outputs, the others run again with retries counted from the attempts they
+        // made. Children never recorded are created.
         let previous = std::mem::take(&mut self.run.tasks[i].children);
+        let mut slots: Vec<Option<TaskRun>> = (0..n).map(|_| None).collect();
+        for child in previous {
+            if let Some(k) = child.map_index.map(|k| k as usize)
+                && k < n
+                && slots[k].is_none()
+            {
+                slots[k] = Some(child);
+            }
+        }
+        let mut fresh = vec![false; n];
+        self.run.tasks[i].children = slots
+            .into_iter()
+            .enumerate()
+            .map(|(c, slot)| {
+                slot.unwrap_or_else(|| {
+                    fresh[c] = true;
+                    TaskRun::new(&name, Some(c as u32), now)
+                })
+            })
+            .collect();
         let mut todo = Vec::with_capacity(n);
-        if previous.len() == n {
-            // Resuming: completed children keep their outputs; the others run again, their
-            // retries counted from the attempts they already made.
-            self.run.tasks[i].children = previous;
-            for c in 0..n {
-                let child = &mut self.run.tasks[i].children[c];
-                map.base_attempts[c] = child.attempts;
-                if child.state.state_type() == StateType::Completed {
-                    map.outputs[c] = Some(Arc::new(child.output.take().unwrap_or(Value::Null)));
-                    map.children_left -= 1;
-                    continue;
-                }
-                if child.state.name != StateName::Pending {
-                    reset_to_pending(child, now);
-                    self.persist(
-                        Unit {
-                            task: i,
-                            child: Some(c as u32),
-                        },
-                        None,
-                    );
-                }
-                todo.push(c);
+        for (c, is_new) in fresh.into_iter().enumerate() {
+            let unit = Unit {
+                task: i,
+                child: Some(c as u32),
+            };
+            todo.push(c);
+            if is_new {
+                // Recorded with its first transition (one row write instead of two).
+                self.unwritten.insert(unit);
+                continue;
             }
-        } else {
-            self.run.tasks[i].children = (0..n)
-                .map(|c| TaskRun::new(&name, Some(c as u32), now))
-                .collect();
-            if let Some(store) = &self.runner.store {
-                let parent = self.run.tasks[i].id;
-                for (c, child) in self.run.tasks[i].children.iter().enumerate() {
-                    store.submit(Write::Task(Box::new(task_write(
-                        self.run.id,
-                        (i, self.names[i].clone()),
-                        Some((parent, c as u32)),
-                        child,
-                        child.history.clone(),
-                    ))));
-                }
+            let keep = self.nodes[i].input_unchanged;
+            let child = &mut self.run.tasks[i].children[c];
+            map.base_attempts[c] = child.attempts;
+            if keep && child.state.state_type() == StateType::Completed {
+                map.outputs[c] = Some(Arc::new(child.output.take().unwrap_or(Value::Null)));
+                map.children_left -= 1;
+                todo.pop();
+                continue;
             }
-            todo.extend(0..n);
+            if child.state.name != StateName::Pending {
+                reset_to_pending(child, now);
+                self.persist(unit, None);
+            }
         }
         let left = map.children_left;
         self.nodes[i].map = Some(Box::new(map));
@@ -1242,7 +1276,7 @@ impl<'a> Exec<'a> {
         for tag in &task.tags {
             *self.running_by_tag.entry(tag.clone()).or_default() += 1;
         }
-        let attempt = self.record(unit).attempts + 1;
+        let attempt = self.record(unit).attempts.saturating_add(1);
         let base = self.base_attempts(unit);
         let name = if attempt > base + 1 {
             StateName::Retrying
@@ -1449,11 +1483,13 @@ impl<'a> Exec<'a> {
                     task: i,
                     child: None,
                 });
+                // Only children of a mapped run in progress (not records from before a resume).
+                let active = self.nodes[i].map.is_some();
                 let children = t
                     .children
                     .iter()
                     .enumerate()
-                    .filter(|(_, c)| c.state.state_type() == StateType::Scheduled)
+                    .filter(move |(_, c)| active && c.state.state_type() == StateType::Scheduled)
                     .map(move |(c, _)| Unit {
                         task: i,
                         child: Some(c as u32),
@@ -1591,18 +1627,23 @@ impl<'a> Exec<'a> {
 
     /// Send the unit's state and its last transition to the store. Its input is stored when it
     /// will be needed later (a retry, or a paused task), its output when it completed.
-    fn persist(&self, unit: Unit, output: Option<Blob>) {
+    fn persist(&mut self, unit: Unit, output: Option<Blob>) {
         let Some(store) = &self.runner.store else {
             return;
         };
+        let first = self.unwritten.remove(&unit);
         let parent = unit.child.map(|c| (self.run.tasks[unit.task].id, c));
         let rec = self.record_ref(unit);
+        let transitions = match first {
+            true => rec.history.clone(),
+            false => rec.history.last().cloned().into_iter().collect(),
+        };
         let mut write = task_write(
             self.run.id,
             (unit.task, self.names[unit.task].clone()),
             parent,
             rec,
-            rec.history.last().cloned().into_iter().collect(),
+            transitions,
         );
         let ty = rec.state.state_type();
         if ty == StateType::Completed {
@@ -1781,7 +1822,12 @@ const CANCEL_POLL: Duration = Duration::from_millis(100);
 
 /// Cancel the run when another process asks for it (`sluice cancel`), or when the store can no
 /// longer record it.
-async fn watch_store(store: Arc<dyn Store>, run: FlowRunId, cancel: CancelToken) {
+async fn watch_store(
+    store: Arc<dyn Store>,
+    run: FlowRunId,
+    cancel: CancelToken,
+    since: DateTime<Utc>,
+) {
     loop {
         tokio::time::sleep(CANCEL_POLL).await;
         if let Some(e) = store.write_error() {
@@ -1791,11 +1837,13 @@ async fn watch_store(store: Arc<dyn Store>, run: FlowRunId, cancel: CancelToken)
         }
         let store = store.clone();
         match tokio::task::spawn_blocking(move || store.cancel_requested(run)).await {
-            Ok(Ok(true)) => {
+            // Only requests made since this execution began: an earlier one cancelled an
+            // earlier execution (the run may have been resumed since).
+            Ok(Ok(Some(at))) if at >= since => {
                 cancel.cancel();
                 return;
             }
-            Ok(Ok(false)) => {}
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!("flow run {run}: cannot check for cancellation: {e}"),
             Err(_) => return,
         }

@@ -844,3 +844,97 @@ fn a_read_only_home_refuses_runs_and_still_shows_history() {
     assert_eq!(run["state"], "Completed");
     assert_eq!(task(&run, "sum")["output"], json!(9));
 }
+
+/// Resuming a failed mapped task in a new process (the record read back from the store) re-runs
+/// only the children that did not complete.
+#[tokio::test]
+async fn a_resumed_mapped_task_reruns_only_its_unfinished_children() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(SqliteStore::open(dir.path()).expect("store"));
+    let flow = |component: &str| {
+        let mut m = TaskDef::new("m", guest(component));
+        m.input = Input::Literal(json!([false, true, false]));
+        m.map = sluice::flow::MapOver::Input;
+        FlowBuilder::new("mapped").task(m).build().expect("flow")
+    };
+    let runner = FlowRunner::new(sandbox().clone()).store(store.clone() as Arc<dyn Store>);
+    let first = runner
+        .prepare(flow("fail_if"), Path::new("."))
+        .await
+        .expect("prepare");
+    let run = runner
+        .run(&first, RunOptions::default())
+        .await
+        .expect("run");
+    assert_eq!(run.state.name, StateName::Failed);
+    let children = |r: &sluice::runner::FlowRun| -> Vec<(StateName, u32)> {
+        r.tasks[0]
+            .children
+            .iter()
+            .map(|c| (c.state.name, c.attempts))
+            .collect()
+    };
+    assert_eq!(
+        children(&run),
+        [
+            (StateName::Completed, 1),
+            (StateName::Failed, 1),
+            (StateName::Completed, 1)
+        ]
+    );
+    // The record as a new process reads it; the task's component is fixed (identity).
+    let stored = store.load_run(run.id).expect("load").run;
+    assert_eq!(children(&stored), children(&run));
+    let fixed = runner
+        .prepare(flow("identity"), Path::new("."))
+        .await
+        .expect("prepare");
+    let resumed = runner
+        .resume(&fixed, stored, &[], Default::default())
+        .await
+        .expect("resume");
+    assert_eq!(resumed.state.name, StateName::Completed, "{resumed:#?}");
+    assert_eq!(
+        children(&resumed),
+        [
+            (StateName::Completed, 1),
+            (StateName::Completed, 2),
+            (StateName::Completed, 1)
+        ]
+    );
+    // fail_if's outputs (true) kept, identity's (true for input true) computed.
+    let shown = store.load_run(run.id).expect("load").run;
+    assert_eq!(shown.tasks[0].state.name, StateName::Mapped);
+    assert_eq!(shown.tasks[0].output, Some(json!([true, true, true])));
+    assert_eq!(shown.tasks[0].children.len(), 3);
+}
+
+/// A run cancelled from another process can be resumed: the old request does not cancel the
+/// new execution.
+#[test]
+fn a_cancelled_run_resumes_and_completes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = dir.path().join("home");
+    let h = hostile_path();
+    let flow = write_flow(
+        dir.path(),
+        &format!(
+            "name = \"nap\"\n[tasks.nap]\ncomponent = {h:?}\ninput = {{ do = \"sleep\", ms = 1500 }}\n"
+        ),
+    );
+    let mut child = spawn_run(&home, &flow);
+    let id = newest_run(&home, &mut child);
+    wait_for(&home, &id, |v| task(v, "nap")["state"] == "Running");
+    let cancel = sluice(&home, &["cancel", &id]);
+    assert_eq!(cancel.status.code(), Some(0), "{}", stderr(&cancel));
+    let _ = child.wait();
+    let run = json_of(&sluice(&home, &["show", &id, "--json"]));
+    assert_eq!(run["state"], "Cancelled");
+    let resumed = sluice(&home, &["resume", &id, "--json"]);
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    let run = json_of(&resumed);
+    assert_eq!(run["state"], "Completed", "{run:#}");
+    let nap = task(&run, "nap");
+    assert_eq!(nap["output"], json!(1500));
+    assert_eq!(nap["attempts"], 2);
+}

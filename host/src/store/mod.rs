@@ -94,6 +94,9 @@ pub enum StoreError {
         /// Missing, or corrupt.
         problem: String,
     },
+    /// No cache entry has this key (or key prefix), or more than one does.
+    #[error("{0}")]
+    CacheKey(String),
     /// A stored record could not be read back.
     #[error("flow run {run}: stored record is unreadable: {detail}")]
     Corrupt {
@@ -434,6 +437,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Cancel `run`: ask its live process, or record it Cancelled when nothing runs it.
     fn cancel(&self, run: FlowRunId, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError>;
 
-    /// Whether cancellation of `run` was requested from outside.
-    fn cancel_requested(&self, run: FlowRunId) -> Result<bool, StoreError>;
+    /// When cancellation of `run` was last requested from outside, if ever. A run honours only
+    /// requests made after it started executing (so a cancelled run can be resumed).
+    fn cancel_requested(&self, run: FlowRunId) -> Result<Option<DateTime<Utc>>, StoreError>;
 }

@@ -239,7 +239,13 @@ impl SqliteStore {
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(|e| classify_open(&path, &e))?;
-        if version > MIGRATIONS.len() as i64 || version == 0 {
+        if version == 0 {
+            return Err(StoreError::Open {
+                path,
+                detail: "the store was never initialized, and the home is read-only".into(),
+            });
+        }
+        if version > MIGRATIONS.len() as i64 {
             return Err(StoreError::TooNew {
                 path,
                 found: version,
@@ -747,6 +753,15 @@ impl Drop for FileLease {
     }
 }
 
+/// Whether `file` is the file now at `path`.
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 fn io_err(operation: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     move |e| StoreError::io(operation, e)
 }
@@ -842,6 +857,12 @@ impl Store for SqliteStore {
             .open(&path)
             .map_err(|e| StoreError::io(format!("lease of run {run} ({})", path.display()), e))?;
         match file.try_lock() {
+            // The holder before us may have deleted the file between our open and our lock:
+            // then we hold a lock nobody else can see. Lock the file that is at the path.
+            Ok(()) if !same_file(&file, &path) => {
+                drop(file);
+                return self.lease(run);
+            }
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 let pid = std::fs::read_to_string(&path)
@@ -879,7 +900,7 @@ impl Store for SqliteStore {
             .prepare_cached(
                 "SELECT c.blob, c.created_at, c.expires_at, c.flow_run, c.task_run, c.task, c.validator, c.component, b.size, b.data
                  FROM cache c LEFT JOIN blobs b ON b.hash = c.blob
-                 WHERE c.key = ?1 AND c.expires_at > ?2 ORDER BY c.created_at DESC LIMIT 1",
+                 WHERE c.key = ?1 AND c.expires_at > ?2 ORDER BY c.created_at DESC, c.seq DESC LIMIT 1",
             )
             .and_then(|mut s| {
                 s.query_row(params![key.key, micros(now)], |r| {
@@ -909,6 +930,12 @@ impl Store for SqliteStore {
                     entry.flow_run, entry.blob
                 )));
             };
+            if blake3::hash(&data).to_hex().as_str() != entry.blob {
+                return Ok(CacheLookup::Miss(format!(
+                    "the entry from flow run {} refers to blob {} whose content does not match its hash",
+                    entry.flow_run, entry.blob
+                )));
+            }
             return match serde_json::from_slice(&data) {
                 Ok(v) => Ok(CacheLookup::Hit {
                     output: Arc::new(v),
@@ -935,10 +962,10 @@ impl Store for SqliteStore {
         let newest: Option<Newest> = conn
             .prepare_cached(
                 "SELECT key, component, config, inputs, parameters, validator, expires_at, flow_run
-                 FROM cache WHERE task = ?1 ORDER BY created_at DESC, seq DESC LIMIT 1",
+                 FROM cache WHERE task = ?1 ORDER BY (config = ?2) DESC, created_at DESC, seq DESC LIMIT 1",
             )
             .and_then(|mut s| {
-                s.query_row([&key.task], |r| {
+                s.query_row(params![key.task, key.config], |r| {
                     Ok((
                         r.get(0)?,
                         r.get(1)?,
@@ -1025,14 +1052,19 @@ impl Store for SqliteStore {
                 task: task.to_owned(),
                 validator: r.get(6).map_err(&io)?,
                 component: r.get(7).map_err(&io)?,
-                size: size.unwrap_or(0) as u64,
+                size: size.map_or(0, |n| u64::try_from(n).unwrap_or(0)),
             };
+            let size = size.and_then(|n| u64::try_from(n).ok());
             let value = match size {
-                Some(n) if loaded + n as u64 <= max_bytes => {
+                Some(n) if loaded.saturating_add(n) <= max_bytes => {
                     let data = r.get_ref(9).map_err(&io)?;
                     let bytes = data.as_blob().unwrap_or_default();
-                    loaded += n as u64;
-                    serde_json::from_slice(bytes).ok().map(Arc::new)
+                    loaded += n;
+                    // A corrupt blob is not preloaded; a hit on it goes to `cache_lookup`, which
+                    // reports it as a miss.
+                    (blake3::hash(bytes).to_hex().as_str() == entry.blob)
+                        .then(|| serde_json::from_slice(bytes).ok().map(Arc::new))
+                        .flatten()
                 }
                 _ => None,
             };
@@ -1077,12 +1109,12 @@ impl Store for SqliteStore {
             .filter(|e| e.key.starts_with(&prefix))
             .collect();
         let mut keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+        keys.sort_unstable();
         keys.dedup();
         match keys.len() {
-            0 => Err(StoreError::io(
-                "cache show",
-                format!("no cache entry with key `{prefix}`"),
-            )),
+            0 => Err(StoreError::CacheKey(format!(
+                "no cache entry with key `{prefix}` (see `sluice cache ls`)"
+            ))),
             1 => {
                 let entry = entries[0].clone();
                 let value = get_blob(
@@ -1092,10 +1124,9 @@ impl Store for SqliteStore {
                 )?;
                 Ok((entry, value))
             }
-            n => Err(StoreError::io(
-                "cache show",
-                format!("`{prefix}` matches {n} cache keys; give more of the key"),
-            )),
+            n => Err(StoreError::CacheKey(format!(
+                "`{prefix}` matches {n} cache keys; give more of the key"
+            ))),
         }
     }
 
@@ -1445,7 +1476,13 @@ impl Store for SqliteStore {
                 continue;
             }
             let mut conn = self.read();
-            let tx = conn.transaction().map_err(io_err("recovery"))?;
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(io_err("recovery"))?;
+            // A process may have resumed it since the check above; it leases before writing.
+            if self.is_live(run) {
+                continue;
+            }
             let flow_state = State::new(StateName::Crashed, now).with_message(format!(
                 "the process running this flow run (pid {pid}) died"
             ));
@@ -1479,8 +1516,27 @@ impl Store for SqliteStore {
 
     fn cancel(&self, run: FlowRunId, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
         let id = run.to_string();
-        let state: Option<String> = self
-            .read()
+        if self.is_live(run) {
+            let n = self
+                .read()
+                .execute(
+                    "UPDATE flow_runs SET cancel_requested_at = ?2 WHERE id = ?1",
+                    params![id, micros(now)],
+                )
+                .map_err(io_err("cancel"))?;
+            if n == 0 {
+                return Err(StoreError::UnknownRun(id));
+            }
+            return Ok(CancelOutcome::Requested);
+        }
+        // Nothing runs it (paused, or its process died): record the cancellation here, in one
+        // write transaction that re-reads the state, so a run that was just resumed or just
+        // finished is not overwritten.
+        let mut conn = self.read();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(io_err("cancel"))?;
+        let state: Option<String> = tx
             .query_row("SELECT state FROM flow_runs WHERE id = ?1", [&id], |r| {
                 r.get(0)
             })
@@ -1491,13 +1547,9 @@ impl Store for SqliteStore {
             &state.ok_or_else(|| StoreError::UnknownRun(id.clone()))?,
         )?;
         if self.is_live(run) {
-            self.read()
-                .execute(
-                    "UPDATE flow_runs SET cancel_requested_at = coalesce(cancel_requested_at, ?2) WHERE id = ?1",
-                    params![id, micros(now)],
-                )
-                .map_err(io_err("cancel"))?;
-            return Ok(CancelOutcome::Requested);
+            drop(tx);
+            drop(conn);
+            return self.cancel(run, now);
         }
         if matches!(
             state.state_type(),
@@ -1507,14 +1559,11 @@ impl Store for SqliteStore {
         ) {
             return Ok(CancelOutcome::AlreadyFinished(state));
         }
-        // Nothing runs it (paused, or its process died): record the cancellation here.
-        let mut conn = self.read();
-        let tx = conn.transaction().map_err(io_err("cancel"))?;
         let flow_state = State::new(StateName::Cancelled, now)
             .with_message("cancelled by `sluice cancel` while no process ran it");
         tx.execute(
-            "UPDATE flow_runs SET state = 'Cancelled', state_json = ?2, updated_at = ?3, cancel_requested_at = ?3 WHERE id = ?1",
-            params![id, state_json(&flow_state), micros(now)],
+            "UPDATE flow_runs SET state = 'Cancelled', state_json = ?2, updated_at = ?3 WHERE id = ?1 AND state = ?4",
+            params![id, state_json(&flow_state), micros(now), state.as_str()],
         )
         .map_err(io_err("cancel"))?;
         insert_transition(
@@ -1550,13 +1599,13 @@ impl Store for SqliteStore {
         Ok(CancelOutcome::Cancelled)
     }
 
-    fn cancel_requested(&self, run: FlowRunId) -> Result<bool, StoreError> {
+    fn cancel_requested(&self, run: FlowRunId) -> Result<Option<DateTime<Utc>>, StoreError> {
         let v: Option<Option<i64>> = self
             .read()
             .prepare_cached("SELECT cancel_requested_at FROM flow_runs WHERE id = ?1")
             .and_then(|mut s| s.query_row([run.to_string()], |r| r.get(0)).optional())
             .map_err(io_err("cancel check"))?;
-        Ok(matches!(v, Some(Some(_))))
+        Ok(v.flatten().map(from_micros))
     }
 }
 

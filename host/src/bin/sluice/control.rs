@@ -46,11 +46,21 @@ pub(crate) async fn resume(home: &Path, args: ResumeArgs) -> Result<ExitCode, Us
         )));
     }
     let stored = store.load_run(id).map_err(usage)?;
-    if stored.run.state.state_type() == StateType::Completed && args.start.is_empty() {
+    if stored.run.state.state_type() == StateType::Completed {
         return Err(UsageError(anyhow!(
-            "flow run {id} is already {}; nothing to resume (give --start TASK to run tasks again)",
+            "flow run {id} is already {}; nothing to resume (start a new run with `sluice run`)",
             stored.run.state.name
         )));
+    }
+    for s in &args.start {
+        if let Some(t) = stored.run.task(s)
+            && t.state.state_type() == StateType::Completed
+        {
+            return Err(UsageError(anyhow!(
+                "task `{s}` already ended {} in flow run {id}; --start is for tasks that did not complete",
+                t.state.name
+            )));
+        }
     }
     if !stored.problems.is_empty() {
         let list: Vec<String> = stored.problems.iter().map(|p| format!("  {p}")).collect();

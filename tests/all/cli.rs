@@ -234,3 +234,27 @@ component = { path = "never.wasm", build = "echo 'no compiler here' >&2; exit 3"
         "{err}"
     );
 }
+
+/// A first run shows its compiles; a second run of the same flow compiles nothing.
+#[test]
+fn the_first_run_reports_compiling_and_the_second_never_compiles() {
+    let home = tempfile::tempdir().expect("home");
+    let flow = crate::support::example_flow("map-add-one");
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("run")
+            .arg(&flow)
+            .env("SLUICE_HOME", home.path())
+            .output()
+            .expect("run sluice");
+        assert_eq!(out.status.code(), Some(0));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let first = run();
+    assert!(
+        first.contains("compiling") && first.contains("add_one.wasm") && first.contains("compiled"),
+        "{first}"
+    );
+    let second = run();
+    assert!(!second.contains("compiling"), "{second}");
+}

@@ -405,7 +405,7 @@ fn the_polyglot_example_flow_completes_through_the_cli() {
         .arg("run")
         .arg(&flow)
         .arg("--json")
-        .env("SLUICE_HOME", home)
+        .env("SLUICE_HOME", &home)
         .output()
         .expect("run sluice");
     let run: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -439,4 +439,14 @@ fn the_polyglot_example_flow_completes_through_the_cli() {
             "checksum": "7b8c81c19e6836d2",
         })
     );
+    // A second run loads every component precompiled: nothing is compiled again.
+    let again = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg(&flow)
+        .env("SLUICE_HOME", &home)
+        .output()
+        .expect("run sluice");
+    assert_eq!(again.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!err.contains("compiling"), "the second run compiled: {err}");
 }

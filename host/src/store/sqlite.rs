@@ -329,7 +329,7 @@ fn connect(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
         .query_row(
             "SELECT (SELECT application_id FROM pragma_application_id()), (SELECT count(*) FROM sqlite_master)",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| TryFrom::try_from(r),
         )
         .map_err(|e| classify_open(path, &e))?;
     if app != APPLICATION_ID && !(app == 0 && tables == 0) {
@@ -965,18 +965,7 @@ impl Store for SqliteStore {
                  FROM cache WHERE task = ?1 ORDER BY (config = ?2) DESC, created_at DESC, seq DESC LIMIT 1",
             )
             .and_then(|mut s| {
-                s.query_row(params![key.task, key.config], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                        r.get(7)?,
-                    ))
-                })
+                s.query_row(params![key.task, key.config], |r| TryFrom::try_from(r))
                 .optional()
             })
             .map_err(io_err("cache lookup"))?;
@@ -1195,19 +1184,7 @@ impl Store for SqliteStore {
             .query_row(
                 "SELECT flow, state_json, created_at, parameters, context, manifest_path, manifest, cancel_requested_at, history FROM flow_runs WHERE id = ?1",
                 [&id],
-                |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                        r.get(7)?,
-                        r.get(8)?,
-                    ))
-                },
+                |r| TryFrom::try_from(r),
             )
             .optional()
             .map_err(&io)?;
@@ -1266,25 +1243,9 @@ impl Store for SqliteStore {
                      FROM task_runs WHERE flow_run = ?1 ORDER BY task_index, parent IS NOT NULL, map_index",
                 )
                 .map_err(&io)?;
-            s.query_map([&id], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                    r.get(7)?,
-                    r.get(8)?,
-                    r.get(9)?,
-                    r.get(10)?,
-                    r.get(11)?,
-                    r.get(12)?,
-                ))
-            })
-            .and_then(|rows| rows.collect())
-            .map_err(&io)?
+            s.query_map([&id], |r| TryFrom::try_from(r))
+                .and_then(|rows| rows.collect())
+                .map_err(&io)?
         };
         let mut tasks: Vec<TaskRun> = Vec::new();
         let mut problems = Vec::new();
@@ -1390,7 +1351,7 @@ impl Store for SqliteStore {
                 .map_err(&io)?;
             s.query_map(
                 params![filter.state.map(StateName::as_str), filter.flow, limit],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| TryFrom::try_from(r),
             )
             .and_then(|rows| rows.collect())
             .map_err(&io)?
@@ -1433,7 +1394,7 @@ impl Store for SqliteStore {
             .map_err(&io)?;
         let rows: Vec<(i64, String, Option<u32>, String)> = s
             .query_map(params![run.to_string(), after, task], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                TryFrom::try_from(r)
             })
             .and_then(|rows| rows.collect())
             .map_err(&io)?;
@@ -1465,7 +1426,7 @@ impl Store for SqliteStore {
                     "SELECT id, state, pid FROM flow_runs WHERE state IN ('Pending', 'Running', 'Cancelling')",
                 )
                 .map_err(io_err("recovery"))?;
-            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            s.query_map([], |r| TryFrom::try_from(r))
                 .and_then(|rows| rows.collect())
                 .map_err(io_err("recovery"))?
         };
@@ -1582,7 +1543,7 @@ impl Store for SqliteStore {
             let mut s = tx
                 .prepare("SELECT id, state FROM task_runs WHERE flow_run = ?1")
                 .map_err(io_err("cancel"))?;
-            s.query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+            s.query_map([&id], |r| TryFrom::try_from(r))
                 .and_then(|rows| rows.collect())
                 .map_err(io_err("cancel"))?
         };
@@ -1615,7 +1576,7 @@ fn crash_tasks(tx: &Transaction<'_>, run: FlowRunId, now: DateTime<Utc>) -> rusq
         let mut s = tx.prepare(
             "SELECT id, state FROM task_runs WHERE flow_run = ?1 AND state IN ('Running', 'Retrying')",
         )?;
-        s.query_map([run.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))?
+        s.query_map([run.to_string()], |r| TryFrom::try_from(r))?
             .collect::<rusqlite::Result<_>>()?
     };
     for (tid, old) in running {

@@ -8,6 +8,7 @@ mod hostile;
 mod limits;
 mod loading;
 mod polyglot;
+mod pool;
 mod signals;
 mod store;
 mod support;

@@ -56,11 +56,18 @@ impl ArtifactStore {
     }
 
     /// Load the artifact for `digest`, if one exists and is usable. A file that wasmtime refuses
-    /// (truncated, corrupt, another version) is removed so it gets rebuilt.
-    pub(super) fn load(&self, engine: &Engine, digest: &blake3::Hash) -> Option<Component> {
+    /// (truncated, corrupt, another version) is removed so it gets rebuilt. A component that
+    /// compiled but does not fit the sandbox's pool (`unfit` says which errors mean that) is an
+    /// error, and its artifact is kept: compiling it again would not help.
+    pub(super) fn load(
+        &self,
+        engine: &Engine,
+        digest: &blake3::Hash,
+        unfit: impl Fn(&wasmtime::Error) -> bool,
+    ) -> Result<Option<Component>, wasmtime::Error> {
         let path = self.path_for(digest);
         if !path.is_file() {
-            return None;
+            return Ok(None);
         }
         // SAFETY: the file was produced by `Engine::precompile_component` with this engine's
         // configuration (its name carries the compatibility hash) and written atomically into a
@@ -68,11 +75,12 @@ impl ArtifactStore {
         #[allow(unsafe_code)]
         let loaded = unsafe { Component::deserialize_file(engine, &path) };
         match loaded {
-            Ok(c) => Some(c),
+            Ok(c) => Ok(Some(c)),
+            Err(e) if unfit(&e) => Err(e),
             Err(e) => {
                 tracing::warn!(path = %path.display(), "discarding unusable precompiled component: {e:#}");
                 let _ = std::fs::remove_file(&path);
-                None
+                Ok(None)
             }
         }
     }

@@ -13,6 +13,8 @@ pub(super) struct Limiter {
     /// The last growth granted, undone if the allocator then fails it.
     memory_granted: u64,
     table_total: u64,
+    /// The last table growth granted, undone if the allocator then fails it.
+    table_granted: u64,
     pub(super) memory_peak: u64,
     pub(super) violation: Option<LimitExceeded>,
 }
@@ -26,6 +28,7 @@ impl Limiter {
             memory_total: 0,
             memory_granted: 0,
             table_total: 0,
+            table_granted: 0,
             memory_peak: 0,
             violation: None,
         }
@@ -86,8 +89,22 @@ impl wasmtime::ResourceLimiter for Limiter {
         if total > self.table_max {
             return self.refuse(Limit::TableElements, self.table_max, total);
         }
+        self.table_granted = total - self.table_total;
         self.table_total = total;
         Ok(true)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        // Allowed by the budget but refused by the allocator (the pool's per-table maximum is
+        // below the run's budget): name the table limit rather than fail silently.
+        tracing::debug!("table growth failed: {error:#}");
+        self.table_total -= std::mem::take(&mut self.table_granted);
+        self.violation.get_or_insert(LimitExceeded {
+            limit: Limit::TableElements,
+            max: self.table_max,
+            requested: None,
+        });
+        Ok(())
     }
 
     fn instances(&self) -> usize {

@@ -15,6 +15,7 @@
 //! arguments, preopened directories or sockets; stdout and stderr are captured into the run's
 //! bounded log buffer.
 
+mod admission;
 mod artifacts;
 mod bindings;
 mod budget;
@@ -33,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc::UnboundedSender;
-use tokio::sync::{Notify, OnceCell, Semaphore};
+use tokio::sync::{Notify, OnceCell};
 use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
@@ -41,6 +42,7 @@ use wasmtime::{
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use self::admission::{Admission, Admitted, Needs};
 use self::artifacts::ArtifactStore;
 use self::bindings::handler::HandlerPre;
 use self::bindings::{TaskPre, WitSignal, WitState, WitStateType};
@@ -91,6 +93,16 @@ pub enum LoadError {
         /// The component's name.
         name: String,
         /// What does not match.
+        detail: String,
+    },
+    /// The component compiled but can never run in this sandbox: it has more core instances,
+    /// memories or tables than one component may have, or a memory or table larger than the
+    /// sandbox allows (see [`SandboxBuilder`]). Its artifact is kept, so it is not compiled again.
+    #[error("`{name}` exceeds a limit of the sandbox: {detail}")]
+    TooLarge {
+        /// The component's name.
+        name: String,
+        /// Which limit, and by how much (wasmtime's words).
         detail: String,
     },
     /// The precompiled artifact could not be written.
@@ -179,6 +191,8 @@ struct Prepared {
     name: String,
     digest: blake3::Hash,
     pre: InstancePre<RunState>,
+    /// What one run takes from the pool.
+    needs: Needs,
     load: LoadInfo,
 }
 
@@ -276,11 +290,28 @@ impl CancelToken {
 }
 
 /// Configuration of a [`Sandbox`]; every setting has a documented default.
+///
+/// The pooling allocator is sized from these settings so that every admitted run is guaranteed
+/// its slots: [`max_concurrent_runs`](Self::max_concurrent_runs) runs at once, each with up to
+/// [`max_instances_per_component`](Self::max_instances_per_component) core instances, and
+/// [`pool_memories`](Self::pool_memories) linear memories and [`pool_tables`](Self::pool_tables)
+/// tables shared by the runs in progress, each run reserving exactly what its component
+/// defines. A run that does not fit waits; it never fails because of its neighbours. A component
+/// that could never fit (more memories, tables or core instances than one component may have,
+/// a table larger than [`max_table_elements`](Self::max_table_elements)) is refused when it is
+/// loaded, naming the limit.
 #[derive(Debug, Clone)]
 pub struct SandboxBuilder {
     artifact_dir: Option<PathBuf>,
     max_concurrent_runs: u32,
     max_memory_bytes: u64,
+    max_instances_per_component: u32,
+    max_memories_per_component: u32,
+    max_tables_per_component: u32,
+    pool_memories: u32,
+    pool_tables: u32,
+    max_table_elements: u64,
+    memory_ceiling: Option<u64>,
     epoch_tick: Duration,
     clock: ClockRef,
     load_events: Option<UnboundedSender<LoadEvent>>,
@@ -292,6 +323,13 @@ impl Default for SandboxBuilder {
             artifact_dir: None,
             max_concurrent_runs: 128,
             max_memory_bytes: 4 << 30,
+            max_instances_per_component: 64,
+            max_memories_per_component: 32,
+            max_tables_per_component: 32,
+            pool_memories: 1000,
+            pool_tables: 1000,
+            max_table_elements: 100_000,
+            memory_ceiling: None,
             epoch_tick: Duration::from_millis(5),
             clock: Arc::new(SystemClock),
             load_events: None,
@@ -321,6 +359,57 @@ impl SandboxBuilder {
         self
     }
 
+    /// The most core instances one component may create; a run's
+    /// [`RunBudget::instances`] can only lower it. Default: 64.
+    pub fn max_instances_per_component(mut self, n: u32) -> Self {
+        self.max_instances_per_component = n.max(1);
+        self
+    }
+
+    /// The most linear memories one component may define, over all its core modules (a module
+    /// may define several: multi-memory). Default: 32.
+    pub fn max_memories_per_component(mut self, n: u32) -> Self {
+        self.max_memories_per_component = n;
+        self
+    }
+
+    /// The most tables one component may define, over all its core modules. Default: 32.
+    pub fn max_tables_per_component(mut self, n: u32) -> Self {
+        self.max_tables_per_component = n;
+        self
+    }
+
+    /// Linear memories shared by the runs in progress (each reserves address space, not
+    /// memory: about 4 GiB of it). Never fewer than one component's maximum. Default: 1000.
+    pub fn pool_memories(mut self, n: u32) -> Self {
+        self.pool_memories = n;
+        self
+    }
+
+    /// Tables shared by the runs in progress. Never fewer than one component's maximum.
+    /// Default: 1000.
+    pub fn pool_tables(mut self, n: u32) -> Self {
+        self.pool_tables = n;
+        self
+    }
+
+    /// The most elements a single table may hold, whatever a run's budget says (the budget's
+    /// [`RunBudget::table_elements`] sums over a run's tables). Default: 100 000, the default
+    /// table budget.
+    pub fn max_table_elements(mut self, n: u64) -> Self {
+        self.max_table_elements = n.max(1);
+        self
+    }
+
+    /// The host's memory ceiling: the memory budgets of the runs in progress never add up to
+    /// more; further runs wait until earlier ones finish. A run whose budget alone exceeds it
+    /// is refused ([`Limit::HostMemory`]). Default: three quarters of the machine's physical
+    /// memory (8 GiB where it cannot be read).
+    pub fn memory_ceiling(mut self, bytes: u64) -> Self {
+        self.memory_ceiling = Some(bytes);
+        self
+    }
+
     /// How often running guests are checked against their deadline and cancellation. Default:
     /// 5 ms.
     pub fn epoch_tick(mut self, tick: Duration) -> Self {
@@ -346,11 +435,27 @@ impl SandboxBuilder {
     pub fn build(self) -> Result<Sandbox, LoadError> {
         let sandbox_err = |e: wasmtime::Error| LoadError::Sandbox(error_chain(&e));
         let n = self.max_concurrent_runs;
+        let per = (
+            self.max_instances_per_component,
+            self.max_memories_per_component,
+            self.max_tables_per_component,
+        );
+        let pool_memories = self.pool_memories.max(per.1).max(1);
+        let pool_tables = self.pool_tables.max(per.2).max(1);
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(n)
-            .total_core_instances(n.saturating_mul(16))
-            .total_memories(n.saturating_mul(4))
-            .total_tables(n.saturating_mul(8))
+            // Core instances cost no memory in the pool (only a count): every slot gets the
+            // maximum one component may create.
+            .total_core_instances(n.saturating_mul(per.0))
+            .max_core_instances_per_component(per.0)
+            .total_memories(pool_memories)
+            .max_memories_per_component(per.1)
+            .max_memories_per_module(per.1.max(1))
+            .total_tables(pool_tables)
+            .max_tables_per_component(per.2)
+            .max_tables_per_module(per.2.max(1))
+            .table_elements(usize::try_from(self.max_table_elements).unwrap_or(usize::MAX))
+            // One async stack per run slot.
             .total_stacks(n)
             .max_memory_size(usize::try_from(self.max_memory_bytes).unwrap_or(usize::MAX))
             .linear_memory_keep_resident(64 << 10)
@@ -361,6 +466,7 @@ impl SandboxBuilder {
             .consume_fuel(true)
             .epoch_interruption(true)
             .wasm_component_model(true)
+            .wasm_multi_memory(true)
             .wasm_backtrace_max_frames(NonZeroUsize::new(BACKTRACE_FRAMES));
         let engine = Engine::new(&config).map_err(sandbox_err)?;
         let mut linker = Linker::new(&engine);
@@ -389,6 +495,9 @@ impl SandboxBuilder {
         let artifacts = self
             .artifact_dir
             .map(|dir| ArtifactStore::new(dir, &engine));
+        let ceiling = self
+            .memory_ceiling
+            .unwrap_or_else(admission::default_memory_ceiling);
         Ok(Sandbox(Arc::new(Inner {
             engine,
             linker,
@@ -396,7 +505,11 @@ impl SandboxBuilder {
             index,
             load_events: self.load_events,
             components: Mutex::default(),
-            slots: Semaphore::new(n as usize),
+            admission: Admission::new(n, pool_memories, pool_tables, ceiling),
+            max_needs: Needs {
+                memories: per.1,
+                tables: per.2,
+            },
             clock: self.clock,
             stop,
         })))
@@ -419,7 +532,9 @@ struct Inner {
     load_events: Option<UnboundedSender<LoadEvent>>,
     /// Every component loaded in this process, by digest, so the same bytes are prepared once.
     components: Mutex<HashMap<blake3::Hash, ComponentCell>>,
-    slots: Semaphore,
+    admission: Admission,
+    /// The most one component may take from the pool.
+    max_needs: Needs,
     clock: ClockRef,
     stop: Arc<AtomicBool>,
 }
@@ -463,6 +578,8 @@ impl WasiView for RunState {
 enum Interruption {
     Deadline,
     Cancelled,
+    /// Never admitted: the run's budget can never fit the host.
+    Refused(LimitExceeded),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -475,6 +592,11 @@ impl Sandbox {
     /// A sandbox with the default settings.
     pub fn builder() -> SandboxBuilder {
         SandboxBuilder::default()
+    }
+
+    /// The host's memory ceiling in bytes (see [`SandboxBuilder::memory_ceiling`]).
+    pub fn memory_ceiling(&self) -> u64 {
+        self.0.admission.ceiling_bytes()
     }
 
     /// The directory of precompiled artifacts, if any.
@@ -622,7 +744,8 @@ impl Sandbox {
         let started = Instant::now();
         let store = self.0.artifacts.as_ref().ok_or(IndexedLoad::Miss)?;
         let component = store
-            .load(&self.0.engine, &digest)
+            .load(&self.0.engine, &digest, unfit_for_pool)
+            .map_err(|e| IndexedLoad::Failed(too_large(&name, &e)))?
             .ok_or(IndexedLoad::Miss)?;
         self.link(name, digest, &component, LoadSource::Indexed, started)
             .map_err(IndexedLoad::Failed)
@@ -636,22 +759,28 @@ impl Sandbox {
     ) -> Result<Arc<Prepared>, LoadError> {
         let started = Instant::now();
         let engine = &self.0.engine;
-        let compile_err = |e: wasmtime::Error| LoadError::Compile {
-            name: name.clone(),
-            detail: error_chain(&e),
+        let load_err = |e: wasmtime::Error| match unfit_for_pool(&e) {
+            true => too_large(&name, &e),
+            false => LoadError::Compile {
+                name: name.clone(),
+                detail: error_chain(&e),
+            },
         };
         let (component, source) = match &self.0.artifacts {
             None => (
                 self.compile(&name, bytes.len() as u64, || {
-                    Component::new(engine, bytes).map_err(compile_err)
+                    Component::new(engine, bytes).map_err(load_err)
                 })?,
                 LoadSource::Compiled,
             ),
-            Some(store) => match store.load(engine, &digest) {
-                Some(c) => (c, LoadSource::Precompiled),
-                None => {
+            Some(store) => match store.load(engine, &digest, unfit_for_pool) {
+                Err(e) => return Err(too_large(&name, &e)),
+                Ok(Some(c)) => (c, LoadSource::Precompiled),
+                Ok(None) => {
                     let c = self.compile(&name, bytes.len() as u64, || {
-                        let artifact = engine.precompile_component(bytes).map_err(compile_err)?;
+                        let artifact = engine.precompile_component(bytes).map_err(load_err)?;
+                        // Stored even when the component turns out not to fit the pool: the
+                        // next load refuses it from the artifact, without compiling again.
                         let path =
                             store
                                 .store(&digest, &artifact)
@@ -659,12 +788,15 @@ impl Sandbox {
                                     path: store.dir().to_owned(),
                                     source,
                                 })?;
-                        store.load(engine, &digest).ok_or_else(|| {
-                            LoadError::Sandbox(format!(
-                                "the artifact just written to `{}` could not be loaded",
-                                path.display()
-                            ))
-                        })
+                        store
+                            .load(engine, &digest, unfit_for_pool)
+                            .map_err(|e| too_large(&name, &e))?
+                            .ok_or_else(|| {
+                                LoadError::Sandbox(format!(
+                                    "the artifact just written to `{}` could not be loaded",
+                                    path.display()
+                                ))
+                            })
                     })?;
                     (c, LoadSource::Compiled)
                 }
@@ -721,10 +853,19 @@ impl Sandbox {
                     name: name.clone(),
                     detail: error_chain(&e),
                 })?;
+        // Known statically for every component whose core modules are its own (a task cannot
+        // import core modules); otherwise reserve the most a component may have.
+        let needs = component
+            .resources_required()
+            .map_or(self.0.max_needs, |r| Needs {
+                memories: r.num_memories,
+                tables: r.num_tables,
+            });
         Ok(Arc::new(Prepared {
             name,
             digest,
             pre,
+            needs,
             load: LoadInfo {
                 source,
                 duration: started.elapsed(),
@@ -745,15 +886,21 @@ impl Sandbox {
         let input = input.to_string();
         let pre = &component.0.1;
         let ex = self
-            .execute(ctx, budget, cancel, async |store: &mut Store<RunState>| {
-                let task = pre
-                    .instantiate_async(&mut *store)
-                    .await
-                    .map_err(|e| (Phase::Instantiate, e))?;
-                task.call_run(&mut *store, &input)
-                    .await
-                    .map_err(|e| (Phase::Call, e))
-            })
+            .execute(
+                ctx,
+                budget,
+                cancel,
+                component.0.0.needs,
+                async |store: &mut Store<RunState>| {
+                    let task = pre
+                        .instantiate_async(&mut *store)
+                        .await
+                        .map_err(|e| (Phase::Instantiate, e))?;
+                    task.call_run(&mut *store, &input)
+                        .await
+                        .map_err(|e| (Phase::Call, e))
+                },
+            )
             .await;
         let ending = ex.ending(budget, |r| match r {
             Ok(output) => output_ending(output, budget),
@@ -778,15 +925,21 @@ impl Sandbox {
         let pre = &handler.0.1;
         let task_name = task.to_owned();
         let ex = self
-            .execute(ctx, budget, None, async |store: &mut Store<RunState>| {
-                let h = pre
-                    .instantiate_async(&mut *store)
-                    .await
-                    .map_err(|e| (Phase::Instantiate, e))?;
-                h.call_handle(&mut *store, &task_name, &old_w, &new_w)
-                    .await
-                    .map_err(|e| (Phase::Call, e))
-            })
+            .execute(
+                ctx,
+                budget,
+                None,
+                handler.0.0.needs,
+                async |store: &mut Store<RunState>| {
+                    let h = pre
+                        .instantiate_async(&mut *store)
+                        .await
+                        .map_err(|e| (Phase::Instantiate, e))?;
+                    h.call_handle(&mut *store, &task_name, &old_w, &new_w)
+                        .await
+                        .map_err(|e| (Phase::Call, e))
+                },
+            )
             .await;
         let mut decided = None;
         let ending = ex.ending(budget, |r| {
@@ -807,15 +960,22 @@ impl Sandbox {
     }
 
     /// Run `call` in a fresh store under `budget`, stopping it at the deadline or on cancel.
+    /// The run first waits to be admitted (its slot, the memories and tables of a component
+    /// that `needs` them, its memory budget under the host's ceiling); the deadline counts from
+    /// admission, a cancel stops the wait too.
     async fn execute<R>(
         &self,
         ctx: &TaskContext,
         budget: &RunBudget,
         cancel: Option<&CancelToken>,
+        needs: Needs,
         call: impl AsyncFnOnce(&mut Store<RunState>) -> Result<R, (Phase, wasmtime::Error)>,
     ) -> Execution<R> {
-        // The semaphore is never closed, so acquiring only waits for a free slot.
-        let _slot = self.0.slots.acquire().await.ok();
+        let admitted = tokio::select! {
+            biased;
+            () = cancelled(cancel) => Err(Interruption::Cancelled),
+            a = self.0.admission.admit(needs, budget.memory_bytes) => a.map_err(Interruption::Refused),
+        };
         let started = Instant::now();
         // A deadline too far away to represent is as good as none: about a century.
         let deadline = started
@@ -826,13 +986,17 @@ impl Sandbox {
             self.0.clock.clone(),
         )));
         let mut store = self.new_store(ctx, budget, &sink, deadline, cancel);
-        let result = {
-            let call = call(&mut store);
-            tokio::select! {
-                biased;
-                r = call => Ok(r),
-                () = tokio::time::sleep_until(deadline.into()) => Err(Interruption::Deadline),
-                () = cancelled(cancel) => Err(Interruption::Cancelled),
+        let (result, admitted) = match admitted {
+            Err(why) => (Err(why), None),
+            Ok(admitted) => {
+                let call = call(&mut store);
+                let result = tokio::select! {
+                    biased;
+                    r = call => Ok(r),
+                    () = tokio::time::sleep_until(deadline.into()) => Err(Interruption::Deadline),
+                    () = cancelled(cancel) => Err(Interruption::Cancelled),
+                };
+                (result, Some(admitted))
             }
         };
         Execution {
@@ -840,6 +1004,7 @@ impl Sandbox {
             duration: started.elapsed(),
             store,
             sink,
+            admitted,
         }
     }
 
@@ -864,7 +1029,10 @@ impl Sandbox {
         ))
         .allow_tcp(false)
         .allow_udp(false)
-        .allow_ip_name_lookup(false);
+        .allow_ip_name_lookup(false)
+        // Random bytes are made in host memory before they are copied in: one call gets at most
+        // what any other host call may carry.
+        .max_random_size(budget.host_call_bytes);
         let state = RunState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
@@ -909,6 +1077,9 @@ struct Execution<R> {
     duration: Duration,
     store: Store<RunState>,
     sink: SharedSink,
+    /// The run's reservation, given back only once the store (and every pool slot it holds)
+    /// is dropped.
+    admitted: Option<Admitted>,
 }
 
 impl<R> Execution<R> {
@@ -921,6 +1092,7 @@ impl<R> Execution<R> {
         match &self.result {
             Err(Interruption::Deadline) => Ending::TimedOut(TimeLimit::Deadline(budget.timeout)),
             Err(Interruption::Cancelled) => Ending::Cancelled,
+            Err(Interruption::Refused(l)) => Ending::LimitExceeded(*l),
             Ok(Ok(r)) => returned(r.clone()),
             Ok(Err((phase, e))) => error_ending(self.store.data(), &log_sink, *phase, e, budget),
         }
@@ -933,7 +1105,10 @@ impl<R> Execution<R> {
             duration: self.duration,
             memory_peak_bytes: self.store.data().limiter.memory_peak,
         };
+        // The store first: its instances, memories and tables go back to the pool before the
+        // reservation that guaranteed them is released.
         drop(self.store);
+        drop(self.admitted);
         let logs = capture::lock(&self.sink).finish();
         RunOutcome {
             ending,
@@ -1162,6 +1337,8 @@ fn signal_ending(signal: WitSignal, budget: &RunBudget) -> Ending {
 
 /// The marker of wasmtime's error when a guest hands the host more than the hostcall fuel.
 const TRANSFER_TOO_LARGE: &str = "too much data is being copied between the host and the guest";
+/// How wasmtime's backtrace context starts when displayed.
+const BACKTRACE_CONTEXT: &str = "error while executing at wasm backtrace:";
 /// How many guest stack frames wasmtime captures, and a trap message shows.
 const BACKTRACE_FRAMES: usize = 24;
 /// How many of the guest's last stderr lines a trap message shows.
@@ -1179,6 +1356,7 @@ fn error_ending(
         Some(Interruption::Deadline) => {
             return Ending::TimedOut(TimeLimit::Deadline(budget.timeout));
         }
+        Some(Interruption::Refused(l)) => return Ending::LimitExceeded(l),
         None => {}
     }
     let trap = err.downcast_ref::<Trap>().copied();
@@ -1208,7 +1386,14 @@ fn error_ending(
             requested: None,
         });
     }
-    if phase == Phase::Instantiate {
+    if let Some(requested) = random_request(&chain) {
+        return Ending::LimitExceeded(LimitExceeded {
+            limit: Limit::HostCallBytes,
+            max: budget.host_call_bytes,
+            requested: Some(requested),
+        });
+    }
+    if phase == Phase::Instantiate && trap.is_none() {
         if chain.contains("instance count too high") {
             return Ending::LimitExceeded(LimitExceeded {
                 limit: Limit::Instances,
@@ -1231,6 +1416,13 @@ fn error_ending(
              (trap: {})",
             Trap::MemoryOutOfBounds
         ),
+        // The guest's own code trapped before `run` was called: a start function, or a data or
+        // element segment out of bounds. Its fault, like any trap.
+        (Some(t), _) if phase == Phase::Instantiate => {
+            format!(
+                "the component trapped while it was instantiated (its start function or segments): {t}"
+            )
+        }
         (Some(t), _) => format!("the guest trapped: {t}"),
         (None, _) => format!("the guest failed: {chain}"),
     };
@@ -1288,12 +1480,35 @@ fn push_backtrace(out: &mut String, bt: &WasmBacktrace) {
     }
 }
 
-/// An error and its causes, joined with `: `.
+/// The size of a `wasi:random` request that wasmtime-wasi refused for exceeding
+/// `max_random_size` (the run's host-call limit), from its error text.
+fn random_request(chain: &str) -> Option<u64> {
+    let (_, rest) = chain.split_once("requested len ")?;
+    let (n, _) = rest.split_once(" exceeds limit ")?;
+    n.parse().ok()
+}
+
+/// Whether loading failed because the component does not fit the pooling allocator's
+/// per-component or per-module limits (wasmtime's `validate_component` and `validate_module`
+/// errors all say so), as opposed to an unusable artifact or a compile error.
+fn unfit_for_pool(e: &wasmtime::Error) -> bool {
+    error_chain(e).contains("pooling allocator")
+}
+
+fn too_large(name: &str, e: &wasmtime::Error) -> LoadError {
+    LoadError::TooLarge {
+        name: name.to_owned(),
+        detail: error_chain(e),
+    }
+}
+
+/// An error and its causes, joined with `: `. The guest backtrace that wasmtime attaches as
+/// context is left out (messages show it separately, after the reason).
 fn error_chain(e: &wasmtime::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if text.is_empty() || out.contains(&text) {
+        if text.is_empty() || out.contains(&text) || text.starts_with(BACKTRACE_CONTEXT) {
             continue;
         }
         if !out.is_empty() {

@@ -148,12 +148,17 @@ pub enum Limit {
     OutputBytes,
     /// Bytes passed to the host in one call.
     HostCallBytes,
+    /// The host's memory ceiling ([`SandboxBuilder::memory_ceiling`](super::SandboxBuilder::memory_ceiling)):
+    /// a run whose memory budget exceeds it can never be admitted.
+    HostMemory,
 }
 
 impl Limit {
     fn unit(self) -> &'static str {
         match self {
-            Limit::Memory | Limit::OutputBytes | Limit::HostCallBytes => "bytes",
+            Limit::Memory | Limit::OutputBytes | Limit::HostCallBytes | Limit::HostMemory => {
+                "bytes"
+            }
             Limit::TableElements => "elements",
             Limit::Instances => "instances",
         }
@@ -168,6 +173,7 @@ impl fmt::Display for Limit {
             Limit::Instances => "instance",
             Limit::OutputBytes => "output",
             Limit::HostCallBytes => "host-call",
+            Limit::HostMemory => "host memory",
         })
     }
 }

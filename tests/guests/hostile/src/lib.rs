@@ -42,6 +42,8 @@ enum Behaviour {
     Panic { message: String },
     /// Raise RETRY asking for a delay of `ms` milliseconds.
     RetryAfter { ms: u64 },
+    /// Ask the host for `bytes` random bytes at once (`wasi:random`); return how many came.
+    Random { bytes: u64 },
     /// Return the length of `of` as JSON text.
     Len { of: serde_json::Value },
     /// Return everything the context interface answers.
@@ -129,6 +131,7 @@ fn run(behaviour: Behaviour) -> Result<serde_json::Value, Signal> {
         }
         Behaviour::Panic { message } => panic!("{message}"),
         Behaviour::Len { of } => json!(of.to_string().len()),
+        Behaviour::Random { bytes } => json!(wasip2::random::random::get_random_bytes(bytes).len()),
         Behaviour::RetryAfter { ms } => {
             return Err(Signal::retry_after(
                 "later",

@@ -1,7 +1,8 @@
-//! The shared pooling allocator: one run never makes another fail. Components with many core
-//! instances and memories next to ordinary tasks, multi-memory modules, tables up to the
-//! budget, components too large for the pool refused at load (compiled once), traps during
-//! instantiation, and the host's memory ceiling.
+//! The sandbox under hostile neighbours: one run never makes another fail through the shared
+//! pooling allocator. Components with many core instances and memories next to ordinary tasks,
+//! multi-memory modules, tables up to the budget, components too large for the pool refused at
+//! load (compiled once), traps during instantiation, the host's memory ceiling, huge host
+//! requests, and the fuel a stopped run reports.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -350,4 +351,26 @@ async fn a_huge_random_request_names_the_host_call_limit() {
     }
     let out = crate::support::hostile(json!({"do": "random", "bytes": 1 << 20}), &budget).await;
     assert_eq!(out.ending, Ending::Output(json!(1 << 20)));
+}
+
+/// A loop stopped by its deadline reports the fuel it really used (it used to report only what
+/// was spent before the loop, about 2,000 units).
+#[tokio::test]
+async fn a_run_stopped_by_its_deadline_reports_the_fuel_it_used() {
+    let budget = RunBudget {
+        timeout: std::time::Duration::from_millis(300),
+        fuel: None,
+        ..RunBudget::default()
+    };
+    let out = crate::support::hostile(json!({"do": "loop"}), &budget).await;
+    assert!(
+        matches!(out.ending, Ending::TimedOut(_)),
+        "{:?}",
+        out.ending
+    );
+    assert!(
+        out.usage.fuel_consumed >= 1_000_000,
+        "300 ms of a loop used only {} fuel",
+        out.usage.fuel_consumed
+    );
 }

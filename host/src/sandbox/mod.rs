@@ -1049,6 +1049,13 @@ impl Sandbox {
         if let Err(e) = store.set_fuel(budget.fuel.unwrap_or(u64::MAX)) {
             tracing::error!("cannot set fuel: {e}");
         }
+        // Compiled code keeps a function's fuel in a register and writes it back only at calls,
+        // returns and fuel checks, not before an epoch interruption: a loop stopped by its
+        // deadline or a cancel would report only the fuel used before it started. Refuelling
+        // every `FUEL_FLUSH` units writes it back, so usage is exact to within that.
+        if let Err(e) = store.fuel_async_yield_interval(Some(FUEL_FLUSH)) {
+            tracing::error!("cannot set the fuel yield interval: {e}");
+        }
         // Caps every transfer from guest to host (the output, a log line, one write) before the
         // host allocates it; the finer per-kind limits are checked after.
         let transfer = budget.output_bytes.max(budget.host_call_bytes);
@@ -1337,6 +1344,9 @@ fn signal_ending(signal: WitSignal, budget: &RunBudget) -> Ending {
 
 /// The marker of wasmtime's error when a guest hands the host more than the hostcall fuel.
 const TRANSFER_TOO_LARGE: &str = "too much data is being copied between the host and the guest";
+/// How often (in fuel units) a running guest's fuel count is written back to its store, and the
+/// guest yields to other tasks: the accuracy of the fuel a stopped run reports.
+const FUEL_FLUSH: u64 = 1_000_000;
 /// How wasmtime's backtrace context starts when displayed.
 const BACKTRACE_CONTEXT: &str = "error while executing at wasm backtrace:";
 /// How many guest stack frames wasmtime captures, and a trap message shows.

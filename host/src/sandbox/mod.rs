@@ -353,7 +353,8 @@ impl SandboxBuilder {
     }
 
     /// The largest component file [`Sandbox::load_file`] reads; a larger one is
-    /// [`LoadError::TooLarge`], and nothing past the limit is read. Default:
+    /// [`LoadError::TooLarge`], and nothing past the limit is read. (A file the artifact
+    /// directory's index knows, unchanged since it was loaded, is not read at all.) Default:
     /// [`DEFAULT_MAX_COMPONENT_BYTES`] (256 MiB).
     pub fn max_component_bytes(mut self, bytes: u64) -> Self {
         self.max_component_bytes = bytes;

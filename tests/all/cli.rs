@@ -1,6 +1,7 @@
 //! `sluice task run` through the binary, as a user runs it.
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -245,6 +246,8 @@ fn the_first_run_reports_compiling_and_the_second_never_compiles() {
             .arg("run")
             .arg(&flow)
             .env("SLUICE_HOME", home.path())
+            // Artifacts are per user: a directory of this test's own, so the first run compiles.
+            .env("SLUICE_ARTIFACTS", home.path().join("artifacts"))
             .output()
             .expect("run sluice");
         assert_eq!(out.status.code(), Some(0));
@@ -257,4 +260,76 @@ fn the_first_run_reports_compiling_and_the_second_never_compiles() {
     );
     let second = run();
     assert!(!second.contains("compiling"), "{second}");
+}
+
+/// SIGTERM (what `kill`, service managers and container runtimes send) ends a `sluice run` as
+/// Ctrl-C does: the run goes Cancelling → Cancelled, is recorded so (not found Crashed later),
+/// and the process exits promptly with code 1.
+#[test]
+fn sigterm_cancels_a_running_flow_and_records_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = dir.path().join("home");
+    let flow = dir.path().join("flow.toml");
+    let manifest = format!(
+        "name = \"spin\"\n[tasks.spin]\ncomponent = {:?}\ninput = {{ do = \"loop\" }}\nfuel = \"unlimited\"\n",
+        path("hostile")
+    );
+    std::fs::write(&flow, manifest).expect("write");
+    let sluice = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .env("SLUICE_HOME", &home)
+            .output()
+            .expect("run sluice")
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg(&flow)
+        .arg("--json")
+        .env("SLUICE_HOME", &home)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sluice");
+    // Wait until the task is Running in the store, then send SIGTERM.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let runs = json_of(&sluice(&["runs", "--json"]));
+        if runs[0]["tasks"]["Running"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the task never started: {runs}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        sent.elapsed()
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cancelling (SIGTERM)"), "{err}");
+    let run = json_of(&out);
+    assert_eq!(run["state"], "Cancelled");
+    let id = run["id"].as_str().expect("id");
+    let flow_states = crate::support::history(&run);
+    assert!(
+        flow_states.ends_with(&["Cancelling".to_owned(), "Cancelled".to_owned()]),
+        "{flow_states:?}"
+    );
+
+    // Recorded: another process sees it Cancelled, not Crashed, and not live.
+    let shown = json_of(&sluice(&["show", id, "--json"]));
+    assert_eq!(shown["state"], "Cancelled", "{shown}");
+    assert_eq!(shown["live"], false);
+    assert_eq!(crate::support::task(&shown, "spin")["state"], "Cancelled");
+    let runs = json_of(&sluice(&["runs", "--json"]));
+    assert_eq!(runs[0]["state"], "Cancelled");
 }

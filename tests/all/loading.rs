@@ -125,12 +125,23 @@ async fn the_same_bytes_are_compiled_once_ever() {
         .expect("load");
     assert_eq!(c3.load_info().source, LoadSource::Precompiled);
     assert_eq!(c3.digest(), c1.digest());
-    let artifacts: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
-    assert_eq!(artifacts.len(), 1, "one artifact, no temporary files left");
+    let artifacts: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(
+        artifacts.len(),
+        2,
+        "one artifact and its tag, no temporary files left"
+    );
 
     // A corrupt artifact is discarded and rebuilt, not trusted. (It is replaced, not overwritten
     // in place: the live sandboxes above map the file, exactly as Sluice's own writer assumes.)
-    let path = artifacts[0].as_ref().expect("entry").path();
+    let path = artifacts
+        .iter()
+        .find(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .expect("the artifact")
+        .clone();
     let corrupt = dir.path().join("corrupt.tmp");
     std::fs::write(&corrupt, b"not an artifact").expect("write");
     std::fs::rename(&corrupt, &path).expect("corrupt it");

@@ -5,6 +5,7 @@
 mod cli;
 mod flows;
 mod hostile;
+mod input;
 mod limits;
 mod loading;
 mod polyglot;

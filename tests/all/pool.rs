@@ -187,7 +187,7 @@ async fn memories_per_component_at_the_limit_load_one_over_is_refused_and_compil
         .expect("sandbox");
     for _ in 0..3 {
         let err = sb.load_file(&over).await.expect_err("33 memories");
-        assert!(matches!(err, LoadError::TooLarge { .. }), "{err}");
+        assert!(matches!(err, LoadError::ExceedsSandbox { .. }), "{err}");
         let text = err.to_string();
         assert!(
             text.contains("33 Wasm linear memories") && text.contains("maximum of 32"),
@@ -201,7 +201,7 @@ async fn memories_per_component_at_the_limit_load_one_over_is_refused_and_compil
         .expect("sandbox");
     assert!(matches!(
         again.load_file(&over).await,
-        Err(LoadError::TooLarge { .. })
+        Err(LoadError::ExceedsSandbox { .. })
     ));
     drop(sb);
     let mut compiles = 0;
@@ -274,7 +274,7 @@ async fn a_table_larger_than_the_pool_allows_is_refused_at_load() {
         &one_module("(table 100001 funcref)", ""),
     );
     let err = sandbox().load_file(&path).await.expect_err("too large");
-    assert!(matches!(err, LoadError::TooLarge { .. }), "{err}");
+    assert!(matches!(err, LoadError::ExceedsSandbox { .. }), "{err}");
     assert!(err.to_string().contains("100001"), "{err}");
 }
 
@@ -373,4 +373,29 @@ async fn a_run_stopped_by_its_deadline_reports_the_fuel_it_used() {
         "300 ms of a loop used only {} fuel",
         out.usage.fuel_consumed
     );
+}
+
+/// The ceiling through the CLI (`--memory-ceiling`): a task whose memory budget is at the
+/// ceiling completes, one whose budget is over it fails naming the host memory limit.
+#[test]
+fn the_cli_memory_ceiling_admits_a_budget_at_it_and_fails_one_over() {
+    let dir = tmp();
+    let run = |ceiling: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["task", "run"])
+            .arg(guest("add_one"))
+            .args(["--input", "41", "--memory", "64MiB", "--json", "--memory-ceiling", ceiling])
+            .env("SLUICE_HOME", dir.path().join("home"))
+            .env("SLUICE_ARTIFACTS", dir.path().join("artifacts"))
+            .output()
+            .expect("run sluice")
+    };
+    let out = run("64MiB");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["state"], "Completed", "{v}");
+    let out = run("63MiB");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["state"], "Failed", "{v}");
+    let msg = v["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("host memory limit of 66060288 bytes"), "{msg}");
 }

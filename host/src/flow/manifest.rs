@@ -82,9 +82,9 @@ struct RawFlow {
     context: BTreeMap<String, String>,
     #[serde(default)]
     reference_tasks: Vec<Spanned<String>>,
-    concurrency: Option<usize>,
+    concurrency: Option<Spanned<usize>>,
     #[serde(default)]
-    tag_limits: BTreeMap<String, usize>,
+    tag_limits: BTreeMap<String, Spanned<usize>>,
     #[serde(default)]
     tasks: indexmap::IndexMap<String, Spanned<RawTask>>,
 }
@@ -92,7 +92,7 @@ struct RawFlow {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTask {
-    component: Spanned<RawComponent>,
+    component: Spanned<toml::Value>,
     input: Option<Spanned<toml::Value>>,
     #[serde(default)]
     upstream_tasks: Vec<Spanned<String>>,
@@ -101,10 +101,10 @@ struct RawTask {
     retries: u32,
     retry_delay: Option<Spanned<String>>,
     backoff: Option<RawBackoff>,
-    fuel: Option<Spanned<RawFuel>>,
+    fuel: Option<Spanned<toml::Value>>,
     timeout: Option<Spanned<String>>,
-    memory: Option<Spanned<RawSize>>,
-    map: Option<RawMap>,
+    memory: Option<Spanned<toml::Value>>,
+    map: Option<Spanned<toml::Value>>,
     #[serde(default = "yes")]
     skip_on_upstream_skip: bool,
     #[serde(default)]
@@ -126,18 +126,6 @@ fn yes() -> bool {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawComponent {
-    Path(String),
-    Build {
-        path: String,
-        build: Option<String>,
-        #[serde(default)]
-        sources: Vec<String>,
-    },
-}
-
-#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBackoff {
     #[serde(default = "two")]
@@ -149,27 +137,6 @@ struct RawBackoff {
 
 fn two() -> f64 {
     2.0
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawFuel {
-    Units(u64),
-    Word(String),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawSize {
-    Bytes(u64),
-    Text(String),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawMap {
-    All(bool),
-    Fields(Vec<String>),
 }
 
 /// Positions of the parts of a manifest that later checks point at.
@@ -230,13 +197,48 @@ fn with_did_you_mean(message: &str) -> String {
 /// Read and parse the manifest at `path`. Component paths are resolved against the manifest's
 /// directory and must exist (unless a build command is declared).
 pub fn load(path: &Path) -> Result<FlowDef, ManifestError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ManifestError {
+    parse(path, &read(path)?)
+}
+
+/// The largest manifest read: 16 MiB (manifests are a few kilobytes; this only stops a path
+/// like `/dev/zero` from filling memory).
+pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
+/// Read the manifest at `path`: a regular file of at most [`MAX_MANIFEST_BYTES`], in UTF-8.
+pub fn read(path: &Path) -> Result<String, ManifestError> {
+    use std::io::Read as _;
+    let err = |message: String| ManifestError {
         file: path.to_owned(),
         line: 0,
         column: 0,
-        message: format!("cannot read the manifest: {e}"),
-    })?;
-    parse(path, &text)
+        message: format!("cannot read the manifest: {message}"),
+    };
+    // Looked at before opening: opening a named pipe would wait for a writer.
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err(if meta.is_dir() {
+            "it is a directory".into()
+        } else {
+            "it is not a regular file".into()
+        }));
+    }
+    let too_large = || {
+        err(format!(
+            "it is larger than the manifest size limit of {MAX_MANIFEST_BYTES} bytes (16 MiB)"
+        ))
+    };
+    if meta.len() > MAX_MANIFEST_BYTES {
+        return Err(too_large());
+    }
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| err(e.to_string()))?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(too_large());
+    }
+    String::from_utf8(bytes).map_err(|e| err(format!("it is not UTF-8: {e}")))
 }
 
 /// Parse manifest `text`, read from `file` (used for positions and to resolve relative paths).
@@ -265,6 +267,31 @@ pub fn parse(file: &Path, text: &str) -> Result<FlowDef, ManifestError> {
         .map(|s| (s.get_ref().clone(), s.span()))
         .collect();
 
+    // A limit of 0 would block its tasks forever.
+    let concurrency = match raw.concurrency {
+        None => DEFAULT_CONCURRENCY,
+        Some(n) if *n.get_ref() == 0 => {
+            return Err(src.error(
+                n.span(),
+                "`concurrency` = 0 would run nothing: it is how many task runs may run at once, \
+                 at least 1",
+            ));
+        }
+        Some(n) => n.into_inner(),
+    };
+    let mut tag_limits = BTreeMap::new();
+    for (tag, n) in raw.tag_limits {
+        if *n.get_ref() == 0 {
+            return Err(src.error(
+                n.span(),
+                format!(
+                    "`tag_limits.{tag}` = 0 would block every task tagged `{tag}`: it is how many \
+                     of them may run at once, at least 1"
+                ),
+            ));
+        }
+        tag_limits.insert(tag, n.into_inner());
+    }
     let def = FlowDef {
         name: raw.name,
         parameters,
@@ -275,13 +302,8 @@ pub fn parse(file: &Path, text: &str) -> Result<FlowDef, ManifestError> {
             .into_iter()
             .map(Spanned::into_inner)
             .collect(),
-        concurrency: raw.concurrency.unwrap_or(DEFAULT_CONCURRENCY).max(1),
-        // A limit of 0 would block its tasks forever; at least one runs at a time.
-        tag_limits: raw
-            .tag_limits
-            .into_iter()
-            .map(|(tag, n)| (tag, n.max(1)))
-            .collect(),
+        concurrency,
+        tag_limits,
     };
     def.validate().map_err(|e| locate(&src, &spans, e))?;
     Ok(def)
@@ -295,27 +317,25 @@ fn task_def(
     table: Range<usize>,
 ) -> Result<(TaskDef, TaskSpans), ManifestError> {
     let component_span = raw.component.span();
-    let (path, build, sources) = match raw.component.into_inner() {
-        RawComponent::Path(p) => (p, None, Vec::new()),
-        RawComponent::Build {
-            path,
-            build,
-            sources,
-        } => (path, build, sources),
-    };
-    let component = dir.join(&path);
+    let (path, build, sources) = component(src, &name, &raw.component)?;
+    let component = normalize(&dir.join(&path));
     if build.is_none() && !component.is_file() {
         return Err(src.error(
             component_span,
             format!(
-                "task `{name}`: component file `{path}` does not exist (looked at {})",
+                "task `{name}`: component file `{path}` {} (looked at {})",
+                if component.exists() {
+                    "is not a file"
+                } else {
+                    "does not exist"
+                },
                 component.display()
             ),
         ));
     }
     let mut task = TaskDef::new(name.clone(), component);
     task.build = build;
-    task.sources = sources.iter().map(|s| dir.join(s)).collect();
+    task.sources = sources.iter().map(|s| normalize(&dir.join(s))).collect();
     let mut spans = TaskSpans {
         table,
         ..TaskSpans::default()
@@ -364,46 +384,63 @@ fn task_def(
     let mut budget = RunBudget::default();
     if let Some(f) = &raw.fuel {
         budget.fuel = match f.get_ref() {
-            RawFuel::Units(n) => Some(*n),
-            RawFuel::Word(w) if w == "unlimited" => None,
-            RawFuel::Word(w) => {
+            toml::Value::Integer(n) if *n >= 0 => Some(n.unsigned_abs()),
+            toml::Value::String(w) if w == "unlimited" => None,
+            other => {
                 return Err(src.error(
                     f.span(),
-                    format!("task `{name}`: `fuel` = \"{w}\" must be a number or \"unlimited\""),
+                    format!(
+                        "task `{name}`: `fuel` = {other} must be a number of fuel units (0 or \
+                         more) or \"unlimited\""
+                    ),
                 ));
             }
         };
     }
     if let Some(t) = &raw.timeout {
         budget.timeout = duration(t, "timeout")?;
+        if budget.timeout.is_zero() {
+            return Err(src.error(
+                t.span(),
+                format!(
+                    "task `{name}`: `timeout` = \"{}\" would stop every run before it starts: \
+                     give a duration longer than zero, like \"30s\"",
+                    t.get_ref()
+                ),
+            ));
+        }
     }
     if let Some(m) = &raw.memory {
+        let bad = |detail: String| {
+            src.error(
+                m.span(),
+                format!(
+                    "task `{name}`: `memory` = {} must be a size like \"64MiB\" or a number of \
+                     bytes{detail}",
+                    m.get_ref()
+                ),
+            )
+        };
         budget.memory_bytes = match m.get_ref() {
-            RawSize::Bytes(n) => *n,
-            RawSize::Text(t) => {
-                t.parse::<bytesize::ByteSize>()
-                    .map(|b| b.as_u64())
-                    .map_err(|e| {
-                        src.error(
-                    m.span(),
-                    format!("task `{name}`: `memory` = \"{t}\" is not a size like \"64MiB\": {e}"),
-                )
-                    })?
-            }
+            toml::Value::Integer(n) if *n >= 0 => n.unsigned_abs(),
+            toml::Value::String(t) => t
+                .parse::<bytesize::ByteSize>()
+                .map(|b| b.as_u64())
+                .map_err(|e| bad(format!(": {e}")))?,
+            _ => return Err(bad(String::new())),
         };
     }
     task.budget = budget;
-    task.map = match raw.map {
-        None | Some(RawMap::All(false)) => MapOver::No,
-        Some(RawMap::All(true)) => MapOver::Input,
-        Some(RawMap::Fields(f)) => MapOver::Fields(f),
+    task.map = match &raw.map {
+        None => MapOver::No,
+        Some(m) => map_over(src, &name, m)?,
     };
     task.skip_on_upstream_skip = raw.skip_on_upstream_skip;
     task.tags = raw.tags;
     let hooks = |list: Vec<Spanned<String>>| -> Result<Vec<PathBuf>, ManifestError> {
         list.into_iter()
             .map(|h| {
-                let path = dir.join(h.get_ref());
+                let path = normalize(&dir.join(h.get_ref()));
                 if path.is_file() {
                     Ok(path)
                 } else {
@@ -445,6 +482,116 @@ fn task_def(
         (None, None) => None,
     };
     Ok((task, spans))
+}
+
+/// `component`: a path, or `{ path, build, sources }` (no other keys).
+fn component(
+    src: &Source<'_>,
+    task: &str,
+    v: &Spanned<toml::Value>,
+) -> Result<(String, Option<String>, Vec<String>), ManifestError> {
+    const KEYS: [&str; 3] = ["path", "build", "sources"];
+    let err = |message: String| src.error(v.span(), format!("task `{task}`: {message}"));
+    let table = match v.get_ref() {
+        toml::Value::String(path) => return Ok((path.clone(), None, Vec::new())),
+        toml::Value::Table(t) => t,
+        other => {
+            return Err(err(format!(
+                "`component` = {other} must be a path like \"tasks/a.wasm\" or a table like \
+                 {{ path = \"tasks/a.wasm\", build = \"make\", sources = [\"src/\"] }}"
+            )));
+        }
+    };
+    if let Some(unknown) = table.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(err(format!(
+            "unknown key `{unknown}` in `component`{}; expected one of `path`, `build`, `sources`",
+            Hint::closest(unknown, KEYS)
+        )));
+    }
+    let string = |key: &str| -> Result<Option<String>, ManifestError> {
+        match table.get(key) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(err(format!("`component.{key}` = {other} must be a string"))),
+        }
+    };
+    let path = string("path")?.ok_or_else(|| {
+        err("`component` needs `path` (the component file, built by `build` if given)".into())
+    })?;
+    let build = string("build")?;
+    let sources = match table.get("sources") {
+        None => Vec::new(),
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .map(|i| {
+                i.as_str().map(str::to_owned).ok_or_else(|| {
+                    err(format!(
+                        "`component.sources` takes a list of paths (strings), not {i}"
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(err(format!(
+                "`component.sources` = {other} must be a list of paths, like [\"src/\"]"
+            )));
+        }
+    };
+    Ok((path, build, sources))
+}
+
+/// `map`: `true`, `false`, or a list of field names.
+fn map_over(
+    src: &Source<'_>,
+    task: &str,
+    v: &Spanned<toml::Value>,
+) -> Result<MapOver, ManifestError> {
+    let err = || {
+        src.error(
+            v.span(),
+            format!(
+                "task `{task}`: `map` = {} must be true (one run per element of the input \
+                 list), false, or a list of field names like [\"x\"]",
+                v.get_ref()
+            ),
+        )
+    };
+    match v.get_ref() {
+        toml::Value::Boolean(false) => Ok(MapOver::No),
+        toml::Value::Boolean(true) => Ok(MapOver::Input),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_owned).ok_or_else(err))
+            .collect::<Result<_, _>>()
+            .map(MapOver::Fields),
+        _ => Err(err()),
+    }
+}
+
+/// `path` with `.` and `..` components resolved lexically (without looking at the file system,
+/// so the file need not exist yet): `flows/x/../build/a.wasm` is `flows/build/a.wasm`. A `..`
+/// that would climb above the start of a relative path is kept.
+pub fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component<'_>> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => match out.last() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
+                }
+                // The parent of the root is the root.
+                Some(Component::RootDir | Component::Prefix(_)) => {}
+                _ => out.push(c),
+            },
+            _ => out.push(c),
+        }
+    }
+    if out.is_empty() {
+        return PathBuf::from(".");
+    }
+    out.iter().collect()
 }
 
 /// `cache_validator`: a name, or `{ partial_inputs_only = [...] }` /

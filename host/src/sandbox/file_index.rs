@@ -20,22 +20,35 @@
 //! identity the same before and after), and its last change was at least [`SETTLED`] before the
 //! read began, so any later change gets a later ctime. (A component built moments before its
 //! first load is therefore indexed on a later load.) What remains: clocks that jump backwards,
-//! a filesystem whose timestamps come from another machine's clock (network filesystems), and
-//! anyone who can write the artifact directory, who can run code anyway (see `artifacts.rs`).
+//! and a filesystem whose timestamps come from another machine's clock (network filesystems).
+//!
+//! An entry decides which artifact a file runs as, so it is authenticated like the artifacts
+//! (see `artifacts.rs`): it starts with a keyed blake3 hash, under the per-user key, of the rest
+//! of the entry. An entry planted by someone without the key (one that would make a file load
+//! as another component's artifact) fails the check and is a miss.
 //! A file whose content must be trusted unconditionally can be loaded with
 //! [`Sandbox::load_bytes`](super::Sandbox::load_bytes), which always hashes.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use super::artifacts::Key;
 
 /// How long ago a file must have last changed for its digest to be recorded (a conservative
 /// bound on the timestamp granularity of the filesystems Sluice runs on).
 pub(super) const SETTLED: Duration = Duration::from_secs(2);
 
 /// The version of the entry format (the first word of an entry).
-const FORMAT: &str = "sluice-file-index-1";
+const FORMAT: &str = "sluice-file-index-2";
+
+/// What the keyed hash of an entry starts with (domain separation).
+const TAG_CONTEXT: &[u8] = b"sluice-file-index-2\0";
+
+/// The length of an entry's tag: 64 hex digits and a newline.
+const TAG_LEN: usize = 65;
 
 /// Who a file is, as far as the filesystem says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,14 +147,20 @@ fn path_bytes(path: &Path) -> std::borrow::Cow<'_, [u8]> {
 #[derive(Debug)]
 pub(super) struct FileIndex {
     dir: PathBuf,
+    key: Arc<Key>,
 }
 
 impl FileIndex {
-    /// The index of the artifact directory `artifact_dir`.
-    pub(super) fn new(artifact_dir: &Path) -> Self {
+    /// The index of the artifact directory `artifact_dir`, its entries authenticated with `key`.
+    pub(super) fn new(artifact_dir: &Path, key: Arc<Key>) -> Self {
         Self {
             dir: artifact_dir.join("index"),
+            key,
         }
+    }
+
+    fn tag(&self, body: &[u8]) -> blake3::Hash {
+        self.key.hasher(TAG_CONTEXT).update(body).finalize()
     }
 
     fn entry_path(&self, path: &Path) -> PathBuf {
@@ -151,7 +170,13 @@ impl FileIndex {
 
     /// The digest recorded for exactly this identity, if any.
     pub(super) fn lookup(&self, id: &FileIdentity) -> Option<blake3::Hash> {
-        let entry = std::fs::read(self.entry_path(&id.path)).ok()?;
+        let file = std::fs::read(self.entry_path(&id.path)).ok()?;
+        let (tag, entry) = file.split_at_checked(TAG_LEN)?;
+        let tag = blake3::Hash::from_hex(tag.strip_suffix(b"\n")?).ok()?;
+        // `blake3::Hash` compares in constant time.
+        if tag != self.tag(entry) {
+            return None;
+        }
         let expected = id.entry(&blake3::Hash::from_bytes([0; 32]));
         // Everything but the digest must be byte-for-byte what this identity would write.
         let digest_at = expected.iter().position(|&b| b == b'\n')? - 64;
@@ -171,7 +196,10 @@ impl FileIndex {
         let write = || -> std::io::Result<()> {
             std::fs::create_dir_all(&self.dir)?;
             let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-            tmp.write_all(&id.entry(digest))?;
+            let entry = id.entry(digest);
+            tmp.write_all(self.tag(&entry).to_hex().as_bytes())?;
+            tmp.write_all(b"\n")?;
+            tmp.write_all(&entry)?;
             // No fsync: after a crash an entry is whole, empty or garbage, never another file's.
             tmp.persist(self.entry_path(&id.path))
                 .map_err(|e| e.error)?;
@@ -201,7 +229,7 @@ mod tests {
     #[test]
     fn entries_match_only_the_same_identity() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let index = FileIndex::new(dir.path());
+        let index = FileIndex::new(dir.path(), Arc::new(Key::from_bytes([7; 32])));
         let id = identity();
         let digest = blake3::hash(b"component");
         assert_eq!(index.lookup(&id), None);
@@ -233,7 +261,13 @@ mod tests {
         }
         // Corrupt entries are misses.
         let entry = index.entry_path(&id.path);
-        for garbage in [&b""[..], b"\xff\xfe", &id.entry(&digest)[..40]] {
+        let tagged = std::fs::read(&entry).expect("entry");
+        for garbage in [
+            &b""[..],
+            b"\xff\xfe",
+            &id.entry(&digest)[..40],
+            &tagged[..TAG_LEN],
+        ] {
             std::fs::write(&entry, garbage).expect("write");
             assert_eq!(index.lookup(&id), None);
         }
@@ -242,6 +276,36 @@ mod tests {
         bad_hex[at] = b'z';
         std::fs::write(&entry, bad_hex).expect("write");
         assert_eq!(index.lookup(&id), None);
+    }
+
+    /// An entry is trusted only under the key it was written with: one planted without the key
+    /// (the body of a valid entry with another component's digest, or an entry made with another
+    /// key) is a miss, so a file cannot be made to load as another component's artifact.
+    #[test]
+    fn entries_without_the_key_are_misses() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mine = FileIndex::new(dir.path(), Arc::new(Key::from_bytes([1; 32])));
+        let theirs = FileIndex::new(dir.path(), Arc::new(Key::from_bytes([2; 32])));
+        let id = identity();
+        let real = blake3::hash(b"identity");
+        let other = blake3::hash(b"add_one");
+        mine.record(&id, &real);
+        assert_eq!(mine.lookup(&id), Some(real));
+        // The planter's own key: not this user's.
+        theirs.record(&id, &other);
+        assert_eq!(theirs.lookup(&id), Some(other));
+        assert_eq!(mine.lookup(&id), None);
+        // The valid entry's tag on a body naming another digest.
+        mine.record(&id, &real);
+        let entry = mine.entry_path(&id.path);
+        let valid = std::fs::read(&entry).expect("entry");
+        let mut planted = valid[..TAG_LEN].to_vec();
+        planted.extend_from_slice(&id.entry(&other));
+        std::fs::write(&entry, planted).expect("write");
+        assert_eq!(mine.lookup(&id), None);
+        // An untagged entry in the previous format.
+        std::fs::write(&entry, id.entry(&other)).expect("write");
+        assert_eq!(mine.lookup(&id), None);
     }
 
     #[test]

@@ -44,6 +44,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use self::admission::{Admission, Admitted, Needs};
 use self::artifacts::ArtifactStore;
+pub use self::artifacts::{
+    ArtifactDirError, default_artifact_dir, default_key_file, user_cache_dir,
+};
 use self::bindings::handler::HandlerPre;
 use self::bindings::{TaskPre, WitSignal, WitState, WitStateType};
 pub use self::budget::RunBudget;
@@ -99,7 +102,7 @@ pub enum LoadError {
     /// memories or tables than one component may have, or a memory or table larger than the
     /// sandbox allows (see [`SandboxBuilder`]). Its artifact is kept, so it is not compiled again.
     #[error("`{name}` exceeds a limit of the sandbox: {detail}")]
-    TooLarge {
+    ExceedsSandbox {
         /// The component's name.
         name: String,
         /// Which limit, and by how much (wasmtime's words).
@@ -114,6 +117,32 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    /// The path is not a regular file (a directory, a device, a pipe…): components are read
+    /// only from regular files.
+    #[error("`{path}` is not a component file: it is {what}")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead.
+        what: &'static str,
+    },
+    /// The file is larger than [`SandboxBuilder::max_component_bytes`]; nothing past the limit
+    /// was read.
+    #[error(
+        "`{path}` is larger than the component size limit of {limit} bytes ({}); raise the \
+         limit (`--max-component-size`) if it really is a component",
+        bytesize::ByteSize(*limit).display().iec()
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The limit, in bytes.
+        limit: u64,
+    },
+    /// The artifact directory, or the key that authenticates its artifacts, cannot be used
+    /// (not the user's, writable by others, unreadable).
+    #[error(transparent)]
+    Artifacts(#[from] ArtifactDirError),
     /// The sandbox itself failed.
     #[error("the sandbox failed: {0}")]
     Sandbox(String),
@@ -303,6 +332,8 @@ impl CancelToken {
 #[derive(Debug, Clone)]
 pub struct SandboxBuilder {
     artifact_dir: Option<PathBuf>,
+    artifact_key_file: Option<PathBuf>,
+    max_component_bytes: u64,
     max_concurrent_runs: u32,
     max_memory_bytes: u64,
     max_instances_per_component: u32,
@@ -321,6 +352,8 @@ impl Default for SandboxBuilder {
     fn default() -> Self {
         Self {
             artifact_dir: None,
+            artifact_key_file: None,
+            max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
             max_concurrent_runs: 128,
             max_memory_bytes: 4 << 30,
             max_instances_per_component: 64,
@@ -339,9 +372,30 @@ impl Default for SandboxBuilder {
 
 impl SandboxBuilder {
     /// Where precompiled components are kept. Default: none (compile in memory, once per
-    /// process).
+    /// process). Use a directory of the user's own, such as [`default_artifact_dir`]: loading
+    /// an artifact runs the code in it, so [`build`](Self::build) refuses a directory that is
+    /// not the user's or that others can write, and every artifact is authenticated with the
+    /// per-user key (see [`artifact_key_file`](Self::artifact_key_file)) before it is loaded.
     pub fn artifact_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.artifact_dir = Some(dir.into());
+        self
+    }
+
+    /// The file holding the secret key that authenticates artifacts and file index entries
+    /// (32 random bytes, created with mode 0600 when absent). Keep it out of the artifact
+    /// directory and out of any project. Default: [`default_key_file`]
+    /// (`<user cache dir>/sluice/artifact.key`).
+    pub fn artifact_key_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.artifact_key_file = Some(path.into());
+        self
+    }
+
+    /// The largest component file [`Sandbox::load_file`] reads; a larger one is
+    /// [`LoadError::TooLarge`], and nothing past the limit is read. (A file the artifact
+    /// directory's index knows, unchanged since it was loaded, is not read at all.) Default:
+    /// [`DEFAULT_MAX_COMPONENT_BYTES`] (256 MiB).
+    pub fn max_component_bytes(mut self, bytes: u64) -> Self {
+        self.max_component_bytes = bytes;
         self
     }
 
@@ -477,6 +531,24 @@ impl SandboxBuilder {
         )
         .map_err(sandbox_err)?;
 
+        // Before the ticker starts, so a refused directory leaves no thread behind.
+        let (artifacts, index) = match self.artifact_dir {
+            None => (None, None),
+            Some(dir) => {
+                let key_file = self
+                    .artifact_key_file
+                    .or_else(default_key_file)
+                    .ok_or_else(|| ArtifactDirError {
+                        path: dir.clone(),
+                        detail: "there is no per-user cache directory for the key that \
+                                 authenticates artifacts: set XDG_CACHE_HOME or HOME"
+                            .into(),
+                    })?;
+                let store = ArtifactStore::open(dir, &key_file, &engine)?;
+                let index = FileIndex::new(store.dir(), store.key());
+                (Some(store), Some(index))
+            }
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let ticker_engine = engine.clone();
         let ticker_stop = stop.clone();
@@ -491,10 +563,6 @@ impl SandboxBuilder {
             })
             .map_err(|e| LoadError::Sandbox(format!("cannot start the epoch ticker: {e}")))?;
 
-        let index = self.artifact_dir.as_deref().map(FileIndex::new);
-        let artifacts = self
-            .artifact_dir
-            .map(|dir| ArtifactStore::new(dir, &engine));
         let ceiling = self
             .memory_ceiling
             .unwrap_or_else(admission::default_memory_ceiling);
@@ -504,6 +572,7 @@ impl SandboxBuilder {
             artifacts,
             index,
             load_events: self.load_events,
+            max_component_bytes: self.max_component_bytes,
             components: Mutex::default(),
             admission: Admission::new(n, pool_memories, pool_tables, ceiling),
             max_needs: Needs {
@@ -530,6 +599,8 @@ struct Inner {
     /// File identity → digest, in the artifact directory.
     index: Option<FileIndex>,
     load_events: Option<UnboundedSender<LoadEvent>>,
+    /// The largest component file read.
+    max_component_bytes: u64,
     /// Every component loaded in this process, by digest, so the same bytes are prepared once.
     components: Mutex<HashMap<blake3::Hash, ComponentCell>>,
     admission: Admission,
@@ -653,7 +724,9 @@ impl Sandbox {
     async fn prepared_file(&self, path: &Path) -> Result<Arc<Prepared>, LoadError> {
         let name = path.display().to_string();
         if self.0.index.is_none() {
-            return self.prepared(&name, read(path).await?.bytes).await;
+            return self
+                .prepared(&name, read(path, self.0.max_component_bytes).await?.bytes)
+                .await;
         }
         let this = self.clone();
         let owned = path.to_owned();
@@ -671,7 +744,7 @@ impl Sandbox {
                 Err(IndexedLoad::Miss) => {}
             }
         }
-        let file = read(path).await?;
+        let file = read(path, self.0.max_component_bytes).await?;
         let prepared = self.prepared(&name, file.bytes).await?;
         if let Some(identity) = file.identity {
             // Best effort, and off the async runtime: a failure is a miss next time.
@@ -745,7 +818,7 @@ impl Sandbox {
         let store = self.0.artifacts.as_ref().ok_or(IndexedLoad::Miss)?;
         let component = store
             .load(&self.0.engine, &digest, unfit_for_pool)
-            .map_err(|e| IndexedLoad::Failed(too_large(&name, &e)))?
+            .map_err(|e| IndexedLoad::Failed(exceeds_sandbox(&name, &e)))?
             .ok_or(IndexedLoad::Miss)?;
         self.link(name, digest, &component, LoadSource::Indexed, started)
             .map_err(IndexedLoad::Failed)
@@ -760,7 +833,7 @@ impl Sandbox {
         let started = Instant::now();
         let engine = &self.0.engine;
         let load_err = |e: wasmtime::Error| match unfit_for_pool(&e) {
-            true => too_large(&name, &e),
+            true => exceeds_sandbox(&name, &e),
             false => LoadError::Compile {
                 name: name.clone(),
                 detail: error_chain(&e),
@@ -774,7 +847,7 @@ impl Sandbox {
                 LoadSource::Compiled,
             ),
             Some(store) => match store.load(engine, &digest, unfit_for_pool) {
-                Err(e) => return Err(too_large(&name, &e)),
+                Err(e) => return Err(exceeds_sandbox(&name, &e)),
                 Ok(Some(c)) => (c, LoadSource::Precompiled),
                 Ok(None) => {
                     let c = self.compile(&name, bytes.len() as u64, || {
@@ -790,7 +863,7 @@ impl Sandbox {
                                 })?;
                         store
                             .load(engine, &digest, unfit_for_pool)
-                            .map_err(|e| too_large(&name, &e))?
+                            .map_err(|e| exceeds_sandbox(&name, &e))?
                             .ok_or_else(|| {
                                 LoadError::Sandbox(format!(
                                     "the artifact just written to `{}` could not be loaded",
@@ -1228,29 +1301,99 @@ struct FileBytes {
     identity: Option<FileIdentity>,
 }
 
-async fn read(path: &Path) -> Result<FileBytes, LoadError> {
+/// The default of [`SandboxBuilder::max_component_bytes`]: 256 MiB, ten times the largest
+/// component Sluice has met (an interpreter-embedding Python task is about 40 MiB).
+pub const DEFAULT_MAX_COMPONENT_BYTES: u64 = 256 << 20;
+
+/// Read the component file at `path`: a regular file of at most `max_bytes` bytes (nothing past
+/// the limit is read, so `/dev/zero` or a growing file cannot exhaust memory).
+async fn read(path: &Path, max_bytes: u64) -> Result<FileBytes, LoadError> {
     let owned = path.to_owned();
-    let read = tokio::task::spawn_blocking(move || -> std::io::Result<FileBytes> {
+    let io = |source: std::io::Error| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let not_a_file = |meta: &std::fs::Metadata| LoadError::NotAFile {
+        path: path.to_owned(),
+        what: file_kind(meta),
+    };
+    let too_large = || LoadError::TooLarge {
+        path: path.to_owned(),
+        limit: max_bytes,
+    };
+    let read = tokio::task::spawn_blocking(move || -> Result<_, std::io::Error> {
         let now = SystemTime::now();
-        let mut file = std::fs::File::open(&owned)?;
+        // Looked at before opening: opening a FIFO would wait for a writer.
+        let meta = std::fs::metadata(&owned)?;
+        if !meta.is_file() {
+            return Ok(Err(meta));
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(
+            &mut options,
+            rustix::fs::OFlags::NONBLOCK.bits().cast_signed(),
+        );
+        let file = options.open(&owned)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Ok(Err(meta));
+        }
+        if meta.len() > max_bytes {
+            return Ok(Ok(None));
+        }
         let canonical = std::fs::canonicalize(&owned).ok();
         let before = canonical
             .clone()
             .and_then(|c| FileIdentity::of_file(c, &file));
-        let mut bytes = Vec::with_capacity(before.as_ref().map_or(0, FileIdentity::len_hint));
-        file.read_to_end(&mut bytes)?;
+        let capacity = before.as_ref().map_or(0, FileIdentity::len_hint);
+        let mut bytes = Vec::with_capacity(capacity);
+        // One byte past the limit tells a file that grew while being read.
+        (&file)
+            .take(max_bytes.saturating_add(1))
+            .read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > max_bytes {
+            return Ok(Ok(None));
+        }
         let identity = before.filter(|before| {
             before.settled_at(now)
                 && FileIdentity::of_file(before.path().to_owned(), &file).as_ref() == Some(before)
         });
-        Ok(FileBytes { bytes, identity })
+        Ok(Ok(Some(FileBytes { bytes, identity })))
     });
     match read.await {
-        Ok(read) => read.map_err(|source| LoadError::Read {
-            path: path.to_owned(),
-            source,
-        }),
+        Ok(Ok(Ok(Some(bytes)))) => Ok(bytes),
+        Ok(Ok(Ok(None))) => Err(too_large()),
+        Ok(Ok(Err(meta))) => Err(not_a_file(&meta)),
+        Ok(Err(source)) => Err(io(source)),
         Err(e) => Err(LoadError::Sandbox(format!("the reader thread failed: {e}"))),
+    }
+}
+
+/// What a path that is not a regular file is, for messages.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_fifo() {
+            return "a named pipe";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if meta.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
     }
 }
 
@@ -1505,8 +1648,8 @@ fn unfit_for_pool(e: &wasmtime::Error) -> bool {
     error_chain(e).contains("pooling allocator")
 }
 
-fn too_large(name: &str, e: &wasmtime::Error) -> LoadError {
-    LoadError::TooLarge {
+fn exceeds_sandbox(name: &str, e: &wasmtime::Error) -> LoadError {
+    LoadError::ExceedsSandbox {
         name: name.to_owned(),
         detail: error_chain(e),
     }

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use serde_json::json;
-use sluice::store::Store;
+use sluice::store::{SqliteStore, Store, StoreError};
 
 use crate::report::{truncate, when};
 use crate::{UsageError, usage};
@@ -39,8 +39,23 @@ pub(crate) enum CacheCommand {
     },
 }
 
+/// Open the store; `ls` and `show` also read a read-only home (as `sluice runs` does), `clear`
+/// needs to write.
+fn open(home: &Path, cmd: &CacheCommand) -> Result<SqliteStore, UsageError> {
+    match SqliteStore::open(home) {
+        Ok(s) => Ok(s),
+        Err(e @ StoreError::ReadOnly { .. })
+            if matches!(cmd, CacheCommand::Ls { .. } | CacheCommand::Show { .. }) =>
+        {
+            eprintln!("warning: {e}; showing the cache as it was left");
+            SqliteStore::open_read_only(home).map_err(usage)
+        }
+        Err(e) => Err(usage(e)),
+    }
+}
+
 pub(crate) fn cache(home: &Path, cmd: &CacheCommand) -> Result<ExitCode, UsageError> {
-    let store = crate::open_store(home)?;
+    let store = open(home, cmd)?;
     let now = chrono::Utc::now();
     let out = match cmd {
         CacheCommand::Ls { task, json } => {

@@ -37,7 +37,11 @@ pub(crate) struct CancelArgs {
     wait: Duration,
 }
 
-pub(crate) async fn resume(home: &Path, args: ResumeArgs) -> Result<ExitCode, UsageError> {
+pub(crate) async fn resume(
+    home: &Path,
+    sandbox: &crate::SandboxArgs,
+    args: ResumeArgs,
+) -> Result<ExitCode, UsageError> {
     let store = open_recovered(home, false)?;
     let id = store.resolve_run(&args.run).map_err(usage)?;
     if store.is_live(id) {
@@ -82,7 +86,7 @@ pub(crate) async fn resume(home: &Path, args: ResumeArgs) -> Result<ExitCode, Us
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_owned);
     drop(store);
-    let session = Session::open(home)?;
+    let session = Session::open(home, sandbox)?;
     let flow = session.runner.prepare(def, &dir).await.map_err(usage)?;
     let starts = args.start;
     session

@@ -10,7 +10,7 @@ use serde_json::json;
 use sluice::state::StateName;
 use sluice::store::{RunFilter, SqliteStore, Store, StoreError, StoredLog};
 
-use crate::report::{run_json, summary, truncate, when};
+use crate::report::{column_width, fit, run_json, summary, truncate, when};
 use crate::{UsageError, usage};
 
 #[derive(Debug, clap::Args)]
@@ -21,9 +21,9 @@ pub(crate) struct RunsArgs {
     /// Only runs of this flow.
     #[arg(long)]
     flow: Option<String>,
-    /// At most this many runs, newest first.
-    #[arg(long, default_value_t = 20)]
-    limit: usize,
+    /// At most this many runs (1 or more), newest first.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    limit: u64,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -73,7 +73,7 @@ pub(crate) fn runs(home: &Path, args: &RunsArgs) -> Result<ExitCode, UsageError>
         .list_runs(&RunFilter {
             state: args.state,
             flow: args.flow.clone(),
-            limit: args.limit,
+            limit: usize::try_from(args.limit).unwrap_or(usize::MAX),
         })
         .map_err(usage)?;
     let mut out = String::new();
@@ -97,7 +97,7 @@ pub(crate) fn runs(home: &Path, args: &RunsArgs) -> Result<ExitCode, UsageError>
         out = format!("{:#}\n", json!(list));
     } else {
         use std::fmt::Write as _;
-        let width = runs.iter().map(|r| r.flow.len()).max().unwrap_or(4).max(4);
+        let width = column_width(runs.iter().map(|r| r.flow.as_str()));
         let _ = writeln!(
             out,
             "{:<26}  {:<width$}  {:<11}  {:<19}  {:>9}  TASKS",
@@ -113,7 +113,7 @@ pub(crate) fn runs(home: &Path, args: &RunsArgs) -> Result<ExitCode, UsageError>
                 out,
                 "{:<26}  {:<width$}  {:<11}  {:<19}  {:>9}  {}",
                 r.id.to_string(),
-                r.flow,
+                fit(&r.flow, width),
                 r.state.name.as_str(),
                 when(r.created_at),
                 duration,

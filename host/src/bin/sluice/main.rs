@@ -30,12 +30,81 @@ use sluice::state::StateType;
     about = "A sandboxed workflow engine: every task is a WebAssembly component"
 )]
 struct Cli {
-    /// Where Sluice keeps its state: the run store (`sluice.db`) and precompiled components.
+    /// Where Sluice keeps its state: the run store (`sluice.db`) and run leases.
     #[arg(long, global = true, env = "SLUICE_HOME", default_value = ".sluice")]
     home: PathBuf,
 
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where precompiled components are kept, how large a component file may be, and the memory
+/// ceiling.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct SandboxArgs {
+    /// Where precompiled components are kept: a directory of this user's that nobody else can
+    /// write (loading one runs its code; each is authenticated with the per-user key in
+    /// `<cache dir>/sluice/artifact.key`). Default: `$XDG_CACHE_HOME/sluice/artifacts`, else
+    /// `~/.cache/sluice/artifacts`; never inside `--home`.
+    #[arg(long, global = true, env = "SLUICE_ARTIFACTS", value_name = "DIR")]
+    artifacts: Option<PathBuf>,
+
+    /// The largest component file read, e.g. `512MiB`. Default: 256MiB.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_MAX_COMPONENT_SIZE",
+        value_name = "SIZE",
+        value_parser = parse_size
+    )]
+    max_component_size: Option<u64>,
+
+    /// The host's memory ceiling: the memory budgets of the task runs in progress never add up
+    /// to more (further runs wait), and a task whose budget alone exceeds it fails, e.g. `8GiB`.
+    /// Default: three quarters of the machine's memory.
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_MEMORY_CEILING",
+        value_name = "SIZE",
+        value_parser = parse_size
+    )]
+    memory_ceiling: Option<u64>,
+}
+
+impl SandboxArgs {
+    /// A sandbox builder with these settings.
+    pub(crate) fn builder(&self) -> sluice::sandbox::SandboxBuilder {
+        let mut b = sluice::sandbox::Sandbox::builder();
+        match self
+            .artifacts
+            .clone()
+            .or_else(sluice::sandbox::default_artifact_dir)
+        {
+            Some(dir) => b = b.artifact_dir(dir),
+            None => eprintln!(
+                "warning: no per-user cache directory (set XDG_CACHE_HOME or HOME, or pass \
+                 --artifacts): components are compiled in memory, every run"
+            ),
+        }
+        if let Some(max) = self.max_component_size {
+            b = b.max_component_bytes(max);
+        }
+        if let Some(ceiling) = self.memory_ceiling {
+            b = b.memory_ceiling(ceiling);
+        }
+        b
+    }
+}
+
+/// Parse a size like `64MiB` or `1GiB`.
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("`{s}` is not a size like 64MiB or 1GiB: {e}"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,15 +210,15 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run::run(&cli.home, args).await,
+            Command::Run(args) => run::run(&cli.home, &cli.sandbox, args).await,
             Command::Build(args) => build::build(&args).await,
-            Command::Resume(args) => control::resume(&cli.home, args).await,
+            Command::Resume(args) => control::resume(&cli.home, &cli.sandbox, args).await,
             Command::Cancel(args) => control::cancel(&cli.home, &args).await,
             Command::Runs(args) => history::runs(&cli.home, &args),
             Command::Show(args) => history::show(&cli.home, &args),
             Command::Logs(args) => history::logs(&cli.home, &args).await,
             Command::Cache(cmd) => cache_cmd::cache(&cli.home, &cmd),
-            Command::Task(TaskCommand::Run(args)) => task_run::run(&cli.home, args).await,
+            Command::Task(TaskCommand::Run(args)) => task_run::run(&cli.sandbox, args).await,
         }
     });
     match result {

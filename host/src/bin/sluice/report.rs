@@ -40,13 +40,7 @@ fn ms(d: Duration) -> String {
 /// explanation).
 pub(crate) fn summary(run: &FlowRun, detail: bool) -> String {
     let mut out = String::new();
-    let width = run
-        .tasks
-        .iter()
-        .map(|t| t.name.len())
-        .max()
-        .unwrap_or(4)
-        .max(4);
+    let width = column_width(run.tasks.iter().map(|t| t.name.as_str()));
     let _ = writeln!(
         out,
         "{:<width$}  {:<13}  {:>8}  {:>10}  {:>10}  {:<5}  MESSAGE",
@@ -64,7 +58,7 @@ pub(crate) fn summary(run: &FlowRun, detail: bool) -> String {
         let _ = writeln!(
             out,
             "{:<width$}  {:<13}  {:>8}  {:>10}  {:>10}  {:<5}  {}",
-            t.name,
+            fit(&t.name, width),
             t.state.name.as_str(),
             attempts,
             ms(run_time),
@@ -77,7 +71,7 @@ pub(crate) fn summary(run: &FlowRun, detail: bool) -> String {
         out,
         "\nflow run {} of `{}`: {} — {}",
         run.id,
-        run.flow,
+        truncate(&run.flow, LONG_NAME),
         run.state.name,
         run.state.message.as_deref().unwrap_or("")
     );
@@ -85,7 +79,7 @@ pub(crate) fn summary(run: &FlowRun, detail: bool) -> String {
         let _ = writeln!(out, "\nhistory of the flow run:");
         history(&mut out, &run.history, "  ");
         for t in &run.tasks {
-            let _ = writeln!(out, "\n{} ({}):", t.name, t.id);
+            let _ = writeln!(out, "\n{} ({}):", truncate(&t.name, LONG_NAME), t.id);
             if let Some(c) = &t.cache {
                 let _ = writeln!(
                     out,
@@ -116,7 +110,12 @@ pub(crate) fn summary(run: &FlowRun, detail: bool) -> String {
     } else {
         for t in run.tasks.iter().filter(|t| t.output.is_some()) {
             let output = t.output.as_ref().map(Value::to_string).unwrap_or_default();
-            let _ = writeln!(out, "output of {}: {}", t.name, truncate(&output, 200));
+            let _ = writeln!(
+                out,
+                "output of {}: {}",
+                truncate(&t.name, LONG_NAME),
+                truncate(&output, 200)
+            );
         }
     }
     out
@@ -132,6 +131,33 @@ fn history(out: &mut String, h: &[Transition], indent: &str) {
             t.message.as_deref().unwrap_or("")
         );
     }
+}
+
+/// The widest a name column of a table gets; longer names are elided (`…`).
+pub(crate) const NAME_COLUMN: usize = 48;
+
+/// Names outside tables (headings) are cut at this many characters.
+pub(crate) const LONG_NAME: usize = 200;
+
+/// The width of a column of `names`: the longest one's, between 4 and [`NAME_COLUMN`].
+pub(crate) fn column_width<'a>(names: impl Iterator<Item = &'a str>) -> usize {
+    names
+        .map(|n| n.chars().count())
+        .max()
+        .unwrap_or(0)
+        .clamp(4, NAME_COLUMN)
+}
+
+/// `s` in at most `width` characters: longer text ends in `…`; control characters (which would
+/// break the table's lines) are shown as `�`.
+pub(crate) fn fit(s: &str, width: usize) -> String {
+    let clean = |c: char| if c.is_control() { '\u{fffd}' } else { c };
+    if s.chars().count() <= width {
+        return s.chars().map(clean).collect();
+    }
+    let mut t: String = s.chars().take(width.saturating_sub(1)).map(clean).collect();
+    t.push('…');
+    t
 }
 
 pub(crate) fn truncate(s: &str, max: usize) -> String {

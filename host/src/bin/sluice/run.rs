@@ -13,7 +13,7 @@ use anyhow::anyhow;
 use serde_json::Value;
 use sluice::flow::manifest;
 use sluice::runner::{FlowEvent, FlowRun, FlowRunner, PrepareError, RunOptions};
-use sluice::sandbox::{CancelToken, LoadEvent, Sandbox};
+use sluice::sandbox::{CancelToken, LoadEvent};
 use sluice::state::StateName;
 use sluice::store::Store;
 use tokio::sync::mpsc;
@@ -27,7 +27,7 @@ pub(crate) struct Args {
     flow: PathBuf,
 
     /// Set a parameter (repeatable): `--param name=value`. The value is JSON when it parses as
-    /// JSON, else a string.
+    /// JSON, else a string; JSON nested deeper than 127 levels is refused.
     #[arg(long = "param", value_name = "NAME=VALUE", value_parser = crate::parse_key_value)]
     params: Vec<(String, String)>,
 
@@ -44,10 +44,13 @@ pub(crate) struct Args {
     build: bool,
 }
 
-pub(crate) async fn run(home: &Path, args: Args) -> Result<ExitCode, UsageError> {
+pub(crate) async fn run(
+    home: &Path,
+    sandbox: &crate::SandboxArgs,
+    args: Args,
+) -> Result<ExitCode, UsageError> {
     let usage = |e: anyhow::Error| UsageError(e);
-    let text = std::fs::read_to_string(&args.flow)
-        .map_err(|e| usage(anyhow!("cannot read {}: {e}", args.flow.display())))?;
+    let text = manifest::read(&args.flow).map_err(|e| usage(e.into()))?;
     // Recorded with the run, so `sluice resume` works from any directory.
     let path = std::path::absolute(&args.flow).unwrap_or_else(|_| args.flow.clone());
     let def = manifest::parse(&path, &text).map_err(|e| usage(e.into()))?;
@@ -57,12 +60,10 @@ pub(crate) async fn run(home: &Path, args: Args) -> Result<ExitCode, UsageError>
     let parameters: BTreeMap<String, Value> = args
         .params
         .into_iter()
-        .map(|(k, v)| {
-            let value = serde_json::from_str(&v).unwrap_or(Value::String(v));
-            (k, value)
-        })
-        .collect();
-    let session = Session::open(home)?;
+        .map(|(k, v)| Ok((param_value(&k, &v)?, k)))
+        .map(|r: Result<_, UsageError>| r.map(|(v, k)| (k, v)))
+        .collect::<Result<_, _>>()?;
+    let session = Session::open(home, sandbox)?;
     let dir = path
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_owned);
@@ -89,6 +90,49 @@ pub(crate) async fn run(home: &Path, args: Args) -> Result<ExitCode, UsageError>
         .await
 }
 
+/// How deep `--param` JSON may nest: serde_json's recursion limit (it refuses a 128th level).
+pub(crate) const MAX_PARAM_DEPTH: usize = 127;
+
+/// The value of `--param name=text`: JSON when `text` parses as JSON, else the string `text`.
+/// JSON nested deeper than serde_json's limit is refused rather than quietly taken as a string.
+fn param_value(name: &str, text: &str) -> Result<Value, UsageError> {
+    match serde_json::from_str(text) {
+        Ok(v) => Ok(v),
+        Err(_) if json_depth(text) > MAX_PARAM_DEPTH => Err(UsageError(anyhow!(
+            "--param {name}: the JSON value nests {} levels deep; at most {MAX_PARAM_DEPTH} are \
+             supported",
+            json_depth(text)
+        ))),
+        Err(_) => Ok(Value::String(text.to_owned())),
+    }
+}
+
+/// The deepest nesting of `[` and `{` in `text`, outside JSON strings.
+fn json_depth(text: &str) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// A runner recording into the store of `home`, with a live view of its events.
 pub(crate) struct Session {
     pub(crate) runner: FlowRunner,
@@ -96,12 +140,12 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) fn open(home: &Path) -> Result<Session, UsageError> {
+    pub(crate) fn open(home: &Path, sandbox: &crate::SandboxArgs) -> Result<Session, UsageError> {
         let store = Arc::new(crate::open_store(home)?);
         let (loads, load_events) = mpsc::unbounded_channel();
         tokio::spawn(compile_progress(load_events));
-        let sandbox = Sandbox::builder()
-            .artifact_dir(home.join("artifacts"))
+        let sandbox = sandbox
+            .builder()
             .load_events(loads)
             .build()
             .map_err(|e| UsageError(anyhow!("cannot start the sandbox: {e}")))?;
@@ -112,8 +156,9 @@ impl Session {
         Ok(Session { runner, events })
     }
 
-    /// Run `go` with Ctrl-C wired to cancellation and a live view on a terminal, then print the
-    /// run (a table, or JSON) and return its exit code.
+    /// Run `go` with Ctrl-C and SIGTERM wired to cancellation (the run goes Cancelling →
+    /// Cancelled and is recorded so) and a live view on a terminal, then print the run (a
+    /// table, or JSON) and return its exit code.
     pub(crate) async fn drive<F, Fut>(
         self,
         tasks: usize,
@@ -125,12 +170,13 @@ impl Session {
         Fut: Future<Output = Result<FlowRun, PrepareError>>,
     {
         let cancel = CancelToken::new();
-        let on_ctrl_c = cancel.clone();
+        let on_signal = cancel.clone();
+        // Installed before the run starts, so a signal at any point from here is a cancel.
+        let signals = interrupt_signals();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("\ncancelling: interrupting running tasks…");
-                on_ctrl_c.cancel();
-            }
+            let name = signals.await;
+            eprintln!("\ncancelling ({name}): interrupting running tasks…");
+            on_signal.cancel();
         });
         let live = (!json && std::io::stderr().is_terminal())
             .then(|| tokio::spawn(live_view(self.events, tasks)));
@@ -154,6 +200,37 @@ impl Session {
             return Ok(ExitCode::from(1));
         }
         Ok(exit_code(run.state.state_type()))
+    }
+}
+
+/// Wait for the first of SIGINT (Ctrl-C) and SIGTERM (what `kill`, service managers and
+/// container runtimes send); return its name. The handlers are installed when this is called,
+/// not when it is first polled. A signal whose handler cannot be installed is never waited for.
+fn interrupt_signals() -> impl Future<Output = &'static str> {
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let ctrl_c = tokio::signal::ctrl_c();
+    async move {
+        let ctrl_c = async {
+            if ctrl_c.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        #[cfg(unix)]
+        let term = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            () = ctrl_c => "SIGINT",
+            () = term => "SIGTERM",
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! `sluice task run`: one task run of one component, printed for people or as JSON.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use anyhow::{Context as _, anyhow};
 use chrono::{TimeDelta, Utc};
 use serde_json::json;
 use sluice::context::TaskContext;
-use sluice::sandbox::{RunBudget, RunOutcome, Sandbox};
+use sluice::sandbox::{RunBudget, RunOutcome};
 use sluice::state::{Retry, State};
 
 use crate::{UsageError, exit_code};
@@ -45,7 +45,7 @@ pub(crate) struct Args {
     timeout: Option<Duration>,
 
     /// Memory cap across all of the task's memories, e.g. `64MiB`, `1GiB`. Default: 256MiB.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = crate::parse_size)]
     memory: Option<u64>,
 
     /// Print one JSON object instead of a report.
@@ -71,13 +71,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{s}` is not a duration like 30s or 500ms: {e}"))
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    s.parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|e| format!("`{s}` is not a size like 64MiB or 1GiB: {e}"))
-}
-
-pub(crate) async fn run(home: &Path, args: Args) -> Result<ExitCode, UsageError> {
+pub(crate) async fn run(sandbox: &crate::SandboxArgs, args: Args) -> Result<ExitCode, UsageError> {
     let usage = |e: anyhow::Error| UsageError(e);
     let input: serde_json::Value = serde_json::from_str(&args.input)
         .map_err(|e| usage(anyhow!("--input is not valid JSON: {e}")))?;
@@ -97,8 +91,8 @@ pub(crate) async fn run(home: &Path, args: Args) -> Result<ExitCode, UsageError>
         budget.memory_bytes = m;
     }
 
-    let sandbox = Sandbox::builder()
-        .artifact_dir(home.join("artifacts"))
+    let sandbox = sandbox
+        .builder()
         .build()
         .context("cannot start the sandbox")
         .map_err(usage)?;

@@ -8,6 +8,7 @@ mod hostile;
 mod limits;
 mod loading;
 mod polyglot;
+mod semantics;
 mod signals;
 mod store;
 mod support;

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::json;
-use sluice::cache::{CacheKey, CachePolicy, CacheValidator, TaskIdentity};
+use sluice::cache::{CacheKey, CachePolicy, CacheScope, CacheValidator, TaskIdentity};
 use sluice::flow::{FlowBuilder, Input, MapOver, TaskDef};
 use sluice::runner::{FlowRunner, RunOptions};
 use sluice::sandbox::{RunBudget, Sandbox};
@@ -277,11 +277,14 @@ async fn store_sections(runner: &FlowRunner, add_one: &Path, n: usize) {
             .map(|c| (c.entry.key.clone(), c))
             .collect();
         let preload = began.elapsed();
+        // The run's scope: the flow's name, no context values.
+        let scope = CacheScope::new("bench-map", None, &BTreeMap::new());
         // The key of child `i` (input `i`, map index `i`).
         let key_of = |i: usize| {
             CacheKey::new(
                 &policy,
                 TaskIdentity {
+                    scope: &scope,
                     task: "add_one",
                     component: &component,
                     budget: &budget,

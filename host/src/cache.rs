@@ -8,15 +8,35 @@
 //! `all_parameters`, `partial_inputs_only(names)`, `partial_parameters_only(names)` and
 //! `never_use`.
 //!
-//! One deliberate difference from Prefect: the key always includes the task's *identity* — the
-//! blake3 of its component bytes, its name, its map index, its limits and its capability grants
-//! (the sandbox grants none yet, so the limits are the whole of it) — so a changed task never
-//! returns a stale result. Prefect 1 keys only by task name and would return the old output of a
-//! changed function.
+//! Deliberate differences from Prefect, so that a cached output is only ever served where the
+//! task would have computed the same thing:
 //!
-//! Values are hashed in a canonical JSON form ([`canonical`]): object keys sorted, numbers
-//! normalized (`1`, `1.0` and `-0.0`/`0` are equal), no whitespace; so equal values hit
-//! regardless of key order or number spelling. Blobs in the store use the same form.
+//! - The key always includes the task's *identity*: the blake3 of its component bytes, its name,
+//!   its map index, its limits and its capability grants (the sandbox grants none yet, so the
+//!   limits are the whole of it). A changed task never returns a stale result; Prefect 1 keys
+//!   only by task name and would return the old output of a changed function.
+//! - The key always includes the run's *scope* ([`CacheScope`]): the flow's name (or the
+//!   `cache_namespace` its manifest names, so flows can share entries deliberately) and every
+//!   user context value the task can read (the flow's `[context]` table and `--context`). A
+//!   task that reads `context::get("key")` never gets an output computed under another `key`,
+//!   and a task of another flow with the same name never gets this one's. The built-in context
+//!   keys are left out: `flow_run_id`, `task_run_id`, `attempt` and `scheduled_start` differ in
+//!   every run (with them nothing would ever hit), `task_name` and `map_index` are already part
+//!   of the identity, and `parameters` are what the validator chooses to look at (as in
+//!   Prefect, `duration_only` ignores them).
+//!
+//! Values are hashed in a canonical JSON form ([`canonical`]): object keys sorted and no
+//! whitespace, but every number exactly as it was written. The host parses JSON with
+//! serde_json's `arbitrary_precision` feature, so a `serde_json::Value` keeps each number's
+//! text: `1` and `1.0` are different values (a task may accept one and refuse the other), and
+//! `18446744073709551617` stays that integer instead of becoming a float (the one change serde_json
+//! makes to a number's text is the spelling of an exponent: `1E2` is kept as `1e+2`, the same
+//! number, still not the integer `100`). The canonical form is
+//! therefore exactly the text the guest reads (the host sends values in this form, keys sorted)
+//! or wrote, up to key order and whitespace, and blobs in the store use it too, so a cached
+//! output is replayed exactly as the guest returned it. (The alternative, hashing the raw text
+//! the guest wrote, would make key order and whitespace matter and still need a parse to
+//! validate and to split inputs; `arbitrary_precision` keeps one value type everywhere.)
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -89,7 +109,8 @@ pub struct CacheKey {
     pub task: String,
     /// blake3 of the component's bytes.
     pub component: String,
-    /// blake3 of the task's limits, capability grants and map index.
+    /// blake3 of the task's limits, capability grants and map index, and of the run's scope
+    /// (cache namespace and context values).
     pub config: String,
     /// blake3 of the validated inputs (for input validators).
     pub inputs: Option<String>,
@@ -99,9 +120,51 @@ pub struct CacheKey {
     pub validator: String,
 }
 
+/// What every cache key of a flow run shares: the flow's cache namespace and the user context
+/// values its tasks can read. Computed once per run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheScope {
+    hash: String,
+}
+
+impl CacheScope {
+    /// The scope of a run of flow `flow`, whose manifest may name a cache `namespace`, with the
+    /// user context values `context` (the flow's `[context]` and `--context`, without the keys
+    /// the runner fills in per run).
+    pub fn new(flow: &str, namespace: Option<&str>, context: &BTreeMap<String, String>) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(b"sluice-cache-scope-v1\0");
+        let field = |h: &mut blake3::Hasher, s: &str| {
+            h.update(&(s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        };
+        // A namespace and a flow of the same name are different scopes.
+        match namespace {
+            Some(ns) => {
+                field(&mut h, "namespace");
+                field(&mut h, ns);
+            }
+            None => {
+                field(&mut h, "flow");
+                field(&mut h, flow);
+            }
+        }
+        h.update(&(context.len() as u64).to_le_bytes());
+        for (k, v) in context {
+            field(&mut h, k);
+            field(&mut h, v);
+        }
+        Self {
+            hash: h.finalize().to_hex().to_string(),
+        }
+    }
+}
+
 /// What the cache identity of a task depends on, besides its inputs and parameters.
 #[derive(Debug, Clone, Copy)]
 pub struct TaskIdentity<'a> {
+    /// The flow run's scope: cache namespace and context values.
+    pub scope: &'a CacheScope,
     /// The task's name.
     pub task: &'a str,
     /// blake3 (hex) of the component's bytes.
@@ -123,7 +186,8 @@ impl CacheKey {
         let mut config = blake3::Hasher::new();
         // The sandbox grants no capabilities (deny-all), so the limits are the whole grant set;
         // grants added later are hashed here.
-        config.update(b"sluice-task-config-v1\0");
+        config.update(b"sluice-task-config-v2\0");
+        config.update(task.scope.hash.as_bytes());
         let b = task.budget;
         for n in [
             b.fuel.map_or(u64::MAX, |f| f),
@@ -245,14 +309,18 @@ pub fn hash(value: &Value) -> String {
 }
 
 /// Append the canonical JSON form of `value` to `out`: object keys sorted by their bytes, no
-/// whitespace, integral numbers written as integers (`1.0` → `1`, `-0.0` → `0`), other numbers in
-/// their shortest round-trip form, strings escaped as JSON does.
+/// whitespace, numbers exactly as written (the host keeps their text, see the module doc),
+/// strings escaped as JSON does.
 pub fn canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),
         Value::Bool(false) => out.extend_from_slice(b"false"),
-        Value::Number(n) => number(n, out),
+        Value::Number(n) => {
+            use std::io::Write as _;
+            // Writing into a Vec cannot fail.
+            let _ = write!(out, "{n}");
+        }
         Value::String(s) => string(s, out),
         Value::Array(items) => {
             out.push(b'[');
@@ -286,26 +354,6 @@ fn string(s: &str, out: &mut Vec<u8>) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
-fn number(n: &serde_json::Number, out: &mut Vec<u8>) {
-    use std::io::Write as _;
-    if let Some(i) = n.as_i64() {
-        let _ = write!(out, "{i}");
-    } else if let Some(u) = n.as_u64() {
-        let _ = write!(out, "{u}");
-    } else if let Some(f) = n.as_f64() {
-        // 2^63: integral floats below it are written as the integer they equal.
-        const LIMIT: f64 = 9_223_372_036_854_775_808.0;
-        if f.fract() == 0.0 && f.abs() < LIMIT {
-            #[allow(clippy::cast_possible_truncation)]
-            let i = f as i64;
-            let _ = write!(out, "{i}");
-        } else {
-            // Rust's float Display is the shortest form that round-trips.
-            let _ = write!(out, "{f}");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,26 +366,50 @@ mod tests {
     }
 
     #[test]
-    fn canonical_form_sorts_keys_and_normalizes_numbers() {
+    fn canonical_form_sorts_keys_and_keeps_numbers_exactly() {
         let a: Value =
-            serde_json::from_str(r#"{"b": [1.0, -0.0, 2.5], "a": {"y": 1, "x": "é\n"}}"#)
+            serde_json::from_str(r#"{"b": [1.0, -0.0, 2.5, 1e2], "a": {"y": 1, "x": "é\n"}}"#)
                 .expect("json");
-        assert_eq!(text(&a), r#"{"a":{"x":"é\n","y":1},"b":[1,0,2.5]}"#);
-        let b: Value = serde_json::from_str(r#"{"a": {"x": "é\n", "y": 1.0}, "b": [1, 0, 2.5]}"#)
-            .expect("json");
+        // serde_json writes an exponent as `e+` / `e-` (its only change to a number's text).
+        assert_eq!(
+            text(&a),
+            r#"{"a":{"x":"é\n","y":1},"b":[1.0,-0.0,2.5,1e+2]}"#
+        );
+        // Key order and whitespace do not matter.
+        let b: Value =
+            serde_json::from_str(r#"{"a": {"y": 1, "x": "é\n"},   "b": [1.0, -0.0, 2.5, 1e2]}"#)
+                .expect("json");
         assert_eq!(hash(&a), hash(&b));
+        // The spelling of a number does: a task may accept `1` and refuse `1.0`.
+        let c: Value =
+            serde_json::from_str(r#"{"a": {"x": "é\n", "y": 1.0}, "b": [1, 0, 2.5, 100]}"#)
+                .expect("json");
+        assert_ne!(hash(&a), hash(&c));
+        assert_ne!(hash(&json!(1)), hash(&json!(1.0)));
         assert_ne!(hash(&json!(1)), hash(&json!("1")));
         assert_ne!(hash(&json!([1, 2])), hash(&json!([2, 1])));
-        assert_eq!(text(&json!(1e300)), format!("{}", 1e300_f64));
+        // Integers past 64 bits stay integers, each its own.
+        let big: Value =
+            serde_json::from_str("[18446744073709551617, 18446744073709551616]").expect("json");
+        assert_eq!(text(&big), "[18446744073709551617,18446744073709551616]");
         assert_eq!(text(&json!(u64::MAX)), u64::MAX.to_string());
+        assert_eq!(text(&json!(i64::MIN)), i64::MIN.to_string());
+        // The canonical text parses back to the same value.
+        for v in [a, big] {
+            let back: Value = serde_json::from_str(&text(&v)).expect("json");
+            assert_eq!(back, v);
+            assert_eq!(text(&back), text(&v));
+        }
     }
 
     fn key(policy: &CachePolicy, input: Value, params: Value) -> Option<CacheKey> {
         let params: BTreeMap<String, Value> =
             serde_json::from_value(params).expect("parameters object");
+        let scope = CacheScope::new("f", None, &BTreeMap::new());
         CacheKey::new(
             policy,
             TaskIdentity {
+                scope: &scope,
                 task: "t",
                 component: "c0ffee",
                 budget: &RunBudget::default(),
@@ -367,7 +439,11 @@ mod tests {
         // all_inputs: the input, not the parameters.
         assert_eq!(
             k(AllInputs, json!({"a": 1, "b": 2}), json!({"p": 1})),
-            k(AllInputs, json!({"b": 2, "a": 1.0}), json!({"p": 2}))
+            k(AllInputs, json!({"b": 2, "a": 1}), json!({"p": 2}))
+        );
+        assert_ne!(
+            k(AllInputs, json!({"a": 1}), json!({})),
+            k(AllInputs, json!({"a": 1.0}), json!({}))
         );
         assert_ne!(
             k(AllInputs, json!(1), json!({})),
@@ -413,7 +489,9 @@ mod tests {
     fn the_identity_is_always_part_of_the_key() {
         let p = policy(CacheValidator::DurationOnly);
         let params = BTreeMap::new();
+        let scope = CacheScope::new("f", None, &BTreeMap::new());
         let base = TaskIdentity {
+            scope: &scope,
             task: "t",
             component: "c0ffee",
             budget: &RunBudget::default(),
@@ -446,5 +524,57 @@ mod tests {
                 ..base
             })
         );
+    }
+
+    #[test]
+    fn the_scope_is_always_part_of_the_key() {
+        let p = policy(CacheValidator::DurationOnly);
+        let params = BTreeMap::new();
+        let ctx = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let k = |scope: &CacheScope| {
+            let id = TaskIdentity {
+                scope,
+                task: "t",
+                component: "c0ffee",
+                budget: &RunBudget::default(),
+                map_index: None,
+            };
+            CacheKey::new(&p, id, &json!(1), &params).map(|k| k.key)
+        };
+        let abc = ctx(&[("key", "abc")]);
+        let base = CacheScope::new("f", None, &abc);
+        assert_eq!(k(&base), k(&CacheScope::new("f", None, &abc)));
+        // Another context value, another key, one more key: different.
+        assert_ne!(
+            k(&base),
+            k(&CacheScope::new("f", None, &ctx(&[("key", "WRONG")])))
+        );
+        assert_ne!(
+            k(&base),
+            k(&CacheScope::new(
+                "f",
+                None,
+                &ctx(&[("key", "abc"), ("x", "")])
+            ))
+        );
+        assert_ne!(k(&base), k(&CacheScope::new("f", None, &ctx(&[]))));
+        // Keys and values cannot be shifted into each other.
+        assert_ne!(
+            k(&CacheScope::new("f", None, &ctx(&[("ab", "c")]))),
+            k(&CacheScope::new("f", None, &ctx(&[("a", "bc")])))
+        );
+        // Another flow: different; a namespace is shared by every flow naming it, and is not
+        // the flow of the same name.
+        assert_ne!(k(&base), k(&CacheScope::new("g", None, &abc)));
+        assert_eq!(
+            k(&CacheScope::new("f", Some("ns"), &abc)),
+            k(&CacheScope::new("g", Some("ns"), &abc))
+        );
+        assert_ne!(k(&base), k(&CacheScope::new("x", Some("f"), &abc)));
     }
 }

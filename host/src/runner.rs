@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::cache::{CacheInfo, CacheKey, CacheStatus, TaskIdentity};
+use crate::cache::{CacheInfo, CacheKey, CacheScope, CacheStatus, TaskIdentity};
 use crate::clock::{ClockRef, SystemClock};
 use crate::context::TaskContext;
 use crate::flow::{FlowDef, MapOver, TaskDef, TriggerDecision};
@@ -671,6 +671,14 @@ struct Exec<'a> {
     /// Mapped children created but not yet sent to the store: their first write carries their
     /// whole history.
     unwritten: HashSet<Unit>,
+    /// The run's cache scope (namespace and context values), part of every cache key.
+    cache_scope: CacheScope,
+    /// Units whose cached output a state handler turned into a request to run again: their
+    /// next start runs the component instead of looking the cache up again.
+    skip_cache: HashSet<Unit>,
+    /// Mapped children in the run, summed over its mapped tasks (bounded by the flow's
+    /// `max_mapped_children`).
+    mapped_children: usize,
 }
 
 impl<'a> Exec<'a> {
@@ -707,6 +715,10 @@ impl<'a> Exec<'a> {
         for (k, v) in &run.parameters {
             parameters.insert(k.clone(), v.clone());
         }
+        // The user's context values (not the per-run `scheduled_start` added below) are part of
+        // every cache key.
+        let cache_scope = CacheScope::new(&run.flow, def.cache_namespace.as_deref(), &run.context);
+        let mapped_children: usize = run.tasks.iter().map(|t| t.children.len()).sum();
         let mut context = run.context.clone();
         context.entry("scheduled_start".into()).or_insert_with(|| {
             run.history
@@ -739,6 +751,9 @@ impl<'a> Exec<'a> {
             cache_keys: HashMap::new(),
             cache_index: HashMap::new(),
             unwritten: HashSet::new(),
+            cache_scope,
+            skip_cache: HashSet::new(),
+            mapped_children,
             run,
         }
     }
@@ -1003,14 +1018,43 @@ impl<'a> Exec<'a> {
     async fn schedule(&mut self, i: usize) {
         let task = &self.flow.def.tasks[i];
         let input = self.nodes[i].input.clone().unwrap_or_default();
-        let children = match &task.map {
-            MapOver::No => {
-                self.ready.push_front(Unit {
+        if task.map == MapOver::No {
+            self.ready.push_front(Unit {
+                task: i,
+                child: None,
+            });
+            return;
+        }
+        // The cap on mapped children, checked before any child is created.
+        let others = self
+            .mapped_children
+            .saturating_sub(self.run.tasks[i].children.len());
+        if let Some(n) = map_len(&input, &task.map) {
+            let cap = self.def().max_mapped_children;
+            let total = others.saturating_add(n);
+            if total > cap {
+                let msg = match others {
+                    0 => format!(
+                        "mapping over {n} elements would make more mapped children than the \
+                         flow's max_mapped_children of {cap}"
+                    ),
+                    _ => format!(
+                        "mapping over {n} elements would make {total} mapped children in this \
+                         flow run ({others} already), more than the flow's max_mapped_children \
+                         of {cap}"
+                    ),
+                };
+                let unit = Unit {
                     task: i,
                     child: None,
-                });
-                return;
+                };
+                let s = State::new(StateName::Failed, self.now()).with_message(msg);
+                self.transition(unit, s).await;
+                return self.task_finished(i).await;
             }
+        }
+        let children = match &task.map {
+            MapOver::No => Ok(Vec::new()),
             MapOver::Input => match &*input {
                 Value::Array(items) => Ok(items.iter().cloned().map(Arc::new).collect()),
                 other => Err(format!(
@@ -1021,7 +1065,10 @@ impl<'a> Exec<'a> {
             MapOver::Fields(fields) => zip_fields(&input, fields),
         };
         let children: Vec<Arc<Value>> = match children {
-            Ok(c) => c,
+            Ok(c) => {
+                self.mapped_children = others.saturating_add(c.len());
+                c
+            }
             Err(msg) => {
                 let unit = Unit {
                     task: i,
@@ -1162,12 +1209,15 @@ impl<'a> Exec<'a> {
         let (Some(policy), Some(store)) = (&task.cache, self.runner.store.clone()) else {
             return false;
         };
-        if self.record_ref(unit).attempts > self.base_attempts(unit) {
+        if self.record_ref(unit).attempts > self.base_attempts(unit)
+            || self.skip_cache.remove(&unit)
+        {
             return false;
         }
         let input = self.unit_input(unit);
         let component = self.flow.components[unit.task].digest();
         let identity = TaskIdentity {
+            scope: &self.cache_scope,
             task: &task.name,
             component: &component,
             budget: &task.budget,
@@ -1236,13 +1286,13 @@ impl<'a> Exec<'a> {
                     expires_at: Some(entry.expires_at),
                 });
                 let state = self
-                    .transition_with(unit, state, Some(Blob::Stored(blob)))
+                    .transition_after_attempt(unit, state, Some(Blob::Stored(blob)))
                     .await;
-                if state.state_type() == StateType::Completed {
-                    self.completed(unit, output).await;
-                } else if state.is_terminal() {
-                    self.unit_finished(unit).await;
+                if state.state_type() == StateType::Scheduled {
+                    // A handler asked to run it again: this time the component runs.
+                    self.skip_cache.insert(unit);
                 }
+                self.proceed(unit, &state, Some(output)).await;
                 true
             }
             Ok(CacheLookup::Miss(reason)) => {
@@ -1333,7 +1383,8 @@ impl<'a> Exec<'a> {
         } else if attempts <= task.retries {
             let delay =
                 TimeDelta::from_std(task.retry_delay_for(attempts)).unwrap_or(TimeDelta::MAX);
-            Retry::Remaining { delay }
+            let max_delay = TimeDelta::from_std(task.retry_delay_cap()).unwrap_or(TimeDelta::MAX);
+            Retry::Remaining { delay, max_delay }
         } else {
             Retry::Exhausted
         };
@@ -1346,7 +1397,7 @@ impl<'a> Exec<'a> {
         record.fuel_consumed += outcome.usage.fuel_consumed;
         record.logs.extend(outcome.logs);
         let state = self
-            .transition_with(unit, state, output.clone().map(Blob::Value))
+            .transition_after_attempt(unit, state, output.clone().map(Blob::Value))
             .await;
         if state.is_terminal()
             && let Some(key) = self.cache_keys.remove(&unit)
@@ -1374,6 +1425,12 @@ impl<'a> Exec<'a> {
             // The guest saw the cancel before this loop did.
             self.begin_cancel().await;
         }
+        self.proceed(unit, &state, output).await;
+    }
+
+    /// After an attempt (or a cache hit) ended in `state`: wait for the retry, hand the output
+    /// on, or finish the unit.
+    async fn proceed(&mut self, unit: Unit, state: &State, output: Option<Arc<Value>>) {
         match state.state_type() {
             StateType::Scheduled => {
                 let at = state.scheduled_for.unwrap_or_else(|| self.now());
@@ -1588,8 +1645,31 @@ impl<'a> Exec<'a> {
     /// [`Exec::transition`] for a state that carries `output` (recorded when the unit ends in a
     /// Completed-type state).
     async fn transition_with(&mut self, unit: Unit, new: State, output: Option<Blob>) -> State {
+        self.transition_inner(unit, new, output, false).await
+    }
+
+    /// [`Exec::transition_with`] for the state an attempt (or a cache hit) ends in: what the
+    /// state handlers replace it with goes through the task's retry policy
+    /// ([`Exec::police_replacement`]).
+    async fn transition_after_attempt(
+        &mut self,
+        unit: Unit,
+        new: State,
+        output: Option<Blob>,
+    ) -> State {
+        self.transition_inner(unit, new, output, true).await
+    }
+
+    async fn transition_inner(
+        &mut self,
+        unit: Unit,
+        new: State,
+        output: Option<Blob>,
+        after_attempt: bool,
+    ) -> State {
         let task = &self.flow.def.tasks[unit.task];
         let old = self.record(unit).state.clone();
+        let proposed = after_attempt.then_some((new.name, new.scheduled_for));
         let mut state = new;
         if let Some(hs) = self.runner.task_handlers.get(&task.name) {
             for h in hs {
@@ -1600,6 +1680,11 @@ impl<'a> Exec<'a> {
             state = h(&task.name, &old, state);
         }
         state = self.run_hooks(unit, &old, state).await;
+        if let Some(proposed) = proposed
+            && (state.name, state.scheduled_for) != proposed
+        {
+            state = self.police_replacement(unit, proposed.0, state);
+        }
         let record = self.record(unit);
         record.history.push(Transition {
             from: Some(old.name),
@@ -1615,6 +1700,64 @@ impl<'a> Exec<'a> {
             state: state.name,
         });
         state
+    }
+
+    /// A state handler replaced the state an attempt ended in (`proposed`) with `state`. A
+    /// Scheduled-type replacement asks to run the task again: it is a retry like any other, so
+    /// it needs a retry left (attempts never exceed `retries + 1`), and it starts within the
+    /// task's retry delay cap; otherwise the task is Failed, saying why. A replacement that
+    /// would leave the task neither finished, paused nor scheduled (Running, Pending,
+    /// Cancelling) would wait for ever, and fails too.
+    fn police_replacement(&self, unit: Unit, proposed: StateName, mut state: State) -> State {
+        let task = &self.flow.def.tasks[unit.task];
+        let now = self.now();
+        match state.state_type() {
+            StateType::Scheduled => {
+                let rec = self.record_ref(unit);
+                let used = rec.attempts.saturating_sub(self.base_attempts(unit));
+                if self.cancelled || self.cancel.is_cancelled() {
+                    return State::new(StateName::Cancelled, now).with_message(format!(
+                        "a state handler replaced {proposed} with {}, but the flow run is \
+                         being cancelled",
+                        state.name
+                    ));
+                }
+                if used > task.retries {
+                    return State::new(StateName::Failed, now).with_message(format!(
+                        "a state handler replaced {proposed} with {} to run the task again, but \
+                         no retries remain ({used} attempts made, retries = {})",
+                        state.name, task.retries
+                    ));
+                }
+                let cap = TimeDelta::from_std(task.retry_delay_cap()).unwrap_or(TimeDelta::MAX);
+                let latest = now
+                    .checked_add_signed(cap)
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC);
+                let at = state.scheduled_for.unwrap_or(now);
+                if at > latest {
+                    let note = format!(
+                        "(the handler's start time {} is capped at {} from now, the task's \
+                         longest retry delay: max_retry_delay, or backoff.max)",
+                        at.to_rfc3339(),
+                        humantime::format_duration(task.retry_delay_cap())
+                    );
+                    state.message = Some(match state.message.take() {
+                        Some(m) => format!("{m} {note}"),
+                        None => note,
+                    });
+                }
+                state.scheduled_for = Some(at.min(latest));
+                state
+            }
+            StateType::Running | StateType::Pending | StateType::Cancelling => {
+                State::new(StateName::Failed, now).with_message(format!(
+                    "a state handler replaced {proposed} with {}, which cannot follow a finished \
+                     attempt (only a finished, paused or scheduled state can)",
+                    state.name
+                ))
+            }
+            _ => state,
+        }
     }
 
     fn record_ref(&self, u: Unit) -> &TaskRun {
@@ -1858,6 +2001,20 @@ fn kind_of(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "a list",
         Value::Object(_) => "an object",
+    }
+}
+
+/// How many children mapping `input` makes, when it can be mapped (the errors are reported when
+/// the children are made).
+fn map_len(input: &Value, map: &MapOver) -> Option<usize> {
+    match (map, input) {
+        (MapOver::No, _) => None,
+        (MapOver::Input, Value::Array(items)) => Some(items.len()),
+        (MapOver::Fields(fields), Value::Object(obj)) => match obj.get(fields.first()?)? {
+            Value::Array(a) => Some(a.len()),
+            _ => None,
+        },
+        _ => None,
     }
 }
 

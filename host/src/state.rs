@@ -147,11 +147,15 @@ state_names! {
 /// What happens after an attempt that did not succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
-    /// Retries remain: RETRY signals and failures (faults, limits, time-outs) go AwaitingRetry
-    /// after `delay`; a RETRY signal's own delay wins.
+    /// Retries remain: FAIL and RETRY signals and failures (faults, limits, time-outs) go
+    /// AwaitingRetry after `delay`; a RETRY signal's own delay wins, capped at `max_delay`.
     Remaining {
         /// The configured retry delay.
         delay: TimeDelta,
+        /// The longest delay a RETRY signal may ask for (the task's `max_retry_delay`, and
+        /// `backoff.max` when it has a backoff): a longer one is cut to this, so a guest cannot
+        /// park a flow run for ever.
+        max_delay: TimeDelta,
     },
     /// No retries remain: RETRY signals and failures are final.
     Exhausted,
@@ -227,14 +231,15 @@ impl State {
     }
 
     /// The state a task run takes after a sandbox run ended with `ending` at `now`, under the
-    /// retry policy `retry` (see [`Retry`]). FAIL never retries.
+    /// retry policy `retry` (see [`Retry`]). As in Prefect 1's `check_for_retry`, every failure
+    /// (FAIL included) retries while retries remain.
     ///
     /// | ending | state |
     /// |---|---|
     /// | output | Completed, carrying the output |
     /// | SUCCESS | Completed with its message and output |
-    /// | FAIL | Failed |
-    /// | RETRY | AwaitingRetry at now + the signal's delay (else the policy's), or Failed when no retries remain |
+    /// | FAIL | Failed, or AwaitingRetry with retries left |
+    /// | RETRY | AwaitingRetry at now + the signal's delay (at most `max_delay`; else the policy's), or Failed when no retries remain |
     /// | SKIP | Skipped |
     /// | PAUSE | Paused |
     /// | guest fault (trap, invalid output) | Failed, or AwaitingRetry with retries left |
@@ -244,7 +249,7 @@ impl State {
     /// | host fault | Crashed |
     pub fn after_run(ending: &Ending, retry: Retry, now: DateTime<Utc>) -> State {
         let failed_or_retry = |name: StateName, message: String| match retry {
-            Retry::Remaining { delay } => State::awaiting_retry(now, delay, message),
+            Retry::Remaining { delay, .. } => State::awaiting_retry(now, delay, message),
             Retry::Exhausted | Retry::OnSignal { .. } => {
                 State::new(name, now).with_message(message)
             }
@@ -257,17 +262,35 @@ impl State {
                     .with_result(output.clone())
             }
             Ending::Signal(Signal::Fail { message }) => {
-                State::new(StateName::Failed, now).with_message(message.clone())
+                failed_or_retry(StateName::Failed, message.clone())
             }
-            Ending::Signal(Signal::Retry { message, delay }) => match retry {
-                Retry::Remaining { delay: policy } | Retry::OnSignal { delay: policy } => {
-                    let delay =
-                        delay.map_or(policy, |d| TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX));
-                    State::awaiting_retry(now, delay, message.clone())
+            Ending::Signal(Signal::Retry { message, delay }) => {
+                let asked = delay.map(|d| TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX));
+                match retry {
+                    Retry::Remaining {
+                        delay: policy,
+                        max_delay,
+                    } => match asked {
+                        Some(d) if d > max_delay => State::awaiting_retry(
+                            now,
+                            max_delay,
+                            format!(
+                                "{message} (the requested delay of {} is capped at {}, the \
+                                 task's longest retry delay: max_retry_delay, or backoff.max)",
+                                human(d),
+                                human(max_delay)
+                            ),
+                        ),
+                        Some(d) => State::awaiting_retry(now, d, message.clone()),
+                        None => State::awaiting_retry(now, policy, message.clone()),
+                    },
+                    Retry::OnSignal { delay: policy } => {
+                        State::awaiting_retry(now, asked.unwrap_or(policy), message.clone())
+                    }
+                    Retry::Exhausted => State::new(StateName::Failed, now)
+                        .with_message(format!("RETRY requested but no retries remain: {message}")),
                 }
-                Retry::Exhausted => State::new(StateName::Failed, now)
-                    .with_message(format!("RETRY requested but no retries remain: {message}")),
-            },
+            }
             Ending::Signal(Signal::Skip { message }) => {
                 State::new(StateName::Skipped, now).with_message(message.clone())
             }
@@ -294,6 +317,14 @@ impl State {
         );
         s
     }
+}
+
+/// A delay as people write it (`1h`, `30s`, `1h 30m`).
+fn human(d: TimeDelta) -> String {
+    d.to_std().map_or_else(
+        |_| d.to_string(),
+        |d| humantime::format_duration(d).to_string(),
+    )
 }
 
 #[cfg(test)]
@@ -342,6 +373,7 @@ mod tests {
     fn signals_map_to_states() {
         let retry = Retry::Remaining {
             delay: TimeDelta::seconds(10),
+            max_delay: TimeDelta::hours(1),
         };
         let none = Retry::Exhausted;
         let sig = |s: Signal| Ending::Signal(s);
@@ -360,7 +392,21 @@ mod tests {
                 none,
                 StateName::Completed,
             ),
-            (sig(Signal::Fail { message: m() }), retry, StateName::Failed),
+            // FAIL retries while retries remain (Prefect 1's check_for_retry), and is final
+            // without them.
+            (
+                sig(Signal::Fail { message: m() }),
+                retry,
+                StateName::AwaitingRetry,
+            ),
+            (sig(Signal::Fail { message: m() }), none, StateName::Failed),
+            (
+                sig(Signal::Fail { message: m() }),
+                Retry::OnSignal {
+                    delay: TimeDelta::zero(),
+                },
+                StateName::Failed,
+            ),
             (
                 sig(Signal::Retry {
                     message: m(),
@@ -444,6 +490,7 @@ mod tests {
     fn retry_delay_prefers_the_signal_then_the_policy() {
         let ten_seconds = Retry::Remaining {
             delay: TimeDelta::seconds(10),
+            max_delay: TimeDelta::hours(1),
         };
         let ending = Ending::Signal(Signal::Retry {
             message: "later".into(),
@@ -458,6 +505,43 @@ mod tests {
         let s = State::after_run(&ending, ten_seconds, now());
         assert_eq!(s.scheduled_for, Some(now() + TimeDelta::seconds(10)));
         assert_eq!(s.message.as_deref(), Some("later"));
+    }
+
+    #[test]
+    fn a_signal_delay_is_capped_at_max_delay() {
+        let policy = Retry::Remaining {
+            delay: TimeDelta::seconds(10),
+            max_delay: TimeDelta::minutes(5),
+        };
+        let retry = |d: Duration| {
+            let ending = Ending::Signal(Signal::Retry {
+                message: "later".into(),
+                delay: Some(d),
+            });
+            State::after_run(&ending, policy, now())
+        };
+        // At the cap: taken as asked, the message untouched.
+        let s = retry(Duration::from_secs(300));
+        assert_eq!(s.scheduled_for, Some(now() + TimeDelta::minutes(5)));
+        assert_eq!(s.message.as_deref(), Some("later"));
+        // Over it (by a millisecond, or by centuries): cut to the cap, and the message says so.
+        for d in [
+            Duration::from_millis(300_001),
+            Duration::from_millis(u64::MAX),
+        ] {
+            let s = retry(d);
+            assert_eq!(s.name, StateName::AwaitingRetry);
+            assert_eq!(s.scheduled_for, Some(now() + TimeDelta::minutes(5)));
+            let m = s.message.expect("message");
+            assert!(
+                m.starts_with("later (the requested delay of ")
+                    && m.ends_with(
+                        "is capped at 5m, the task's longest retry delay: max_retry_delay, or \
+                         backoff.max)"
+                    ),
+                "{m}"
+            );
+        }
     }
 
     #[test]

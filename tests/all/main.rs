@@ -10,6 +10,7 @@ mod limits;
 mod loading;
 mod polyglot;
 mod pool;
+mod semantics;
 mod signals;
 mod store;
 mod support;

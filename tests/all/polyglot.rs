@@ -92,15 +92,17 @@ async fn host_survives() {
 fn retries_left() -> Retry {
     Retry::Remaining {
         delay: TimeDelta::seconds(5),
+        max_delay: TimeDelta::hours(1),
     }
 }
 
 #[tokio::test]
 async fn every_signal_maps_to_its_state_in_every_language() {
     let cases = [
+        // FAIL retries while retries remain, as every failure does (Prefect 1).
         (
             json!({"do": "fail"}),
-            StateName::Failed,
+            StateName::AwaitingRetry,
             Some("failing on purpose"),
         ),
         (

@@ -14,16 +14,19 @@ use crate::support::{guest, hostile, load, run_guest, sandbox};
 fn retries_left() -> Retry {
     Retry::Remaining {
         delay: TimeDelta::seconds(5),
+        max_delay: TimeDelta::hours(1),
     }
 }
 
 #[tokio::test]
 async fn every_signal_maps_to_its_state() {
     let cases = [
+        // FAIL retries while retries remain, as every failure does (Prefect 1's
+        // check_for_retry).
         (
             "signal_fail",
             json!(null),
-            StateName::Failed,
+            StateName::AwaitingRetry,
             Some("failing on purpose"),
         ),
         (
@@ -83,6 +86,10 @@ async fn every_signal_maps_to_its_state() {
     let now = Utc::now();
     let state = State::after_run(&out.ending, retries_left(), now);
     assert_eq!(state.scheduled_for, Some(now + TimeDelta::milliseconds(50)));
+    let state = State::after_run(&out.ending, Retry::Exhausted, now);
+    assert_eq!(state.name, StateName::Failed);
+    // FAIL without retries left is final.
+    let out = run_guest("signal_fail", json!(null), &RunBudget::default()).await;
     let state = State::after_run(&out.ending, Retry::Exhausted, now);
     assert_eq!(state.name, StateName::Failed);
 }

@@ -41,7 +41,14 @@
 //! cache_validator = "all_inputs"      # duration_only (default), all_parameters, never_use,
 //!                                     # { partial_inputs_only = ["x"] },
 //!                                     # { partial_parameters_only = ["p"] }
+//! max_retry_delay = "1h"              # the longest delay a RETRY signal may ask for (default
+//!                                     # 1h; with a backoff, at most backoff.max)
 //! ```
+//!
+//! Flow keys besides those above: `cache_namespace = "etl"` (share cached outputs with the other
+//! flows of that namespace; default: the flow's own name, nothing shared) and
+//! `max_mapped_children = 100000` (the most mapped children of one flow run, summed over its
+//! mapped tasks; default 100,000).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -87,6 +94,8 @@ struct RawFlow {
     tag_limits: BTreeMap<String, Spanned<usize>>,
     #[serde(default)]
     tasks: indexmap::IndexMap<String, Spanned<RawTask>>,
+    cache_namespace: Option<String>,
+    max_mapped_children: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,6 +128,7 @@ struct RawTask {
     on_state: Vec<Spanned<String>>,
     cache_for: Option<Spanned<String>>,
     cache_validator: Option<Spanned<toml::Value>>,
+    max_retry_delay: Option<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -304,6 +314,10 @@ pub fn parse(file: &Path, text: &str) -> Result<FlowDef, ManifestError> {
             .collect(),
         concurrency,
         tag_limits,
+        cache_namespace: raw.cache_namespace,
+        max_mapped_children: raw
+            .max_mapped_children
+            .unwrap_or(super::DEFAULT_MAX_MAPPED_CHILDREN),
     };
     def.validate().map_err(|e| locate(&src, &spans, e))?;
     Ok(def)
@@ -380,6 +394,9 @@ fn task_def(
             max,
             jitter: b.jitter,
         });
+    }
+    if let Some(d) = &raw.max_retry_delay {
+        task.max_retry_delay = duration(d, "max_retry_delay")?;
     }
     let mut budget = RunBudget::default();
     if let Some(f) = &raw.fuel {
@@ -835,14 +852,14 @@ cache_validator = "all_inputs"
             "DIR/flow.toml:4:1: unknown field `retires`, expected one of `component`, \
              `input`, `upstream_tasks`, `trigger`, `retries`, `retry_delay`, `backoff`, `fuel`, \
              `timeout`, `memory`, `map`, `skip_on_upstream_skip`, `tags`, `on_completion`, \
-             `on_failure`, `on_retry`, `on_state`, `cache_for`, `cache_validator` (did you mean \
-             `retries`?)"
+             `on_failure`, `on_retry`, `on_state`, `cache_for`, `cache_validator`, \
+             `max_retry_delay` (did you mean `retries`?)"
         );
         assert_eq!(
             err("name = \"f\"\nconcurency = 3\n"),
             "DIR/flow.toml:2:1: unknown field `concurency`, expected one of `name`, `parameters`, \
-             `context`, `reference_tasks`, `concurrency`, `tag_limits`, `tasks` (did you mean \
-             `concurrency`?)"
+             `context`, `reference_tasks`, `concurrency`, `tag_limits`, `tasks`, \
+             `cache_namespace`, `max_mapped_children` (did you mean `concurrency`?)"
         );
         let e = err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nretries = \"two\"\n");
         assert_eq!(
@@ -881,6 +898,39 @@ cache_validator = "all_inputs"
             "DIR/flow.toml:4:11: unknown variant `sometimes`, expected one of \
              `all_successful`, `all_failed`, `any_successful`, `any_failed`, `all_finished`, \
              `manual_only`"
+        );
+    }
+
+    #[test]
+    fn cache_namespace_mapped_children_and_retry_delay_caps_parse() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let def = parse_in(
+            dir.path(),
+            "name = \"f\"\ncache_namespace = \"etl\"\nmax_mapped_children = 7\n[tasks.a]\n\
+             component = \"t.wasm\"\nmax_retry_delay = \"10m\"\n[tasks.b]\n\
+             component = \"t.wasm\"\n",
+        )
+        .expect("valid");
+        assert_eq!(def.cache_namespace.as_deref(), Some("etl"));
+        assert_eq!(def.max_mapped_children, 7);
+        assert_eq!(def.tasks[0].max_retry_delay, Duration::from_secs(600));
+        assert_eq!(
+            def.tasks[1].max_retry_delay,
+            super::super::DEFAULT_MAX_RETRY_DELAY
+        );
+        let def = parse_in(dir.path(), "name = \"f\"\n").expect("valid");
+        assert_eq!(def.cache_namespace, None);
+        assert_eq!(
+            def.max_mapped_children,
+            super::super::DEFAULT_MAX_MAPPED_CHILDREN
+        );
+        assert_eq!(
+            err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nmax_retry_delay = \"later\"\n"),
+            format!(
+                "DIR/flow.toml:4:19: task `a`: `max_retry_delay` = \"later\" is not a duration \
+                 like \"30s\" or \"500ms\": {}",
+                humantime::parse_duration("later").expect_err("bad")
+            )
         );
     }
 }

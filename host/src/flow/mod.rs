@@ -199,6 +199,10 @@ pub struct TaskDef {
     pub retry_delay: Duration,
     /// Optional exponential backoff of the delay.
     pub backoff: Option<Backoff>,
+    /// The longest retry delay a RETRY signal may ask for (default
+    /// [`DEFAULT_MAX_RETRY_DELAY`], 1 hour); with a `backoff`, its `max` caps it too. A longer
+    /// request is cut to this.
+    pub max_retry_delay: Duration,
     /// Fuel, deadline, memory and the other limits of each run.
     pub budget: RunBudget,
     /// Mapping.
@@ -228,6 +232,7 @@ impl TaskDef {
             retries: 0,
             retry_delay: Duration::ZERO,
             backoff: None,
+            max_retry_delay: DEFAULT_MAX_RETRY_DELAY,
             budget: RunBudget::default(),
             map: MapOver::No,
             skip_on_upstream_skip: true,
@@ -247,6 +252,15 @@ impl TaskDef {
         let base = base.min(b.max.as_secs_f64());
         let jitter = base * b.jitter.clamp(0.0, 1.0) * fastrand::f64();
         Duration::try_from_secs_f64(base + jitter).unwrap_or(b.max)
+    }
+
+    /// The longest delay a RETRY signal of this task may ask for: `max_retry_delay`, and at
+    /// most `backoff.max` when the task has a backoff.
+    pub fn retry_delay_cap(&self) -> Duration {
+        match self.backoff {
+            Some(b) => self.max_retry_delay.min(b.max),
+            None => self.max_retry_delay,
+        }
     }
 
     /// Every upstream task: data dependencies first, then state-only ones, without repeats.
@@ -283,6 +297,14 @@ pub struct FlowDef {
     pub concurrency: usize,
     /// Per-tag limits on task runs executing at once.
     pub tag_limits: BTreeMap<String, usize>,
+    /// The output cache's namespace: cached outputs are shared only between flows of the same
+    /// namespace. `None` (the default) is the flow's own name, so two flows never share entries
+    /// unless both name the same `cache_namespace`.
+    pub cache_namespace: Option<String>,
+    /// The most mapped children one flow run may create, summed over its mapped tasks (default
+    /// [`DEFAULT_MAX_MAPPED_CHILDREN`]). A mapped task whose input would go past it fails,
+    /// naming the limit, before any child is created.
+    pub max_mapped_children: usize,
 }
 
 /// Why a flow definition is invalid (the builder's errors; the manifest parser adds positions).
@@ -493,6 +515,8 @@ impl FlowBuilder {
                 reference_tasks: Vec::new(),
                 concurrency: DEFAULT_CONCURRENCY,
                 tag_limits: BTreeMap::new(),
+                cache_namespace: None,
+                max_mapped_children: DEFAULT_MAX_MAPPED_CHILDREN,
             },
         }
     }
@@ -533,6 +557,20 @@ impl FlowBuilder {
         self
     }
 
+    /// Share cached outputs with every flow of namespace `namespace` (instead of only with
+    /// runs of this flow).
+    pub fn cache_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.def.cache_namespace = Some(namespace.into());
+        self
+    }
+
+    /// Limit how many mapped children one run of the flow may create, summed over its mapped
+    /// tasks.
+    pub fn max_mapped_children(mut self, n: usize) -> Self {
+        self.def.max_mapped_children = n;
+        self
+    }
+
     /// Validate and return the flow.
     pub fn build(self) -> Result<FlowDef, FlowError> {
         self.def.validate()?;
@@ -542,6 +580,14 @@ impl FlowBuilder {
 
 /// The default global concurrency of a flow.
 pub const DEFAULT_CONCURRENCY: usize = 64;
+
+/// The default longest retry delay a RETRY signal may ask for: 1 hour.
+pub const DEFAULT_MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+
+/// The default most mapped children of one flow run (summed over its mapped tasks): 100,000.
+/// Each child costs its record (about 1 KiB with its history) and its input and output, so this
+/// bounds a run's memory whatever list a guest returns.
+pub const DEFAULT_MAX_MAPPED_CHILDREN: usize = 100_000;
 
 #[cfg(test)]
 mod tests {

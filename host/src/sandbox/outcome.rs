@@ -62,7 +62,7 @@ pub enum Ending {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "signal", rename_all = "snake_case")]
 pub enum Signal {
-    /// FAIL: fail without retrying.
+    /// FAIL: fail (retried while retries remain, as every failure).
     Fail {
         /// Why.
         message: String,

@@ -994,7 +994,9 @@ impl Store for SqliteStore {
                 key.validator
             )
         } else if config != key.config {
-            "the task's limits or map index changed".to_owned()
+            "the task's limits or map index, the flow (or cache namespace) or the context values \
+             changed"
+                .to_owned()
         } else if inputs != key.inputs {
             format!(
                 "the inputs differ from the newest entry's (flow run {run}; {})",

@@ -1,0 +1,577 @@
+//! Flow semantics under hostile or careless input: cache identity (context, flow, namespace),
+//! exact values (number text kept), guest-chosen retry delays capped, state handlers held to the
+//! retry budget, FAIL retrying like every failure, and the per-run cap on mapped children.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::{Value, json};
+use sluice::clock::SimClock;
+use sluice::flow::{
+    Backoff, DEFAULT_MAX_MAPPED_CHILDREN, DEFAULT_MAX_RETRY_DELAY, FlowBuilder, FlowDef, Input,
+    MapOver, TaskDef,
+};
+use sluice::runner::{FlowRun, FlowRunner, RunOptions, TaskRun};
+use sluice::state::{State, StateName, StateType};
+
+use crate::support::{guest, history, sandbox, task};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn sluice(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .env("SLUICE_HOME", home)
+        .output()
+        .expect("run sluice")
+}
+
+/// `sluice run <flow> <args> --json` in `home`: the exit code and the run record.
+fn run(home: &Path, flow: &Path, args: &[&str]) -> (Option<i32>, Value) {
+    let mut all = vec!["run", flow.to_str().expect("utf-8 path")];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = sluice(home, &all);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), v)
+}
+
+/// Write `text` as `<dir>/<name>.toml`.
+fn write_flow(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write flow");
+    path
+}
+
+fn component(name: &str) -> String {
+    // TOML basic strings: a path with backslashes or quotes would need escaping; test paths have
+    // none.
+    guest(name).display().to_string()
+}
+
+#[track_caller]
+fn assert_cached(t: &Value, source: &Value) {
+    assert_eq!(t["state"], "Cached", "{t:#}");
+    assert_eq!(t["attempts"], 0, "{t:#}");
+    assert_eq!(t["cache"]["source_flow_run"], *source, "{t:#}");
+}
+
+#[track_caller]
+fn assert_ran(t: &Value) {
+    assert_ne!(t["state"], "Cached", "{t:#}");
+    assert_eq!(t["attempts"], 1, "{t:#}");
+    assert_eq!(t["cache"]["status"], "miss", "{t:#}");
+}
+
+fn start() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_900_000_000, 0).expect("valid time")
+}
+
+async fn run_def(runner: &FlowRunner, def: FlowDef) -> FlowRun {
+    let flow = runner.prepare(def, Path::new(".")).await.expect("prepare");
+    // A bound, so that a regression that loops for ever fails instead of hanging the suite.
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        runner.run(&flow, RunOptions::default()),
+    )
+    .await
+    .expect("the flow run must end")
+    .expect("run")
+}
+
+/// The time between each AwaitingRetry and the Retrying after it.
+fn retry_waits(t: &TaskRun) -> Vec<TimeDelta> {
+    let mut waits = Vec::new();
+    let mut awaiting = None;
+    for h in &t.history {
+        match h.to {
+            StateName::AwaitingRetry => awaiting = Some(h.time),
+            StateName::Retrying => {
+                if let Some(a) = awaiting.take() {
+                    waits.push(h.time - a);
+                }
+            }
+            _ => {}
+        }
+    }
+    waits
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cache identity: the context a task can read, and the flow (or its cache namespace)
+
+#[test]
+fn a_cached_output_is_only_served_under_the_same_context_values() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = dir.path().join("home");
+    let flow = write_flow(
+        dir.path(),
+        "unlock",
+        &format!(
+            "name = \"unlock\"\n[tasks.unlock]\ncomponent = \"{}\"\ncache_for = \"1h\"\n",
+            component("try_unlock")
+        ),
+    );
+    let (code, first) = run(&home, &flow, &["--context", "key=abc"]);
+    assert_eq!(code, Some(0), "{first:#}");
+    assert_eq!(task(&first, "unlock")["output"], true);
+    assert_ran(task(&first, "unlock"));
+    // The same context: a hit, although the per-run keys (flow_run_id, task_run_id,
+    // scheduled_start) differ.
+    let (code, second) = run(&home, &flow, &["--context", "key=abc"]);
+    assert_eq!(code, Some(0), "{second:#}");
+    assert_cached(task(&second, "unlock"), &first["id"]);
+    // Another value of the key the task reads: it runs (and fails), never Cached `true`.
+    for args in [&["--context", "key=WRONG"][..], &[]] {
+        let (code, other) = run(&home, &flow, args);
+        let t = task(&other, "unlock");
+        assert_eq!(code, Some(1), "{args:?}: {other:#}");
+        assert_eq!(t["state"], "Failed", "{args:?}: {t:#}");
+        assert_ran(t);
+        assert!(
+            t["cache"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("context values")),
+            "{t:#}"
+        );
+    }
+    // A context value the task does not read still changes the key (the host cannot know which
+    // keys a task reads).
+    let (_, extra) = run(&home, &flow, &["--context", "key=abc", "--context", "z=1"]);
+    assert_ran(task(&extra, "unlock"));
+}
+
+#[test]
+fn a_cached_output_is_never_served_to_another_flow_unless_both_name_its_namespace() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = dir.path().join("home");
+    let unlock = component("try_unlock");
+    let manifest = |name: &str, namespace: Option<&str>| {
+        let ns = namespace.map_or(String::new(), |n| format!("cache_namespace = \"{n}\"\n"));
+        write_flow(
+            dir.path(),
+            name,
+            &format!(
+                "name = \"{name}\"\n{ns}[context]\nkey = \"abc\"\n[tasks.unlock]\n\
+                 component = \"{unlock}\"\ncache_for = \"1h\"\n"
+            ),
+        )
+    };
+    let (_, one) = run(&home, &manifest("one", None), &[]);
+    assert_ran(task(&one, "unlock"));
+    let (_, again) = run(&home, &manifest("one", None), &[]);
+    assert_cached(task(&again, "unlock"), &one["id"]);
+    // Another flow, a task of the same name, the same component and context: not shared.
+    let (code, two) = run(&home, &manifest("two", None), &[]);
+    assert_eq!(code, Some(0));
+    assert_ran(task(&two, "unlock"));
+    // Two flows that name the same namespace share deliberately.
+    let (_, three) = run(&home, &manifest("three", Some("shared")), &[]);
+    assert_ran(task(&three, "unlock"));
+    let (_, four) = run(&home, &manifest("four", Some("shared")), &[]);
+    assert_cached(task(&four, "unlock"), &three["id"]);
+    // A namespace is not the flow of the same name.
+    let (_, shared) = run(&home, &manifest("shared", None), &[]);
+    assert_ran(task(&shared, "unlock"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact values: number text is hashed, kept and replayed as the guest saw and wrote it
+
+#[test]
+fn numbers_are_hashed_stored_and_replayed_exactly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = dir.path().join("home");
+    let flow = |name: &str, component_name: &str| {
+        write_flow(
+            dir.path(),
+            name,
+            &format!(
+                "name = \"{name}\"\n[parameters]\nx = 0\n[tasks.t]\ncomponent = \"{}\"\n\
+                 input = \"$params.x\"\ncache_for = \"1h\"\ncache_validator = \"all_inputs\"\n",
+                component(component_name)
+            ),
+        )
+    };
+    // `add_one` takes an integer: 1 → 2, and 1.0 is refused, also after 1 was cached.
+    let add = flow("add", "add_one");
+    let (code, r) = run(&home, &add, &["--param", "x=1"]);
+    assert_eq!((code, &task(&r, "t")["output"]), (Some(0), &json!(2)));
+    let (code, r) = run(&home, &add, &["--param", "x=1.0"]);
+    let t = task(&r, "t");
+    assert_eq!(code, Some(1), "{t:#}");
+    assert_eq!(t["state"], "Failed", "{t:#}");
+    assert_ran(t);
+    assert!(
+        t["message"].as_str().is_some_and(|m| m.contains("1.0")),
+        "{t:#}"
+    );
+
+    // `identity` returns the text it was given: the output, and its replay from the cache, keep
+    // each number as written.
+    let echo = flow("echo", "identity");
+    let output_text = |r: &Value| task(r, "t")["output"].to_string();
+    for x in [
+        "1.0",
+        "[18446744073709551617,18446744073709551616]",
+        "-0.0",
+        "1.50",
+        "1e+2",
+    ] {
+        let arg = format!("x={x}");
+        let (code, first) = run(&home, &echo, &["--param", &arg]);
+        assert_eq!(code, Some(0), "{first:#}");
+        assert_eq!(output_text(&first), x);
+        assert_ran(task(&first, "t"));
+        let (_, again) = run(&home, &echo, &["--param", &arg]);
+        assert_cached(task(&again, "t"), &first["id"]);
+        assert_eq!(output_text(&again), x, "replayed from the cache");
+        // `sluice show` reads the stored blob.
+        let id = again["id"].as_str().expect("id");
+        let shown: Value = serde_json::from_slice(&sluice(&home, &["show", id, "--json"]).stdout)
+            .expect("show --json");
+        assert_eq!(output_text(&shown), x, "as stored");
+    }
+    // 1 and 1.0, and the two big integers, are different values.
+    let (_, one) = run(&home, &echo, &["--param", "x=1"]);
+    assert_ran(task(&one, "t"));
+    assert_eq!(output_text(&one), "1");
+    let big: Value = serde_json::from_str(&output_text(
+        &run(
+            &home,
+            &echo,
+            &["--param", "x=[18446744073709551617,18446744073709551616]"],
+        )
+        .1,
+    ))
+    .expect("json");
+    assert_ne!(big[0], big[1]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nothing waits for ever: a guest's RETRY delay is capped by the task's policy
+
+#[tokio::test]
+async fn a_guest_retry_delay_is_capped_by_the_task_policy() {
+    let hour = TimeDelta::from_std(DEFAULT_MAX_RETRY_DELAY).expect("delta");
+    assert_eq!(hour, TimeDelta::hours(1), "the documented default");
+    // (the delay the guest asks for in ms, the task's max_retry_delay, its backoff.max) → the
+    // wait, and whether it was capped.
+    type Case = (u64, Option<Duration>, Option<Duration>, TimeDelta, bool);
+    let cases: [Case; 6] = [
+        // At the default limit: taken as asked.
+        (3_600_000, None, None, hour, false),
+        // One millisecond over it, and u64::MAX ms: capped at one hour.
+        (3_600_001, None, None, hour, true),
+        (u64::MAX, None, None, hour, true),
+        // A task's own max_retry_delay.
+        (
+            u64::MAX,
+            Some(Duration::from_secs(600)),
+            None,
+            TimeDelta::minutes(10),
+            true,
+        ),
+        (
+            600_000,
+            Some(Duration::from_secs(600)),
+            None,
+            TimeDelta::minutes(10),
+            false,
+        ),
+        // backoff.max caps it too.
+        (
+            u64::MAX,
+            None,
+            Some(Duration::from_secs(30)),
+            TimeDelta::seconds(30),
+            true,
+        ),
+    ];
+    for (ms, max_retry_delay, backoff_max, wait, capped) in cases {
+        let clock = SimClock::new(start());
+        let runner = FlowRunner::new(sandbox().clone()).clock(Arc::new(clock));
+        let mut t = TaskDef::new("t", guest("hostile"));
+        t.input = Input::from_json(json!({"do": "retry_after", "ms": ms}));
+        t.retries = 1;
+        if let Some(m) = max_retry_delay {
+            t.max_retry_delay = m;
+        }
+        t.backoff = backoff_max.map(|max| Backoff {
+            factor: 2.0,
+            max,
+            jitter: 0.0,
+        });
+        let def = FlowBuilder::new("far").task(t).build().expect("flow");
+        let run = run_def(&runner, def).await;
+        let t = run.task("t").expect("task");
+        assert_eq!((t.state.name, t.attempts), (StateName::Failed, 2), "{ms}");
+        assert_eq!(
+            retry_waits(t),
+            [wait],
+            "{ms} ms, {max_retry_delay:?}, {backoff_max:?}"
+        );
+        let message = t
+            .history
+            .iter()
+            .find(|h| h.to == StateName::AwaitingRetry)
+            .and_then(|h| h.message.clone())
+            .unwrap_or_default();
+        assert_eq!(
+            message.contains("capped at") && message.contains("max_retry_delay"),
+            capped,
+            "{message}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nothing bypasses the retry budget: state handlers' replacements go through it
+
+#[tokio::test]
+async fn a_rescheduling_rust_handler_cannot_exceed_the_retry_budget() {
+    for retries in [0, 2] {
+        let clock = SimClock::new(start());
+        let calls = Arc::new(Mutex::new(0_u32));
+        let seen = calls.clone();
+        let runner = FlowRunner::new(sandbox().clone())
+            .clock(Arc::new(clock))
+            .task_handler(
+                "t",
+                Arc::new(move |_: &str, _: &State, new: State| {
+                    if new.state_type() == StateType::Completed {
+                        *seen.lock().expect("lock") += 1;
+                        // Run it again, in ten years.
+                        let mut s =
+                            State::new(StateName::Scheduled, new.timestamp).with_message("again");
+                        s.scheduled_for = Some(new.timestamp + TimeDelta::days(3650));
+                        return s;
+                    }
+                    new
+                }),
+            );
+        let mut t = TaskDef::new("t", guest("add_one"));
+        t.input = Input::Literal(json!(1));
+        t.retries = retries;
+        let mut after = TaskDef::new("after", guest("identity"));
+        after.input = Input::Literal(json!("control"));
+        let def = FlowBuilder::new("resched")
+            .task(t)
+            .task(after)
+            .build()
+            .expect("flow");
+        let run = run_def(&runner, def).await;
+        let t = run.task("t").expect("task");
+        assert_eq!(t.attempts, retries + 1, "{:#?}", t.history);
+        assert_eq!(*calls.lock().expect("lock"), retries + 1);
+        assert_eq!(t.state.name, StateName::Failed);
+        let m = t.state.message.clone().unwrap_or_default();
+        assert!(
+            m.contains("no retries remain") && m.contains(&format!("retries = {retries}")),
+            "{m}"
+        );
+        // Each allowed re-run started within the task's retry delay cap (1 hour), not in ten
+        // years.
+        let scheduled: Vec<TimeDelta> = t
+            .history
+            .windows(2)
+            .filter(|w| w[0].to == StateName::Scheduled && w[1].to == StateName::Retrying)
+            .map(|w| w[1].time - w[0].time)
+            .collect();
+        assert_eq!(scheduled, vec![TimeDelta::hours(1); retries as usize]);
+        // The control task completes.
+        assert_eq!(
+            run.task("after").map(|t| t.state.name),
+            Some(StateName::Completed)
+        );
+    }
+}
+
+#[test]
+fn a_rescheduling_handler_component_cannot_exceed_the_retry_budget() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = dir.path().join("home");
+    for retries in [0, 1] {
+        let flow = write_flow(
+            dir.path(),
+            "resched",
+            &format!(
+                "name = \"resched\"\n[tasks.t]\ncomponent = \"{}\"\ninput = 1\nretries = {retries}\n\
+                 on_completion = [\"{}\"]\n[tasks.control]\ncomponent = \"{}\"\ninput = 2\n",
+                component("add_one"),
+                component("reschedule"),
+                component("add_one"),
+            ),
+        );
+        let (code, r) = run(&home, &flow, &[]);
+        let t = task(&r, "t");
+        assert_eq!(code, Some(1), "{r:#}");
+        assert_eq!(t["attempts"], retries + 1, "{t:#}");
+        assert_eq!(t["state"], "Failed", "{t:#}");
+        let h = history(t);
+        assert_eq!(
+            h.iter().filter(|s| *s == "Scheduled").count(),
+            retries as usize,
+            "{h:?}"
+        );
+        assert_eq!(task(&r, "control")["state"], "Completed");
+        assert_eq!(task(&r, "control")["output"], 3);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// FAIL retries while retries remain (Prefect 1's check_for_retry)
+
+#[test]
+fn fail_retries_while_retries_remain() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = dir.path().join("home");
+    let flow = write_flow(
+        dir.path(),
+        "fail",
+        &format!(
+            "name = \"fail\"\n[tasks.f]\ncomponent = \"{}\"\ninput = true\nretries = 2\n\
+             [tasks.control]\ncomponent = \"{}\"\ninput = false\n",
+            component("fail_if"),
+            component("fail_if"),
+        ),
+    );
+    let (code, r) = run(&home, &flow, &[]);
+    assert_eq!(code, Some(1));
+    let t = task(&r, "f");
+    assert_eq!(t["attempts"], 3, "{t:#}");
+    assert_eq!(
+        history(t),
+        [
+            "Pending",
+            "Running",
+            "AwaitingRetry",
+            "Retrying",
+            "AwaitingRetry",
+            "Retrying",
+            "Failed"
+        ]
+    );
+    assert_eq!(task(&r, "control")["state"], "Completed");
+    // Without retries, FAIL is final at once.
+    let flow = write_flow(
+        dir.path(),
+        "fail0",
+        &format!(
+            "name = \"fail0\"\n[tasks.f]\ncomponent = \"{}\"\ninput = true\n",
+            component("fail_if"),
+        ),
+    );
+    let (_, r) = run(&home, &flow, &[]);
+    assert_eq!(history(task(&r, "f")), ["Pending", "Running", "Failed"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host memory stays bounded: the per-run cap on mapped children
+
+#[test]
+fn mapped_children_are_capped_per_flow_run() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = dir.path().join("home");
+    // A guest returns the list (identity of its input); `add` maps over it, `more` maps over
+    // the same list again: the cap is the sum of both.
+    let flow = |n: usize, cap: usize, second: bool| {
+        let list: Vec<usize> = (0..n).collect();
+        let more = if second {
+            format!(
+                "[tasks.more]\ncomponent = \"{}\"\ninput = \"$tasks.list\"\nmap = true\n\
+                 upstream_tasks = [\"add\"]\n",
+                component("add_one")
+            )
+        } else {
+            String::new()
+        };
+        write_flow(
+            dir.path(),
+            "mapped",
+            &format!(
+                "name = \"mapped\"\nmax_mapped_children = {cap}\n[tasks.list]\ncomponent = \"{}\"\n\
+                 input = {list:?}\n[tasks.add]\ncomponent = \"{}\"\ninput = \"$tasks.list\"\n\
+                 map = true\n{more}[tasks.control]\ncomponent = \"{}\"\ninput = 1\n",
+                component("identity"),
+                component("add_one"),
+                component("add_one"),
+            ),
+        )
+    };
+    // At the cap: every child runs.
+    let (code, r) = run(&home, &flow(5, 5, false), &[]);
+    assert_eq!(code, Some(0), "{r:#}");
+    assert_eq!(task(&r, "add")["state"], "Mapped");
+    assert_eq!(task(&r, "add")["output"], json!([1, 2, 3, 4, 5]));
+    // One over: Failed, naming the cap, and no child was created.
+    let (code, r) = run(&home, &flow(6, 5, false), &[]);
+    assert_eq!(code, Some(1));
+    let t = task(&r, "add");
+    assert_eq!(t["state"], "Failed");
+    assert_eq!(
+        t["message"],
+        "mapping over 6 elements would make more mapped children than the flow's \
+         max_mapped_children of 5"
+    );
+    assert!(t["children"].as_array().is_none_or(Vec::is_empty), "{t:#}");
+    assert_eq!(task(&r, "control")["state"], "Completed");
+    // Summed over the run's mapped tasks: 3 + 3 = 6 is at a cap of 6, over a cap of 5.
+    let (code, r) = run(&home, &flow(3, 6, true), &[]);
+    assert_eq!(code, Some(0), "{r:#}");
+    assert_eq!(task(&r, "more")["state"], "Mapped");
+    let (code, r) = run(&home, &flow(3, 5, true), &[]);
+    assert_eq!(code, Some(1));
+    assert_eq!(task(&r, "add")["state"], "Mapped");
+    assert_eq!(
+        task(&r, "more")["message"],
+        "mapping over 3 elements would make 6 mapped children in this flow run (3 already), \
+         more than the flow's max_mapped_children of 5"
+    );
+}
+
+#[tokio::test]
+async fn the_default_cap_on_mapped_children_holds() {
+    assert_eq!(
+        DEFAULT_MAX_MAPPED_CHILDREN, 100_000,
+        "the documented default"
+    );
+    let runner = FlowRunner::new(sandbox().clone());
+    let def = |n: usize| {
+        let mut list = TaskDef::new("list", guest("identity"));
+        list.input = Input::Literal(json!((0..n).collect::<Vec<_>>()));
+        let mut add = TaskDef::new("add", guest("identity"));
+        add.input = Input::Task("list".into());
+        add.map = MapOver::Input;
+        FlowBuilder::new("default-cap")
+            .task(list)
+            .task(add)
+            .build()
+            .expect("flow")
+    };
+    let over = run_def(&runner, def(DEFAULT_MAX_MAPPED_CHILDREN + 1)).await;
+    let add = over.task("add").expect("add");
+    assert_eq!(add.state.name, StateName::Failed);
+    assert!(add.children.is_empty());
+    assert_eq!(
+        add.state.message.as_deref(),
+        Some(
+            "mapping over 100001 elements would make more mapped children than the flow's \
+             max_mapped_children of 100000"
+        )
+    );
+    let at = run_def(&runner, def(DEFAULT_MAX_MAPPED_CHILDREN)).await;
+    let add = at.task("add").expect("add");
+    assert_eq!(add.state.name, StateName::Mapped, "{:?}", add.state.message);
+    assert_eq!(add.children.len(), DEFAULT_MAX_MAPPED_CHILDREN);
+}

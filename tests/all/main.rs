@@ -10,4 +10,5 @@ mod loading;
 mod polyglot;
 mod signals;
 mod store;
+mod store_faults;
 mod support;

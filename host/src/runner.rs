@@ -93,7 +93,8 @@ pub struct TaskRun {
 }
 
 impl TaskRun {
-    fn new(name: &str, map_index: Option<u32>, now: DateTime<Utc>) -> Self {
+    /// A task run that has not started: Pending at `now`, with that one transition.
+    pub fn new(name: &str, map_index: Option<u32>, now: DateTime<Utc>) -> Self {
         let state = State::new(StateName::Pending, now);
         Self {
             name: name.to_owned(),
@@ -472,6 +473,21 @@ impl FlowRunner {
         let lease = match &self.store {
             Some(store) => {
                 let lease = store.lease(run.id)?;
+                // The run and its task runs in one write: never a run without its tasks.
+                let tasks = run
+                    .tasks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        task_write(
+                            run.id,
+                            (i, Arc::from(t.name.as_str())),
+                            None,
+                            t,
+                            t.history.clone(),
+                        )
+                    })
+                    .collect();
                 store.submit(Write::RunCreated(Box::new(RunHeader {
                     id: run.id,
                     flow: run.flow.clone(),
@@ -481,16 +497,8 @@ impl FlowRunner {
                     context: run.context.clone(),
                     manifest: options.manifest,
                     pid: std::process::id(),
+                    tasks,
                 })));
-                for (i, t) in run.tasks.iter().enumerate() {
-                    store.submit(Write::Task(Box::new(task_write(
-                        run.id,
-                        (i, Arc::from(t.name.as_str())),
-                        None,
-                        t,
-                        t.history.clone(),
-                    ))));
-                }
                 Some(lease)
             }
             None => None,
@@ -502,25 +510,45 @@ impl FlowRunner {
     }
 
     /// Wait until the store has everything of `run`, then let other processes see it is over.
+    /// When the store cannot write it all, the run is recorded (if the store can still write
+    /// anything) as Crashed, not fully recorded, resumable from its last recorded write; the
+    /// returned run says the same.
     async fn recorded(
         &self,
-        run: FlowRun,
+        mut run: FlowRun,
         lease: Option<Box<dyn RunLease>>,
     ) -> Result<FlowRun, PrepareError> {
         let Some(store) = self.store.clone() else {
             return Ok(run);
         };
-        let flushed = tokio::task::spawn_blocking(move || store.flush())
+        let flusher = store.clone();
+        let flushed = tokio::task::spawn_blocking(move || flusher.flush())
             .await
             .unwrap_or_else(|e| Err(StoreError::io("flush", e)));
-        drop(lease);
-        match flushed {
+        let result = match flushed {
             Ok(()) => Ok(run),
-            Err(source) => Err(PrepareError::NotRecorded {
-                run: Box::new(run),
-                source,
-            }),
-        }
+            Err(source) => {
+                let (id, now) = (run.id, self.clock.now());
+                let marked = tokio::task::spawn_blocking(move || store.abandon(id, now)).await;
+                if let Ok(Ok(Some(state))) = marked {
+                    run.history.push(Transition {
+                        from: Some(run.state.name),
+                        to: state.name,
+                        time: state.timestamp,
+                        message: state.message.clone(),
+                    });
+                    run.state = state;
+                }
+                Err(PrepareError::NotRecorded {
+                    run: Box::new(run),
+                    source,
+                })
+            }
+        };
+        // Only now: until the record says how the run ended, no other process may take it for
+        // dead (or resume it).
+        drop(lease);
+        result
     }
 
     /// Resume `previous` (a Paused or Failed run): tasks that completed keep their results and
@@ -1974,7 +2002,8 @@ async fn watch_store(
     loop {
         tokio::time::sleep(CANCEL_POLL).await;
         if let Some(e) = store.write_error() {
-            tracing::error!("flow run {run}: cancelling, the store cannot record it: {e}");
+            // Said once, here; the store holds its writes and the run stops.
+            tracing::warn!("flow run {run}: cancelling, the store cannot record it: {e}");
             cancel.cancel();
             return;
         }

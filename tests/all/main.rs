@@ -13,4 +13,5 @@ mod pool;
 mod semantics;
 mod signals;
 mod store;
+mod store_faults;
 mod support;

@@ -24,7 +24,7 @@ use crate::support::{example_flow, guest, history, sandbox, task};
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-fn sluice(home: &Path, args: &[&str]) -> Output {
+pub(crate) fn sluice(home: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(args)
         .env("SLUICE_HOME", home)
@@ -32,7 +32,7 @@ fn sluice(home: &Path, args: &[&str]) -> Output {
         .expect("run sluice")
 }
 
-fn json_of(out: &Output) -> Value {
+pub(crate) fn json_of(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "not JSON ({e}): {}\n{}",
@@ -42,7 +42,7 @@ fn json_of(out: &Output) -> Value {
     })
 }
 
-fn stderr(out: &Output) -> String {
+pub(crate) fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -53,7 +53,7 @@ fn executions(history: &[String]) -> usize {
 
 /// The newest run in `home`, started by `child` (waits up to 120 s for it to appear: a loaded
 /// machine compiles slowly).
-fn newest_run(home: &Path, child: &mut Child) -> String {
+pub(crate) fn newest_run(home: &Path, child: &mut Child) -> String {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let out = sluice(home, &["runs", "--json", "--limit", "1"]);
@@ -74,7 +74,7 @@ fn newest_run(home: &Path, child: &mut Child) -> String {
 }
 
 /// Poll `sluice show` until `ready` holds (up to 120 s: the first run compiles its component).
-fn wait_for(home: &Path, run: &str, ready: impl Fn(&Value) -> bool) -> Value {
+pub(crate) fn wait_for(home: &Path, run: &str, ready: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let v = json_of(&sluice(home, &["show", run, "--json"]));
@@ -86,7 +86,7 @@ fn wait_for(home: &Path, run: &str, ready: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
-fn spawn_run(home: &Path, flow: &Path) -> Child {
+pub(crate) fn spawn_run(home: &Path, flow: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("run")
         .arg(flow)
@@ -98,17 +98,17 @@ fn spawn_run(home: &Path, flow: &Path) -> Child {
         .expect("spawn sluice")
 }
 
-fn write_flow(dir: &Path, text: &str) -> PathBuf {
+pub(crate) fn write_flow(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("flow.toml");
     std::fs::write(&path, text).expect("write flow");
     path
 }
 
-fn hostile_path() -> String {
+pub(crate) fn hostile_path() -> String {
     guest("hostile").display().to_string()
 }
 
-fn start() -> DateTime<Utc> {
+pub(crate) fn start() -> DateTime<Utc> {
     "2030-01-01T00:00:00Z".parse().expect("time")
 }
 
@@ -546,6 +546,7 @@ fn a_run_that_died_before_its_first_state_write_is_not_left_running() {
         context: BTreeMap::new(),
         manifest: None,
         pid: 999_999,
+        tasks: Vec::new(),
     })));
     store.flush().expect("flush");
     drop(store);

@@ -5,6 +5,19 @@
 //!
 //! Writes are queued ([`Store::submit`]) and committed in batches by the store (group commit), so
 //! recording a run costs the runner a channel send per transition. Reads are synchronous.
+//!
+//! The record never runs ahead of a lost write: when a batch cannot be committed (a database
+//! locked by another process beyond the busy timeout, a full disk), the store stops committing
+//! and holds that batch and every later write, in order; [`Store::flush`] tries them again, and a
+//! run that ends while they still cannot be written is recorded, when the store can still write
+//! anything, as Crashed with `not fully recorded: <reason>` ([`Store::abandon`]), so it stays
+//! resumable from the last write that succeeded. A damaged database (SQLite reports corruption)
+//! stops all writing at once, for good: [`StoreError::Damaged`] names the file and what to do.
+//!
+//! Liveness (is a process executing this run?) rests on an advisory lock, backed by the pid and
+//! start time of the process recorded with the run: the home must be on a local file system,
+//! used by processes of one machine (advisory locks on network file systems are unreliable, and
+//! a pid means nothing on another machine).
 
 mod sqlite;
 
@@ -106,12 +119,22 @@ pub enum StoreError {
         detail: String,
     },
     /// The run is being executed by a live process.
-    #[error("flow run {run} is live in another process (pid {pid})")]
+    #[error("flow run {run} is live in another process{}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
     Live {
         /// The run.
         run: FlowRunId,
-        /// The process, as it recorded itself.
-        pid: u32,
+        /// The process, when it could be told.
+        pid: Option<u32>,
+    },
+    /// SQLite found the database damaged (corrupt pages, not a database any more). Nothing more
+    /// is written to it, by this process or, while `<database>.damaged` (which notes it) exists,
+    /// by any other.
+    #[error("the store at {} is damaged ({detail}); Sluice stopped writing to it. Keep a copy of it and of its -wal file, recover what you can with `sqlite3 {} .recover`, then move them aside with {}.damaged (or choose another --home)", path.display(), path.display(), path.display())]
+    Damaged {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite reported.
+        detail: String,
     },
 }
 
@@ -124,7 +147,8 @@ impl StoreError {
     }
 
     /// Whether trying again later may succeed (a busy or locked database, a full disk), as
-    /// opposed to a problem that needs the user (a foreign file, a missing blob).
+    /// opposed to a problem that needs the user (a foreign file, a missing blob, a damaged
+    /// database).
     pub fn is_retriable(&self) -> bool {
         matches!(self, StoreError::Io { .. } | StoreError::Live { .. })
     }
@@ -133,7 +157,8 @@ impl StoreError {
 /// A write, queued with [`Store::submit`] and applied in order.
 #[derive(Debug, Clone)]
 pub enum Write {
-    /// A new flow run (its task runs follow as [`Write::Task`]).
+    /// A new flow run with its task runs, committed together (a run is never recorded without
+    /// its tasks). Later changes of its task runs are [`Write::Task`].
     RunCreated(Box<RunHeader>),
     /// The flow run changed state.
     FlowState {
@@ -180,8 +205,10 @@ pub struct RunHeader {
     pub context: BTreeMap<String, String>,
     /// The manifest it was defined by (path and text), so a new process can resume it.
     pub manifest: Option<(PathBuf, String)>,
-    /// The process running it.
+    /// The process running it (its start time is recorded with it, for liveness).
     pub pid: u32,
+    /// The flow's task runs as they start (top-level tasks, in the flow's order).
+    pub tasks: Vec<TaskWrite>,
 }
 
 /// A task run's state after a transition.
@@ -375,8 +402,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Wait until everything submitted so far is durable.
     fn flush(&self) -> Result<(), StoreError>;
 
-    /// The first write that failed, if any.
+    /// Why writes are held back, if they are: the error of the first write that could not be
+    /// committed since the store last committed everything (or that it is damaged).
     fn write_error(&self) -> Option<StoreError>;
+
+    /// Give up on the writes of `run` that could not be committed (its execution has ended and
+    /// [`Store::flush`] failed): drop them and record instead, if the store can still write,
+    /// that the run is not fully recorded: it becomes Crashed with `not fully recorded:
+    /// <reason>`, and its running task runs Crashed, so it can be resumed from the last write
+    /// that succeeded. Returns the state recorded, or `None` when the run itself was never
+    /// recorded.
+    fn abandon(&self, run: FlowRunId, now: DateTime<Utc>) -> Result<Option<State>, StoreError>;
 
     /// Mark `run` as executed by this process until the lease is dropped. Fails when another live
     /// process holds it.

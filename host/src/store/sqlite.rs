@@ -2,11 +2,19 @@
 //! versioned migrations, blobs in a content-addressed table, and a writer thread that commits
 //! queued writes in batches (group commit). Liveness of a run is an advisory lock on
 //! `<home>/runs/<id>.lock`, held by the process executing it and released by the kernel when that
-//! process dies, however it dies.
+//! process dies, however it dies; the run also records that process's pid and start time
+//! (Linux: `/proc/<pid>/stat` field 22), so a run whose lock file was deleted is still live while
+//! its process is. Both need the home on a local file system, shared by processes of one
+//! machine.
+//!
+//! Writes fail stop: a batch that cannot be committed is held, with every later batch, in order,
+//! and nothing is committed past it until a flush commits them all (see [`Store::abandon`] for
+//! a run that ends first). An error SQLite reports as corruption stops all writing for good.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -129,6 +137,11 @@ UPDATE flow_runs SET history = coalesce((
     FROM transitions t WHERE t.flow_run = flow_runs.id AND t.task_run IS NULL), '');
 DROP TABLE transitions;
 ",
+    // 3: the start time of the process running a run (liveness does not rest on its lock file
+    // alone).
+    r"
+ALTER TABLE flow_runs ADD COLUMN pid_start INTEGER;
+",
 ];
 
 /// Most writes one batch (one transaction) applies.
@@ -137,6 +150,62 @@ const MAX_BATCH: usize = 20_000;
 enum Msg {
     Write(Write),
     Flush(mpsc::SyncSender<Result<(), StoreError>>),
+    Abandon {
+        run: FlowRunId,
+        now: DateTime<Utc>,
+        done: mpsc::SyncSender<Result<Option<State>, StoreError>>,
+    },
+}
+
+/// The store's health, shared by the writer thread and readers.
+struct Health {
+    /// Notes damage for other processes: `<database>.damaged`.
+    marker: PathBuf,
+    /// Why writes are held back: the first failure since everything was last committed (or the
+    /// damage).
+    error: Mutex<Option<StoreError>>,
+    /// SQLite reported the database damaged: nothing is written to it any more.
+    damaged: AtomicBool,
+}
+
+impl Health {
+    fn new(path: &Path) -> Health {
+        Health {
+            marker: damage_marker(path),
+            error: Mutex::new(None),
+            damaged: AtomicBool::new(false),
+        }
+    }
+
+    fn error(&self) -> Option<StoreError> {
+        lock(&self.error).clone()
+    }
+
+    fn is_damaged(&self) -> bool {
+        self.damaged.load(Ordering::SeqCst)
+    }
+
+    /// Note a failure: damage replaces any other reason, for good; another failure is kept
+    /// unless one is already.
+    fn note(&self, e: &StoreError) {
+        let mut error = lock(&self.error);
+        if let StoreError::Damaged { detail, .. } = e {
+            if !self.damaged.swap(true, Ordering::SeqCst) {
+                *error = Some(e.clone());
+                // Best effort: other processes refuse to open the store while this exists.
+                let _ = std::fs::write(&self.marker, format!("{detail}\n"));
+            }
+        } else if error.is_none() {
+            *error = Some(e.clone());
+        }
+    }
+
+    /// Everything was committed.
+    fn clear(&self) {
+        if !self.is_damaged() {
+            *lock(&self.error) = None;
+        }
+    }
 }
 
 /// The embedded SQLite store. Cheap to clone; clones share the database and the writer.
@@ -151,7 +220,27 @@ struct Inner {
     read_only: bool,
     read: Mutex<Connection>,
     tx: Mutex<mpsc::Sender<Msg>>,
-    error: Arc<Mutex<Option<StoreError>>>,
+    health: Arc<Health>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    /// Stop the writer and wait for it: its connection is closed (and the WAL checkpointed and
+    /// removed by the last connection) before the process can exit, so a clean exit never leaves
+    /// a `-wal` without its `-shm` (which a read-only home could not open).
+    fn drop(&mut self) {
+        *lock(&self.tx) = mpsc::channel().0;
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        if self.health.is_damaged() {
+            // Not even a checkpoint goes into a damaged file.
+            let _ = lock(&self.read).set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+                true,
+            );
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -186,6 +275,13 @@ impl SqliteStore {
     /// [`SqliteStore::open_read_only`] to read its history anyway.
     pub fn open(home: &Path) -> Result<SqliteStore, StoreError> {
         let path = home.join("sluice.db");
+        // Damage found earlier (by any process): nothing is written to it again.
+        if let Ok(detail) = std::fs::read_to_string(damage_marker(&path)) {
+            return Err(StoreError::Damaged {
+                path,
+                detail: detail.trim().to_owned(),
+            });
+        }
         let runs = home.join("runs");
         if let Err(e) = std::fs::create_dir_all(&runs) {
             let detail = format!("cannot create {}: {e}", runs.display());
@@ -229,12 +325,13 @@ impl SqliteStore {
                 path,
             });
         }
+        // A WAL database whose `-shm` is gone cannot be opened in a directory that cannot be
+        // written: it is read as immutable. Its `-wal`, if any, was checkpointed before the
+        // `-shm` went (SQLite removes the `-shm` first, only after a complete checkpoint), so
+        // nothing committed is missed.
         let conn = match connect(&path, true) {
             Ok(c) => c,
-            // A WAL database whose `-shm` is gone cannot be opened in a directory that cannot be
-            // written; with no `-wal` either, nothing is pending, so it can be read as immutable.
-            Err(e) if !wal_path(&path).exists() => connect_immutable(&path).map_err(|_| e)?,
-            Err(e) => return Err(e),
+            Err(e) => connect_immutable(&path).map_err(|_| e)?,
         };
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -254,8 +351,7 @@ impl SqliteStore {
         }
         let read = match connect(&path, true) {
             Ok(c) => c,
-            Err(e) if !wal_path(&path).exists() => connect_immutable(&path).map_err(|_| e)?,
-            Err(e) => return Err(e),
+            Err(e) => connect_immutable(&path).map_err(|_| e)?,
         };
         Self::start(home, path, conn, read, true)
     }
@@ -271,12 +367,13 @@ impl SqliteStore {
             path: path.clone(),
             detail,
         };
-        let error = Arc::new(Mutex::new(None));
+        let health = Arc::new(Health::new(&path));
         let (tx, rx) = mpsc::channel();
-        let writer_error = error.clone();
-        std::thread::Builder::new()
+        let writer_health = health.clone();
+        let writer_path = path.clone();
+        let writer = std::thread::Builder::new()
             .name("sluice-store".into())
-            .spawn(move || writer(write, rx, &writer_error))
+            .spawn(move || writer(write, &rx, &writer_health, &writer_path))
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -285,7 +382,8 @@ impl SqliteStore {
                 read_only,
                 read: Mutex::new(read),
                 tx: Mutex::new(tx),
-                error,
+                health,
+                writer: Some(writer),
             }),
         })
     }
@@ -301,6 +399,146 @@ impl SqliteStore {
 
     fn lock_path(&self, run: FlowRunId) -> PathBuf {
         self.inner.home.join("runs").join(format!("{run}.lock"))
+    }
+
+    /// A conversion of SQLite errors of `operation`: corruption is [`StoreError::Damaged`] (and
+    /// stops all writing), anything else [`StoreError::Io`].
+    fn io_err<'a>(&'a self, operation: &'a str) -> impl Fn(rusqlite::Error) -> StoreError + 'a {
+        move |e| {
+            let e = classify(&self.inner.path, operation, &e);
+            if matches!(e, StoreError::Damaged { .. }) {
+                self.inner.health.note(&e);
+            }
+            e
+        }
+    }
+
+    /// Refuse to write when the database is damaged.
+    fn writable(&self) -> Result<(), StoreError> {
+        match self.inner.health.error() {
+            Some(e @ StoreError::Damaged { .. }) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// The process recorded as running `run`, when the record says the run is active and that
+    /// process (same pid, same start time) is alive.
+    fn recorded_process(&self, conn: &Connection, run: FlowRunId) -> Option<u32> {
+        let row: Option<(String, u32, Option<i64>)> = conn
+            .prepare_cached("SELECT state, pid, pid_start FROM flow_runs WHERE id = ?1")
+            .and_then(|mut s| {
+                s.query_row([run.to_string()], |r| TryFrom::try_from(r))
+                    .optional()
+            })
+            .ok()
+            .flatten();
+        let (state, pid, start) = row?;
+        let active = matches!(state.as_str(), "Pending" | "Running" | "Cancelling");
+        let alive = start.is_some_and(|s| process_start(pid) == u64::try_from(s).ok());
+        (active && alive).then_some(pid)
+    }
+
+    /// Whether `run` is live, reading the record through `conn`.
+    fn live_in(&self, conn: &Connection, run: FlowRunId) -> bool {
+        lock_held(&self.lock_path(run)) || self.recorded_process(conn, run).is_some()
+    }
+
+    /// The pid of the process holding the lease of `run`: from its lock file (the holder writes
+    /// it just after locking, so an empty file is read again briefly), else from the record.
+    fn holder(&self, path: &Path, run: FlowRunId) -> Option<u32> {
+        for _ in 0..20 {
+            if let Some(pid) = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .filter(|&p| p != 0)
+            {
+                return Some(pid);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.recorded_process(&self.read(), run)
+    }
+
+    /// After taking the lock of `run`: refuse when the record names another live process (its
+    /// lock file was deleted), else record this process as the one running it.
+    fn claim(&self, run: FlowRunId) -> Result<(), StoreError> {
+        self.writable()?;
+        let conn = self.read();
+        let recorded: Option<i64> = conn
+            .prepare_cached("SELECT 1 FROM flow_runs WHERE id = ?1")
+            .and_then(|mut s| s.query_row([run.to_string()], |r| r.get(0)).optional())
+            .map_err(self.io_err("lease"))?;
+        if recorded.is_none() {
+            // A new run: its first write records this process.
+            return Ok(());
+        }
+        let me = std::process::id();
+        if let Some(pid) = self.recorded_process(&conn, run)
+            && pid != me
+        {
+            return Err(StoreError::Live {
+                run,
+                pid: Some(pid),
+            });
+        }
+        conn.prepare_cached("UPDATE flow_runs SET pid = ?2, pid_start = ?3 WHERE id = ?1")
+            .and_then(|mut s| {
+                s.execute(params![
+                    run.to_string(),
+                    me,
+                    process_start(me).and_then(|s| i64::try_from(s).ok())
+                ])
+            })
+            .map_err(self.io_err("lease"))?;
+        Ok(())
+    }
+}
+
+/// The file noting that the database at `path` was found damaged.
+fn damage_marker(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".damaged");
+    PathBuf::from(p)
+}
+
+/// Whether some process holds the lock on `path`.
+fn lock_held(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else {
+        return false;
+    };
+    match file.try_lock_shared() {
+        Ok(()) => {
+            let _ = file.unlock();
+            false
+        }
+        Err(_) => true,
+    }
+}
+
+/// The start time of process `pid` (clock ticks since boot: `/proc/<pid>/stat` field 22) while
+/// it runs (a zombie has ended); `None` when it does not, or where there is no `/proc`.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2 is the command name in parentheses, which may itself hold spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    if matches!(fields.next()?, "Z" | "X" | "x") {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+/// SQLite's error of `operation` as a store error: corruption (`SQLITE_CORRUPT`,
+/// `SQLITE_NOTADB`) is [`StoreError::Damaged`].
+fn classify(path: &Path, operation: &str, e: &rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            StoreError::Damaged {
+                path: path.to_owned(),
+                detail: format!("{operation}: {e}"),
+            }
+        }
+        _ => StoreError::io(operation, e),
     }
 }
 
@@ -375,12 +613,6 @@ fn connect(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-fn wal_path(path: &Path) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push("-wal");
-    PathBuf::from(p)
-}
-
 /// Open `path` as an immutable database (no locks, no `-shm`): only for reading a store that
 /// nothing can write.
 fn connect_immutable(path: &Path) -> Result<Connection, StoreError> {
@@ -410,6 +642,7 @@ fn classify_open(path: &Path, e: &rusqlite::Error) -> StoreError {
             path: path.to_owned(),
             detail: format!("it is not an SQLite database ({e})"),
         },
+        Some(rusqlite::ErrorCode::DatabaseCorrupt) => classify(path, "open", e),
         _ => StoreError::Open {
             path: path.to_owned(),
             detail: e.to_string(),
@@ -463,39 +696,198 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// The writer thread: applies queued writes in batches, one transaction each.
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Msg>, error: &Mutex<Option<StoreError>>) {
-    let mut batch = Vec::new();
-    let mut flushes = Vec::new();
+/// The writer thread: commits queued writes in batches, one transaction each. A batch that
+/// cannot be committed is held, with every later one, in order, until a flush commits them all;
+/// nothing is committed past it. Damage stops writing for good.
+fn writer(mut conn: Connection, rx: &mpsc::Receiver<Msg>, health: &Health, path: &Path) {
+    let mut held: VecDeque<Batch> = VecDeque::new();
     while let Ok(first) = rx.recv() {
+        let mut batch = Batch::default();
+        let mut control = None;
         let mut next = Some(first);
         while let Some(msg) = next {
             match msg {
                 Msg::Write(w) => batch.push(w),
-                Msg::Flush(done) => flushes.push(done),
+                other => {
+                    control = Some(other);
+                    break;
+                }
             }
-            next = if batch.len() < MAX_BATCH {
+            next = if batch.writes < MAX_BATCH {
                 rx.try_recv().ok()
             } else {
                 None
             };
         }
-        let result = if batch.is_empty() {
-            Ok(())
-        } else {
-            apply(&mut conn, std::mem::take(&mut batch))
-        };
-        if let Err(e) = &result {
-            tracing::error!("{e}");
-            lock(error).get_or_insert_with(|| e.clone());
+        if !batch.is_empty() && !health.is_damaged() {
+            if held.is_empty() {
+                if let Err(e) = commit(&mut conn, &batch, path) {
+                    health.note(&e);
+                    held.push_back(batch);
+                }
+            } else {
+                held.push_back(batch);
+            }
         }
-        let reply = match lock(error).clone() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        };
-        for done in flushes.drain(..) {
-            let _ = done.send(reply.clone());
+        if health.is_damaged() {
+            held.clear();
         }
+        match control {
+            None | Some(Msg::Write(_)) => {}
+            Some(Msg::Flush(done)) => {
+                let _ = done.send(retry(&mut conn, &mut held, health, path));
+            }
+            Some(Msg::Abandon { run, now, done }) => {
+                for b in &mut held {
+                    b.drop_run(run);
+                }
+                held.retain(|b| !b.is_empty());
+                let result = match health.error() {
+                    Some(e @ StoreError::Damaged { .. }) => Err(e),
+                    reason => {
+                        let reason = reason.map_or_else(
+                            || "the store could not commit its last writes".to_owned(),
+                            |e| e.to_string(),
+                        );
+                        not_recorded(&mut conn, run, now, &reason, path)
+                    }
+                };
+                match &result {
+                    Ok(_) if held.is_empty() => health.clear(),
+                    Ok(_) => {}
+                    Err(e) => health.note(e),
+                }
+                let _ = done.send(result);
+            }
+        }
+    }
+    if health.is_damaged() {
+        let _ = conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        );
+    }
+}
+
+/// Commit the held batches in order; the store is healthy again once all are committed.
+fn retry(
+    conn: &mut Connection,
+    held: &mut VecDeque<Batch>,
+    health: &Health,
+    path: &Path,
+) -> Result<(), StoreError> {
+    if let Some(e @ StoreError::Damaged { .. }) = health.error() {
+        return Err(e);
+    }
+    while let Some(b) = held.front() {
+        if let Err(e) = commit(conn, b, path) {
+            health.note(&e);
+            if health.is_damaged() {
+                held.clear();
+            }
+            return Err(e);
+        }
+        held.pop_front();
+    }
+    health.clear();
+    Ok(())
+}
+
+/// Record, in one transaction, that `run` is not fully recorded: Crashed with the reason, and its
+/// running task runs Crashed (they run again on resume). `None` when the run has no record.
+fn not_recorded(
+    conn: &mut Connection,
+    run: FlowRunId,
+    now: DateTime<Utc>,
+    reason: &str,
+    path: &Path,
+) -> Result<Option<State>, StoreError> {
+    let io = |e: rusqlite::Error| classify(path, "write", &e);
+    let tx = conn.transaction().map_err(io)?;
+    let id = run.to_string();
+    let old: Option<String> = tx
+        .query_row("SELECT state FROM flow_runs WHERE id = ?1", [&id], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(io)?;
+    let Some(old) = old else {
+        return Ok(None);
+    };
+    let state = State::new(StateName::Crashed, now).with_message(format!(
+        "not fully recorded: {reason}; the record stops at the last write that succeeded, and `sluice resume` continues from there"
+    ));
+    tx.execute(
+        "UPDATE flow_runs SET state = 'Crashed', state_json = ?2, updated_at = ?3 WHERE id = ?1",
+        params![id, state_json(&state), micros(now)],
+    )
+    .map_err(io)?;
+    insert_transition(
+        &tx,
+        run,
+        None,
+        &Transition {
+            from: Some(parse_name(&id, &old)?),
+            to: StateName::Crashed,
+            time: now,
+            message: state.message.clone(),
+        },
+    )
+    .map_err(io)?;
+    crash_tasks(
+        &tx,
+        run,
+        now,
+        "its end was not recorded (the store could not write); it will run again on resume",
+    )
+    .map_err(io)?;
+    tx.commit().map_err(io)?;
+    Ok(Some(state))
+}
+
+/// Writes ready to commit as one transaction: writes other than task-run changes, in order, then
+/// each task run's changes merged into one write (a task that went Pending → Running → Completed
+/// within a batch costs one row write). Kept as it is when it cannot be committed, to be
+/// committed later in order.
+#[derive(Default)]
+struct Batch {
+    others: Vec<Write>,
+    tasks: indexmap::IndexMap<TaskRunId, TaskWrite>,
+    writes: usize,
+}
+
+impl Batch {
+    fn push(&mut self, w: Write) {
+        self.writes += 1;
+        match w {
+            Write::Task(t) => match self.tasks.get_mut(&t.id) {
+                Some(existing) => merge(existing, *t),
+                None => {
+                    self.tasks.insert(t.id, *t);
+                }
+            },
+            other => self.others.push(other),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.others.is_empty() && self.tasks.is_empty()
+    }
+
+    /// Drop the writes of `run`.
+    fn drop_run(&mut self, run: FlowRunId) {
+        self.others.retain(|w| write_run(w) != run);
+        self.tasks.retain(|_, t| t.run != run);
+    }
+}
+
+/// The flow run a write belongs to.
+fn write_run(w: &Write) -> FlowRunId {
+    match w {
+        Write::RunCreated(h) => h.id,
+        Write::FlowState { run, .. } | Write::Logs { run, .. } => *run,
+        Write::Task(t) => t.run,
+        Write::Cache(c) => c.flow_run,
     }
 }
 
@@ -522,24 +914,14 @@ fn merge(into: &mut TaskWrite, next: TaskWrite) {
     }
 }
 
-/// Apply one batch in one transaction. Writes of the same task run are merged first, so a task
-/// that went through several states within a batch costs one row write.
-fn apply(conn: &mut Connection, batch: Vec<Write>) -> Result<(), StoreError> {
-    let io = |e: rusqlite::Error| StoreError::io("write", e);
+/// Commit one batch in one transaction.
+fn commit(conn: &mut Connection, batch: &Batch, path: &Path) -> Result<(), StoreError> {
+    let io = |e: rusqlite::Error| classify(path, "write", &e);
     let tx = conn.transaction().map_err(io)?;
-    let mut tasks: indexmap::IndexMap<TaskRunId, TaskWrite> = indexmap::IndexMap::new();
-    for w in batch {
-        match w {
-            Write::Task(t) => match tasks.get_mut(&t.id) {
-                Some(existing) => merge(existing, *t),
-                None => {
-                    tasks.insert(t.id, *t);
-                }
-            },
-            other => apply_one(&tx, &other).map_err(io)?,
-        }
+    for w in &batch.others {
+        apply_one(&tx, w).map_err(io)?;
     }
-    for t in tasks.values() {
+    for t in batch.tasks.values() {
         task_write(&tx, t).map_err(io)?;
     }
     tx.commit().map_err(io)
@@ -548,7 +930,12 @@ fn apply(conn: &mut Connection, batch: Vec<Write>) -> Result<(), StoreError> {
 fn apply_one(tx: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
     {
         match w {
-            Write::RunCreated(h) => run_created(tx, h)?,
+            Write::RunCreated(h) => {
+                run_created(tx, h)?;
+                for t in &h.tasks {
+                    task_write(tx, t)?;
+                }
+            }
             Write::FlowState {
                 run,
                 state,
@@ -603,8 +990,8 @@ fn run_created(tx: &Transaction<'_>, h: &RunHeader) -> rusqlite::Result<()> {
         None => (None, None),
     };
     tx.prepare_cached(
-        "INSERT INTO flow_runs (id, flow, state, state_json, created_at, updated_at, parameters, context, manifest_path, manifest, pid, history)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        "INSERT INTO flow_runs (id, flow, state, state_json, created_at, updated_at, parameters, context, manifest_path, manifest, pid, history, pid_start)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?
     .execute(params![
         h.id.to_string(),
@@ -617,7 +1004,8 @@ fn run_created(tx: &Transaction<'_>, h: &RunHeader) -> rusqlite::Result<()> {
         path,
         text,
         h.pid,
-        history_lines(std::slice::from_ref(&h.transition))
+        history_lines(std::slice::from_ref(&h.transition)),
+        process_start(h.pid).and_then(|s| i64::try_from(s).ok())
     ])?;
     Ok(())
 }
@@ -762,10 +1150,6 @@ fn same_file(file: &File, path: &Path) -> bool {
     }
 }
 
-fn io_err(operation: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-    move |e| StoreError::io(operation, e)
-}
-
 fn parse_state(run: &str, json: &str) -> Result<State, StoreError> {
     serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
         run: run.to_owned(),
@@ -799,11 +1183,16 @@ fn parse_id<T: std::str::FromStr>(run: &str, s: &str) -> Result<T, StoreError> {
 }
 
 /// Read blob `hash`, checking it against its hash.
-fn get_blob(conn: &Connection, hash: &str, what: &str) -> Result<Value, StoreError> {
+fn get_blob(
+    store: &SqliteStore,
+    conn: &Connection,
+    hash: &str,
+    what: &str,
+) -> Result<Value, StoreError> {
     let data: Option<Vec<u8>> = conn
         .prepare_cached("SELECT data FROM blobs WHERE hash = ?1")
         .and_then(|mut s| s.query_row([hash], |r| r.get(0)).optional())
-        .map_err(io_err("blob read"))?;
+        .map_err(store.io_err("blob read"))?;
     let blob_err = |problem: String| StoreError::Blob {
         hash: hash.to_owned(),
         what: what.to_owned(),
@@ -822,8 +1211,9 @@ impl Store for SqliteStore {
     fn submit(&self, write: Write) {
         // The writer lives as long as the store; a send fails only if it panicked.
         if lock(&self.inner.tx).send(Msg::Write(write)).is_err() {
-            lock(&self.inner.error)
-                .get_or_insert_with(|| StoreError::io("write", "the writer thread stopped"));
+            self.inner
+                .health
+                .note(&StoreError::io("write", "the writer thread stopped"));
         }
     }
 
@@ -837,11 +1227,20 @@ impl Store for SqliteStore {
     }
 
     fn write_error(&self) -> Option<StoreError> {
-        lock(&self.inner.error).clone()
+        self.inner.health.error()
+    }
+
+    fn abandon(&self, run: FlowRunId, now: DateTime<Utc>) -> Result<Option<State>, StoreError> {
+        let (done, wait) = mpsc::sync_channel(1);
+        lock(&self.inner.tx)
+            .send(Msg::Abandon { run, now, done })
+            .map_err(|_| StoreError::io("write", "the writer thread stopped"))?;
+        wait.recv()
+            .map_err(|_| StoreError::io("write", "the writer thread stopped"))?
     }
 
     fn lease(&self, run: FlowRunId) -> Result<Box<dyn RunLease>, StoreError> {
-        use std::io::Write as _;
+        use std::os::unix::fs::FileExt as _;
         if self.inner.read_only {
             return Err(StoreError::ReadOnly {
                 path: self.inner.path.clone(),
@@ -849,7 +1248,7 @@ impl Store for SqliteStore {
             });
         }
         let path = self.lock_path(run);
-        let mut file = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
@@ -865,37 +1264,31 @@ impl Store for SqliteStore {
             }
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                let pid = std::fs::read_to_string(&path)
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok())
-                    .unwrap_or(0);
-                return Err(StoreError::Live { run, pid });
+                return Err(StoreError::Live {
+                    run,
+                    pid: self.holder(&path, run),
+                });
             }
             Err(std::fs::TryLockError::Error(e)) => {
                 return Err(StoreError::io(format!("lease of run {run}"), e));
             }
         }
-        let _ = file.set_len(0);
-        let _ = write!(file, "{}", std::process::id());
-        Ok(Box::new(FileLease { file, path }))
+        // Overwritten in place, then trimmed: a reader never sees it empty once written.
+        let pid = std::process::id().to_string();
+        let _ = file.write_all_at(pid.as_bytes(), 0);
+        let _ = file.set_len(pid.len() as u64);
+        let lease = FileLease { file, path };
+        self.claim(run)?;
+        Ok(Box::new(lease))
     }
 
     fn is_live(&self, run: FlowRunId) -> bool {
-        let Ok(file) = File::open(self.lock_path(run)) else {
-            return false;
-        };
-        match file.try_lock_shared() {
-            Ok(()) => {
-                let _ = file.unlock();
-                false
-            }
-            Err(_) => true,
-        }
+        self.live_in(&self.read(), run)
     }
 
     fn cache_lookup(&self, key: &CacheKey, now: DateTime<Utc>) -> Result<CacheLookup, StoreError> {
         let conn = self.read();
-        let io = io_err("cache lookup");
+        let io = self.io_err("cache lookup");
         let found = conn
             .prepare_cached(
                 "SELECT c.blob, c.created_at, c.expires_at, c.flow_run, c.task_run, c.task, c.validator, c.component, b.size, b.data
@@ -968,7 +1361,7 @@ impl Store for SqliteStore {
                 s.query_row(params![key.task, key.config], |r| TryFrom::try_from(r))
                 .optional()
             })
-            .map_err(io_err("cache lookup"))?;
+            .map_err(self.io_err("cache lookup"))?;
         let Some((k, component, config, inputs, parameters, validator, expires, run)) = newest
         else {
             return Ok(CacheLookup::Miss(format!(
@@ -1020,7 +1413,7 @@ impl Store for SqliteStore {
         max_bytes: u64,
     ) -> Result<Vec<CachedOutput>, StoreError> {
         let conn = self.read();
-        let io = io_err("cache preload");
+        let io = self.io_err("cache preload");
         let mut s = conn
             .prepare_cached(
                 "SELECT c.key, c.blob, c.created_at, c.expires_at, c.flow_run, c.task_run, c.validator, c.component, b.size, b.data
@@ -1072,7 +1465,7 @@ impl Store for SqliteStore {
                  FROM cache c LEFT JOIN blobs b ON b.hash = c.blob
                  WHERE ?1 IS NULL OR c.task = ?1 ORDER BY c.created_at DESC, c.seq DESC",
             )
-            .map_err(io_err("cache list"))?;
+            .map_err(self.io_err("cache list"))?;
         let rows = s
             .query_map([task], |r| {
                 Ok(CacheEntry {
@@ -1088,8 +1481,9 @@ impl Store for SqliteStore {
                     task_run: r.get(9)?,
                 })
             })
-            .map_err(io_err("cache list"))?;
-        rows.collect::<Result<_, _>>().map_err(io_err("cache list"))
+            .map_err(self.io_err("cache list"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(self.io_err("cache list"))
     }
 
     fn cache_entry(&self, prefix: &str) -> Result<(CacheEntry, Value), StoreError> {
@@ -1109,6 +1503,7 @@ impl Store for SqliteStore {
             1 => {
                 let entry = entries[0].clone();
                 let value = get_blob(
+                    self,
                     &self.read(),
                     &entry.blob,
                     &format!("cached output of task `{}`", entry.task),
@@ -1126,12 +1521,13 @@ impl Store for SqliteStore {
         task: Option<&str>,
         expired_before: Option<DateTime<Utc>>,
     ) -> Result<usize, StoreError> {
+        self.writable()?;
         let conn = self.read();
         conn.execute(
             "DELETE FROM cache WHERE (?1 IS NULL OR task = ?1) AND (?2 IS NULL OR expires_at <= ?2)",
             params![task, expired_before.map(micros)],
         )
-        .map_err(io_err("cache clear"))
+        .map_err(self.io_err("cache clear"))
     }
 
     fn resolve_run(&self, id_or_prefix: &str) -> Result<FlowRunId, StoreError> {
@@ -1142,11 +1538,11 @@ impl Store for SqliteStore {
         let conn = self.read();
         let mut s = conn
             .prepare_cached("SELECT id FROM flow_runs WHERE id >= ?1 AND id < ?1 || 'ZZZZZZZZZZZZZZZZZZZZZZZZZZ' LIMIT 2")
-            .map_err(io_err("run lookup"))?;
+            .map_err(self.io_err("run lookup"))?;
         let ids: Vec<String> = s
             .query_map([&prefix], |r| r.get(0))
             .and_then(|rows| rows.collect())
-            .map_err(io_err("run lookup"))?;
+            .map_err(self.io_err("run lookup"))?;
         let ids: Vec<&String> = ids.iter().filter(|i| i.starts_with(&prefix)).collect();
         match ids.as_slice() {
             [] => Err(StoreError::UnknownRun(id_or_prefix.to_owned())),
@@ -1158,7 +1554,7 @@ impl Store for SqliteStore {
                         [&prefix],
                         |r| r.get(0),
                     )
-                    .map_err(io_err("run lookup"))?;
+                    .map_err(self.io_err("run lookup"))?;
                 Err(StoreError::AmbiguousRun {
                     prefix: id_or_prefix.to_owned(),
                     count: count as usize,
@@ -1170,7 +1566,7 @@ impl Store for SqliteStore {
     fn load_run(&self, run: FlowRunId) -> Result<StoredRun, StoreError> {
         let conn = self.read();
         let id = run.to_string();
-        let io = io_err("run load");
+        let io = self.io_err("run load");
         type Head = (
             String,
             String,
@@ -1275,7 +1671,7 @@ impl Store for SqliteStore {
             };
             let mut blob = |hash: &Option<String>, kind: &str| {
                 let hash = hash.as_deref()?;
-                get_blob(&conn, hash, &what(kind))
+                get_blob(self, &conn, hash, &what(kind))
                     .map_err(|e| problems.push(e))
                     .ok()
             };
@@ -1337,7 +1733,7 @@ impl Store for SqliteStore {
 
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
         let conn = self.read();
-        let io = io_err("run list");
+        let io = self.io_err("run list");
         let limit = if filter.limit == 0 {
             i64::MAX
         } else {
@@ -1388,7 +1784,7 @@ impl Store for SqliteStore {
         after: i64,
     ) -> Result<Vec<StoredLog>, StoreError> {
         let conn = self.read();
-        let io = io_err("log read");
+        let io = self.io_err("log read");
         let mut s = conn
             .prepare_cached(
                 "SELECT seq, task, map_index, record FROM logs WHERE flow_run = ?1 AND seq > ?2 AND (?3 IS NULL OR task = ?3) ORDER BY seq",
@@ -1427,10 +1823,10 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "SELECT id, state, pid FROM flow_runs WHERE state IN ('Pending', 'Running', 'Cancelling')",
                 )
-                .map_err(io_err("recovery"))?;
+                .map_err(self.io_err("recovery"))?;
             s.query_map([], |r| TryFrom::try_from(r))
                 .and_then(|rows| rows.collect())
-                .map_err(io_err("recovery"))?
+                .map_err(self.io_err("recovery"))?
         };
         let mut marked = Vec::new();
         for (id, old, pid) in candidates {
@@ -1438,12 +1834,13 @@ impl Store for SqliteStore {
             if self.is_live(run) {
                 continue;
             }
+            self.writable()?;
             let mut conn = self.read();
             let tx = conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(io_err("recovery"))?;
+                .map_err(self.io_err("recovery"))?;
             // A process may have resumed it since the check above; it leases before writing.
-            if self.is_live(run) {
+            if self.live_in(&tx, run) {
                 continue;
             }
             let flow_state = State::new(StateName::Crashed, now).with_message(format!(
@@ -1454,7 +1851,7 @@ impl Store for SqliteStore {
                     "UPDATE flow_runs SET state = 'Crashed', state_json = ?2, updated_at = ?3 WHERE id = ?1 AND state = ?4",
                     params![id, state_json(&flow_state), micros(now), old],
                 )
-                .map_err(io_err("recovery"))?;
+                .map_err(self.io_err("recovery"))?;
             if changed == 0 {
                 continue;
             }
@@ -1469,15 +1866,22 @@ impl Store for SqliteStore {
                     message: flow_state.message.clone(),
                 },
             )
-            .map_err(io_err("recovery"))?;
-            crash_tasks(&tx, run, now).map_err(io_err("recovery"))?;
-            tx.commit().map_err(io_err("recovery"))?;
+            .map_err(self.io_err("recovery"))?;
+            crash_tasks(
+                &tx,
+                run,
+                now,
+                "the process running this task died; it will run again on resume",
+            )
+            .map_err(self.io_err("recovery"))?;
+            tx.commit().map_err(self.io_err("recovery"))?;
             marked.push(run);
         }
         Ok(marked)
     }
 
     fn cancel(&self, run: FlowRunId, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
+        self.writable()?;
         let id = run.to_string();
         if self.is_live(run) {
             let n = self
@@ -1486,7 +1890,7 @@ impl Store for SqliteStore {
                     "UPDATE flow_runs SET cancel_requested_at = ?2 WHERE id = ?1",
                     params![id, micros(now)],
                 )
-                .map_err(io_err("cancel"))?;
+                .map_err(self.io_err("cancel"))?;
             if n == 0 {
                 return Err(StoreError::UnknownRun(id));
             }
@@ -1498,18 +1902,18 @@ impl Store for SqliteStore {
         let mut conn = self.read();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(io_err("cancel"))?;
+            .map_err(self.io_err("cancel"))?;
         let state: Option<String> = tx
             .query_row("SELECT state FROM flow_runs WHERE id = ?1", [&id], |r| {
                 r.get(0)
             })
             .optional()
-            .map_err(io_err("cancel"))?;
+            .map_err(self.io_err("cancel"))?;
         let state = parse_name(
             &id,
             &state.ok_or_else(|| StoreError::UnknownRun(id.clone()))?,
         )?;
-        if self.is_live(run) {
+        if self.live_in(&tx, run) {
             drop(tx);
             drop(conn);
             return self.cancel(run, now);
@@ -1528,7 +1932,7 @@ impl Store for SqliteStore {
             "UPDATE flow_runs SET state = 'Cancelled', state_json = ?2, updated_at = ?3 WHERE id = ?1 AND state = ?4",
             params![id, state_json(&flow_state), micros(now), state.as_str()],
         )
-        .map_err(io_err("cancel"))?;
+        .map_err(self.io_err("cancel"))?;
         insert_transition(
             &tx,
             run,
@@ -1540,14 +1944,14 @@ impl Store for SqliteStore {
                 message: flow_state.message.clone(),
             },
         )
-        .map_err(io_err("cancel"))?;
+        .map_err(self.io_err("cancel"))?;
         let open: Vec<(String, String)> = {
             let mut s = tx
                 .prepare("SELECT id, state FROM task_runs WHERE flow_run = ?1")
-                .map_err(io_err("cancel"))?;
+                .map_err(self.io_err("cancel"))?;
             s.query_map([&id], |r| TryFrom::try_from(r))
                 .and_then(|rows| rows.collect())
-                .map_err(io_err("cancel"))?
+                .map_err(self.io_err("cancel"))?
         };
         for (tid, s) in open {
             let name = parse_name(&id, &s)?;
@@ -1556,9 +1960,9 @@ impl Store for SqliteStore {
             }
             let st = State::new(StateName::Cancelled, now)
                 .with_message("the flow run was cancelled before this task finished");
-            set_task_state(&tx, run, &tid, name, &st).map_err(io_err("cancel"))?;
+            set_task_state(&tx, run, &tid, name, &st).map_err(self.io_err("cancel"))?;
         }
-        tx.commit().map_err(io_err("cancel"))?;
+        tx.commit().map_err(self.io_err("cancel"))?;
         Ok(CancelOutcome::Cancelled)
     }
 
@@ -1567,13 +1971,18 @@ impl Store for SqliteStore {
             .read()
             .prepare_cached("SELECT cancel_requested_at FROM flow_runs WHERE id = ?1")
             .and_then(|mut s| s.query_row([run.to_string()], |r| r.get(0)).optional())
-            .map_err(io_err("cancel check"))?;
+            .map_err(self.io_err("cancel check"))?;
         Ok(v.flatten().map(from_micros))
     }
 }
 
 /// Task runs that were running when their process died become Crashed.
-fn crash_tasks(tx: &Transaction<'_>, run: FlowRunId, now: DateTime<Utc>) -> rusqlite::Result<()> {
+fn crash_tasks(
+    tx: &Transaction<'_>,
+    run: FlowRunId,
+    now: DateTime<Utc>,
+    message: &str,
+) -> rusqlite::Result<()> {
     let running: Vec<(String, String)> = {
         let mut s = tx.prepare(
             "SELECT id, state FROM task_runs WHERE flow_run = ?1 AND state IN ('Running', 'Retrying')",
@@ -1583,8 +1992,7 @@ fn crash_tasks(tx: &Transaction<'_>, run: FlowRunId, now: DateTime<Utc>) -> rusq
     };
     for (tid, old) in running {
         let old: StateName = old.parse().unwrap_or(StateName::Running);
-        let st = State::new(StateName::Crashed, now)
-            .with_message("the process running this task died; it will run again on resume");
+        let st = State::new(StateName::Crashed, now).with_message(message);
         set_task_state(tx, run, &tid, old, &st)?;
     }
     Ok(())
@@ -1683,6 +2091,6 @@ mod tests {
             .read()
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
-        assert_eq!(version, 2);
+        assert_eq!(version, MIGRATIONS.len() as i64);
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use sluice::flow::manifest;
+use sluice::runner::TaskRun;
 use sluice::state::StateType;
 use sluice::store::{CancelOutcome, Store};
 
@@ -82,6 +83,17 @@ pub(crate) async fn resume(
     // resolved against the manifest's directory.
     let def =
         manifest::parse(&path, &text).map_err(|e| usage(anyhow!("{e} (recorded manifest)")))?;
+    let mut stored = stored;
+    if stored.run.tasks.is_empty() && stored.run.flow == def.name {
+        // A run recorded without its task runs (a process killed between the two writes, by a
+        // Sluice that did not write them together): none of them started; start them all.
+        let now = chrono::Utc::now();
+        stored.run.tasks = def
+            .tasks
+            .iter()
+            .map(|t| TaskRun::new(&t.name, None, now))
+            .collect();
+    }
     let dir = path
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_owned);

@@ -196,7 +196,21 @@ impl Session {
         };
         crate::print_stdout(&report);
         if let Some(e) = not_recorded {
-            eprintln!("error: the store could not record all of this run: {e}");
+            let id = run.id;
+            let marked = run.state.name == StateName::Crashed
+                && run
+                    .state
+                    .message
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("not fully recorded"));
+            if marked {
+                // The reason is in the state (above, and in the record): not repeated here.
+                eprintln!(
+                    "error: flow run {id} is recorded Crashed, not fully recorded (its state says why); `sluice resume {id}` continues it once the store can be written"
+                );
+            } else {
+                eprintln!("error: flow run {id} was not fully recorded: {e}");
+            }
             return Ok(ExitCode::from(1));
         }
         Ok(exit_code(run.state.state_type()))

@@ -2,12 +2,17 @@
 //! Guests are built from source (Rust guests under `examples/` and `tests/guests/`, WebAssembly
 //! text under `tests/fixtures/`) by the helpers in [`support`].
 
+mod alloc_meter;
 mod cli;
+mod cli_more;
 mod flows;
 mod hostile;
 mod limits;
 mod loading;
 mod polyglot;
+mod recovery;
+mod scheduling;
 mod signals;
 mod store;
 mod support;
+mod time;

@@ -776,3 +776,38 @@ async fn resuming_with_a_record_of_another_flow_is_refused() {
         "{err}"
     );
 }
+
+/// A task whose trigger does not pass is TriggerFailed with a message naming the trigger and each
+/// upstream state (a mutant of `Trigger::as_str` that scripts/mutants found survived).
+#[tokio::test]
+async fn a_trigger_that_does_not_pass_is_named_in_the_message() {
+    let runner = FlowRunner::new(sandbox().clone());
+    let mut ok = TaskDef::new("ok", guest("add_one"));
+    ok.input = Input::Literal(json!(1));
+    let mut needs_success = TaskDef::new("needs_success", guest("identity"));
+    needs_success.upstream_tasks.push("fails".into());
+    let mut needs_failure = TaskDef::new("needs_failure", guest("identity"));
+    needs_failure.upstream_tasks.push("ok".into());
+    needs_failure.trigger = Trigger::AnyFailed;
+    let def = FlowBuilder::new("named-triggers")
+        .task(TaskDef::new("fails", guest("signal_fail")))
+        .task(ok)
+        .task(needs_success)
+        .task(needs_failure)
+        .build()
+        .expect("flow");
+    let run = run_def(&runner, def).await;
+    let message = |name: &str| {
+        let t = run.task(name).expect("task");
+        assert_eq!(t.state.name, StateName::TriggerFailed, "{name}");
+        t.state.message.clone().unwrap_or_default()
+    };
+    assert_eq!(
+        message("needs_success"),
+        "trigger `all_successful` did not pass: `fails` is Failed"
+    );
+    assert_eq!(
+        message("needs_failure"),
+        "trigger `any_failed` did not pass: `ok` is Completed"
+    );
+}

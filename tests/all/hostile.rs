@@ -160,15 +160,27 @@ async fn a_guest_sees_no_environment_arguments_files_network_or_stdin() {
         assert!(v["list"].get("Err").is_some(), "{path} was listable: {v}");
     }
 
+    // A listener that would accept the connection if the guest had any network.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let addr = listener.local_addr().expect("address").to_string();
     let out = hostile(
-        json!({"do": "connect", "addr": "127.0.0.1:9"}),
+        json!({"do": "connect", "addr": addr}),
         &RunBudget::default(),
     )
     .await;
     let Ending::Output(v) = &out.ending else {
         panic!("{:?}", out.ending)
     };
-    assert!(v["connect"].get("Err").is_some(), "connected: {v}");
+    let err = v["connect"]["Err"].as_str().unwrap_or_default();
+    assert!(
+        err.to_lowercase().contains("permission denied"),
+        "connecting to {addr} was not refused for lack of permission: {v}"
+    );
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the listener saw a connection from the guest: {other:?}"),
+    }
 
     let out = hostile(json!({"do": "stdin"}), &RunBudget::default()).await;
     let Ending::Output(v) = &out.ending else {
@@ -176,6 +188,43 @@ async fn a_guest_sees_no_environment_arguments_files_network_or_stdin() {
     };
     assert_eq!(v["text"], "", "stdin gave data: {v}");
     control_task_completes().await;
+}
+
+/// Stdin of `sluice task run` is the user's terminal or pipe: the guest must not read it.
+#[test]
+fn a_guest_reads_nothing_of_the_stdin_piped_to_sluice() {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let home = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-home");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["task", "run"])
+        .arg(guest("hostile"))
+        .args(["--input", r#"{"do":"stdin"}"#, "--json"])
+        .env("SLUICE_HOME", home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sluice");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // Written before the guest runs (a pipe holds 64 KiB), then closed so a read would end.
+    stdin
+        .write_all(b"secret bytes on sluice's stdin\n")
+        .expect("write stdin");
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["output"]["read"], json!({"Ok": 0}), "{v}");
+    assert_eq!(
+        v["output"]["text"], "",
+        "the guest read sluice's stdin: {v}"
+    );
 }
 
 #[tokio::test]

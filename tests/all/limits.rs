@@ -123,7 +123,37 @@ async fn a_host_call_larger_than_any_transfer_is_refused_before_it_is_copied() {
         ..RunBudget::default()
     };
     let out = hostile(json!({"do": "log_bytes", "bytes": 8 << 20}), &budget).await;
-    assert_eq!(limit_of(&out.ending), Some((Limit::HostCallBytes, 1 << 20)));
+    // `requested: None` is the early path: wasmtime's hostcall fuel stopped the copy, so the host
+    // never learned (or allocated) the size. The later per-kind check would say `Some(8 MiB)`.
+    assert_eq!(
+        out.ending,
+        Ending::LimitExceeded(LimitExceeded {
+            limit: Limit::HostCallBytes,
+            max: 1 << 20,
+            requested: None,
+        })
+    );
+    control_task_completes().await;
+}
+
+#[tokio::test]
+async fn a_64_mib_output_under_default_limits_is_refused_before_it_is_copied() {
+    // 64 MiB: over the default output limit (16 MiB) but under wasmtime's own default hostcall
+    // fuel (128 MiB), so only Sluice's hostcall fuel refuses it before the host copies it (the
+    // later check would report `requested: Some(64 MiB)`).
+    let component = load(&fixture("output_64_mib.wat")).await;
+    let budget = RunBudget::default();
+    let out = run_with(&component, json!(null), &budget).await;
+    assert_eq!(
+        out.ending,
+        Ending::LimitExceeded(LimitExceeded {
+            limit: Limit::OutputBytes,
+            max: 16 << 20,
+            requested: None,
+        })
+    );
+    // The guest really did return 64 MiB: its memory grew to hold it.
+    assert!(out.usage.memory_peak_bytes > 64 << 20);
     control_task_completes().await;
 }
 
@@ -182,4 +212,55 @@ async fn a_run_within_its_deadline_completes() {
     };
     let out = hostile(json!({"do": "sleep", "ms": 10}), &budget).await;
     assert_eq!(out.ending, Ending::Output(json!(10)));
+}
+
+#[tokio::test]
+async fn a_signal_message_at_the_output_limit_passes_one_byte_over_fails() {
+    use sluice::sandbox::Signal;
+    // The host-call limit is above the output limit, so only the output check can refuse it.
+    let budget = RunBudget {
+        output_bytes: 1000,
+        host_call_bytes: 4096,
+        ..RunBudget::default()
+    };
+    let over = |requested| {
+        Ending::LimitExceeded(LimitExceeded {
+            limit: Limit::OutputBytes,
+            max: 1000,
+            requested: Some(requested),
+        })
+    };
+    let out = hostile(
+        json!({"do": "signal", "kind": "fail", "bytes": 1000}),
+        &budget,
+    )
+    .await;
+    assert_eq!(
+        out.ending,
+        Ending::Signal(Signal::Fail {
+            message: "m".repeat(1000)
+        })
+    );
+    for kind in ["fail", "retry", "skip", "pause"] {
+        let out = hostile(
+            json!({"do": "signal", "kind": kind, "bytes": 1001}),
+            &budget,
+        )
+        .await;
+        assert_eq!(out.ending, over(1001), "{kind}");
+    }
+    // SUCCESS counts its output (JSON text) and its message together: 4 + 996 bytes pass.
+    let success =
+        |bytes| json!({"do": "signal", "kind": "success", "bytes": bytes, "output": "zz"});
+    let out = hostile(success(996), &budget).await;
+    assert_eq!(
+        out.ending,
+        Ending::Signal(Signal::Success {
+            output: json!("zz"),
+            message: "m".repeat(996)
+        })
+    );
+    let out = hostile(success(997), &budget).await;
+    assert_eq!(out.ending, over(1001));
+    control_task_completes().await;
 }

@@ -186,6 +186,48 @@ async fn concurrent_loads_of_the_same_bytes_compile_once() {
     assert_eq!(names.len(), 1, "every load got the one prepared component");
 }
 
+#[tokio::test]
+async fn concurrent_loads_of_the_same_bytes_report_exactly_one_compile() {
+    use sluice::sandbox::LoadEvent;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bytes = std::fs::read(guest("summarise")).expect("guest");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sandbox = Sandbox::builder()
+        .artifact_dir(dir.path())
+        .load_events(tx)
+        .build()
+        .expect("sandbox");
+    let loads: Vec<_> = (0..8)
+        .map(|i| {
+            let sandbox = sandbox.clone();
+            let bytes = bytes.clone();
+            tokio::spawn(async move { sandbox.load_bytes(&format!("copy{i}"), bytes).await })
+        })
+        .collect();
+    let mut sources = Vec::new();
+    for l in loads {
+        sources.push(l.await.expect("join").expect("load").load_info().source);
+    }
+    // Events are sent before a load returns.
+    let mut events = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+    let compiling = events
+        .iter()
+        .filter(|e| matches!(e, LoadEvent::Compiling { .. }))
+        .count();
+    let compiled = events
+        .iter()
+        .filter(|e| matches!(e, LoadEvent::Compiled { .. }))
+        .count();
+    assert_eq!((compiling, compiled), (1, 1), "{events:?}");
+    assert!(
+        sources.iter().all(|s| *s == LoadSource::Compiled),
+        "every load shares the one compile: {sources:?}"
+    );
+}
+
 /// A sandbox on the artifact directory `dir`, as a new process would have.
 fn sandbox_on(dir: &std::path::Path) -> Sandbox {
     Sandbox::builder()

@@ -2,7 +2,9 @@
 //! Guests are built from source (Rust guests under `examples/` and `tests/guests/`, WebAssembly
 //! text under `tests/fixtures/`) by the helpers in [`support`].
 
+mod alloc_meter;
 mod cli;
+mod cli_more;
 mod flows;
 mod hostile;
 mod input;
@@ -11,7 +13,10 @@ mod loading;
 mod polyglot;
 mod pool;
 mod semantics;
+mod recovery;
+mod scheduling;
 mod signals;
 mod store;
 mod store_faults;
 mod support;
+mod time;

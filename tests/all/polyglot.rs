@@ -205,6 +205,29 @@ async fn every_signal_maps_to_its_state_in_every_language() {
     }
 }
 
+/// A task's directory may hold more code: Python modules and packages beside `task.py`, a
+/// JavaScript module imported relatively (and an `async run`), several C files.
+#[tokio::test]
+async fn code_in_the_tasks_other_files_runs_in_every_language() {
+    for lang in LANGUAGES {
+        let out = run(
+            lang,
+            "guest",
+            json!({"do": "words", "text": "  the quick\tbrown  fox "}),
+        )
+        .await;
+        assert_eq!(out.ending, Ending::Output(json!({"words": 4})), "{lang}");
+    }
+    // JavaScript's `run` is async: its thrown signals still reach the host.
+    let out = run("js", "guest", json!({"do": "fail"})).await;
+    assert_eq!(
+        out.ending,
+        Ending::Signal(Signal::Fail {
+            message: "failing on purpose".into()
+        })
+    );
+}
+
 #[tokio::test]
 async fn the_example_tasks_behave_like_the_rust_ones() {
     for lang in LANGUAGES {

@@ -933,4 +933,135 @@ cache_validator = "all_inputs"
             )
         );
     }
+
+    /// Every key of a full manifest reaches the `FlowDef`, each with a value other than its
+    /// default, so ignoring any one of them fails here.
+    #[test]
+    fn every_manifest_key_reaches_the_flow_definition() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("h.wasm"), b"").expect("write");
+        let def = parse_in(
+            dir.path(),
+            r#"
+name = "f"
+reference_tasks = ["a"]
+concurrency = 4
+[parameters]
+n = 3
+[context]
+key = "abc"
+other = "x y"
+[tag_limits]
+db = 2
+[tasks.a]
+component = "t.wasm"
+input = { n = "$params.n" }
+upstream_tasks = ["b"]
+trigger = "any_failed"
+retries = 2
+retry_delay = "1s"
+backoff = { factor = 3.0, max = "10s", jitter = 0.25 }
+fuel = 1234
+timeout = "2s"
+memory = "64MiB"
+map = ["n"]
+skip_on_upstream_skip = false
+tags = ["db", "slow"]
+on_completion = ["h.wasm"]
+on_failure = ["h.wasm", "h.wasm"]
+on_retry = ["h.wasm"]
+on_state = ["h.wasm"]
+cache_for = "5m"
+cache_validator = "all_parameters"
+[tasks.b]
+component = { path = "t.wasm", build = "make t.wasm", sources = ["src"] }
+"#,
+        )
+        .expect("valid");
+        assert_eq!(def.name, "f");
+        assert_eq!(def.reference_tasks, ["a"]);
+        assert_eq!(def.concurrency, 4);
+        assert_eq!(def.parameters.get("n"), Some(&serde_json::json!(3)));
+        assert_eq!(
+            def.context,
+            BTreeMap::from([
+                ("key".to_owned(), "abc".to_owned()),
+                ("other".to_owned(), "x y".to_owned())
+            ])
+        );
+        assert_eq!(def.tag_limits.get("db"), Some(&2));
+        let a = &def.tasks[0];
+        assert_eq!(a.name, "a");
+        assert_eq!(a.component, dir.path().join("t.wasm"));
+        assert_eq!(
+            a.input,
+            Input::from_json(serde_json::json!({"n": "$params.n"}))
+        );
+        assert_eq!(a.upstream_tasks, ["b"]);
+        assert_eq!(a.trigger, Trigger::AnyFailed);
+        assert_eq!(a.retries, 2);
+        assert_eq!(a.retry_delay, Duration::from_secs(1));
+        assert_eq!(
+            a.backoff,
+            Some(Backoff {
+                factor: 3.0,
+                max: Duration::from_secs(10),
+                jitter: 0.25,
+            })
+        );
+        assert_eq!(
+            a.budget,
+            RunBudget {
+                fuel: Some(1234),
+                timeout: Duration::from_secs(2),
+                memory_bytes: 64 << 20,
+                ..RunBudget::default()
+            }
+        );
+        assert_eq!(a.map, MapOver::Fields(vec!["n".into()]));
+        assert!(!a.skip_on_upstream_skip);
+        assert_eq!(a.tags, ["db", "slow"]);
+        let h = dir.path().join("h.wasm");
+        assert_eq!(
+            a.hooks,
+            Hooks {
+                on_completion: vec![h.clone()],
+                on_failure: vec![h.clone(), h.clone()],
+                on_retry: vec![h.clone()],
+                on_state: vec![h],
+            }
+        );
+        assert_eq!(
+            a.cache,
+            Some(CachePolicy {
+                cache_for: Duration::from_secs(300),
+                validator: CacheValidator::AllParameters,
+            })
+        );
+        let b = &def.tasks[1];
+        assert_eq!(b.build.as_deref(), Some("make t.wasm"));
+        assert_eq!(b.sources, [dir.path().join("src")]);
+        // The defaults of a task that sets nothing.
+        assert_eq!(b.trigger, Trigger::AllSuccessful);
+        assert_eq!(
+            (b.retries, b.retry_delay, b.backoff),
+            (0, Duration::ZERO, None)
+        );
+        assert_eq!(b.budget, RunBudget::default());
+        assert!(b.skip_on_upstream_skip && b.tags.is_empty() && b.cache.is_none());
+        // A backoff that names only some of its keys gets the documented defaults for the others.
+        let def = parse_in(
+            dir.path(),
+            "name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nbackoff = { jitter = 0.5 }\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            def.tasks[0].backoff,
+            Some(Backoff {
+                factor: 2.0,
+                max: Duration::from_secs(3600),
+                jitter: 0.5,
+            })
+        );
+    }
 }

@@ -5,6 +5,8 @@
 
 #include <sluice.h>
 
+#include "words.h"
+
 static void put_string_or_null(sluice_buf *b, const char *s) {
     if (s) sluice_buf_json_string(b, s, strlen(s));
     else sluice_buf_puts(b, "null");
@@ -86,6 +88,13 @@ sluice_result run(const sluice_json *input) {
     if (strcmp(mode, "echo") == 0) {
         sluice_buf b = {0};
         sluice_buf_json(&b, sluice_json_get(input, "value"));
+        return sluice_ok_buf(&b);
+    }
+    if (strcmp(mode, "words") == 0) {
+        const char *text = sluice_json_string(sluice_json_get(input, "text"));
+        if (!text) return sluice_fail("the input has no string \"text\"");
+        sluice_buf b = {0};
+        sluice_buf_printf(&b, "{\"words\":%zu}", count_words(text));
         return sluice_ok_buf(&b);
     }
     return sluice_fail("unknown mode \"%s\"", mode);

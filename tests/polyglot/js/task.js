@@ -1,7 +1,9 @@
 // The JavaScript test guest: the input's "do" picks a behaviour (see ../README.md).
 import { Fail, Pause, Retry, Skip, Success, context, log } from "sluice";
+import { countWords } from "./lib/words.js";
 
-export function run(input) {
+// Asynchronous: the SDK awaits the promise `run` returns.
+export async function run(input) {
   switch (input.do) {
     case "fail":
       throw new Fail("failing on purpose");
@@ -50,6 +52,8 @@ export function run(input) {
       throw new TypeError("boom");
     case "echo":
       return input.value;
+    case "words":
+      return { words: await countWords(input.text) };
     default:
       throw new Fail(`unknown mode ${JSON.stringify(input.do)}`);
   }

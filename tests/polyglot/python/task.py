@@ -4,6 +4,7 @@ import sys
 
 import sluice
 from sluice import context, log
+from wordcount import count_words
 
 
 def run(input):
@@ -53,4 +54,6 @@ def run(input):
         raise ValueError("boom")
     if mode == "echo":
         return input["value"]
+    if mode == "words":
+        return {"words": count_words(input["text"])}
     raise sluice.Fail(f"unknown mode {mode!r}")

@@ -48,6 +48,23 @@ enum Behaviour {
     Len { of: serde_json::Value },
     /// Return everything the context interface answers.
     Context { keys: Vec<String> },
+    /// Raise the signal `kind` (fail, retry, skip, pause, success) with a message of `bytes`
+    /// bytes; a SUCCESS carries `output`.
+    Signal {
+        kind: String,
+        bytes: usize,
+        #[serde(default)]
+        output: serde_json::Value,
+    },
+    /// Return the list 0, 1, …, n − 1.
+    List { n: u64 },
+    /// Raise PAUSE on the first attempt; return `value` on later ones.
+    PauseOnFirstAttempt { value: serde_json::Value },
+    /// Raise RETRY with a delay of `ms` milliseconds on the first attempt; return the attempt
+    /// number on later ones.
+    RetryOnFirstAttempt { ms: u64 },
+    /// Write `lines` rounds of a log-import line, a stdout line and a stderr line.
+    Chatter { lines: usize },
 }
 
 #[allow(unconditional_recursion)] // recursing without bound is the point
@@ -137,6 +154,45 @@ fn run(behaviour: Behaviour) -> Result<serde_json::Value, Signal> {
                 "later",
                 std::time::Duration::from_millis(ms),
             ));
+        }
+        Behaviour::Signal {
+            kind,
+            bytes,
+            output,
+        } => {
+            let message = "m".repeat(bytes);
+            return Err(match kind.as_str() {
+                "fail" => Signal::fail(message),
+                "retry" => Signal::retry(message),
+                "skip" => Signal::skip(message),
+                "pause" => Signal::pause(message),
+                "success" => Signal::success(output, message),
+                other => panic!("no signal `{other}`"),
+            });
+        }
+        Behaviour::List { n } => json!((0..n).collect::<Vec<_>>()),
+        Behaviour::PauseOnFirstAttempt { value } => {
+            if context::attempt() == 1 {
+                return Err(Signal::pause("paused by the task"));
+            }
+            value
+        }
+        Behaviour::RetryOnFirstAttempt { ms } => {
+            if context::attempt() == 1 {
+                return Err(Signal::retry_after(
+                    "first attempt",
+                    std::time::Duration::from_millis(ms),
+                ));
+            }
+            json!(context::attempt())
+        }
+        Behaviour::Chatter { lines } => {
+            for i in 0..lines {
+                info!("log {i}");
+                println!("out {i}");
+                eprintln!("err {i}");
+            }
+            json!(lines)
         }
         Behaviour::Context { keys } => json!({
             "flow_run_id": context::flow_run_id(),

@@ -384,7 +384,15 @@ fn the_cli_memory_ceiling_admits_a_budget_at_it_and_fails_one_over() {
         std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["task", "run"])
             .arg(guest("add_one"))
-            .args(["--input", "41", "--memory", "64MiB", "--json", "--memory-ceiling", ceiling])
+            .args([
+                "--input",
+                "41",
+                "--memory",
+                "64MiB",
+                "--json",
+                "--memory-ceiling",
+                ceiling,
+            ])
             .env("SLUICE_HOME", dir.path().join("home"))
             .env("SLUICE_ARTIFACTS", dir.path().join("artifacts"))
             .output()

@@ -10,32 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
-use serde_json::{Value, json};
+use serde_json::json;
 use sluice::cache::{CachePolicy, CacheValidator};
 use sluice::clock::SimClock;
 use sluice::flow::{FlowBuilder, Input, TaskDef};
 use sluice::runner::{FlowRunner, RunOptions};
 use sluice::store::{SqliteStore, Store};
 
-use crate::support::{example_flow, guest, sandbox, task};
-
-fn sluice(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env("SLUICE_HOME", home)
-        .output()
-        .expect("run sluice")
-}
-
-fn json_of(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
+use crate::support::{example_flow, guest, json_of, sandbox, sluice, task};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()

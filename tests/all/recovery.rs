@@ -4,7 +4,7 @@
 //! Crashed; a run killed while a task awaits its retry resumes and completes it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -13,25 +13,7 @@ use sluice::runner::{FlowRunner, RunOptions};
 use sluice::sandbox::{LogLevel, LogSource, RunBudget};
 use sluice::state::StateName;
 
-use crate::support::{guest, history, hostile, sandbox, task};
-
-fn sluice(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env("SLUICE_HOME", home)
-        .output()
-        .expect("run sluice")
-}
-
-fn json_of(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
+use crate::support::{guest, history, hostile, json_of, sandbox, sluice, task};
 
 fn write_flow(dir: &Path, body: &str) -> PathBuf {
     let path = dir.join("flow.toml");

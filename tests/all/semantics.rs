@@ -3,7 +3,6 @@
 //! retry budget, FAIL retrying like every failure, and the per-run cap on mapped children.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,18 +16,10 @@ use sluice::flow::{
 use sluice::runner::{FlowRun, FlowRunner, RunOptions, TaskRun};
 use sluice::state::{State, StateName, StateType};
 
-use crate::support::{guest, history, sandbox, task};
+use crate::support::{guest, history, json_of, sandbox, sluice, task};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-fn sluice(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env("SLUICE_HOME", home)
-        .output()
-        .expect("run sluice")
-}
 
 /// `sluice run <flow> <args> --json` in `home`: the exit code and the run record.
 fn run(home: &Path, flow: &Path, args: &[&str]) -> (Option<i32>, Value) {
@@ -36,13 +27,7 @@ fn run(home: &Path, flow: &Path, args: &[&str]) -> (Option<i32>, Value) {
     all.extend_from_slice(args);
     all.push("--json");
     let out = sluice(home, &all);
-    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let v = json_of(&out);
     (out.status.code(), v)
 }
 

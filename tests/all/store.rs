@@ -19,27 +19,31 @@ use sluice::sandbox::RunBudget;
 use sluice::state::{State, StateName};
 use sluice::store::{SqliteStore, Store, Write};
 
-use crate::support::{example_flow, guest, history, sandbox, task};
+use crate::support::{example_flow, guest, history, json_of, sandbox, sluice, task};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-pub(crate) fn sluice(home: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(args)
-        .env("SLUICE_HOME", home)
-        .output()
-        .expect("run sluice")
-}
-
-pub(crate) fn json_of(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+/// The flow `name` of three hostile tasks: `a` (10 ms) → `b` (1.5 s, long enough to be killed or
+/// blocked in) → `c` (reads both).
+pub(crate) fn slow_chain(dir: &Path, name: &str) -> PathBuf {
+    let h = hostile_path();
+    write_flow(
+        dir,
+        &format!(
+            r#"name = "{name}"
+[tasks.a]
+component = {h:?}
+input = {{ do = "sleep", ms = 10 }}
+[tasks.b]
+component = {h:?}
+input = {{ do = "sleep", ms = 1500, after = "$tasks.a" }}
+[tasks.c]
+component = {h:?}
+input = {{ do = "len", of = ["$tasks.a", "$tasks.b"] }}
+"#
+        ),
+    )
 }
 
 pub(crate) fn stderr(out: &Output) -> String {
@@ -472,23 +476,7 @@ fn the_cache_survives_a_new_process_and_explains_itself() {
 fn sigkill_mid_run_then_resume_finishes_without_rerunning_completed_tasks() {
     let dir = tempfile::tempdir().expect("temp dir");
     let home = dir.path().join("home");
-    let h = hostile_path();
-    let flow = write_flow(
-        dir.path(),
-        &format!(
-            r#"name = "slow"
-[tasks.a]
-component = {h:?}
-input = {{ do = "sleep", ms = 10 }}
-[tasks.b]
-component = {h:?}
-input = {{ do = "sleep", ms = 1500, after = "$tasks.a" }}
-[tasks.c]
-component = {h:?}
-input = {{ do = "len", of = ["$tasks.a", "$tasks.b"] }}
-"#
-        ),
-    );
+    let flow = slow_chain(dir.path(), "slow");
     let mut child = spawn_run(&home, &flow);
     let id = newest_run(&home, &mut child);
     let before = wait_for(&home, &id, |v| {

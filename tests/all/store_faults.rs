@@ -17,9 +17,9 @@ use sluice::state::{State, StateName, StateType};
 use sluice::store::{RunHeader, SqliteStore, Store, StoreError, TaskWrite, Write};
 
 use crate::store::{
-    hostile_path, json_of, newest_run, sluice, spawn_run, start, stderr, wait_for, write_flow,
+    hostile_path, newest_run, slow_chain, spawn_run, start, stderr, wait_for, write_flow,
 };
-use crate::support::{example_flow, guest, history, sandbox, task};
+use crate::support::{example_flow, guest, history, json_of, sandbox, sluice, task};
 
 /// `a` (sleeps 300 ms, so the run's first write is committed before anything else happens) →
 /// `b` → `c`, each the length of its upstream's output: 300 → 3 → 1.
@@ -178,23 +178,7 @@ async fn a_failed_write_is_never_committed_past_and_the_run_resumes() {
 fn a_database_locked_by_another_process_loses_no_write() {
     let dir = tempfile::tempdir().expect("temp dir");
     let home = dir.path().join("home");
-    let h = hostile_path();
-    let flow = write_flow(
-        dir.path(),
-        &format!(
-            r#"name = "locked"
-[tasks.a]
-component = {h:?}
-input = {{ do = "sleep", ms = 10 }}
-[tasks.b]
-component = {h:?}
-input = {{ do = "sleep", ms = 1500, after = "$tasks.a" }}
-[tasks.c]
-component = {h:?}
-input = {{ do = "len", of = ["$tasks.a", "$tasks.b"] }}
-"#
-        ),
-    );
+    let flow = slow_chain(dir.path(), "locked");
     let mut child = spawn_run(&home, &flow);
     let id = newest_run(&home, &mut child);
     wait_for(&home, &id, |v| task(v, "b")["state"] == "Running");

@@ -110,3 +110,23 @@ pub fn history(t: &Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// `sluice <args>` with `home` as its home.
+pub fn sluice(home: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .env("SLUICE_HOME", home)
+        .output()
+        .expect("run sluice")
+}
+
+/// A command's stdout as JSON; panics with both streams when it is not.
+pub fn json_of(out: &std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}

@@ -836,32 +836,45 @@ fn not_recorded(
     let state = State::new(StateName::Crashed, now).with_message(format!(
         "not fully recorded: {reason}; the record stops at the last write that succeeded, and `sluice resume` continues from there"
     ));
-    tx.execute(
-        "UPDATE flow_runs SET state = 'Crashed', state_json = ?2, updated_at = ?3 WHERE id = ?1",
-        params![id, state_json(&state), micros(now)],
-    )
-    .map_err(io)?;
-    insert_transition(
+    crash_run(
         &tx,
-        run,
-        None,
-        &Transition {
-            from: Some(parse_name(&id, &old)?),
-            to: StateName::Crashed,
-            time: now,
-            message: state.message.clone(),
-        },
-    )
-    .map_err(io)?;
-    crash_tasks(
-        &tx,
-        run,
-        now,
+        (run, &old),
+        &state,
         "its end was not recorded (the store could not write); it will run again on resume",
-    )
-    .map_err(io)?;
+        io,
+    )?;
     tx.commit().map_err(io)?;
     Ok(Some(state))
+}
+
+/// Record flow run `run`, last seen in state `old`, as `state` (Crashed) with its transition, and
+/// its running task runs Crashed with `task_message`; false when the run is no longer in `old`.
+fn crash_run(
+    tx: &Transaction<'_>,
+    (run, old): (FlowRunId, &str),
+    state: &State,
+    task_message: &str,
+    io: impl Fn(rusqlite::Error) -> StoreError,
+) -> Result<bool, StoreError> {
+    let id = run.to_string();
+    let changed = tx
+        .execute(
+            "UPDATE flow_runs SET state = 'Crashed', state_json = ?2, updated_at = ?3 WHERE id = ?1 AND state = ?4",
+            params![id, state_json(state), micros(state.timestamp), old],
+        )
+        .map_err(&io)?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    let transition = Transition {
+        from: Some(parse_name(&id, old)?),
+        to: StateName::Crashed,
+        time: state.timestamp,
+        message: state.message.clone(),
+    };
+    insert_transition(tx, run, None, &transition).map_err(&io)?;
+    crash_tasks(tx, run, state.timestamp, task_message).map_err(&io)?;
+    Ok(true)
 }
 
 /// Writes ready to commit as one transaction: writes other than task-run changes, in order, then
@@ -1875,34 +1888,16 @@ impl Store for SqliteStore {
             let flow_state = State::new(StateName::Crashed, now).with_message(format!(
                 "the process running this flow run (pid {pid}) died"
             ));
-            let changed = tx
-                .execute(
-                    "UPDATE flow_runs SET state = 'Crashed', state_json = ?2, updated_at = ?3 WHERE id = ?1 AND state = ?4",
-                    params![id, state_json(&flow_state), micros(now), old],
-                )
-                .map_err(self.io_err("recovery"))?;
-            if changed == 0 {
+            let crashed = crash_run(
+                &tx,
+                (run, &old),
+                &flow_state,
+                "the process running this task died; it will run again on resume",
+                self.io_err("recovery"),
+            )?;
+            if !crashed {
                 continue;
             }
-            insert_transition(
-                &tx,
-                run,
-                None,
-                &Transition {
-                    from: Some(parse_name(&id, &old)?),
-                    to: StateName::Crashed,
-                    time: now,
-                    message: flow_state.message.clone(),
-                },
-            )
-            .map_err(self.io_err("recovery"))?;
-            crash_tasks(
-                &tx,
-                run,
-                now,
-                "the process running this task died; it will run again on resume",
-            )
-            .map_err(self.io_err("recovery"))?;
             tx.commit().map_err(self.io_err("recovery"))?;
             marked.push(run);
         }

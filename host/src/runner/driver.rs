@@ -1,0 +1,498 @@
+//! The driver of one flow run in this process: it feeds the flow state machine its events and
+//! carries out its commands. Attempts go to the executor, retry timers sleep on the injected
+//! clock, handler components run on their own tokio tasks (a slow handler holds only its own
+//! task, and cancellation drops it), cache reads run on blocking threads (each task's valid
+//! entries preloaded once, so a hit is answered at once), writes go to the store's queue and
+//! events to the listener. It also watches the store for a cancel requested by another process.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::executor::{Executor, Finished, Job, LocalExecutor};
+use super::machine::{Command, Event, FlowMachine, HookRequest, Settings, Unit};
+use super::record::FlowRun;
+use super::{FlowRunner, PreparedFlow};
+use crate::cache::CacheKey;
+use crate::clock::ClockRef;
+use crate::ids::FlowRunId;
+use crate::sandbox::{CancelToken, HandlerComponent, LogLevel, LogRecord, LogSource, Sandbox};
+use crate::state::State;
+use crate::store::{CacheLookup, CachedOutput, Store, StoreError};
+
+/// Run `run` (fresh, or resumed with `starts` as start tasks) of `flow` to its end.
+pub(super) async fn drive(
+    runner: &FlowRunner,
+    flow: &PreparedFlow,
+    run: FlowRun,
+    starts: &[usize],
+    cancel: CancelToken,
+) -> FlowRun {
+    let settings = Settings {
+        clock: runner.clock.clone(),
+        handlers: runner.handlers.clone(),
+        record: runner.store.is_some(),
+        events: runner.events.is_some(),
+        digests: flow.components.iter().map(|c| c.digest()).collect(),
+    };
+    let machine = FlowMachine::new(flow.def.clone(), run, starts, settings);
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let mut driver = Driver {
+        machine,
+        runner,
+        flow,
+        executor: LocalExecutor::new(runner.sandbox.clone()),
+        done_tx,
+        timers: JoinSet::new(),
+        hooks: JoinSet::new(),
+        hook_ids: HashMap::new(),
+        cache: runner.store.clone().map(CacheReads::new),
+        reads: JoinSet::new(),
+        cancel,
+    };
+    let watcher = runner.store.clone().map(|store| {
+        let (run, cancel) = (driver.machine.run().id, driver.cancel.clone());
+        // Requests are stamped with the wall clock by `sluice cancel`.
+        tokio::spawn(watch_store(store, run, cancel, Utc::now()))
+    });
+    driver.machine.start();
+    driver.run(done_rx).await;
+    if let Some(w) = watcher {
+        w.abort();
+    }
+    driver.machine.finish();
+    driver.pump();
+    driver.machine.into_run()
+}
+
+struct Driver<'a> {
+    machine: FlowMachine,
+    runner: &'a FlowRunner,
+    flow: &'a PreparedFlow,
+    executor: LocalExecutor,
+    done_tx: mpsc::UnboundedSender<Finished>,
+    timers: JoinSet<Unit>,
+    hooks: JoinSet<HooksAnswer>,
+    /// What each handler task answers for, so a task that dies still gets an answer.
+    hook_ids: HashMap<tokio::task::Id, (Unit, u64, State)>,
+    cache: Option<CacheReads>,
+    reads: JoinSet<ReadDone>,
+    cancel: CancelToken,
+}
+
+struct HooksAnswer {
+    unit: Unit,
+    seq: u64,
+    state: State,
+    logs: Vec<LogRecord>,
+}
+
+impl Driver<'_> {
+    async fn run(&mut self, mut done: mpsc::UnboundedReceiver<Finished>) {
+        loop {
+            self.pump();
+            if self.machine.is_idle() {
+                return;
+            }
+            let event = tokio::select! {
+                Some(f) = done.recv() => Event::AttemptEnded { unit: f.unit, outcome: f.outcome },
+                Some(Ok(unit)) = self.timers.join_next() => Event::TimerFired(unit),
+                Some(joined) = self.hooks.join_next_with_id() => match joined {
+                    Ok((id, a)) => {
+                        self.hook_ids.remove(&id);
+                        Event::HooksDone { unit: a.unit, seq: a.seq, state: a.state, logs: a.logs }
+                    }
+                    Err(e) => match self.hook_ids.remove(&e.id()) {
+                        // Aborted by the machine's request: nobody waits for it.
+                        None => continue,
+                        Some((unit, seq, state)) => Event::HooksDone {
+                            unit,
+                            seq,
+                            logs: vec![self.error_record(format!("state handlers failed: {e}"))],
+                            state,
+                        },
+                    },
+                },
+                Some(joined) = self.reads.join_next_with_id() => {
+                    self.read_done(joined);
+                    continue;
+                }
+                () = self.cancel.cancelled(), if !self.machine.is_cancelled() => Event::CancelRequested,
+            };
+            // A cancel is taken in before anything that happened after it.
+            if self.cancel.is_cancelled() && !self.machine.is_cancelled() {
+                self.machine.handle(Event::CancelRequested);
+            }
+            self.machine.handle(event);
+        }
+    }
+
+    fn error_record(&self, message: String) -> LogRecord {
+        LogRecord {
+            time: self.runner.clock.now(),
+            source: LogSource::Log,
+            level: LogLevel::Error,
+            message,
+        }
+    }
+
+    /// Carry out every command the machine has decided on.
+    fn pump(&mut self) {
+        while let Some(command) = self.machine.next_command() {
+            match command {
+                Command::Run(a) => {
+                    let job = Job {
+                        unit: a.unit,
+                        component: self.flow.components[a.unit.task].clone(),
+                        input: a.input,
+                        ctx: a.ctx,
+                        budget: self.flow.def.tasks[a.unit.task].budget,
+                        cancel: self.cancel.clone(),
+                    };
+                    self.executor.submit(job, self.done_tx.clone());
+                }
+                Command::Timer { unit, at } => {
+                    let sleep = self.runner.clock.sleep_until(at);
+                    self.timers.spawn(async move {
+                        sleep.await;
+                        unit
+                    });
+                }
+                Command::LookupCache { unit, key } => {
+                    let now = self.runner.clock.now();
+                    let answer = match &mut self.cache {
+                        Some(cache) => cache.answer(unit, key, now),
+                        None => Some(Err("no store".into())),
+                    };
+                    if let Some(answer) = answer {
+                        self.machine.handle(Event::CacheAnswered { unit, answer });
+                    }
+                }
+                Command::RunHooks(request) => self.run_hooks(request),
+                Command::Write(write) => {
+                    if let Some(store) = &self.runner.store {
+                        store.submit(write);
+                    }
+                }
+                Command::Event(event) => {
+                    if let Some(tx) = &self.runner.events {
+                        let _ = tx.send(event);
+                    }
+                }
+                Command::AbortTimers => self.timers.abort_all(),
+                Command::AbortHooks => {
+                    self.hook_ids.clear();
+                    self.hooks.abort_all();
+                }
+            }
+        }
+        if let Some(cache) = &mut self.cache {
+            cache.start_reads(&mut self.reads, self.runner.clock.now());
+        }
+    }
+
+    fn read_done(&mut self, read: Result<(tokio::task::Id, ReadDone), tokio::task::JoinError>) {
+        let Some(cache) = &mut self.cache else {
+            return;
+        };
+        let now = self.runner.clock.now();
+        for (unit, answer) in cache.take(read, now) {
+            self.machine.handle(Event::CacheAnswered { unit, answer });
+        }
+    }
+
+    /// Run the applicable handler components of the task, in order, on their own task.
+    fn run_hooks(&mut self, request: HookRequest) {
+        let HookRequest {
+            unit,
+            seq,
+            old,
+            new,
+            kinds,
+            ctx,
+        } = request;
+        let Some(hooks) = &self.flow.hooks[unit.task] else {
+            self.machine.handle(Event::HooksDone {
+                unit,
+                seq,
+                state: new,
+                logs: Vec::new(),
+            });
+            return;
+        };
+        let mut handlers: Vec<HandlerComponent> = Vec::new();
+        for (on, list) in [
+            (kinds.on_state, &hooks.on_state),
+            (kinds.on_completion, &hooks.on_completion),
+            (kinds.on_failure, &hooks.on_failure),
+            (kinds.on_retry, &hooks.on_retry),
+        ] {
+            if on {
+                handlers.extend(list.iter().cloned());
+            }
+        }
+        let sandbox = self.runner.sandbox.clone();
+        let budget = self.runner.handler_budget;
+        let clock = self.runner.clock.clone();
+        let task = self.flow.def.tasks[unit.task].name.clone();
+        let fallback = new.clone();
+        let handle = self.hooks.spawn(async move {
+            let (state, logs) =
+                run_handlers(&sandbox, &handlers, &task, &old, new, &ctx, &budget, &clock).await;
+            HooksAnswer {
+                unit,
+                seq,
+                state,
+                logs,
+            }
+        });
+        self.hook_ids.insert(handle.id(), (unit, seq, fallback));
+    }
+}
+
+/// Run `handlers` on a transition from `old` to `state`, each one's result the next one's input;
+/// a handler that fails keeps the state and logs why.
+#[allow(clippy::too_many_arguments)]
+async fn run_handlers(
+    sandbox: &Sandbox,
+    handlers: &[HandlerComponent],
+    task: &str,
+    old: &State,
+    mut state: State,
+    ctx: &crate::context::TaskContext,
+    budget: &crate::sandbox::RunBudget,
+    clock: &ClockRef,
+) -> (State, Vec<LogRecord>) {
+    let mut logs = Vec::new();
+    for handler in handlers {
+        let result = sandbox
+            .run_handler(handler, task, old, &state, ctx, budget)
+            .await;
+        match result.result {
+            Ok(Some(replacement)) => state = replacement,
+            Ok(None) => {}
+            Err(problem) => {
+                let message = format!("state handler `{}` failed: {problem}", handler.name());
+                tracing::warn!(task = %task, "{message}");
+                logs.push(LogRecord {
+                    time: clock.now(),
+                    source: LogSource::Log,
+                    level: LogLevel::Error,
+                    message,
+                });
+            }
+        }
+        logs.extend(result.logs);
+    }
+    (state, logs)
+}
+
+/// Most bytes of cached values a run preloads per task; the rest are read on a hit.
+const CACHE_PRELOAD_BYTES: u64 = 64 << 20;
+
+/// The output cache as this run reads it: per cached task, its valid entries preloaded once
+/// (on a blocking thread), so a hit is answered without a store read; keys not found there are
+/// looked up in the store in batches, which also explains a miss.
+struct CacheReads {
+    store: Arc<dyn Store>,
+    tasks: HashMap<usize, TaskIndex>,
+    /// Keys to look up in the store.
+    misses: Vec<(Unit, CacheKey)>,
+    /// Tasks whose preload is to start.
+    preloads: Vec<(usize, String)>,
+    /// What each read in progress answers for.
+    reading: HashMap<tokio::task::Id, Reading>,
+}
+
+enum Reading {
+    Preload(usize),
+    Lookups(Vec<Unit>),
+}
+
+enum TaskIndex {
+    Loading(Vec<(Unit, CacheKey)>),
+    Ready(HashMap<String, CachedOutput>),
+}
+
+enum ReadDone {
+    Preloaded {
+        task: usize,
+        entries: Result<Vec<CachedOutput>, StoreError>,
+    },
+    Looked(Vec<(Unit, Result<CacheLookup, String>)>),
+}
+
+impl CacheReads {
+    fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            tasks: HashMap::new(),
+            misses: Vec::new(),
+            preloads: Vec::new(),
+            reading: HashMap::new(),
+        }
+    }
+
+    /// The answer, when it is known without reading the store.
+    fn answer(
+        &mut self,
+        unit: Unit,
+        key: CacheKey,
+        now: DateTime<Utc>,
+    ) -> Option<Result<CacheLookup, String>> {
+        match self.tasks.get_mut(&unit.task) {
+            None => {
+                self.tasks
+                    .insert(unit.task, TaskIndex::Loading(vec![(unit, key.clone())]));
+                self.preloads.push((unit.task, key.task.clone()));
+                None
+            }
+            Some(TaskIndex::Loading(waiting)) => {
+                waiting.push((unit, key));
+                None
+            }
+            Some(TaskIndex::Ready(index)) => {
+                let hit = index.get(&key.key).and_then(|c| {
+                    let value = c.value.clone()?;
+                    (c.entry.expires_at > now).then(|| CacheLookup::Hit {
+                        output: value,
+                        blob: c.entry.blob.clone(),
+                        entry: Box::new(c.entry.clone()),
+                    })
+                });
+                match hit {
+                    Some(hit) => Some(Ok(hit)),
+                    // Not preloaded (or expired since): the store is authoritative, and explains
+                    // a miss.
+                    None => {
+                        self.misses.push((unit, key));
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Start the reads asked for since the last call.
+    fn start_reads(&mut self, reads: &mut JoinSet<ReadDone>, now: DateTime<Utc>) {
+        for (task, name) in self.preloads.drain(..) {
+            let store = self.store.clone();
+            let handle = reads.spawn_blocking(move || {
+                let entries = store.cache_preload(&name, now, CACHE_PRELOAD_BYTES);
+                ReadDone::Preloaded { task, entries }
+            });
+            self.reading.insert(handle.id(), Reading::Preload(task));
+        }
+        if !self.misses.is_empty() {
+            let misses = std::mem::take(&mut self.misses);
+            let units = misses.iter().map(|(u, _)| *u).collect();
+            let store = self.store.clone();
+            let handle = reads.spawn_blocking(move || {
+                ReadDone::Looked(
+                    misses
+                        .into_iter()
+                        .map(|(unit, key)| {
+                            let answer = store.cache_lookup(&key, now).map_err(|e| e.to_string());
+                            (unit, answer)
+                        })
+                        .collect(),
+                )
+            });
+            self.reading.insert(handle.id(), Reading::Lookups(units));
+        }
+    }
+
+    /// Take in a finished read; returns the answers it makes known. A read that died answers
+    /// its lookups with the error; a lost preload sends its waiting keys to the store one by one.
+    fn take(
+        &mut self,
+        read: Result<(tokio::task::Id, ReadDone), tokio::task::JoinError>,
+        now: DateTime<Utc>,
+    ) -> Vec<(Unit, Result<CacheLookup, String>)> {
+        let (id, read) = match read {
+            Ok((id, read)) => (id, Ok(read)),
+            Err(e) => (e.id(), Err(e.to_string())),
+        };
+        let reading = self.reading.remove(&id);
+        match (read, reading) {
+            (Ok(ReadDone::Looked(answers)), _) => answers,
+            (Ok(ReadDone::Preloaded { task, entries }), _) => {
+                let index = match entries {
+                    Ok(entries) => entries
+                        .into_iter()
+                        .map(|c| (c.entry.key.clone(), c))
+                        .collect(),
+                    Err(e) => {
+                        tracing::warn!("cannot preload the cache: {e}");
+                        HashMap::new()
+                    }
+                };
+                self.ready(task, index, now)
+            }
+            (Err(e), Some(Reading::Lookups(units))) => units
+                .into_iter()
+                .map(|u| (u, Err(format!("the cache read failed: {e}"))))
+                .collect(),
+            (Err(e), Some(Reading::Preload(task))) => {
+                tracing::warn!("cannot preload the cache: {e}");
+                self.ready(task, HashMap::new(), now)
+            }
+            (Err(_), None) => Vec::new(),
+        }
+    }
+
+    /// The task's index is loaded: answer the keys that waited for it.
+    fn ready(
+        &mut self,
+        task: usize,
+        index: HashMap<String, CachedOutput>,
+        now: DateTime<Utc>,
+    ) -> Vec<(Unit, Result<CacheLookup, String>)> {
+        let waiting = match self.tasks.insert(task, TaskIndex::Ready(index)) {
+            Some(TaskIndex::Loading(waiting)) => waiting,
+            _ => Vec::new(),
+        };
+        waiting
+            .into_iter()
+            .filter_map(|(unit, key)| self.answer(unit, key, now).map(|a| (unit, a)))
+            .collect()
+    }
+}
+
+/// How often a run checks the store for a cancel requested from another process.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
+
+/// Cancel the run when another process asks for it (`sluice cancel`), or when the store can no
+/// longer record it.
+async fn watch_store(
+    store: Arc<dyn Store>,
+    run: FlowRunId,
+    cancel: CancelToken,
+    since: DateTime<Utc>,
+) {
+    loop {
+        tokio::time::sleep(CANCEL_POLL).await;
+        if let Some(e) = store.write_error() {
+            // Said once, here; the store holds its writes and the run stops.
+            tracing::warn!("flow run {run}: cancelling, the store cannot record it: {e}");
+            cancel.cancel();
+            return;
+        }
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.cancel_requested(run)).await {
+            // Only requests made since this execution began: an earlier one cancelled an
+            // earlier execution (the run may have been resumed since).
+            Ok(Ok(Some(at))) if at >= since => {
+                cancel.cancel();
+                return;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("flow run {run}: cannot check for cancellation: {e}"),
+            Err(_) => return,
+        }
+    }
+}

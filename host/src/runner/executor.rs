@@ -1,0 +1,114 @@
+//! Executors run task runs: the driver hands each attempt the flow state machine decides on to an
+//! [`Executor`] as a [`Job`], and the executor answers once per job with a [`Finished`]. The
+//! in-process executor ([`LocalExecutor`]) runs jobs on this process's sandbox; a shared fair
+//! queue and remote workers implement the same interface.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::machine::Unit;
+use crate::context::TaskContext;
+use crate::sandbox::{CancelToken, Ending, RunBudget, RunOutcome, Sandbox, TaskComponent};
+
+/// One attempt of one task run, with everything needed to run it.
+#[derive(Debug)]
+pub struct Job {
+    /// Which unit of the flow run it is.
+    pub unit: Unit,
+    /// The task's component.
+    pub component: TaskComponent,
+    /// Its input.
+    pub input: Arc<Value>,
+    /// What the task run sees of its context.
+    pub ctx: TaskContext,
+    /// Its limits.
+    pub budget: RunBudget,
+    /// Stops it when the flow run is cancelled.
+    pub cancel: CancelToken,
+}
+
+/// A job's result.
+#[derive(Debug)]
+pub struct Finished {
+    /// The unit.
+    pub unit: Unit,
+    /// How the attempt ended.
+    pub outcome: RunOutcome,
+}
+
+/// Runs jobs.
+pub trait Executor: Send + Sync {
+    /// Run `job` and send its result to `done`, exactly once, whatever happens to the job (a run
+    /// the executor loses is a host fault, never silence).
+    fn submit(&self, job: Job, done: mpsc::UnboundedSender<Finished>);
+}
+
+/// Runs jobs on this process's sandbox, each on its own tokio task.
+#[derive(Debug, Clone)]
+pub struct LocalExecutor {
+    sandbox: Sandbox,
+}
+
+impl LocalExecutor {
+    /// An executor using `sandbox`.
+    pub fn new(sandbox: Sandbox) -> Self {
+        Self { sandbox }
+    }
+}
+
+impl Executor for LocalExecutor {
+    fn submit(&self, job: Job, done: mpsc::UnboundedSender<Finished>) {
+        let sandbox = self.sandbox.clone();
+        let mut reply = Reply {
+            done: Some(done),
+            unit: job.unit,
+        };
+        tokio::spawn(async move {
+            let Job {
+                component,
+                input,
+                ctx,
+                budget,
+                cancel,
+                ..
+            } = job;
+            let outcome = sandbox
+                .run(&component, &input, &ctx, &budget, Some(&cancel))
+                .await;
+            reply.send(outcome);
+        });
+    }
+}
+
+/// Answers a job once: with its outcome, or (dropped unanswered: the task panicked or was
+/// dropped) with a host fault.
+struct Reply {
+    done: Option<mpsc::UnboundedSender<Finished>>,
+    unit: Unit,
+}
+
+impl Reply {
+    fn send(&mut self, outcome: RunOutcome) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(Finished {
+                unit: self.unit,
+                outcome,
+            });
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        self.send(RunOutcome {
+            ending: Ending::HostFault {
+                message: "the task run failed in the host: it ended without a result".into(),
+            },
+            logs: Vec::new(),
+            logs_dropped_bytes: 0,
+            usage: Default::default(),
+        });
+    }
+}

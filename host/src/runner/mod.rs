@@ -1,0 +1,547 @@
+//! The flow runner: the public face of the engine. `FlowRunner` is configured with the builder
+//! methods (sandbox, store, clock, state handlers, event listener), prepares flows (every
+//! component loaded once) and runs or resumes flow runs, each to its end and fully recorded.
+//!
+//! Decisions and execution are apart: [`machine`] is the flow state machine (Prefect's execution
+//! model, no I/O), [`driver`] carries out its commands in this process, and [`executor`] runs
+//! task runs behind an interface the server's queue and remote workers implement too. The run's
+//! records are in [`record`], mapping's pure helpers in `mapping`.
+
+pub mod driver;
+pub mod executor;
+pub mod machine;
+mod mapping;
+pub mod record;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::clock::{ClockRef, SystemClock};
+use crate::flow::FlowDef;
+use crate::ids::{FlowRunId, TaskRunId};
+use crate::sandbox::{CancelToken, HandlerComponent, LoadError, RunBudget, Sandbox, TaskComponent};
+use crate::state::{State, StateName, StateType};
+use crate::store::{Blob, RunHeader, RunLease, Store, StoreError, TaskWrite, Write};
+
+pub use record::{FlowEvent, FlowRun, TaskRun, Transition};
+
+/// A state handler: `(name, old, new) -> new`. Handlers are chained; each one's result is the
+/// next one's `new` (Prefect's state handlers).
+pub type StateHandler = Arc<dyn Fn(&str, &State, State) -> State + Send + Sync>;
+
+/// Why a flow could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// A component could not be loaded.
+    #[error("task `{task}`: {source}")]
+    Load {
+        /// The task.
+        task: String,
+        /// Why.
+        #[source]
+        source: LoadError,
+    },
+    /// A build command failed.
+    #[error(transparent)]
+    Build(#[from] crate::flow::build::BuildError),
+    /// A parameter given on the command line or API is not declared.
+    #[error("unknown parameter `{name}`{hint}")]
+    UnknownParameter {
+        /// The name.
+        name: String,
+        /// A did-you-mean.
+        hint: crate::flow::Hint,
+    },
+    /// A start task that the flow does not have.
+    #[error("unknown start task `{0}`")]
+    UnknownStartTask(String),
+    /// A run record that does not belong to this flow.
+    #[error("the run record does not match flow `{flow}`: {detail}")]
+    RecordMismatch {
+        /// The flow.
+        flow: String,
+        /// What differs.
+        detail: String,
+    },
+    /// The store refused the run before it started (e.g. another process runs it).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The run ended but the store could not record all of it.
+    #[error("flow run {} ended {} but was not fully recorded: {source}", run.id, run.state.name)]
+    NotRecorded {
+        /// The run as it ended.
+        run: Box<FlowRun>,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// A flow with every component loaded, ready to run any number of times.
+#[derive(Clone)]
+pub struct PreparedFlow {
+    def: Arc<FlowDef>,
+    components: Vec<TaskComponent>,
+    /// Per task; `None` when the task has no handler components.
+    hooks: Vec<Option<Arc<TaskHooks>>>,
+}
+
+impl fmt::Debug for PreparedFlow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreparedFlow")
+            .field("flow", &self.def.name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Default)]
+struct TaskHooks {
+    on_completion: Vec<HandlerComponent>,
+    on_failure: Vec<HandlerComponent>,
+    on_retry: Vec<HandlerComponent>,
+    on_state: Vec<HandlerComponent>,
+}
+
+impl PreparedFlow {
+    /// The flow's definition.
+    pub fn def(&self) -> &FlowDef {
+        &self.def
+    }
+}
+
+/// The in-process state handlers of a runner.
+#[derive(Clone, Default)]
+pub struct StateHandlers {
+    /// Per task name, in the order added.
+    pub task: HashMap<String, Vec<StateHandler>>,
+    /// For every task, after its own.
+    pub every_task: Vec<StateHandler>,
+    /// For the flow run's own state.
+    pub flow: Vec<StateHandler>,
+}
+
+impl fmt::Debug for StateHandlers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateHandlers")
+            .field("task", &self.task.keys().collect::<Vec<_>>())
+            .field("every_task", &self.every_task.len())
+            .field("flow", &self.flow.len())
+            .finish()
+    }
+}
+
+/// Runs flows. Configure with the builder methods; every setting has a default.
+#[derive(Clone)]
+pub struct FlowRunner {
+    sandbox: Sandbox,
+    clock: ClockRef,
+    handlers: Arc<StateHandlers>,
+    handler_budget: RunBudget,
+    events: Option<mpsc::UnboundedSender<FlowEvent>>,
+    store: Option<Arc<dyn Store>>,
+}
+
+impl fmt::Debug for FlowRunner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlowRunner")
+            .field("sandbox", &self.sandbox)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a run starts: fresh, or resuming a previous run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Parameter values (override the defaults).
+    pub parameters: BTreeMap<String, Value>,
+    /// Context values (override the flow's `[context]`).
+    pub context: BTreeMap<String, String>,
+    /// Stops the run: running guests are interrupted, nothing new starts.
+    pub cancel: CancelToken,
+    /// The manifest the flow came from (path and text), recorded so that `sluice resume` in
+    /// another process can rebuild the flow.
+    pub manifest: Option<(PathBuf, String)>,
+}
+
+impl FlowRunner {
+    /// A runner using `sandbox`, the system clock and no handlers.
+    pub fn new(sandbox: Sandbox) -> Self {
+        Self {
+            sandbox,
+            clock: Arc::new(SystemClock),
+            handlers: Arc::default(),
+            handler_budget: RunBudget {
+                timeout: Duration::from_secs(10),
+                ..RunBudget::default()
+            },
+            events: None,
+            store: None,
+        }
+    }
+
+    /// Record every run in `store` (runs, transitions, logs, outputs), use its output cache, and
+    /// watch it for cancellation requested from outside. Without a store nothing is persisted
+    /// and output caching is off.
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Use `clock` for timestamps and retry delays.
+    pub fn clock(mut self, clock: ClockRef) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Add a state handler for the task `task`.
+    pub fn task_handler(mut self, task: impl Into<String>, handler: StateHandler) -> Self {
+        Arc::make_mut(&mut self.handlers)
+            .task
+            .entry(task.into())
+            .or_default()
+            .push(handler);
+        self
+    }
+
+    /// Add a state handler for every task (after the task's own handlers).
+    pub fn every_task_handler(mut self, handler: StateHandler) -> Self {
+        Arc::make_mut(&mut self.handlers).every_task.push(handler);
+        self
+    }
+
+    /// Add a state handler for the flow run's own state.
+    pub fn flow_handler(mut self, handler: StateHandler) -> Self {
+        Arc::make_mut(&mut self.handlers).flow.push(handler);
+        self
+    }
+
+    /// Send every state change to `events`.
+    pub fn events(mut self, events: mpsc::UnboundedSender<FlowEvent>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// The sandbox.
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
+    }
+
+    /// Load every component of `def` (building those with a build command whose file is
+    /// missing), in parallel, each distinct component once.
+    pub async fn prepare(&self, def: FlowDef, dir: &Path) -> Result<PreparedFlow, PrepareError> {
+        for step in crate::flow::build::plan(&def) {
+            if step.outputs.iter().any(|o| !o.is_file()) {
+                step.run(dir).await?;
+            }
+        }
+        // Each distinct file is read and loaded once, however many tasks use it.
+        let task_paths: HashSet<&Path> = def.tasks.iter().map(|t| t.component.as_path()).collect();
+        let handler_paths: HashSet<&Path> = def
+            .tasks
+            .iter()
+            .flat_map(|t| t.hooks.all().map(PathBuf::as_path))
+            .collect();
+        let mut loads = JoinSet::new();
+        for path in task_paths.union(&handler_paths) {
+            let sandbox = self.sandbox.clone();
+            let is_task = task_paths.contains(path);
+            let is_handler = handler_paths.contains(path);
+            let path = path.to_path_buf();
+            loads.spawn(async move {
+                let task = match is_task {
+                    true => Some(sandbox.load_file(&path).await),
+                    false => None,
+                };
+                let handler = match is_handler {
+                    true => Some(sandbox.load_handler_file(&path).await),
+                    false => None,
+                };
+                (path, task, handler)
+            });
+        }
+        let mut tasks_by_path = HashMap::new();
+        let mut handlers_by_path = HashMap::new();
+        let mut failures = HashMap::new();
+        while let Some(joined) = loads.join_next().await {
+            let Ok((path, task, handler)) = joined else {
+                continue;
+            };
+            match task {
+                Some(Ok(c)) => {
+                    tasks_by_path.insert(path.clone(), c);
+                }
+                Some(Err(e)) => {
+                    failures.insert(path.clone(), e);
+                }
+                None => {}
+            }
+            match handler {
+                Some(Ok(h)) => {
+                    handlers_by_path.insert(path, h);
+                }
+                Some(Err(e)) => {
+                    failures.insert(path, e);
+                }
+                None => {}
+            }
+        }
+        let mut components = Vec::with_capacity(def.tasks.len());
+        let mut hooks = Vec::with_capacity(def.tasks.len());
+        for t in &def.tasks {
+            let fail =
+                |path: &PathBuf, failures: &mut HashMap<PathBuf, LoadError>| PrepareError::Load {
+                    task: t.name.clone(),
+                    source: failures.remove(path).unwrap_or_else(|| {
+                        LoadError::Sandbox(format!("`{}` did not load", path.display()))
+                    }),
+                };
+            match tasks_by_path.get(&t.component) {
+                Some(c) => components.push(c.clone()),
+                None => return Err(fail(&t.component, &mut failures)),
+            }
+            let mut h = TaskHooks::default();
+            for (list, paths) in [
+                (&mut h.on_completion, &t.hooks.on_completion),
+                (&mut h.on_failure, &t.hooks.on_failure),
+                (&mut h.on_retry, &t.hooks.on_retry),
+                (&mut h.on_state, &t.hooks.on_state),
+            ] {
+                for p in paths {
+                    match handlers_by_path.get(p) {
+                        Some(c) => list.push(c.clone()),
+                        None => return Err(fail(p, &mut failures)),
+                    }
+                }
+            }
+            let empty = h.on_completion.is_empty()
+                && h.on_failure.is_empty()
+                && h.on_retry.is_empty()
+                && h.on_state.is_empty();
+            hooks.push((!empty).then(|| Arc::new(h)));
+        }
+        Ok(PreparedFlow {
+            def: Arc::new(def),
+            components,
+            hooks,
+        })
+    }
+
+    /// Run `flow` from the start.
+    pub async fn run(
+        &self,
+        flow: &PreparedFlow,
+        options: RunOptions,
+    ) -> Result<FlowRun, PrepareError> {
+        let now = self.clock.now();
+        let parameters = merge_parameters(&flow.def, options.parameters)?;
+        let mut context = flow.def.context.clone();
+        context.extend(options.context);
+        let run = FlowRun {
+            id: FlowRunId::new(),
+            flow: flow.def.name.clone(),
+            state: State::new(StateName::Pending, now),
+            history: vec![Transition {
+                from: None,
+                to: StateName::Pending,
+                time: now,
+                message: None,
+            }],
+            parameters,
+            context,
+            tasks: flow
+                .def
+                .tasks
+                .iter()
+                .map(|t| TaskRun::new(&t.name, None, now))
+                .collect(),
+        };
+        let lease = match &self.store {
+            Some(store) => {
+                let lease = store.lease(run.id)?;
+                // The run and its task runs in one write: never a run without its tasks.
+                let tasks = run
+                    .tasks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        task_write(
+                            run.id,
+                            (i, Arc::from(t.name.as_str())),
+                            None,
+                            t,
+                            t.history.clone(),
+                        )
+                    })
+                    .collect();
+                store.submit(Write::RunCreated(Box::new(RunHeader {
+                    id: run.id,
+                    flow: run.flow.clone(),
+                    state: run.state.clone(),
+                    transition: run.history[0].clone(),
+                    parameters: run.parameters.clone(),
+                    context: run.context.clone(),
+                    manifest: options.manifest,
+                    pid: std::process::id(),
+                    tasks,
+                })));
+                Some(lease)
+            }
+            None => None,
+        };
+        let run = driver::drive(self, flow, run, &[], options.cancel).await;
+        self.recorded(run, lease).await
+    }
+
+    /// Wait until the store has everything of `run`, then let other processes see it is over.
+    /// When the store cannot write it all, the run is recorded (if the store can still write
+    /// anything) as Crashed, not fully recorded, resumable from its last recorded write; the
+    /// returned run says the same.
+    async fn recorded(
+        &self,
+        mut run: FlowRun,
+        lease: Option<Box<dyn RunLease>>,
+    ) -> Result<FlowRun, PrepareError> {
+        let Some(store) = self.store.clone() else {
+            return Ok(run);
+        };
+        let flusher = store.clone();
+        let flushed = tokio::task::spawn_blocking(move || flusher.flush())
+            .await
+            .unwrap_or_else(|e| Err(StoreError::io("flush", e)));
+        let result = match flushed {
+            Ok(()) => Ok(run),
+            Err(source) => {
+                let (id, now) = (run.id, self.clock.now());
+                let marked = tokio::task::spawn_blocking(move || store.abandon(id, now)).await;
+                if let Ok(Ok(Some(state))) = marked {
+                    run.history.push(Transition {
+                        from: Some(run.state.name),
+                        to: state.name,
+                        time: state.timestamp,
+                        message: state.message.clone(),
+                    });
+                    run.state = state;
+                }
+                Err(PrepareError::NotRecorded {
+                    run: Box::new(run),
+                    source,
+                })
+            }
+        };
+        // Only now: until the record says how the run ended, no other process may take it for
+        // dead (or resume it).
+        drop(lease);
+        result
+    }
+
+    /// Resume `previous` (a Paused or Failed run): tasks that completed keep their results and
+    /// do not run again; `start_tasks` run as roots, without their trigger check, using the
+    /// inputs cached on their state; every other unfinished task runs when its upstream tasks
+    /// finish.
+    pub async fn resume(
+        &self,
+        flow: &PreparedFlow,
+        previous: FlowRun,
+        start_tasks: &[&str],
+        cancel: CancelToken,
+    ) -> Result<FlowRun, PrepareError> {
+        let names: Vec<&str> = flow.def.tasks.iter().map(|t| t.name.as_str()).collect();
+        let recorded: Vec<&str> = previous.tasks.iter().map(|t| t.name.as_str()).collect();
+        if names != recorded || previous.flow != flow.def.name {
+            return Err(PrepareError::RecordMismatch {
+                flow: flow.def.name.clone(),
+                detail: format!(
+                    "the record is of `{}` with tasks {recorded:?}, the flow has {names:?}",
+                    previous.flow
+                ),
+            });
+        }
+        let mut starts = Vec::new();
+        for s in start_tasks {
+            let i = flow
+                .def
+                .tasks
+                .iter()
+                .position(|t| t.name == *s)
+                .ok_or_else(|| PrepareError::UnknownStartTask((*s).to_owned()))?;
+            starts.push(i);
+        }
+        let lease = match &self.store {
+            Some(store) => {
+                let lease = store.lease(previous.id)?;
+                // Another process may have resumed the run between our read and our lease.
+                let now = store.load_run(previous.id)?.run;
+                if now.history.len() != previous.history.len() || now.state != previous.state {
+                    return Err(PrepareError::RecordMismatch {
+                        flow: flow.def.name.clone(),
+                        detail: format!(
+                            "flow run {} changed since it was read (now {}); read it again",
+                            previous.id, now.state.name
+                        ),
+                    });
+                }
+                Some(lease)
+            }
+            None => None,
+        };
+        let run = driver::drive(self, flow, previous, &starts, cancel).await;
+        self.recorded(run, lease).await
+    }
+}
+
+fn merge_parameters(
+    def: &FlowDef,
+    given: BTreeMap<String, Value>,
+) -> Result<BTreeMap<String, Value>, PrepareError> {
+    let mut params = def.parameters.clone();
+    for (k, v) in given {
+        if !params.contains_key(&k) {
+            return Err(PrepareError::UnknownParameter {
+                hint: crate::flow::Hint::closest(&k, def.parameters.keys().map(String::as_str)),
+                name: k,
+            });
+        }
+        params.insert(k, v);
+    }
+    Ok(params)
+}
+
+/// The store record of task run `rec` (task `index`; `parent` for a mapped child) with its whole
+/// history; the caller trims what was already written.
+pub(crate) fn task_write(
+    run: FlowRunId,
+    (index, name): (usize, Arc<str>),
+    parent: Option<(TaskRunId, u32)>,
+    rec: &TaskRun,
+    transitions: Vec<Transition>,
+) -> TaskWrite {
+    let ty = rec.state.state_type();
+    TaskWrite {
+        run,
+        id: rec.id,
+        index: u32::try_from(index).unwrap_or(u32::MAX),
+        name,
+        parent,
+        state: rec.state.clone(),
+        transitions,
+        attempts: rec.attempts,
+        run_time: rec.run_time,
+        fuel_consumed: rec.fuel_consumed,
+        output: None,
+        cached_input: match (ty, parent) {
+            (StateType::Scheduled | StateType::Paused, None) => {
+                rec.cached_input.clone().map(Blob::Value)
+            }
+            _ => None,
+        },
+        clear_input: ty == StateType::Completed,
+        cache: rec.cache.clone(),
+    }
+}

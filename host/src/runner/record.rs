@@ -1,0 +1,141 @@
+//! The records of a run as the engine keeps and returns them: `FlowRun`, `TaskRun` (one per task
+//! and per mapped child), each state change as a `Transition`, and the live `FlowEvent`s. Plain
+//! data: serialized into the store's run records, printed by the CLI.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::cache::CacheInfo;
+use crate::ids::{FlowRunId, TaskRunId};
+use crate::sandbox::LogRecord;
+use crate::state::{State, StateName};
+
+/// One recorded state change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transition {
+    /// The state before (none for the first).
+    pub from: Option<StateName>,
+    /// The state after.
+    pub to: StateName,
+    /// When.
+    pub time: DateTime<Utc>,
+    /// The new state's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The record of one task run (or one child of a mapped task).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRun {
+    /// The task's name.
+    pub name: String,
+    /// This run's id.
+    pub id: TaskRunId,
+    /// For a child of a mapped task, its index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_index: Option<u32>,
+    /// The current state.
+    pub state: State,
+    /// How many times the task's component ran.
+    pub attempts: u32,
+    /// Every transition, in order.
+    pub history: Vec<Transition>,
+    /// The output, while something may still need it (consumed outputs are released).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// Whether the output was dropped after every consumer received it.
+    #[serde(default)]
+    pub output_released: bool,
+    /// The resolved input, kept until the task completes (input caching): a retry, a resume or
+    /// a paused task runs with it instead of recomputing upstream tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input: Option<Arc<Value>>,
+    /// Time spent running, over all attempts.
+    pub run_time: Duration,
+    /// Fuel consumed, over all attempts.
+    pub fuel_consumed: u64,
+    /// Logs of every attempt, and of the state handlers, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<LogRecord>,
+    /// Whether the output cache was used, and why (tasks with `cache_for`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheInfo>,
+    /// The child runs of a mapped task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<TaskRun>,
+}
+
+impl TaskRun {
+    /// A task run that has not started: Pending at `now`, with that one transition.
+    pub fn new(name: &str, map_index: Option<u32>, now: DateTime<Utc>) -> Self {
+        let state = State::new(StateName::Pending, now);
+        Self {
+            name: name.to_owned(),
+            id: TaskRunId::new(),
+            map_index,
+            history: vec![Transition {
+                from: None,
+                to: state.name,
+                time: now,
+                message: None,
+            }],
+            state,
+            attempts: 0,
+            output: None,
+            output_released: false,
+            cached_input: None,
+            run_time: Duration::ZERO,
+            fuel_consumed: 0,
+            logs: Vec::new(),
+            cache: None,
+            children: Vec::new(),
+        }
+    }
+}
+
+/// The record of a flow run: everything needed to show it, and to resume it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowRun {
+    /// This run's id.
+    pub id: FlowRunId,
+    /// The flow's name.
+    pub flow: String,
+    /// The flow run's state.
+    pub state: State,
+    /// Every transition of the flow run.
+    pub history: Vec<Transition>,
+    /// The parameters in effect.
+    pub parameters: BTreeMap<String, Value>,
+    /// The context in effect.
+    pub context: BTreeMap<String, String>,
+    /// The task runs, in definition order.
+    pub tasks: Vec<TaskRun>,
+}
+
+impl FlowRun {
+    /// The task run named `name`.
+    pub fn task(&self, name: &str) -> Option<&TaskRun> {
+        self.tasks.iter().find(|t| t.name == name)
+    }
+}
+
+/// What happened, as it happens (for live views).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FlowEvent {
+    /// A task run (or mapped child) changed state.
+    Task {
+        /// The task.
+        name: String,
+        /// The child index, for mapped children.
+        map_index: Option<u32>,
+        /// The new state.
+        state: StateName,
+    },
+    /// The flow run changed state.
+    Flow(StateName),
+}

@@ -1,0 +1,323 @@
+//! Attempts: starting queued units within the flow's concurrency and tag limits, the output
+//! cache (asking for a key, taking the answer, caching what completed), an attempt's start and
+//! end (retry policy, usage, logs), and what follows it (a retry timer, the output handed on).
+
+use super::*;
+
+impl FlowMachine {
+    /// Start queued units while the global and per-tag limits allow.
+    pub(super) fn start_ready(&mut self) {
+        while self.running < self.def.concurrency {
+            let Some(unit) = self.ready.pop_front() else {
+                return;
+            };
+            if self.record_ref(unit).state.is_terminal() {
+                // Cancelled while it waited for its retry timer.
+                continue;
+            }
+            if self.cancelled {
+                let s = State::new(StateName::Cancelled, self.now())
+                    .with_message("the flow run was cancelled before this task started");
+                self.transition(unit, s, None, Then::Finished);
+                continue;
+            }
+            let def = self.def.clone();
+            let task = &def.tasks[unit.task];
+            if let Some(tag) = task.tags.iter().find(|t| {
+                def.tag_limits.get(*t).is_some_and(|&limit| {
+                    self.running_by_tag.get(*t).copied().unwrap_or(0) >= limit
+                })
+            }) {
+                self.tag_blocked
+                    .entry(tag.clone())
+                    .or_default()
+                    .push_back(unit);
+                continue;
+            }
+            // The slot is held while the cache is consulted, so the limits hold for what the
+            // answer starts.
+            self.take_slot(unit);
+            if !self.ask_cache(unit) {
+                self.begin_attempt(unit);
+            }
+        }
+    }
+
+    pub(super) fn take_slot(&mut self, unit: Unit) {
+        self.running += 1;
+        for tag in &self.def.tasks[unit.task].tags {
+            *self.running_by_tag.entry(tag.clone()).or_default() += 1;
+        }
+    }
+
+    /// Give the unit's slot back; units blocked on its tags are queued again.
+    pub(super) fn release_slot(&mut self, unit: Unit) {
+        self.running = self.running.saturating_sub(1);
+        for tag in &self.def.tasks[unit.task].tags {
+            if let Some(n) = self.running_by_tag.get_mut(tag) {
+                *n = n.saturating_sub(1);
+            }
+            if let Some(blocked) = self.tag_blocked.get_mut(tag) {
+                while let Some(u) = blocked.pop_back() {
+                    self.ready.push_front(u);
+                }
+            }
+        }
+    }
+
+    /// Attempts the unit made before this run (when resuming); retries count from there.
+    pub(super) fn base_attempts(&self, unit: Unit) -> u32 {
+        match (unit.child, &self.nodes[unit.task].map) {
+            (Some(c), Some(map)) => map.base_attempts.get(c as usize).copied().unwrap_or(0),
+            (Some(_), None) => 0,
+            (None, _) => self.nodes[unit.task].base_attempts,
+        }
+    }
+
+    /// The unit's resolved input.
+    pub(super) fn unit_input(&self, unit: Unit) -> Arc<Value> {
+        match (unit.child, &self.nodes[unit.task].map) {
+            (Some(c), Some(map)) => map.inputs[c as usize].clone(),
+            _ => self.nodes[unit.task].input.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Output caching: on the unit's first attempt in this run, ask for its key (returns true;
+    /// the answer comes as [`Event::CacheAnswered`]).
+    pub(super) fn ask_cache(&mut self, unit: Unit) -> bool {
+        let def = self.def.clone();
+        let task = &def.tasks[unit.task];
+        let Some(policy) = task.cache.as_ref().filter(|_| self.settings.record) else {
+            return false;
+        };
+        if self.record_ref(unit).attempts > self.base_attempts(unit)
+            || self.skip_cache.remove(&unit)
+        {
+            return false;
+        }
+        let input = self.unit_input(unit);
+        let identity = TaskIdentity {
+            scope: &self.cache_scope,
+            task: &task.name,
+            component: &self.settings.digests[unit.task],
+            budget: &task.budget,
+            map_index: unit.child,
+        };
+        let Some(key) = CacheKey::new(policy, identity, &input, &self.run.parameters) else {
+            return false;
+        };
+        self.lookups += 1;
+        self.commands.push_back(Command::LookupCache {
+            unit,
+            key: key.clone(),
+        });
+        self.cache_keys.insert(unit, key);
+        true
+    }
+
+    /// A hit completes the unit as Cached without running the component; a miss records why
+    /// and keeps the key, so the output is cached when the unit completes.
+    pub(super) fn cache_answered(&mut self, unit: Unit, answer: Result<CacheLookup, String>) {
+        let Some(key) = self.cache_keys.remove(&unit) else {
+            return;
+        };
+        let miss = |key: &CacheKey, reason: String| CacheInfo {
+            status: CacheStatus::Miss,
+            key: key.key.clone(),
+            validator: key.validator.clone(),
+            reason,
+            source_flow_run: None,
+            source_task_run: None,
+            expires_at: None,
+        };
+        if self.cancelled {
+            // The answer came too late: the unit ends Cancelled, not from the cache.
+            self.release_slot(unit);
+            let s = State::new(StateName::Cancelled, self.now())
+                .with_message("the flow run was cancelled before this task started");
+            return self.transition(unit, s, None, Then::Finished);
+        }
+        match answer {
+            Ok(CacheLookup::Hit {
+                output,
+                blob,
+                entry,
+            }) => {
+                self.release_slot(unit);
+                let now = self.now();
+                let reason = format!(
+                    "output of flow run {} (task run {}), cached at {}, valid until {}",
+                    entry.flow_run,
+                    entry.task_run,
+                    entry.created_at.to_rfc3339(),
+                    entry.expires_at.to_rfc3339()
+                );
+                let state = State::new(StateName::Cached, now)
+                    .with_message(format!("cached result from flow run {}", entry.flow_run));
+                self.record(unit).cache = Some(CacheInfo {
+                    status: CacheStatus::Hit,
+                    key: key.key,
+                    validator: key.validator,
+                    reason,
+                    source_flow_run: Some(entry.flow_run),
+                    source_task_run: Some(entry.task_run),
+                    expires_at: Some(entry.expires_at),
+                });
+                let then = Then::Proceed {
+                    output: Some(output),
+                    from_cache: true,
+                    guest_cancelled: false,
+                };
+                self.transition_after_attempt(unit, state, Some(Blob::Stored(blob)), then);
+            }
+            Ok(CacheLookup::Miss(reason)) => {
+                self.record(unit).cache = Some(miss(&key, reason));
+                self.cache_keys.insert(unit, key);
+                self.begin_attempt(unit);
+            }
+            Err(e) => {
+                let task = &self.def.tasks[unit.task].name;
+                tracing::warn!(task = %task, "cache lookup failed: {e}");
+                self.record(unit).cache = Some(miss(&key, format!("the lookup failed: {e}")));
+                self.begin_attempt(unit);
+            }
+        }
+    }
+
+    /// The unit holds a slot and runs: Running (or Retrying), then its component.
+    pub(super) fn begin_attempt(&mut self, unit: Unit) {
+        let attempt = self.record_ref(unit).attempts.saturating_add(1);
+        let base = self.base_attempts(unit);
+        let retrying = attempt > base + 1;
+        let name = match retrying {
+            true => StateName::Retrying,
+            false => StateName::Running,
+        };
+        let mut s = State::new(name, self.now());
+        s.message = retrying.then(|| format!("attempt {attempt}"));
+        // Counted before the transition is recorded, so a crash mid-attempt still counts it.
+        self.record(unit).attempts = attempt;
+        self.transition(unit, s, None, Then::Launch);
+    }
+
+    pub(super) fn context_of(&self, unit: Unit, attempt: u32) -> TaskContext {
+        TaskContext {
+            flow_run_id: self.run.id,
+            task_run_id: self.record_ref(unit).id,
+            task_name: self.names[unit.task].clone(),
+            attempt,
+            map_index: unit.child,
+            parameters: self.parameters.clone(),
+            values: self.context.clone(),
+        }
+    }
+
+    pub(super) fn launch(&mut self, unit: Unit) {
+        let attempt = self.record_ref(unit).attempts;
+        let ctx = self.context_of(unit, attempt);
+        let input = self.unit_input(unit);
+        self.commands
+            .push_back(Command::Run(Attempt { unit, input, ctx }));
+    }
+
+    pub(super) fn attempt_ended(&mut self, unit: Unit, outcome: RunOutcome) {
+        self.release_slot(unit);
+        let def = self.def.clone();
+        let task = &def.tasks[unit.task];
+        let base = self.base_attempts(unit);
+        let made = self.record_ref(unit).attempts;
+        let attempts = made - base.min(made);
+        let retry = if self.cancelled {
+            Retry::Exhausted
+        } else if attempts <= task.retries {
+            let delay =
+                TimeDelta::from_std(task.retry_delay_for(attempts)).unwrap_or(TimeDelta::MAX);
+            let max_delay = TimeDelta::from_std(task.retry_delay_cap()).unwrap_or(TimeDelta::MAX);
+            Retry::Remaining { delay, max_delay }
+        } else {
+            Retry::Exhausted
+        };
+        let guest_cancelled = matches!(outcome.ending, Ending::Cancelled);
+        let mut state = State::after_run(&outcome.ending, retry, self.now());
+        let output = (state.state_type() == StateType::Completed)
+            .then(|| Arc::new(state.result.take().unwrap_or(Value::Null)));
+        let record = self.record(unit);
+        record.run_time += outcome.usage.duration;
+        record.fuel_consumed += outcome.usage.fuel_consumed;
+        self.add_logs(unit, outcome.logs);
+        let then = Then::Proceed {
+            output: output.clone(),
+            from_cache: false,
+            guest_cancelled,
+        };
+        self.transition_after_attempt(unit, state, output.map(Blob::Value), then);
+    }
+
+    /// Record log records of the unit and send them to the store.
+    pub(super) fn add_logs(&mut self, unit: Unit, logs: Vec<LogRecord>) {
+        if logs.is_empty() {
+            return;
+        }
+        if self.settings.record {
+            let write = Write::Logs {
+                run: self.run.id,
+                task_run: self.record_ref(unit).id,
+                task: self.names[unit.task].clone(),
+                map_index: unit.child,
+                records: logs.clone(),
+            };
+            self.commands.push_back(Command::Write(write));
+        }
+        self.record(unit).logs.extend(logs);
+    }
+
+    /// After an attempt (or a cache hit) ended in `state`: wait for the retry, hand the output
+    /// on, or finish the unit.
+    pub(super) fn proceed(&mut self, unit: Unit, state: &State, output: Option<Arc<Value>>) {
+        match state.state_type() {
+            StateType::Scheduled => {
+                let at = state.scheduled_for.unwrap_or_else(|| self.now());
+                self.timers += 1;
+                self.commands.push_back(Command::Timer { unit, at });
+            }
+            StateType::Completed => {
+                let out = output.unwrap_or_else(|| Arc::new(Value::Null));
+                match (unit.child, &mut self.nodes[unit.task].map) {
+                    (Some(c), Some(map)) => map.outputs[c as usize] = Some(out),
+                    _ => self.nodes[unit.task].output = Some(out),
+                }
+                self.unit_finished(unit);
+            }
+            _ if state.is_terminal() => self.unit_finished(unit),
+            // Paused: waits to be resumed with its cached input.
+            _ => {}
+        }
+    }
+
+    /// A unit that missed the cache completed: its output is cached under the key it missed.
+    pub(super) fn cache_output(&mut self, unit: Unit, state: &State, output: Option<&Arc<Value>>) {
+        let Some(key) = self.cache_keys.remove(&unit) else {
+            return;
+        };
+        let (Some(policy), Some(out)) = (&self.def.tasks[unit.task].cache, output) else {
+            return;
+        };
+        if state.name != StateName::Completed || !self.settings.record {
+            return;
+        }
+        let expires_at = TimeDelta::from_std(policy.cache_for)
+            .ok()
+            .and_then(|d| state.timestamp.checked_add_signed(d))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let write = CacheWrite {
+            key,
+            output: out.clone(),
+            created_at: state.timestamp,
+            expires_at,
+            flow_run: self.run.id,
+            task_run: self.record_ref(unit).id,
+        };
+        self.commands
+            .push_back(Command::Write(Write::Cache(Box::new(write))));
+    }
+}

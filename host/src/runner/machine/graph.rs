@@ -1,0 +1,352 @@
+//! The graph side of the machine: preparing the node table from a record (fresh or resumed),
+//! evaluating a task once every upstream task finished (cancel, skip propagation, its trigger),
+//! resolving its input (handing an output to its last consumer instead of copying it), making
+//! mapped children (under the flow's cap), and waking downstream tasks when a task finishes.
+
+use super::*;
+
+impl FlowMachine {
+    /// Prepare the node table from the run record (a fresh run, or one being resumed).
+    pub(super) fn restore(&mut self) {
+        let now = self.now();
+        for i in 0..self.nodes.len() {
+            let rec = &mut self.run.tasks[i];
+            self.nodes[i].base_attempts = rec.attempts;
+            if rec.state.state_type() == StateType::Completed {
+                self.nodes[i].output = rec.output.take().map(Arc::new);
+                continue;
+            }
+            if !matches!(rec.state.name, StateName::Pending) {
+                reset_to_pending(rec, now);
+                self.persist(Unit::task(i), None);
+            }
+            // Children are kept: when the task is scheduled again, completed children keep their
+            // outputs and only the others run.
+        }
+        // Count unfinished upstream tasks; completed ones already delivered (or still hold)
+        // their outputs.
+        for i in 0..self.nodes.len() {
+            if self.starts.contains(&i) {
+                self.nodes[i].waiting_on = 0;
+                continue;
+            }
+            let waiting = self.nodes[i]
+                .upstream
+                .iter()
+                .filter(|&&u| !self.run.tasks[u].state.is_terminal())
+                .count();
+            self.nodes[i].waiting_on = waiting;
+        }
+        for i in 0..self.nodes.len() {
+            let unchanged = self.nodes[i]
+                .data_upstream
+                .iter()
+                .all(|&u| self.run.tasks[u].state.state_type() == StateType::Completed);
+            self.nodes[i].input_unchanged = unchanged;
+        }
+        // A consumer that already received an output (it has a cached input, or completed)
+        // no longer holds it.
+        for i in 0..self.nodes.len() {
+            let received = self.run.tasks[i].cached_input.is_some()
+                || self.run.tasks[i].state.state_type() == StateType::Completed;
+            if received {
+                for u in self.nodes[i].data_upstream.clone() {
+                    self.release_one(u);
+                }
+            }
+        }
+    }
+
+    /// Every upstream task finished (or the task is a start task): decide whether it runs.
+    pub(super) fn evaluate(&mut self, i: usize) {
+        if std::mem::replace(&mut self.nodes[i].evaluated, true) {
+            return;
+        }
+        let unit = Unit::task(i);
+        if self.cancelled {
+            let s = State::new(StateName::Cancelled, self.now())
+                .with_message("the flow run was cancelled before this task started");
+            return self.transition(unit, s, None, Then::Finished);
+        }
+        if !self.starts.contains(&i) {
+            let def = self.def.clone();
+            let task = &def.tasks[i];
+            let ups = &self.nodes[i].upstream;
+            if task.skip_on_upstream_skip
+                && let Some(&u) = ups
+                    .iter()
+                    .find(|&&u| self.run.tasks[u].state.name == StateName::Skipped)
+            {
+                let msg = format!("upstream task `{}` was skipped", def.tasks[u].name);
+                let s = State::new(StateName::Skipped, self.now()).with_message(msg);
+                return self.transition(unit, s, None, Then::Finished);
+            }
+            let upstream_states: Vec<StateName> =
+                ups.iter().map(|&u| self.run.tasks[u].state.name).collect();
+            match task.trigger.decide(&upstream_states) {
+                TriggerDecision::Run => {}
+                TriggerDecision::Fail => {
+                    let detail: Vec<String> = ups
+                        .iter()
+                        .map(|&u| {
+                            format!(
+                                "`{}` is {}",
+                                def.tasks[u].name, self.run.tasks[u].state.name
+                            )
+                        })
+                        .collect();
+                    let msg = format!(
+                        "trigger `{}` did not pass: {}",
+                        task.trigger.as_str(),
+                        detail.join(", ")
+                    );
+                    let s = State::new(StateName::TriggerFailed, self.now()).with_message(msg);
+                    return self.transition(unit, s, None, Then::Finished);
+                }
+                TriggerDecision::Pause => {
+                    self.resolve_input(i);
+                    let s = State::new(StateName::Paused, self.now()).with_message(
+                        "manual_only: waiting to be resumed with this task as a start task",
+                    );
+                    return self.transition(unit, s, None, Then::Nothing);
+                }
+            }
+        }
+        self.resolve_input(i);
+        self.schedule(i);
+    }
+
+    /// Resolve the task's input from parameters and upstream outputs (or reuse the cached one),
+    /// and cache it on the task run.
+    pub(super) fn resolve_input(&mut self, i: usize) {
+        if self.nodes[i].input.is_some() {
+            return;
+        }
+        if let Some(cached) = self.run.tasks[i].cached_input.clone() {
+            self.nodes[i].input = Some(cached);
+            return;
+        }
+        let task = &self.def.tasks[i];
+        let params = &self.run.parameters;
+        let nodes = &mut self.nodes;
+        let index = &self.index;
+        // References left to resolve per upstream task: the last reference of the last consumer
+        // takes the output instead of copying it.
+        let mut refs_left: HashMap<usize, usize> = HashMap::new();
+        for t in task.input.task_refs() {
+            *refs_left.entry(index[t]).or_default() += 1;
+        }
+        let value = task.input.resolve(&|p| params.get(p).cloned(), &mut |t| {
+            let j = *index.get(t)?;
+            let left = refs_left.get_mut(&j)?;
+            *left -= 1;
+            if *left == 0 && nodes[j].consumers_left == 1 {
+                nodes[j].output.take().map(Arc::unwrap_or_clone)
+            } else {
+                nodes[j].output.as_deref().cloned()
+            }
+        });
+        for u in self.nodes[i].data_upstream.clone() {
+            self.release_one(u);
+        }
+        let value = Arc::new(value);
+        self.run.tasks[i].cached_input = Some(value.clone());
+        self.nodes[i].input = Some(value);
+    }
+
+    /// One consumer of `u`'s output received it; drop the output when none is left.
+    pub(super) fn release_one(&mut self, u: usize) {
+        let node = &mut self.nodes[u];
+        node.consumers_left = node.consumers_left.saturating_sub(1);
+        if node.consumers_left == 0 && self.run.tasks[u].state.state_type() == StateType::Completed
+        {
+            node.output = None;
+            self.run.tasks[u].output_released = true;
+        }
+    }
+
+    /// Queue the task (or its mapped children). Newly ready work goes to the front of the queue
+    /// (depth first): a consumer runs soon after its producer, so outputs waiting to be consumed
+    /// stay few however wide the flow is.
+    pub(super) fn schedule(&mut self, i: usize) {
+        let def = self.def.clone();
+        let task = &def.tasks[i];
+        if task.map == MapOver::No {
+            self.ready.push_front(Unit::task(i));
+            return;
+        }
+        let input = self.nodes[i].input.clone().unwrap_or_default();
+        let unit = Unit::task(i);
+        // The cap on mapped children, checked before any child is created.
+        let others = self
+            .mapped_children
+            .saturating_sub(self.run.tasks[i].children.len());
+        if let Some(n) = mapping::map_len(&input, &task.map) {
+            let cap = def.max_mapped_children;
+            let total = others.saturating_add(n);
+            if total > cap {
+                let msg = match others {
+                    0 => format!(
+                        "mapping over {n} elements would make more mapped children than the \
+                         flow's max_mapped_children of {cap}"
+                    ),
+                    _ => format!(
+                        "mapping over {n} elements would make {total} mapped children in this \
+                         flow run ({others} already), more than the flow's max_mapped_children \
+                         of {cap}"
+                    ),
+                };
+                let s = State::new(StateName::Failed, self.now()).with_message(msg);
+                return self.transition(unit, s, None, Then::Finished);
+            }
+        }
+        let children = match mapping::children(&input, &task.map) {
+            Ok(c) => {
+                self.mapped_children = others.saturating_add(c.len());
+                c
+            }
+            Err(msg) => {
+                let s = State::new(StateName::Failed, self.now()).with_message(msg);
+                return self.transition(unit, s, None, Then::Finished);
+            }
+        };
+        let now = self.now();
+        let n = children.len();
+        let mut map = MapRun {
+            children_left: n,
+            outputs: vec![None; n],
+            inputs: children,
+            base_attempts: vec![0; n],
+        };
+        // Resuming: children recorded before keep their place (by map index); completed ones
+        // keep their outputs, the others run again with retries counted from the attempts they
+        // made. Children never recorded are created.
+        let previous = std::mem::take(&mut self.run.tasks[i].children);
+        let mut slots: Vec<Option<TaskRun>> = (0..n).map(|_| None).collect();
+        for child in previous {
+            if let Some(k) = child.map_index.map(|k| k as usize)
+                && k < n
+                && slots[k].is_none()
+            {
+                slots[k] = Some(child);
+            }
+        }
+        let mut fresh = vec![false; n];
+        self.run.tasks[i].children = slots
+            .into_iter()
+            .enumerate()
+            .map(|(c, slot)| {
+                slot.unwrap_or_else(|| {
+                    fresh[c] = true;
+                    TaskRun::new(&task.name, Some(c as u32), now)
+                })
+            })
+            .collect();
+        let mut todo = Vec::with_capacity(n);
+        for (c, is_new) in fresh.into_iter().enumerate() {
+            let unit = Unit {
+                task: i,
+                child: Some(c as u32),
+            };
+            todo.push(c);
+            if is_new {
+                // Recorded with its first transition (one row write instead of two).
+                self.unwritten.insert(unit);
+                continue;
+            }
+            let keep = self.nodes[i].input_unchanged;
+            let child = &mut self.run.tasks[i].children[c];
+            map.base_attempts[c] = child.attempts;
+            if keep && child.state.state_type() == StateType::Completed {
+                map.outputs[c] = Some(Arc::new(child.output.take().unwrap_or(Value::Null)));
+                map.children_left -= 1;
+                todo.pop();
+                continue;
+            }
+            if child.state.name != StateName::Pending {
+                reset_to_pending(child, now);
+                self.persist(unit, None);
+            }
+        }
+        let left = map.children_left;
+        self.nodes[i].map = Some(Box::new(map));
+        if left == 0 {
+            return self.complete_mapped(i);
+        }
+        for c in todo.into_iter().rev() {
+            self.ready.push_front(Unit {
+                task: i,
+                child: Some(c as u32),
+            });
+        }
+    }
+
+    pub(super) fn unit_finished(&mut self, unit: Unit) {
+        match unit.child {
+            None => self.task_finished(unit.task),
+            Some(_) => {
+                let left = self.nodes[unit.task].map.as_mut().map_or(0, |m| {
+                    m.children_left = m.children_left.saturating_sub(1);
+                    m.children_left
+                });
+                if left == 0 {
+                    self.complete_mapped(unit.task);
+                }
+            }
+        }
+    }
+
+    /// Every child of a mapped task finished: the parent is Mapped with the list of outputs, or
+    /// Failed when any child did not succeed.
+    pub(super) fn complete_mapped(&mut self, i: usize) {
+        let children = &self.run.tasks[i].children;
+        let bad: Vec<String> = children
+            .iter()
+            .filter(|c| c.state.state_type() != StateType::Completed)
+            .map(|c| format!("{} is {}", c.map_index.unwrap_or_default(), c.state.name))
+            .collect();
+        let n = children.len();
+        let now = self.now();
+        let map = self.nodes[i].map.take().unwrap_or_default();
+        let mut output = None;
+        let state = if bad.is_empty() {
+            let outputs: Vec<Value> = map
+                .outputs
+                .into_iter()
+                .map(|o| o.map_or(Value::Null, Arc::unwrap_or_clone))
+                .collect();
+            let list = Arc::new(Value::Array(outputs));
+            output = Some(Blob::Value(list.clone()));
+            self.nodes[i].output = Some(list);
+            State::new(StateName::Mapped, now).with_message(format!("{n} mapped runs completed"))
+        } else if self.cancelled {
+            State::new(StateName::Cancelled, now).with_message("mapped runs were cancelled")
+        } else {
+            State::new(StateName::Failed, now).with_message(format!(
+                "{} of {n} mapped runs did not succeed: {}",
+                bad.len(),
+                bad.join(", ")
+            ))
+        };
+        self.transition(Unit::task(i), state, output, Then::Finished);
+    }
+
+    /// The task reached a terminal state: release what it held and wake its downstream tasks.
+    pub(super) fn task_finished(&mut self, i: usize) {
+        self.nodes[i].input = None;
+        if self.run.tasks[i].state.state_type() == StateType::Completed {
+            self.run.tasks[i].cached_input = None;
+        }
+        let before = self.wake.len();
+        for k in 0..self.nodes[i].downstream.len() {
+            let d = self.nodes[i].downstream[k];
+            let node = &mut self.nodes[d];
+            node.waiting_on = node.waiting_on.saturating_sub(1);
+            if node.waiting_on == 0 && !node.evaluated && !self.run.tasks[d].state.is_terminal() {
+                self.wake.push(d);
+            }
+        }
+        // A stack: the first woken is evaluated first, and what it wakes before the next one.
+        self.wake[before..].reverse();
+    }
+}

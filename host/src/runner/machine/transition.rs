@@ -1,0 +1,365 @@
+//! Transitions: every state change goes through the in-process handlers, then the task's handler
+//! components (a command, answered later), then the retry budget for a replacement of an
+//! attempt's state, and is recorded and written; cancellation; the flow run's own state.
+
+use super::*;
+
+impl FlowMachine {
+    pub(super) fn begin_cancel(&mut self) {
+        self.cancelled = true;
+        self.flow_transition(
+            State::new(StateName::Cancelling, self.now())
+                .with_message("cancel requested: interrupting running tasks"),
+        );
+        // Handlers still running are not waited for: their transitions are recorded as the
+        // in-process handlers left them.
+        if !self.hooks.is_empty() {
+            self.commands.push_back(Command::AbortHooks);
+            let mut pending: Vec<(Unit, Pending)> = self.hooks.drain().collect();
+            pending.sort_by_key(|(_, p)| p.seq);
+            for (unit, p) in pending {
+                self.complete_transition(unit, p.old, p.state, p.output, p.proposed, p.then);
+            }
+        }
+        // Retries waiting on a timer will not run.
+        if self.timers > 0 {
+            self.timers = 0;
+            self.commands.push_back(Command::AbortTimers);
+        }
+        let waiting: Vec<Unit> = (0..self.run.tasks.len())
+            .flat_map(|i| {
+                let t = &self.run.tasks[i];
+                let own = (t.state.state_type() == StateType::Scheduled).then_some(Unit::task(i));
+                // Only children of a mapped run in progress (not records from before a resume).
+                let active = self.nodes[i].map.is_some();
+                let children = t
+                    .children
+                    .iter()
+                    .enumerate()
+                    .filter(move |(_, c)| active && c.state.state_type() == StateType::Scheduled)
+                    .map(move |(c, _)| Unit {
+                        task: i,
+                        child: Some(c as u32),
+                    });
+                own.into_iter().chain(children)
+            })
+            .collect();
+        for unit in waiting {
+            let s = State::new(StateName::Cancelled, self.now())
+                .with_message("the flow run was cancelled while this task awaited a retry");
+            self.transition(unit, s, None, Then::Finished);
+        }
+    }
+
+    /// The flow run's state once nothing runs: Cancelled, Paused (tasks wait to be resumed), or
+    /// what its reference tasks (by default the tasks nothing depends on) say.
+    pub(super) fn final_state(&self) -> State {
+        let now = self.now();
+        let unfinished: Vec<&str> = self
+            .run
+            .tasks
+            .iter()
+            .filter(|t| !t.state.is_terminal())
+            .map(|t| t.name.as_str())
+            .collect();
+        if self.cancelled {
+            return State::new(StateName::Cancelled, now)
+                .with_message("the flow run was cancelled");
+        }
+        if !unfinished.is_empty() {
+            return State::new(StateName::Paused, now).with_message(format!(
+                "waiting on paused tasks: {}",
+                unfinished.join(", ")
+            ));
+        }
+        let refs: Vec<usize> = if self.def.reference_tasks.is_empty() {
+            (0..self.nodes.len())
+                .filter(|&i| self.nodes[i].downstream.is_empty())
+                .collect()
+        } else {
+            self.def
+                .reference_tasks
+                .iter()
+                .filter_map(|r| self.index.get(r).copied())
+                .collect()
+        };
+        let failed: Vec<&str> = refs
+            .iter()
+            .filter(|&&i| {
+                matches!(
+                    self.run.tasks[i].state.state_type(),
+                    StateType::Failed | StateType::Crashed
+                )
+            })
+            .map(|&i| self.run.tasks[i].name.as_str())
+            .collect();
+        if !failed.is_empty() {
+            State::new(StateName::Failed, now).with_message(format!(
+                "reference tasks did not succeed: {}",
+                failed.join(", ")
+            ))
+        } else if refs
+            .iter()
+            .all(|&i| self.run.tasks[i].state.state_type() == StateType::Completed)
+        {
+            State::new(StateName::Completed, now).with_message("all reference tasks succeeded")
+        } else {
+            State::new(StateName::Cancelled, now)
+                .with_message("some reference tasks were cancelled")
+        }
+    }
+
+    /// Move a unit to `new`, through the state handlers, carrying `output` (recorded when the
+    /// unit ends in a Completed-type state); `then` follows once it is recorded.
+    pub(super) fn transition(&mut self, unit: Unit, new: State, output: Option<Blob>, then: Then) {
+        self.transition_inner(unit, new, output, false, then);
+    }
+
+    /// [`FlowMachine::transition`] for the state an attempt (or a cache hit) ends in: what the
+    /// state handlers replace it with goes through the task's retry policy
+    /// ([`FlowMachine::police_replacement`]).
+    pub(super) fn transition_after_attempt(
+        &mut self,
+        unit: Unit,
+        new: State,
+        out: Option<Blob>,
+        then: Then,
+    ) {
+        self.transition_inner(unit, new, out, true, then);
+    }
+
+    pub(super) fn transition_inner(
+        &mut self,
+        unit: Unit,
+        new: State,
+        output: Option<Blob>,
+        after_attempt: bool,
+        then: Then,
+    ) {
+        let name = self.names[unit.task].clone();
+        let old = self.record_ref(unit).state.clone();
+        let proposed = after_attempt.then_some((new.name, new.scheduled_for));
+        let mut state = new;
+        let handlers = self.settings.handlers.clone();
+        if let Some(hs) = handlers.task.get(&*name) {
+            for h in hs {
+                state = h(&name, &old, state);
+            }
+        }
+        for h in &handlers.every_task {
+            state = h(&name, &old, state);
+        }
+        let kinds = self.hook_kinds(unit.task, &state);
+        if kinds != HookKinds::default() && !self.cancelled {
+            self.next_seq += 1;
+            let seq = self.next_seq;
+            let attempt = self.record_ref(unit).attempts.max(1);
+            let request = HookRequest {
+                unit,
+                seq,
+                old: old.clone(),
+                new: state.clone(),
+                kinds,
+                ctx: self.context_of(unit, attempt),
+            };
+            self.commands.push_back(Command::RunHooks(request));
+            let pending = Pending {
+                seq,
+                old,
+                state,
+                proposed,
+                output,
+                then,
+            };
+            self.hooks.insert(unit, pending);
+            return;
+        }
+        self.complete_transition(unit, old, state, output, proposed, then);
+    }
+
+    /// Which of the task's handler lists apply to a transition into `state`.
+    pub(super) fn hook_kinds(&self, task: usize, state: &State) -> HookKinds {
+        let hooks = &self.def.tasks[task].hooks;
+        let ty = state.state_type();
+        HookKinds {
+            on_state: !hooks.on_state.is_empty(),
+            on_completion: ty == StateType::Completed && !hooks.on_completion.is_empty(),
+            on_failure: matches!(ty, StateType::Failed | StateType::Crashed)
+                && !hooks.on_failure.is_empty(),
+            on_retry: state.name == StateName::Retrying && !hooks.on_retry.is_empty(),
+        }
+    }
+
+    /// Record the transition the handlers left and do what follows it.
+    pub(super) fn complete_transition(
+        &mut self,
+        unit: Unit,
+        old: State,
+        mut state: State,
+        output: Option<Blob>,
+        proposed: Option<(StateName, Option<DateTime<Utc>>)>,
+        then: Then,
+    ) {
+        if let Some(proposed) = proposed
+            && (state.name, state.scheduled_for) != proposed
+        {
+            state = self.police_replacement(unit, proposed.0, state);
+        }
+        let record = self.record(unit);
+        record.history.push(Transition {
+            from: Some(old.name),
+            to: state.name,
+            time: state.timestamp,
+            message: state.message.clone(),
+        });
+        record.state = state.clone();
+        self.persist(unit, output);
+        let name = &self.names[unit.task];
+        if self.settings.events {
+            let event = FlowEvent::Task {
+                name: name.to_string(),
+                map_index: unit.child,
+                state: state.name,
+            };
+            self.commands.push_back(Command::Event(event));
+        }
+        match then {
+            Then::Nothing => {}
+            Then::Finished => self.unit_finished(unit),
+            Then::Launch => self.launch(unit),
+            Then::Proceed {
+                output,
+                from_cache,
+                guest_cancelled,
+            } => {
+                if !from_cache && state.is_terminal() {
+                    self.cache_output(unit, &state, output.as_ref());
+                }
+                if from_cache && state.state_type() == StateType::Scheduled {
+                    // A handler asked to run it again: this time the component runs.
+                    self.skip_cache.insert(unit);
+                }
+                if guest_cancelled && !self.cancelled {
+                    // The guest saw the cancel before the driver did.
+                    self.begin_cancel();
+                }
+                self.proceed(unit, &state, output);
+            }
+        }
+    }
+
+    /// A state handler replaced the state an attempt ended in (`proposed`) with `state`. A
+    /// Scheduled-type replacement asks to run the task again: it is a retry like any other, so
+    /// it needs a retry left (attempts never exceed `retries + 1`), and it starts within the
+    /// task's retry delay cap; otherwise the task is Failed, saying why. A replacement that
+    /// would leave the task neither finished, paused nor scheduled (Running, Pending,
+    /// Cancelling) would wait for ever, and fails too.
+    pub(super) fn police_replacement(
+        &self,
+        unit: Unit,
+        proposed: StateName,
+        mut state: State,
+    ) -> State {
+        let task = &self.def.tasks[unit.task];
+        let now = self.now();
+        match state.state_type() {
+            StateType::Scheduled => {
+                let rec = self.record_ref(unit);
+                let used = rec.attempts.saturating_sub(self.base_attempts(unit));
+                if self.cancelled {
+                    return State::new(StateName::Cancelled, now).with_message(format!(
+                        "a state handler replaced {proposed} with {}, but the flow run is \
+                         being cancelled",
+                        state.name
+                    ));
+                }
+                if used > task.retries {
+                    return State::new(StateName::Failed, now).with_message(format!(
+                        "a state handler replaced {proposed} with {} to run the task again, but \
+                         no retries remain ({used} attempts made, retries = {})",
+                        state.name, task.retries
+                    ));
+                }
+                let cap = TimeDelta::from_std(task.retry_delay_cap()).unwrap_or(TimeDelta::MAX);
+                let latest = now
+                    .checked_add_signed(cap)
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC);
+                let at = state.scheduled_for.unwrap_or(now);
+                if at > latest {
+                    let note = format!(
+                        "(the handler's start time {} is capped at {} from now, the task's \
+                         longest retry delay: max_retry_delay, or backoff.max)",
+                        at.to_rfc3339(),
+                        humantime::format_duration(task.retry_delay_cap())
+                    );
+                    state.message = Some(match state.message.take() {
+                        Some(m) => format!("{m} {note}"),
+                        None => note,
+                    });
+                }
+                state.scheduled_for = Some(at.min(latest));
+                state
+            }
+            StateType::Running | StateType::Pending | StateType::Cancelling => {
+                State::new(StateName::Failed, now).with_message(format!(
+                    "a state handler replaced {proposed} with {}, which cannot follow a finished \
+                     attempt (only a finished, paused or scheduled state can)",
+                    state.name
+                ))
+            }
+            _ => state,
+        }
+    }
+
+    /// Send the unit's state and its last transition to the store. Its input is stored when it
+    /// will be needed later (a retry, or a paused task), its output when it completed.
+    pub(super) fn persist(&mut self, unit: Unit, output: Option<Blob>) {
+        if !self.settings.record {
+            return;
+        }
+        let first = self.unwritten.remove(&unit);
+        self.write(|m| {
+            let parent = unit.child.map(|c| (m.run.tasks[unit.task].id, c));
+            let rec = m.record_ref(unit);
+            let transitions = match first {
+                true => rec.history.clone(),
+                false => rec.history.last().cloned().into_iter().collect(),
+            };
+            let mut write = task_write(
+                m.run.id,
+                (unit.task, m.names[unit.task].clone()),
+                parent,
+                rec,
+                transitions,
+            );
+            if rec.state.state_type() == StateType::Completed {
+                write.output = output;
+            }
+            Write::Task(Box::new(write))
+        });
+    }
+
+    pub(super) fn flow_transition(&mut self, new: State) {
+        let old = self.run.state.clone();
+        let mut state = new;
+        let handlers = self.settings.handlers.clone();
+        for h in &handlers.flow {
+            state = h(&self.run.flow, &old, state);
+        }
+        let transition = Transition {
+            from: Some(old.name),
+            to: state.name,
+            time: state.timestamp,
+            message: state.message.clone(),
+        };
+        self.run.history.push(transition.clone());
+        self.emit(|| FlowEvent::Flow(state.name));
+        let run = self.run.id;
+        self.write(|_| Write::FlowState {
+            run,
+            state: state.clone(),
+            transition,
+        });
+        self.run.state = state;
+    }
+}

@@ -27,7 +27,7 @@ use crate::clock::{ClockRef, SystemClock};
 use crate::flow::FlowDef;
 use crate::ids::{FlowRunId, TaskRunId};
 use crate::sandbox::{CancelToken, HandlerComponent, LoadError, RunBudget, Sandbox, TaskComponent};
-use crate::state::{State, StateName, StateType};
+use crate::state::{State, StateType};
 use crate::store::{Blob, RunHeader, RunLease, Store, StoreError, TaskWrite, Write};
 
 pub use record::{FlowEvent, FlowRun, TaskRun, Transition};
@@ -343,25 +343,7 @@ impl FlowRunner {
         let parameters = merge_parameters(&flow.def, options.parameters)?;
         let mut context = flow.def.context.clone();
         context.extend(options.context);
-        let run = FlowRun {
-            id: FlowRunId::new(),
-            flow: flow.def.name.clone(),
-            state: State::new(StateName::Pending, now),
-            history: vec![Transition {
-                from: None,
-                to: StateName::Pending,
-                time: now,
-                message: None,
-            }],
-            parameters,
-            context,
-            tasks: flow
-                .def
-                .tasks
-                .iter()
-                .map(|t| TaskRun::new(&t.name, None, now))
-                .collect(),
-        };
+        let run = FlowRun::new(&flow.def, parameters, context, now);
         let lease = match &self.store {
             Some(store) => {
                 let lease = store.lease(run.id)?;

@@ -118,6 +118,34 @@ pub struct FlowRun {
 }
 
 impl FlowRun {
+    /// A new run of `def`: Pending at `now`, every task run Pending, with the parameters and
+    /// context in effect.
+    pub fn new(
+        def: &crate::flow::FlowDef,
+        parameters: BTreeMap<String, Value>,
+        context: BTreeMap<String, String>,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            id: FlowRunId::new(),
+            flow: def.name.clone(),
+            state: State::new(StateName::Pending, now),
+            history: vec![Transition {
+                from: None,
+                to: StateName::Pending,
+                time: now,
+                message: None,
+            }],
+            parameters,
+            context,
+            tasks: def
+                .tasks
+                .iter()
+                .map(|t| TaskRun::new(&t.name, None, now))
+                .collect(),
+        }
+    }
+
     /// The task run named `name`.
     pub fn task(&self, name: &str) -> Option<&TaskRun> {
         self.tasks.iter().find(|t| t.name == name)

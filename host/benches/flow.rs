@@ -92,6 +92,45 @@ fn best_of(times: Vec<Duration>) -> Duration {
     times.into_iter().min().unwrap_or_default()
 }
 
+/// A chain of `n` `add_one` tasks, each taking the one before's output: the time from the
+/// flow's start to its end.
+async fn chain_flow(runner: &FlowRunner, n: usize) -> Duration {
+    let add_one = guests::guest("add_one");
+    let mut b = FlowBuilder::new("bench-chain");
+    for i in 0..n {
+        let mut t = TaskDef::new(format!("s{i}"), add_one.clone());
+        t.input = match i {
+            0 => Input::Literal(json!(0)),
+            _ => Input::from_json(json!(format!("$tasks.s{}", i - 1))),
+        };
+        b = b.task(t);
+    }
+    let def = b.build().expect("flow");
+    let flow = runner.prepare(def, Path::new(".")).await.expect("prepare");
+    let began = Instant::now();
+    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    let elapsed = began.elapsed();
+    assert_eq!(run.state.name, StateName::Completed);
+    assert_eq!(
+        run.tasks[n - 1].output,
+        Some(json!(n)),
+        "each step adds one to the one before"
+    );
+    elapsed
+}
+
+/// The marginal cost of a dependent step: (chain of `n` − chain of 1) / (n − 1), best of
+/// `repeats`.
+async fn chain_step(runner: &FlowRunner, n: usize, repeats: usize) -> Duration {
+    let mut best = Duration::MAX;
+    for _ in 0..repeats {
+        let one = chain_flow(runner, 1).await;
+        let all = chain_flow(runner, n).await;
+        best = best.min(all.saturating_sub(one) / (n as u32 - 1));
+    }
+    best
+}
+
 /// 100 layers of 100 tasks: each task of a layer takes the outputs of two tasks of the layer
 /// before as its input and waits on a third by state only.
 async fn dag_flow(runner: &FlowRunner, width: usize, layers: usize) -> Duration {
@@ -189,9 +228,13 @@ fn main() {
         .expect("runtime");
     let add_one = guests::guest("add_one");
     let only_store = std::env::args().any(|a| a == "store");
+    let only_chain = std::env::args().any(|a| a == "chain");
     runtime.block_on(async {
         let runner = FlowRunner::new(Sandbox::builder().build().expect("sandbox"));
         let n = 10_000;
+        if only_chain {
+            return chain_section(&runner, &add_one).await;
+        }
         if !only_store {
             engine_sections(&runner, &add_one, n).await;
         }
@@ -199,7 +242,27 @@ fn main() {
     });
 }
 
+/// The 200-step chain against the raw floor, store off and on.
+async fn chain_section(runner: &FlowRunner, add_one: &Path) {
+    let floor = raw_floor::raw_floor(add_one, 300, 3000).await;
+    let _warm = chain_flow(runner, 200).await;
+    let step = chain_step(runner, 200, 5).await;
+    let dir = tempfile::tempdir().expect("store dir");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).expect("store"));
+    let stored = runner.clone().store(store);
+    let _warm = chain_flow(&stored, 200).await;
+    let step_stored = chain_step(&stored, 200, 5).await;
+    println!(
+        "200-step chain: {:.1} µs per dependent step, {:.1} µs above the floor's p50 ({:.1} µs);          store on: {:.1} µs per step   target ≤ 30 µs above the floor",
+        raw_floor::us(step),
+        raw_floor::us(step) - raw_floor::us(floor.p50),
+        raw_floor::us(floor.p50),
+        raw_floor::us(step_stored)
+    );
+}
+
 async fn engine_sections(runner: &FlowRunner, add_one: &Path, n: usize) {
+    chain_section(runner, add_one).await;
     {
         let floor = raw_floor::raw_floor(add_one, 300, 3000).await;
         println!(

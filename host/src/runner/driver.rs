@@ -6,6 +6,8 @@
 //! events to the listener. It also watches the store for a cancel requested by another process.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +52,8 @@ pub(super) async fn drive(
         timers: JoinSet::new(),
         hooks: JoinSet::new(),
         hook_ids: HashMap::new(),
+        here: None,
+        in_flight: 0,
         cache: runner.store.clone().map(CacheReads::new),
         reads: JoinSet::new(),
         cancel,
@@ -75,6 +79,10 @@ struct Driver<'a> {
     flow: &'a PreparedFlow,
     executor: LocalExecutor,
     done_tx: mpsc::UnboundedSender<Finished>,
+    /// The attempt running on the driver's own task (one that had nothing beside it).
+    here: Option<Pin<Box<dyn Future<Output = Finished> + Send>>>,
+    /// Attempts submitted and not answered.
+    in_flight: usize,
     timers: JoinSet<Unit>,
     hooks: JoinSet<HooksAnswer>,
     /// What each handler task answers for, so a task that dies still gets an answer.
@@ -99,7 +107,16 @@ impl Driver<'_> {
                 return;
             }
             let event = tokio::select! {
-                Some(f) = done.recv() => Event::AttemptEnded { unit: f.unit, outcome: f.outcome },
+                f = async { self.here.as_mut()?.await.into() }, if self.here.is_some() => {
+                    let Some(f): Option<Finished> = f else { continue };
+                    self.here = None;
+                    self.in_flight -= 1;
+                    Event::AttemptEnded { unit: f.unit, outcome: f.outcome }
+                }
+                Some(f) = done.recv() => {
+                    self.in_flight -= 1;
+                    Event::AttemptEnded { unit: f.unit, outcome: f.outcome }
+                }
                 Some(Ok(unit)) = self.timers.join_next() => Event::TimerFired(unit),
                 Some(joined) = self.hooks.join_next_with_id() => match joined {
                     Ok((id, a)) => {
@@ -142,6 +159,9 @@ impl Driver<'_> {
 
     /// Carry out every command the machine has decided on.
     fn pump(&mut self) {
+        // An attempt decided alone, with nothing else in flight, runs on this task; the rest go
+        // to the executor. Held back one command so that a second attempt spawns both.
+        let mut held: Option<Job> = None;
         while let Some(command) = self.machine.next_command() {
             match command {
                 Command::Run(a) => {
@@ -153,7 +173,15 @@ impl Driver<'_> {
                         budget: self.flow.def.tasks[a.unit.task].budget,
                         cancel: self.cancel.clone(),
                     };
-                    self.executor.submit(job, self.done_tx.clone());
+                    self.in_flight += 1;
+                    if self.in_flight == 1 && self.here.is_none() {
+                        held = Some(job);
+                    } else {
+                        if let Some(first) = held.take() {
+                            self.executor.submit(first, self.done_tx.clone());
+                        }
+                        self.executor.submit(job, self.done_tx.clone());
+                    }
                 }
                 Command::Timer { unit, at } => {
                     let sleep = self.runner.clock.sleep_until(at);
@@ -189,6 +217,9 @@ impl Driver<'_> {
                     self.hooks.abort_all();
                 }
             }
+        }
+        if let Some(job) = held {
+            self.here = Some(Box::pin(self.executor.run_here(job)));
         }
         if let Some(cache) = &mut self.cache {
             cache.start_reads(&mut self.reads, self.runner.clock.now());

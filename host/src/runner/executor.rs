@@ -3,8 +3,10 @@
 //! in-process executor ([`LocalExecutor`]) runs jobs on this process's sandbox; a shared fair
 //! queue and remote workers implement the same interface.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -58,14 +60,15 @@ impl LocalExecutor {
     }
 }
 
-impl Executor for LocalExecutor {
-    fn submit(&self, job: Job, done: mpsc::UnboundedSender<Finished>) {
+impl LocalExecutor {
+    /// Run `job` on the caller's task: for an attempt nothing else runs beside (a step of a
+    /// chain), this saves the hand-off to another task and the wake-up back, most of a
+    /// dependent step's latency on a multi-threaded runtime. A panic in the run is a host
+    /// fault, as on a task of its own.
+    pub fn run_here(&self, job: Job) -> impl Future<Output = Finished> + Send + 'static {
         let sandbox = self.sandbox.clone();
-        let mut reply = Reply {
-            done: Some(done),
-            unit: job.unit,
-        };
-        tokio::spawn(async move {
+        let unit = job.unit;
+        let run = AssertUnwindSafe(async move {
             let Job {
                 component,
                 input,
@@ -74,11 +77,42 @@ impl Executor for LocalExecutor {
                 cancel,
                 ..
             } = job;
-            let outcome = sandbox
+            sandbox
                 .run(&component, &input, &ctx, &budget, Some(&cancel))
-                .await;
-            reply.send(outcome);
+                .await
         });
+        async move {
+            let outcome = run
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| host_fault("the task run failed in the host: it panicked"));
+            Finished { unit, outcome }
+        }
+    }
+}
+
+impl Executor for LocalExecutor {
+    fn submit(&self, job: Job, done: mpsc::UnboundedSender<Finished>) {
+        let mut reply = Reply {
+            done: Some(done),
+            unit: job.unit,
+        };
+        let run = self.run_here(job);
+        tokio::spawn(async move {
+            let finished = run.await;
+            reply.send(finished.outcome);
+        });
+    }
+}
+
+fn host_fault(message: &str) -> RunOutcome {
+    RunOutcome {
+        ending: Ending::HostFault {
+            message: message.into(),
+        },
+        logs: Vec::new(),
+        logs_dropped_bytes: 0,
+        usage: Default::default(),
     }
 }
 
@@ -102,13 +136,8 @@ impl Reply {
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        self.send(RunOutcome {
-            ending: Ending::HostFault {
-                message: "the task run failed in the host: it ended without a result".into(),
-            },
-            logs: Vec::new(),
-            logs_dropped_bytes: 0,
-            usage: Default::default(),
-        });
+        self.send(host_fault(
+            "the task run failed in the host: it ended without a result",
+        ));
     }
 }

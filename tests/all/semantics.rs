@@ -560,3 +560,95 @@ async fn the_default_cap_on_mapped_children_holds() {
     assert_eq!(add.state.name, StateName::Mapped, "{:?}", add.state.message);
     assert_eq!(add.children.len(), DEFAULT_MAX_MAPPED_CHILDREN);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A slow handler component holds only its own task; cancellation does not wait for it
+
+/// `slow` (add_one, with a handler that sleeps 3 s and answers Failed) beside the chain
+/// `a → b → c`.
+fn slow_handler_flow() -> sluice::flow::FlowDef {
+    let mut slow = TaskDef::new("slow", guest("add_one"));
+    slow.input = Input::Literal(json!(1));
+    slow.hooks.on_completion = vec![guest("slow_handler")];
+    let mut b = FlowBuilder::new("slow-handler").task(slow);
+    for (name, input) in [("a", json!(1)), ("b", json!("$tasks.a")), ("c", json!("$tasks.b"))] {
+        let mut t = TaskDef::new(name, guest("add_one"));
+        t.input = Input::from_json(input);
+        b = b.task(t);
+    }
+    b.build().expect("flow")
+}
+
+fn entered(t: &TaskRun, state: StateName) -> DateTime<Utc> {
+    t.history
+        .iter()
+        .find(|h| h.to == state)
+        .map(|h| h.time)
+        .unwrap_or_else(|| panic!("`{}` never entered {state}: {:?}", t.name, t.history))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_component_holds_only_its_own_task() {
+    let runner = FlowRunner::new(sandbox().clone());
+    let flow = runner
+        .prepare(slow_handler_flow(), Path::new("."))
+        .await
+        .expect("prepare");
+    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    let slow = run.task("slow").expect("slow");
+    assert_eq!(slow.state.name, StateName::Failed, "{:?}", slow.history);
+    assert_eq!(
+        slow.state.message.as_deref(),
+        Some("the slow handler says no")
+    );
+    let c = run.task("c").expect("c");
+    assert_eq!(c.output, Some(json!(4)));
+    // The chain ran while the handler slept: `c` completed before the handler's answer was
+    // recorded (with a blocking handler it could only start after it).
+    assert!(
+        entered(c, StateName::Completed) < entered(slow, StateName::Failed),
+        "c: {:?}\nslow: {:?}",
+        c.history,
+        slow.history
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_does_not_wait_for_a_slow_handler_component() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let runner = FlowRunner::new(sandbox().clone()).events(tx);
+    let flow = runner
+        .prepare(slow_handler_flow(), Path::new("."))
+        .await
+        .expect("prepare");
+    let cancel = sluice::sandbox::CancelToken::default();
+    let options = RunOptions {
+        cancel: cancel.clone(),
+        ..RunOptions::default()
+    };
+    let running = tokio::spawn(async move { runner.run(&flow, options).await });
+    // Once the chain is done, `slow` (one short attempt) is in its handler, which sleeps 3 s.
+    while let Some(event) = rx.recv().await {
+        if let sluice::runner::FlowEvent::Task { name, state, .. } = &event
+            && name == "c"
+            && *state == StateName::Completed
+        {
+            break;
+        }
+    }
+    cancel.cancel();
+    let run = running.await.expect("join").expect("run");
+    assert_eq!(run.state.name, StateName::Cancelled);
+    let slow = run.task("slow").expect("slow");
+    // The handler's answer (Failed) was never waited for: `slow` keeps the state its attempt
+    // ended in.
+    assert_ne!(slow.state.name, StateName::Failed, "{:?}", slow.history);
+    assert!(
+        slow.history
+            .iter()
+            .all(|h| h.message.as_deref() != Some("the slow handler says no")),
+        "{:?}",
+        slow.history
+    );
+    assert_eq!(run.task("c").and_then(|c| c.output.clone()), Some(json!(4)));
+}

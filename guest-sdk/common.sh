@@ -27,10 +27,11 @@ parse_args() {
 }
 
 # The toolchain record of the build: "key: value" lines naming everything besides the task's own
-# sources that determines the output (the builder, the SDK and WIT contents, each tool's version or
-# install record, compiler flags). Each build script adds its lines with `record` before calling
-# up_to_date; place stores them beside the output as <out.wasm>.toolchain. Computing it needs the
-# toolchain, so a missing tool fails the build even when an output is cached.
+# sources that determines the output (the builder, the SDK and WIT files' hashes, each tool's
+# version or install record, compiler flags). Each build script adds its lines with `record`
+# before calling up_to_date; place stores them beside the output as <out.wasm>.toolchain.
+# Computing it needs the toolchain, so a missing tool fails the build even when an output is
+# cached.
 FINGERPRINT=""
 
 # record KEY VALUE...: add the line "KEY: VALUE..." to the toolchain record.
@@ -40,16 +41,19 @@ record() {
   FINGERPRINT+="$key: $*"$'\n'
 }
 
-# tree_hash PATH...: one SHA-256 over the names (relative to the root) and contents of the files
-# under the PATHs (relative to the root), without __pycache__ and node_modules.
-tree_hash() {
-  local p
+# record_sources PATH...: record the SHA-256 of every file under the PATHs (relative to the root;
+# without __pycache__ and node_modules), each on a line named by its path.
+record_sources() {
+  local p listing hash path
   for p in "$@"; do
     [ -e "$SLUICE_ROOT/$p" ] || die "\`$SLUICE_ROOT/$p\` is missing (an incomplete checkout?)"
   done
-  (cd "$SLUICE_ROOT" &&
+  listing=$(cd "$SLUICE_ROOT" &&
     find "$@" \( -name __pycache__ -o -name node_modules \) -prune -o -type f -print0 |
-    LC_ALL=C sort -z | xargs -0 -r sha256sum) | sha256sum | cut -d' ' -f1
+    LC_ALL=C sort -z | xargs -0 -r sha256sum) || die "cannot read the files under $*"
+  while read -r hash path; do
+    record "$path" "$hash"
+  done <<<"$listing"
 }
 
 # record_file KEY FILE [NOTE]: record the SHA-256 of FILE's contents (after NOTE).
@@ -57,14 +61,6 @@ record_file() {
   local h
   h=$(sha256sum <"$2") || die "cannot read \`$2\`"
   record "$1" ${3:+"$3"} "${h%% *}"
-}
-
-# record_sources KEY PATH...: record the tree_hash of the PATHs.
-record_sources() {
-  local key=$1 h
-  shift
-  h=$(tree_hash "$@") || exit 1
-  record "$key" "$h"
 }
 
 # record_version KEY WHAT COMMAND...: record the first line of `COMMAND --version` and where

@@ -356,7 +356,12 @@ fn a_c_guest_is_rebuilt_when_its_toolchain_flags_or_contract_change() {
         .open(&wit)
         .and_then(|f| f.set_modified(rebuilt - Duration::from_secs(3600)))
         .expect("set the time of task.wit");
-    assert_rebuilt_for(&co, &co.build_with(&flags), "wit", "the WIT contract");
+    assert_rebuilt_for(
+        &co,
+        &co.build_with(&flags),
+        "wit/task.wit",
+        "the WIT contract",
+    );
 }
 
 #[test]

@@ -11,6 +11,7 @@ mod input;
 mod limits;
 mod loading;
 mod polyglot;
+mod polyglot_rebuild;
 mod pool;
 mod recovery;
 mod scheduling;

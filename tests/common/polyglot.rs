@@ -1,7 +1,8 @@
 //! Builds the Python, JavaScript and C guests (the example tasks under `examples/tasks/{python,
 //! js,c}/` and the test guests under `tests/polyglot/`) with the repository's build scripts, once
 //! per test or bench binary, into `$CARGO_TARGET_TMPDIR/polyglot/`. The scripts skip components
-//! that are newer than their sources, so later runs are cheap. Needs `scripts/setup-polyglot`.
+//! that are newer than their sources and were built with the same toolchain (each one's
+//! `.toolchain` record), so later runs are cheap and a toolchain change rebuilds them. Needs `scripts/setup-polyglot`.
 //! Shared by the integration tests and the benchmarks through `#[path]`.
 
 use std::path::{Path, PathBuf};

@@ -571,7 +571,11 @@ fn slow_handler_flow() -> sluice::flow::FlowDef {
     slow.input = Input::Literal(json!(1));
     slow.hooks.on_completion = vec![guest("slow_handler")];
     let mut b = FlowBuilder::new("slow-handler").task(slow);
-    for (name, input) in [("a", json!(1)), ("b", json!("$tasks.a")), ("c", json!("$tasks.b"))] {
+    for (name, input) in [
+        ("a", json!(1)),
+        ("b", json!("$tasks.a")),
+        ("c", json!("$tasks.b")),
+    ] {
         let mut t = TaskDef::new(name, guest("add_one"));
         t.input = Input::from_json(input);
         b = b.task(t);
@@ -651,4 +655,72 @@ async fn cancelling_does_not_wait_for_a_slow_handler_component() {
         slow.history
     );
     assert_eq!(run.task("c").and_then(|c| c.output.clone()), Some(json!(4)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Triggers and skips see a mapped upstream task as its children's states (Prefect 1)
+
+/// `sluice run` of a flow whose `m` maps `component` over `items`, with `after` (add_one, a
+/// state-only edge on `m`) under `trigger`: `after`'s state and message.
+fn after_a_map(dir: &Path, component: &str, items: &str, trigger: &str) -> (String, String) {
+    let home = dir.join("home");
+    let flow = write_flow(
+        dir,
+        &format!("after-map-{trigger}"),
+        &format!(
+            "name = \"after-map\"\n[tasks.m]\ncomponent = \"{}\"\ninput = {items}\nmap = true\n\
+             [tasks.after]\ncomponent = \"{}\"\ninput = 1\nupstream_tasks = [\"m\"]\n\
+             trigger = \"{trigger}\"\n",
+            self::component(component),
+            self::component("add_one"),
+        ),
+    );
+    let (_, r) = run(&home, &flow, &[]);
+    let t = task(&r, "after");
+    let s = |k: &str| t[k].as_str().unwrap_or_default().to_owned();
+    (s("state"), s("message"))
+}
+
+#[test]
+fn any_successful_runs_after_a_map_with_some_failed_children() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // fail_if fails on `true`: one child fails, one completes, so the map is Failed.
+    let (state, msg) = after_a_map(dir.path(), "fail_if", "[true, false]", "any_successful");
+    assert_eq!(state, "Completed", "{msg}");
+    let (state, msg) = after_a_map(dir.path(), "fail_if", "[true, false]", "all_successful");
+    assert_eq!(state, "TriggerFailed");
+    assert!(
+        msg.contains("`m`'s mapped children are 1 Failed, 1 Completed"),
+        "{msg}"
+    );
+    let (state, _) = after_a_map(dir.path(), "fail_if", "[true, false]", "any_failed");
+    assert_eq!(state, "Completed");
+    let (state, _) = after_a_map(dir.path(), "fail_if", "[true, true]", "all_failed");
+    assert_eq!(state, "Completed");
+}
+
+#[test]
+fn the_any_triggers_fail_after_an_empty_map_and_the_all_triggers_pass() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (trigger, want) in [
+        ("any_successful", "TriggerFailed"),
+        ("any_failed", "TriggerFailed"),
+        ("all_successful", "Completed"),
+        ("all_failed", "Completed"),
+        ("all_finished", "Completed"),
+    ] {
+        let (state, msg) = after_a_map(dir.path(), "add_one", "[]", trigger);
+        assert_eq!(state, want, "{trigger}: {msg}");
+        if want == "TriggerFailed" {
+            assert!(msg.contains("`m` mapped no children"), "{msg}");
+        }
+    }
+}
+
+#[test]
+fn a_skipped_mapped_child_skips_the_downstream_task() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (state, msg) = after_a_map(dir.path(), "signal_skip", "[1, 2]", "all_successful");
+    assert_eq!(state, "Skipped");
+    assert_eq!(msg, "a mapped child of upstream task `m` was skipped");
 }

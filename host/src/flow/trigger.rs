@@ -62,6 +62,15 @@ impl Trigger {
     /// Decide, given the (finished) states of the upstream tasks. With no upstream tasks every
     /// trigger but `manual_only` runs.
     pub fn decide(self, upstream: &[StateName]) -> TriggerDecision {
+        self.decide_expanded(!upstream.is_empty(), upstream)
+    }
+
+    /// Decide, given the states the upstream tasks expand to (Prefect 1): a mapped upstream
+    /// task counts as its children's states, none for an empty map. `has_upstream` says whether
+    /// the task has upstream tasks at all: `any_successful` and `any_failed` pass without any,
+    /// but fail for upstream tasks that expand to no state (an empty map), while
+    /// `all_successful` and `all_failed` pass on no states.
+    pub fn decide_expanded(self, has_upstream: bool, upstream: &[StateName]) -> TriggerDecision {
         let ok = |pass: bool| {
             if pass {
                 TriggerDecision::Run
@@ -73,8 +82,8 @@ impl Trigger {
         match self {
             Trigger::AllSuccessful => ok(states.all(is_successful)),
             Trigger::AllFailed => ok(states.all(is_failed)),
-            Trigger::AnySuccessful => ok(upstream.is_empty() || states.any(is_successful)),
-            Trigger::AnyFailed => ok(upstream.is_empty() || states.any(is_failed)),
+            Trigger::AnySuccessful => ok(!has_upstream || states.any(is_successful)),
+            Trigger::AnyFailed => ok(!has_upstream || states.any(is_failed)),
             Trigger::AllFinished => TriggerDecision::Run,
             Trigger::ManualOnly => TriggerDecision::Pause,
         }
@@ -134,6 +143,35 @@ mod tests {
                     trigger.decide(upstream),
                     *want,
                     "{} with upstream {upstream:?}",
+                    trigger.as_str()
+                );
+            }
+        }
+    }
+
+    /// Prefect 1's results when upstream tasks are mapped: each mapped upstream task counts as
+    /// its children's states (`_get_all_states_as_set`), and the `any_*` triggers check for
+    /// upstream edges before looking at the states.
+    #[test]
+    fn trigger_conformance_with_mapped_upstream_tasks() {
+        let cases: &[(&[StateName], [TriggerDecision; 6])] = &[
+            // the children of one mapped upstream task
+            //                           all_succ all_fail any_succ any_fail all_fin manual
+            // some children failed: the parent is Failed, the children are what counts
+            (&[Completed, Failed], [Fail, Fail, Run, Run, Run, Pause]),
+            (&[Failed, Failed], [Fail, Run, Fail, Run, Run, Pause]),
+            (&[Completed, Completed], [Run, Fail, Run, Fail, Run, Pause]),
+            // an empty map: no states at all
+            (&[], [Run, Run, Fail, Fail, Run, Pause]),
+            // a skipped child is a success for triggers
+            (&[Skipped, Failed], [Fail, Fail, Run, Run, Run, Pause]),
+        ];
+        for (states, expected) in cases {
+            for (trigger, want) in Trigger::ALL.iter().zip(expected) {
+                assert_eq!(
+                    trigger.decide_expanded(true, states),
+                    *want,
+                    "{} with a mapped upstream task whose children are {states:?}",
                     trigger.as_str()
                 );
             }

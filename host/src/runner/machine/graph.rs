@@ -71,30 +71,30 @@ impl FlowMachine {
         if !self.starts.contains(&i) {
             let def = self.def.clone();
             let task = &def.tasks[i];
-            let ups = &self.nodes[i].upstream;
-            if task.skip_on_upstream_skip
-                && let Some(&u) = ups
+            let ups = self.nodes[i].upstream.clone();
+            // Prefect 1 expands a mapped upstream task into its children's states, for the
+            // trigger and for skip propagation alike.
+            let states: Vec<StateName> =
+                ups.iter().flat_map(|&u| self.upstream_states(u)).collect();
+            if task.skip_on_upstream_skip && states.contains(&StateName::Skipped) {
+                let u = ups
                     .iter()
-                    .find(|&&u| self.run.tasks[u].state.name == StateName::Skipped)
-            {
-                let msg = format!("upstream task `{}` was skipped", def.tasks[u].name);
-                let s = State::new(StateName::Skipped, self.now()).with_message(msg);
+                    .copied()
+                    .find(|&u| self.upstream_states(u).any(|s| s == StateName::Skipped))
+                    .unwrap_or(i);
+                let what = match self.expands(u) {
+                    true => format!("a mapped child of upstream task `{}`", def.tasks[u].name),
+                    false => format!("upstream task `{}`", def.tasks[u].name),
+                };
+                let s = State::new(StateName::Skipped, self.now())
+                    .with_message(format!("{what} was skipped"));
                 return self.transition(unit, s, None, Then::Finished);
             }
-            let upstream_states: Vec<StateName> =
-                ups.iter().map(|&u| self.run.tasks[u].state.name).collect();
-            match task.trigger.decide(&upstream_states) {
+            match task.trigger.decide_expanded(!ups.is_empty(), &states) {
                 TriggerDecision::Run => {}
                 TriggerDecision::Fail => {
-                    let detail: Vec<String> = ups
-                        .iter()
-                        .map(|&u| {
-                            format!(
-                                "`{}` is {}",
-                                def.tasks[u].name, self.run.tasks[u].state.name
-                            )
-                        })
-                        .collect();
+                    let detail: Vec<String> =
+                        ups.iter().map(|&u| self.upstream_detail(u)).collect();
                     let msg = format!(
                         "trigger `{}` did not pass: {}",
                         task.trigger.as_str(),
@@ -114,6 +114,46 @@ impl FlowMachine {
         }
         self.resolve_input(i);
         self.schedule(i);
+    }
+
+    /// Whether upstream task `u` counts as its mapped children: it is mapped and made its
+    /// children (an empty map made none and counts as no state; a map that failed before making
+    /// any counts as its own state).
+    pub(super) fn expands(&self, u: usize) -> bool {
+        let rec = &self.run.tasks[u];
+        self.def.tasks[u].map != MapOver::No
+            && (rec.state.name == StateName::Mapped || !rec.children.is_empty())
+    }
+
+    /// The states upstream task `u` counts as for triggers and skips.
+    pub(super) fn upstream_states(&self, u: usize) -> impl Iterator<Item = StateName> + '_ {
+        let rec = &self.run.tasks[u];
+        let (own, children) = match self.expands(u) {
+            true => (None, &rec.children[..]),
+            false => (Some(rec.state.name), &[][..]),
+        };
+        own.into_iter().chain(children.iter().map(|c| c.state.name))
+    }
+
+    /// How upstream task `u` stands, for a TriggerFailed message.
+    fn upstream_detail(&self, u: usize) -> String {
+        let rec = &self.run.tasks[u];
+        let name = &self.def.tasks[u].name;
+        if !self.expands(u) {
+            return format!("`{name}` is {}", rec.state.name);
+        }
+        if rec.children.is_empty() {
+            return format!("`{name}` mapped no children");
+        }
+        let mut counts: Vec<(StateName, usize)> = Vec::new();
+        for c in &rec.children {
+            match counts.iter_mut().find(|(s, _)| *s == c.state.name) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((c.state.name, 1)),
+            }
+        }
+        let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        format!("`{name}`'s mapped children are {}", counts.join(", "))
     }
 
     /// Resolve the task's input from parameters and upstream outputs (or reuse the cached one),

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use serde_json::json;
 use sluice::cache::{CacheKey, CachePolicy, CacheScope, CacheValidator, TaskIdentity};
 use sluice::flow::{FlowBuilder, Input, MapOver, TaskDef};
-use sluice::runner::{FlowRunner, RunOptions};
+use sluice::runner::{FlowRun, FlowRunner, RunOptions};
 use sluice::sandbox::{RunBudget, Sandbox};
 use sluice::state::StateName;
 use sluice::store::{CacheLookup, SqliteStore, Store};
@@ -54,6 +54,17 @@ fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// Prepare `def` and run it once: the run's wall time (not the prepare) and its record, which
+/// must be Completed.
+async fn timed_run(runner: &FlowRunner, def: sluice::flow::FlowDef) -> (Duration, FlowRun) {
+    let flow = runner.prepare(def, Path::new(".")).await.expect("prepare");
+    let began = Instant::now();
+    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+    let elapsed = began.elapsed();
+    assert_eq!(run.state.name, StateName::Completed);
+    (elapsed, run)
+}
+
 async fn mapped_flow(runner: &FlowRunner, n: usize) -> Duration {
     mapped_flow_with(runner, n, None, StateName::Completed).await
 }
@@ -73,11 +84,7 @@ async fn mapped_flow_with(
         .task(add)
         .build()
         .expect("flow");
-    let flow = runner.prepare(def, Path::new(".")).await.expect("prepare");
-    let began = Instant::now();
-    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
-    let elapsed = began.elapsed();
-    assert_eq!(run.state.name, StateName::Completed);
+    let (elapsed, run) = timed_run(runner, def).await;
     assert_eq!(run.tasks[0].children.len(), n);
     assert!(
         run.tasks[0]
@@ -106,11 +113,7 @@ async fn chain_flow(runner: &FlowRunner, n: usize) -> Duration {
         b = b.task(t);
     }
     let def = b.build().expect("flow");
-    let flow = runner.prepare(def, Path::new(".")).await.expect("prepare");
-    let began = Instant::now();
-    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
-    let elapsed = began.elapsed();
-    assert_eq!(run.state.name, StateName::Completed);
+    let (elapsed, run) = timed_run(runner, def).await;
     assert_eq!(
         run.tasks[n - 1].output,
         Some(json!(n)),
@@ -151,11 +154,7 @@ async fn dag_flow(runner: &FlowRunner, width: usize, layers: usize) -> Duration 
         }
     }
     let def = b.build().expect("flow");
-    let flow = runner.prepare(def, Path::new(".")).await.expect("prepare");
-    let began = Instant::now();
-    let run = runner.run(&flow, RunOptions::default()).await.expect("run");
-    let elapsed = began.elapsed();
-    assert_eq!(run.state.name, StateName::Completed);
+    let (elapsed, run) = timed_run(runner, def).await;
     assert_eq!(run.tasks.len(), width * layers);
     assert!(
         run.tasks

@@ -22,6 +22,8 @@ use serde_json::Value;
 
 mod attempt;
 mod graph;
+#[cfg(test)]
+mod tests;
 mod transition;
 
 use super::mapping;

@@ -169,7 +169,7 @@ struct TaskSpec {
 
 fn task_spec() -> impl Strategy<Value = TaskSpec> {
     let hooks = prop_oneof![
-        6 => Just((false, false, false, false)),
+        3 => Just((false, false, false, false)),
         1 => any::<(bool, bool, bool, bool)>(),
     ];
     (
@@ -918,21 +918,28 @@ fn check(s: &Scenario) {
     check_final_states(s, &flow, &h, &run);
     check_flow_state(&flow, &h, &run);
 
-    // Property 5: the same events at the same clock readings, into a fresh machine.
-    let mut r = Harness::new(&flow, s.events, s.items);
-    r.start();
-    for (now, logged) in log {
-        r.feed(now, logged);
+    // Property 5: the same events at the same clock readings, into fresh machines. Each
+    // machine's hash maps have their own random order, so an order leaking into a decision
+    // shows as a difference (more often, the more replays).
+    for _ in 0..REPLAYS {
+        let mut r = Harness::new(&flow, s.events, s.items);
+        r.start();
+        for (now, logged) in &log {
+            r.feed(*now, logged.clone());
+        }
+        r.clock.set(end);
+        r.finish();
+        assert_eq!(r.trace, trace, "replay issued other commands");
+        assert_eq!(
+            transitions(r.machine.run()),
+            transitions(&run),
+            "replay made other transitions"
+        );
     }
-    r.clock.set(end);
-    r.finish();
-    assert_eq!(r.trace, trace, "replay issued other commands");
-    assert_eq!(
-        transitions(r.machine.run()),
-        transitions(&run),
-        "replay made other transitions"
-    );
 }
+
+/// Replays of each case.
+const REPLAYS: usize = 3;
 
 proptest! {
     #![proptest_config(config())]

@@ -22,6 +22,8 @@ use serde_json::Value;
 
 mod attempt;
 mod graph;
+#[cfg(test)]
+mod tests;
 mod transition;
 
 use super::mapping;
@@ -445,6 +447,25 @@ impl FlowMachine {
     pub fn finish(&mut self) {
         if self.cancelled {
             // Nothing will run any more: paused tasks and those waiting on them end Cancelled.
+            // Paused mapped children first: their parent then ends Cancelled as a mapped run
+            // that was cancelled.
+            let paused: Vec<Unit> = (0..self.run.tasks.len())
+                .filter(|&i| self.nodes[i].map.is_some())
+                .flat_map(|i| {
+                    let t = &self.run.tasks[i];
+                    (0..t.children.len())
+                        .filter(move |&c| !t.children[c].state.is_terminal())
+                        .map(move |c| Unit {
+                            task: i,
+                            child: Some(c as u32),
+                        })
+                })
+                .collect();
+            for unit in paused {
+                let s = State::new(StateName::Cancelled, self.now())
+                    .with_message("the flow run was cancelled while this task was paused");
+                self.transition(unit, s, None, Then::Finished);
+            }
             let waiting: Vec<Unit> = (0..self.run.tasks.len())
                 .filter(|&i| !self.run.tasks[i].state.is_terminal())
                 .map(Unit::task)

@@ -18,6 +18,17 @@ impl FlowMachine {
             let mut pending: Vec<(Unit, Pending)> = self.hooks.drain().collect();
             pending.sort_by_key(|(_, p)| p.seq);
             for (unit, p) in pending {
+                if matches!(p.then, Then::Launch) {
+                    // An attempt whose start (Running) awaited the handlers does not start
+                    // now: nothing new starts once cancelled, and it is not counted.
+                    let rec = self.record(unit);
+                    rec.attempts = rec.attempts.saturating_sub(1);
+                    self.release_slot(unit);
+                    let s = State::new(StateName::Cancelled, self.now())
+                        .with_message("the flow run was cancelled before this task started");
+                    self.transition(unit, s, None, Then::Finished);
+                    continue;
+                }
                 self.complete_transition(unit, p.old, p.state, p.output, p.proposed, p.then);
             }
         }

@@ -817,9 +817,22 @@ fn check_final_states(s: &Scenario, flow: &Flow, h: &Harness, run: &FlowRun) {
         // What the trigger and the skip rule decided, once the upstream tasks finished.
         if !cancelled && ups_done && !ups.is_empty() {
             let def = &flow.def.tasks[i];
-            let states: Vec<StateName> = ups.iter().map(|&u| run.tasks[u].state.name).collect();
+            // Prefect 1: a mapped upstream task that made its children (none for an empty
+            // map) counts as its children's states.
+            let states: Vec<StateName> = ups
+                .iter()
+                .flat_map(|&u| {
+                    let up = &run.tasks[u];
+                    let expands = flow.def.tasks[u].map != MapOver::No
+                        && (up.state.name == StateName::Mapped || !up.children.is_empty());
+                    match expands {
+                        true => up.children.iter().map(|c| c.state.name).collect::<Vec<_>>(),
+                        false => vec![up.state.name],
+                    }
+                })
+                .collect();
             let skip = def.skip_on_upstream_skip && states.contains(&StateName::Skipped);
-            let decision = def.trigger.decide(&states);
+            let decision = def.trigger.decide_expanded(true, &states);
             let ran = rec.attempts > 0 || !rec.children.is_empty();
             if skip {
                 assert_eq!(

@@ -99,7 +99,8 @@ pub async fn raw_floor(wasm: &Path, warmup: usize, iterations: usize) -> Stats {
         .total_stacks(16)
         // The same pooling tuning as the sandbox, so the ratio measures only what Sluice adds.
         .linear_memory_keep_resident(64 << 10)
-        .table_keep_resident(16 << 10);
+        .table_keep_resident(16 << 10)
+        .pagemap_scan(wasmtime::Enabled::Auto);
     let mut config = Config::new();
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     let engine = Engine::new(&config).expect("engine");

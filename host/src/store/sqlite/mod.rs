@@ -1,0 +1,367 @@
+//! The embedded store: one SQLite database (`<home>/sluice.db`, WAL, `synchronous=FULL`) with
+//! versioned migrations, blobs in a content-addressed table, and a writer thread that commits
+//! queued writes in batches (group commit). Liveness of a run is an advisory lock on
+//! `<home>/runs/<id>.lock`, held by the process executing it and released by the kernel when that
+//! process dies, however it dies; the run also records that process's pid and start time
+//! (Linux: `/proc/<pid>/stat` field 22), so a run whose lock file was deleted is still live while
+//! its process is. Both need the home on a local file system, shared by processes of one
+//! machine.
+//!
+//! Writes fail stop: a batch that cannot be committed is held, with every later batch, in order,
+//! and nothing is committed past it until a flush commits them all (see [`Store::abandon`] for
+//! a run that ends first). An error SQLite reports as corruption stops all writing for good.
+
+mod cache;
+mod liveness;
+mod runs;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use chrono::{DateTime, Utc};
+use rusqlite::Connection;
+use serde_json::Value;
+
+use super::{
+    CacheEntry, CacheLookup, CachedOutput, CancelOutcome, RunFilter, RunLease, RunSummary, Store,
+    StoreError, StoredLog, StoredRun, Write,
+};
+use crate::cache::CacheKey;
+use crate::ids::FlowRunId;
+use crate::state::State;
+use schema::{MIGRATIONS, classify_open, connect, connect_immutable, migrate};
+use writer::{Health, Msg, damage_marker, writer};
+
+/// The embedded SQLite store. Cheap to clone; clones share the database and the writer.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    home: PathBuf,
+    path: PathBuf,
+    read_only: bool,
+    read: Mutex<Connection>,
+    tx: Mutex<mpsc::Sender<Msg>>,
+    health: Arc<Health>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    /// Stop the writer and wait for it: its connection is closed (and the WAL checkpointed and
+    /// removed by the last connection) before the process can exit, so a clean exit never leaves
+    /// a `-wal` without its `-shm` (which a read-only home could not open).
+    fn drop(&mut self) {
+        *lock(&self.tx) = mpsc::channel().0;
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        if self.health.is_damaged() {
+            // Not even a checkpoint goes into a damaged file.
+            let _ = lock(&self.read).set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+                true,
+            );
+        }
+    }
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+fn i64_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl SqliteStore {
+    /// Open (creating when absent) the store in `home`: the database `home/sluice.db`.
+    /// Refuses a file that is not a Sluice database, or one from a newer Sluice, and leaves it
+    /// untouched.
+    /// A home (or database) that cannot be written is [`StoreError::ReadOnly`]; see
+    /// [`SqliteStore::open_read_only`] to read its history anyway.
+    pub fn open(home: &Path) -> Result<SqliteStore, StoreError> {
+        let path = home.join("sluice.db");
+        // Damage found earlier (by any process): nothing is written to it again.
+        if let Ok(detail) = std::fs::read_to_string(damage_marker(&path)) {
+            return Err(StoreError::Damaged {
+                path,
+                detail: detail.trim().to_owned(),
+            });
+        }
+        let runs = home.join("runs");
+        if let Err(e) = std::fs::create_dir_all(&runs) {
+            let detail = format!("cannot create {}: {e}", runs.display());
+            return Err(match e.kind() {
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+                    StoreError::ReadOnly { path, detail }
+                }
+                _ => StoreError::Open { path, detail },
+            });
+        }
+        if path.exists()
+            && let Err(e) = std::fs::OpenOptions::new().append(true).open(&path)
+            && matches!(
+                e.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            )
+        {
+            return Err(StoreError::ReadOnly {
+                path,
+                detail: format!("the database file cannot be written: {e}"),
+            });
+        }
+        let write = connect(&path, false)?;
+        if write.is_readonly("main").unwrap_or(true) {
+            return Err(StoreError::ReadOnly {
+                path,
+                detail: "the database file cannot be opened for writing".into(),
+            });
+        }
+        migrate(&write, &path)?;
+        let read = connect(&path, false)?;
+        Self::start(home, path, write, read, false)
+    }
+
+    /// Open an existing store only to read it (history of a read-only home). Writes fail.
+    pub fn open_read_only(home: &Path) -> Result<SqliteStore, StoreError> {
+        let path = home.join("sluice.db");
+        if !path.is_file() {
+            return Err(StoreError::Open {
+                detail: "there is no store there".into(),
+                path,
+            });
+        }
+        // A WAL database whose `-shm` is gone cannot be opened in a directory that cannot be
+        // written: it is read as immutable. Its `-wal`, if any, was checkpointed before the
+        // `-shm` went (SQLite removes the `-shm` first, only after a complete checkpoint), so
+        // nothing committed is missed.
+        let conn = match connect(&path, true) {
+            Ok(c) => c,
+            Err(e) => connect_immutable(&path).map_err(|_| e)?,
+        };
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| classify_open(&path, &e))?;
+        if version == 0 {
+            return Err(StoreError::Open {
+                path,
+                detail: "the store was never initialized, and the home is read-only".into(),
+            });
+        }
+        if version > MIGRATIONS.len() as i64 {
+            return Err(StoreError::TooNew {
+                path,
+                found: version,
+                supported: MIGRATIONS.len() as i64,
+            });
+        }
+        let read = match connect(&path, true) {
+            Ok(c) => c,
+            Err(e) => connect_immutable(&path).map_err(|_| e)?,
+        };
+        Self::start(home, path, conn, read, true)
+    }
+
+    fn start(
+        home: &Path,
+        path: PathBuf,
+        write: Connection,
+        read: Connection,
+        read_only: bool,
+    ) -> Result<SqliteStore, StoreError> {
+        let open_err = |detail: String| StoreError::Open {
+            path: path.clone(),
+            detail,
+        };
+        let health = Arc::new(Health::new(&path));
+        let (tx, rx) = mpsc::channel();
+        let writer_health = health.clone();
+        let writer_path = path.clone();
+        let writer = std::thread::Builder::new()
+            .name("sluice-store".into())
+            .spawn(move || writer(write, &rx, &writer_health, &writer_path))
+            .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                home: home.to_owned(),
+                path,
+                read_only,
+                read: Mutex::new(read),
+                tx: Mutex::new(tx),
+                health,
+                writer: Some(writer),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn read(&self) -> MutexGuard<'_, Connection> {
+        lock(&self.inner.read)
+    }
+
+    fn lock_path(&self, run: FlowRunId) -> PathBuf {
+        self.inner.home.join("runs").join(format!("{run}.lock"))
+    }
+
+    /// A conversion of SQLite errors of `operation`: corruption is [`StoreError::Damaged`] (and
+    /// stops all writing), anything else [`StoreError::Io`].
+    fn io_err<'a>(&'a self, operation: &'a str) -> impl Fn(rusqlite::Error) -> StoreError + 'a {
+        move |e| {
+            let e = classify(&self.inner.path, operation, &e);
+            if matches!(e, StoreError::Damaged { .. }) {
+                self.inner.health.note(&e);
+            }
+            e
+        }
+    }
+
+    /// Refuse to write when the database is damaged.
+    fn writable(&self) -> Result<(), StoreError> {
+        match self.inner.health.error() {
+            Some(e @ StoreError::Damaged { .. }) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// SQLite's error of `operation` as a store error: corruption (`SQLITE_CORRUPT`,
+/// `SQLITE_NOTADB`) is [`StoreError::Damaged`].
+fn classify(path: &Path, operation: &str, e: &rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            StoreError::Damaged {
+                path: path.to_owned(),
+                detail: format!("{operation}: {e}"),
+            }
+        }
+        _ => StoreError::io(operation, e),
+    }
+}
+
+impl Store for SqliteStore {
+    fn submit(&self, write: Write) {
+        // The writer lives as long as the store; a send fails only if it panicked.
+        if lock(&self.inner.tx).send(Msg::Write(write)).is_err() {
+            self.inner
+                .health
+                .note(&StoreError::io("write", "the writer thread stopped"));
+        }
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let (done, wait) = mpsc::sync_channel(1);
+        lock(&self.inner.tx)
+            .send(Msg::Flush(done))
+            .map_err(|_| StoreError::io("flush", "the writer thread stopped"))?;
+        wait.recv()
+            .map_err(|_| StoreError::io("flush", "the writer thread stopped"))?
+    }
+
+    fn write_error(&self) -> Option<StoreError> {
+        self.inner.health.error()
+    }
+
+    fn abandon(&self, run: FlowRunId, now: DateTime<Utc>) -> Result<Option<State>, StoreError> {
+        let (done, wait) = mpsc::sync_channel(1);
+        lock(&self.inner.tx)
+            .send(Msg::Abandon { run, now, done })
+            .map_err(|_| StoreError::io("write", "the writer thread stopped"))?;
+        wait.recv()
+            .map_err(|_| StoreError::io("write", "the writer thread stopped"))?
+    }
+
+    fn lease(&self, run: FlowRunId) -> Result<Box<dyn RunLease>, StoreError> {
+        self.lease_impl(run)
+    }
+
+    fn is_live(&self, run: FlowRunId) -> bool {
+        self.live_in(&self.read(), run)
+    }
+
+    fn cache_lookup(&self, key: &CacheKey, now: DateTime<Utc>) -> Result<CacheLookup, StoreError> {
+        self.cache_lookup_impl(key, now)
+    }
+
+    fn cache_preload(
+        &self,
+        task: &str,
+        now: DateTime<Utc>,
+        max_bytes: u64,
+    ) -> Result<Vec<CachedOutput>, StoreError> {
+        self.cache_preload_impl(task, now, max_bytes)
+    }
+
+    fn cache_entries(&self, task: Option<&str>) -> Result<Vec<CacheEntry>, StoreError> {
+        self.cache_entries_impl(task)
+    }
+
+    fn cache_entry(&self, prefix: &str) -> Result<(CacheEntry, Value), StoreError> {
+        self.cache_entry_impl(prefix)
+    }
+
+    fn clear_cache(
+        &self,
+        task: Option<&str>,
+        expired_before: Option<DateTime<Utc>>,
+    ) -> Result<usize, StoreError> {
+        self.clear_cache_impl(task, expired_before)
+    }
+
+    fn resolve_run(&self, id_or_prefix: &str) -> Result<FlowRunId, StoreError> {
+        self.resolve_run_impl(id_or_prefix)
+    }
+
+    fn load_run(&self, run: FlowRunId) -> Result<StoredRun, StoreError> {
+        self.load_run_impl(run)
+    }
+
+    fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
+        self.list_runs_impl(filter)
+    }
+
+    fn logs(
+        &self,
+        run: FlowRunId,
+        task: Option<&str>,
+        after: i64,
+    ) -> Result<Vec<StoredLog>, StoreError> {
+        self.logs_impl(run, task, after)
+    }
+
+    fn recover_dead(&self, now: DateTime<Utc>) -> Result<Vec<FlowRunId>, StoreError> {
+        self.recover_dead_impl(now)
+    }
+
+    fn cancel(&self, run: FlowRunId, now: DateTime<Utc>) -> Result<CancelOutcome, StoreError> {
+        self.cancel_impl(run, now)
+    }
+
+    fn cancel_requested(&self, run: FlowRunId) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.cancel_requested_impl(run)
+    }
+}

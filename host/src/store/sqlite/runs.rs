@@ -1,0 +1,358 @@
+//! Reading recorded runs back: resolving a run id from a prefix, loading a run with its task
+//! runs and histories, listing runs, reading logs, and reading blobs checked against their hash.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+
+use super::{SqliteStore, from_micros};
+use crate::ids::FlowRunId;
+use crate::runner::{FlowRun, TaskRun, Transition};
+use crate::sandbox::LogRecord;
+use crate::state::{State, StateName};
+use crate::store::{RunFilter, RunSummary, StoreError, StoredLog, StoredRun};
+
+pub(super) fn parse_state(run: &str, json: &str) -> Result<State, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+        run: run.to_owned(),
+        detail: format!("state {json:?}: {e}"),
+    })
+}
+
+fn parse_history(run: &str, text: &str) -> Result<Vec<Transition>, StoreError> {
+    text.lines()
+        .map(|l| {
+            serde_json::from_str(l).map_err(|e| StoreError::Corrupt {
+                run: run.to_owned(),
+                detail: format!("history line {l:?}: {e}"),
+            })
+        })
+        .collect()
+}
+
+pub(super) fn parse_name(run: &str, s: &str) -> Result<StateName, StoreError> {
+    s.parse().map_err(|_| StoreError::Corrupt {
+        run: run.to_owned(),
+        detail: format!("unknown state name {s:?}"),
+    })
+}
+
+pub(super) fn parse_id<T: std::str::FromStr>(run: &str, s: &str) -> Result<T, StoreError> {
+    s.parse().map_err(|_| StoreError::Corrupt {
+        run: run.to_owned(),
+        detail: format!("bad id {s:?}"),
+    })
+}
+
+/// Read blob `hash`, checking it against its hash.
+pub(super) fn get_blob(
+    store: &SqliteStore,
+    conn: &Connection,
+    hash: &str,
+    what: &str,
+) -> Result<Value, StoreError> {
+    let data: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT data FROM blobs WHERE hash = ?1")
+        .and_then(|mut s| s.query_row([hash], |r| r.get(0)).optional())
+        .map_err(store.io_err("blob read"))?;
+    let blob_err = |problem: String| StoreError::Blob {
+        hash: hash.to_owned(),
+        what: what.to_owned(),
+        problem,
+    };
+    let data = data.ok_or_else(|| blob_err("missing from the store".into()))?;
+    if blake3::hash(&data).to_hex().as_str() != hash {
+        return Err(blob_err(
+            "corrupt: its content does not match its hash".into(),
+        ));
+    }
+    serde_json::from_slice(&data).map_err(|e| blob_err(format!("not valid JSON: {e}")))
+}
+
+impl SqliteStore {
+    pub(super) fn resolve_run_impl(&self, id_or_prefix: &str) -> Result<FlowRunId, StoreError> {
+        let prefix = id_or_prefix.trim().to_ascii_uppercase();
+        if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(StoreError::UnknownRun(id_or_prefix.to_owned()));
+        }
+        let conn = self.read();
+        let mut s = conn
+            .prepare_cached("SELECT id FROM flow_runs WHERE id >= ?1 AND id < ?1 || 'ZZZZZZZZZZZZZZZZZZZZZZZZZZ' LIMIT 2")
+            .map_err(self.io_err("run lookup"))?;
+        let ids: Vec<String> = s
+            .query_map([&prefix], |r| r.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(self.io_err("run lookup"))?;
+        let ids: Vec<&String> = ids.iter().filter(|i| i.starts_with(&prefix)).collect();
+        match ids.as_slice() {
+            [] => Err(StoreError::UnknownRun(id_or_prefix.to_owned())),
+            [one] => parse_id(one, one),
+            _ => {
+                let count: i64 = conn
+                    .query_row(
+                        "SELECT count(*) FROM flow_runs WHERE substr(id, 1, length(?1)) = ?1",
+                        [&prefix],
+                        |r| r.get(0),
+                    )
+                    .map_err(self.io_err("run lookup"))?;
+                Err(StoreError::AmbiguousRun {
+                    prefix: id_or_prefix.to_owned(),
+                    count: count as usize,
+                })
+            }
+        }
+    }
+
+    pub(super) fn load_run_impl(&self, run: FlowRunId) -> Result<StoredRun, StoreError> {
+        let conn = self.read();
+        let id = run.to_string();
+        let io = self.io_err("run load");
+        type Head = (
+            String,
+            String,
+            i64,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            String,
+        );
+        let head: Option<Head> = conn
+            .query_row(
+                "SELECT flow, state_json, created_at, parameters, context, manifest_path, manifest, cancel_requested_at, history FROM flow_runs WHERE id = ?1",
+                [&id],
+                |r| TryFrom::try_from(r),
+            )
+            .optional()
+            .map_err(&io)?;
+        let Some((flow, state, created, parameters, context, mpath, mtext, cancel, history)) = head
+        else {
+            return Err(StoreError::UnknownRun(id));
+        };
+        let corrupt = |detail: String| StoreError::Corrupt {
+            run: id.clone(),
+            detail,
+        };
+        let state = parse_state(&id, &state)?;
+        let parameters: BTreeMap<String, Value> =
+            serde_json::from_str(&parameters).map_err(|e| corrupt(format!("parameters: {e}")))?;
+        let context: BTreeMap<String, String> =
+            serde_json::from_str(&context).map_err(|e| corrupt(format!("context: {e}")))?;
+
+        let mut logs: HashMap<String, Vec<LogRecord>> = HashMap::new();
+        {
+            let mut s = conn
+                .prepare_cached(
+                    "SELECT task_run, record FROM logs WHERE flow_run = ?1 ORDER BY seq",
+                )
+                .map_err(&io)?;
+            let rows = s
+                .query_map([&id], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(&io)?;
+            for row in rows {
+                let (task_run, record) = row.map_err(&io)?;
+                let record: LogRecord =
+                    serde_json::from_str(&record).map_err(|e| corrupt(format!("log: {e}")))?;
+                logs.entry(task_run).or_default().push(record);
+            }
+        }
+        type Row = (
+            String,
+            u32,
+            String,
+            Option<String>,
+            Option<u32>,
+            String,
+            u32,
+            i64,
+            i64,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            String,
+        );
+        let rows: Vec<Row> = {
+            let mut s = conn
+                .prepare_cached(
+                    "SELECT id, task_index, name, parent, map_index, state_json, attempts, run_time_us, fuel, output, cached_input, cache, history
+                     FROM task_runs WHERE flow_run = ?1 ORDER BY task_index, parent IS NOT NULL, map_index",
+                )
+                .map_err(&io)?;
+            s.query_map([&id], |r| TryFrom::try_from(r))
+                .and_then(|rows| rows.collect())
+                .map_err(&io)?
+        };
+        let mut tasks: Vec<TaskRun> = Vec::new();
+        let mut problems = Vec::new();
+        let mut parents: HashMap<String, usize> = HashMap::new();
+        for (
+            tid,
+            _index,
+            name,
+            parent,
+            map_index,
+            state,
+            attempts,
+            rt,
+            fuel,
+            out,
+            input,
+            cache,
+            hist,
+        ) in rows
+        {
+            let state = parse_state(&id, &state)?;
+            let what = |kind: &str| match map_index {
+                Some(i) => format!("{kind} of task `{name}`[{i}]"),
+                None => format!("{kind} of task `{name}`"),
+            };
+            let mut blob = |hash: &Option<String>, kind: &str| {
+                let hash = hash.as_deref()?;
+                get_blob(self, &conn, hash, &what(kind))
+                    .map_err(|e| problems.push(e))
+                    .ok()
+            };
+            let output = match state.state_type() {
+                crate::state::StateType::Completed => blob(&out, "output"),
+                _ => None,
+            };
+            let cached_input = blob(&input, "cached input").map(Arc::new);
+            let cache = cache
+                .map(|c| serde_json::from_str(&c))
+                .transpose()
+                .map_err(|e| corrupt(format!("cache info: {e}")))?;
+            let record = TaskRun {
+                name,
+                id: parse_id(&id, &tid)?,
+                map_index,
+                history: parse_history(&id, &hist)?,
+                logs: logs.remove(&tid).unwrap_or_default(),
+                state,
+                attempts,
+                output,
+                output_released: false,
+                cached_input,
+                run_time: Duration::from_micros(u64::try_from(rt).unwrap_or(0)),
+                fuel_consumed: u64::try_from(fuel).unwrap_or(0),
+                cache,
+                children: Vec::new(),
+            };
+            match parent {
+                None => {
+                    parents.insert(tid, tasks.len());
+                    tasks.push(record);
+                }
+                Some(p) => match parents.get(&p) {
+                    Some(&i) => tasks[i].children.push(record),
+                    None => {
+                        return Err(corrupt(format!("task run {tid} has an unknown parent {p}")));
+                    }
+                },
+            }
+        }
+        let run_record = FlowRun {
+            id: run,
+            flow,
+            state,
+            history: parse_history(&id, &history)?,
+            parameters,
+            context,
+            tasks,
+        };
+        Ok(StoredRun {
+            run: run_record,
+            manifest: mpath.zip(mtext).map(|(p, t)| (PathBuf::from(p), t)),
+            created_at: from_micros(created),
+            cancel_requested_at: cancel.map(from_micros),
+            problems,
+        })
+    }
+
+    pub(super) fn list_runs_impl(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
+        let conn = self.read();
+        let io = self.io_err("run list");
+        let limit = if filter.limit == 0 {
+            i64::MAX
+        } else {
+            filter.limit as i64
+        };
+        let rows: Vec<(String, String, String, i64, i64)> = {
+            let mut s = conn
+                .prepare_cached(
+                    "SELECT id, flow, state_json, created_at, updated_at FROM flow_runs
+                     WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR flow = ?2)
+                     ORDER BY created_at DESC, id DESC LIMIT ?3",
+                )
+                .map_err(&io)?;
+            s.query_map(
+                params![filter.state.map(StateName::as_str), filter.flow, limit],
+                |r| TryFrom::try_from(r),
+            )
+            .and_then(|rows| rows.collect())
+            .map_err(&io)?
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        let mut counts = conn
+            .prepare_cached(
+                "SELECT state, count(*) FROM task_runs WHERE flow_run = ?1 AND parent IS NULL GROUP BY state",
+            )
+            .map_err(&io)?;
+        for (id, flow, state, created, updated) in rows {
+            let tasks: BTreeMap<String, u64> = counts
+                .query_map([&id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+                .and_then(|rows| rows.collect())
+                .map_err(&io)?;
+            out.push(RunSummary {
+                id: parse_id(&id, &id)?,
+                flow,
+                state: parse_state(&id, &state)?,
+                created_at: from_micros(created),
+                updated_at: from_micros(updated),
+                tasks,
+            });
+        }
+        Ok(out)
+    }
+
+    pub(super) fn logs_impl(
+        &self,
+        run: FlowRunId,
+        task: Option<&str>,
+        after: i64,
+    ) -> Result<Vec<StoredLog>, StoreError> {
+        let conn = self.read();
+        let io = self.io_err("log read");
+        let mut s = conn
+            .prepare_cached(
+                "SELECT seq, task, map_index, record FROM logs WHERE flow_run = ?1 AND seq > ?2 AND (?3 IS NULL OR task = ?3) ORDER BY seq",
+            )
+            .map_err(&io)?;
+        let rows: Vec<(i64, String, Option<u32>, String)> = s
+            .query_map(params![run.to_string(), after, task], |r| {
+                TryFrom::try_from(r)
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(&io)?;
+        rows.into_iter()
+            .map(|(seq, task, map_index, record)| {
+                let record = serde_json::from_str(&record).map_err(|e| StoreError::Corrupt {
+                    run: run.to_string(),
+                    detail: format!("log {seq}: {e}"),
+                })?;
+                Ok(StoredLog {
+                    seq,
+                    task,
+                    map_index,
+                    record,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,470 @@
+//! The writer thread and its health: queued writes are committed in batches, one transaction
+//! each (group commit), a task run's changes within a batch merged into one row write, values
+//! stored as content-addressed blobs. Writes fail stop: a batch that cannot be committed is
+//! held, with every later one, until a flush commits them all; damage stops writing for good.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, Transaction, params};
+use serde_json::Value;
+
+use super::liveness::{not_recorded, process_start};
+use super::{classify, i64_of, lock, micros};
+use crate::cache::canonical;
+use crate::ids::{FlowRunId, TaskRunId};
+use crate::runner::Transition;
+use crate::state::State;
+use crate::store::{Blob, CacheWrite, RunHeader, StoreError, TaskWrite, Write};
+
+/// Most writes one batch (one transaction) applies.
+const MAX_BATCH: usize = 20_000;
+
+pub(super) enum Msg {
+    Write(Write),
+    Flush(mpsc::SyncSender<Result<(), StoreError>>),
+    Abandon {
+        run: FlowRunId,
+        now: DateTime<Utc>,
+        done: mpsc::SyncSender<Result<Option<State>, StoreError>>,
+    },
+}
+
+/// The store's health, shared by the writer thread and readers.
+pub(super) struct Health {
+    /// Notes damage for other processes: `<database>.damaged`.
+    marker: PathBuf,
+    /// Why writes are held back: the first failure since everything was last committed (or the
+    /// damage).
+    error: Mutex<Option<StoreError>>,
+    /// SQLite reported the database damaged: nothing is written to it any more.
+    damaged: AtomicBool,
+}
+
+impl Health {
+    pub(super) fn new(path: &Path) -> Health {
+        Health {
+            marker: damage_marker(path),
+            error: Mutex::new(None),
+            damaged: AtomicBool::new(false),
+        }
+    }
+
+    pub(super) fn error(&self) -> Option<StoreError> {
+        lock(&self.error).clone()
+    }
+
+    pub(super) fn is_damaged(&self) -> bool {
+        self.damaged.load(Ordering::SeqCst)
+    }
+
+    /// Note a failure: damage replaces any other reason, for good; another failure is kept
+    /// unless one is already.
+    pub(super) fn note(&self, e: &StoreError) {
+        let mut error = lock(&self.error);
+        if let StoreError::Damaged { detail, .. } = e {
+            if !self.damaged.swap(true, Ordering::SeqCst) {
+                *error = Some(e.clone());
+                // Best effort: other processes refuse to open the store while this exists.
+                let _ = std::fs::write(&self.marker, format!("{detail}\n"));
+            }
+        } else if error.is_none() {
+            *error = Some(e.clone());
+        }
+    }
+
+    /// Everything was committed.
+    pub(super) fn clear(&self) {
+        if !self.is_damaged() {
+            *lock(&self.error) = None;
+        }
+    }
+}
+
+/// The file noting that the database at `path` was found damaged.
+pub(super) fn damage_marker(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".damaged");
+    PathBuf::from(p)
+}
+
+/// The writer thread: commits queued writes in batches, one transaction each. A batch that
+/// cannot be committed is held, with every later one, in order, until a flush commits them all;
+/// nothing is committed past it. Damage stops writing for good.
+pub(super) fn writer(mut conn: Connection, rx: &mpsc::Receiver<Msg>, health: &Health, path: &Path) {
+    let mut held: VecDeque<Batch> = VecDeque::new();
+    while let Ok(first) = rx.recv() {
+        let mut batch = Batch::default();
+        let mut control = None;
+        let mut next = Some(first);
+        while let Some(msg) = next {
+            match msg {
+                Msg::Write(w) => batch.push(w),
+                other => {
+                    control = Some(other);
+                    break;
+                }
+            }
+            next = if batch.writes < MAX_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        if !batch.is_empty() && !health.is_damaged() {
+            if held.is_empty() {
+                if let Err(e) = commit(&mut conn, &batch, path) {
+                    health.note(&e);
+                    held.push_back(batch);
+                }
+            } else {
+                held.push_back(batch);
+            }
+        }
+        if health.is_damaged() {
+            held.clear();
+        }
+        match control {
+            None | Some(Msg::Write(_)) => {}
+            Some(Msg::Flush(done)) => {
+                let _ = done.send(retry(&mut conn, &mut held, health, path));
+            }
+            Some(Msg::Abandon { run, now, done }) => {
+                for b in &mut held {
+                    b.drop_run(run);
+                }
+                held.retain(|b| !b.is_empty());
+                let result = match health.error() {
+                    Some(e @ StoreError::Damaged { .. }) => Err(e),
+                    reason => {
+                        let reason = reason.map_or_else(
+                            || "the store could not commit its last writes".to_owned(),
+                            |e| e.to_string(),
+                        );
+                        not_recorded(&mut conn, run, now, &reason, path)
+                    }
+                };
+                match &result {
+                    Ok(_) if held.is_empty() => health.clear(),
+                    Ok(_) => {}
+                    Err(e) => health.note(e),
+                }
+                let _ = done.send(result);
+            }
+        }
+    }
+    if health.is_damaged() {
+        let _ = conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        );
+    }
+}
+
+/// Commit the held batches in order; the store is healthy again once all are committed.
+fn retry(
+    conn: &mut Connection,
+    held: &mut VecDeque<Batch>,
+    health: &Health,
+    path: &Path,
+) -> Result<(), StoreError> {
+    if let Some(e @ StoreError::Damaged { .. }) = health.error() {
+        return Err(e);
+    }
+    while let Some(b) = held.front() {
+        if let Err(e) = commit(conn, b, path) {
+            health.note(&e);
+            if health.is_damaged() {
+                held.clear();
+            }
+            return Err(e);
+        }
+        held.pop_front();
+    }
+    health.clear();
+    Ok(())
+}
+
+/// Writes ready to commit as one transaction: writes other than task-run changes, in order, then
+/// each task run's changes merged into one write (a task that went Pending → Running → Completed
+/// within a batch costs one row write). Kept as it is when it cannot be committed, to be
+/// committed later in order.
+#[derive(Default)]
+struct Batch {
+    others: Vec<Write>,
+    tasks: indexmap::IndexMap<TaskRunId, TaskWrite>,
+    writes: usize,
+}
+
+impl Batch {
+    fn push(&mut self, w: Write) {
+        self.writes += 1;
+        match w {
+            Write::Task(t) => match self.tasks.get_mut(&t.id) {
+                Some(existing) => merge(existing, *t),
+                None => {
+                    self.tasks.insert(t.id, *t);
+                }
+            },
+            other => self.others.push(other),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.others.is_empty() && self.tasks.is_empty()
+    }
+
+    /// Drop the writes of `run`.
+    fn drop_run(&mut self, run: FlowRunId) {
+        self.others.retain(|w| write_run(w) != run);
+        self.tasks.retain(|_, t| t.run != run);
+    }
+}
+
+/// The flow run a write belongs to.
+fn write_run(w: &Write) -> FlowRunId {
+    match w {
+        Write::RunCreated(h) => h.id,
+        Write::FlowState { run, .. } | Write::Logs { run, .. } => *run,
+        Write::Task(t) => t.run,
+        Write::Cache(c) => c.flow_run,
+    }
+}
+
+/// Merge `next` (a later write of the same task run) into `into`: the latest state and counters,
+/// every transition in order, the latest output, input and cache information.
+fn merge(into: &mut TaskWrite, next: TaskWrite) {
+    into.state = next.state;
+    into.transitions.extend(next.transitions);
+    into.attempts = next.attempts;
+    into.run_time = next.run_time;
+    into.fuel_consumed = next.fuel_consumed;
+    if next.output.is_some() {
+        into.output = next.output;
+    }
+    if next.clear_input {
+        into.cached_input = None;
+        into.clear_input = true;
+    } else if next.cached_input.is_some() {
+        into.cached_input = next.cached_input;
+        into.clear_input = false;
+    }
+    if next.cache.is_some() {
+        into.cache = next.cache;
+    }
+}
+
+/// Commit one batch in one transaction.
+fn commit(conn: &mut Connection, batch: &Batch, path: &Path) -> Result<(), StoreError> {
+    let io = |e: rusqlite::Error| classify(path, "write", &e);
+    let tx = conn.transaction().map_err(io)?;
+    for w in &batch.others {
+        apply_one(&tx, w).map_err(io)?;
+    }
+    for t in batch.tasks.values() {
+        task_write(&tx, t).map_err(io)?;
+    }
+    tx.commit().map_err(io)
+}
+
+fn apply_one(tx: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
+    {
+        match w {
+            Write::RunCreated(h) => {
+                run_created(tx, h)?;
+                for t in &h.tasks {
+                    task_write(tx, t)?;
+                }
+            }
+            Write::FlowState {
+                run,
+                state,
+                transition,
+            } => {
+                tx.prepare_cached(
+                    "UPDATE flow_runs SET state = ?2, state_json = ?3, updated_at = ?4, history = history || ?5 WHERE id = ?1",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        run.to_string(),
+                        state.name.as_str(),
+                        state_json(state),
+                        micros(state.timestamp),
+                        history_lines(std::slice::from_ref(transition))
+                    ])
+                })?;
+            }
+            Write::Task(t) => task_write(tx, t)?,
+            Write::Logs {
+                run,
+                task_run,
+                task,
+                map_index,
+                records,
+            } => {
+                let mut s = tx.prepare_cached(
+                        "INSERT INTO logs (flow_run, task_run, task, map_index, record) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    ?;
+                let (run, task_run) = (run.to_string(), task_run.to_string());
+                for r in records {
+                    let record = serde_json::to_string(r).unwrap_or_default();
+                    s.execute(params![run, task_run, &**task, map_index, record])?;
+                }
+            }
+            Write::Cache(c) => cache_write(tx, c)?,
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn state_json(s: &State) -> String {
+    let mut s = s.clone();
+    s.result = None;
+    serde_json::to_string(&s).unwrap_or_default()
+}
+
+fn run_created(tx: &Transaction<'_>, h: &RunHeader) -> rusqlite::Result<()> {
+    let (path, text) = match &h.manifest {
+        Some((p, t)) => (Some(p.to_string_lossy().into_owned()), Some(t.as_str())),
+        None => (None, None),
+    };
+    tx.prepare_cached(
+        "INSERT INTO flow_runs (id, flow, state, state_json, created_at, updated_at, parameters, context, manifest_path, manifest, pid, history, pid_start)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        h.id.to_string(),
+        h.flow,
+        h.state.name.as_str(),
+        state_json(&h.state),
+        micros(h.state.timestamp),
+        serde_json::to_string(&h.parameters).unwrap_or_default(),
+        serde_json::to_string(&h.context).unwrap_or_default(),
+        path,
+        text,
+        h.pid,
+        history_lines(std::slice::from_ref(&h.transition)),
+        process_start(h.pid).and_then(|s| i64::try_from(s).ok())
+    ])?;
+    Ok(())
+}
+
+/// Transitions as history lines: one JSON object per line, appended to a run's `history`.
+fn history_lines(ts: &[Transition]) -> String {
+    let mut out = String::new();
+    for t in ts {
+        out.push_str(&serde_json::to_string(t).unwrap_or_default());
+        out.push('\n');
+    }
+    out
+}
+
+/// Append `t` to the history of the flow run (`task_run` none) or of the task run.
+pub(super) fn insert_transition(
+    tx: &Transaction<'_>,
+    run: FlowRunId,
+    task_run: Option<&str>,
+    t: &Transition,
+) -> rusqlite::Result<()> {
+    let line = history_lines(std::slice::from_ref(t));
+    match task_run {
+        None => tx.execute(
+            "UPDATE flow_runs SET history = history || ?2 WHERE id = ?1",
+            params![run.to_string(), line],
+        )?,
+        Some(id) => tx.execute(
+            "UPDATE task_runs SET history = history || ?2 WHERE id = ?1",
+            params![id, line],
+        )?,
+    };
+    Ok(())
+}
+
+/// Store `blob` (when it is a value) and return its hash.
+fn put_blob(tx: &Transaction<'_>, blob: &Blob) -> rusqlite::Result<String> {
+    match blob {
+        Blob::Stored(hash) => Ok(hash.clone()),
+        Blob::Value(v) => put_value(tx, v),
+    }
+}
+
+fn put_value(tx: &Transaction<'_>, v: &Value) -> rusqlite::Result<String> {
+    let mut bytes = Vec::new();
+    canonical(v, &mut bytes);
+    let hash = blake3::hash(&bytes).to_hex().to_string();
+    tx.prepare_cached("INSERT OR IGNORE INTO blobs (hash, size, data) VALUES (?1, ?2, ?3)")?
+        .execute(params![hash, bytes.len() as i64, bytes])?;
+    Ok(hash)
+}
+
+fn task_write(tx: &Transaction<'_>, t: &TaskWrite) -> rusqlite::Result<()> {
+    let output = t.output.as_ref().map(|b| put_blob(tx, b)).transpose()?;
+    let input = t
+        .cached_input
+        .as_ref()
+        .map(|b| put_blob(tx, b))
+        .transpose()?;
+    let cache = t
+        .cache
+        .as_ref()
+        .map(|c| serde_json::to_string(c).unwrap_or_default());
+    tx.prepare_cached(
+        "INSERT INTO task_runs (id, flow_run, task_index, name, parent, map_index, state, state_json, attempts, run_time_us, fuel, output, cached_input, cache, history)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?16)
+         ON CONFLICT (id) DO UPDATE SET
+            history = history || excluded.history,
+            state = excluded.state, state_json = excluded.state_json, attempts = excluded.attempts,
+            run_time_us = excluded.run_time_us, fuel = excluded.fuel,
+            output = coalesce(excluded.output, output),
+            cached_input = CASE WHEN ?15 THEN NULL ELSE coalesce(excluded.cached_input, cached_input) END,
+            cache = coalesce(excluded.cache, cache)",
+    )?
+    .execute(params![
+        t.id.to_string(),
+        t.run.to_string(),
+        t.index,
+        &*t.name,
+        t.parent.map(|(p, _)| p.to_string()),
+        t.parent.map(|(_, i)| i),
+        t.state.name.as_str(),
+        state_json(&t.state),
+        t.attempts,
+        i64::try_from(t.run_time.as_micros()).unwrap_or(i64::MAX),
+        i64_of(t.fuel_consumed),
+        output,
+        input,
+        cache,
+        t.clear_input,
+        history_lines(&t.transitions)
+    ])?;
+    Ok(())
+}
+
+fn cache_write(tx: &Transaction<'_>, c: &CacheWrite) -> rusqlite::Result<()> {
+    let blob = put_value(tx, &c.output)?;
+    let k = &c.key;
+    tx.prepare_cached(
+        "INSERT INTO cache (key, task, validator, component, config, inputs, parameters, blob, created_at, expires_at, flow_run, task_run)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        k.key,
+        k.task,
+        k.validator,
+        k.component,
+        k.config,
+        k.inputs,
+        k.parameters,
+        blob,
+        micros(c.created_at),
+        micros(c.expires_at),
+        c.flow_run.to_string(),
+        c.task_run.to_string()
+    ])?;
+    Ok(())
+}

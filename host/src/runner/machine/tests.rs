@@ -963,38 +963,52 @@ proptest! {
     }
 }
 
-/// A task with no upstream tasks and an `on_state` handler component (so its start, Running,
-/// awaits the handler), and a cancel before anything else happens. Minimal case found by the
-/// property: the cancel completed the pending Running transition and launched the attempt
-/// after the cancel; now the attempt does not start and the task ends Cancelled, not counted.
-#[test]
-fn a_cancel_while_a_start_awaits_its_handlers_starts_nothing() {
-    let task = TaskSpec {
+/// A root task without mapping, tags or backoff, for the minimal cases below.
+fn plain_task(
+    retries: u32,
+    hooks: (bool, bool, bool, bool),
+    scripts: Vec<Vec<Outcome>>,
+) -> TaskSpec {
+    TaskSpec {
         ups: Vec::new(),
         trigger: Trigger::AllSuccessful,
-        retries: 0,
+        retries,
         retry_delay: 0,
         backoff: None,
         max_retry_delay: None,
         map: None,
         skip_on_upstream_skip: false,
         tagged: false,
-        hooks: (true, false, false, false),
-        scripts: vec![Vec::new()],
-    };
-    let s = Scenario {
-        tasks: vec![task],
+        hooks,
+        scripts,
+    }
+}
+
+/// A scenario of `tasks` that answers in order and is cancelled at step `cancel_at`.
+fn cancelled_at(tasks: Vec<TaskSpec>, items: u8, cancel_at: u8) -> Scenario {
+    Scenario {
+        tasks,
         refs: Vec::new(),
-        items: 0,
+        items,
         concurrency: 64,
         tag_limit: 1,
         max_mapped_children: 100,
         events: false,
         choices: vec![0],
         steps_ms: vec![0],
-        cancel_at: Some(0),
+        cancel_at: Some(cancel_at),
         interrupt: false,
-    };
+    }
+}
+
+/// A task with no upstream tasks and an `on_state` handler component (so its start, Running,
+/// awaits the handler), and a cancel before anything else happens. Minimal case found by the
+/// property: the cancel completed the pending Running transition and launched the attempt
+/// after the cancel; now the attempt does not start and the task ends Cancelled, not counted.
+#[test]
+fn a_cancel_while_a_start_awaits_its_handlers_starts_nothing() {
+    let task = plain_task(0, (true, false, false, false), vec![Vec::new()]);
+    let s = cancelled_at(vec![task], 0, 0);
     check(&s);
     let flow = build_flow(&s);
     let h = explore(&s, &flow);
@@ -1009,35 +1023,15 @@ fn a_cancel_while_a_start_awaits_its_handlers_starts_nothing() {
 /// this task ran"). Now the child ends Cancelled and the parent as cancelled mapped runs.
 #[test]
 fn a_cancel_ends_paused_mapped_children_cancelled() {
-    let task = |retries, scripts| TaskSpec {
-        ups: Vec::new(),
-        trigger: Trigger::AllSuccessful,
-        retries,
-        retry_delay: 0,
-        backoff: None,
-        max_retry_delay: None,
-        map: None,
-        skip_on_upstream_skip: false,
-        tagged: false,
-        hooks: (false, false, false, false),
-        scripts,
-    };
-    let mut mapped = task(0, vec![vec![Outcome::Pause]]);
+    let mut mapped = plain_task(0, (false, false, false, false), vec![vec![Outcome::Pause]]);
     mapped.map = Some((MapSource::Param, false));
-    let s = Scenario {
-        // A task still retrying keeps the run going until the cancel.
-        tasks: vec![mapped, task(2, vec![vec![Outcome::Trap, Outcome::Trap]])],
-        refs: Vec::new(),
-        items: 1,
-        concurrency: 64,
-        tag_limit: 1,
-        max_mapped_children: 100,
-        events: false,
-        choices: vec![0],
-        steps_ms: vec![0],
-        cancel_at: Some(2),
-        interrupt: false,
-    };
+    // A task still retrying keeps the run going until the cancel.
+    let retrying = plain_task(
+        2,
+        (false, false, false, false),
+        vec![vec![Outcome::Trap, Outcome::Trap]],
+    );
+    let s = cancelled_at(vec![mapped, retrying], 1, 2);
     check(&s);
     let flow = build_flow(&s);
     let h = explore(&s, &flow);

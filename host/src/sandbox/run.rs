@@ -1,0 +1,425 @@
+//! One run in a fresh store: admission, the per-run [`RunState`] (WASI context, limiter, log
+//! sink, host-call limits), fuel, deadline and cancellation, running a task or a state handler,
+//! and the outcome with its usage, given back only after the store returns its pool slots.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::admission::{Admitted, Needs};
+use super::bindings::{WitState, WitStateType};
+use super::capture::{self, Capture, LogSink, SharedSink};
+use super::ending::{error_ending, output_ending, signal_ending};
+use super::limiter::Limiter;
+use super::{
+    Ending, HandlerComponent, LimitExceeded, LogRecord, LogSource, RunBudget, RunOutcome, Sandbox,
+    TaskComponent, TimeLimit, Usage,
+};
+use crate::context::TaskContext;
+use crate::state::{State, StateName, StateType};
+
+/// What a state handler decided, with its logs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandlerOutcome {
+    /// A replacement state, none to keep the new state, or why the handler failed.
+    pub result: Result<Option<State>, String>,
+    /// The handler's logs.
+    pub logs: Vec<LogRecord>,
+}
+
+/// A signal to stop a running task. Cloning shares the signal.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<CancelInner>);
+
+#[derive(Debug, Default)]
+struct CancelInner {
+    cancelled: AtomicBool,
+    notify: Notify,
+}
+
+impl CancelToken {
+    /// A token that has not been cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancel: running guests are interrupted within one epoch tick.
+    pub fn cancel(&self) {
+        self.0.cancelled.store(true, Ordering::SeqCst);
+        self.0.notify.notify_waiters();
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the token is cancelled.
+    pub async fn cancelled(&self) {
+        loop {
+            let notified = self.0.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Per-run state inside the wasmtime store.
+pub(crate) struct RunState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) limiter: Limiter,
+    pub(super) logs: SharedSink,
+    pub(super) ctx: TaskContext,
+    pub(super) host_call_bytes: u64,
+    pub(super) host_call_violation: Option<LimitExceeded>,
+    pub(super) interrupted: Option<Interruption>,
+}
+
+impl WasiView for RunState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Interruption {
+    Deadline,
+    Cancelled,
+    /// Never admitted: the run's budget can never fit the host.
+    Refused(LimitExceeded),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    Instantiate,
+    Call,
+}
+
+/// How often (in fuel units) a running guest's fuel count is written back to its store, and the
+/// guest yields to other tasks: the accuracy of the fuel a stopped run reports.
+const FUEL_FLUSH: u64 = 1_000_000;
+
+impl Sandbox {
+    /// Run `component` once with `input`, in a fresh store and instance, under `budget`.
+    /// Never fails: every problem, the host's included, is an [`Ending`].
+    pub async fn run(
+        &self,
+        component: &TaskComponent,
+        input: &serde_json::Value,
+        ctx: &TaskContext,
+        budget: &RunBudget,
+        cancel: Option<&CancelToken>,
+    ) -> RunOutcome {
+        let input = input.to_string();
+        let pre = &component.0.1;
+        let ex = self
+            .execute(
+                ctx,
+                budget,
+                cancel,
+                component.0.0.needs,
+                async |store: &mut Store<RunState>| {
+                    let task = pre
+                        .instantiate_async(&mut *store)
+                        .await
+                        .map_err(|e| (Phase::Instantiate, e))?;
+                    task.call_run(&mut *store, &input)
+                        .await
+                        .map_err(|e| (Phase::Call, e))
+                },
+            )
+            .await;
+        let ending = ex.ending(budget, |r| match r {
+            Ok(output) => output_ending(output, budget),
+            Err(signal) => signal_ending(signal, budget),
+        });
+        ex.finish(ending, budget)
+    }
+
+    /// Run a state handler on the transition `old` → `new` of `task`, in a fresh sandbox under
+    /// `budget`. A handler that fails, or returns something invalid, is reported in the
+    /// outcome; it never fails the caller.
+    pub async fn run_handler(
+        &self,
+        handler: &HandlerComponent,
+        task: &str,
+        old: &State,
+        new: &State,
+        ctx: &TaskContext,
+        budget: &RunBudget,
+    ) -> HandlerOutcome {
+        let (old_w, new_w) = (wit_state(old), wit_state(new));
+        let pre = &handler.0.1;
+        let task_name = task.to_owned();
+        let ex = self
+            .execute(
+                ctx,
+                budget,
+                None,
+                handler.0.0.needs,
+                async |store: &mut Store<RunState>| {
+                    let h = pre
+                        .instantiate_async(&mut *store)
+                        .await
+                        .map_err(|e| (Phase::Instantiate, e))?;
+                    h.call_handle(&mut *store, &task_name, &old_w, &new_w)
+                        .await
+                        .map_err(|e| (Phase::Call, e))
+                },
+            )
+            .await;
+        let mut decided = None;
+        let ending = ex.ending(budget, |r| {
+            decided = Some(r);
+            Ending::Output(serde_json::Value::Null)
+        });
+        let now = self.0.clock.now();
+        let outcome = ex.finish(ending, budget);
+        let result = match (decided, &outcome.ending) {
+            (Some(None), _) => Ok(None),
+            (Some(Some(w)), _) => from_wit_state(w, now),
+            (None, ending) => Err(describe(ending)),
+        };
+        HandlerOutcome {
+            result,
+            logs: outcome.logs,
+        }
+    }
+
+    /// Run `call` in a fresh store under `budget`, stopping it at the deadline or on cancel.
+    /// The run first waits to be admitted (its slot, the memories and tables of a component
+    /// that `needs` them, its memory budget under the host's ceiling); the deadline counts from
+    /// admission, a cancel stops the wait too.
+    async fn execute<R>(
+        &self,
+        ctx: &TaskContext,
+        budget: &RunBudget,
+        cancel: Option<&CancelToken>,
+        needs: Needs,
+        call: impl AsyncFnOnce(&mut Store<RunState>) -> Result<R, (Phase, wasmtime::Error)>,
+    ) -> Execution<R> {
+        let admitted = tokio::select! {
+            biased;
+            () = cancelled(cancel) => Err(Interruption::Cancelled),
+            a = self.0.admission.admit(needs, budget.memory_bytes) => a.map_err(Interruption::Refused),
+        };
+        let started = Instant::now();
+        // A deadline too far away to represent is as good as none: about a century.
+        let deadline = started
+            .checked_add(budget.timeout)
+            .unwrap_or_else(|| started + Duration::from_secs(100 * 365 * 86_400));
+        let sink: SharedSink = Arc::new(Mutex::new(LogSink::new(
+            budget.log_bytes,
+            self.0.clock.clone(),
+        )));
+        let mut store = self.new_store(ctx, budget, &sink, deadline, cancel);
+        let (result, admitted) = match admitted {
+            Err(why) => (Err(why), None),
+            Ok(admitted) => {
+                let call = call(&mut store);
+                let result = tokio::select! {
+                    biased;
+                    r = call => Ok(r),
+                    () = tokio::time::sleep_until(deadline.into()) => Err(Interruption::Deadline),
+                    () = cancelled(cancel) => Err(Interruption::Cancelled),
+                };
+                (result, Some(admitted))
+            }
+        };
+        Execution {
+            result,
+            duration: started.elapsed(),
+            store,
+            sink,
+            admitted,
+        }
+    }
+
+    fn new_store(
+        &self,
+        ctx: &TaskContext,
+        budget: &RunBudget,
+        sink: &SharedSink,
+        deadline: Instant,
+        cancel: Option<&CancelToken>,
+    ) -> Store<RunState> {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(Capture::new(
+            sink.clone(),
+            LogSource::Stdout,
+            budget.host_call_bytes,
+        ))
+        .stderr(Capture::new(
+            sink.clone(),
+            LogSource::Stderr,
+            budget.host_call_bytes,
+        ))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        // Random bytes are made in host memory before they are copied in: one call gets at most
+        // what any other host call may carry.
+        .max_random_size(budget.host_call_bytes);
+        let state = RunState {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limiter: Limiter::new(budget.memory_bytes, budget.table_elements, budget.instances),
+            logs: sink.clone(),
+            ctx: ctx.clone(),
+            host_call_bytes: budget.host_call_bytes,
+            host_call_violation: None,
+            interrupted: None,
+        };
+        let mut store = Store::new(&self.0.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        // Fuel is always enabled in the engine; "unlimited" is the largest amount.
+        if let Err(e) = store.set_fuel(budget.fuel.unwrap_or(u64::MAX)) {
+            tracing::error!("cannot set fuel: {e}");
+        }
+        // Compiled code keeps a function's fuel in a register and writes it back only at calls,
+        // returns and fuel checks, not before an epoch interruption: a loop stopped by its
+        // deadline or a cancel would report only the fuel used before it started. Refuelling
+        // every `FUEL_FLUSH` units writes it back, so usage is exact to within that.
+        if let Err(e) = store.fuel_async_yield_interval(Some(FUEL_FLUSH)) {
+            tracing::error!("cannot set the fuel yield interval: {e}");
+        }
+        // Caps every transfer from guest to host (the output, a log line, one write) before the
+        // host allocates it; the finer per-kind limits are checked after.
+        let transfer = budget.output_bytes.max(budget.host_call_bytes);
+        store.set_hostcall_fuel(usize::try_from(transfer).unwrap_or(usize::MAX));
+        store.set_epoch_deadline(1);
+        let cancel = cancel.cloned();
+        store.epoch_deadline_callback(move |mut cx| {
+            let why = if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
+                Interruption::Cancelled
+            } else if Instant::now() >= deadline {
+                Interruption::Deadline
+            } else {
+                // Let other tasks on this thread run, then check again after the next tick.
+                return Ok(UpdateDeadline::Yield(1));
+            };
+            cx.data_mut().interrupted = Some(why);
+            Ok(UpdateDeadline::Interrupt)
+        });
+        store
+    }
+}
+
+/// A finished (or stopped) call in its store.
+struct Execution<R> {
+    result: Result<Result<R, (Phase, wasmtime::Error)>, Interruption>,
+    duration: Duration,
+    store: Store<RunState>,
+    sink: SharedSink,
+    /// The run's reservation, given back only once the store (and every pool slot it holds)
+    /// is dropped.
+    admitted: Option<Admitted>,
+}
+
+impl<R> Execution<R> {
+    /// How the run ended; `returned` maps what the guest returned.
+    fn ending(&self, budget: &RunBudget, returned: impl FnOnce(R) -> Ending) -> Ending
+    where
+        R: Clone,
+    {
+        let log_sink = capture::lock(&self.sink);
+        match &self.result {
+            Err(Interruption::Deadline) => Ending::TimedOut(TimeLimit::Deadline(budget.timeout)),
+            Err(Interruption::Cancelled) => Ending::Cancelled,
+            Err(Interruption::Refused(l)) => Ending::LimitExceeded(*l),
+            Ok(Ok(r)) => returned(r.clone()),
+            Ok(Err((phase, e))) => error_ending(self.store.data(), &log_sink, *phase, e, budget),
+        }
+    }
+
+    fn finish(self, ending: Ending, budget: &RunBudget) -> RunOutcome {
+        let fuel = budget.fuel.unwrap_or(u64::MAX);
+        let usage = Usage {
+            fuel_consumed: fuel.saturating_sub(self.store.get_fuel().unwrap_or(0)),
+            duration: self.duration,
+            memory_peak_bytes: self.store.data().limiter.memory_peak,
+        };
+        // The store first: its instances, memories and tables go back to the pool before the
+        // reservation that guaranteed them is released.
+        drop(self.store);
+        drop(self.admitted);
+        let logs = capture::lock(&self.sink).finish();
+        RunOutcome {
+            ending,
+            logs: logs.records,
+            logs_dropped_bytes: logs.dropped_bytes,
+            usage,
+        }
+    }
+}
+
+/// A sentence for an ending that is not a normal return.
+fn describe(ending: &Ending) -> String {
+    match ending {
+        Ending::GuestFault { message } | Ending::HostFault { message } => message.clone(),
+        Ending::LimitExceeded(l) => l.to_string(),
+        Ending::TimedOut(t) => t.to_string(),
+        Ending::Cancelled => "cancelled".into(),
+        Ending::Output(_) | Ending::Signal(_) => "returned".into(),
+    }
+}
+
+fn wit_state(s: &State) -> WitState {
+    WitState {
+        name: s.name.as_str().to_owned(),
+        type_: match s.state_type() {
+            StateType::Scheduled => WitStateType::Scheduled,
+            StateType::Pending => WitStateType::Pending,
+            StateType::Running => WitStateType::Running,
+            StateType::Paused => WitStateType::Paused,
+            StateType::Cancelling => WitStateType::Cancelling,
+            StateType::Cancelled => WitStateType::Cancelled,
+            StateType::Completed => WitStateType::Completed,
+            StateType::Failed => WitStateType::Failed,
+            StateType::Crashed => WitStateType::Crashed,
+        },
+        message: s.message.clone(),
+        result: s.result.as_ref().map(|v| v.to_string()),
+    }
+}
+
+/// A handler's returned state. Its type is implied by its name; a name Sluice does not know, or
+/// a result that is not JSON, is an error.
+fn from_wit_state(
+    w: WitState,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<State>, String> {
+    let name: StateName = w
+        .name
+        .parse()
+        .map_err(|e| format!("the handler returned an invalid state: {e}"))?;
+    let mut state = State::new(name, now);
+    state.message = w.message;
+    if let Some(r) = w.result {
+        state.result = Some(
+            serde_json::from_str(&r)
+                .map_err(|e| format!("the handler returned a result that is not JSON: {e}"))?,
+        );
+    }
+    Ok(Some(state))
+}
+
+async fn cancelled(cancel: Option<&CancelToken>) {
+    match cancel {
+        Some(c) => c.cancelled().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,216 @@
+//! Flow manifests: TOML files that describe a flow. Parsing checks everything before anything
+//! runs and reports each problem with the file, line and column: unknown keys (with a
+//! did-you-mean), wrong types, missing component files, references to unknown tasks or
+//! parameters, and cycles (named).
+//!
+//! ```toml
+//! name = "example"
+//! reference_tasks = ["load"]          # optional; default: the terminal tasks
+//! concurrency = 8                     # optional; default 64
+//!
+//! [parameters]                        # name = default
+//! count = 3
+//!
+//! [context]                           # key = "value", read by tasks
+//! key = "abc"
+//!
+//! [tag_limits]                        # tag = how many of its runs at once
+//! db = 1
+//!
+//! [tasks.extract]
+//! component = "tasks/extract.wasm"    # or { path = "…", build = "shell command",
+//!                                     #       sources = ["src/"] } (rebuilt when newer)
+//! input = { n = "$params.count" }     # "$params.X", "$tasks.X" are references; "$$" escapes
+//!
+//! [tasks.load]
+//! component = "tasks/load.wasm"
+//! input = "$tasks.extract"
+//! upstream_tasks = []                 # state-only dependencies
+//! trigger = "all_successful"          # all_failed, any_successful, any_failed, all_finished, manual_only
+//! retries = 2
+//! retry_delay = "1s"
+//! backoff = { factor = 2.0, max = "1m", jitter = 0.1 }
+//! fuel = 1000000                      # or "unlimited"
+//! timeout = "30s"
+//! memory = "64MiB"
+//! map = true                          # or ["field", …]
+//! skip_on_upstream_skip = true
+//! tags = ["db"]
+//! on_completion = ["handlers/notify.wasm"]   # also on_failure, on_retry, on_state
+//! cache_for = "1h"                    # output caching ("time travel")
+//! cache_validator = "all_inputs"      # duration_only (default), all_parameters, never_use,
+//!                                     # { partial_inputs_only = ["x"] },
+//!                                     # { partial_parameters_only = ["p"] }
+//! max_retry_delay = "1h"              # the longest delay a RETRY signal may ask for (default
+//!                                     # 1h; with a backoff, at most backoff.max)
+//! ```
+//!
+//! Flow keys besides those above: `cache_namespace = "etl"` (share cached outputs with the other
+//! flows of that namespace; default: the flow's own name, nothing shared) and
+//! `max_mapped_children = 100000` (the most mapped children of one flow run, summed over its
+//! mapped tasks; default 100,000).
+
+mod raw;
+mod source;
+mod task;
+mod values;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use self::raw::RawFlow;
+use self::source::{Source, Spans, locate};
+use self::task::task_def;
+pub use self::values::normalize;
+use super::{DEFAULT_CONCURRENCY, FlowDef};
+
+/// A problem in a manifest, with its position.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}:{column}: {message}", file.display())]
+pub struct ManifestError {
+    /// The manifest file.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Read and parse the manifest at `path`. Component paths are resolved against the manifest's
+/// directory and must exist (unless a build command is declared).
+pub fn load(path: &Path) -> Result<FlowDef, ManifestError> {
+    parse(path, &read(path)?)
+}
+
+/// The largest manifest read: 16 MiB (manifests are a few kilobytes; this only stops a path
+/// like `/dev/zero` from filling memory).
+pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
+/// Read the manifest at `path`: a regular file of at most [`MAX_MANIFEST_BYTES`], in UTF-8.
+pub fn read(path: &Path) -> Result<String, ManifestError> {
+    use std::io::Read as _;
+    let err = |message: String| ManifestError {
+        file: path.to_owned(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read the manifest: {message}"),
+    };
+    // Looked at before opening: opening a named pipe would wait for a writer.
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err(if meta.is_dir() {
+            "it is a directory".into()
+        } else {
+            "it is not a regular file".into()
+        }));
+    }
+    let too_large = || {
+        err(format!(
+            "it is larger than the manifest size limit of {MAX_MANIFEST_BYTES} bytes (16 MiB)"
+        ))
+    };
+    if meta.len() > MAX_MANIFEST_BYTES {
+        return Err(too_large());
+    }
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| err(e.to_string()))?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(too_large());
+    }
+    String::from_utf8(bytes).map_err(|e| err(format!("it is not UTF-8: {e}")))
+}
+
+/// Parse manifest `text`, read from `file` (used for positions and to resolve relative paths).
+pub fn parse(file: &Path, text: &str) -> Result<FlowDef, ManifestError> {
+    let src = Source { file, text };
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let raw: RawFlow = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+    let mut spans = Spans::default();
+
+    let parameters = raw
+        .parameters
+        .into_iter()
+        .map(|(k, v)| (k, to_json(v)))
+        .collect();
+    let mut tasks = Vec::new();
+    for (name, raw_task) in raw.tasks {
+        let table_span = raw_task.span();
+        let (task, task_spans) =
+            task_def(&src, dir, name.clone(), raw_task.into_inner(), table_span)?;
+        spans.tasks.insert(name, task_spans);
+        tasks.push(task);
+    }
+    spans.reference_tasks = raw
+        .reference_tasks
+        .iter()
+        .map(|s| (s.get_ref().clone(), s.span()))
+        .collect();
+
+    // A limit of 0 would block its tasks forever.
+    let concurrency = match raw.concurrency {
+        None => DEFAULT_CONCURRENCY,
+        Some(n) if *n.get_ref() == 0 => {
+            return Err(src.error(
+                n.span(),
+                "`concurrency` = 0 would run nothing: it is how many task runs may run at once, \
+                 at least 1",
+            ));
+        }
+        Some(n) => n.into_inner(),
+    };
+    let mut tag_limits = BTreeMap::new();
+    for (tag, n) in raw.tag_limits {
+        if *n.get_ref() == 0 {
+            return Err(src.error(
+                n.span(),
+                format!(
+                    "`tag_limits.{tag}` = 0 would block every task tagged `{tag}`: it is how many \
+                     of them may run at once, at least 1"
+                ),
+            ));
+        }
+        tag_limits.insert(tag, n.into_inner());
+    }
+    let def = FlowDef {
+        name: raw.name,
+        parameters,
+        context: raw.context,
+        tasks,
+        reference_tasks: raw
+            .reference_tasks
+            .into_iter()
+            .map(Spanned::into_inner)
+            .collect(),
+        concurrency,
+        tag_limits,
+        cache_namespace: raw.cache_namespace,
+        max_mapped_children: raw
+            .max_mapped_children
+            .unwrap_or(super::DEFAULT_MAX_MAPPED_CHILDREN),
+    };
+    def.validate().map_err(|e| locate(&src, &spans, e))?;
+    Ok(def)
+}
+
+fn to_json(v: toml::Value) -> serde_json::Value {
+    match v {
+        toml::Value::String(s) => serde_json::Value::String(s),
+        toml::Value::Integer(i) => i.into(),
+        toml::Value::Float(f) => serde_json::Number::from_f64(f)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        toml::Value::Boolean(b) => b.into(),
+        toml::Value::Datetime(d) => serde_json::Value::String(d.to_string()),
+        toml::Value::Array(a) => a.into_iter().map(to_json).collect(),
+        toml::Value::Table(t) => t.into_iter().map(|(k, v)| (k, to_json(v))).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

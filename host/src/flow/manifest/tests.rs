@@ -1,0 +1,353 @@
+//! The manifest parser end to end: whole manifests parsed, every key reaching the flow
+//! definition, and each error naming its file, line and column.
+
+use std::time::Duration;
+
+use super::*;
+use crate::cache::{CachePolicy, CacheValidator};
+use crate::flow::{Backoff, Hooks, Input, MapOver, Trigger};
+use crate::sandbox::RunBudget;
+
+fn parse_in(dir: &Path, text: &str) -> Result<FlowDef, ManifestError> {
+    std::fs::write(dir.join("t.wasm"), b"").expect("write");
+    parse(&dir.join("flow.toml"), text)
+}
+
+fn err(text: &str) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let e = parse_in(dir.path(), text).expect_err("invalid");
+    e.to_string()
+        .replace(&dir.path().display().to_string(), "DIR")
+}
+
+#[test]
+fn a_full_manifest_parses() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let def = parse_in(
+        dir.path(),
+        r#"
+name = "f"
+reference_tasks = ["b"]
+concurrency = 4
+[parameters]
+n = 3
+[context]
+key = "abc"
+[tag_limits]
+db = 1
+[tasks.a]
+component = "t.wasm"
+input = { n = "$params.n" }
+retries = 2
+retry_delay = "1s"
+backoff = { factor = 3.0, max = "10s" }
+fuel = "unlimited"
+timeout = "2s"
+memory = "64MiB"
+map = ["n"]
+tags = ["db"]
+[tasks.b]
+component = { path = "missing.wasm", build = "true" }
+input = "$tasks.a"
+trigger = "all_failed"
+skip_on_upstream_skip = false
+"#,
+    )
+    .expect("valid");
+    assert_eq!(def.tasks.len(), 2);
+    let a = &def.tasks[0];
+    assert_eq!(a.retries, 2);
+    assert_eq!(a.budget.fuel, None);
+    assert_eq!(a.budget.memory_bytes, 64 << 20);
+    assert_eq!(a.map, MapOver::Fields(vec!["n".into()]));
+    let b = &def.tasks[1];
+    assert_eq!(b.trigger, Trigger::AllFailed);
+    assert_eq!(b.upstream(), ["a"]);
+    assert_eq!(b.build.as_deref(), Some("true"));
+    assert!(!b.skip_on_upstream_skip);
+    assert_eq!(def.concurrency, 4);
+}
+
+#[test]
+fn cache_settings_parse_and_bad_ones_are_located() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let def = parse_in(
+        dir.path(),
+        r#"name = "f"
+[parameters]
+p = 1
+[tasks.a]
+component = "t.wasm"
+cache_for = "1h"
+[tasks.b]
+component = "t.wasm"
+cache_for = "10m"
+cache_validator = { partial_parameters_only = ["p"] }
+[tasks.c]
+component = "t.wasm"
+cache_for = "1s"
+cache_validator = "all_inputs"
+"#,
+    )
+    .expect("valid");
+    let policy = |i: usize| def.tasks[i].cache.clone().expect("cached");
+    assert_eq!(policy(0).validator, CacheValidator::DurationOnly);
+    assert_eq!(policy(0).cache_for, Duration::from_secs(3600));
+    assert_eq!(
+        policy(1).validator,
+        CacheValidator::PartialParametersOnly(vec!["p".into()])
+    );
+    assert_eq!(policy(2).validator, CacheValidator::AllInputs);
+
+    let e = |text: &str| {
+        parse_in(dir.path(), text)
+            .expect_err("invalid")
+            .to_string()
+            .replace(&dir.path().display().to_string(), "DIR")
+    };
+    let head = "name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\n";
+    assert_eq!(
+        e(&format!(
+            "{head}cache_for = \"1h\"\ncache_validator = \"all_input\"\n"
+        )),
+        "DIR/flow.toml:5:19: task `a`: unknown cache_validator `all_input` (did you mean \
+             `all_inputs`?); expected one of duration_only, all_inputs, all_parameters, \
+             never_use, partial_inputs_only, partial_parameters_only"
+    );
+    assert_eq!(
+        e(&format!("{head}cache_validator = \"all_inputs\"\n")),
+        "DIR/flow.toml:4:19: task `a`: `cache_validator` needs `cache_for` (how long \
+             outputs stay cached)"
+    );
+    assert_eq!(
+        e(&format!("{head}cache_for = \"soon\"\n")),
+        "DIR/flow.toml:4:13: task `a`: `cache_for` = \"soon\" is not a duration like \
+             \"30s\" or \"500ms\": expected number at 0"
+    );
+    assert_eq!(
+        e(&format!(
+            "{head}cache_for = \"1h\"\ncache_validator = {{ partial_parameters_only = [\"q\"] }}\n"
+        )),
+        "DIR/flow.toml:2:1: task `a` refers to unknown parameter `q`"
+    );
+}
+
+#[test]
+fn errors_name_file_line_and_column() {
+    assert_eq!(
+        err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nretires = 2\n"),
+        "DIR/flow.toml:4:1: unknown field `retires`, expected one of `component`, \
+             `input`, `upstream_tasks`, `trigger`, `retries`, `retry_delay`, `backoff`, `fuel`, \
+             `timeout`, `memory`, `map`, `skip_on_upstream_skip`, `tags`, `on_completion`, \
+             `on_failure`, `on_retry`, `on_state`, `cache_for`, `cache_validator`, \
+             `max_retry_delay` (did you mean `retries`?)"
+    );
+    assert_eq!(
+        err("name = \"f\"\nconcurency = 3\n"),
+        "DIR/flow.toml:2:1: unknown field `concurency`, expected one of `name`, `parameters`, \
+             `context`, `reference_tasks`, `concurrency`, `tag_limits`, `tasks`, \
+             `cache_namespace`, `max_mapped_children` (did you mean `concurrency`?)"
+    );
+    let e = err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nretries = \"two\"\n");
+    assert_eq!(
+        e,
+        "DIR/flow.toml:4:11: invalid type: string \"two\", expected u32"
+    );
+    assert_eq!(
+        err("name = \"f\"\n[tasks.a]\ncomponent = \"nope.wasm\"\n"),
+        "DIR/flow.toml:3:13: task `a`: component file `nope.wasm` does not exist (looked at \
+             DIR/nope.wasm)"
+    );
+    assert_eq!(
+        err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nupstream_tasks = [\"b\"]\n"),
+        "DIR/flow.toml:4:19: task `a` refers to unknown task `b`"
+    );
+    assert_eq!(
+            err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\ntimeout = \"soon\"\n"),
+            "DIR/flow.toml:4:11: task `a`: `timeout` = \"soon\" is not a duration like \"30s\" or \
+             \"500ms\": unknown time unit \"soon\", supported units: ns, us/µs, ms, sec, min, \
+             hours, days, weeks, months, years (and few variations)"
+                .replace("unknown time unit \"soon\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)", &humantime::parse_duration("soon").expect_err("bad").to_string())
+        );
+    assert_eq!(
+        err(
+            "name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\ninput = \"$tasks.b\"\n\
+                 [tasks.b]\ncomponent = \"t.wasm\"\ninput = \"$tasks.a\"\n"
+        ),
+        "DIR/flow.toml:2:1: the tasks form a cycle: a → b → a"
+    );
+    assert_eq!(
+        err("name = \"f\"\nreference_tasks = [\"x\"]\n"),
+        "DIR/flow.toml:2:20: task `reference_tasks` refers to unknown task `x`"
+    );
+    assert_eq!(
+        err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\ntrigger = \"sometimes\"\n"),
+        "DIR/flow.toml:4:11: unknown variant `sometimes`, expected one of \
+             `all_successful`, `all_failed`, `any_successful`, `any_failed`, `all_finished`, \
+             `manual_only`"
+    );
+}
+
+#[test]
+fn cache_namespace_mapped_children_and_retry_delay_caps_parse() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let def = parse_in(
+        dir.path(),
+        "name = \"f\"\ncache_namespace = \"etl\"\nmax_mapped_children = 7\n[tasks.a]\n\
+             component = \"t.wasm\"\nmax_retry_delay = \"10m\"\n[tasks.b]\n\
+             component = \"t.wasm\"\n",
+    )
+    .expect("valid");
+    assert_eq!(def.cache_namespace.as_deref(), Some("etl"));
+    assert_eq!(def.max_mapped_children, 7);
+    assert_eq!(def.tasks[0].max_retry_delay, Duration::from_secs(600));
+    assert_eq!(
+        def.tasks[1].max_retry_delay,
+        super::super::DEFAULT_MAX_RETRY_DELAY
+    );
+    let def = parse_in(dir.path(), "name = \"f\"\n").expect("valid");
+    assert_eq!(def.cache_namespace, None);
+    assert_eq!(
+        def.max_mapped_children,
+        super::super::DEFAULT_MAX_MAPPED_CHILDREN
+    );
+    assert_eq!(
+        err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nmax_retry_delay = \"later\"\n"),
+        format!(
+            "DIR/flow.toml:4:19: task `a`: `max_retry_delay` = \"later\" is not a duration \
+                 like \"30s\" or \"500ms\": {}",
+            humantime::parse_duration("later").expect_err("bad")
+        )
+    );
+}
+
+/// Every key of a full manifest reaches the `FlowDef`, each with a value other than its
+/// default, so ignoring any one of them fails here.
+#[test]
+fn every_manifest_key_reaches_the_flow_definition() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("h.wasm"), b"").expect("write");
+    let def = parse_in(
+        dir.path(),
+        r#"
+name = "f"
+reference_tasks = ["a"]
+concurrency = 4
+[parameters]
+n = 3
+[context]
+key = "abc"
+other = "x y"
+[tag_limits]
+db = 2
+[tasks.a]
+component = "t.wasm"
+input = { n = "$params.n" }
+upstream_tasks = ["b"]
+trigger = "any_failed"
+retries = 2
+retry_delay = "1s"
+backoff = { factor = 3.0, max = "10s", jitter = 0.25 }
+fuel = 1234
+timeout = "2s"
+memory = "64MiB"
+map = ["n"]
+skip_on_upstream_skip = false
+tags = ["db", "slow"]
+on_completion = ["h.wasm"]
+on_failure = ["h.wasm", "h.wasm"]
+on_retry = ["h.wasm"]
+on_state = ["h.wasm"]
+cache_for = "5m"
+cache_validator = "all_parameters"
+[tasks.b]
+component = { path = "t.wasm", build = "make t.wasm", sources = ["src"] }
+"#,
+    )
+    .expect("valid");
+    assert_eq!(def.name, "f");
+    assert_eq!(def.reference_tasks, ["a"]);
+    assert_eq!(def.concurrency, 4);
+    assert_eq!(def.parameters.get("n"), Some(&serde_json::json!(3)));
+    assert_eq!(
+        def.context,
+        BTreeMap::from([
+            ("key".to_owned(), "abc".to_owned()),
+            ("other".to_owned(), "x y".to_owned())
+        ])
+    );
+    assert_eq!(def.tag_limits.get("db"), Some(&2));
+    let a = &def.tasks[0];
+    assert_eq!(a.name, "a");
+    assert_eq!(a.component, dir.path().join("t.wasm"));
+    assert_eq!(
+        a.input,
+        Input::from_json(serde_json::json!({"n": "$params.n"}))
+    );
+    assert_eq!(a.upstream_tasks, ["b"]);
+    assert_eq!(a.trigger, Trigger::AnyFailed);
+    assert_eq!(a.retries, 2);
+    assert_eq!(a.retry_delay, Duration::from_secs(1));
+    assert_eq!(
+        a.backoff,
+        Some(Backoff {
+            factor: 3.0,
+            max: Duration::from_secs(10),
+            jitter: 0.25,
+        })
+    );
+    assert_eq!(
+        a.budget,
+        RunBudget {
+            fuel: Some(1234),
+            timeout: Duration::from_secs(2),
+            memory_bytes: 64 << 20,
+            ..RunBudget::default()
+        }
+    );
+    assert_eq!(a.map, MapOver::Fields(vec!["n".into()]));
+    assert!(!a.skip_on_upstream_skip);
+    assert_eq!(a.tags, ["db", "slow"]);
+    let h = dir.path().join("h.wasm");
+    assert_eq!(
+        a.hooks,
+        Hooks {
+            on_completion: vec![h.clone()],
+            on_failure: vec![h.clone(), h.clone()],
+            on_retry: vec![h.clone()],
+            on_state: vec![h],
+        }
+    );
+    assert_eq!(
+        a.cache,
+        Some(CachePolicy {
+            cache_for: Duration::from_secs(300),
+            validator: CacheValidator::AllParameters,
+        })
+    );
+    let b = &def.tasks[1];
+    assert_eq!(b.build.as_deref(), Some("make t.wasm"));
+    assert_eq!(b.sources, [dir.path().join("src")]);
+    // The defaults of a task that sets nothing.
+    assert_eq!(b.trigger, Trigger::AllSuccessful);
+    assert_eq!(
+        (b.retries, b.retry_delay, b.backoff),
+        (0, Duration::ZERO, None)
+    );
+    assert_eq!(b.budget, RunBudget::default());
+    assert!(b.skip_on_upstream_skip && b.tags.is_empty() && b.cache.is_none());
+    // A backoff that names only some of its keys gets the documented defaults for the others.
+    let def = parse_in(
+        dir.path(),
+        "name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nbackoff = { jitter = 0.5 }\n",
+    )
+    .expect("valid");
+    assert_eq!(
+        def.tasks[0].backoff,
+        Some(Backoff {
+            factor: 2.0,
+            max: Duration::from_secs(3600),
+            jitter: 0.5,
+        })
+    );
+}

@@ -25,7 +25,7 @@ use sluice::state::StateName;
 /// The children looping forever under `timeout`.
 fn load(n: usize, timeout: Duration) -> TaskDef {
     let mut spin = TaskDef::new("spin", guests::guest("hostile"));
-    spin.input = Input::Literal(json!(vec![json!({"do": "loop"}); n]));
+    spin.input = Input::Literal(json!(vec![json!({"do": "loop"}); n]).into());
     spin.map = MapOver::Input;
     spin.budget = RunBudget {
         fuel: None,
@@ -62,7 +62,7 @@ async fn cancel_latency(runner: &FlowRunner, n: usize) -> Duration {
 
 async fn retry_lag(runner: &FlowRunner, n: usize) -> Duration {
     let mut retry = TaskDef::new("retry", guests::guest("hostile"));
-    retry.input = Input::Literal(json!({"do": "retry_after", "ms": 100}));
+    retry.input = Input::Literal(json!({"do": "retry_after", "ms": 100}).into());
     retry.retries = 1;
     let def = FlowBuilder::new("bench-retry")
         .concurrency(n + 1)

@@ -77,7 +77,7 @@ async fn mapped_flow_with(
     child_state: StateName,
 ) -> Duration {
     let mut add = TaskDef::new("add_one", guests::guest("add_one"));
-    add.input = Input::Literal(json!((0..n as i64).collect::<Vec<_>>()));
+    add.input = Input::Literal(json!((0..n as i64).collect::<Vec<_>>()).into());
     add.map = MapOver::Input;
     add.cache = cache;
     let def = FlowBuilder::new("bench-map")
@@ -107,7 +107,7 @@ async fn chain_flow(runner: &FlowRunner, n: usize) -> Duration {
     for i in 0..n {
         let mut t = TaskDef::new(format!("s{i}"), add_one.clone());
         t.input = match i {
-            0 => Input::Literal(json!(0)),
+            0 => Input::Literal(json!(0).into()),
             _ => Input::from_json(json!(format!("$tasks.s{}", i - 1))),
         };
         b = b.task(t);
@@ -116,7 +116,7 @@ async fn chain_flow(runner: &FlowRunner, n: usize) -> Duration {
     let (elapsed, run) = timed_run(runner, def).await;
     assert_eq!(
         run.tasks[n - 1].output,
-        Some(json!(n)),
+        Some(json!(n).into()),
         "each step adds one to the one before"
     );
     elapsed
@@ -143,7 +143,7 @@ async fn dag_flow(runner: &FlowRunner, width: usize, layers: usize) -> Duration 
         for i in 0..width {
             let mut t = TaskDef::new(format!("t{l}_{i}"), hostile.clone());
             if l == 0 {
-                t.input = Input::Literal(json!({"do": "len", "of": i}));
+                t.input = Input::Literal(json!({"do": "len", "of": i}).into());
             } else {
                 let up = |k: usize| format!("$tasks.t{}_{}", l - 1, (i + k) % width);
                 t.input = Input::from_json(json!({"do": "len", "of": [up(0), up(1)]}));
@@ -172,12 +172,12 @@ async fn chains_flow(runner: &FlowRunner, pairs: usize, consume: bool) -> (Durat
     let mut b = FlowBuilder::new("bench-memory");
     for i in 0..pairs {
         let mut p = TaskDef::new(format!("p{i}"), hostile.clone());
-        p.input = Input::Literal(json!({"do": "output", "bytes": 1024}));
+        p.input = Input::Literal(json!({"do": "output", "bytes": 1024}).into());
         let mut c = TaskDef::new(format!("c{i}"), hostile.clone());
         if consume {
             c.input = Input::from_json(json!({"do": "len", "of": format!("$tasks.p{i}")}));
         } else {
-            c.input = Input::Literal(json!({"do": "len", "of": "x"}));
+            c.input = Input::Literal(json!({"do": "len", "of": "x"}).into());
             c.upstream_tasks.push(format!("p{i}"));
         }
         b = b.task(p).task(c);
@@ -465,7 +465,7 @@ async fn store_sections(runner: &FlowRunner, add_one: &Path, n: usize) {
                     budget: &budget,
                     map_index: Some(i as u32),
                 },
-                &json!(i),
+                &json!(i).into(),
                 &params,
             )
             .expect("key")
@@ -479,7 +479,7 @@ async fn store_sections(runner: &FlowRunner, add_one: &Path, n: usize) {
                 .filter(|c| c.entry.expires_at > now)
                 .and_then(|c| c.value.clone());
             lookups.push(began.elapsed());
-            assert_eq!(value.as_deref(), Some(&json!(i + 1)), "child {i} missed");
+            assert_eq!(value, Some(json!(i + 1).into()), "child {i} missed");
         }
         let mut direct = Vec::with_capacity(1000);
         for i in 0..1000 {

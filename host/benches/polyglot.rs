@@ -56,14 +56,14 @@ async fn run_once(sandbox: &Sandbox, component: &sluice::sandbox::TaskComponent)
     let out = sandbox
         .run(
             component,
-            &json!(1),
+            &json!(1).into(),
             &TaskContext::new("add_one"),
             &RunBudget::default(),
             None,
         )
         .await;
     let elapsed = started.elapsed();
-    assert_eq!(out.ending, Ending::Output(json!(2)), "add_one(1)");
+    assert_eq!(out.ending, Ending::Output(json!(2).into()), "add_one(1)");
     elapsed
 }
 

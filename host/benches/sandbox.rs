@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice::context::TaskContext;
+use sluice::json::Json;
 use sluice::sandbox::{Ending, LoadSource, RunBudget, Sandbox};
 
 fn print_row(name: &str, s: &Stats) {
@@ -41,13 +42,13 @@ async fn through_sluice(wasm: &Path, warmup: usize, iterations: usize) -> Stats 
     let component = sandbox.load_file(wasm).await.expect("load");
     let ctx = TaskContext::new("add_one");
     let budget = RunBudget::default();
-    let input = json!(1);
+    let input: Json = json!(1).into();
     let mut samples = Vec::with_capacity(iterations);
     for i in 0..warmup + iterations {
         let started = Instant::now();
         let out = sandbox.run(&component, &input, &ctx, &budget, None).await;
         let elapsed = started.elapsed();
-        assert_eq!(out.ending, Ending::Output(json!(2)));
+        assert_eq!(out.ending, Ending::Output(json!(2).into()));
         if i >= warmup {
             samples.push(elapsed);
         }

@@ -1,5 +1,4 @@
-//! Output caching ("time travel"): cache policies, the canonical JSON form that values are hashed
-//! in, and cache keys.
+//! Output caching ("time travel"): cache policies and cache keys.
 //!
 //! A task with `cache_for` stores its output when it completes; a later run of the same task
 //! (in this process or another) whose key matches, within `cache_for`, takes that output as a
@@ -25,18 +24,14 @@
 //!   of the identity, and `parameters` are what the validator chooses to look at (as in
 //!   Prefect, `duration_only` ignores them).
 //!
-//! Values are hashed in a canonical JSON form ([`canonical`]): object keys sorted and no
-//! whitespace, but every number exactly as it was written. The host parses JSON with
-//! serde_json's `arbitrary_precision` feature, so a `serde_json::Value` keeps each number's
-//! text: `1` and `1.0` are different values (a task may accept one and refuse the other), and
-//! `18446744073709551617` stays that integer instead of becoming a float (the one change serde_json
-//! makes to a number's text is the spelling of an exponent: `1E2` is kept as `1e+2`, the same
-//! number, still not the integer `100`). The canonical form is
-//! therefore exactly the text the guest reads (the host sends values in this form, keys sorted)
-//! or wrote, up to key order and whitespace, and blobs in the store use it too, so a cached
-//! output is replayed exactly as the guest returned it. (The alternative, hashing the raw text
-//! the guest wrote, would make key order and whitespace matter and still need a parse to
-//! validate and to split inputs; `arbitrary_precision` keeps one value type everywhere.)
+//! Values are hashed in their canonical JSON form, the text the host keeps them in
+//! ([`Json`]): object keys sorted and no whitespace, but every number exactly as it was written,
+//! so `1` and `1.0` are different values (a task may accept one and refuse the other) and
+//! `18446744073709551617` stays that integer instead of becoming a float. The canonical form is
+//! exactly the text the guest reads (the host sends values in this form) or wrote, up to key
+//! order and whitespace, and blobs in the store use it too, so a cached output is replayed
+//! exactly as the guest returned it. (The alternative, hashing the raw text the guest wrote,
+//! would make key order and whitespace matter.)
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -45,6 +40,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::json::Json;
 use crate::sandbox::RunBudget;
 
 /// How a cached output is validated (Prefect 1's cache validators).
@@ -180,7 +176,7 @@ impl CacheKey {
     pub fn new(
         policy: &CachePolicy,
         task: TaskIdentity<'_>,
-        input: &Value,
+        input: &Json,
         parameters: &BTreeMap<String, Value>,
     ) -> Option<CacheKey> {
         let mut config = blake3::Hasher::new();
@@ -206,21 +202,23 @@ impl CacheKey {
         let (inputs, params) = match &policy.validator {
             CacheValidator::NeverUse => return None,
             CacheValidator::DurationOnly => (None, None),
-            CacheValidator::AllInputs => (Some(hash(input)), None),
+            CacheValidator::AllInputs => (Some(input.hash()), None),
             CacheValidator::AllParameters => {
-                let all: serde_json::Map<String, Value> = parameters
+                let all = parameters
                     .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                (None, Some(hash(&Value::Object(all))))
+                    .map(|(k, v)| (k.clone(), Json::from_value(v)));
+                (None, Some(Json::object(all).hash()))
             }
             CacheValidator::PartialInputsOnly(names) => {
-                let picked = pick(names, |n| input.as_object().and_then(|o| o.get(n)));
-                (Some(hash(&picked)), None)
+                let fields = input.fields().unwrap_or_default();
+                let picked = pick(names, |n| {
+                    fields.iter().find_map(|(k, v)| (k == n).then(|| v.clone()))
+                });
+                (Some(picked.hash()), None)
             }
             CacheValidator::PartialParametersOnly(names) => {
-                let picked = pick(names, |n| parameters.get(n));
-                (None, Some(hash(&picked)))
+                let picked = pick(names, |n| parameters.get(n).map(Json::from_value));
+                (None, Some(picked.hash()))
             }
         };
         let mut key = blake3::Hasher::new();
@@ -258,12 +256,11 @@ impl CacheKey {
 
 /// `{name: value}` for each of `names`; absent ones are `null` (so absent and `null` match, as in
 /// Prefect, where a missing key reads as `None`).
-fn pick<'v>(names: &[String], get: impl Fn(&str) -> Option<&'v Value>) -> Value {
-    Value::Object(
+fn pick(names: &[String], get: impl Fn(&str) -> Option<Json>) -> Json {
+    Json::object(
         names
             .iter()
-            .map(|n| (n.clone(), get(n).cloned().unwrap_or(Value::Null)))
-            .collect(),
+            .map(|n| (n.clone(), get(n).unwrap_or_else(Json::null))),
     )
 }
 
@@ -299,108 +296,10 @@ pub enum CacheStatus {
     Miss,
 }
 
-/// blake3 (hex) of `value`'s canonical form.
-pub fn hash(value: &Value) -> String {
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = Vec::new();
-    canonical(value, &mut buf);
-    hasher.update(&buf);
-    hasher.finalize().to_hex().to_string()
-}
-
-/// Append the canonical JSON form of `value` to `out`: object keys sorted by their bytes, no
-/// whitespace, numbers exactly as written (the host keeps their text, see the module doc),
-/// strings escaped as JSON does.
-pub fn canonical(value: &Value, out: &mut Vec<u8>) {
-    match value {
-        Value::Null => out.extend_from_slice(b"null"),
-        Value::Bool(true) => out.extend_from_slice(b"true"),
-        Value::Bool(false) => out.extend_from_slice(b"false"),
-        Value::Number(n) => {
-            use std::io::Write as _;
-            // Writing into a Vec cannot fail.
-            let _ = write!(out, "{n}");
-        }
-        Value::String(s) => string(s, out),
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                canonical(item, out);
-            }
-            out.push(b']');
-        }
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push(b'{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                string(k, out);
-                out.push(b':');
-                canonical(v, out);
-            }
-            out.push(b'}');
-        }
-    }
-}
-
-fn string(s: &str, out: &mut Vec<u8>) {
-    // Writing a str into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
-
-    fn text(v: &Value) -> String {
-        let mut out = Vec::new();
-        canonical(v, &mut out);
-        String::from_utf8(out).expect("utf-8")
-    }
-
-    #[test]
-    fn canonical_form_sorts_keys_and_keeps_numbers_exactly() {
-        let a: Value =
-            serde_json::from_str(r#"{"b": [1.0, -0.0, 2.5, 1e2], "a": {"y": 1, "x": "é\n"}}"#)
-                .expect("json");
-        // serde_json writes an exponent as `e+` / `e-` (its only change to a number's text).
-        assert_eq!(
-            text(&a),
-            r#"{"a":{"x":"é\n","y":1},"b":[1.0,-0.0,2.5,1e+2]}"#
-        );
-        // Key order and whitespace do not matter.
-        let b: Value =
-            serde_json::from_str(r#"{"a": {"y": 1, "x": "é\n"},   "b": [1.0, -0.0, 2.5, 1e2]}"#)
-                .expect("json");
-        assert_eq!(hash(&a), hash(&b));
-        // The spelling of a number does: a task may accept `1` and refuse `1.0`.
-        let c: Value =
-            serde_json::from_str(r#"{"a": {"x": "é\n", "y": 1.0}, "b": [1, 0, 2.5, 100]}"#)
-                .expect("json");
-        assert_ne!(hash(&a), hash(&c));
-        assert_ne!(hash(&json!(1)), hash(&json!(1.0)));
-        assert_ne!(hash(&json!(1)), hash(&json!("1")));
-        assert_ne!(hash(&json!([1, 2])), hash(&json!([2, 1])));
-        // Integers past 64 bits stay integers, each its own.
-        let big: Value =
-            serde_json::from_str("[18446744073709551617, 18446744073709551616]").expect("json");
-        assert_eq!(text(&big), "[18446744073709551617,18446744073709551616]");
-        assert_eq!(text(&json!(u64::MAX)), u64::MAX.to_string());
-        assert_eq!(text(&json!(i64::MIN)), i64::MIN.to_string());
-        // The canonical text parses back to the same value.
-        for v in [a, big] {
-            let back: Value = serde_json::from_str(&text(&v)).expect("json");
-            assert_eq!(back, v);
-            assert_eq!(text(&back), text(&v));
-        }
-    }
 
     fn key(policy: &CachePolicy, input: Value, params: Value) -> Option<CacheKey> {
         let params: BTreeMap<String, Value> =
@@ -415,7 +314,7 @@ mod tests {
                 budget: &RunBudget::default(),
                 map_index: None,
             },
-            &input,
+            &Json::from_value(&input),
             &params,
         )
     }
@@ -497,7 +396,8 @@ mod tests {
             budget: &RunBudget::default(),
             map_index: None,
         };
-        let k = |id: TaskIdentity<'_>| CacheKey::new(&p, id, &json!(1), &params).map(|k| k.key);
+        let k =
+            |id: TaskIdentity<'_>| CacheKey::new(&p, id, &json!(1).into(), &params).map(|k| k.key);
         let other_budget = RunBudget {
             fuel: Some(1),
             ..RunBudget::default()
@@ -544,7 +444,7 @@ mod tests {
                 budget: &RunBudget::default(),
                 map_index: None,
             };
-            CacheKey::new(&p, id, &json!(1), &params).map(|k| k.key)
+            CacheKey::new(&p, id, &json!(1).into(), &params).map(|k| k.key)
         };
         let abc = ctx(&[("key", "abc")]);
         let base = CacheScope::new("f", None, &abc);

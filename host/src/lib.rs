@@ -8,13 +8,14 @@
 //! - [`flow`]: flow definitions, from TOML manifests or the builder; triggers.
 //! - [`runner`]: executes flow runs: scheduling, triggers, retries, mapping, handlers.
 //! - [`store`]: durable runs, transitions, logs, results and the output cache ([`cache`]).
-//! - [`context`], [`ids`], [`clock`]: plain types shared by every layer.
+//! - [`context`], [`ids`], [`clock`], [`json`]: plain types shared by every layer.
 
 pub mod cache;
 pub mod clock;
 pub mod context;
 pub mod flow;
 pub mod ids;
+pub mod json;
 pub mod runner;
 pub mod sandbox;
 pub mod state;

@@ -9,6 +9,7 @@ use std::str::FromStr;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::json::Json;
 use crate::sandbox::{Ending, Signal};
 
 /// A state's canonical type. Orchestration rules apply per type; the terminal types are
@@ -190,7 +191,7 @@ pub struct State {
     pub timestamp: DateTime<Utc>,
     /// The result the state carries (a Completed state's output).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
+    pub result: Option<Json>,
     /// For Scheduled-type states: when the run should start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled_for: Option<DateTime<Utc>>,
@@ -215,7 +216,7 @@ impl State {
     }
 
     /// The same state carrying `result`.
-    pub fn with_result(mut self, result: serde_json::Value) -> Self {
+    pub fn with_result(mut self, result: Json) -> Self {
         self.result = Some(result);
         self
     }
@@ -380,13 +381,13 @@ mod tests {
         let m = || "m".to_owned();
         let cases = [
             (
-                Ending::Output(serde_json::json!(3)),
+                Ending::Output(serde_json::json!(3).into()),
                 none,
                 StateName::Completed,
             ),
             (
                 sig(Signal::Success {
-                    output: serde_json::json!(1),
+                    output: serde_json::json!(1).into(),
                     message: m(),
                 }),
                 none,

@@ -323,7 +323,7 @@ async fn aged_cache(home: &Path) {
         .store(store.clone() as Arc<dyn Store>);
     let cached = |name: &str, hours: u64| {
         let mut t = TaskDef::new(name, guest("identity"));
-        t.input = Input::Literal(json!(name));
+        t.input = Input::Literal(json!(name).into());
         t.cache = Some(CachePolicy {
             cache_for: Duration::from_secs(hours * 3600),
             validator: CacheValidator::DurationOnly,

@@ -231,7 +231,7 @@ async fn the_examples_behave_the_same_through_the_library() {
     .await;
     assert_eq!(
         run.task("sum").and_then(|t| t.output.clone()),
-        Some(json!(32))
+        Some(json!(32).into())
     );
     let (_, run) = run_example(&runner, "cleanup-always", RunOptions::default()).await;
     assert_eq!(run.state.name, StateName::Completed);
@@ -270,10 +270,8 @@ async fn resuming_a_paused_run_with_a_start_task_completes_it() {
     assert_eq!(paused.state.name, StateName::Paused);
     // Input caching: the paused task holds the input it will run with.
     assert_eq!(
-        paused
-            .task("approve")
-            .and_then(|t| t.cached_input.as_deref().cloned()),
-        Some(json!(42))
+        paused.task("approve").and_then(|t| t.cached_input.clone()),
+        Some(json!(42).into())
     );
     let done = runner
         .resume(&flow, paused, &["approve"], CancelToken::new())
@@ -285,7 +283,7 @@ async fn resuming_a_paused_run_with_a_start_task_completes_it() {
     assert_eq!(done.task("approve").map(|t| t.attempts), Some(1));
     assert_eq!(
         done.task("ship").and_then(|t| t.output.clone()),
-        Some(json!(43))
+        Some(json!(43).into())
     );
     let history: Vec<StateName> = done
         .task("approve")
@@ -321,7 +319,7 @@ async fn retry_delays_follow_the_policy_on_an_injected_clock() {
     let clock = SimClock::new(start());
     let runner = FlowRunner::new(sandbox().clone()).clock(Arc::new(clock.clone()));
     let mut t = TaskDef::new("neg", guest("retry_if_negative"));
-    t.input = Input::Literal(json!(-5));
+    t.input = Input::Literal(json!(-5).into());
     t.retries = 3;
     t.retry_delay = Duration::from_secs(10);
     t.backoff = Some(sluice::flow::Backoff {
@@ -430,7 +428,7 @@ async fn handlers_chain_in_order_on_every_transition() {
 async fn a_failing_handler_component_is_reported_and_cannot_crash_the_flow() {
     let runner = FlowRunner::new(sandbox().clone());
     let mut t = TaskDef::new("t", guest("add_one"));
-    t.input = Input::Literal(json!(1));
+    t.input = Input::Literal(json!(1).into());
     // A task component is not a handler: refused when the flow is prepared.
     t.hooks.on_completion.push(guest("add_one"));
     let def = FlowBuilder::new("bad-handler")
@@ -480,7 +478,7 @@ async fn skips_propagate_unless_the_task_opts_out() {
 async fn a_mapped_task_with_a_failing_child_fails_and_stops_its_consumers() {
     let runner = FlowRunner::new(sandbox().clone());
     let mut add = TaskDef::new("add", guest("add_one"));
-    add.input = Input::Literal(json!([1, "two", 3]));
+    add.input = Input::Literal(json!([1, "two", 3]).into());
     add.map = MapOver::Input;
     let mut sum = TaskDef::new("sum", guest("sum"));
     sum.input = Input::Task("add".into());
@@ -510,7 +508,7 @@ async fn a_mapped_task_with_a_failing_child_fails_and_stops_its_consumers() {
     let run = run_def(&runner, def).await;
     assert_eq!(
         run.task("ctx").and_then(|t| t.output.clone()),
-        Some(json!([{"x": 1, "y": "a", "k": 0}, {"x": 2, "y": "b", "k": 0}]))
+        Some(json!([{"x": 1, "y": "a", "k": 0}, {"x": 2, "y": "b", "k": 0}]).into())
     );
 }
 
@@ -533,7 +531,9 @@ async fn context_reaches_every_task_with_parameters_and_map_index() {
     let out = run
         .task("probe")
         .and_then(|t| t.output.clone())
-        .expect("output");
+        .expect("output")
+        .to_value()
+        .expect("JSON");
     assert_eq!(out["flow_run_id"], json!(run.id.to_string()));
     assert_eq!(
         out["task_run_id"],
@@ -656,7 +656,7 @@ async fn cancelling_a_flow_with_a_guest_in_an_infinite_loop_ends_cancelled_quick
 async fn consumed_outputs_are_released_and_terminal_outputs_kept() {
     let runner = FlowRunner::new(sandbox().clone());
     let mut a = TaskDef::new("a", guest("add_one"));
-    a.input = Input::Literal(json!(1));
+    a.input = Input::Literal(json!(1).into());
     let mut b = TaskDef::new("b", guest("add_one"));
     b.input = Input::Task("a".into());
     let mut c = TaskDef::new("c", guest("add_one"));
@@ -671,8 +671,14 @@ async fn consumed_outputs_are_released_and_terminal_outputs_kept() {
     let a = run.task("a").expect("a");
     assert!(a.output_released);
     assert_eq!(a.output, None);
-    assert_eq!(run.task("b").and_then(|t| t.output.clone()), Some(json!(3)));
-    assert_eq!(run.task("c").and_then(|t| t.output.clone()), Some(json!(3)));
+    assert_eq!(
+        run.task("b").and_then(|t| t.output.clone()),
+        Some(json!(3).into())
+    );
+    assert_eq!(
+        run.task("c").and_then(|t| t.output.clone()),
+        Some(json!(3).into())
+    );
 }
 
 #[test]
@@ -719,7 +725,7 @@ fn ctrl_c_cancels_a_running_flow_from_the_cli() {
 async fn a_task_fed_by_an_empty_map_runs_exactly_once() {
     let runner = FlowRunner::new(sandbox().clone());
     let mut a = TaskDef::new("a", guest("add_one"));
-    a.input = Input::Literal(json!([]));
+    a.input = Input::Literal(json!([]).into());
     a.map = MapOver::Input;
     let mut b = TaskDef::new("b", guest("sum"));
     b.input = Input::Task("a".into());
@@ -743,7 +749,10 @@ async fn a_task_fed_by_an_empty_map_runs_exactly_once() {
             "{name}"
         );
     }
-    assert_eq!(run.task("c").and_then(|t| t.output.clone()), Some(json!(1)));
+    assert_eq!(
+        run.task("c").and_then(|t| t.output.clone()),
+        Some(json!(1).into())
+    );
 }
 
 #[tokio::test]
@@ -783,7 +792,7 @@ async fn resuming_with_a_record_of_another_flow_is_refused() {
 async fn a_trigger_that_does_not_pass_is_named_in_the_message() {
     let runner = FlowRunner::new(sandbox().clone());
     let mut ok = TaskDef::new("ok", guest("add_one"));
-    ok.input = Input::Literal(json!(1));
+    ok.input = Input::Literal(json!(1).into());
     let mut needs_success = TaskDef::new("needs_success", guest("identity"));
     needs_success.upstream_tasks.push("fails".into());
     let mut needs_failure = TaskDef::new("needs_failure", guest("identity"));

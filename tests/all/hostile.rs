@@ -144,7 +144,10 @@ async fn a_guest_sees_no_environment_arguments_files_network_or_stdin() {
     // The test process has plenty of environment (PATH, CARGO_*); none of it may leak.
     assert!(std::env::var_os("PATH").is_some());
     let out = hostile(json!({"do": "env"}), &RunBudget::default()).await;
-    assert_eq!(out.ending, Ending::Output(json!({"env": [], "args": []})));
+    assert_eq!(
+        out.ending,
+        Ending::Output(json!({"env": [], "args": []}).into())
+    );
 
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
     for path in ["/etc/passwd", "/", ".", manifest] {
@@ -156,6 +159,7 @@ async fn a_guest_sees_no_environment_arguments_files_network_or_stdin() {
         let Ending::Output(v) = &out.ending else {
             panic!("{path}: {:?}", out.ending)
         };
+        let v = &v.to_value().expect("JSON");
         assert!(v["read"].get("Err").is_some(), "{path} was readable: {v}");
         assert!(v["list"].get("Err").is_some(), "{path} was listable: {v}");
     }
@@ -172,6 +176,7 @@ async fn a_guest_sees_no_environment_arguments_files_network_or_stdin() {
     let Ending::Output(v) = &out.ending else {
         panic!("{:?}", out.ending)
     };
+    let v = &v.to_value().expect("JSON");
     let err = v["connect"]["Err"].as_str().unwrap_or_default();
     assert!(
         err.to_lowercase().contains("permission denied"),
@@ -186,6 +191,7 @@ async fn a_guest_sees_no_environment_arguments_files_network_or_stdin() {
     let Ending::Output(v) = &out.ending else {
         panic!("{:?}", out.ending)
     };
+    let v = &v.to_value().expect("JSON");
     assert_eq!(v["text"], "", "stdin gave data: {v}");
     control_task_completes().await;
 }
@@ -262,7 +268,7 @@ async fn cancelling_interrupts_a_running_guest() {
     let out = sandbox()
         .run(
             &component,
-            &json!({"do": "loop"}),
+            &json!({"do": "loop"}).into(),
             &TaskContext::new("cancel-me"),
             &budget,
             Some(&cancel),
@@ -276,7 +282,7 @@ async fn cancelling_interrupts_a_running_guest() {
     let out = sandbox()
         .run(
             &component,
-            &json!({"do": "sleep", "ms": 60_000}),
+            &json!({"do": "sleep", "ms": 60_000}).into(),
             &TaskContext::new("cancel-me"),
             &budget,
             Some(&cancel),

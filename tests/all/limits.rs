@@ -26,7 +26,8 @@ async fn fuel_exactly_enough_passes_one_less_times_out() {
     let passes = |fuel| {
         let component = component.clone();
         async move {
-            run_with(&component, json!(1), &with(fuel)).await.ending == Ending::Output(json!(2))
+            run_with(&component, json!(1), &with(fuel)).await.ending
+                == Ending::Output(json!(2).into())
         }
     };
     let (mut lo, mut hi) = (
@@ -46,7 +47,7 @@ async fn fuel_exactly_enough_passes_one_less_times_out() {
         }
     }
     let out = run_with(&component, json!(1), &with(hi)).await;
-    assert_eq!(out.ending, Ending::Output(json!(2)));
+    assert_eq!(out.ending, Ending::Output(json!(2).into()));
     let out = run_with(&component, json!(1), &with(hi - 1)).await;
     assert_eq!(out.ending, Ending::TimedOut(TimeLimit::Fuel(hi - 1)));
     assert_eq!(out.usage.fuel_consumed, hi - 1);
@@ -65,7 +66,7 @@ async fn memory_exactly_enough_passes_one_byte_less_fails() {
         ..RunBudget::default()
     };
     let out = hostile(input.clone(), &with(peak)).await;
-    assert_eq!(out.ending, Ending::Output(json!(8)));
+    assert_eq!(out.ending, Ending::Output(json!(8).into()));
     let out = hostile(input, &with(peak - 1)).await;
     assert_eq!(limit_of(&out.ending), Some((Limit::Memory, peak - 1)));
     control_task_completes().await;
@@ -101,7 +102,7 @@ async fn a_host_call_at_the_limit_passes_one_byte_over_fails() {
         ..RunBudget::default()
     };
     let out = hostile(input.clone(), &with(4096)).await;
-    assert_eq!(out.ending, Ending::Output(json!(4096)));
+    assert_eq!(out.ending, Ending::Output(json!(4096).into()));
     let out = hostile(input, &with(4095)).await;
     assert_eq!(
         out.ending,
@@ -166,11 +167,11 @@ async fn logs_at_the_budget_are_kept_one_byte_over_are_dropped_and_marked() {
         ..RunBudget::default()
     };
     let out = hostile(input.clone(), &with(1640)).await;
-    assert_eq!(out.ending, Ending::Output(json!(10)));
+    assert_eq!(out.ending, Ending::Output(json!(10).into()));
     assert_eq!(out.logs.len(), 10);
     assert_eq!(out.logs_dropped_bytes, 0);
     let out = hostile(input, &with(1639)).await;
-    assert_eq!(out.ending, Ending::Output(json!(10)));
+    assert_eq!(out.ending, Ending::Output(json!(10).into()));
     assert_eq!(out.logs_dropped_bytes, 100);
     assert_eq!(out.logs.len(), 10, "9 lines and the truncation marker");
     assert!(out.logs[9].message.contains("logs truncated"));
@@ -184,7 +185,7 @@ async fn table_elements_at_the_limit_pass_one_less_fails() {
         ..RunBudget::default()
     };
     let out = run_with(&component, json!(null), &with(10)).await;
-    assert_eq!(out.ending, Ending::Output(json!(null)));
+    assert_eq!(out.ending, Ending::Output(json!(null).into()));
     let out = run_with(&component, json!(null), &with(9)).await;
     assert_eq!(limit_of(&out.ending), Some((Limit::TableElements, 9)));
     control_task_completes().await;
@@ -198,7 +199,7 @@ async fn instances_at_the_limit_pass_one_less_fails() {
         ..RunBudget::default()
     };
     let out = run_with(&component, json!(null), &with(1)).await;
-    assert_eq!(out.ending, Ending::Output(json!(null)));
+    assert_eq!(out.ending, Ending::Output(json!(null).into()));
     let out = run_with(&component, json!(null), &with(0)).await;
     assert_eq!(limit_of(&out.ending), Some((Limit::Instances, 0)));
     control_task_completes().await;
@@ -211,7 +212,7 @@ async fn a_run_within_its_deadline_completes() {
         ..RunBudget::default()
     };
     let out = hostile(json!({"do": "sleep", "ms": 10}), &budget).await;
-    assert_eq!(out.ending, Ending::Output(json!(10)));
+    assert_eq!(out.ending, Ending::Output(json!(10).into()));
 }
 
 #[tokio::test]
@@ -256,7 +257,7 @@ async fn a_signal_message_at_the_output_limit_passes_one_byte_over_fails() {
     assert_eq!(
         out.ending,
         Ending::Signal(Signal::Success {
-            output: json!("zz"),
+            output: json!("zz").into(),
             message: "m".repeat(996)
         })
     );

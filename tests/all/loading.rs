@@ -154,7 +154,7 @@ async fn the_same_bytes_are_compiled_once_ever() {
     let out = third
         .run(
             &c4,
-            &serde_json::json!(1),
+            &serde_json::json!(1).into(),
             &sluice::context::TaskContext::new("t"),
             &Default::default(),
             None,
@@ -162,7 +162,7 @@ async fn the_same_bytes_are_compiled_once_ever() {
         .await;
     assert_eq!(
         out.ending,
-        sluice::sandbox::Ending::Output(serde_json::json!(2))
+        sluice::sandbox::Ending::Output(serde_json::json!(2).into())
     );
 }
 
@@ -251,7 +251,7 @@ async fn output_of(
     sandbox
         .run(
             component,
-            &input,
+            &input.into(),
             &sluice::context::TaskContext::new("t"),
             &Default::default(),
             None,
@@ -292,7 +292,7 @@ async fn a_file_loaded_before_is_not_read_again() {
     assert_eq!(c.name(), file.display().to_string());
     assert_eq!(
         output_of(&second, &c, serde_json::json!(1)).await,
-        Ending::Output(serde_json::json!(2))
+        Ending::Output(serde_json::json!(2).into())
     );
     // The same bytes loaded otherwise share the prepared component.
     let bytes = std::fs::read(&file).expect("read");
@@ -379,7 +379,7 @@ async fn a_file_rewritten_in_place_is_hashed_again() {
     );
     assert_eq!(
         output_of(&s, &warm, serde_json::json!(1)).await,
-        Ending::Output(serde_json::json!(2))
+        Ending::Output(serde_json::json!(2).into())
     );
 
     // Rewrite it in place (same inode, same size) and set the modification time back.
@@ -409,7 +409,7 @@ async fn a_file_rewritten_in_place_is_hashed_again() {
     assert_ne!(c.digest(), first.digest());
     assert_eq!(
         output_of(&s, &c, serde_json::json!(1)).await,
-        Ending::Output(serde_json::json!(1)),
+        Ending::Output(serde_json::json!(1).into()),
         "the new component runs"
     );
 
@@ -423,7 +423,7 @@ async fn a_file_rewritten_in_place_is_hashed_again() {
     assert_eq!(c.digest(), first.digest());
     assert_eq!(
         output_of(&s, &c, serde_json::json!(1)).await,
-        Ending::Output(serde_json::json!(2))
+        Ending::Output(serde_json::json!(2).into())
     );
 }
 
@@ -462,7 +462,7 @@ async fn a_corrupt_index_entry_or_artifact_falls_back_to_hashing() {
         assert_eq!(c.digest(), first.digest());
         assert_eq!(
             output_of(&s, &c, serde_json::json!(1)).await,
-            Ending::Output(serde_json::json!(2))
+            Ending::Output(serde_json::json!(2).into())
         );
         assert_eq!(std::fs::read(entry).expect("entry"), good, "rewritten");
         let c = sandbox_on(&artifacts).load_file(&file).await.expect("load");
@@ -483,7 +483,7 @@ async fn a_corrupt_index_entry_or_artifact_falls_back_to_hashing() {
     assert_eq!(c.load_info().source, LoadSource::Compiled);
     assert_eq!(
         output_of(&s, &c, serde_json::json!(1)).await,
-        Ending::Output(serde_json::json!(2))
+        Ending::Output(serde_json::json!(2).into())
     );
 }
 

@@ -55,7 +55,9 @@ async fn run_in(
     budget: &RunBudget,
 ) -> RunOutcome {
     let component = load(&polyglot_guest(lang, name)).await;
-    sandbox().run(&component, &input, ctx, budget, None).await
+    sandbox()
+        .run(&component, &input.into(), ctx, budget, None)
+        .await
 }
 
 async fn run(lang: &str, name: &str, input: Value) -> RunOutcome {
@@ -75,7 +77,7 @@ async fn host_survives() {
     let out = sandbox()
         .run(
             &component,
-            &json!(41),
+            &json!(41).into(),
             &TaskContext::new("control"),
             &RunBudget::default(),
             None,
@@ -83,7 +85,7 @@ async fn host_survives() {
         .await;
     assert_eq!(
         out.ending,
-        Ending::Output(json!(42)),
+        Ending::Output(json!(42).into()),
         "the control task failed"
     );
     control_task_completes().await;
@@ -147,13 +149,13 @@ async fn every_signal_maps_to_its_state_in_every_language() {
         assert_eq!(
             out.ending,
             Ending::Signal(Signal::Success {
-                output: json!({"answer": 42}),
+                output: json!({"answer": 42}).into(),
                 message: "done early".into()
             }),
             "{lang}"
         );
         let state = State::after_run(&out.ending, retries_left(), Utc::now());
-        assert_eq!(state.result, Some(json!({"answer": 42})), "{lang}");
+        assert_eq!(state.result, Some(json!({"answer": 42}).into()), "{lang}");
         let out = run(lang, "guest", json!({"do": "retry"})).await;
         assert_eq!(
             out.ending,
@@ -186,7 +188,7 @@ async fn every_signal_maps_to_its_state_in_every_language() {
         // A value goes through JSON both ways unchanged.
         let value = json!({"a": [1, -2.5, "é\n\"x\"", null, true, {"b": {}}], "c": []});
         let out = run(lang, "guest", json!({"do": "echo", "value": value})).await;
-        assert_eq!(out.ending, Ending::Output(value), "{lang}");
+        assert_eq!(out.ending, Ending::Output(value.into()), "{lang}");
 
         // An uncaught error fails the run (retriable, like a Rust panic) with its message.
         let out = run(lang, "guest", json!({"do": "crash"})).await;
@@ -216,7 +218,11 @@ async fn code_in_the_tasks_other_files_runs_in_every_language() {
             json!({"do": "words", "text": "  the quick\tbrown  fox "}),
         )
         .await;
-        assert_eq!(out.ending, Ending::Output(json!({"words": 4})), "{lang}");
+        assert_eq!(
+            out.ending,
+            Ending::Output(json!({"words": 4}).into()),
+            "{lang}"
+        );
     }
     // JavaScript's `run` is async: its thrown signals still reach the host.
     let out = run("js", "guest", json!({"do": "fail"})).await;
@@ -232,7 +238,11 @@ async fn code_in_the_tasks_other_files_runs_in_every_language() {
 async fn the_example_tasks_behave_like_the_rust_ones() {
     for lang in LANGUAGES {
         let out = run(lang, "add_one", json!(41)).await;
-        assert_eq!(out.ending, Ending::Output(json!(42)), "{lang} add_one");
+        assert_eq!(
+            out.ending,
+            Ending::Output(json!(42).into()),
+            "{lang} add_one"
+        );
 
         let out = run(lang, "retry_if_negative", json!(-1)).await;
         let state = State::after_run(&out.ending, retries_left(), Utc::now());
@@ -244,7 +254,7 @@ async fn the_example_tasks_behave_like_the_rust_ones() {
         );
         assert_eq!(state.message.as_deref(), Some("-1 is negative"), "{lang}");
         let out = run(lang, "retry_if_negative", json!(2)).await;
-        assert_eq!(out.ending, Ending::Output(json!(2)), "{lang}");
+        assert_eq!(out.ending, Ending::Output(json!(2).into()), "{lang}");
 
         let mut ctx = TaskContext::new("try_unlock");
         let budget = RunBudget::default();
@@ -258,7 +268,7 @@ async fn the_example_tasks_behave_like_the_rust_ones() {
         );
         ctx.values = Arc::new(BTreeMap::from([("key".to_owned(), "abc".to_owned())]));
         let out = run_in(lang, "try_unlock", json!(null), &ctx, &budget).await;
-        assert_eq!(out.ending, Ending::Output(json!(true)), "{lang}");
+        assert_eq!(out.ending, Ending::Output(json!(true).into()), "{lang}");
     }
 }
 
@@ -298,7 +308,7 @@ async fn context_is_readable_in_every_language() {
 async fn logs_stdout_and_stderr_are_captured_in_every_language() {
     for lang in LANGUAGES {
         let out = run(lang, "guest", json!({"do": "log"})).await;
-        assert_eq!(out.ending, Ending::Output(json!("logged")), "{lang}");
+        assert_eq!(out.ending, Ending::Output(json!("logged").into()), "{lang}");
         let lines: Vec<_> = out
             .logs
             .iter()
@@ -354,7 +364,7 @@ async fn an_infinite_loop_times_out_in_every_language() {
         let out = sandbox()
             .run(
                 &component,
-                &json!({"do": "loop"}),
+                &json!({"do": "loop"}).into(),
                 &TaskContext::new("loop"),
                 &budget,
                 None,

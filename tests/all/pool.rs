@@ -129,7 +129,7 @@ async fn ordinary_tasks_complete_first_time_beside_runs_that_fill_the_pool() {
         }
     }
     let outputs = run.task("ordinary").and_then(|t| t.output.clone());
-    assert_eq!(outputs, Some(json!((1..=300).collect::<Vec<i64>>())));
+    assert_eq!(outputs, Some(json!((1..=300).collect::<Vec<i64>>()).into()));
 }
 
 #[tokio::test]
@@ -150,7 +150,7 @@ async fn a_module_with_two_memories_runs() {
     let out = run_with(&c, json!(null), &RunBudget::default()).await;
     assert_eq!(
         out.ending,
-        Ending::Output(json!(null)),
+        Ending::Output(json!(null).into()),
         "{}",
         message(&out.ending)
     );
@@ -172,7 +172,7 @@ async fn memories_per_component_at_the_limit_load_one_over_is_refused_and_compil
     let out = run_with(&c, json!(null), &RunBudget::default()).await;
     assert_eq!(
         out.ending,
-        Ending::Output(json!(null)),
+        Ending::Output(json!(null).into()),
         "{}",
         message(&out.ending)
     );
@@ -229,7 +229,7 @@ async fn tables_up_to_the_budget_load_and_grow_past_it_names_the_limit() {
     let out = run_with(&c, json!(null), &RunBudget::default()).await;
     assert_eq!(
         out.ending,
-        Ending::Output(json!(null)),
+        Ending::Output(json!(null).into()),
         "{}",
         message(&out.ending)
     );
@@ -249,7 +249,7 @@ async fn tables_up_to_the_budget_load_and_grow_past_it_names_the_limit() {
     let out = run_with(&c, json!(null), &RunBudget::default()).await;
     assert_eq!(
         out.ending,
-        Ending::Output(json!(null)),
+        Ending::Output(json!(null).into()),
         "{}",
         message(&out.ending)
     );
@@ -321,9 +321,13 @@ async fn a_budget_at_the_memory_ceiling_runs_one_byte_over_is_refused() {
         ..RunBudget::default()
     };
     let ctx = TaskContext::new("ceiling");
-    let out = sb.run(&c, &json!(1), &ctx, &with(ceiling), None).await;
-    assert_eq!(out.ending, Ending::Output(json!(2)));
-    let out = sb.run(&c, &json!(1), &ctx, &with(ceiling + 1), None).await;
+    let out = sb
+        .run(&c, &json!(1).into(), &ctx, &with(ceiling), None)
+        .await;
+    assert_eq!(out.ending, Ending::Output(json!(2).into()));
+    let out = sb
+        .run(&c, &json!(1).into(), &ctx, &with(ceiling + 1), None)
+        .await;
     match &out.ending {
         Ending::LimitExceeded(l) => {
             assert_eq!(
@@ -350,7 +354,7 @@ async fn a_huge_random_request_names_the_host_call_limit() {
         other => panic!("expected the host-call limit, got {other:?}"),
     }
     let out = crate::support::hostile(json!({"do": "random", "bytes": 1 << 20}), &budget).await;
-    assert_eq!(out.ending, Ending::Output(json!(1 << 20)));
+    assert_eq!(out.ending, Ending::Output(json!(1 << 20).into()));
 }
 
 /// A loop stopped by its deadline reports the fuel it really used (it used to report only what

@@ -117,7 +117,7 @@ input = { do = "len", of = "$tasks.p" }
 async fn a_success_signals_output_flows_downstream() {
     let runner = FlowRunner::new(sandbox().clone());
     let mut square = TaskDef::new("square", guest("signal_success"));
-    square.input = Input::Literal(json!(7));
+    square.input = Input::Literal(json!(7).into());
     let mut next = TaskDef::new("next", guest("add_one"));
     next.input = Input::from_json(json!("$tasks.square"));
     let def = FlowBuilder::new("early")
@@ -132,7 +132,7 @@ async fn a_success_signals_output_flows_downstream() {
     assert_eq!(square.state.message.as_deref(), Some("squared early"));
     assert_eq!(
         run.task("next").and_then(|t| t.output.clone()),
-        Some(json!(50))
+        Some(json!(50).into())
     );
     assert_eq!(run.state.name, StateName::Completed);
 }

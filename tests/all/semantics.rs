@@ -346,10 +346,10 @@ async fn a_rescheduling_rust_handler_cannot_exceed_the_retry_budget() {
                 }),
             );
         let mut t = TaskDef::new("t", guest("add_one"));
-        t.input = Input::Literal(json!(1));
+        t.input = Input::Literal(json!(1).into());
         t.retries = retries;
         let mut after = TaskDef::new("after", guest("identity"));
-        after.input = Input::Literal(json!("control"));
+        after.input = Input::Literal(json!("control").into());
         let def = FlowBuilder::new("resched")
             .task(t)
             .task(after)
@@ -534,7 +534,7 @@ async fn the_default_cap_on_mapped_children_holds() {
     let runner = FlowRunner::new(sandbox().clone());
     let def = |n: usize| {
         let mut list = TaskDef::new("list", guest("identity"));
-        list.input = Input::Literal(json!((0..n).collect::<Vec<_>>()));
+        list.input = Input::Literal(json!((0..n).collect::<Vec<_>>()).into());
         let mut add = TaskDef::new("add", guest("identity"));
         add.input = Input::Task("list".into());
         add.map = MapOver::Input;
@@ -568,7 +568,7 @@ async fn the_default_cap_on_mapped_children_holds() {
 /// `a → b → c`.
 fn slow_handler_flow() -> sluice::flow::FlowDef {
     let mut slow = TaskDef::new("slow", guest("add_one"));
-    slow.input = Input::Literal(json!(1));
+    slow.input = Input::Literal(json!(1).into());
     slow.hooks.on_completion = vec![guest("slow_handler")];
     let mut b = FlowBuilder::new("slow-handler").task(slow);
     for (name, input) in [
@@ -606,7 +606,7 @@ async fn a_slow_handler_component_holds_only_its_own_task() {
         Some("the slow handler says no")
     );
     let c = run.task("c").expect("c");
-    assert_eq!(c.output, Some(json!(4)));
+    assert_eq!(c.output, Some(json!(4).into()));
     // The chain ran while the handler slept: `c` completed before the handler's answer was
     // recorded (with a blocking handler it could only start after it).
     assert!(
@@ -654,7 +654,10 @@ async fn cancelling_does_not_wait_for_a_slow_handler_component() {
         "{:?}",
         slow.history
     );
-    assert_eq!(run.task("c").and_then(|c| c.output.clone()), Some(json!(4)));
+    assert_eq!(
+        run.task("c").and_then(|c| c.output.clone()),
+        Some(json!(4).into())
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

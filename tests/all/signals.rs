@@ -71,9 +71,9 @@ async fn every_signal_maps_to_its_state() {
     // Values carried by the states.
     let out = run_guest("signal_success", json!(7), &RunBudget::default()).await;
     let state = State::after_run(&out.ending, retries_left(), Utc::now());
-    assert_eq!(state.result, Some(json!(49)));
+    assert_eq!(state.result, Some(json!(49).into()));
     let out = run_guest("retry_if_negative", json!(2), &RunBudget::default()).await;
-    assert_eq!(out.ending, Ending::Output(json!(2)));
+    assert_eq!(out.ending, Ending::Output(json!(2).into()));
     // RETRY with its own delay; without retries left it fails.
     let out = run_guest("signal_retry", json!(null), &RunBudget::default()).await;
     assert_eq!(
@@ -120,7 +120,7 @@ async fn context_is_readable_and_built_ins_cannot_be_overridden() {
     ]));
     let input = json!({"do": "context", "keys": ["key", "missing", "task_name", "attempt"]});
     let out = sandbox()
-        .run(&component, &input, &ctx, &RunBudget::default(), None)
+        .run(&component, &input.into(), &ctx, &RunBudget::default(), None)
         .await;
     let Ending::Output(v) = out.ending else {
         panic!("{:?}", out.ending)
@@ -144,14 +144,26 @@ async fn try_unlock_reads_its_key_from_context() {
     let component = load(&guest("try_unlock")).await;
     let mut ctx = TaskContext::new("try_unlock");
     let out = sandbox()
-        .run(&component, &json!(null), &ctx, &RunBudget::default(), None)
+        .run(
+            &component,
+            &json!(null).into(),
+            &ctx,
+            &RunBudget::default(),
+            None,
+        )
         .await;
     assert!(matches!(out.ending, Ending::Signal(Signal::Fail { .. })));
     ctx.values = Arc::new(BTreeMap::from([("key".to_owned(), "abc".to_owned())]));
     let out = sandbox()
-        .run(&component, &json!(null), &ctx, &RunBudget::default(), None)
+        .run(
+            &component,
+            &json!(null).into(),
+            &ctx,
+            &RunBudget::default(),
+            None,
+        )
         .await;
-    assert_eq!(out.ending, Ending::Output(json!(true)));
+    assert_eq!(out.ending, Ending::Output(json!(true).into()));
 }
 
 #[tokio::test]

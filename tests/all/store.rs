@@ -193,7 +193,7 @@ fn assert_hit(t: &TaskRun, source: FlowRunId, output: &Value) {
         "a hit must not run: {:?}",
         t.history
     );
-    assert_eq!(t.output.as_ref(), Some(output));
+    assert_eq!(t.output, Some(output.into()));
     let cache = t.cache.as_ref().expect("cache info");
     assert_eq!(cache.status, CacheStatus::Hit);
     assert_eq!(cache.source_flow_run, Some(source.to_string()));
@@ -239,7 +239,7 @@ async fn duration_only_hits_until_cache_for_expires() {
         .run("identity", d, &p, ab(), json!({"a": 2, "b": 2}))
         .await;
     assert_miss(&t, "expired at 2030-01-01T00:01:00");
-    assert_eq!(t.output, Some(json!({"a": 2, "b": 2})));
+    assert_eq!(t.output, Some(json!({"a": 2, "b": 2}).into()));
 }
 
 #[tokio::test]
@@ -381,13 +381,13 @@ async fn a_changed_component_or_limit_never_hits() {
     let p = policy(CacheValidator::DurationOnly);
     let d = RunBudget::default();
     let (first, t) = b.run("add_one", d, &p, json!(1), json!({})).await;
-    assert_eq!(t.output, Some(json!(2)));
+    assert_eq!(t.output, Some(json!(2).into()));
     let (_, t) = b.run("add_one", d, &p, json!(1), json!({})).await;
     assert_hit(&t, first, &json!(2));
     // Same task name, other bytes: runs, and says why.
     let (_, t) = b.run("identity", d, &p, json!(1), json!({})).await;
     assert_miss(&t, "the component changed");
-    assert_eq!(t.output, Some(json!(1)));
+    assert_eq!(t.output, Some(json!(1).into()));
     // Same bytes, other limits.
     let fuel = RunBudget {
         fuel: Some(1_000_000_000),
@@ -849,7 +849,7 @@ async fn a_resumed_mapped_task_reruns_only_its_unfinished_children() {
     let store = Arc::new(SqliteStore::open(dir.path()).expect("store"));
     let flow = |component: &str| {
         let mut m = TaskDef::new("m", guest(component));
-        m.input = Input::Literal(json!([false, true, false]));
+        m.input = Input::Literal(json!([false, true, false]).into());
         m.map = sluice::flow::MapOver::Input;
         FlowBuilder::new("mapped").task(m).build().expect("flow")
     };
@@ -901,7 +901,10 @@ async fn a_resumed_mapped_task_reruns_only_its_unfinished_children() {
     // fail_if's outputs (true) kept, identity's (true for input true) computed.
     let shown = store.load_run(run.id).expect("load").run;
     assert_eq!(shown.tasks[0].state.name, StateName::Mapped);
-    assert_eq!(shown.tasks[0].output, Some(json!([true, true, true])));
+    assert_eq!(
+        shown.tasks[0].output,
+        Some(json!([true, true, true]).into())
+    );
     assert_eq!(shown.tasks[0].children.len(), 3);
 }
 

@@ -167,7 +167,7 @@ async fn a_failed_write_is_never_committed_past_and_the_run_resumes() {
     assert_eq!(resumed.state.name, StateName::Completed, "{resumed:#?}");
     let shown = store.load_run(run.id).expect("load").run;
     assert_eq!(shown.state.name, StateName::Completed);
-    assert_eq!(shown.task("c").expect("c").output, Some(json!(1)));
+    assert_eq!(shown.task("c").expect("c").output, Some(json!(1).into()));
 }
 
 /// Another process holds the database's write lock for longer than the busy timeout (10 s)

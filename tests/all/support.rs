@@ -57,7 +57,13 @@ pub async fn run_with(
     budget: &RunBudget,
 ) -> RunOutcome {
     sandbox()
-        .run(component, &input, &TaskContext::new("test"), budget, None)
+        .run(
+            component,
+            &input.into(),
+            &TaskContext::new("test"),
+            budget,
+            None,
+        )
         .await
 }
 
@@ -76,7 +82,7 @@ pub async fn control_task_completes() {
     let out = run_guest("add_one", serde_json::json!(41), &RunBudget::default()).await;
     assert_eq!(
         out.ending,
-        Ending::Output(serde_json::json!(42)),
+        Ending::Output(serde_json::json!(42).into()),
         "the control task did not complete"
     );
 }

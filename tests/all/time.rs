@@ -114,7 +114,7 @@ async fn a_run_schedules_its_retries_with_jitter() {
         let clock = SimClock::new(start);
         let runner = FlowRunner::new(sandbox().clone()).clock(Arc::new(clock));
         let mut t = TaskDef::new("neg", guest("retry_if_negative"));
-        t.input = Input::Literal(json!(-1));
+        t.input = Input::Literal(json!(-1).into());
         t.retries = 1;
         t.retry_delay = Duration::from_secs(10);
         t.backoff = Some(Backoff {

@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::json::Json;
+
 pub use self::trigger::{Trigger, TriggerDecision};
 use crate::sandbox::RunBudget;
 
@@ -22,8 +24,8 @@ use crate::sandbox::RunBudget;
 /// string starting with `$`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
-    /// A literal value.
-    Literal(Value),
+    /// A literal value (in canonical form).
+    Literal(Json),
     /// A parameter's value.
     Param(String),
     /// An upstream task's output.
@@ -39,14 +41,14 @@ impl Input {
     /// literal.
     pub fn from_json(v: Value) -> Input {
         if !has_references(&v) {
-            return Input::Literal(v);
+            return Input::Literal(Json::from_value(&v));
         }
         match v {
             Value::String(s) => match (s.strip_prefix("$params."), s.strip_prefix("$tasks.")) {
                 (Some(p), _) => Input::Param(p.to_owned()),
                 (_, Some(t)) => Input::Task(t.to_owned()),
                 // `$$…` escapes a literal `$…`.
-                _ => Input::Literal(Value::String(s[1..].to_owned())),
+                _ => Input::Literal(Json::from_value(&Value::String(s[1..].to_owned()))),
             },
             Value::Array(items) => Input::Array(items.into_iter().map(Input::from_json).collect()),
             Value::Object(map) => {
@@ -57,7 +59,7 @@ impl Input {
                 fields.sort_by(|a, b| a.0.cmp(&b.0));
                 Input::Object(fields)
             }
-            other => Input::Literal(other),
+            other => Input::Literal(Json::from_value(&other)),
         }
     }
 
@@ -92,22 +94,25 @@ impl Input {
         }
     }
 
-    /// The value, with references resolved by `param` and `task`.
+    /// The value, with references resolved by `param` and `task`. Upstream outputs are spliced
+    /// in as the text they are, never parsed.
     pub fn resolve(
         &self,
-        param: &impl Fn(&str) -> Option<Value>,
-        task: &mut impl FnMut(&str) -> Option<Value>,
-    ) -> Value {
+        param: &impl Fn(&str) -> Option<Json>,
+        task: &mut impl FnMut(&str) -> Option<Json>,
+    ) -> Json {
         match self {
             Input::Literal(v) => v.clone(),
-            Input::Param(p) => param(p).unwrap_or(Value::Null),
-            Input::Task(t) => task(t).unwrap_or(Value::Null),
-            Input::Object(m) => Value::Object(
+            Input::Param(p) => param(p).unwrap_or_else(Json::null),
+            Input::Task(t) => task(t).unwrap_or_else(Json::null),
+            Input::Object(m) => Json::object(
                 m.iter()
                     .map(|(k, i)| (k.clone(), i.resolve(param, task)))
-                    .collect(),
+                    .collect::<Vec<_>>(),
             ),
-            Input::Array(a) => Value::Array(a.iter().map(|i| i.resolve(param, task)).collect()),
+            Input::Array(a) => {
+                Json::array(a.iter().map(|i| i.resolve(param, task)).collect::<Vec<_>>())
+            }
         }
     }
 }
@@ -226,7 +231,7 @@ impl TaskDef {
             component: component.into(),
             build: None,
             sources: Vec::new(),
-            input: Input::Literal(Value::Null),
+            input: Input::Literal(Json::null()),
             upstream_tasks: Vec::new(),
             trigger: Trigger::default(),
             retries: 0,
@@ -421,7 +426,7 @@ impl FlowDef {
                 for f in fields {
                     let present = match &t.input {
                         Input::Object(m) => m.iter().any(|(k, _)| k == f),
-                        Input::Literal(Value::Object(m)) => m.contains_key(f),
+                        Input::Literal(v) => v.field(f).is_some(),
                         _ => false,
                     };
                     if !present {
@@ -607,13 +612,13 @@ mod tests {
             Input::from_json(json!({"a": "$tasks.up", "b": ["$params.n", 1], "c": "$$5", "d": 2}));
         assert_eq!(i.task_refs(), ["up"]);
         assert_eq!(i.param_refs(), ["n"]);
-        let v = i.resolve(&|p| (p == "n").then(|| json!(7)), &mut |t| {
-            (t == "up").then(|| json!("out"))
+        let v = i.resolve(&|p| (p == "n").then(|| json!(7).into()), &mut |t| {
+            (t == "up").then(|| json!("out").into())
         });
         assert_eq!(v, json!({"a": "out", "b": [7, 1], "c": "$5", "d": 2}));
         assert_eq!(
             Input::from_json(json!([1, 2])),
-            Input::Literal(json!([1, 2]))
+            Input::Literal(json!([1, 2]).into())
         );
     }
 

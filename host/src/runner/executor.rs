@@ -4,10 +4,9 @@
 //! queue and remote workers implement the same interface.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 
+use crate::json::Json;
 use futures_util::FutureExt;
-use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::machine::Unit;
@@ -22,7 +21,7 @@ pub struct Job {
     /// The task's component.
     pub component: TaskComponent,
     /// Its input.
-    pub input: Arc<Value>,
+    pub input: Json,
     /// What the task run sees of its context.
     pub ctx: TaskContext,
     /// Its limits.

@@ -3,7 +3,6 @@
 //! data: serialized into the store's run records, printed by the CLI.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -12,6 +11,7 @@ use serde_json::Value;
 
 use crate::cache::CacheInfo;
 use crate::ids::{FlowRunId, TaskRunId};
+use crate::json::Json;
 use crate::sandbox::LogRecord;
 use crate::state::{State, StateName};
 
@@ -47,14 +47,14 @@ pub struct TaskRun {
     pub history: Vec<Transition>,
     /// The output, while something may still need it (consumed outputs are released).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output: Option<Value>,
+    pub output: Option<Json>,
     /// Whether the output was dropped after every consumer received it.
     #[serde(default)]
     pub output_released: bool,
     /// The resolved input, kept until the task completes (input caching): a retry, a resume or
     /// a paused task runs with it instead of recomputing upstream tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cached_input: Option<Arc<Value>>,
+    pub cached_input: Option<Json>,
     /// Time spent running, over all attempts.
     pub run_time: Duration,
     /// Fuel consumed, over all attempts.

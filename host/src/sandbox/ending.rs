@@ -10,6 +10,7 @@ use super::bindings::WitSignal;
 use super::capture::LogSink;
 use super::run::{Interruption, Phase, RunState};
 use super::{Ending, Limit, LimitExceeded, RunBudget, Signal, TimeLimit};
+use crate::json::Json;
 
 pub(super) fn output_ending(output: String, budget: &RunBudget) -> Ending {
     let len = output.len() as u64;
@@ -20,7 +21,7 @@ pub(super) fn output_ending(output: String, budget: &RunBudget) -> Ending {
             requested: Some(len),
         });
     }
-    match serde_json::from_str(&output) {
+    match Json::parse(&output) {
         Ok(v) => Ending::Output(v),
         Err(e) => Ending::GuestFault {
             message: format!("the task's output is not valid JSON: {e}"),
@@ -50,8 +51,8 @@ pub(super) fn signal_ending(signal: WitSignal, budget: &RunBudget) -> Ending {
         WitSignal::Skip(message) => Signal::Skip { message },
         WitSignal::Pause(message) => Signal::Pause { message },
         WitSignal::Success(s) => {
-            let output = match s.output.as_deref().map(serde_json::from_str).transpose() {
-                Ok(v) => v.unwrap_or(serde_json::Value::Null),
+            let output = match s.output.as_deref().map(Json::parse).transpose() {
+                Ok(v) => v.unwrap_or_else(Json::null),
                 Err(e) => {
                     return Ending::GuestFault {
                         message: format!("the SUCCESS signal's output is not valid JSON: {e}"),
@@ -249,7 +250,7 @@ mod tests {
         };
         assert_eq!(
             output_ending("[1]".into(), &budget),
-            Ending::Output(serde_json::json!([1]))
+            Ending::Output(serde_json::json!([1]).into())
         );
         assert!(matches!(
             output_ending("[1,2]".into(), &budget),

@@ -7,6 +7,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::json::Json;
+
 /// The result of one task run in the sandbox.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunOutcome {
@@ -35,7 +37,7 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Ending {
     /// The task returned an output.
-    Output(serde_json::Value),
+    Output(Json),
     /// The task raised a signal.
     Signal(Signal),
     /// The guest faulted: a trap (with the guest backtrace and the tail of its stderr), or an
@@ -87,7 +89,7 @@ pub enum Signal {
     /// SUCCESS: complete with an explicit message.
     Success {
         /// The output (`null` when the task gave none).
-        output: serde_json::Value,
+        output: Json,
         /// The message.
         message: String,
     },

@@ -21,6 +21,7 @@ use super::{
     TaskComponent, TimeLimit, Usage,
 };
 use crate::context::TaskContext;
+use crate::json::Json;
 use crate::state::{State, StateName, StateType};
 
 /// What a state handler decided, with its logs.
@@ -118,12 +119,12 @@ impl Sandbox {
     pub async fn run(
         &self,
         component: &TaskComponent,
-        input: &serde_json::Value,
+        input: &Json,
         ctx: &TaskContext,
         budget: &RunBudget,
         cancel: Option<&CancelToken>,
     ) -> RunOutcome {
-        let input = input.to_string();
+        let input = input.as_string();
         let pre = &component.0.1;
         let ex = self
             .execute(
@@ -136,17 +137,16 @@ impl Sandbox {
                         .instantiate_async(&mut *store)
                         .await
                         .map_err(|e| (Phase::Instantiate, e))?;
-                    task.call_run(&mut *store, &input)
+                    task.call_run(&mut *store, input)
                         .await
                         .map_err(|e| (Phase::Call, e))
                 },
             )
             .await;
-        let ending = ex.ending(budget, |r| match r {
+        ex.finish(budget, |r| match r {
             Ok(output) => output_ending(output, budget),
             Err(signal) => signal_ending(signal, budget),
-        });
-        ex.finish(ending, budget)
+        })
     }
 
     /// Run a state handler on the transition `old` → `new` of `task`, in a fresh sandbox under
@@ -182,12 +182,11 @@ impl Sandbox {
             )
             .await;
         let mut decided = None;
-        let ending = ex.ending(budget, |r| {
-            decided = Some(r);
-            Ending::Output(serde_json::Value::Null)
-        });
         let now = self.0.clock.now();
-        let outcome = ex.finish(ending, budget);
+        let outcome = ex.finish(budget, |r| {
+            decided = Some(r);
+            Ending::Output(Json::null())
+        });
         let result = match (decided, &outcome.ending) {
             (Some(None), _) => Ok(None),
             (Some(Some(w)), _) => from_wit_state(w, now),
@@ -330,32 +329,39 @@ struct Execution<R> {
 }
 
 impl<R> Execution<R> {
-    /// How the run ended; `returned` maps what the guest returned.
-    fn ending(&self, budget: &RunBudget, returned: impl FnOnce(R) -> Ending) -> Ending
-    where
-        R: Clone,
-    {
-        let log_sink = capture::lock(&self.sink);
-        match &self.result {
-            Err(Interruption::Deadline) => Ending::TimedOut(TimeLimit::Deadline(budget.timeout)),
-            Err(Interruption::Cancelled) => Ending::Cancelled,
-            Err(Interruption::Refused(l)) => Ending::LimitExceeded(*l),
-            Ok(Ok(r)) => returned(r.clone()),
-            Ok(Err((phase, e))) => error_ending(self.store.data(), &log_sink, *phase, e, budget),
-        }
-    }
-
-    fn finish(self, ending: Ending, budget: &RunBudget) -> RunOutcome {
+    /// How the run ended (`returned` maps what the guest returned), with its logs and usage.
+    /// The store goes first: the guest's memory is released before `returned` looks at the
+    /// value (which is moved, never copied: an output may be large), and its instances,
+    /// memories and tables go back to the pool before the reservation that guaranteed them is
+    /// released.
+    fn finish(self, budget: &RunBudget, returned: impl FnOnce(R) -> Ending) -> RunOutcome {
         let fuel = budget.fuel.unwrap_or(u64::MAX);
         let usage = Usage {
             fuel_consumed: fuel.saturating_sub(self.store.get_fuel().unwrap_or(0)),
             duration: self.duration,
             memory_peak_bytes: self.store.data().limiter.memory_peak,
         };
-        // The store first: its instances, memories and tables go back to the pool before the
-        // reservation that guaranteed them is released.
+        let value = match self.result {
+            Err(Interruption::Deadline) => {
+                Err(Ending::TimedOut(TimeLimit::Deadline(budget.timeout)))
+            }
+            Err(Interruption::Cancelled) => Err(Ending::Cancelled),
+            Err(Interruption::Refused(l)) => Err(Ending::LimitExceeded(l)),
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err((phase, e))) => {
+                let log_sink = capture::lock(&self.sink);
+                Err(error_ending(
+                    self.store.data(),
+                    &log_sink,
+                    phase,
+                    &e,
+                    budget,
+                ))
+            }
+        };
         drop(self.store);
         drop(self.admitted);
+        let ending = value.map_or_else(|ending| ending, returned);
         let logs = capture::lock(&self.sink).finish();
         RunOutcome {
             ending,
@@ -410,7 +416,7 @@ fn from_wit_state(
     state.message = w.message;
     if let Some(r) = w.result {
         state.result = Some(
-            serde_json::from_str(&r)
+            Json::parse(&r)
                 .map_err(|e| format!("the handler returned a result that is not JSON: {e}"))?,
         );
     }

@@ -34,6 +34,7 @@ pub use sqlite::SqliteStore;
 
 use crate::cache::{CacheInfo, CacheKey};
 use crate::ids::{FlowRunId, TaskRunId};
+use crate::json::Json;
 use crate::runner::{FlowRun, Transition};
 use crate::sandbox::LogRecord;
 use crate::state::{State, StateName};
@@ -248,7 +249,7 @@ pub struct TaskWrite {
 #[derive(Debug, Clone)]
 pub enum Blob {
     /// A value to store (the store hashes its canonical form).
-    Value(Arc<Value>),
+    Value(Json),
     /// A blob already stored, by hash.
     Stored(String),
 }
@@ -259,7 +260,7 @@ pub struct CacheWrite {
     /// The key and its parts.
     pub key: CacheKey,
     /// The output.
-    pub output: Arc<Value>,
+    pub output: Json,
     /// When it was produced.
     pub created_at: DateTime<Utc>,
     /// Until when it is valid.
@@ -276,7 +277,7 @@ pub enum CacheLookup {
     /// A valid entry.
     Hit {
         /// The cached output.
-        output: Arc<Value>,
+        output: Json,
         /// The output's blob.
         blob: String,
         /// The entry.
@@ -317,7 +318,7 @@ pub struct CachedOutput {
     /// The entry.
     pub entry: CacheEntry,
     /// Its value, unless the preload's size limit was reached.
-    pub value: Option<Arc<Value>>,
+    pub value: Option<Json>,
 }
 
 /// Which runs to list.
@@ -436,7 +437,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn cache_entries(&self, task: Option<&str>) -> Result<Vec<CacheEntry>, StoreError>;
 
     /// The cache entry whose key starts with `prefix`, with its value.
-    fn cache_entry(&self, prefix: &str) -> Result<(CacheEntry, Value), StoreError>;
+    fn cache_entry(&self, prefix: &str) -> Result<(CacheEntry, Json), StoreError>;
 
     /// Remove cache entries (of one task, or every one; only expired ones when `expired_before`
     /// is set). Returns how many were removed. Blobs stay: runs refer to them.

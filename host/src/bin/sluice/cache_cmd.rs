@@ -103,7 +103,7 @@ pub(crate) fn cache(home: &Path, cmd: &CacheCommand) -> Result<ExitCode, UsageEr
             if *json {
                 let mut v = json!(entry);
                 v["valid"] = json!(entry.expires_at > now);
-                v["value"] = value;
+                v["value"] = json!(value);
                 format!("{v:#}\n")
             } else {
                 format!(

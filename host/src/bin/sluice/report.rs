@@ -104,17 +104,17 @@ pub(crate) fn summary(run: &FlowRun, detail: bool) -> String {
                 );
             }
             if let Some(o) = &t.output {
-                let _ = writeln!(out, "  output: {}", truncate(&o.to_string(), 200));
+                let _ = writeln!(out, "  output: {}", truncate(o.as_str(), 200));
             }
         }
     } else {
         for t in run.tasks.iter().filter(|t| t.output.is_some()) {
-            let output = t.output.as_ref().map(Value::to_string).unwrap_or_default();
+            let output = t.output.as_ref().map_or("", |o| o.as_str());
             let _ = writeln!(
                 out,
                 "output of {}: {}",
                 truncate(&t.name, LONG_NAME),
-                truncate(&output, 200)
+                truncate(output, 200)
             );
         }
     }

@@ -73,7 +73,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub(crate) async fn run(sandbox: &crate::SandboxArgs, args: Args) -> Result<ExitCode, UsageError> {
     let usage = |e: anyhow::Error| UsageError(e);
-    let input: serde_json::Value = serde_json::from_str(&args.input)
+    let input = sluice::json::Json::parse(&args.input)
         .map_err(|e| usage(anyhow!("--input is not valid JSON: {e}")))?;
     let parameters: serde_json::Value = serde_json::from_str(&args.parameters)
         .map_err(|e| usage(anyhow!("--parameters is not valid JSON: {e}")))?;

@@ -75,10 +75,13 @@ impl FlowMachine {
     }
 
     /// The unit's resolved input.
-    pub(super) fn unit_input(&self, unit: Unit) -> Arc<Value> {
+    pub(super) fn unit_input(&self, unit: Unit) -> Json {
         match (unit.child, &self.nodes[unit.task].map) {
             (Some(c), Some(map)) => map.inputs[c as usize].clone(),
-            _ => self.nodes[unit.task].input.clone().unwrap_or_default(),
+            _ => self.nodes[unit.task]
+                .input
+                .clone()
+                .unwrap_or_else(Json::null),
         }
     }
 
@@ -240,7 +243,7 @@ impl FlowMachine {
         let guest_cancelled = matches!(outcome.ending, Ending::Cancelled);
         let mut state = State::after_run(&outcome.ending, retry, self.now());
         let output = (state.state_type() == StateType::Completed)
-            .then(|| Arc::new(state.result.take().unwrap_or(Value::Null)));
+            .then(|| state.result.take().unwrap_or_else(Json::null));
         let record = self.record(unit);
         record.run_time += outcome.usage.duration;
         record.fuel_consumed += outcome.usage.fuel_consumed;
@@ -273,7 +276,7 @@ impl FlowMachine {
 
     /// After an attempt (or a cache hit) ended in `state`: wait for the retry, hand the output
     /// on, or finish the unit.
-    pub(super) fn proceed(&mut self, unit: Unit, state: &State, output: Option<Arc<Value>>) {
+    pub(super) fn proceed(&mut self, unit: Unit, state: &State, output: Option<Json>) {
         match state.state_type() {
             StateType::Scheduled => {
                 let at = state.scheduled_for.unwrap_or_else(|| self.now());
@@ -281,7 +284,7 @@ impl FlowMachine {
                 self.commands.push_back(Command::Timer { unit, at });
             }
             StateType::Completed => {
-                let out = output.unwrap_or_else(|| Arc::new(Value::Null));
+                let out = output.unwrap_or_else(Json::null);
                 match (unit.child, &mut self.nodes[unit.task].map) {
                     (Some(c), Some(map)) => map.outputs[c as usize] = Some(out),
                     _ => self.nodes[unit.task].output = Some(out),
@@ -295,7 +298,7 @@ impl FlowMachine {
     }
 
     /// A unit that missed the cache completed: its output is cached under the key it missed.
-    pub(super) fn cache_output(&mut self, unit: Unit, state: &State, output: Option<&Arc<Value>>) {
+    pub(super) fn cache_output(&mut self, unit: Unit, state: &State, output: Option<&Json>) {
         let Some(key) = self.cache_keys.remove(&unit) else {
             return;
         };

@@ -13,7 +13,7 @@ impl FlowMachine {
             let rec = &mut self.run.tasks[i];
             self.nodes[i].base_attempts = rec.attempts;
             if rec.state.state_type() == StateType::Completed {
-                self.nodes[i].output = rec.output.take().map(Arc::new);
+                self.nodes[i].output = rec.output.take();
                 continue;
             }
             if !matches!(rec.state.name, StateName::Pending) {
@@ -176,20 +176,21 @@ impl FlowMachine {
         for t in task.input.task_refs() {
             *refs_left.entry(index[t]).or_default() += 1;
         }
-        let value = task.input.resolve(&|p| params.get(p).cloned(), &mut |t| {
-            let j = *index.get(t)?;
-            let left = refs_left.get_mut(&j)?;
-            *left -= 1;
-            if *left == 0 && nodes[j].consumers_left == 1 {
-                nodes[j].output.take().map(Arc::unwrap_or_clone)
-            } else {
-                nodes[j].output.as_deref().cloned()
-            }
-        });
+        let value = task
+            .input
+            .resolve(&|p| params.get(p).map(Json::from_value), &mut |t| {
+                let j = *index.get(t)?;
+                let left = refs_left.get_mut(&j)?;
+                *left -= 1;
+                if *left == 0 && nodes[j].consumers_left == 1 {
+                    nodes[j].output.take()
+                } else {
+                    nodes[j].output.clone()
+                }
+            });
         for u in self.nodes[i].data_upstream.clone() {
             self.release_one(u);
         }
-        let value = Arc::new(value);
         self.run.tasks[i].cached_input = Some(value.clone());
         self.nodes[i].input = Some(value);
     }
@@ -215,7 +216,7 @@ impl FlowMachine {
             self.ready.push_front(Unit::task(i));
             return;
         }
-        let input = self.nodes[i].input.clone().unwrap_or_default();
+        let input = self.nodes[i].input.clone().unwrap_or_else(Json::null);
         let unit = Unit::task(i);
         // The cap on mapped children, checked before any child is created.
         let others = self
@@ -298,7 +299,7 @@ impl FlowMachine {
             let child = &mut self.run.tasks[i].children[c];
             map.base_attempts[c] = child.attempts;
             if keep && child.state.state_type() == StateType::Completed {
-                map.outputs[c] = Some(Arc::new(child.output.take().unwrap_or(Value::Null)));
+                map.outputs[c] = Some(child.output.take().unwrap_or_else(Json::null));
                 map.children_left -= 1;
                 todo.pop();
                 continue;
@@ -350,12 +351,11 @@ impl FlowMachine {
         let map = self.nodes[i].map.take().unwrap_or_default();
         let mut output = None;
         let state = if bad.is_empty() {
-            let outputs: Vec<Value> = map
-                .outputs
-                .into_iter()
-                .map(|o| o.map_or(Value::Null, Arc::unwrap_or_clone))
-                .collect();
-            let list = Arc::new(Value::Array(outputs));
+            let list = Json::array(
+                map.outputs
+                    .into_iter()
+                    .map(|o| o.unwrap_or_else(Json::null)),
+            );
             output = Some(Blob::Value(list.clone()));
             self.nodes[i].output = Some(list);
             State::new(StateName::Mapped, now).with_message(format!("{n} mapped runs completed"))

@@ -20,6 +20,8 @@ use std::sync::Arc;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::Value;
 
+use crate::json::Json;
+
 mod attempt;
 mod graph;
 #[cfg(test)]
@@ -123,7 +125,7 @@ pub struct Attempt {
     /// The unit.
     pub unit: Unit,
     /// Its input.
-    pub input: Arc<Value>,
+    pub input: Json,
     /// What the task run sees of its context.
     pub ctx: TaskContext,
 }
@@ -185,8 +187,8 @@ struct Node {
     waiting_on: usize,
     /// Downstream tasks that have not received this task's output yet.
     consumers_left: usize,
-    output: Option<Arc<Value>>,
-    input: Option<Arc<Value>>,
+    output: Option<Json>,
+    input: Option<Json>,
     /// For a mapped task whose children are running.
     map: Option<Box<MapRun>>,
     /// The trigger was evaluated (a task is evaluated at most once per run).
@@ -203,8 +205,8 @@ type Edges = smallvec::SmallVec<[usize; 2]>;
 #[derive(Debug, Default)]
 struct MapRun {
     children_left: usize,
-    inputs: Vec<Arc<Value>>,
-    outputs: Vec<Option<Arc<Value>>>,
+    inputs: Vec<Json>,
+    outputs: Vec<Option<Json>>,
     /// Attempts each child made before this run (when resuming).
     base_attempts: Vec<u32>,
 }
@@ -220,7 +222,7 @@ enum Then {
     Launch,
     /// An attempt (or a cache hit) ended: retry, hand the output on, or finish.
     Proceed {
-        output: Option<Arc<Value>>,
+        output: Option<Json>,
         from_cache: bool,
         guest_cancelled: bool,
     },
@@ -479,7 +481,7 @@ impl FlowMachine {
         // Outputs still held go into the record.
         for (i, node) in self.nodes.iter_mut().enumerate() {
             if let Some(out) = node.output.take() {
-                self.run.tasks[i].output = Some(Arc::unwrap_or_clone(out));
+                self.run.tasks[i].output = Some(out);
             }
         }
         let state = self.final_state();

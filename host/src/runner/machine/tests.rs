@@ -91,9 +91,9 @@ impl Outcome {
     fn ending(self) -> Ending {
         let m = || "scripted".to_owned();
         match self {
-            Outcome::Output(o) => Ending::Output(o.value()),
+            Outcome::Output(o) => Ending::Output(o.value().into()),
             Outcome::Success(o) => Ending::Signal(Signal::Success {
-                output: o.value(),
+                output: o.value().into(),
                 message: m(),
             }),
             Outcome::Fail => Ending::Signal(Signal::Fail { message: m() }),
@@ -327,7 +327,7 @@ fn build_flow(s: &Scenario) -> Flow {
         let refs: Vec<Input> = data.iter().map(|&u| Input::Task(name(u))).collect();
         t.input = match spec.map {
             None => match refs.is_empty() {
-                true => Input::Literal(json!(i)),
+                true => Input::Literal(json!(i).into()),
                 false => Input::Array(refs),
             },
             Some((source, fields)) => {

@@ -1,15 +1,13 @@
 //! The task cache in the database: lookups (with the reason for a miss), preloading a task's
 //! entries, listing, reading and clearing entries.
 
-use std::sync::Arc;
-
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
-use serde_json::Value;
 
 use super::runs::get_blob;
 use super::{SqliteStore, from_micros, micros};
 use crate::cache::CacheKey;
+use crate::json::Json;
 use crate::store::{CacheEntry, CacheLookup, CachedOutput, Store, StoreError};
 
 /// The newest cache entry matching `filter` (one of [`SAME_CONFIG`], [`SAME_TASK`]), for
@@ -72,9 +70,9 @@ impl SqliteStore {
                     entry.flow_run, entry.blob
                 )));
             }
-            return match serde_json::from_slice(&data) {
+            return match std::str::from_utf8(&data) {
                 Ok(v) => Ok(CacheLookup::Hit {
-                    output: Arc::new(v),
+                    output: Json::from_canonical(v),
                     blob: entry.blob.clone(),
                     entry: Box::new(entry),
                 }),
@@ -200,7 +198,7 @@ impl SqliteStore {
                     // A corrupt blob is not preloaded; a hit on it goes to `cache_lookup`, which
                     // reports it as a miss.
                     (blake3::hash(bytes).to_hex().as_str() == entry.blob)
-                        .then(|| serde_json::from_slice(bytes).ok().map(Arc::new))
+                        .then(|| std::str::from_utf8(bytes).ok().map(Json::from_canonical))
                         .flatten()
                 }
                 _ => None,
@@ -242,7 +240,7 @@ impl SqliteStore {
             .map_err(self.io_err("cache list"))
     }
 
-    pub(super) fn cache_entry_impl(&self, prefix: &str) -> Result<(CacheEntry, Value), StoreError> {
+    pub(super) fn cache_entry_impl(&self, prefix: &str) -> Result<(CacheEntry, Json), StoreError> {
         let prefix = prefix.to_ascii_lowercase();
         let entries: Vec<CacheEntry> = self
             .cache_entries(None)?

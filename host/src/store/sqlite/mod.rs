@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
-use serde_json::Value;
 
 use super::{
     CacheEntry, CacheLookup, CachedOutput, CancelOutcome, RunFilter, RunLease, RunSummary, Store,
@@ -31,6 +30,7 @@ use super::{
 };
 use crate::cache::CacheKey;
 use crate::ids::FlowRunId;
+use crate::json::Json;
 use crate::state::State;
 use schema::{MIGRATIONS, classify_open, connect, connect_immutable, migrate};
 use writer::{Health, Msg, damage_marker, writer};
@@ -320,7 +320,7 @@ impl Store for SqliteStore {
         self.cache_entries_impl(task)
     }
 
-    fn cache_entry(&self, prefix: &str) -> Result<(CacheEntry, Value), StoreError> {
+    fn cache_entry(&self, prefix: &str) -> Result<(CacheEntry, Json), StoreError> {
         self.cache_entry_impl(prefix)
     }
 

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -11,6 +10,7 @@ use serde_json::Value;
 
 use super::{SqliteStore, from_micros};
 use crate::ids::FlowRunId;
+use crate::json::Json;
 use crate::runner::{FlowRun, TaskRun, Transition};
 use crate::sandbox::LogRecord;
 use crate::state::{State, StateName};
@@ -54,7 +54,7 @@ pub(super) fn get_blob(
     conn: &Connection,
     hash: &str,
     what: &str,
-) -> Result<Value, StoreError> {
+) -> Result<Json, StoreError> {
     let data: Option<Vec<u8>> = conn
         .prepare_cached("SELECT data FROM blobs WHERE hash = ?1")
         .and_then(|mut s| s.query_row([hash], |r| r.get(0)).optional())
@@ -70,7 +70,10 @@ pub(super) fn get_blob(
             "corrupt: its content does not match its hash".into(),
         ));
     }
-    serde_json::from_slice(&data).map_err(|e| blob_err(format!("not valid JSON: {e}")))
+    // Blobs are written in canonical form and the hash matched: the text is that form.
+    std::str::from_utf8(&data)
+        .map(Json::from_canonical)
+        .map_err(|e| blob_err(format!("not valid UTF-8: {e}")))
 }
 
 impl SqliteStore {
@@ -223,7 +226,7 @@ impl SqliteStore {
                 crate::state::StateType::Completed => blob(&out, "output"),
                 _ => None,
             };
-            let cached_input = blob(&input, "cached input").map(Arc::new);
+            let cached_input = blob(&input, "cached input");
             let cache = cache
                 .map(|c| serde_json::from_str(&c))
                 .transpose()

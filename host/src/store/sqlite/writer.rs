@@ -11,12 +11,11 @@ use std::sync::mpsc;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, Transaction, params};
-use serde_json::Value;
 
 use super::liveness::{not_recorded, process_start};
 use super::{classify, i64_of, lock, micros};
-use crate::cache::canonical;
 use crate::ids::{FlowRunId, TaskRunId};
+use crate::json::Json;
 use crate::runner::Transition;
 use crate::state::State;
 use crate::store::{Blob, CacheWrite, RunHeader, StoreError, TaskWrite, Write};
@@ -393,10 +392,9 @@ fn put_blob(tx: &Transaction<'_>, blob: &Blob) -> rusqlite::Result<String> {
     }
 }
 
-fn put_value(tx: &Transaction<'_>, v: &Value) -> rusqlite::Result<String> {
-    let mut bytes = Vec::new();
-    canonical(v, &mut bytes);
-    let hash = blake3::hash(&bytes).to_hex().to_string();
+fn put_value(tx: &Transaction<'_>, v: &Json) -> rusqlite::Result<String> {
+    let bytes = v.as_str().as_bytes();
+    let hash = v.hash();
     tx.prepare_cached("INSERT OR IGNORE INTO blobs (hash, size, data) VALUES (?1, ?2, ?3)")?
         .execute(params![hash, bytes.len() as i64, bytes])?;
     Ok(hash)

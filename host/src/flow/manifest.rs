@@ -48,7 +48,8 @@
 //! Flow keys besides those above: `cache_namespace = "etl"` (share cached outputs with the other
 //! flows of that namespace; default: the flow's own name, nothing shared) and
 //! `max_mapped_children = 100000` (the most mapped children of one flow run, summed over its
-//! mapped tasks; default 100,000).
+//! mapped tasks; default 100,000) and `max_log_bytes = "256MiB"` (the most bytes of logs one flow
+//! run keeps, summed over its task runs; a size or a number of bytes; default 256 MiB).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -96,6 +97,7 @@ struct RawFlow {
     tasks: indexmap::IndexMap<String, Spanned<RawTask>>,
     cache_namespace: Option<String>,
     max_mapped_children: Option<usize>,
+    max_log_bytes: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -318,9 +320,39 @@ pub fn parse(file: &Path, text: &str) -> Result<FlowDef, ManifestError> {
         max_mapped_children: raw
             .max_mapped_children
             .unwrap_or(super::DEFAULT_MAX_MAPPED_CHILDREN),
+        max_log_bytes: match &raw.max_log_bytes {
+            None => super::DEFAULT_MAX_LOG_BYTES,
+            Some(v) => size(&src, "`max_log_bytes`", v, "256MiB")?,
+        },
     };
     def.validate().map_err(|e| locate(&src, &spans, e))?;
     Ok(def)
+}
+
+/// A size: a string like `example` (`64MiB`) or a number of bytes; `what` names the key.
+fn size(
+    src: &Source<'_>,
+    what: &str,
+    v: &Spanned<toml::Value>,
+    example: &str,
+) -> Result<u64, ManifestError> {
+    let bad = |detail: String| {
+        src.error(
+            v.span(),
+            format!(
+                "{what} = {} must be a size like \"{example}\" or a number of bytes{detail}",
+                v.get_ref()
+            ),
+        )
+    };
+    match v.get_ref() {
+        toml::Value::Integer(n) if *n >= 0 => Ok(n.unsigned_abs()),
+        toml::Value::String(t) => t
+            .parse::<bytesize::ByteSize>()
+            .map(|b| b.as_u64())
+            .map_err(|e| bad(format!(": {e}"))),
+        _ => Err(bad(String::new())),
+    }
 }
 
 fn task_def(
@@ -428,24 +460,7 @@ fn task_def(
         }
     }
     if let Some(m) = &raw.memory {
-        let bad = |detail: String| {
-            src.error(
-                m.span(),
-                format!(
-                    "task `{name}`: `memory` = {} must be a size like \"64MiB\" or a number of \
-                     bytes{detail}",
-                    m.get_ref()
-                ),
-            )
-        };
-        budget.memory_bytes = match m.get_ref() {
-            toml::Value::Integer(n) if *n >= 0 => n.unsigned_abs(),
-            toml::Value::String(t) => t
-                .parse::<bytesize::ByteSize>()
-                .map(|b| b.as_u64())
-                .map_err(|e| bad(format!(": {e}")))?,
-            _ => return Err(bad(String::new())),
-        };
+        budget.memory_bytes = size(src, &format!("task `{name}`: `memory`"), m, "64MiB")?;
     }
     task.budget = budget;
     task.map = match &raw.map {
@@ -859,7 +874,8 @@ cache_validator = "all_inputs"
             err("name = \"f\"\nconcurency = 3\n"),
             "DIR/flow.toml:2:1: unknown field `concurency`, expected one of `name`, `parameters`, \
              `context`, `reference_tasks`, `concurrency`, `tag_limits`, `tasks`, \
-             `cache_namespace`, `max_mapped_children` (did you mean `concurrency`?)"
+             `cache_namespace`, `max_mapped_children`, `max_log_bytes` (did you mean \
+             `concurrency`?)"
         );
         let e = err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nretries = \"two\"\n");
         assert_eq!(
@@ -898,6 +914,22 @@ cache_validator = "all_inputs"
             "DIR/flow.toml:4:11: unknown variant `sometimes`, expected one of \
              `all_successful`, `all_failed`, `any_successful`, `any_failed`, `all_finished`, \
              `manual_only`"
+        );
+    }
+
+    #[test]
+    fn max_log_bytes_is_a_size_or_a_number_of_bytes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let def = parse_in(dir.path(), "name = \"f\"\nmax_log_bytes = \"2MiB\"\n").expect("valid");
+        assert_eq!(def.max_log_bytes, 2 << 20);
+        let def = parse_in(dir.path(), "name = \"f\"\nmax_log_bytes = 1000\n").expect("valid");
+        assert_eq!(def.max_log_bytes, 1000);
+        let def = parse_in(dir.path(), "name = \"f\"\n").expect("valid");
+        assert_eq!(def.max_log_bytes, super::super::DEFAULT_MAX_LOG_BYTES);
+        assert_eq!(
+            err("name = \"f\"\nmax_log_bytes = -1\n"),
+            "DIR/flow.toml:2:17: `max_log_bytes` = -1 must be a size like \"256MiB\" or a number \
+             of bytes"
         );
     }
 

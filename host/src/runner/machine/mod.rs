@@ -33,7 +33,7 @@ use crate::cache::{CacheInfo, CacheKey, CacheScope, CacheStatus, TaskIdentity};
 use crate::clock::ClockRef;
 use crate::context::TaskContext;
 use crate::flow::{FlowDef, MapOver, TriggerDecision};
-use crate::sandbox::{Ending, LogRecord, RunOutcome};
+use crate::sandbox::{Ending, LogLevel, LogRecord, LogSource, RunOutcome};
 use crate::state::{Retry, State, StateName, StateType};
 use crate::store::{Blob, CacheLookup, CacheWrite, Write};
 
@@ -277,6 +277,21 @@ pub struct FlowMachine {
     /// Mapped children in the run, summed over its mapped tasks (bounded by the flow's
     /// `max_mapped_children`).
     mapped_children: usize,
+    /// The run's logs against the flow's `max_log_bytes`.
+    logs: LogCount,
+}
+
+/// What a run logged, against the flow's `max_log_bytes`.
+#[derive(Debug, Default)]
+struct LogCount {
+    /// What the records kept cost (message bytes plus [`LogRecord::OVERHEAD`] each).
+    kept: u64,
+    /// Message bytes of the records dropped.
+    dropped_bytes: u64,
+    /// Records dropped.
+    dropped_records: u64,
+    /// The unit that lost the first record dropped: the note of the cap goes on its record.
+    first_dropped: Option<Unit>,
 }
 
 impl std::fmt::Debug for FlowMachine {
@@ -360,6 +375,7 @@ impl FlowMachine {
             cache_scope,
             skip_cache: HashSet::new(),
             mapped_children,
+            logs: LogCount::default(),
             run,
             def,
             settings,
@@ -482,6 +498,7 @@ impl FlowMachine {
                 self.run.tasks[i].output = Some(Arc::unwrap_or_clone(out));
             }
         }
+        self.note_dropped_logs();
         let state = self.final_state();
         self.flow_transition(state);
     }

@@ -266,22 +266,33 @@ fn peak_rss(home: &Path, args: &[&str]) -> (u64, i32, u64) {
 }
 
 /// The acceptance of bounded log memory: 1,000 mapped children each logging 1 MiB (16 lines of
-/// 65,000 bytes: 1,040,000 bytes), with `max_log_bytes` above the 1 GB they log so nothing is
-/// dropped, run by `sluice run`; then `sluice show`, `show --json`, `logs --json` (every line,
-/// whole) and
-/// `logs` of an unknown task. Each process must peak under 200 MB.
+/// 65,000 bytes: 1,040,000 bytes), at the default concurrency, run by `sluice run`: once with the
+/// default `max_log_bytes` (a quarter of it is kept), once with the cap above the 1 GB they log,
+/// so nothing is dropped; then, of the second run, `sluice show`, `show --json`, `logs --json`
+/// (every line, whole) and `logs` of an unknown task. Each process must peak under 200 MB.
 #[test]
 fn a_thousand_children_logging_1_mib_each_and_reading_them_stay_under_200_mb() {
     const LIMIT: u64 = 200_000_000;
     let dir = tempfile::tempdir().expect("temp dir");
     let home = dir.path().join("home");
-    let flow = talk_flow(dir.path(), 1000, 16, 65_000, "max_log_bytes = \"2GiB\"");
-    // Concurrency as by default, not the helper's 1.
-    let text = std::fs::read_to_string(&flow).expect("flow");
-    std::fs::write(&flow, text.replace("concurrency = 1\n", "")).expect("flow");
-    let home_s = home.to_str().expect("utf-8");
+    let flow = |name: &str, extra: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).expect("dir");
+        let flow = talk_flow(&d, 1000, 16, 65_000, extra);
+        // Concurrency as by default, not the helper's 1.
+        let text = std::fs::read_to_string(&flow).expect("flow");
+        std::fs::write(&flow, text.replace("concurrency = 1\n", "")).expect("flow");
+        flow
+    };
 
-    let (run_peak, code, _) = peak_rss(&home, &["run", &flow]);
+    let (capped_peak, code, _) = peak_rss(&home, &["run", &flow("capped", "")]);
+    assert_eq!(code, 0, "the run did not complete");
+    assert!(
+        capped_peak < LIMIT,
+        "sluice run (default max_log_bytes) peaked at {} MiB",
+        capped_peak >> 20
+    );
+    let (run_peak, code, _) = peak_rss(&home, &["run", &flow("whole", "max_log_bytes = \"2GiB\"")]);
     assert_eq!(code, 0, "the run did not complete");
     let out = sluice(&home, &["runs", "--json", "--limit", "1"]);
     let id = json_of(&out)[0]["id"].as_str().expect("id").to_owned();
@@ -294,9 +305,10 @@ fn a_thousand_children_logging_1_mib_each_and_reading_them_stay_under_200_mb() {
     let (unknown_peak, code, _) = peak_rss(&home, &["logs", &id, "tlak"]);
     assert_eq!(code, 2, "an unknown task is a usage error");
     eprintln!(
-        "peak RSS (MiB) with {home_s}: run {}, show {}, show --json {} ({} KiB printed), logs {} \
-         ({} MiB printed), logs of an unknown task {}",
+        "peak RSS (MiB): run {} (default max_log_bytes: {}), show {}, show --json {} ({} KiB \
+         printed), logs --json {} ({} MiB printed), logs of an unknown task {}",
         run_peak >> 20,
+        capped_peak >> 20,
         show_peak >> 20,
         json_peak >> 20,
         json_bytes >> 10,
@@ -310,7 +322,7 @@ fn a_thousand_children_logging_1_mib_each_and_reading_them_stay_under_200_mb() {
         ("sluice run", run_peak),
         ("sluice show", show_peak),
         ("sluice show --json", json_peak),
-        ("sluice logs", logs_peak),
+        ("sluice logs --json", logs_peak),
         ("sluice logs <unknown task>", unknown_peak),
     ] {
         assert!(peak < LIMIT, "{what} peaked at {} MiB", peak >> 20);

@@ -305,7 +305,8 @@ impl FlowMachine {
             level: LogLevel::Warn,
             message: format!(
                 "[sluice] logs truncated: the flow run's log cap (max_log_bytes = {} bytes) was \
-                 reached; {} more bytes in {} records of this flow run were dropped from here on",
+                 reached in this task run; {} more bytes in {} records were dropped from the flow \
+                 run's logs",
                 self.def.max_log_bytes, self.logs.dropped_bytes, self.logs.dropped_records
             ),
         };

@@ -106,6 +106,51 @@ fn logs_one_byte_over_max_log_bytes_are_dropped_and_noted_once() {
     assert_eq!(last["level"], "warn", "{last}");
 }
 
+#[test]
+fn a_resumed_run_counts_its_earlier_logs_against_max_log_bytes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = dir.path().join("home");
+    let h = hostile_path();
+    // Room for three lines of 100 bytes: `a` logs two before the pause, `c` two after it.
+    let cap = 3 * (100 + 64);
+    let flow = write_flow(
+        dir.path(),
+        &format!(
+            "name = \"resumed\"\nmax_log_bytes = {cap}\n\
+             [tasks.a]\ncomponent = {h:?}\ninput = {{ do = \"log\", lines = 2, bytes = 100 }}\n\
+             [tasks.p]\ncomponent = {h:?}\nupstream_tasks = [\"a\"]\n\
+             input = {{ do = \"pause_on_first_attempt\", value = 1 }}\n\
+             [tasks.c]\ncomponent = {h:?}\nupstream_tasks = [\"p\"]\n\
+             input = {{ do = \"log\", lines = 2, bytes = 100 }}\n"
+        ),
+    );
+    let out = sluice(&home, &["run", flow.to_str().expect("utf-8"), "--json"]);
+    assert_eq!(out.status.code(), Some(3), "paused: {}", stderr(&out));
+    let id = json_of(&out)["id"].as_str().expect("id").to_owned();
+    let out = sluice(&home, &["resume", &id, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines = log_lines(&home, &id);
+    let by_task: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            let m = l["message"].as_str().unwrap_or_default();
+            (
+                l["task"].as_str().unwrap_or_default(),
+                if m.contains("max_log_bytes") {
+                    "note"
+                } else {
+                    "line"
+                },
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_task,
+        [("a", "line"), ("a", "line"), ("c", "line"), ("c", "note")],
+        "{lines:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_run_with_a_store_hands_its_logs_over_and_keeps_none() {
     let dir = tempfile::tempdir().expect("temp dir");

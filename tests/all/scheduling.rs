@@ -170,6 +170,9 @@ impl Store for PollRecorder {
     ) -> Result<Vec<StoredLog>, StoreError> {
         self.inner.logs(run, task, after, limit)
     }
+    fn log_cost(&self, run: FlowRunId) -> Result<u64, StoreError> {
+        self.inner.log_cost(run)
+    }
     fn task_names(&self, run: FlowRunId) -> Result<Vec<String>, StoreError> {
         self.inner.task_names(run)
     }

@@ -308,8 +308,8 @@ pub struct FlowDef {
     /// The most bytes of logs one flow run keeps, summed over its task runs and state handlers
     /// (default [`DEFAULT_MAX_LOG_BYTES`]; each record costs its message's length plus 64, as
     /// in a task run's own log budget). Past it, records are dropped and counted, and one record
-    /// says so at the end of the run; no task run fails because of it. Counted per execution:
-    /// a resumed run counts from zero again.
+    /// says so at the end of the run; no task run fails because of it. A resumed run counts
+    /// what it logged before.
     pub max_log_bytes: u64,
 }
 

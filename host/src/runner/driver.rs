@@ -26,11 +26,12 @@ use crate::sandbox::{CancelToken, HandlerComponent, LogLevel, LogRecord, LogSour
 use crate::state::State;
 use crate::store::{CacheLookup, CachedOutput, Store, StoreError};
 
-/// Run `run` (fresh, or resumed with `starts` as start tasks) of `flow` to its end.
+/// Run `run` (fresh, or resumed with `starts` as start tasks, its logs so far costing
+/// `logs_before`) of `flow` to its end.
 pub(super) async fn drive(
     runner: &FlowRunner,
     flow: &PreparedFlow,
-    run: FlowRun,
+    (run, logs_before): (FlowRun, u64),
     starts: &[usize],
     cancel: CancelToken,
 ) -> FlowRun {
@@ -40,6 +41,7 @@ pub(super) async fn drive(
         record: runner.store.is_some(),
         events: runner.events.is_some(),
         digests: flow.components.iter().map(|c| c.digest()).collect(),
+        logs_before,
     };
     let machine = FlowMachine::new(flow.def.clone(), run, starts, settings);
     let (done_tx, done_rx) = mpsc::unbounded_channel();

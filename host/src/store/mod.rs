@@ -509,6 +509,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         limit: usize,
     ) -> Result<Vec<StoredLog>, StoreError>;
 
+    /// What the log records stored for `run` cost
+    /// ([`LogRecord::cost`](crate::sandbox::LogRecord::cost)): a resumed run counts them against
+    /// the flow's `max_log_bytes`.
+    fn log_cost(&self, run: FlowRunId) -> Result<u64, StoreError>;
+
     /// The names of the flow's tasks as recorded with `run`, in the flow's order.
     fn task_names(&self, run: FlowRunId) -> Result<Vec<String>, StoreError>;
 

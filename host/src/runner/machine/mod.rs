@@ -172,6 +172,9 @@ pub struct Settings {
     pub events: bool,
     /// Per task, the blake3 (hex) of its component, part of its cache keys.
     pub digests: Vec<String>,
+    /// What the logs the run kept before this execution cost (a resumed run; see
+    /// `Store::log_cost`): counted against the flow's `max_log_bytes`.
+    pub logs_before: u64,
 }
 
 /// What the machine tracks per task beside its record.
@@ -375,7 +378,10 @@ impl FlowMachine {
             cache_scope,
             skip_cache: HashSet::new(),
             mapped_children,
-            logs: LogCount::default(),
+            logs: LogCount {
+                kept: settings.logs_before,
+                ..LogCount::default()
+            },
             run,
             def,
             settings,

@@ -361,6 +361,10 @@ impl Store for SqliteStore {
         self.logs_impl(run, task, after, limit)
     }
 
+    fn log_cost(&self, run: FlowRunId) -> Result<u64, StoreError> {
+        self.log_cost_impl(run)
+    }
+
     fn task_names(&self, run: FlowRunId) -> Result<Vec<String>, StoreError> {
         self.task_names_impl(run)
     }

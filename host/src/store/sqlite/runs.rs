@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::{SqliteStore, from_micros};
 use crate::ids::{FlowRunId, TaskRunId};
 use crate::runner::{FlowRun, TaskRun, Transition};
+use crate::sandbox::LogRecord;
 use crate::state::{State, StateName};
 use crate::store::{
     LOG_PAGE_BYTES, LOG_PAGE_LINES, LogTail, RunFilter, RunSummary, StoreError, StoredLog,
@@ -366,6 +367,20 @@ impl SqliteStore {
             });
         }
         Ok(page)
+    }
+
+    /// Every record's message is read (the cost is its length), with the memory map off.
+    pub(super) fn log_cost_impl(&self, run: FlowRunId) -> Result<u64, StoreError> {
+        let conn = self.read();
+        let cost: i64 = unmapped(&conn, || {
+            conn.query_row(
+                "SELECT coalesce(sum(octet_length(json_extract(record, '$.message')) + ?2), 0) FROM logs WHERE flow_run = ?1",
+                params![run.to_string(), LogRecord::OVERHEAD as i64],
+                |r| r.get(0),
+            )
+        })
+        .map_err(self.io_err("log read"))?;
+        Ok(u64::try_from(cost).unwrap_or(0))
     }
 
     pub(super) fn task_names_impl(&self, run: FlowRunId) -> Result<Vec<String>, StoreError> {

@@ -10,6 +10,7 @@ mod hostile;
 mod input;
 mod limits;
 mod loading;
+mod logs;
 mod polyglot;
 mod polyglot_rebuild;
 mod pool;

@@ -2,6 +2,7 @@
 //! last consumer of an output takes it instead of copying it, and a cancel requested through
 //! the store is noticed within the poll interval.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,13 +11,13 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use sluice::cache::CacheKey;
 use sluice::flow::{FlowBuilder, Input, TaskDef};
-use sluice::ids::FlowRunId;
+use sluice::ids::{FlowRunId, TaskRunId};
 use sluice::runner::{FlowEvent, FlowRunner, RunOptions};
 use sluice::sandbox::RunBudget;
 use sluice::state::{State, StateName};
 use sluice::store::{
-    CacheEntry, CacheLookup, CachedOutput, CancelOutcome, RunFilter, RunLease, RunSummary,
-    SqliteStore, Store, StoreError, StoredLog, StoredRun, Write,
+    CacheEntry, CacheLookup, CachedOutput, CancelOutcome, LogTail, RunFilter, RunLease, RunSummary,
+    SqliteStore, Store, StoreError, StoredLog, StoredRun, TailLimits, Write,
 };
 
 use crate::alloc_meter::Meter;
@@ -166,8 +167,25 @@ impl Store for PollRecorder {
         run: FlowRunId,
         task: Option<&str>,
         after: i64,
+        limit: usize,
     ) -> Result<Vec<StoredLog>, StoreError> {
-        self.inner.logs(run, task, after)
+        self.inner.logs(run, task, after, limit)
+    }
+    fn log_cost(&self, run: FlowRunId) -> Result<u64, StoreError> {
+        self.inner.log_cost(run)
+    }
+    fn task_names(&self, run: FlowRunId) -> Result<Vec<String>, StoreError> {
+        self.inner.task_names(run)
+    }
+    fn log_tails(
+        &self,
+        run: FlowRunId,
+        limits: &TailLimits,
+    ) -> Result<HashMap<TaskRunId, LogTail>, StoreError> {
+        self.inner.log_tails(run, limits)
+    }
+    fn queued_log_bytes(&self) -> u64 {
+        self.inner.queued_log_bytes()
     }
     fn is_live(&self, run: FlowRunId) -> bool {
         self.inner.is_live(run)

@@ -310,6 +310,12 @@ pub struct FlowDef {
     /// [`DEFAULT_MAX_MAPPED_CHILDREN`]). A mapped task whose input would go past it fails,
     /// naming the limit, before any child is created.
     pub max_mapped_children: usize,
+    /// The most bytes of logs one flow run keeps, summed over its task runs and state handlers
+    /// (default [`DEFAULT_MAX_LOG_BYTES`]; each record costs its message's length plus 64, as
+    /// in a task run's own log budget). Past it, records are dropped and counted, and one record
+    /// says so at the end of the run; no task run fails because of it. A resumed run counts
+    /// what it logged before.
+    pub max_log_bytes: u64,
 }
 
 /// Why a flow definition is invalid (the builder's errors; the manifest parser adds positions).
@@ -522,6 +528,7 @@ impl FlowBuilder {
                 tag_limits: BTreeMap::new(),
                 cache_namespace: None,
                 max_mapped_children: DEFAULT_MAX_MAPPED_CHILDREN,
+                max_log_bytes: DEFAULT_MAX_LOG_BYTES,
             },
         }
     }
@@ -576,6 +583,12 @@ impl FlowBuilder {
         self
     }
 
+    /// Limit the bytes of logs one run of the flow keeps, summed over its task runs.
+    pub fn max_log_bytes(mut self, bytes: u64) -> Self {
+        self.def.max_log_bytes = bytes;
+        self
+    }
+
     /// Validate and return the flow.
     pub fn build(self) -> Result<FlowDef, FlowError> {
         self.def.validate()?;
@@ -593,6 +606,10 @@ pub const DEFAULT_MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
 /// Each child costs its record (about 1 KiB with its history) and its input and output, so this
 /// bounds a run's memory whatever list a guest returns.
 pub const DEFAULT_MAX_MAPPED_CHILDREN: usize = 100_000;
+
+/// The default most bytes of logs one flow run keeps (summed over its task runs): 256 MiB, a
+/// quarter of what 1,000 task runs could log at their own default budget of 1 MiB each.
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 256 << 20;
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,7 @@
 //! entries preloaded once, so a hit is answered at once), writes go to the store's queue and
 //! events to the listener. It also watches the store for a cancel requested by another process.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,11 +26,12 @@ use crate::sandbox::{CancelToken, HandlerComponent, LogLevel, LogRecord, LogSour
 use crate::state::State;
 use crate::store::{CacheLookup, CachedOutput, Store, StoreError};
 
-/// Run `run` (fresh, or resumed with `starts` as start tasks) of `flow` to its end.
+/// Run `run` (fresh, or resumed with `starts` as start tasks, its logs so far costing
+/// `logs_before`) of `flow` to its end.
 pub(super) async fn drive(
     runner: &FlowRunner,
     flow: &PreparedFlow,
-    run: FlowRun,
+    (run, logs_before): (FlowRun, u64),
     starts: &[usize],
     cancel: CancelToken,
 ) -> FlowRun {
@@ -40,6 +41,7 @@ pub(super) async fn drive(
         record: runner.store.is_some(),
         events: runner.events.is_some(),
         digests: flow.components.iter().map(|c| c.digest()).collect(),
+        logs_before,
     };
     let machine = FlowMachine::new(flow.def.clone(), run, starts, settings);
     let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -54,6 +56,7 @@ pub(super) async fn drive(
         hook_ids: HashMap::new(),
         here: None,
         in_flight: 0,
+        deferred: VecDeque::new(),
         cache: runner.store.clone().map(CacheReads::new),
         reads: JoinSet::new(),
         cancel,
@@ -83,6 +86,9 @@ struct Driver<'a> {
     here: Option<Pin<Box<dyn Future<Output = Finished> + Send>>>,
     /// Attempts submitted and not answered.
     in_flight: usize,
+    /// Attempts decided while the store's log backlog was over [`LOG_BACKLOG`], in order: they
+    /// start as it drains.
+    deferred: VecDeque<Job>,
     timers: JoinSet<Unit>,
     hooks: JoinSet<HooksAnswer>,
     /// What each handler task answers for, so a task that dies still gets an answer.
@@ -139,6 +145,10 @@ impl Driver<'_> {
                     continue;
                 }
                 () = self.cancel.cancelled(), if !self.machine.is_cancelled() => Event::CancelRequested,
+                () = tokio::time::sleep(BACKLOG_POLL), if !self.deferred.is_empty() => {
+                    self.launch_deferred();
+                    continue;
+                }
             };
             // A cancel is taken in before anything that happened after it.
             if self.cancel.is_cancelled() && !self.machine.is_cancelled() {
@@ -174,7 +184,9 @@ impl Driver<'_> {
                         cancel: self.cancel.clone(),
                     };
                     self.in_flight += 1;
-                    if self.in_flight == 1 && self.here.is_none() {
+                    if !self.deferred.is_empty() || !self.store_has_room() {
+                        self.deferred.push_back(job);
+                    } else if self.in_flight == 1 && self.here.is_none() {
                         held = Some(job);
                     } else {
                         if let Some(first) = held.take() {
@@ -221,8 +233,29 @@ impl Driver<'_> {
         if let Some(job) = held {
             self.here = Some(Box::pin(self.executor.run_here(job)));
         }
+        self.launch_deferred();
         if let Some(cache) = &mut self.cache {
             cache.start_reads(&mut self.reads, self.runner.clock.now());
+        }
+    }
+
+    /// Whether the store's backlog of logs leaves room for more attempts. A run that is being
+    /// cancelled, or whose store cannot write, does not wait for it.
+    fn store_has_room(&self) -> bool {
+        let Some(store) = &self.runner.store else {
+            return true;
+        };
+        store.queued_log_bytes() <= LOG_BACKLOG
+            || self.cancel.is_cancelled()
+            || store.write_error().is_some()
+    }
+
+    /// Start deferred attempts, in order, while the store has room.
+    fn launch_deferred(&mut self) {
+        while !self.deferred.is_empty() && self.store_has_room() {
+            if let Some(job) = self.deferred.pop_front() {
+                self.executor.submit(job, self.done_tx.clone());
+            }
         }
     }
 
@@ -321,6 +354,14 @@ async fn run_handlers(
     }
     (state, logs)
 }
+
+/// The most log bytes (as [`LogRecord::cost`] counts them) a run lets wait in the store's queue:
+/// beyond it, new attempts wait until the store has written them, so a run's logs stream through
+/// memory instead of piling up in it when guests log faster than the store writes.
+const LOG_BACKLOG: u64 = 16 << 20;
+
+/// How often deferred attempts check the store's log backlog.
+const BACKLOG_POLL: Duration = Duration::from_millis(5);
 
 /// Most bytes of cached values a run preloads per task; the rest are read on a hit.
 const CACHE_PRELOAD_BYTES: u64 = 64 << 20;

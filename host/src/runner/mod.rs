@@ -377,7 +377,7 @@ impl FlowRunner {
             }
             None => None,
         };
-        let run = driver::drive(self, flow, run, &[], options.cancel).await;
+        let run = driver::drive(self, flow, (run, 0), &[], options.cancel).await;
         self.recorded(run, lease).await
     }
 
@@ -455,6 +455,7 @@ impl FlowRunner {
                 .ok_or_else(|| PrepareError::UnknownStartTask((*s).to_owned()))?;
             starts.push(i);
         }
+        let mut logs_before = 0;
         let lease = match &self.store {
             Some(store) => {
                 let lease = store.lease(previous.id)?;
@@ -469,11 +470,16 @@ impl FlowRunner {
                         ),
                     });
                 }
+                // The flow's `max_log_bytes` holds for the run, not for each execution of it.
+                let (store, id) = (store.clone(), previous.id);
+                logs_before = tokio::task::spawn_blocking(move || store.log_cost(id))
+                    .await
+                    .map_err(|e| StoreError::io("log read", e))??;
                 Some(lease)
             }
             None => None,
         };
-        let run = driver::drive(self, flow, previous, &starts, cancel).await;
+        let run = driver::drive(self, flow, (previous, logs_before), &starts, cancel).await;
         self.recorded(run, lease).await
     }
 }

@@ -59,7 +59,10 @@ pub struct TaskRun {
     pub run_time: Duration,
     /// Fuel consumed, over all attempts.
     pub fuel_consumed: u64,
-    /// Logs of every attempt, and of the state handlers, in order.
+    /// Logs of every attempt, and of the state handlers, in order, when the run has no store
+    /// (within the flow's `max_log_bytes`). A run with a store hands its logs to the store as
+    /// they come and keeps none here: read them with `Store::logs` (paged) or
+    /// `Store::log_tails`; a run loaded from a store has none here either.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logs: Vec<LogRecord>,
     /// Whether the output cache was used, and why (tasks with `cache_for`).

@@ -17,7 +17,7 @@ use crate::clock::ClockRef;
 
 /// What each record costs against the log budget besides its text, so a flood of empty lines is
 /// bounded like any other.
-pub(super) const RECORD_OVERHEAD: u64 = 64;
+pub(super) const RECORD_OVERHEAD: u64 = LogRecord::OVERHEAD;
 
 /// How many bytes a guest may write to stdout or stderr per `check-write` permit.
 const WRITE_PERMIT: usize = 64 << 10;

@@ -220,3 +220,16 @@ pub struct LogRecord {
     /// The text, without a trailing newline.
     pub message: String,
 }
+
+impl LogRecord {
+    /// What a record costs against a log budget besides its text (a task run's
+    /// [`RunBudget::log_bytes`](super::RunBudget::log_bytes), a flow run's `max_log_bytes`), so a
+    /// flood of empty lines is bounded like any other.
+    pub const OVERHEAD: u64 = 64;
+
+    /// What this record costs against a log budget: its message's length plus
+    /// [`LogRecord::OVERHEAD`].
+    pub fn cost(&self) -> u64 {
+        (self.message.len() as u64).saturating_add(Self::OVERHEAD)
+    }
+}

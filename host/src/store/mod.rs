@@ -21,7 +21,7 @@
 
 mod sqlite;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -379,6 +379,47 @@ pub struct StoredLog {
     pub record: LogRecord,
 }
 
+/// How much of each task run's logs [`Store::log_tails`] reads: its newest records, as many as
+/// fit every limit (a record that does not fit ends its task run's tail: a tail is never a
+/// selection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TailLimits {
+    /// Most records per task run.
+    pub records: usize,
+    /// Most bytes of records (as stored) per task run.
+    pub bytes: u64,
+    /// Most bytes of records (as stored) over the whole run; the newest records of the run are
+    /// read first.
+    pub total_bytes: u64,
+}
+
+impl Default for TailLimits {
+    /// 100 records and 64 KiB per task run, 4 MiB in all.
+    fn default() -> Self {
+        Self {
+            records: 100,
+            bytes: 64 << 10,
+            total_bytes: 4 << 20,
+        }
+    }
+}
+
+/// The newest log records of one task run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogTail {
+    /// The records, oldest first.
+    pub records: Vec<LogRecord>,
+    /// How many older records of the task run were left out.
+    pub omitted: u64,
+}
+
+/// How many log lines one page of [`Store::logs`] returns at most.
+pub const LOG_PAGE_LINES: usize = 1000;
+
+/// About how many bytes of records one page of [`Store::logs`] holds at most: the page ends with
+/// the record that reaches it (a page always holds at least one record when any remains).
+pub const LOG_PAGE_BYTES: u64 = 4 << 20;
+
 /// What [`Store::cancel`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
@@ -450,19 +491,47 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The run whose id is `id_or_prefix` or starts with it.
     fn resolve_run(&self, id_or_prefix: &str) -> Result<FlowRunId, StoreError>;
 
-    /// Load a run with its task runs, history, logs, outputs and cached inputs.
+    /// Load a run with its task runs, history, outputs and cached inputs, without logs (its task
+    /// runs' `logs` are empty): read those with [`Store::logs`] or [`Store::log_tails`].
     fn load_run(&self, run: FlowRunId) -> Result<StoredRun, StoreError>;
 
     /// Runs, newest first.
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError>;
 
-    /// Log lines of `run` (of one task, when given) after position `after`.
+    /// One page of the log lines of `run` (of one task, when given) after position `after`, in
+    /// order: at most `limit` lines (and at most [`LOG_PAGE_LINES`]), ending early at the line
+    /// that reaches [`LOG_PAGE_BYTES`]. Read the next page after the last line's `seq`; an empty
+    /// page is the end.
     fn logs(
         &self,
         run: FlowRunId,
         task: Option<&str>,
         after: i64,
+        limit: usize,
     ) -> Result<Vec<StoredLog>, StoreError>;
+
+    /// What the log records stored for `run` cost
+    /// ([`LogRecord::cost`](crate::sandbox::LogRecord::cost)): a resumed run counts them against
+    /// the flow's `max_log_bytes`.
+    fn log_cost(&self, run: FlowRunId) -> Result<u64, StoreError>;
+
+    /// The names of the flow's tasks as recorded with `run`, in the flow's order.
+    fn task_names(&self, run: FlowRunId) -> Result<Vec<String>, StoreError>;
+
+    /// The newest log records of each task run of `run` that has any, within `limits`.
+    fn log_tails(
+        &self,
+        run: FlowRunId,
+        limits: &TailLimits,
+    ) -> Result<HashMap<TaskRunId, LogTail>, StoreError>;
+
+    /// What the log records submitted and not yet committed cost
+    /// ([`LogRecord::cost`](crate::sandbox::LogRecord::cost)). A runner starts no new attempt
+    /// while this is above its backlog limit, so logs never pile up in memory faster than the
+    /// store writes them. Default: 0 (a store that writes synchronously).
+    fn queued_log_bytes(&self) -> u64 {
+        0
+    }
 
     /// Whether a process is executing `run` now.
     fn is_live(&self, run: FlowRunId) -> bool;

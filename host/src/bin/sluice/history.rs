@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::anyhow;
 use serde_json::json;
 use sluice::state::StateName;
-use sluice::store::{RunFilter, SqliteStore, Store, StoreError, StoredLog};
+use sluice::store::{LOG_PAGE_LINES, RunFilter, SqliteStore, Store, StoreError, StoredLog};
 
-use crate::report::{column_width, fit, run_json, summary, truncate, when};
+use crate::report::{column_width, fit, log_tails, run_json, summary, truncate, when};
 use crate::{UsageError, usage};
 
 #[derive(Debug, clap::Args)]
@@ -137,7 +137,8 @@ pub(crate) fn show(home: &Path, args: &ShowArgs) -> Result<ExitCode, UsageError>
         eprintln!("warning: {p}");
     }
     let out = if args.json {
-        let mut v = run_json(&stored.run);
+        let tails = log_tails(&store, &stored.run);
+        let mut v = run_json(&stored.run, &tails);
         v["created_at"] = json!(stored.created_at);
         v["live"] = json!(live);
         v["cancel_requested_at"] = json!(stored.cancel_requested_at);
@@ -175,16 +176,26 @@ fn log_line(l: &StoredLog) -> String {
     )
 }
 
+/// Write `text` to stdout; false when it cannot be written (the reader went away).
+fn write_stdout(text: &str) -> bool {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_ok()
+}
+
+/// Print the run's logs page by page (never all of them in memory); with `--follow`, keep
+/// reading pages until the run is no longer live.
 pub(crate) async fn logs(home: &Path, args: &LogsArgs) -> Result<ExitCode, UsageError> {
     let store = open_recovered(home, true)?;
     let id = store.resolve_run(&args.run).map_err(usage)?;
     if let Some(task) = &args.task {
-        let stored = store.load_run(id).map_err(usage)?;
-        if stored.run.task(task).is_none() {
-            let names: Vec<&str> = stored.run.tasks.iter().map(|t| t.name.as_str()).collect();
+        let names = store.task_names(id).map_err(usage)?;
+        if !names.iter().any(|n| n == task) {
             return Err(UsageError(anyhow!(
                 "flow run {id} has no task `{task}`{}",
-                sluice::flow::Hint::closest(task, names)
+                sluice::flow::Hint::closest(task, names.iter().map(String::as_str))
             )));
         }
     }
@@ -193,18 +204,28 @@ pub(crate) async fn logs(home: &Path, args: &LogsArgs) -> Result<ExitCode, Usage
         // Whether the run was live before reading, so lines written just before it ended are
         // still printed.
         let live = args.follow && store.is_live(id);
-        let lines = store.logs(id, args.task.as_deref(), after).map_err(usage)?;
-        let mut out = String::new();
-        for l in &lines {
-            after = after.max(l.seq);
-            if args.json {
-                out.push_str(&serde_json::to_string(l).unwrap_or_default());
-                out.push('\n');
-            } else {
-                out.push_str(&log_line(l));
+        loop {
+            let lines = store
+                .logs(id, args.task.as_deref(), after, LOG_PAGE_LINES)
+                .map_err(usage)?;
+            let Some(last) = lines.last() else {
+                break;
+            };
+            after = last.seq;
+            let mut out = String::new();
+            for l in &lines {
+                if args.json {
+                    out.push_str(&serde_json::to_string(l).unwrap_or_default());
+                    out.push('\n');
+                } else {
+                    out.push_str(&log_line(l));
+                }
+            }
+            // A reader that went away (`| head`) ends the command: nothing more is read.
+            if !write_stdout(&out) {
+                return Ok(ExitCode::SUCCESS);
             }
         }
-        crate::print_stdout(&out);
         if !live {
             return Ok(ExitCode::SUCCESS);
         }

@@ -4,11 +4,15 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sluice::cache::CacheStatus;
+use sluice::ids::TaskRunId;
 use sluice::runner::{FlowRun, TaskRun, Transition};
 use sluice::state::{State, StateType};
+use sluice::store::{LogTail, Store, TailLimits};
 
 /// Wall time from the first Running transition to the last terminal one.
 fn wall_time(history: &[Transition]) -> Option<Duration> {
@@ -193,7 +197,27 @@ fn history_json(h: &[Transition]) -> Value {
         .collect()
 }
 
-fn task_json(t: &TaskRun) -> Value {
+/// The newest logs of each task run of `run`, as the JSON record shows them (see
+/// [`TailLimits::default`]): read from the store, never all of a run's logs. A store that cannot
+/// be read gives none, with a warning.
+pub(crate) fn log_tails(store: &dyn Store, run: &FlowRun) -> HashMap<TaskRunId, LogTail> {
+    store
+        .log_tails(run.id, &TailLimits::default())
+        .unwrap_or_else(|e| {
+            eprintln!(
+                "warning: the logs of flow run {} cannot be read: {e}",
+                run.id
+            );
+            HashMap::new()
+        })
+}
+
+fn task_json(t: &TaskRun, tails: &HashMap<TaskRunId, LogTail>) -> Value {
+    // Logs kept in the record (a run without a store), else the tail read from the store.
+    let (logs, omitted) = match tails.get(&t.id) {
+        Some(tail) if t.logs.is_empty() => (json!(tail.records), tail.omitted),
+        _ => (json!(t.logs), 0),
+    };
     let mut v = json!({
         "name": t.name,
         "id": t.id,
@@ -208,27 +232,29 @@ fn task_json(t: &TaskRun) -> Value {
         "fuel_consumed": t.fuel_consumed,
         "cache": t.cache,
         "history": history_json(&t.history),
-        "logs": t.logs,
+        "logs": logs,
+        "logs_omitted": omitted,
     });
     if let Some(i) = t.map_index {
         v["map_index"] = json!(i);
     }
     if !t.children.is_empty() {
-        v["children"] = t.children.iter().map(task_json).collect();
+        v["children"] = t.children.iter().map(|c| task_json(c, tails)).collect();
     }
     v
 }
 
 /// The flow run record: the flow's state and every task with state, type, message, output,
-/// attempts, durations, cache status, history and logs.
-pub(crate) fn run_json(run: &FlowRun) -> Value {
+/// attempts, durations, cache status, history and its newest logs (`tails`, from
+/// [`log_tails`]; `logs_omitted` counts the older ones, which `sluice logs` prints).
+pub(crate) fn run_json(run: &FlowRun, tails: &HashMap<TaskRunId, LogTail>) -> Value {
     let mut v = state_json(&run.state);
     v["id"] = json!(run.id);
     v["flow"] = json!(run.flow);
     v["parameters"] = json!(run.parameters);
     v["context"] = json!(run.context);
     v["history"] = history_json(&run.history);
-    v["tasks"] = run.tasks.iter().map(task_json).collect();
+    v["tasks"] = run.tasks.iter().map(|t| task_json(t, tails)).collect();
     v
 }
 

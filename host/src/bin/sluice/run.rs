@@ -18,7 +18,7 @@ use sluice::state::StateName;
 use sluice::store::Store;
 use tokio::sync::mpsc;
 
-use crate::report::{run_json, summary};
+use crate::report::{log_tails, run_json, summary};
 use crate::{UsageError, exit_code};
 
 #[derive(Debug, clap::Args)]
@@ -137,11 +137,13 @@ fn json_depth(text: &str) -> usize {
 pub(crate) struct Session {
     pub(crate) runner: FlowRunner,
     events: mpsc::UnboundedReceiver<FlowEvent>,
+    /// The runner's store: the JSON record's logs are read back from it.
+    store: Arc<dyn Store>,
 }
 
 impl Session {
     pub(crate) fn open(home: &Path, sandbox: &crate::SandboxArgs) -> Result<Session, UsageError> {
-        let store = Arc::new(crate::open_store(home)?);
+        let store: Arc<dyn Store> = Arc::new(crate::open_store(home)?);
         let (loads, load_events) = mpsc::unbounded_channel();
         tokio::spawn(compile_progress(load_events));
         let sandbox = sandbox
@@ -150,10 +152,12 @@ impl Session {
             .build()
             .map_err(|e| UsageError(anyhow!("cannot start the sandbox: {e}")))?;
         let (tx, events) = mpsc::unbounded_channel();
-        let runner = FlowRunner::new(sandbox)
-            .events(tx)
-            .store(store as Arc<dyn Store>);
-        Ok(Session { runner, events })
+        let runner = FlowRunner::new(sandbox).events(tx).store(store.clone());
+        Ok(Session {
+            runner,
+            events,
+            store,
+        })
     }
 
     /// Run `go` with Ctrl-C and SIGTERM wired to cancellation (the run goes Cancelling →
@@ -190,7 +194,8 @@ impl Session {
             Err(e) => return Err(UsageError(e.into())),
         };
         let report = if json {
-            format!("{:#}\n", run_json(&run))
+            let tails = log_tails(&*self.store, &run);
+            format!("{:#}\n", run_json(&run, &tails))
         } else {
             summary(&run, false)
         };

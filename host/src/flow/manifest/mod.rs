@@ -48,7 +48,8 @@
 //! Flow keys besides those above: `cache_namespace = "etl"` (share cached outputs with the other
 //! flows of that namespace; default: the flow's own name, nothing shared) and
 //! `max_mapped_children = 100000` (the most mapped children of one flow run, summed over its
-//! mapped tasks; default 100,000).
+//! mapped tasks; default 100,000) and `max_log_bytes = "256MiB"` (the most bytes of logs one flow
+//! run keeps, summed over its task runs; a size or a number of bytes; default 256 MiB).
 
 mod raw;
 mod source;
@@ -194,6 +195,10 @@ pub fn parse(file: &Path, text: &str) -> Result<FlowDef, ManifestError> {
         max_mapped_children: raw
             .max_mapped_children
             .unwrap_or(super::DEFAULT_MAX_MAPPED_CHILDREN),
+        max_log_bytes: match &raw.max_log_bytes {
+            None => super::DEFAULT_MAX_LOG_BYTES,
+            Some(v) => values::size(&src, "`max_log_bytes`", v, "256MiB")?,
+        },
     };
     def.validate().map_err(|e| locate(&src, &spans, e))?;
     Ok(def)

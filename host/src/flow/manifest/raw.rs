@@ -25,6 +25,7 @@ pub(super) struct RawFlow {
     pub(super) tasks: indexmap::IndexMap<String, Spanned<RawTask>>,
     pub(super) cache_namespace: Option<String>,
     pub(super) max_mapped_children: Option<usize>,
+    pub(super) max_log_bytes: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,7 +10,7 @@ use toml::Spanned;
 
 use super::raw::RawTask;
 use super::source::{Source, TaskSpans};
-use super::values::{cache_validator, component, map_over, normalize};
+use super::values::{cache_validator, component, map_over, normalize, size};
 use super::{ManifestError, to_json};
 use crate::cache::{CachePolicy, CacheValidator};
 use crate::flow::{Backoff, Hooks, Input, MapOver, TaskDef};
@@ -121,24 +121,7 @@ pub(super) fn task_def(
         }
     }
     if let Some(m) = &raw.memory {
-        let bad = |detail: String| {
-            src.error(
-                m.span(),
-                format!(
-                    "task `{name}`: `memory` = {} must be a size like \"64MiB\" or a number of \
-                     bytes{detail}",
-                    m.get_ref()
-                ),
-            )
-        };
-        budget.memory_bytes = match m.get_ref() {
-            toml::Value::Integer(n) if *n >= 0 => n.unsigned_abs(),
-            toml::Value::String(t) => t
-                .parse::<bytesize::ByteSize>()
-                .map(|b| b.as_u64())
-                .map_err(|e| bad(format!(": {e}")))?,
-            _ => return Err(bad(String::new())),
-        };
+        budget.memory_bytes = size(src, &format!("task `{name}`: `memory`"), m, "64MiB")?;
     }
     task.budget = budget;
     task.map = match &raw.map {

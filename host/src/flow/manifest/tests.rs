@@ -146,7 +146,8 @@ fn errors_name_file_line_and_column() {
         err("name = \"f\"\nconcurency = 3\n"),
         "DIR/flow.toml:2:1: unknown field `concurency`, expected one of `name`, `parameters`, \
              `context`, `reference_tasks`, `concurrency`, `tag_limits`, `tasks`, \
-             `cache_namespace`, `max_mapped_children` (did you mean `concurrency`?)"
+             `cache_namespace`, `max_mapped_children`, `max_log_bytes` (did you mean \
+             `concurrency`?)"
     );
     let e = err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nretries = \"two\"\n");
     assert_eq!(
@@ -185,6 +186,22 @@ fn errors_name_file_line_and_column() {
         "DIR/flow.toml:4:11: unknown variant `sometimes`, expected one of \
              `all_successful`, `all_failed`, `any_successful`, `any_failed`, `all_finished`, \
              `manual_only`"
+    );
+}
+
+#[test]
+fn max_log_bytes_is_a_size_or_a_number_of_bytes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let def = parse_in(dir.path(), "name = \"f\"\nmax_log_bytes = \"2MiB\"\n").expect("valid");
+    assert_eq!(def.max_log_bytes, 2 << 20);
+    let def = parse_in(dir.path(), "name = \"f\"\nmax_log_bytes = 1000\n").expect("valid");
+    assert_eq!(def.max_log_bytes, 1000);
+    let def = parse_in(dir.path(), "name = \"f\"\n").expect("valid");
+    assert_eq!(def.max_log_bytes, crate::flow::DEFAULT_MAX_LOG_BYTES);
+    assert_eq!(
+        err("name = \"f\"\nmax_log_bytes = -1\n"),
+        "DIR/flow.toml:2:17: `max_log_bytes` = -1 must be a size like \"256MiB\" or a number \
+         of bytes"
     );
 }
 

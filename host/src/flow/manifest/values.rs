@@ -68,6 +68,32 @@ pub(super) fn component(
 }
 
 /// `map`: `true`, `false`, or a list of field names.
+/// A size: a string like `example` (`64MiB`) or a number of bytes; `what` names the key.
+pub(super) fn size(
+    src: &Source<'_>,
+    what: &str,
+    v: &Spanned<toml::Value>,
+    example: &str,
+) -> Result<u64, ManifestError> {
+    let bad = |detail: String| {
+        src.error(
+            v.span(),
+            format!(
+                "{what} = {} must be a size like \"{example}\" or a number of bytes{detail}",
+                v.get_ref()
+            ),
+        )
+    };
+    match v.get_ref() {
+        toml::Value::Integer(n) if *n >= 0 => Ok(n.unsigned_abs()),
+        toml::Value::String(t) => t
+            .parse::<bytesize::ByteSize>()
+            .map(|b| b.as_u64())
+            .map_err(|e| bad(format!(": {e}"))),
+        _ => Err(bad(String::new())),
+    }
+}
+
 pub(super) fn map_over(
     src: &Source<'_>,
     task: &str,

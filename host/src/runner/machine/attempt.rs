@@ -256,8 +256,29 @@ impl FlowMachine {
         self.transition_after_attempt(unit, state, output.map(Blob::Value), then);
     }
 
-    /// Record log records of the unit and send them to the store.
-    pub(super) fn add_logs(&mut self, unit: Unit, logs: Vec<LogRecord>) {
+    /// Take in log records of the unit, within the flow run's `max_log_bytes`: with a store they
+    /// are handed to it and not kept here (the record's `logs` stay empty); without one they go
+    /// into the unit's record. Records past the cap are dropped and counted (see
+    /// [`FlowMachine::note_dropped_logs`]).
+    pub(super) fn add_logs(&mut self, unit: Unit, mut logs: Vec<LogRecord>) {
+        let cap = self.def.max_log_bytes;
+        let mut kept = 0;
+        for r in &logs {
+            let cost = r.cost();
+            if self.logs.dropped_records > 0 || self.logs.kept.saturating_add(cost) > cap {
+                break;
+            }
+            self.logs.kept += cost;
+            kept += 1;
+        }
+        if kept < logs.len() {
+            let dropped = logs.split_off(kept);
+            self.logs.first_dropped.get_or_insert(unit);
+            self.logs.dropped_records += dropped.len() as u64;
+            self.logs.dropped_bytes = dropped.iter().fold(self.logs.dropped_bytes, |n, r| {
+                n.saturating_add(r.message.len() as u64)
+            });
+        }
         if logs.is_empty() {
             return;
         }
@@ -267,11 +288,43 @@ impl FlowMachine {
                 task_run: self.record_ref(unit).id,
                 task: self.names[unit.task].clone(),
                 map_index: unit.child,
-                records: logs.clone(),
+                records: logs,
             };
             self.commands.push_back(Command::Write(write));
+        } else {
+            self.record(unit).logs.extend(logs);
         }
-        self.record(unit).logs.extend(logs);
+    }
+
+    /// At the end of the run, when the flow run's `max_log_bytes` dropped records: one record,
+    /// on the task run that first lost some, naming the cap and what was dropped.
+    pub(super) fn note_dropped_logs(&mut self) {
+        let Some(unit) = self.logs.first_dropped.take() else {
+            return;
+        };
+        let record = LogRecord {
+            time: self.now(),
+            source: LogSource::Log,
+            level: LogLevel::Warn,
+            message: format!(
+                "[sluice] logs truncated: the flow run's log cap (max_log_bytes = {} bytes) was \
+                 reached in this task run; {} more bytes in {} records were dropped from the flow \
+                 run's logs",
+                self.def.max_log_bytes, self.logs.dropped_bytes, self.logs.dropped_records
+            ),
+        };
+        if self.settings.record {
+            let write = Write::Logs {
+                run: self.run.id,
+                task_run: self.record_ref(unit).id,
+                task: self.names[unit.task].clone(),
+                map_index: unit.child,
+                records: vec![record],
+            };
+            self.commands.push_back(Command::Write(write));
+        } else {
+            self.record(unit).logs.push(record);
+        }
     }
 
     /// After an attempt (or a cache hit) ended in `state`: wait for the retry, hand the output

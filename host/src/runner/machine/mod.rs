@@ -35,7 +35,7 @@ use crate::cache::{CacheInfo, CacheKey, CacheScope, CacheStatus, TaskIdentity};
 use crate::clock::ClockRef;
 use crate::context::TaskContext;
 use crate::flow::{FlowDef, MapOver, TriggerDecision};
-use crate::sandbox::{Ending, LogRecord, RunOutcome};
+use crate::sandbox::{Ending, LogLevel, LogRecord, LogSource, RunOutcome};
 use crate::state::{Retry, State, StateName, StateType};
 use crate::store::{Blob, CacheLookup, CacheWrite, Write};
 
@@ -174,6 +174,9 @@ pub struct Settings {
     pub events: bool,
     /// Per task, the blake3 (hex) of its component, part of its cache keys.
     pub digests: Vec<String>,
+    /// What the logs the run kept before this execution cost (a resumed run; see
+    /// `Store::log_cost`): counted against the flow's `max_log_bytes`.
+    pub logs_before: u64,
 }
 
 /// What the machine tracks per task beside its record.
@@ -279,6 +282,21 @@ pub struct FlowMachine {
     /// Mapped children in the run, summed over its mapped tasks (bounded by the flow's
     /// `max_mapped_children`).
     mapped_children: usize,
+    /// The run's logs against the flow's `max_log_bytes`.
+    logs: LogCount,
+}
+
+/// What a run logged, against the flow's `max_log_bytes`.
+#[derive(Debug, Default)]
+struct LogCount {
+    /// What the records kept cost (message bytes plus [`LogRecord::OVERHEAD`] each).
+    kept: u64,
+    /// Message bytes of the records dropped.
+    dropped_bytes: u64,
+    /// Records dropped.
+    dropped_records: u64,
+    /// The unit that lost the first record dropped: the note of the cap goes on its record.
+    first_dropped: Option<Unit>,
 }
 
 impl std::fmt::Debug for FlowMachine {
@@ -362,6 +380,10 @@ impl FlowMachine {
             cache_scope,
             skip_cache: HashSet::new(),
             mapped_children,
+            logs: LogCount {
+                kept: settings.logs_before,
+                ..LogCount::default()
+            },
             run,
             def,
             settings,
@@ -484,6 +506,7 @@ impl FlowMachine {
                 self.run.tasks[i].output = Some(out);
             }
         }
+        self.note_dropped_logs();
         let state = self.final_state();
         self.flow_transition(state);
     }

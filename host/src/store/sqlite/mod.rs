@@ -17,6 +17,7 @@ mod runs;
 mod schema;
 mod writer;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,11 +26,11 @@ use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 
 use super::{
-    CacheEntry, CacheLookup, CachedOutput, CancelOutcome, RunFilter, RunLease, RunSummary, Store,
-    StoreError, StoredLog, StoredRun, Write,
+    CacheEntry, CacheLookup, CachedOutput, CancelOutcome, LogTail, RunFilter, RunLease, RunSummary,
+    Store, StoreError, StoredLog, StoredRun, TailLimits, Write,
 };
 use crate::cache::CacheKey;
-use crate::ids::FlowRunId;
+use crate::ids::{FlowRunId, TaskRunId};
 use crate::json::Json;
 use crate::state::State;
 use schema::{MIGRATIONS, classify_open, connect, connect_immutable, migrate};
@@ -265,6 +266,8 @@ fn classify(path: &Path, operation: &str, e: &rusqlite::Error) -> StoreError {
 
 impl Store for SqliteStore {
     fn submit(&self, write: Write) {
+        let logs = writer::log_cost(&write);
+        self.inner.health.logs_queued(logs);
         // The writer lives as long as the store; a send fails only if it panicked.
         if lock(&self.inner.tx).send(Msg::Write(write)).is_err() {
             self.inner
@@ -284,6 +287,10 @@ impl Store for SqliteStore {
 
     fn write_error(&self) -> Option<StoreError> {
         self.inner.health.error()
+    }
+
+    fn queued_log_bytes(&self) -> u64 {
+        self.inner.health.queued_logs()
     }
 
     fn abandon(&self, run: FlowRunId, now: DateTime<Utc>) -> Result<Option<State>, StoreError> {
@@ -349,8 +356,25 @@ impl Store for SqliteStore {
         run: FlowRunId,
         task: Option<&str>,
         after: i64,
+        limit: usize,
     ) -> Result<Vec<StoredLog>, StoreError> {
-        self.logs_impl(run, task, after)
+        self.logs_impl(run, task, after, limit)
+    }
+
+    fn log_cost(&self, run: FlowRunId) -> Result<u64, StoreError> {
+        self.log_cost_impl(run)
+    }
+
+    fn task_names(&self, run: FlowRunId) -> Result<Vec<String>, StoreError> {
+        self.task_names_impl(run)
+    }
+
+    fn log_tails(
+        &self,
+        run: FlowRunId,
+        limits: &TailLimits,
+    ) -> Result<HashMap<TaskRunId, LogTail>, StoreError> {
+        self.log_tails_impl(run, limits)
     }
 
     fn recover_dead(&self, now: DateTime<Utc>) -> Result<Vec<FlowRunId>, StoreError> {

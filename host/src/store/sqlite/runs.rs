@@ -9,12 +9,15 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
 use super::{SqliteStore, from_micros};
-use crate::ids::FlowRunId;
+use crate::ids::{FlowRunId, TaskRunId};
 use crate::json::Json;
 use crate::runner::{FlowRun, TaskRun, Transition};
 use crate::sandbox::LogRecord;
 use crate::state::{State, StateName};
-use crate::store::{RunFilter, RunSummary, StoreError, StoredLog, StoredRun};
+use crate::store::{
+    LOG_PAGE_BYTES, LOG_PAGE_LINES, LogTail, RunFilter, RunSummary, StoreError, StoredLog,
+    StoredRun, TailLimits,
+};
 
 pub(super) fn parse_state(run: &str, json: &str) -> Result<State, StoreError> {
     serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
@@ -74,6 +77,17 @@ pub(super) fn get_blob(
     std::str::from_utf8(&data)
         .map(Json::from_canonical)
         .map_err(|e| blob_err(format!("not valid UTF-8: {e}")))
+}
+
+/// Run `read` (which scans logs) on `conn` with its memory map off: pages read through the map
+/// stay resident in this process (up to the map's 256 MiB) however little of them is kept, so a
+/// scan of a run's logs would cost that much memory. Read through the page cache, its pages are
+/// recycled.
+fn unmapped<T>(conn: &Connection, read: impl FnOnce() -> T) -> T {
+    let _ = conn.pragma_update(None, "mmap_size", 0_i64);
+    let result = read();
+    let _ = conn.pragma_update(None, "mmap_size", super::schema::MMAP_SIZE);
+    result
 }
 
 impl SqliteStore {
@@ -147,25 +161,6 @@ impl SqliteStore {
         let context: BTreeMap<String, String> =
             serde_json::from_str(&context).map_err(|e| corrupt(format!("context: {e}")))?;
 
-        let mut logs: HashMap<String, Vec<LogRecord>> = HashMap::new();
-        {
-            let mut s = conn
-                .prepare_cached(
-                    "SELECT task_run, record FROM logs WHERE flow_run = ?1 ORDER BY seq",
-                )
-                .map_err(&io)?;
-            let rows = s
-                .query_map([&id], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-                })
-                .map_err(&io)?;
-            for row in rows {
-                let (task_run, record) = row.map_err(&io)?;
-                let record: LogRecord =
-                    serde_json::from_str(&record).map_err(|e| corrupt(format!("log: {e}")))?;
-                logs.entry(task_run).or_default().push(record);
-            }
-        }
         type Row = (
             String,
             u32,
@@ -236,7 +231,7 @@ impl SqliteStore {
                 id: parse_id(&id, &tid)?,
                 map_index,
                 history: parse_history(&id, &hist)?,
-                logs: logs.remove(&tid).unwrap_or_default(),
+                logs: Vec::new(),
                 state,
                 attempts,
                 output,
@@ -329,33 +324,156 @@ impl SqliteStore {
         run: FlowRunId,
         task: Option<&str>,
         after: i64,
+        limit: usize,
     ) -> Result<Vec<StoredLog>, StoreError> {
         let conn = self.read();
+        unmapped(&conn, || self.log_page(&conn, run, task, after, limit))
+    }
+
+    fn log_page(
+        &self,
+        conn: &Connection,
+        run: FlowRunId,
+        task: Option<&str>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredLog>, StoreError> {
         let io = self.io_err("log read");
+        let limit = limit.clamp(1, LOG_PAGE_LINES);
         let mut s = conn
             .prepare_cached(
-                "SELECT seq, task, map_index, record FROM logs WHERE flow_run = ?1 AND seq > ?2 AND (?3 IS NULL OR task = ?3) ORDER BY seq",
+                "SELECT seq, task, map_index, record FROM logs WHERE flow_run = ?1 AND seq > ?2 AND (?3 IS NULL OR task = ?3) ORDER BY seq LIMIT ?4",
             )
             .map_err(&io)?;
-        let rows: Vec<(i64, String, Option<u32>, String)> = s
-            .query_map(params![run.to_string(), after, task], |r| {
-                TryFrom::try_from(r)
-            })
-            .and_then(|rows| rows.collect())
+        let mut rows = s
+            .query(params![run.to_string(), after, task, limit as i64])
             .map_err(&io)?;
-        rows.into_iter()
-            .map(|(seq, task, map_index, record)| {
-                let record = serde_json::from_str(&record).map_err(|e| StoreError::Corrupt {
-                    run: run.to_string(),
-                    detail: format!("log {seq}: {e}"),
-                })?;
-                Ok(StoredLog {
-                    seq,
-                    task,
-                    map_index,
-                    record,
-                })
-            })
-            .collect()
+        let mut page = Vec::new();
+        let mut bytes = 0u64;
+        // Row by row: the page ends at the record that reaches its size, and only one record
+        // beyond what the page keeps is ever read.
+        while bytes < LOG_PAGE_BYTES
+            && let Some(row) = rows.next().map_err(&io)?
+        {
+            let (seq, task, map_index, record): (i64, String, Option<u32>, String) =
+                TryFrom::try_from(row).map_err(&io)?;
+            bytes += record.len() as u64;
+            let record = serde_json::from_str(&record).map_err(|e| StoreError::Corrupt {
+                run: run.to_string(),
+                detail: format!("log {seq}: {e}"),
+            })?;
+            page.push(StoredLog {
+                seq,
+                task,
+                map_index,
+                record,
+            });
+        }
+        Ok(page)
+    }
+
+    /// Every record's message is read (the cost is its length), with the memory map off.
+    pub(super) fn log_cost_impl(&self, run: FlowRunId) -> Result<u64, StoreError> {
+        let conn = self.read();
+        let cost: i64 = unmapped(&conn, || {
+            conn.query_row(
+                "SELECT coalesce(sum(octet_length(json_extract(record, '$.message')) + ?2), 0) FROM logs WHERE flow_run = ?1",
+                params![run.to_string(), LogRecord::OVERHEAD as i64],
+                |r| r.get(0),
+            )
+        })
+        .map_err(self.io_err("log read"))?;
+        Ok(u64::try_from(cost).unwrap_or(0))
+    }
+
+    pub(super) fn task_names_impl(&self, run: FlowRunId) -> Result<Vec<String>, StoreError> {
+        let conn = self.read();
+        let mut s = conn
+            .prepare_cached(
+                "SELECT name FROM task_runs WHERE flow_run = ?1 AND parent IS NULL ORDER BY task_index",
+            )
+            .map_err(self.io_err("run load"))?;
+        s.query_map([run.to_string()], |r| r.get(0))
+            .and_then(|rows| rows.collect())
+            .map_err(self.io_err("run load"))
+    }
+
+    /// Two passes: the run's records newest first, reading only their task run and size (SQLite
+    /// reads a value's length without its content), choose each task run's tail; then read the
+    /// chosen records by position.
+    pub(super) fn log_tails_impl(
+        &self,
+        run: FlowRunId,
+        limits: &TailLimits,
+    ) -> Result<HashMap<TaskRunId, LogTail>, StoreError> {
+        let conn = self.read();
+        unmapped(&conn, || self.tails(&conn, run, limits))
+    }
+
+    fn tails(
+        &self,
+        conn: &Connection,
+        run: FlowRunId,
+        limits: &TailLimits,
+    ) -> Result<HashMap<TaskRunId, LogTail>, StoreError> {
+        let io = self.io_err("log read");
+        let id = run.to_string();
+        #[derive(Default)]
+        struct Tail {
+            seqs: Vec<i64>,
+            bytes: u64,
+            omitted: u64,
+        }
+        let mut tails: HashMap<String, Tail> = HashMap::new();
+        let mut total = 0u64;
+        {
+            let mut s = conn
+                .prepare_cached(
+                    "SELECT seq, task_run, octet_length(record) FROM logs WHERE flow_run = ?1 ORDER BY seq DESC",
+                )
+                .map_err(&io)?;
+            let mut rows = s.query([&id]).map_err(&io)?;
+            while let Some(row) = rows.next().map_err(&io)? {
+                let (seq, task_run, len): (i64, String, i64) =
+                    TryFrom::try_from(row).map_err(&io)?;
+                let len = u64::try_from(len).unwrap_or(0);
+                let tail = tails.entry(task_run).or_default();
+                let fits = tail.omitted == 0
+                    && tail.seqs.len() < limits.records
+                    && tail.bytes + len <= limits.bytes
+                    && total + len <= limits.total_bytes;
+                if fits {
+                    tail.seqs.push(seq);
+                    tail.bytes += len;
+                    total += len;
+                } else {
+                    tail.omitted += 1;
+                }
+            }
+        }
+        let mut read = conn
+            .prepare_cached("SELECT record FROM logs WHERE seq = ?1")
+            .map_err(&io)?;
+        let mut out = HashMap::with_capacity(tails.len());
+        for (task_run, tail) in tails {
+            let mut records = Vec::with_capacity(tail.seqs.len());
+            for &seq in tail.seqs.iter().rev() {
+                let text: String = read.query_row([seq], |r| r.get(0)).map_err(&io)?;
+                records.push(
+                    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+                        run: id.clone(),
+                        detail: format!("log {seq}: {e}"),
+                    })?,
+                );
+            }
+            out.insert(
+                parse_id(&id, &task_run)?,
+                LogTail {
+                    records,
+                    omitted: tail.omitted,
+                },
+            );
+        }
+        Ok(out)
     }
 }

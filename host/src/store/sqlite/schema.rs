@@ -128,6 +128,9 @@ DROP INDEX cache_task;
 ",
 ];
 
+/// How much of the database a connection memory-maps.
+pub(super) const MMAP_SIZE: i64 = 256 << 20;
+
 pub(super) fn connect(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
     let open_err = |e: &dyn std::fmt::Display| StoreError::Open {
         path: path.to_owned(),
@@ -166,7 +169,7 @@ pub(super) fn connect(path: &Path, read_only: bool) -> Result<Connection, StoreE
     }
     // Reads go through a memory map (no read syscalls for hot pages) and a 32 MiB page cache:
     // a cache lookup touches a few index pages of a database that may be large.
-    let _ = conn.pragma_update(None, "mmap_size", 256_i64 << 20);
+    let _ = conn.pragma_update(None, "mmap_size", MMAP_SIZE);
     let _ = conn.pragma_update(None, "cache_size", -32_768_i64);
     if read_only || conn.is_readonly("main").unwrap_or(true) {
         return Ok(conn);

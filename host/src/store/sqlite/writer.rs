@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 
 use chrono::{DateTime, Utc};
@@ -42,6 +42,10 @@ pub(super) struct Health {
     error: Mutex<Option<StoreError>>,
     /// SQLite reported the database damaged: nothing is written to it any more.
     damaged: AtomicBool,
+    /// What the log records submitted and not yet committed (or discarded) cost
+    /// ([`LogRecord::cost`](crate::sandbox::LogRecord::cost)): the backlog a runner waits on
+    /// before starting more attempts.
+    queued_logs: AtomicU64,
 }
 
 impl Health {
@@ -50,7 +54,27 @@ impl Health {
             marker: damage_marker(path),
             error: Mutex::new(None),
             damaged: AtomicBool::new(false),
+            queued_logs: AtomicU64::new(0),
         }
+    }
+
+    /// Log records of `bytes` (their cost) were queued.
+    pub(super) fn logs_queued(&self, bytes: u64) {
+        self.queued_logs.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    /// Log records of `bytes` left the queue: committed or discarded.
+    fn logs_done(&self, bytes: u64) {
+        let _ = self
+            .queued_logs
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                Some(n.saturating_sub(bytes))
+            });
+    }
+
+    /// What the log records queued and not yet committed cost.
+    pub(super) fn queued_logs(&self) -> u64 {
+        self.queued_logs.load(Ordering::SeqCst)
     }
 
     pub(super) fn error(&self) -> Option<StoreError> {
@@ -116,16 +140,21 @@ pub(super) fn writer(mut conn: Connection, rx: &mpsc::Receiver<Msg>, health: &He
         }
         if !batch.is_empty() && !health.is_damaged() {
             if held.is_empty() {
-                if let Err(e) = commit(&mut conn, &batch, path) {
-                    health.note(&e);
-                    held.push_back(batch);
+                match commit(&mut conn, &batch, path) {
+                    Ok(()) => health.logs_done(batch.log_bytes),
+                    Err(e) => {
+                        health.note(&e);
+                        held.push_back(batch);
+                    }
                 }
             } else {
                 held.push_back(batch);
             }
+        } else {
+            health.logs_done(batch.log_bytes);
         }
         if health.is_damaged() {
-            held.clear();
+            discard(&mut held, health);
         }
         match control {
             None | Some(Msg::Write(_)) => {}
@@ -134,7 +163,9 @@ pub(super) fn writer(mut conn: Connection, rx: &mpsc::Receiver<Msg>, health: &He
             }
             Some(Msg::Abandon { run, now, done }) => {
                 for b in &mut held {
+                    let before = b.log_bytes;
                     b.drop_run(run);
+                    health.logs_done(before - b.log_bytes);
                 }
                 held.retain(|b| !b.is_empty());
                 let result = match health.error() {
@@ -178,14 +209,22 @@ fn retry(
         if let Err(e) = commit(conn, b, path) {
             health.note(&e);
             if health.is_damaged() {
-                held.clear();
+                discard(held, health);
             }
             return Err(e);
         }
+        health.logs_done(b.log_bytes);
         held.pop_front();
     }
     health.clear();
     Ok(())
+}
+
+/// Drop the held batches (the database is damaged: nothing more is written).
+fn discard(held: &mut VecDeque<Batch>, health: &Health) {
+    for b in held.drain(..) {
+        health.logs_done(b.log_bytes);
+    }
 }
 
 /// Writes ready to commit as one transaction: writes other than task-run changes, in order, then
@@ -197,11 +236,14 @@ struct Batch {
     others: Vec<Write>,
     tasks: indexmap::IndexMap<TaskRunId, TaskWrite>,
     writes: usize,
+    /// What the batch's log records cost.
+    log_bytes: u64,
 }
 
 impl Batch {
     fn push(&mut self, w: Write) {
         self.writes += 1;
+        self.log_bytes += log_cost(&w);
         match w {
             Write::Task(t) => match self.tasks.get_mut(&t.id) {
                 Some(existing) => merge(existing, *t),
@@ -221,6 +263,15 @@ impl Batch {
     fn drop_run(&mut self, run: FlowRunId) {
         self.others.retain(|w| write_run(w) != run);
         self.tasks.retain(|_, t| t.run != run);
+        self.log_bytes = self.others.iter().map(log_cost).sum();
+    }
+}
+
+/// What the log records of `w` cost ([`LogRecord::cost`](crate::sandbox::LogRecord::cost)).
+pub(super) fn log_cost(w: &Write) -> u64 {
+    match w {
+        Write::Logs { records, .. } => records.iter().map(|r| r.cost()).sum(),
+        _ => 0,
     }
 }
 

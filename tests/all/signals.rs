@@ -6,6 +6,7 @@ use std::sync::Arc;
 use chrono::{TimeDelta, Utc};
 use serde_json::json;
 use sluice::context::TaskContext;
+use sluice::json::Json;
 use sluice::sandbox::{Ending, LogLevel, LogSource, RunBudget, Signal};
 use sluice::state::{Retry, State, StateName};
 
@@ -144,24 +145,12 @@ async fn try_unlock_reads_its_key_from_context() {
     let component = load(&guest("try_unlock")).await;
     let mut ctx = TaskContext::new("try_unlock");
     let out = sandbox()
-        .run(
-            &component,
-            &json!(null).into(),
-            &ctx,
-            &RunBudget::default(),
-            None,
-        )
+        .run(&component, &Json::null(), &ctx, &RunBudget::default(), None)
         .await;
     assert!(matches!(out.ending, Ending::Signal(Signal::Fail { .. })));
     ctx.values = Arc::new(BTreeMap::from([("key".to_owned(), "abc".to_owned())]));
     let out = sandbox()
-        .run(
-            &component,
-            &json!(null).into(),
-            &ctx,
-            &RunBudget::default(),
-            None,
-        )
+        .run(&component, &Json::null(), &ctx, &RunBudget::default(), None)
         .await;
     assert_eq!(out.ending, Ending::Output(json!(true).into()));
 }

@@ -279,20 +279,25 @@ impl FlowMachine {
                 n.saturating_add(r.message.len() as u64)
             });
         }
-        if logs.is_empty() {
-            return;
+        if !logs.is_empty() {
+            self.deliver_logs(unit, logs);
         }
+    }
+
+    /// Hand log records of the unit to the store, or keep them on its record when the run has
+    /// no store.
+    fn deliver_logs(&mut self, unit: Unit, records: Vec<LogRecord>) {
         if self.settings.record {
             let write = Write::Logs {
                 run: self.run.id,
                 task_run: self.record_ref(unit).id,
                 task: self.names[unit.task].clone(),
                 map_index: unit.child,
-                records: logs,
+                records,
             };
             self.commands.push_back(Command::Write(write));
         } else {
-            self.record(unit).logs.extend(logs);
+            self.record(unit).logs.extend(records);
         }
     }
 
@@ -313,18 +318,7 @@ impl FlowMachine {
                 self.def.max_log_bytes, self.logs.dropped_bytes, self.logs.dropped_records
             ),
         };
-        if self.settings.record {
-            let write = Write::Logs {
-                run: self.run.id,
-                task_run: self.record_ref(unit).id,
-                task: self.names[unit.task].clone(),
-                map_index: unit.child,
-                records: vec![record],
-            };
-            self.commands.push_back(Command::Write(write));
-        } else {
-            self.record(unit).logs.push(record);
-        }
+        self.deliver_logs(unit, vec![record]);
     }
 
     /// After an attempt (or a cache hit) ended in `state`: wait for the retry, hand the output

@@ -5,7 +5,6 @@
 //! and of `show` and `logs` of it, measured in separate processes.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -14,6 +13,7 @@ use sluice::runner::{FlowRunner, RunOptions};
 use sluice::state::StateName;
 use sluice::store::{SqliteStore, Store};
 
+use crate::memory::peak_rss;
 use crate::store::{hostile_path, stderr, write_flow};
 use crate::support::{guest, json_of, sandbox, sluice, task};
 
@@ -236,76 +236,6 @@ fn the_json_record_carries_each_task_runs_newest_logs_and_counts_the_rest() {
             assert_eq!(child["logs_omitted"], 50, "{child}");
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Peak memory, each command in its own process
-
-/// The environment variable that makes [`peak_rss_of_a_command`] measure a command.
-const MEASURE: &str = "SLUICE_TEST_MEASURE";
-
-/// Not a test of its own: run by [`peak_rss`] in a fresh process of this test binary, it runs
-/// the `sluice` command in `SLUICE_TEST_MEASURE` (JSON: home and arguments; its stdout counted,
-/// not kept) and prints the child's peak RSS (getrusage of its only child), its exit code and the
-/// bytes it printed.
-#[test]
-#[ignore = "a helper of peak_rss, run in its own process"]
-fn peak_rss_of_a_command() {
-    let Ok(spec) = std::env::var(MEASURE) else {
-        return;
-    };
-    let spec: Value = serde_json::from_str(&spec).expect("spec");
-    let args: Vec<String> = serde_json::from_value(spec["args"].clone()).expect("args");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(&args)
-        .env("SLUICE_HOME", spec["home"].as_str().expect("home"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn sluice");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let printed = std::io::copy(&mut stdout, &mut std::io::sink()).expect("read stdout");
-    let status = child.wait().expect("wait");
-    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
-        .expect("getrusage");
-    // ru_maxrss is in KiB on Linux.
-    println!(
-        "measured: peak_kib={} code={} printed={printed}",
-        usage.max_rss(),
-        status.code().unwrap_or(-1)
-    );
-}
-
-/// The peak RSS (bytes) of `sluice <args>` with `home`, measured in a process of its own, with
-/// its exit code and how many bytes it printed.
-fn peak_rss(home: &Path, args: &[&str]) -> (u64, i32, u64) {
-    let spec = json!({ "home": home, "args": args });
-    let out: Output = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "logs::peak_rss_of_a_command",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(MEASURE, spec.to_string())
-        .output()
-        .expect("run the measuring helper");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find_map(|l| Some(&l[l.find("measured: ")? + "measured: ".len()..]))
-        .unwrap_or_else(|| panic!("no measurement: {text}\n{}", stderr(&out)));
-    let field = |name: &str| -> i64 {
-        line.split_whitespace()
-            .find_map(|f| f.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {line}"))
-    };
-    (
-        u64::try_from(field("peak_kib")).unwrap_or(0) << 10,
-        i32::try_from(field("code")).unwrap_or(-1),
-        u64::try_from(field("printed")).unwrap_or(0),
-    )
 }
 
 /// The acceptance of bounded log memory: 1,000 mapped children each logging 1 MiB (16 lines of

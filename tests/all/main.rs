@@ -11,6 +11,7 @@ mod input;
 mod limits;
 mod loading;
 mod logs;
+mod memory;
 mod polyglot;
 mod polyglot_rebuild;
 mod pool;

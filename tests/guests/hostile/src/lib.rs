@@ -30,6 +30,9 @@ enum Behaviour {
     LogBytes { bytes: usize },
     /// Return a string of `bytes` bytes.
     Output { bytes: usize },
+    /// What `Output` does in the guest (the same string, serialized as the SDK serializes an
+    /// output), returning only its length: the guest's memory of `Output` without the output.
+    OutputLen { bytes: usize },
     /// Return every environment variable and argument the guest can see.
     Env,
     /// Try to read a file and list a directory; return what happened.
@@ -129,6 +132,10 @@ fn run(behaviour: Behaviour) -> Result<serde_json::Value, Signal> {
             json!(bytes)
         }
         Behaviour::Output { bytes } => json!("z".repeat(bytes.saturating_sub(2))),
+        Behaviour::OutputLen { bytes } => {
+            let value = json!("z".repeat(bytes.saturating_sub(2)));
+            json!(serde_json::to_string(&value).map_or(0, |s| s.len()))
+        }
         Behaviour::Env => json!({
             "env": std::env::vars().collect::<Vec<_>>(),
             "args": std::env::args().collect::<Vec<_>>(),

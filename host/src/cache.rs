@@ -282,7 +282,11 @@ pub struct CacheInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_task_run: Option<String>,
     /// For a hit: until when the entry is valid.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::timestamp::serialize_option"
+    )]
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 

@@ -20,3 +20,4 @@ pub mod runner;
 pub mod sandbox;
 pub mod state;
 pub mod store;
+mod timestamp;

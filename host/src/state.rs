@@ -188,12 +188,17 @@ pub struct State {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// When the run entered this state.
+    #[serde(serialize_with = "crate::timestamp::serialize")]
     pub timestamp: DateTime<Utc>,
     /// The result the state carries (a Completed state's output).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Json>,
     /// For Scheduled-type states: when the run should start.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::timestamp::serialize_option"
+    )]
     pub scheduled_for: Option<DateTime<Utc>>,
 }
 

@@ -428,12 +428,14 @@ impl CacheReads {
                 None
             }
             Some(TaskIndex::Ready(index)) => {
-                let hit = index.get(&key.key).and_then(|c| {
-                    let value = c.value.clone()?;
+                // Taken, not copied: a key is looked up once per unit (a second lookup of it
+                // goes to the store, which answers the same).
+                let hit = index.remove(&key.key).and_then(|c| {
+                    let value = c.value?;
                     (c.entry.expires_at > now).then(|| CacheLookup::Hit {
                         output: value,
                         blob: c.entry.blob.clone(),
-                        entry: Box::new(c.entry.clone()),
+                        entry: Box::new(c.entry),
                     })
                 });
                 match hit {

@@ -23,6 +23,7 @@ pub struct Transition {
     /// The state after.
     pub to: StateName,
     /// When.
+    #[serde(serialize_with = "crate::timestamp::serialize")]
     pub time: DateTime<Utc>,
     /// The new state's message.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -406,12 +406,13 @@ fn run_created(tx: &Transaction<'_>, h: &RunHeader) -> rusqlite::Result<()> {
 
 /// Transitions as history lines: one JSON object per line, appended to a run's `history`.
 fn history_lines(ts: &[Transition]) -> String {
-    let mut out = String::new();
+    let mut out = Vec::with_capacity(ts.len() * 128);
     for t in ts {
-        out.push_str(&serde_json::to_string(t).unwrap_or_default());
-        out.push('\n');
+        // A transition is strings and a timestamp: writing it to memory cannot fail.
+        let _ = serde_json::to_writer(&mut out, t);
+        out.push(b'\n');
     }
-    out
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Append `t` to the history of the flow run (`task_run` none) or of the task run.

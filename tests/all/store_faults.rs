@@ -526,7 +526,15 @@ input = {{ do = "len", of = "$tasks.big" }}
     let shown = json_of(&sluice(&home, &["show", &id, "--json"]));
     assert_eq!(shown["state"], "Crashed", "{shown:#}");
     assert_eq!(shown["message"], run["message"]);
-    assert_eq!(task(&shown, "small")["state"], "Completed", "{shown:#}");
+    // `small` is recorded Completed when its write was committed before the disk filled; under
+    // load the writer may batch it with `big`'s 2 MB output, and the batch is lost whole (one
+    // transaction): then `small` is recorded as it last was (Pending, or Running and so Crashed
+    // with the run), and the resume runs it again.
+    let small = task(&shown, "small")["state"].clone();
+    assert!(
+        ["Completed", "Crashed", "Pending"].contains(&small.as_str().unwrap_or_default()),
+        "{shown:#}"
+    );
     assert_ne!(task(&shown, "big")["state"], "Completed", "{shown:#}");
 
     std::fs::remove_file(filler).expect("free the space");

@@ -369,6 +369,12 @@ mod tests {
         assert_eq!(expected.len(), StateName::ALL.len());
         for (name, ty, terminal) in expected {
             assert_eq!(name.state_type().as_str(), ty, "{name}");
+            // Printed and serialized (`"type"` in JSON) alike.
+            assert_eq!(name.state_type().to_string(), ty, "{name}");
+            assert_eq!(
+                serde_json::to_value(name.state_type()).ok(),
+                Some(serde_json::json!(ty))
+            );
             assert_eq!(name.state_type().is_terminal(), terminal, "{name}");
             assert_eq!(name.as_str().parse::<StateName>(), Ok(name));
         }

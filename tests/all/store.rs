@@ -199,6 +199,13 @@ fn assert_hit(t: &TaskRun, source: FlowRunId, output: &Value) {
     assert_eq!(cache.source_flow_run, Some(source.to_string()));
 }
 
+/// The validator the task run's cache information names, as `sluice show` prints it.
+#[track_caller]
+fn assert_validator(t: &TaskRun, validator: &str) {
+    let cache = t.cache.as_ref().expect("cache info");
+    assert_eq!(cache.validator, validator);
+}
+
 #[track_caller]
 fn assert_miss(t: &TaskRun, reason: &str) {
     assert_eq!(t.state.name, StateName::Completed, "{t:#?}");
@@ -333,6 +340,7 @@ async fn partial_inputs_only_validates_the_named_fields() {
         .await;
     // The cached output is the one computed with b = 1.
     assert_hit(&t, first, &json!({"a": 1, "b": 1}));
+    assert_validator(&t, "partial_inputs_only(a)");
     let (_, t) = b
         .run("identity", d, &p, ab(), json!({"a": 2, "b": 2}))
         .await;
@@ -352,6 +360,7 @@ async fn partial_parameters_only_validates_the_named_parameters() {
         .run("identity", d, &p, input.clone(), json!({"a": 1, "b": 2}))
         .await;
     assert_hit(&t, first, &json!(1));
+    assert_validator(&t, "partial_parameters_only(a)");
     let (_, t) = b
         .run("identity", d, &p, input, json!({"a": 2, "b": 2}))
         .await;
@@ -420,6 +429,10 @@ fn the_cache_survives_a_new_process_and_explains_itself() {
     assert_eq!(t["attempts"], 0);
     assert!(!history(t).contains(&"Running".to_owned()), "{t:#}");
     assert_eq!(t["cache"]["status"], "hit");
+    assert_eq!(
+        t["cache"]["validator"], "all_inputs",
+        "as the manifest names it"
+    );
     assert_eq!(t["cache"]["source_flow_run"], first["id"]);
     assert_eq!(
         task(&second, "report")["output"],

@@ -568,7 +568,11 @@ async fn concurrency_limits_hold_globally_and_per_tag() {
     drop(runner);
     assert_eq!(run.state.name, StateName::Completed);
     let (mut running, mut db, mut max, mut max_db) = (BTreeMap::new(), 0i32, 0, 0);
+    let mut flow_states = Vec::new();
     while let Some(e) = rx.recv().await {
+        if let FlowEvent::Flow(state) = e {
+            flow_states.push(state);
+        }
         if let FlowEvent::Task { name, state, .. } = e {
             let is_db = name[1..].parse::<u32>().is_ok_and(|i| i % 2 == 0);
             let now_running = state == StateName::Running;
@@ -585,6 +589,56 @@ async fn concurrency_limits_hold_globally_and_per_tag() {
     }
     assert_eq!(max, 3, "the global limit");
     assert_eq!(max_db, 1, "the db tag's limit");
+    // The flow run's own changes are events too, in order.
+    assert_eq!(
+        flow_states.first(),
+        Some(&StateName::Running),
+        "{flow_states:?}"
+    );
+    assert_eq!(
+        flow_states.last(),
+        Some(&StateName::Completed),
+        "{flow_states:?}"
+    );
+}
+
+/// A cancel while the only task awaits a retry an hour away: the machine hears it (no attempt
+/// is running to notice it), ends the task and the run Cancelled and waits for nothing. The
+/// cancel is made by a state handler when the task enters AwaitingRetry, so nothing sleeps; the
+/// timeout only turns a hang into a failure.
+#[tokio::test]
+async fn a_cancel_while_a_task_awaits_its_retry_ends_the_run_at_once() {
+    let cancel = CancelToken::new();
+    let canceller = cancel.clone();
+    let runner = FlowRunner::new(sandbox().clone()).every_task_handler(Arc::new(
+        move |_: &str, _: &State, new: State| {
+            if new.name == StateName::AwaitingRetry {
+                canceller.cancel();
+            }
+            new
+        },
+    ));
+    let mut t = TaskDef::new("flaky", guest("hostile"));
+    t.input = Input::from_json(json!({"do": "panic", "message": "not yet"}));
+    t.retries = 1;
+    t.retry_delay = Duration::from_secs(3600);
+    let def = FlowBuilder::new("cancel-retry")
+        .task(t)
+        .build()
+        .expect("flow");
+    let flow = prepare(&runner, def, Path::new(".")).await;
+    let options = RunOptions {
+        cancel,
+        ..RunOptions::default()
+    };
+    let run = tokio::time::timeout(Duration::from_secs(120), runner.run(&flow, options))
+        .await
+        .expect("the run waited for the retry instead of ending on the cancel")
+        .expect("run");
+    assert_eq!(run.state.name, StateName::Cancelled);
+    let t = run.task("flaky").expect("task");
+    assert_eq!(t.state.name, StateName::Cancelled, "{t:#?}");
+    assert_eq!(t.attempts, 1, "the retry never started");
 }
 
 #[tokio::test]

@@ -528,6 +528,8 @@ async fn store_sections(runner: &FlowRunner, add_one: &Path, n: usize) {
                     task: "add_one",
                     component: &component,
                     budget: &budget,
+                    grants: "",
+                    secrets: "",
                     map_index: Some(i as u32),
                 },
                 &json!(i).into(),

@@ -105,9 +105,14 @@ pub struct CacheKey {
     pub task: String,
     /// blake3 of the component's bytes.
     pub component: String,
-    /// blake3 of the task's limits, capability grants and map index, and of the run's scope
-    /// (cache namespace and context values).
+    /// blake3 of the task's limits and map index, and of the run's scope (cache namespace and
+    /// context values).
     pub config: String,
+    /// The digest of the task's grants ([`Grants::digest`](crate::grants::Grants::digest));
+    /// empty when nothing is granted.
+    pub grants: String,
+    /// The keyed digest of its granted secrets' values; empty without secrets.
+    pub secrets: String,
     /// blake3 of the validated inputs (for input validators).
     pub inputs: Option<String>,
     /// blake3 of the validated parameters (for parameter validators).
@@ -167,6 +172,10 @@ pub struct TaskIdentity<'a> {
     pub component: &'a str,
     /// The task's limits.
     pub budget: &'a RunBudget,
+    /// The digest of its grants (empty when nothing is granted).
+    pub grants: &'a str,
+    /// The keyed digest of its granted secrets' values (empty without secrets).
+    pub secrets: &'a str,
     /// For a child of a mapped task, its index.
     pub map_index: Option<u32>,
 }
@@ -180,8 +189,6 @@ impl CacheKey {
         parameters: &BTreeMap<String, Value>,
     ) -> Option<CacheKey> {
         let mut config = blake3::Hasher::new();
-        // The sandbox grants no capabilities (deny-all), so the limits are the whole grant set;
-        // grants added later are hashed here.
         config.update(b"sluice-task-config-v2\0");
         config.update(task.scope.hash.as_bytes());
         let b = task.budget;
@@ -223,13 +230,22 @@ impl CacheKey {
         };
         let mut key = blake3::Hasher::new();
         key.update(b"sluice-cache-key-v1\0");
+        // Grants join the key only when there are any: a task without grants keeps the key it
+        // had before grants existed.
+        let granted = (!task.grants.is_empty())
+            .then_some([Some(task.grants), Some(task.secrets)])
+            .into_iter()
+            .flatten();
         for part in [
             Some(task.task),
             Some(task.component),
             Some(config.as_str()),
             inputs.as_deref(),
             params.as_deref(),
-        ] {
+        ]
+        .into_iter()
+        .chain(granted)
+        {
             match part {
                 Some(p) => {
                     key.update(&(p.len() as u64).to_le_bytes());
@@ -247,6 +263,8 @@ impl CacheKey {
             task: task.task.to_owned(),
             component: task.component.to_owned(),
             config,
+            grants: task.grants.to_owned(),
+            secrets: task.secrets.to_owned(),
             inputs,
             parameters: params,
             validator,
@@ -316,6 +334,8 @@ mod tests {
                 task: "t",
                 component: "c0ffee",
                 budget: &RunBudget::default(),
+                grants: "",
+                secrets: "",
                 map_index: None,
             },
             &Json::from_value(&input),
@@ -398,6 +418,8 @@ mod tests {
             task: "t",
             component: "c0ffee",
             budget: &RunBudget::default(),
+            grants: "",
+            secrets: "",
             map_index: None,
         };
         let k =
@@ -428,6 +450,25 @@ mod tests {
                 ..base
             })
         );
+        let granted = TaskIdentity {
+            grants: "g1",
+            ..base
+        };
+        assert_ne!(k(base), k(granted));
+        assert_ne!(
+            k(granted),
+            k(TaskIdentity {
+                grants: "g2",
+                ..base
+            })
+        );
+        assert_ne!(
+            k(granted),
+            k(TaskIdentity {
+                secrets: "s1",
+                ..granted
+            })
+        );
     }
 
     #[test]
@@ -446,6 +487,8 @@ mod tests {
                 task: "t",
                 component: "c0ffee",
                 budget: &RunBudget::default(),
+                grants: "",
+                secrets: "",
                 map_index: None,
             };
             CacheKey::new(&p, id, &json!(1).into(), &params).map(|k| k.key)

@@ -6,6 +6,7 @@
 //! - [`sandbox`]: the only module that touches wasmtime; loads components and runs one task run.
 //! - [`state`]: the state model and the mapping from a run's ending to a state.
 //! - [`flow`]: flow definitions, from TOML manifests or the builder; triggers.
+//! - [`grants`]: what a task may reach beyond its input (directories, env, secrets).
 //! - [`runner`]: executes flow runs: scheduling, triggers, retries, mapping, handlers.
 //! - [`store`]: durable runs, transitions, logs, results and the output cache ([`cache`]).
 //! - [`context`], [`ids`], [`clock`], [`json`]: plain types shared by every layer.
@@ -14,6 +15,7 @@ pub mod cache;
 pub mod clock;
 pub mod context;
 pub mod flow;
+pub mod grants;
 pub mod ids;
 pub mod json;
 pub mod runner;

@@ -6,6 +6,7 @@ mod alloc_meter;
 mod cli;
 mod cli_more;
 mod flows;
+mod grants;
 mod hostile;
 mod input;
 mod limits;

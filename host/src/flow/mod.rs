@@ -220,6 +220,8 @@ pub struct TaskDef {
     pub hooks: Hooks,
     /// Output caching (`cache_for` and `cache_validator`); `None` caches nothing.
     pub cache: Option<crate::cache::CachePolicy>,
+    /// What the task may reach besides its input (default: nothing).
+    pub grants: crate::grants::Grants,
 }
 
 impl TaskDef {
@@ -244,6 +246,7 @@ impl TaskDef {
             tags: Vec::new(),
             hooks: Hooks::default(),
             cache: None,
+            grants: crate::grants::Grants::default(),
         }
     }
 

@@ -41,6 +41,11 @@ pub(super) async fn drive(
         record: runner.store.is_some(),
         events: runner.events.is_some(),
         digests: flow.components.iter().map(|c| c.digest()).collect(),
+        grants: flow
+            .grants
+            .iter()
+            .map(|g| (g.digest.clone(), g.secrets_digest.clone()))
+            .collect(),
         logs_before,
     };
     let machine = FlowMachine::new(flow.def.clone(), run, starts, settings);
@@ -181,6 +186,7 @@ impl Driver<'_> {
                         input: a.input,
                         ctx: a.ctx,
                         budget: self.flow.def.tasks[a.unit.task].budget,
+                        grants: self.flow.grants[a.unit.task].run.clone(),
                         cancel: self.cancel.clone(),
                     };
                     self.in_flight += 1;

@@ -4,6 +4,7 @@
 //! queue and remote workers implement the same interface.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 
 use crate::json::Json;
 use futures_util::FutureExt;
@@ -11,7 +12,9 @@ use tokio::sync::mpsc;
 
 use super::machine::Unit;
 use crate::context::TaskContext;
-use crate::sandbox::{CancelToken, Ending, RunBudget, RunOutcome, Sandbox, TaskComponent};
+use crate::sandbox::{
+    CancelToken, Ending, RunBudget, RunGrants, RunOutcome, Sandbox, TaskComponent,
+};
 
 /// One attempt of one task run, with everything needed to run it.
 #[derive(Debug)]
@@ -26,6 +29,8 @@ pub struct Job {
     pub ctx: TaskContext,
     /// Its limits.
     pub budget: RunBudget,
+    /// What it may reach besides its input.
+    pub grants: Arc<RunGrants>,
     /// Stops it when the flow run is cancelled.
     pub cancel: CancelToken,
 }
@@ -73,11 +78,12 @@ impl LocalExecutor {
                 input,
                 ctx,
                 budget,
+                grants,
                 cancel,
                 ..
             } = job;
             sandbox
-                .run(&component, &input, &ctx, &budget, Some(&cancel))
+                .run_granted(&component, &input, &ctx, &budget, &grants, Some(&cancel))
                 .await
         });
         async move {

@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 
 use crate::clock::{ClockRef, SystemClock};
 use crate::flow::FlowDef;
+use crate::grants::{GrantError, ResolvedGrants, SecretSource};
 use crate::ids::{FlowRunId, TaskRunId};
 use crate::sandbox::{CancelToken, HandlerComponent, LoadError, RunBudget, Sandbox, TaskComponent};
 use crate::state::{State, StateType};
@@ -51,6 +52,9 @@ pub enum PrepareError {
     /// A build command failed.
     #[error(transparent)]
     Build(#[from] crate::flow::build::BuildError),
+    /// A task's grants cannot be given (a missing secret, an unusable directory).
+    #[error(transparent)]
+    Grants(#[from] GrantError),
     /// A parameter given on the command line or API is not declared.
     #[error("unknown parameter `{name}`{hint}")]
     UnknownParameter {
@@ -91,6 +95,8 @@ pub struct PreparedFlow {
     components: Vec<TaskComponent>,
     /// Per task; `None` when the task has no handler components.
     hooks: Vec<Option<Arc<TaskHooks>>>,
+    /// Per task: what its runs are granted, and the digests its cache key includes.
+    grants: Vec<ResolvedGrants>,
 }
 
 impl fmt::Debug for PreparedFlow {
@@ -146,6 +152,7 @@ pub struct FlowRunner {
     handler_budget: RunBudget,
     events: Option<mpsc::UnboundedSender<FlowEvent>>,
     store: Option<Arc<dyn Store>>,
+    secrets: SecretSource,
 }
 
 impl fmt::Debug for FlowRunner {
@@ -183,7 +190,15 @@ impl FlowRunner {
             },
             events: None,
             store: None,
+            secrets: SecretSource::none(),
         }
+    }
+
+    /// Where granted secrets get their values. Default: nowhere ([`SecretSource::none`]), so a
+    /// flow that grants a secret fails to prepare, naming it.
+    pub fn secrets(mut self, secrets: SecretSource) -> Self {
+        self.secrets = secrets;
+        self
     }
 
     /// Record every run in `store` (runs, transitions, logs, outputs), use its output cache, and
@@ -236,6 +251,12 @@ impl FlowRunner {
     /// Load every component of `def` (building those with a build command whose file is
     /// missing), in parallel, each distinct component once.
     pub async fn prepare(&self, def: FlowDef, dir: &Path) -> Result<PreparedFlow, PrepareError> {
+        // Grants first: a missing secret is reported before anything is built or compiled.
+        let grants = def
+            .tasks
+            .iter()
+            .map(|t| t.grants.resolve(&t.name, &self.secrets, &self.sandbox))
+            .collect::<Result<Vec<_>, _>>()?;
         for step in crate::flow::build::plan(&def) {
             if step.outputs.iter().any(|o| !o.is_file()) {
                 step.run(dir).await?;
@@ -330,6 +351,7 @@ impl FlowRunner {
             def: Arc::new(def),
             components,
             hooks,
+            grants,
         })
     }
 

@@ -84,12 +84,17 @@ pub(super) fn error_ending(
     err: &wasmtime::Error,
     budget: &RunBudget,
 ) -> Ending {
-    match state.interrupted {
+    match &state.interrupted {
         Some(Interruption::Cancelled) => return Ending::Cancelled,
         Some(Interruption::Deadline) => {
             return Ending::TimedOut(TimeLimit::Deadline(budget.timeout));
         }
-        Some(Interruption::Refused(l)) => return Ending::LimitExceeded(l),
+        Some(Interruption::Refused(l)) => return Ending::LimitExceeded(*l),
+        Some(Interruption::Ungranted(message)) => {
+            return Ending::HostFault {
+                message: message.clone(),
+            };
+        }
         None => {}
     }
     let trap = err.downcast_ref::<Trap>().copied();

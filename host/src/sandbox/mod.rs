@@ -12,8 +12,8 @@
 //! compiles, which take seconds for large components, through [`SandboxBuilder::load_events`].
 //!
 //! Guests get no ambient authority: stdin is closed, there are no environment variables,
-//! arguments, preopened directories or sockets; stdout and stderr are captured into the run's
-//! bounded log buffer.
+//! arguments, preopened directories or sockets beyond a run's [`RunGrants`]; stdout and stderr
+//! are captured into the run's bounded log buffer.
 //!
 //! The parts: `builder.rs` (settings and building the engine), `loading.rs` (what loading
 //! reports), `component.rs` (preparing components), `component_file.rs` (reading component
@@ -29,6 +29,7 @@ mod component;
 mod component_file;
 mod ending;
 mod file_index;
+mod grants;
 mod limiter;
 mod loading;
 mod outcome;
@@ -56,6 +57,7 @@ use self::component::Prepared;
 pub use self::component::{HandlerComponent, TaskComponent};
 pub use self::component_file::DEFAULT_MAX_COMPONENT_BYTES;
 use self::file_index::FileIndex;
+pub use self::grants::{REDACTED, RunGrants};
 pub use self::loading::{LoadError, LoadEvent, LoadInfo, LoadSource};
 pub use self::outcome::{
     Ending, Limit, LimitExceeded, LogLevel, LogRecord, LogSource, RunOutcome, Signal, TimeLimit,
@@ -118,5 +120,30 @@ impl Sandbox {
     /// The directory of precompiled artifacts, if any.
     pub fn artifact_dir(&self) -> Option<&Path> {
         self.0.artifacts.as_ref().map(ArtifactStore::dir)
+    }
+
+    /// A hasher keyed with a key derived from the per-user artifact key (or, without an
+    /// artifact directory, a key of this process): for digests of secret values that the
+    /// database may hold without revealing them, nor allowing a guess to be checked.
+    pub fn secret_hasher(&self) -> blake3::Hasher {
+        const CONTEXT: &[u8] = b"sluice-secret-digest-v1\0";
+        match &self.0.artifacts {
+            Some(store) => store.key().hasher(CONTEXT),
+            None => {
+                static PROCESS_KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+                let key = PROCESS_KEY.get_or_init(|| {
+                    let mut k = [0u8; 32];
+                    if getrandom::fill(&mut k).is_err() {
+                        // No randomness: digests are still distinct per value, only guessable.
+                        k = *blake3::hash(format!("{:?}", std::time::SystemTime::now()).as_bytes())
+                            .as_bytes();
+                    }
+                    k
+                });
+                let mut h = blake3::Hasher::new_keyed(key);
+                h.update(CONTEXT);
+                h
+            }
+        }
     }
 }

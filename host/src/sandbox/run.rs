@@ -15,6 +15,7 @@ use super::admission::{Admitted, Needs};
 use super::bindings::{WitState, WitStateType};
 use super::capture::{self, Capture, LogSink, SharedSink};
 use super::ending::{error_ending, output_ending, signal_ending};
+use super::grants::RunGrants;
 use super::limiter::Limiter;
 use super::{
     Ending, HandlerComponent, LimitExceeded, LogRecord, LogSource, RunBudget, RunOutcome, Sandbox,
@@ -95,12 +96,14 @@ impl WasiView for RunState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Interruption {
     Deadline,
     Cancelled,
     /// Never admitted: the run's budget can never fit the host.
     Refused(LimitExceeded),
+    /// Its grants could not be given (a directory that cannot be opened).
+    Ungranted(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,8 +117,8 @@ pub(super) enum Phase {
 const FUEL_FLUSH: u64 = 1_000_000;
 
 impl Sandbox {
-    /// Run `component` once with `input`, in a fresh store and instance, under `budget`.
-    /// Never fails: every problem, the host's included, is an [`Ending`].
+    /// Run `component` once with `input`, in a fresh store and instance, under `budget`, with
+    /// nothing granted. Never fails: every problem, the host's included, is an [`Ending`].
     pub async fn run(
         &self,
         component: &TaskComponent,
@@ -124,12 +127,28 @@ impl Sandbox {
         budget: &RunBudget,
         cancel: Option<&CancelToken>,
     ) -> RunOutcome {
+        self.run_granted(component, input, ctx, budget, &RunGrants::default(), cancel)
+            .await
+    }
+
+    /// [`run`](Self::run) with `grants`: the directories, environment variables and secrets
+    /// the run may reach. Secret values are redacted from the outcome.
+    pub async fn run_granted(
+        &self,
+        component: &TaskComponent,
+        input: &Json,
+        ctx: &TaskContext,
+        budget: &RunBudget,
+        grants: &RunGrants,
+        cancel: Option<&CancelToken>,
+    ) -> RunOutcome {
         let input = input.as_string();
         let pre = &component.0.1;
         let ex = self
             .execute(
                 ctx,
                 budget,
+                grants,
                 cancel,
                 component.0.0.needs,
                 async |store: &mut Store<RunState>| {
@@ -143,10 +162,12 @@ impl Sandbox {
                 },
             )
             .await;
-        ex.finish(budget, |r| match r {
+        let mut outcome = ex.finish(budget, |r| match r {
             Ok(output) => output_ending(output, budget),
             Err(signal) => signal_ending(signal, budget),
-        })
+        });
+        grants.redact(&mut outcome.ending, &mut outcome.logs);
+        outcome
     }
 
     /// Run a state handler on the transition `old` → `new` of `task`, in a fresh sandbox under
@@ -168,6 +189,7 @@ impl Sandbox {
             .execute(
                 ctx,
                 budget,
+                &RunGrants::default(),
                 None,
                 handler.0.0.needs,
                 async |store: &mut Store<RunState>| {
@@ -206,6 +228,7 @@ impl Sandbox {
         &self,
         ctx: &TaskContext,
         budget: &RunBudget,
+        grants: &RunGrants,
         cancel: Option<&CancelToken>,
         needs: Needs,
         call: impl AsyncFnOnce(&mut Store<RunState>) -> Result<R, (Phase, wasmtime::Error)>,
@@ -224,10 +247,11 @@ impl Sandbox {
             budget.log_bytes,
             self.0.clock.clone(),
         )));
-        let mut store = self.new_store(ctx, budget, &sink, deadline, cancel);
-        let (result, admitted) = match admitted {
-            Err(why) => (Err(why), None),
-            Ok(admitted) => {
+        let (mut store, granted) = self.new_store(ctx, budget, grants, &sink, deadline, cancel);
+        let (result, admitted) = match (admitted, granted) {
+            (Err(why), _) => (Err(why), None),
+            (Ok(_), Err(why)) => (Err(Interruption::Ungranted(why)), None),
+            (Ok(admitted), Ok(())) => {
                 let call = call(&mut store);
                 let result = tokio::select! {
                     biased;
@@ -251,10 +275,11 @@ impl Sandbox {
         &self,
         ctx: &TaskContext,
         budget: &RunBudget,
+        grants: &RunGrants,
         sink: &SharedSink,
         deadline: Instant,
         cancel: Option<&CancelToken>,
-    ) -> Store<RunState> {
+    ) -> (Store<RunState>, Result<(), String>) {
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(Capture::new(
             sink.clone(),
@@ -272,6 +297,7 @@ impl Sandbox {
         // Random bytes are made in host memory before they are copied in: one call gets at most
         // what any other host call may carry.
         .max_random_size(budget.host_call_bytes);
+        let granted = grants.apply(&mut wasi);
         let state = RunState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
@@ -313,7 +339,7 @@ impl Sandbox {
             cx.data_mut().interrupted = Some(why);
             Ok(UpdateDeadline::Interrupt)
         });
-        store
+        (store, granted)
     }
 }
 
@@ -347,6 +373,7 @@ impl<R> Execution<R> {
             }
             Err(Interruption::Cancelled) => Err(Ending::Cancelled),
             Err(Interruption::Refused(l)) => Err(Ending::LimitExceeded(l)),
+            Err(Interruption::Ungranted(message)) => Err(Ending::HostFault { message }),
             Ok(Ok(r)) => Ok(r),
             Ok(Err((phase, e))) => {
                 let log_sink = capture::lock(&self.sink);

@@ -27,6 +27,8 @@ pub(crate) struct ResumeArgs {
     /// Print the flow run record as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    grants: crate::GrantArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -81,8 +83,10 @@ pub(crate) async fn resume(
     };
     // The flow as it was defined when the run started (the recorded text), with component paths
     // resolved against the manifest's directory.
-    let def =
-        manifest::parse(&path, &text).map_err(|e| usage(anyhow!("{e} (recorded manifest)")))?;
+    let policy = args.grants.policy(home)?;
+    let def = manifest::parse_with(&path, &text, policy.as_ref())
+        .map_err(|e| usage(anyhow!("{e} (recorded manifest)")))?;
+    let secrets = args.grants.secrets()?;
     let mut stored = stored;
     if stored.run.tasks.is_empty() && stored.run.flow == def.name {
         // A run recorded without its task runs (a process killed between the two writes, by a
@@ -98,7 +102,7 @@ pub(crate) async fn resume(
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_owned);
     drop(store);
-    let session = Session::open(home, sandbox)?;
+    let session = Session::open(home, sandbox, secrets)?;
     let flow = session.runner.prepare(def, &dir).await.map_err(usage)?;
     let starts = args.start;
     session

@@ -1,12 +1,14 @@
 //! The run history: `sluice runs`, `sluice show` and `sluice logs`. Each first records as Crashed
 //! the runs whose process died, so nothing is shown Running forever.
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::anyhow;
 use serde_json::json;
+use sluice::grants::Grants;
 use sluice::state::StateName;
 use sluice::store::{LOG_PAGE_LINES, RunFilter, SqliteStore, Store, StoreError, StoredLog};
 
@@ -136,6 +138,13 @@ pub(crate) fn show(home: &Path, args: &ShowArgs) -> Result<ExitCode, UsageError>
     for p in &stored.problems {
         eprintln!("warning: {p}");
     }
+    // Each task's grants, from the manifest recorded with the run.
+    let grants: Result<Vec<(String, Grants)>, String> = match &stored.manifest {
+        None => Err("the run was not started from a manifest".into()),
+        Some((path, text)) => sluice::flow::manifest::parse(path, text)
+            .map(|def| def.tasks.into_iter().map(|t| (t.name, t.grants)).collect())
+            .map_err(|e| format!("the recorded manifest no longer parses: {e}")),
+    };
     let out = if args.json {
         let tails = log_tails(&store, &stored.run);
         let mut v = run_json(&stored.run, &tails);
@@ -148,9 +157,39 @@ pub(crate) fn show(home: &Path, args: &ShowArgs) -> Result<ExitCode, UsageError>
             .iter()
             .map(|p| json!(p.to_string()))
             .collect();
+        match &grants {
+            Ok(grants) => {
+                if let Some(tasks) = v["tasks"].as_array_mut() {
+                    for t in tasks {
+                        let g = grants.iter().find(|(n, _)| t["name"].as_str() == Some(n));
+                        t["grants"] = json!(g.map(|(_, g)| g.clone()).unwrap_or_default());
+                    }
+                }
+            }
+            Err(e) => v["grants_unknown"] = json!(e),
+        }
         format!("{v:#}\n")
     } else {
         let mut s = summary(&stored.run, true);
+        match &grants {
+            Ok(grants) if grants.iter().all(|(_, g)| g.is_empty()) => {
+                s.push_str("\nGrants: none (no task may reach files, env or secrets)\n");
+            }
+            Ok(grants) => {
+                s.push_str("\nGrants:\n");
+                for (task, g) in grants {
+                    if g.is_empty() {
+                        let _ = writeln!(s, "  {task}: none");
+                    }
+                    for line in g.lines() {
+                        let _ = writeln!(s, "  {task}: {line}");
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(s, "\nGrants: unknown ({e})");
+            }
+        }
         if live {
             s.push_str("\n(live: a process is running it now)\n");
         }

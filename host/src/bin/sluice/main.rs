@@ -100,6 +100,52 @@ impl SandboxArgs {
     }
 }
 
+/// The operator's ceiling on grants and where secret values come from (`run`, `resume`).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct GrantArgs {
+    /// The policy file: the most any flow may be granted; a manifest asking for more is refused
+    /// before anything runs. Default: `<home>/policy.toml` when it exists, else none (manifests
+    /// get what they ask).
+    #[arg(long, env = "SLUICE_POLICY", value_name = "FILE")]
+    policy: Option<PathBuf>,
+
+    /// A file of secret values in dotenv form (`NAME=value` lines) that only its owner may read
+    /// (mode 600). Secrets not in it are read from `SLUICE_SECRET_<NAME>` variables.
+    #[arg(long, value_name = "FILE")]
+    secrets: Option<PathBuf>,
+}
+
+impl GrantArgs {
+    /// The policy in force, if any.
+    pub(crate) fn policy(
+        &self,
+        home: &std::path::Path,
+    ) -> Result<Option<sluice::flow::manifest::Policy>, UsageError> {
+        let path = match &self.policy {
+            Some(p) => p.clone(),
+            None => {
+                let p = home.join("policy.toml");
+                if !p.exists() {
+                    return Ok(None);
+                }
+                p
+            }
+        };
+        sluice::flow::manifest::Policy::load(&path)
+            .map(Some)
+            .map_err(|e| UsageError(anyhow::anyhow!("policy: {e}")))
+    }
+
+    /// Where secrets come from: the `--secrets` file, then the environment.
+    pub(crate) fn secrets(&self) -> Result<sluice::grants::SecretSource, UsageError> {
+        let source = sluice::grants::SecretSource::none().with_env();
+        match &self.secrets {
+            Some(path) => source.with_file(path).map_err(usage),
+            None => Ok(source),
+        }
+    }
+}
+
 /// Parse a size like `64MiB` or `1GiB`.
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     s.parse::<bytesize::ByteSize>()

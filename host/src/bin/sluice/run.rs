@@ -12,6 +12,7 @@ use std::sync::Arc;
 use anyhow::anyhow;
 use serde_json::Value;
 use sluice::flow::manifest;
+use sluice::grants::SecretSource;
 use sluice::runner::{FlowEvent, FlowRun, FlowRunner, PrepareError, RunOptions};
 use sluice::sandbox::{CancelToken, LoadEvent};
 use sluice::state::StateName;
@@ -42,6 +43,9 @@ pub(crate) struct Args {
     /// Build the flow's components first (as `sluice build`).
     #[arg(long)]
     build: bool,
+
+    #[command(flatten)]
+    grants: crate::GrantArgs,
 }
 
 pub(crate) async fn run(
@@ -53,7 +57,9 @@ pub(crate) async fn run(
     let text = manifest::read(&args.flow).map_err(|e| usage(e.into()))?;
     // Recorded with the run, so `sluice resume` works from any directory.
     let path = std::path::absolute(&args.flow).unwrap_or_else(|_| args.flow.clone());
-    let def = manifest::parse(&path, &text).map_err(|e| usage(e.into()))?;
+    let policy = args.grants.policy(home)?;
+    let def = manifest::parse_with(&path, &text, policy.as_ref()).map_err(|e| usage(e.into()))?;
+    let secrets = args.grants.secrets()?;
     if args.build && !crate::build::build_flow(&def, &path).await {
         return Ok(ExitCode::from(1));
     }
@@ -63,7 +69,7 @@ pub(crate) async fn run(
         .map(|(k, v)| Ok((param_value(&k, &v)?, k)))
         .map(|r: Result<_, UsageError>| r.map(|(v, k)| (k, v)))
         .collect::<Result<_, _>>()?;
-    let session = Session::open(home, sandbox)?;
+    let session = Session::open(home, sandbox, secrets)?;
     let dir = path
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_owned);
@@ -142,7 +148,11 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) fn open(home: &Path, sandbox: &crate::SandboxArgs) -> Result<Session, UsageError> {
+    pub(crate) fn open(
+        home: &Path,
+        sandbox: &crate::SandboxArgs,
+        secrets: SecretSource,
+    ) -> Result<Session, UsageError> {
         let store: Arc<dyn Store> = Arc::new(crate::open_store(home)?);
         let (loads, load_events) = mpsc::unbounded_channel();
         tokio::spawn(compile_progress(load_events));
@@ -152,7 +162,10 @@ impl Session {
             .build()
             .map_err(|e| UsageError(anyhow!("cannot start the sandbox: {e}")))?;
         let (tx, events) = mpsc::unbounded_channel();
-        let runner = FlowRunner::new(sandbox).events(tx).store(store.clone());
+        let runner = FlowRunner::new(sandbox)
+            .events(tx)
+            .store(store.clone())
+            .secrets(secrets);
         Ok(Session {
             runner,
             events,

@@ -43,7 +43,17 @@
 //!                                     # { partial_parameters_only = ["p"] }
 //! max_retry_delay = "1h"              # the longest delay a RETRY signal may ask for (default
 //!                                     # 1h; with a backoff, at most backoff.max)
+//!
+//! [tasks.load.grants]                 # what the task may reach (default: nothing); each kind
+//!                                     # given replaces the flow's [grants] and may only narrow it
+//! files = [{ host = "data/in", guest = "/in", mode = "ro" }]   # preopened directories
+//! env = { REGION = "eu" }             # environment variables
+//! secrets = ["API_TOKEN"]             # values from the host's secret source, redacted as ***
 //! ```
+//!
+//! A flow-level `[grants]` table (same keys) is what every task inherits and the most any task
+//! may ask; without one a task asks for what it needs. A [`Policy`] (the operator's ceiling)
+//! caps both.
 //!
 //! Flow keys besides those above: `cache_namespace = "etl"` (share cached outputs with the other
 //! flows of that namespace; default: the flow's own name, nothing shared) and
@@ -51,6 +61,7 @@
 //! mapped tasks; default 100,000) and `max_log_bytes = "256MiB"` (the most bytes of logs one flow
 //! run keeps, summed over its task runs; a size or a number of bytes; default 256 MiB).
 
+mod grants;
 mod raw;
 mod source;
 mod task;
@@ -61,6 +72,8 @@ use std::path::{Path, PathBuf};
 
 use toml::Spanned;
 
+pub use self::grants::Policy;
+use self::grants::flow_grants;
 use self::raw::RawFlow;
 use self::source::{Source, Spans, locate};
 use self::task::task_def;
@@ -85,6 +98,11 @@ pub struct ManifestError {
 /// directory and must exist (unless a build command is declared).
 pub fn load(path: &Path) -> Result<FlowDef, ManifestError> {
     parse(path, &read(path)?)
+}
+
+/// [`load`], refusing grants beyond `policy` (each at its position, naming the policy line).
+pub fn load_with(path: &Path, policy: Option<&Policy>) -> Result<FlowDef, ManifestError> {
+    parse_with(path, &read(path)?, policy)
 }
 
 /// The largest manifest read: 16 MiB (manifests are a few kilobytes; this only stops a path
@@ -130,10 +148,20 @@ pub fn read(path: &Path) -> Result<String, ManifestError> {
 
 /// Parse manifest `text`, read from `file` (used for positions and to resolve relative paths).
 pub fn parse(file: &Path, text: &str) -> Result<FlowDef, ManifestError> {
+    parse_with(file, text, None)
+}
+
+/// [`parse`], refusing grants beyond `policy`.
+pub fn parse_with(
+    file: &Path,
+    text: &str,
+    policy: Option<&Policy>,
+) -> Result<FlowDef, ManifestError> {
     let src = Source { file, text };
     let dir = file.parent().unwrap_or(Path::new("."));
-    let raw: RawFlow = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+    let mut raw: RawFlow = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
     let mut spans = Spans::default();
+    let flow_grants = flow_grants(&src, dir, raw.grants.take())?;
 
     let parameters = raw
         .parameters
@@ -143,8 +171,15 @@ pub fn parse(file: &Path, text: &str) -> Result<FlowDef, ManifestError> {
     let mut tasks = Vec::new();
     for (name, raw_task) in raw.tasks {
         let table_span = raw_task.span();
-        let (task, task_spans) =
-            task_def(&src, dir, name.clone(), raw_task.into_inner(), table_span)?;
+        let (task, task_spans) = task_def(
+            &src,
+            dir,
+            name.clone(),
+            raw_task.into_inner(),
+            table_span,
+            &flow_grants,
+            policy,
+        )?;
         spans.tasks.insert(name, task_spans);
         tasks.push(task);
     }

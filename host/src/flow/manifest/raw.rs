@@ -26,6 +26,7 @@ pub(super) struct RawFlow {
     pub(super) cache_namespace: Option<String>,
     pub(super) max_mapped_children: Option<usize>,
     pub(super) max_log_bytes: Option<Spanned<toml::Value>>,
+    pub(super) grants: Option<Spanned<RawGrants>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +60,7 @@ pub(super) struct RawTask {
     pub(super) cache_for: Option<Spanned<String>>,
     pub(super) cache_validator: Option<Spanned<toml::Value>>,
     pub(super) max_retry_delay: Option<Spanned<String>>,
+    pub(super) grants: Option<Spanned<RawGrants>>,
 }
 
 fn yes() -> bool {
@@ -77,4 +79,22 @@ pub(super) struct RawBackoff {
 
 fn two() -> f64 {
     2.0
+}
+
+/// `[grants]` or `[tasks.X.grants]`: each kind absent (inherited, for a task) or given.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGrants {
+    pub(super) files: Option<Vec<Spanned<RawFile>>>,
+    pub(super) env: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
+    pub(super) secrets: Option<Vec<Spanned<String>>>,
+}
+
+/// One `files` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFile {
+    pub(super) host: Spanned<String>,
+    pub(super) guest: Spanned<String>,
+    pub(super) mode: Option<Spanned<String>>,
 }

@@ -1,6 +1,6 @@
 //! One `[tasks.X]` table converted into a [`TaskDef`]: its component, input, dependencies,
-//! retries and backoff, budget (fuel, timeout, memory), mapping, hooks and cache policy, every
-//! bad value reported at its position.
+//! retries and backoff, budget (fuel, timeout, memory), mapping, hooks, cache policy and
+//! grants, every bad value reported at its position.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::grants::{Placed, Policy, task_grants};
 use super::raw::RawTask;
 use super::source::{Source, TaskSpans};
 use super::values::{cache_validator, component, map_over, normalize, size};
@@ -20,8 +21,10 @@ pub(super) fn task_def(
     src: &Source<'_>,
     dir: &Path,
     name: String,
-    raw: RawTask,
+    mut raw: RawTask,
     table: Range<usize>,
+    flow_grants: &Placed,
+    policy: Option<&Policy>,
 ) -> Result<(TaskDef, TaskSpans), ManifestError> {
     let component_span = raw.component.span();
     let (path, build, sources) = component(src, &name, &raw.component)?;
@@ -41,6 +44,11 @@ pub(super) fn task_def(
         ));
     }
     let mut task = TaskDef::new(name.clone(), component);
+    let grants = task_grants(src, dir, &name, raw.grants.take(), flow_grants)?;
+    if let Some(policy) = policy {
+        policy.check(src, &name, &grants)?;
+    }
+    task.grants = grants.grants;
     task.build = build;
     task.sources = sources.iter().map(|s| normalize(&dir.join(s))).collect();
     let mut spans = TaskSpans {

@@ -140,13 +140,13 @@ fn errors_name_file_line_and_column() {
              `input`, `upstream_tasks`, `trigger`, `retries`, `retry_delay`, `backoff`, `fuel`, \
              `timeout`, `memory`, `map`, `skip_on_upstream_skip`, `tags`, `on_completion`, \
              `on_failure`, `on_retry`, `on_state`, `cache_for`, `cache_validator`, \
-             `max_retry_delay` (did you mean `retries`?)"
+             `max_retry_delay`, `grants` (did you mean `retries`?)"
     );
     assert_eq!(
         err("name = \"f\"\nconcurency = 3\n"),
         "DIR/flow.toml:2:1: unknown field `concurency`, expected one of `name`, `parameters`, \
              `context`, `reference_tasks`, `concurrency`, `tag_limits`, `tasks`, \
-             `cache_namespace`, `max_mapped_children`, `max_log_bytes` (did you mean \
+             `cache_namespace`, `max_mapped_children`, `max_log_bytes`, `grants` (did you mean \
              `concurrency`?)"
     );
     let e = err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nretries = \"two\"\n");
@@ -367,4 +367,180 @@ component = { path = "t.wasm", build = "make t.wasm", sources = ["src"] }
             jitter: 0.5,
         })
     );
+}
+
+#[test]
+fn grants_are_inherited_narrowed_and_checked_at_their_position() {
+    use crate::grants::{FileGrant, FileMode};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let def = parse_in(
+        dir.path(),
+        r#"
+name = "g"
+[grants]
+files = [{ host = "data", guest = "/data", mode = "rw" }]
+env = { REGION = "eu", LEVEL = "3" }
+secrets = ["TOKEN"]
+[tasks.inherits]
+component = "t.wasm"
+[tasks.narrows]
+component = "t.wasm"
+[tasks.narrows.grants]
+files = [{ host = "data/in", guest = "/in" }]
+env = { REGION = "eu" }
+secrets = []
+[tasks.none]
+component = "t.wasm"
+grants = { files = [], env = {}, secrets = [] }
+"#,
+    )
+    .expect("valid");
+    let data = std::path::absolute(dir.path().join("data")).expect("absolute");
+    let inherits = &def.tasks[0].grants;
+    assert_eq!(
+        inherits.files,
+        [FileGrant {
+            host: data.clone(),
+            guest: "/data".into(),
+            mode: FileMode::Rw
+        }]
+    );
+    assert_eq!(inherits.env.len(), 2);
+    assert_eq!(inherits.secrets.len(), 1);
+    let narrows = &def.tasks[1].grants;
+    assert_eq!(narrows.files[0].host, data.join("in"));
+    assert_eq!(narrows.files[0].mode, FileMode::Ro, "read only by default");
+    assert_eq!(narrows.env.keys().collect::<Vec<_>>(), ["REGION"]);
+    assert!(narrows.secrets.is_empty());
+    assert!(def.tasks[2].grants.is_empty());
+
+    // Without a flow-level [grants], tasks ask for their own; with one, nothing beyond it.
+    let own = parse_in(
+        dir.path(),
+        "name = \"g\"\n[tasks.a]\ncomponent = \"t.wasm\"\ngrants = { env = { A = \"1\" } }\n",
+    )
+    .expect("valid");
+    assert_eq!(own.tasks[0].grants.env.len(), 1);
+    let flow = "name = \"g\"\n[grants]\nenv = { A = \"1\" }\nfiles = [{ host = \"data\", guest = \"/d\" }]\n[tasks.a]\ncomponent = \"t.wasm\"\n";
+    for (task_grants, expected) in [
+        (
+            "grants = { env = { A = \"2\" } }",
+            "DIR/flow.toml:7:20: task `a`: `grants`: env A = \"2\" is not covered by the flow's [grants] (line 2)",
+        ),
+        (
+            "grants = { secrets = [\"S\"] }",
+            "DIR/flow.toml:7:23: task `a`: `grants`: secret S is not covered",
+        ),
+        (
+            "grants = { files = [{ host = \"data\", guest = \"/d\", mode = \"rw\" }] }",
+            "DIR/flow.toml:7:21: task `a`: `grants`: files[0] (DIR/data at /d (rw)) is not covered",
+        ),
+        (
+            "grants = { files = [{ host = \"database\", guest = \"/d\" }] }",
+            "DIR/flow.toml:7:21: task `a`: `grants`: files[0] (DIR/database at /d (ro)) is not covered",
+        ),
+    ] {
+        let e = err(&format!("{flow}{task_grants}\n"));
+        assert!(
+            e.starts_with(expected),
+            "{task_grants}:\n{e}\nexpected {expected}"
+        );
+    }
+
+    // Each bad entry, at its position: the text it points at, and the message.
+    for (grants, at, expected) in [
+        (
+            "files = [{ host = \"d\", guest = \"in\" }]",
+            "\"in\"",
+            "task `a`: `grants`.files[0].guest = \"in\" must be an absolute guest path",
+        ),
+        (
+            "files = [{ host = \"d\", guest = \"/a/../b\" }]",
+            "\"/a/../b\"",
+            "task `a`: `grants`.files[0].guest = \"/a/../b\" must be",
+        ),
+        (
+            "files = [{ host = \"\", guest = \"/a\" }]",
+            "\"\"",
+            "task `a`: `grants`.files[0].host is empty",
+        ),
+        (
+            "files = [{ host = \"d\", guest = \"/a\", mode = \"wo\" }]",
+            "\"wo\"",
+            "task `a`: `grants`.files[0].mode = \"wo\" must be \"ro\"",
+        ),
+        (
+            "files = [{ host = \"d\", guest = \"/a\" }, { host = \"e\", guest = \"/a\" }]",
+            "{ host = \"e\"",
+            "task `a`: `grants`.files[1]: guest path `/a` is granted twice",
+        ),
+        (
+            "files = [{ host = \"d\", guest = \"/a\", extra = 1 }]",
+            "extra",
+            "unknown field `extra`",
+        ),
+        (
+            "env = { \"A-B\" = \"1\" }",
+            "\"A-B\"",
+            "task `a`: `grants`.env: `A-B` is not a variable name",
+        ),
+        (
+            "secrets = [\"S\", \"S\"]",
+            ", \"S\"",
+            "task `a`: `grants`.secrets[1]: `S` is granted twice",
+        ),
+        (
+            "secrets = [\"1S\"]",
+            "\"1S\"",
+            "task `a`: `grants`.secrets[0]: `1S` is not a secret name",
+        ),
+        (
+            "http = [\"https://example.com\"]",
+            "http",
+            "unknown field `http`",
+        ),
+    ] {
+        let e = err(&format!(
+            "name = \"g\"\n[tasks.a]\ncomponent = \"t.wasm\"\n[tasks.a.grants]\n{grants}\n"
+        ));
+        // A marker starting ", " points at what follows it.
+        let skip = if at.starts_with(", ") { 2 } else { 0 };
+        let column = grants.find(at).expect("marker") + 1 + skip;
+        let expected = format!("DIR/flow.toml:5:{column}: {expected}");
+        assert!(
+            e.starts_with(&expected),
+            "{grants}:\n{e}\nexpected {expected}"
+        );
+    }
+    let e = err(
+        "name = \"g\"\n[tasks.a]\ncomponent = \"t.wasm\"\n[tasks.a.grants]\nenv = { S = \"1\" }\nsecrets = [\"S\"]\n",
+    );
+    assert!(
+        e.starts_with(
+            "DIR/flow.toml:6:12: task `a`: `grants`: `S` is both an env variable and a secret"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_policy_file_is_parsed_with_positions() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("policy.toml");
+    let bad = |text: &str| {
+        Policy::parse(&file, text)
+            .expect_err("invalid")
+            .to_string()
+            .replace(&dir.path().display().to_string(), "DIR")
+    };
+    assert!(
+        bad("[grants]\nfiles = [{ path = \"/x\", mode = \"rx\" }]\n")
+            .starts_with("DIR/policy.toml:2:10: grants.files[0].mode = \"rx\""),
+    );
+    assert!(bad("[grants]\nenv = [\"A B\"]\n").starts_with("DIR/policy.toml:2:8: grants.env[0]"));
+    assert!(bad("[grants]\nsecrets = [\"*\"]\n").starts_with("DIR/policy.toml:2:12"));
+    assert!(bad("[grants]\nhttp = []\n").starts_with("DIR/policy.toml:2:1: unknown field `http`"));
+    assert!(bad("grants = 1\n").starts_with("DIR/policy.toml:1:10"));
+    let p = Policy::parse(&file, "[grants]\nenv = [\"*\"]\n").expect("valid");
+    assert_eq!(p.file(), file);
 }

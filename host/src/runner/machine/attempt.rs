@@ -104,6 +104,8 @@ impl FlowMachine {
             task: &task.name,
             component: &self.settings.digests[unit.task],
             budget: &task.budget,
+            grants: &self.settings.grants[unit.task].0,
+            secrets: &self.settings.grants[unit.task].1,
             map_index: unit.child,
         };
         let Some(key) = CacheKey::new(policy, identity, &input, &self.run.parameters) else {

@@ -174,6 +174,9 @@ pub struct Settings {
     pub events: bool,
     /// Per task, the blake3 (hex) of its component, part of its cache keys.
     pub digests: Vec<String>,
+    /// Per task: the digests of its grants and of its granted secrets' values (empty when
+    /// nothing is granted), for its cache key.
+    pub grants: Vec<(String, String)>,
     /// What the logs the run kept before this execution cost (a resumed run; see
     /// `Store::log_cost`): counted against the flow's `max_log_bytes`.
     pub logs_before: u64,

@@ -466,6 +466,7 @@ impl Harness {
             record: false,
             events,
             digests: vec![String::new(); flow.def.tasks.len()],
+            grants: vec![(String::new(), String::new()); flow.def.tasks.len()],
             logs_before: 0,
         };
         let mut params = BTreeMap::new();

@@ -14,7 +14,7 @@ use crate::store::{CacheEntry, CacheLookup, CachedOutput, Store, StoreError};
 /// explaining a miss.
 fn newest_entry_sql(filter: &str) -> String {
     format!(
-        "SELECT key, component, config, inputs, parameters, validator, expires_at, flow_run
+        "SELECT key, component, config, inputs, parameters, validator, expires_at, flow_run, grants, secrets
          FROM cache WHERE {filter} ORDER BY created_at DESC, seq DESC LIMIT 1"
     )
 }
@@ -92,6 +92,8 @@ impl SqliteStore {
             String,
             i64,
             String,
+            String,
+            String,
         );
         // The newest entry of the same configuration (the same child of a mapped task), else the
         // newest of the task: two index lookups (migration 4), so explaining every miss of a
@@ -113,7 +115,18 @@ impl SqliteStore {
                 })
                 .map_err(self.io_err("cache lookup"))?,
         };
-        let Some((k, component, config, inputs, parameters, validator, expires, run)) = newest
+        let Some((
+            k,
+            component,
+            config,
+            inputs,
+            parameters,
+            validator,
+            expires,
+            run,
+            grants,
+            secrets,
+        )) = newest
         else {
             return Ok(CacheLookup::Miss(format!(
                 "no cached output of task `{}` yet",
@@ -141,6 +154,10 @@ impl SqliteStore {
             "the task's limits or map index, the flow (or cache namespace) or the context values \
              changed"
                 .to_owned()
+        } else if grants != key.grants {
+            "the grants changed (files, env or secrets granted to the task)".to_owned()
+        } else if secrets != key.secrets {
+            "the value of a granted secret changed".to_owned()
         } else if inputs != key.inputs {
             format!(
                 "the inputs differ from the newest entry's (flow run {run}; {})",

@@ -126,6 +126,12 @@ CREATE INDEX cache_task_config ON cache(task, config, created_at, seq);
 CREATE INDEX cache_task_newest ON cache(task, created_at, seq);
 DROP INDEX cache_task;
 ",
+    // 5: the digests of a cached task's grants and of its granted secrets' values, so a miss
+    // can say that the grants, or a secret's value, changed.
+    r"
+ALTER TABLE cache ADD COLUMN grants TEXT NOT NULL DEFAULT '';
+ALTER TABLE cache ADD COLUMN secrets TEXT NOT NULL DEFAULT '';
+",
 ];
 
 /// How much of the database a connection memory-maps.

@@ -499,8 +499,8 @@ fn cache_write(tx: &Transaction<'_>, c: &CacheWrite) -> rusqlite::Result<()> {
     let blob = put_value(tx, &c.output)?;
     let k = &c.key;
     tx.prepare_cached(
-        "INSERT INTO cache (key, task, validator, component, config, inputs, parameters, blob, created_at, expires_at, flow_run, task_run)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        "INSERT INTO cache (key, task, validator, component, config, grants, secrets, inputs, parameters, blob, created_at, expires_at, flow_run, task_run)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
         k.key,
@@ -508,6 +508,8 @@ fn cache_write(tx: &Transaction<'_>, c: &CacheWrite) -> rusqlite::Result<()> {
         k.validator,
         k.component,
         k.config,
+        k.grants,
+        k.secrets,
         k.inputs,
         k.parameters,
         blob,

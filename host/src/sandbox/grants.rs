@@ -1,0 +1,170 @@
+//! The authority one run is given beyond its input, as the sandbox applies it: preopened
+//! directories (read-only or read-write), environment variables, and secrets (environment
+//! variables whose values are redacted from everything the run leaves behind). A plain type built
+//! by the host above the sandbox; the default grants nothing, and a run with nothing granted
+//! builds its WASI context exactly as before grants existed.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+use super::outcome::{Ending, LogRecord, Signal};
+use crate::json::Json;
+
+/// What one run may reach. [`RunGrants::default`] grants nothing.
+#[derive(Clone, Default)]
+pub struct RunGrants {
+    preopens: Vec<(PathBuf, String, bool)>,
+    env: Vec<(String, String)>,
+    secrets: Vec<(String, Arc<str>)>,
+}
+
+impl fmt::Debug for RunGrants {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunGrants")
+            .field("preopens", &self.preopens)
+            .field("env", &self.env)
+            .field(
+                "secrets",
+                &self.secrets.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// The text that replaces a secret's value in logs and outputs.
+pub const REDACTED: &str = "***";
+
+impl RunGrants {
+    /// Preopen host directory `host` as `guest`, writable or read-only. Paths that lead outside
+    /// it (`..`, absolute, symbolic links) are refused inside the guest.
+    pub fn preopen(&mut self, host: &Path, guest: &str, writable: bool) -> &mut Self {
+        self.preopens
+            .push((host.to_owned(), guest.to_owned(), writable));
+        self
+    }
+
+    /// Set environment variable `name`.
+    pub fn env(&mut self, name: &str, value: &str) -> &mut Self {
+        self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Give secret `name` as an environment variable; its value is replaced by `***` wherever
+    /// the run's logs, output or messages contain it.
+    pub fn secret(&mut self, name: &str, value: Arc<str>) -> &mut Self {
+        self.secrets.push((name.to_owned(), value));
+        self
+    }
+
+    /// Whether nothing is granted.
+    pub fn is_empty(&self) -> bool {
+        self.preopens.is_empty() && self.env.is_empty() && self.secrets.is_empty()
+    }
+
+    /// Add the grants to a run's WASI context. Fails when a directory cannot be opened.
+    pub(super) fn apply(&self, wasi: &mut WasiCtxBuilder) -> Result<(), String> {
+        for (host, guest, writable) in &self.preopens {
+            let perms = if *writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
+            wasi.preopened_dir(host, guest, perms).map_err(|e| {
+                format!(
+                    "the granted directory {} cannot be opened: {e:#}",
+                    host.display()
+                )
+            })?;
+        }
+        for (k, v) in &self.env {
+            wasi.env(k, v);
+        }
+        for (k, v) in &self.secrets {
+            wasi.env(k, &**v);
+        }
+        Ok(())
+    }
+
+    /// Replace every granted secret's value in `ending` and `logs` by [`REDACTED`]. An output
+    /// whose JSON would no longer parse (the value stood outside a string) becomes a failure
+    /// that says so, without the output.
+    pub(super) fn redact(&self, ending: &mut Ending, logs: &mut [LogRecord]) {
+        if self.secrets.is_empty() {
+            return;
+        }
+        for r in logs {
+            self.redact_text(&mut r.message);
+        }
+        match ending {
+            Ending::Output(json) => {
+                if let Some(redacted) = self.redact_json(json) {
+                    *ending = redacted;
+                }
+            }
+            Ending::Signal(signal) => {
+                let (Signal::Fail { message }
+                | Signal::Retry { message, .. }
+                | Signal::Skip { message }
+                | Signal::Pause { message }
+                | Signal::Success { message, .. }) = signal;
+                self.redact_text(message);
+                if let Signal::Success { output, .. } = signal
+                    && let Some(redacted) = self.redact_json(output)
+                {
+                    *ending = redacted;
+                }
+            }
+            Ending::GuestFault { message } | Ending::HostFault { message } => {
+                self.redact_text(message);
+            }
+            Ending::LimitExceeded(_) | Ending::TimedOut(_) | Ending::Cancelled => {}
+        }
+    }
+
+    fn redact_text(&self, text: &mut String) {
+        for (_, value) in &self.secrets {
+            if text.contains(&**value) {
+                *text = text.replace(&**value, REDACTED);
+            }
+        }
+    }
+
+    /// Redact `json` in place; `Some(ending)` when the result is no longer JSON.
+    fn redact_json(&self, json: &mut Json) -> Option<Ending> {
+        let mut text: Option<String> = None;
+        for (name, value) in &self.secrets {
+            // Inside a JSON string the value appears escaped.
+            let escaped = serde_json::to_string(&**value).unwrap_or_default();
+            let escaped = escaped
+                .strip_prefix('"')
+                .and_then(|e| e.strip_suffix('"'))
+                .unwrap_or(&escaped);
+            let current = text.as_deref().unwrap_or(json.as_str());
+            if current.contains(escaped) {
+                text = Some(current.replace(escaped, REDACTED));
+            } else if current.contains(&**value) {
+                return Some(Ending::GuestFault {
+                    message: format!(
+                        "the output contains the value of secret `{name}` in a form that cannot \
+                         be redacted; it was not recorded"
+                    ),
+                });
+            }
+        }
+        let text = text?;
+        match Json::parse(&text) {
+            Ok(redacted) => {
+                *json = redacted;
+                None
+            }
+            Err(_) => Some(Ending::GuestFault {
+                message: "the output contains a granted secret's value outside a JSON string; \
+                          it cannot be redacted, so it was not recorded"
+                    .into(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! Capability grants through the CLI: nothing reachable by default, preopened directories
+//! (read-only, read-write, escapes refused), env and secrets only where granted, secret values
+//! nowhere in what a run leaves behind, the operator's policy, and grants in the cache key.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use serde_json::{Value, json};
+
+use crate::store::{stderr, write_flow};
+use crate::support::{guest, json_of, sluice, task};
+
+/// A secret value long enough to redact and unlike anything else a run prints.
+const SECRET: &str = "s3cr3t-VALUE-4242-xyzzy";
+
+fn grants_guest() -> String {
+    guest("grants").display().to_string()
+}
+
+fn add_one() -> String {
+    guest("add_one").display().to_string()
+}
+
+/// The results of a grants task's steps, from `sluice run --json` output.
+fn steps(run: &Value, name: &str) -> Vec<Value> {
+    task(run, name)["output"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| panic!("task {name} has no list output: {run:#}"))
+}
+
+fn ok(v: &Value) -> &Value {
+    assert!(v.get("err").is_none(), "expected success, got {v}");
+    &v["ok"]
+}
+
+fn err(v: &Value) -> String {
+    v["err"]
+        .as_str()
+        .unwrap_or_else(|| panic!("expected a refusal, got {v}"))
+        .to_owned()
+}
+
+fn run_json(home: &Path, flow: &Path, extra: &[&str]) -> (Output, Value) {
+    let flow = flow.to_str().expect("utf-8 path");
+    let mut args = vec!["run", flow, "--json"];
+    args.extend_from_slice(extra);
+    let out = sluice(home, &args);
+    let v = json_of(&out);
+    (out, v)
+}
+
+#[test]
+fn nothing_is_reachable_without_grants_and_a_control_task_runs_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = grants_guest();
+    let flow = write_flow(
+        dir.path(),
+        &format!(
+            r#"name = "deny"
+[tasks.probe]
+component = {g:?}
+input = [
+  {{ do = "read", path = "/etc/passwd" }},
+  {{ do = "list", path = "/" }},
+  {{ do = "list", path = "." }},
+  {{ do = "env_names" }},
+  {{ do = "env", name = "HOME" }},
+  {{ do = "env", name = "API_TOKEN" }},
+  {{ do = "write", path = "/tmp/x", text = "x" }},
+]
+[tasks.control]
+component = {a:?}
+input = 41
+upstream_tasks = ["probe"]
+"#,
+            a = add_one()
+        ),
+    );
+    let home = dir.path().join("home");
+    let (out, run) = run_json(&home, &flow, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = steps(&run, "probe");
+    for i in [0, 1, 2, 4, 5, 6] {
+        err(&s[i]);
+    }
+    assert_eq!(ok(&s[3]), &json!([]), "the environment is empty");
+    assert_eq!(task(&run, "control")["output"], json!(42));
+}
+
+/// `data/in` (read only, with a file and a symbolic link pointing out of it) and `out` (read
+/// and write) beside the manifest; returns the manifest.
+fn files_flow(dir: &Path) -> PathBuf {
+    let input = dir.join("data/in");
+    std::fs::create_dir_all(&input).expect("data/in");
+    std::fs::write(input.join("hello.txt"), "hello from the host").expect("hello.txt");
+    std::fs::write(dir.join("outside.txt"), "outside").expect("outside.txt");
+    std::os::unix::fs::symlink(dir.join("outside.txt"), input.join("escape")).expect("symlink");
+    let g = grants_guest();
+    write_flow(
+        dir,
+        &format!(
+            r#"name = "files"
+[tasks.files]
+component = {g:?}
+input = [
+  {{ do = "read", path = "/in/hello.txt" }},
+  {{ do = "list", path = "/in" }},
+  {{ do = "write", path = "/in/new.txt", text = "no" }},
+  {{ do = "remove", path = "/in/hello.txt" }},
+  {{ do = "write", path = "/out/result.txt", text = "written by the guest" }},
+  {{ do = "read", path = "/out/result.txt" }},
+  {{ do = "read", path = "/in/../outside.txt" }},
+  {{ do = "read", path = "/in/../../outside.txt" }},
+  {{ do = "read", path = "/out/../data/in/hello.txt" }},
+  {{ do = "read", path = "{outside}" }},
+  {{ do = "read", path = "/in/escape" }},
+  {{ do = "symlink", dir = "/out", target = "{outside}", link = "leak" }},
+  {{ do = "read", path = "/out/leak" }},
+  {{ do = "symlink", dir = "/out", target = "../outside.txt", link = "up" }},
+  {{ do = "read", path = "/out/up" }},
+]
+[tasks.files.grants]
+files = [
+  {{ host = "data/in", guest = "/in", mode = "ro" }},
+  {{ host = "out", guest = "/out", mode = "rw" }},
+]
+"#,
+            outside = dir.join("outside.txt").display()
+        ),
+    )
+}
+
+#[test]
+fn granted_directories_are_read_only_or_writable_and_nothing_escapes_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flow = files_flow(dir.path());
+    let home = dir.path().join("home");
+    let (out, run) = run_json(&home, &flow, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = steps(&run, "files");
+    assert_eq!(ok(&s[0]), "hello from the host");
+    assert_eq!(ok(&s[1]), &json!(["escape", "hello.txt"]));
+    // Read only: no new file, no removal.
+    err(&s[2]);
+    err(&s[3]);
+    assert!(!dir.path().join("data/in/new.txt").exists());
+    assert!(dir.path().join("data/in/hello.txt").exists());
+    // Read-write: written on the host, where `out/` was created for the run.
+    ok(&s[4]);
+    assert_eq!(ok(&s[5]), "written by the guest");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out/result.txt")).expect("result on the host"),
+        "written by the guest"
+    );
+    // `..` out of a granted directory, an absolute host path, a host symlink pointing out, and
+    // symlinks the guest made in its writable directory: all refused.
+    for (i, what) in [
+        (6, "`..` above /in"),
+        (7, "`..` twice above /in"),
+        (8, "`..` from /out into another directory"),
+        (9, "an absolute host path"),
+        (10, "a host symlink pointing out"),
+        (12, "a guest symlink to an absolute path"),
+        (14, "a guest symlink with `..`"),
+    ] {
+        let e = err(&s[i]);
+        assert!(!e.contains("outside"), "{what}: {e}");
+    }
+}
+
+/// A private secrets file holding `API_TOKEN`.
+fn secrets_file(dir: &Path, value: &str) -> PathBuf {
+    let path = dir.join("secrets.env");
+    std::fs::write(&path, format!("# test secrets\nAPI_TOKEN={value}\n")).expect("secrets");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+fn secrets_flow(dir: &Path) -> PathBuf {
+    let g = grants_guest();
+    write_flow(
+        dir,
+        &format!(
+            r#"name = "secrets"
+[grants]
+env = {{ REGION = "eu" }}
+secrets = ["API_TOKEN"]
+
+[tasks.granted]
+component = {g:?}
+input = [
+  {{ do = "env", name = "REGION" }},
+  {{ do = "leak", name = "API_TOKEN" }},
+  {{ do = "env_names" }},
+]
+cache_for = "1h"
+
+[tasks.narrowed]
+component = {g:?}
+input = [{{ do = "env", name = "API_TOKEN" }}, {{ do = "env", name = "REGION" }}]
+[tasks.narrowed.grants]
+secrets = []
+
+[tasks.fails]
+component = {g:?}
+input = [{{ do = "fail_with", name = "API_TOKEN" }}]
+"#
+        ),
+    )
+}
+
+/// Every file under `dir`, as bytes.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                out.push((p, bytes));
+            }
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn secrets_reach_only_granted_tasks_and_their_values_are_recorded_nowhere() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flow = secrets_flow(dir.path());
+    let home = dir.path().join("home");
+    let secrets = secrets_file(dir.path(), SECRET);
+    let secrets = secrets.to_str().expect("utf-8");
+    let (out, run) = run_json(&home, &flow, &["--secrets", secrets]);
+    assert!(!out.status.success(), "`fails` fails the run");
+    let s = steps(&run, "granted");
+    assert_eq!(ok(&s[0]), "eu");
+    // The guest had the value; what was recorded of its output has `***` instead.
+    assert_eq!(ok(&s[1]), "***");
+    assert_eq!(ok(&s[2]), &json!(["API_TOKEN", "REGION"]));
+    // A task may narrow what the flow grants: no secret, the env still inherited.
+    let n = steps(&run, "narrowed");
+    err(&n[0]);
+    assert_eq!(ok(&n[1]), "eu");
+    let failed = task(&run, "fails");
+    assert_eq!(failed["state"], "Failed");
+    assert_eq!(failed["message"], "failing with ***");
+
+    let id = run["id"].as_str().expect("run id").to_owned();
+    let show = sluice(&home, &["show", &id, "--json"]);
+    let logs = sluice(&home, &["logs", &id]);
+    let human = sluice(&home, &["show", &id]);
+    for o in [&out, &show, &logs, &human] {
+        assert!(o.status.success() || std::ptr::eq(o, &out), "{}", stderr(o));
+        for bytes in [&o.stdout, &o.stderr] {
+            assert!(
+                !contains(bytes, SECRET),
+                "the secret is in: {}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+    let logs = String::from_utf8_lossy(&logs.stdout);
+    for line in ["stdout: ***", "stderr: ***", "log: ***"] {
+        assert!(logs.contains(line), "no `{line}` in the logs:\n{logs}");
+    }
+    // Not in the database, its WAL, or any other file of the home.
+    for (path, bytes) in files_under(&home) {
+        assert!(
+            !contains(&bytes, SECRET),
+            "the secret is in {}",
+            path.display()
+        );
+    }
+    // `show` lists each task's grants, secrets by name.
+    let show = json_of(&show);
+    assert_eq!(
+        task(&show, "granted")["grants"],
+        json!({"env": {"REGION": "eu"}, "secrets": ["API_TOKEN"]})
+    );
+    assert_eq!(
+        task(&show, "narrowed")["grants"],
+        json!({"env": {"REGION": "eu"}})
+    );
+    let human = String::from_utf8_lossy(&human.stdout);
+    for line in [
+        "granted: env: REGION=eu",
+        "granted: secret: API_TOKEN",
+        "narrowed: env: REGION=eu",
+    ] {
+        assert!(human.contains(line), "no `{line}` in show:\n{human}");
+    }
+
+    // The same value from the environment instead of the file: a cache hit.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", flow.to_str().expect("utf-8"), "--json"])
+        .env("SLUICE_HOME", &home)
+        .env("SLUICE_SECRET_API_TOKEN", SECRET)
+        .output()
+        .expect("run sluice");
+    let again = json_of(&again);
+    assert_eq!(
+        task(&again, "granted")["cache"]["status"],
+        "hit",
+        "{again:#}"
+    );
+    // A rotated value misses, saying why.
+    let rotated = secrets_file(dir.path(), "another-secret-value-0001");
+    let (_, third) = run_json(
+        &home,
+        &flow,
+        &["--secrets", rotated.to_str().expect("utf-8")],
+    );
+    let cache = &task(&third, "granted")["cache"];
+    assert_eq!(cache["status"], "miss", "{cache}");
+    assert_eq!(cache["reason"], "the value of a granted secret changed");
+}
+
+#[test]
+fn a_missing_secret_or_a_readable_secrets_file_stops_the_run_before_it_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flow = secrets_flow(dir.path());
+    let home = dir.path().join("home");
+    let (out, _) = (sluice(&home, &["run", flow.to_str().expect("utf-8")]), ());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.contains("task `granted`: secret `API_TOKEN` is granted but has no value")
+            && e.contains("SLUICE_SECRET_API_TOKEN"),
+        "{e}"
+    );
+    let with_secrets = |file: &Path| {
+        let file = file.to_str().expect("utf-8");
+        sluice(
+            &home,
+            &["run", flow.to_str().expect("utf-8"), "--secrets", file],
+        )
+    };
+    let secrets = secrets_file(dir.path(), SECRET);
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = with_secrets(&secrets);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains("secrets.env") && e.contains("mode 644"), "{e}");
+    let out = with_secrets(&secrets_file(dir.path(), "short"));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("shorter than 8 bytes"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn changing_a_grant_misses_the_cache_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let g = grants_guest();
+    let flow = |region: &str| {
+        write_flow(
+            dir.path(),
+            &format!(
+                r#"name = "cached"
+[tasks.t]
+component = {g:?}
+input = [{{ do = "env", name = "REGION" }}]
+cache_for = "1h"
+[tasks.t.grants]
+env = {{ REGION = "{region}" }}
+"#
+            ),
+        )
+    };
+    let (_, first) = run_json(&home, &flow("eu"), &[]);
+    assert_eq!(task(&first, "t")["cache"]["status"], "miss");
+    let (_, hit) = run_json(&home, &flow("eu"), &[]);
+    assert_eq!(task(&hit, "t")["cache"]["status"], "hit");
+    let (_, changed) = run_json(&home, &flow("us"), &[]);
+    let t = task(&changed, "t");
+    assert_eq!(
+        t["cache"]["reason"],
+        "the grants changed (files, env or secrets granted to the task)"
+    );
+    assert_eq!(ok(&steps(&changed, "t")[0]), "us");
+}
+
+#[test]
+fn the_policy_refuses_grants_beyond_it_naming_the_manifest_and_policy_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(dir.path().join("data/out")).expect("dirs");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "# the operator's ceiling\n[grants]\nfiles = [{:?}, {{ path = {:?}, mode = \"rw\" }}]\nenv = [\"REGION\"]\nsecrets = []\n",
+            dir.path().join("data").display().to_string(),
+            dir.path().join("data/out").display().to_string(),
+        ),
+    )
+    .expect("policy");
+    let g = grants_guest();
+    let flow = |grants: &str| {
+        write_flow(
+            dir.path(),
+            &format!(
+                "name = \"policed\"\n[tasks.t]\ncomponent = {g:?}\ninput = [{{ do = \"list\", path = \"/d\" }}]\n[tasks.t.grants]\n{grants}\n"
+            ),
+        )
+    };
+    let run = |flow: &Path| {
+        sluice(
+            &home,
+            &[
+                "run",
+                flow.to_str().expect("utf-8"),
+                "--json",
+                "--policy",
+                policy.to_str().expect("utf-8"),
+            ],
+        )
+    };
+    // At the ceiling: read the data directory, write its `out`, env REGION.
+    let at = run(&flow(
+        "files = [{ host = \"data\", guest = \"/d\" }, { host = \"data/out\", guest = \"/o\", mode = \"rw\" }]\nenv = { REGION = \"eu\" }",
+    ));
+    assert!(at.status.success(), "{}", stderr(&at));
+    let policy_name = policy.display().to_string();
+    // One over, each kind: writing where only reading is allowed, a directory outside, an env
+    // variable and a secret the policy does not list.
+    for (grants, column, grant, why) in [
+        (
+            "files = [{ host = \"data\", guest = \"/d\", mode = \"rw\" }]",
+            10,
+            "files[0]",
+            format!("{policy_name}:3 allows"),
+        ),
+        (
+            "files = [{ host = \".\", guest = \"/d\" }]",
+            10,
+            "files[0]",
+            format!("{policy_name}:3: no entry of `files` contains"),
+        ),
+        (
+            "env = { HOME = \"/root\" }",
+            9,
+            "env HOME",
+            format!("{policy_name}:4: `env` does not list HOME"),
+        ),
+        (
+            "secrets = [\"API_TOKEN\"]",
+            12,
+            "secret API_TOKEN",
+            format!("{policy_name}:5: `secrets` does not list API_TOKEN"),
+        ),
+    ] {
+        let path = flow(grants);
+        let out = run(&path);
+        assert_eq!(out.status.code(), Some(2), "{grants}: {}", stderr(&out));
+        let e = stderr(&out);
+        let at = format!("{}:6:{column}: task `t`: grant {grant}", path.display());
+        assert!(e.contains(&at), "{grants}: expected `{at}` in {e}");
+        assert!(e.contains(&why), "{grants}: expected `{why}` in {e}");
+    }
+    // The policy in the home applies without --policy.
+    std::fs::create_dir_all(&home).expect("home");
+    std::fs::copy(&policy, home.join("policy.toml")).expect("copy policy");
+    let out = sluice(
+        &home,
+        &[
+            "run",
+            flow("secrets = [\"API_TOKEN\"]").to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("home/policy.toml:5"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -25,6 +25,11 @@
 //!
 //! Read-only run information lives in [`context`]; log lines go through [`log`] or the
 //! [`info!`]-style macros.
+//!
+//! What the task's grants give it (see the manifest's `[tasks.X.grants]`) is reached with Rust's
+//! own idioms: granted directories through `std::fs` at their guest paths, environment variables
+//! and secrets through [`env`] and [`secret`] (or `std::env`), and outbound HTTP through [`http`]
+//! (feature `http`). Without a grant, each of these fails as if the thing did not exist.
 
 #[allow(unused_extern_crates)] // the generated bindings name the crate by path
 extern crate self as sluice_guest;
@@ -33,6 +38,82 @@ use std::time::Duration;
 
 pub use serde;
 pub use serde_json;
+
+/// The environment variable `name`, if the task is granted it (`env = { NAME = "…" }`).
+pub fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// The value of secret `name`, if the task is granted it (`secrets = ["NAME"]`). Sluice replaces
+/// the value with `***` wherever it shows up in the run's logs, output or messages.
+pub fn secret(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Outbound HTTP over `wasi:http` (feature `http`): a re-export of `wstd`'s HTTP client, and
+/// blocking helpers for a synchronous task. A request the task's `http` grants do not allow
+/// fails with [`ErrorCode::HttpRequestDenied`]; one over the run's limits with
+/// `HttpRequestDenied` (requests) or `HttpResponseBodySize` (response bytes). Redirects are not
+/// followed: a 3xx comes back as it is (and a request to its `location` is checked like any
+/// other).
+///
+/// ```ignore
+/// let (status, body) = sluice_guest::http::get("https://api.example.com/items")?;
+/// let items: Vec<Item> = sluice_guest::http::get_json("https://api.example.com/items")?;
+/// ```
+#[cfg(feature = "http")]
+pub mod http {
+    pub use wstd::http::{
+        Body, BodyExt, Client, Error, ErrorCode, HeaderMap, HeaderValue, Method, Request, Response,
+        StatusCode, Uri,
+    };
+    pub use wstd::runtime::block_on;
+
+    /// Send `request` and read the whole response body: `(status, body)`.
+    pub fn send(request: Request<Body>) -> Result<(u16, Vec<u8>), Error> {
+        block_on(async move {
+            let mut response = Client::new().send(request).await?;
+            let status = response.status().as_u16();
+            let body = response.body_mut().contents().await?.to_vec();
+            Ok((status, body))
+        })
+    }
+
+    /// GET `url`: `(status, body)`.
+    pub fn get(url: &str) -> Result<(u16, Vec<u8>), Error> {
+        send(Request::get(url).body(Body::empty())?)
+    }
+
+    /// GET `url` and parse the body as JSON; a status other than 2xx is an error.
+    pub fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> Result<T, Error> {
+        let (status, body) = get(url)?;
+        json(url, status, &body)
+    }
+
+    /// POST `value` as JSON to `url` and parse the answer as JSON; a status other than 2xx is
+    /// an error.
+    pub fn post_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        url: &str,
+        value: &B,
+    ) -> Result<T, Error> {
+        let request = Request::post(url)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(value)?))?;
+        let (status, body) = send(request)?;
+        json(url, status, &body)
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(
+        url: &str,
+        status: u16,
+        body: &[u8],
+    ) -> Result<T, Error> {
+        if !(200..300).contains(&status) {
+            return Err(Error::msg(format!("{url} answered {status}")));
+        }
+        Ok(serde_json::from_slice(body)?)
+    }
+}
 
 #[doc(hidden)]
 pub mod bindings {

@@ -10,10 +10,17 @@
 //! artifact (mapping and linking it), for a small and a larger component, and the wall time of a
 //! warm `load_file` (through the artifact directory's file index: the file is not read).
 //!
+//! HTTP: one GET of a 1 KiB body from a loopback server inside a Rust task (granted), against the
+//! same task with nothing to fetch, and against the same GET from native Rust in this process;
+//! the cost Sluice adds per request is (with GET − without) − native.
+//!
 //! Run: `cargo bench --bench sandbox` (add `-- --iterations N` to change the sample size).
 
 #[path = "../../tests/common/guests.rs"]
 mod guests;
+#[path = "../../tests/common/loopback.rs"]
+#[allow(dead_code)] // the tests use more of it
+mod loopback;
 #[path = "support/raw_floor.rs"]
 mod raw_floor;
 
@@ -24,8 +31,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice::context::TaskContext;
+use sluice::grants::HttpGrant;
 use sluice::json::Json;
-use sluice::sandbox::{Ending, LoadSource, RunBudget, Sandbox};
+use sluice::sandbox::{Ending, LoadSource, RunBudget, RunGrants, Sandbox};
 
 fn print_row(name: &str, s: &Stats) {
     println!(
@@ -50,6 +58,61 @@ async fn through_sluice(wasm: &Path, warmup: usize, iterations: usize) -> Stats 
         let elapsed = started.elapsed();
         assert_eq!(out.ending, Ending::Output(json!(2).into()));
         if i >= warmup {
+            samples.push(elapsed);
+        }
+    }
+    stats(samples)
+}
+
+/// The grants guest doing `steps` under an HTTP grant of the loopback address, `iterations`
+/// times: the wall time of each run.
+async fn granted_runs(wasm: &Path, steps: &serde_json::Value, iterations: usize) -> Stats {
+    let sandbox = Sandbox::builder().build().expect("sandbox");
+    let component = sandbox.load_file(wasm).await.expect("load");
+    let ctx = TaskContext::new("fetch");
+    let budget = RunBudget {
+        http_requests: u32::MAX,
+        http_response_bytes: u64::MAX,
+        ..RunBudget::default()
+    };
+    let mut grants = RunGrants::default();
+    grants.http(vec![
+        HttpGrant::parse("http://127.0.0.1:*", None).expect("grant"),
+    ]);
+    let input: Json = steps.clone().into();
+    let mut samples = Vec::with_capacity(iterations);
+    for i in 0..iterations + iterations / 10 {
+        let started = Instant::now();
+        let out = sandbox
+            .run_granted(&component, &input, &ctx, &budget, &grants, None)
+            .await;
+        let elapsed = started.elapsed();
+        match &out.ending {
+            Ending::Output(v) => assert!(!v.as_str().contains("\"err\""), "{}", v.as_str()),
+            other => panic!("{other:?}"),
+        }
+        if i >= iterations / 10 {
+            samples.push(elapsed);
+        }
+    }
+    stats(samples)
+}
+
+/// The same GET from native Rust: a connection, the request, the whole 1 KiB response.
+fn native_get(server: &loopback::Loopback, iterations: usize) -> Stats {
+    use std::io::{Read as _, Write as _};
+    let addr = format!("127.0.0.1:{}", server.port());
+    let mut samples = Vec::with_capacity(iterations);
+    for i in 0..iterations + iterations / 10 {
+        let started = Instant::now();
+        let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+        conn.write_all(format!("GET /json HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
+            .expect("request");
+        let mut response = Vec::new();
+        conn.read_to_end(&mut response).expect("response");
+        let elapsed = started.elapsed();
+        assert!(response.ends_with(b" ") && response.len() > 1024);
+        if i >= iterations / 10 {
             samples.push(elapsed);
         }
     }
@@ -130,6 +193,26 @@ fn main() {
         println!(
             "ratio (b)/(a) at p50: {:.2}   targets: p50 (b) <= 100 µs, ratio <= 2",
             us(b.p50) / us(a.p50)
+        );
+        println!();
+        let grants = guests::guest("grants");
+        let server = loopback::Loopback::start([127, 0, 0, 1].into());
+        let n = (iterations / 10).max(100);
+        let get = json!([{ "do": "http", "url": server.url("/json") }]);
+        let (mut with, mut without, mut native) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..3 {
+            with.push(granted_runs(&grants, &get, n).await);
+            without.push(granted_runs(&grants, &json!([]), n).await);
+            native.push(native_get(&server, n));
+        }
+        let best = |v: Vec<Stats>| v.into_iter().min_by_key(|s| s.p50).expect("runs");
+        let (with, without, native) = (best(with), best(without), best(native));
+        print_row("(c) task with one HTTP GET (1 KiB)", &with);
+        print_row("(d) the same task, no request", &without);
+        print_row("(e) native GET, same server", &native);
+        println!(
+            "added per request at p50: (c) - (d) - (e) = {:.1} µs   target: <= 200 µs",
+            us(with.p50) - us(without.p50) - us(native.p50)
         );
         println!();
         for (name, wasm) in [("add_one", &add_one), ("hostile", &hostile)] {

@@ -205,6 +205,18 @@ impl CacheKey {
         ] {
             config.update(&n.to_le_bytes());
         }
+        // The limits that only matter with grants join only with grants, so the keys of tasks
+        // without grants stay what they were.
+        if !task.grants.is_empty() {
+            for n in [
+                u64::from(b.http_requests),
+                b.http_response_bytes,
+                u64::try_from(b.http_connect_timeout.as_micros()).unwrap_or(u64::MAX),
+                u64::try_from(b.http_read_timeout.as_micros()).unwrap_or(u64::MAX),
+            ] {
+                config.update(&n.to_le_bytes());
+            }
+        }
         let config = config.finalize().to_hex().to_string();
         let (inputs, params) = match &policy.validator {
             CacheValidator::NeverUse => return None,

@@ -9,7 +9,7 @@ use std::process::Output;
 use serde_json::{Value, json};
 
 use crate::store::{stderr, write_flow};
-use crate::support::{guest, json_of, sluice, task};
+use crate::support::{Loopback, guest, json_of, sluice, task};
 
 /// A secret value long enough to redact and unlike anything else a run prints.
 const SECRET: &str = "s3cr3t-VALUE-4242-xyzzy";
@@ -403,7 +403,7 @@ fn the_policy_refuses_grants_beyond_it_naming_the_manifest_and_policy_lines() {
     std::fs::write(
         &policy,
         format!(
-            "# the operator's ceiling\n[grants]\nfiles = [{:?}, {{ path = {:?}, mode = \"rw\" }}]\nenv = [\"REGION\"]\nsecrets = []\n",
+            "# the operator's ceiling\n[grants]\nfiles = [{:?}, {{ path = {:?}, mode = \"rw\" }}]\nenv = [\"REGION\"]\nsecrets = []\nhttp = [\"http://127.0.0.1:8080/v1\"]\n",
             dir.path().join("data").display().to_string(),
             dir.path().join("data/out").display().to_string(),
         ),
@@ -432,7 +432,7 @@ fn the_policy_refuses_grants_beyond_it_naming_the_manifest_and_policy_lines() {
     };
     // At the ceiling: read the data directory, write its `out`, env REGION.
     let at = run(&flow(
-        "files = [{ host = \"data\", guest = \"/d\" }, { host = \"data/out\", guest = \"/o\", mode = \"rw\" }]\nenv = { REGION = \"eu\" }",
+        "files = [{ host = \"data\", guest = \"/d\" }, { host = \"data/out\", guest = \"/o\", mode = \"rw\" }]\nenv = { REGION = \"eu\" }\nhttp = [{ url = \"http://127.0.0.1:8080/v1/x\", methods = [\"GET\"] }]",
     ));
     assert!(at.status.success(), "{}", stderr(&at));
     let policy_name = policy.display().to_string();
@@ -463,6 +463,12 @@ fn the_policy_refuses_grants_beyond_it_naming_the_manifest_and_policy_lines() {
             "secret API_TOKEN",
             format!("{policy_name}:5: `secrets` does not list API_TOKEN"),
         ),
+        (
+            "http = [\"http://127.0.0.1:*\"]",
+            9,
+            "http[0] (http://127.0.0.1:*)",
+            format!("{policy_name}:6: no entry of `http` covers it"),
+        ),
     ] {
         let path = flow(grants);
         let out = run(&path);
@@ -487,5 +493,278 @@ fn the_policy_refuses_grants_beyond_it_naming_the_manifest_and_policy_lines() {
         stderr(&out).contains("home/policy.toml:5"),
         "{}",
         stderr(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP, against a loopback server started by the test
+
+fn loopback(ip: &str) -> Loopback {
+    Loopback::start(ip.parse().expect("ip"))
+}
+
+/// A flow of one grants task `t` doing `steps` (TOML), with `task_keys` and `grants` (TOML
+/// lines of `[tasks.t]` and `[tasks.t.grants]`).
+fn http_flow(dir: &Path, steps: &str, task_keys: &str, grants: &str) -> PathBuf {
+    let g = grants_guest();
+    write_flow(
+        dir,
+        &format!(
+            "name = \"http\"\n[tasks.t]\ncomponent = {g:?}\ninput = [{steps}]\n{task_keys}\n[tasks.t.grants]\n{grants}\n"
+        ),
+    )
+}
+
+fn get(url: &str) -> String {
+    format!("{{ do = \"http\", url = \"{url}\" }}")
+}
+
+/// The records of the run's logs that Sluice wrote.
+fn sluice_lines(home: &Path, run: &Value) -> String {
+    let id = run["id"].as_str().expect("id");
+    let logs = sluice(home, &["logs", id]);
+    String::from_utf8_lossy(&logs.stdout).into_owned()
+}
+
+#[test]
+fn without_an_http_grant_a_request_is_refused_before_it_is_sent() {
+    let server = loopback("127.0.0.1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let flow = http_flow(dir.path(), &get(&server.url("/json")), "", "files = []");
+    let (out, run) = run_json(&home, &flow, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(err(&steps(&run, "t")[0]), "ErrorCode::HttpRequestDenied");
+    assert_eq!(server.requests(), 0, "nothing reached the server");
+    let logs = sluice_lines(&home, &run);
+    assert!(
+        logs.contains(&format!(
+            "HTTP request denied: GET {}: the task is granted no HTTP",
+            server.url("/json")
+        )),
+        "{logs}"
+    );
+}
+
+#[test]
+fn granted_http_gets_and_posts_with_headers_and_bodies() {
+    let server = loopback("127.0.0.1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let post = format!(
+        "{{ do = \"http\", method = \"POST\", url = \"{}\", headers = [[\"x-test\", \"yes\"], [\"content-type\", \"text/plain\"]], body = \"hello, server\" }}",
+        server.url("/echo?q=1")
+    );
+    let flow = http_flow(
+        dir.path(),
+        &format!("{}, {post}", get(&server.url("/json"))),
+        "",
+        "http = [\"http://127.0.0.1:*\"]",
+    );
+    let (out, run) = run_json(&home, &flow, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = steps(&run, "t");
+    let json = ok(&s[0]);
+    assert_eq!(json["status"], 200);
+    assert_eq!(json["bytes"], 1024);
+    assert!(
+        json["body"]
+            .as_str()
+            .expect("body")
+            .starts_with("{\"items\":")
+    );
+    let echo: Value =
+        serde_json::from_str(ok(&s[1])["body"].as_str().expect("body")).expect("echo JSON");
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["path"], "/echo?q=1");
+    assert_eq!(echo["body"], "hello, server");
+    let headers = echo["headers"].as_array().expect("headers");
+    let has = |k: &str, v: &str| headers.iter().any(|h| h[0] == k && h[1] == v);
+    assert!(has("x-test", "yes"), "{headers:?}");
+    // wasmtime 48.0.0 sent no Host header (wasmtime#14190); 48.0.8 does.
+    assert!(
+        has("host", &format!("127.0.0.1:{}", server.port())),
+        "{headers:?}"
+    );
+    assert_eq!(server.requests(), 2);
+}
+
+#[test]
+fn the_request_limit_and_the_response_bytes_limit_hold_exactly() {
+    let server = loopback("127.0.0.1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let grant = "http = [\"http://127.0.0.1:*\"]";
+    let run = |steps: &str, keys: &str| {
+        let (out, run) = run_json(&home, &http_flow(dir.path(), steps, keys, grant), &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        (steps_of(&run), run)
+    };
+    fn steps_of(run: &Value) -> Vec<Value> {
+        steps(run, "t")
+    }
+    let json = get(&server.url("/json"));
+    // At the request limit, then one over.
+    let (at, _) = run(&[json.as_str(); 2].join(", "), "http_requests = 2");
+    at.iter().for_each(|s| assert_eq!(ok(s)["status"], 200));
+    let before = server.requests();
+    let (over, over_run) = run(&[json.as_str(); 3].join(", "), "http_requests = 2");
+    assert_eq!(ok(&over[1])["status"], 200);
+    assert_eq!(err(&over[2]), "ErrorCode::HttpRequestDenied");
+    assert_eq!(server.requests() - before, 2, "the third was never sent");
+    let logs = sluice_lines(&home, &over_run);
+    assert!(
+        logs.contains("the run's limit of 2 HTTP requests is reached (`http_requests`)"),
+        "{logs}"
+    );
+    // Response bytes, summed over the run's responses: at the limit, then one over, declared
+    // (Content-Length) or streamed (chunked).
+    let limit = "http_response_bytes = 1000";
+    let bytes = |path: &str| get(&server.url(path));
+    let (at, _) = run(
+        &format!("{}, {}", bytes("/bytes/600"), bytes("/bytes/400")),
+        limit,
+    );
+    assert_eq!(ok(&at[1])["bytes"], 400);
+    let (at, _) = run(&bytes("/chunked/1000"), limit);
+    assert_eq!(ok(&at[0])["bytes"], 1000);
+    let (over, over_run) = run(
+        &format!("{}, {}", bytes("/bytes/600"), bytes("/bytes/401")),
+        limit,
+    );
+    assert_eq!(ok(&over[0])["bytes"], 600);
+    assert_eq!(err(&over[1]), "ErrorCode::HttpResponseBodySize(Some(1000))");
+    assert!(
+        sluice_lines(&home, &over_run)
+            .contains("the run's limit of 1000 response body bytes is reached"),
+    );
+    let (over, _) = run(&bytes("/chunked/1001"), limit);
+    let e = err(&over[0]);
+    assert!(e.starts_with("after "), "the stream fails part way: {e}");
+}
+
+#[test]
+fn a_stalled_server_ends_the_run_at_its_deadline_and_the_connection_is_closed() {
+    let server = loopback("127.0.0.1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let grant = "http = [\"http://127.0.0.1:*\"]";
+    let flow = http_flow(
+        dir.path(),
+        &get(&server.url("/stall")),
+        "timeout = \"1s\"",
+        grant,
+    );
+    let (_, run) = run_json(&home, &flow, &[]);
+    let t = task(&run, "t");
+    assert_eq!(t["state"], "TimedOut", "{t:#}");
+    // The request died with the run's store: the server sees its connection closed.
+    let waited = std::time::Instant::now();
+    while server.stalls_closed() == 0 && waited.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        server.stalls_closed(),
+        1,
+        "the stalled connection was not closed"
+    );
+    // Under a longer deadline, the read timeout gives the guest an error it can handle.
+    let flow = http_flow(
+        dir.path(),
+        &get(&server.url("/stall")),
+        "timeout = \"30s\"\nhttp_read_timeout = \"300ms\"",
+        grant,
+    );
+    let (out, run) = run_json(&home, &flow, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        err(&steps(&run, "t")[0]),
+        "ErrorCode::ConnectionReadTimeout"
+    );
+}
+
+#[test]
+fn hosts_ports_and_redirects_outside_the_grant_are_refused() {
+    let a = loopback("127.0.0.1");
+    let b = loopback("127.0.0.2");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let redirect = format!(
+        "{{ do = \"http\", url = \"{}\", follow = 1 }}",
+        a.url(&format!("/redirect?to={}", b.url("/json")))
+    );
+    let inside = format!(
+        "{{ do = \"http\", url = \"{}\", follow = 1 }}",
+        a.url(&format!("/redirect?to={}", a.url("/json")))
+    );
+    let steps_toml = [
+        get(&a.url("/json")),
+        get(&b.url("/json")),
+        get(&format!("http://localhost:{}/json", a.port())),
+        get(&format!("https://127.0.0.1:{}/json", a.port())),
+        redirect,
+        inside,
+    ]
+    .join(", ");
+    let flow = http_flow(
+        dir.path(),
+        &steps_toml,
+        "",
+        &format!("http = [\"http://127.0.0.1:{}\"]", a.port()),
+    );
+    let (out, run) = run_json(&home, &flow, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = steps(&run, "t");
+    assert_eq!(ok(&s[0])["status"], 200);
+    for (i, what) in [
+        (1, "127.0.0.2"),
+        (2, "localhost for 127.0.0.1"),
+        (3, "https"),
+    ] {
+        assert_eq!(err(&s[i]), "ErrorCode::HttpRequestDenied", "{what}");
+    }
+    assert_eq!(
+        err(&s[4]),
+        "ErrorCode::HttpRequestDenied",
+        "the redirect to 127.0.0.2"
+    );
+    assert_eq!(
+        ok(&s[5])["hops"],
+        1,
+        "a redirect inside the grant is followed"
+    );
+    assert_eq!(b.requests(), 0, "nothing reached 127.0.0.2");
+    // Another port of the granted address.
+    let other = loopback("127.0.0.1");
+    let flow = http_flow(
+        dir.path(),
+        &get(&other.url("/json")),
+        "",
+        &format!("http = [\"http://127.0.0.1:{}\"]", a.port()),
+    );
+    let (_, run) = run_json(&home, &flow, &[]);
+    assert_eq!(err(&steps(&run, "t")[0]), "ErrorCode::HttpRequestDenied");
+    assert_eq!(other.requests(), 0);
+}
+
+#[test]
+fn a_gigabyte_response_is_refused_at_the_cap_with_the_host_memory_flat() {
+    let server = loopback("127.0.0.1");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let grant = "http = [\"http://127.0.0.1:*\"]";
+    let measure = |path: &str| {
+        let flow = http_flow(dir.path(), &get(&server.url(path)), "", grant);
+        let (peak, code, _) =
+            crate::memory::peak_rss(&home, &["run", flow.to_str().expect("utf-8"), "--json"]);
+        assert_eq!(code, 0);
+        peak
+    };
+    let small = measure("/chunked/1024");
+    let big = measure(&format!("/chunked/{}", 1u64 << 30));
+    eprintln!("peak RSS: 1 KiB response {small} B, 1 GiB response (cap 64 MiB) {big} B");
+    assert!(
+        big < small + (24 << 20),
+        "the host held the response: {big} B against {small} B"
     );
 }

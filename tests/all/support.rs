@@ -11,6 +11,9 @@ use sluice::sandbox::{Ending, RunBudget, RunOutcome, Sandbox, TaskComponent};
 #[path = "../common/guests.rs"]
 mod guests;
 pub use guests::{guest, root};
+#[path = "../common/loopback.rs"]
+mod loopback;
+pub use loopback::Loopback;
 
 /// A fixture under `tests/fixtures/`.
 pub fn fixture(name: &str) -> PathBuf {

@@ -29,6 +29,17 @@ pub struct RunBudget {
     /// Bytes a guest may pass to the host in one call other than its output (a log line, a
     /// context key, one write to stdout). Default: 1 MiB.
     pub host_call_bytes: u64,
+    /// HTTP requests a run may send (only granted ones count; a refused one is not sent).
+    /// Default: 100.
+    pub http_requests: u32,
+    /// Bytes of HTTP response bodies a run may receive, summed over its requests. Default:
+    /// 64 MiB.
+    pub http_response_bytes: u64,
+    /// How long an HTTP request may take to connect. Default: 10 s.
+    pub http_connect_timeout: Duration,
+    /// How long an HTTP response may take to start, and to send each next part of its body.
+    /// Default: 30 s.
+    pub http_read_timeout: Duration,
 }
 
 impl RunBudget {
@@ -51,6 +62,10 @@ impl Default for RunBudget {
             output_bytes: 16 << 20,
             log_bytes: 1 << 20,
             host_call_bytes: 1 << 20,
+            http_requests: 100,
+            http_response_bytes: 64 << 20,
+            http_connect_timeout: Duration::from_secs(10),
+            http_read_timeout: Duration::from_secs(30),
         }
     }
 }

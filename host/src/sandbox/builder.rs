@@ -240,6 +240,8 @@ impl SandboxBuilder {
         let engine = Engine::new(&config).map_err(sandbox_err)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(sandbox_err)?;
+        // `wasi:http` for every component; each request is checked against the run's grants.
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(sandbox_err)?;
         bindings::Task::add_to_linker::<_, wasmtime::component::HasSelf<RunState>>(
             &mut linker,
             |s| s,

@@ -1,5 +1,6 @@
-//! The authority one run is given beyond its input, as the sandbox applies it: preopened
-//! directories (read-only or read-write), environment variables, and secrets (environment
+//! The authority one run is given beyond its input, as the sandbox applies it: outbound HTTP
+//! (checked per request by the run's hooks, `http.rs`), preopened directories (read-only or
+//! read-write), environment variables, and secrets (environment
 //! variables whose values are redacted from everything the run leaves behind). A plain type built
 //! by the host above the sandbox; the default grants nothing, and a run with nothing granted
 //! builds its WASI context exactly as before grants existed.
@@ -11,19 +12,33 @@ use std::sync::Arc;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::outcome::{Ending, LogRecord, Signal};
+use crate::grants::HttpGrant;
 use crate::json::Json;
 
 /// What one run may reach. [`RunGrants::default`] grants nothing.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RunGrants {
+    http: Arc<[HttpGrant]>,
     preopens: Vec<(PathBuf, String, bool)>,
     env: Vec<(String, String)>,
     secrets: Vec<(String, Arc<str>)>,
 }
 
+impl Default for RunGrants {
+    fn default() -> Self {
+        Self {
+            http: Arc::new([]),
+            preopens: Vec::new(),
+            env: Vec::new(),
+            secrets: Vec::new(),
+        }
+    }
+}
+
 impl fmt::Debug for RunGrants {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RunGrants")
+            .field("http", &self.http)
             .field("preopens", &self.preopens)
             .field("env", &self.env)
             .field(
@@ -38,6 +53,17 @@ impl fmt::Debug for RunGrants {
 pub const REDACTED: &str = "***";
 
 impl RunGrants {
+    /// Allow outbound HTTP requests that one of `grants` allows.
+    pub fn http(&mut self, grants: Vec<HttpGrant>) -> &mut Self {
+        self.http = grants.into();
+        self
+    }
+
+    /// The HTTP grants, shared with the run's hooks.
+    pub(super) fn http_grants(&self) -> Arc<[HttpGrant]> {
+        self.http.clone()
+    }
+
     /// Preopen host directory `host` as `guest`, writable or read-only. Paths that lead outside
     /// it (`..`, absolute, symbolic links) are refused inside the guest.
     pub fn preopen(&mut self, host: &Path, guest: &str, writable: bool) -> &mut Self {
@@ -61,7 +87,10 @@ impl RunGrants {
 
     /// Whether nothing is granted.
     pub fn is_empty(&self) -> bool {
-        self.preopens.is_empty() && self.env.is_empty() && self.secrets.is_empty()
+        self.http.is_empty()
+            && self.preopens.is_empty()
+            && self.env.is_empty()
+            && self.secrets.is_empty()
     }
 
     /// Add the grants to a run's WASI context. Fails when a directory cannot be opened.

@@ -17,7 +17,9 @@
 //!
 //! The parts: `builder.rs` (settings and building the engine), `loading.rs` (what loading
 //! reports), `component.rs` (preparing components), `component_file.rs` (reading component
-//! files), `run.rs` (one run in a fresh store), `ending.rs` (classifying how a run ended).
+//! files), `run.rs` (one run in a fresh store), `grants.rs` (what a run is granted, and the
+//! redaction of its secrets), `http.rs` (its outbound HTTP), `ending.rs` (classifying how a run
+//! ended).
 
 mod admission;
 mod artifacts;
@@ -30,6 +32,7 @@ mod component_file;
 mod ending;
 mod file_index;
 mod grants;
+mod http;
 mod limiter;
 mod loading;
 mod outcome;

@@ -190,6 +190,8 @@ pub enum LogSource {
     Stdout,
     /// The guest's stderr.
     Stderr,
+    /// Sluice, about the run (a refused HTTP request).
+    Sluice,
 }
 
 /// A log level.

@@ -10,12 +10,14 @@ use tokio::sync::Notify;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::admission::{Admitted, Needs};
 use super::bindings::{WitState, WitStateType};
 use super::capture::{self, Capture, LogSink, SharedSink};
 use super::ending::{error_ending, output_ending, signal_ending};
 use super::grants::RunGrants;
+use super::http::{GrantHooks, HttpLimits};
 use super::limiter::Limiter;
 use super::{
     Ending, HandlerComponent, LimitExceeded, LogRecord, LogSource, RunBudget, RunOutcome, Sandbox,
@@ -79,6 +81,8 @@ impl CancelToken {
 pub(crate) struct RunState {
     wasi: WasiCtx,
     table: ResourceTable,
+    http: WasiHttpCtx,
+    http_hooks: GrantHooks,
     pub(super) limiter: Limiter,
     pub(super) logs: SharedSink,
     pub(super) ctx: TaskContext,
@@ -92,6 +96,16 @@ impl WasiView for RunState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for RunState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
         }
     }
 }
@@ -298,9 +312,17 @@ impl Sandbox {
         // what any other host call may carry.
         .max_random_size(budget.host_call_bytes);
         let granted = grants.apply(&mut wasi);
+        let limits = HttpLimits {
+            requests: budget.http_requests,
+            response_bytes: budget.http_response_bytes,
+            connect_timeout: budget.http_connect_timeout,
+            read_timeout: budget.http_read_timeout,
+        };
         let state = RunState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            http_hooks: GrantHooks::new(grants.http_grants(), limits, sink.clone()),
             limiter: Limiter::new(budget.memory_bytes, budget.table_elements, budget.instances),
             logs: sink.clone(),
             ctx: ctx.clone(),

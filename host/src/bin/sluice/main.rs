@@ -146,6 +146,20 @@ impl GrantArgs {
     }
 }
 
+/// Errors that reach a guest (a failed stream read, say) carry the host's backtrace when
+/// backtraces are captured (`RUST_BACKTRACE=1` in the environment): host paths and symbols a
+/// guest has no business seeing, and symbolizing them loads the binary's debug information
+/// (some 150 MB). Library backtraces are turned off unless `RUST_LIB_BACKTRACE` asks for them;
+/// panics keep theirs (`RUST_BACKTRACE`).
+#[allow(unsafe_code)]
+fn no_error_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: called first thing in `main`, before any other thread exists, so nothing
+        // reads the environment concurrently.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
+}
+
 /// Parse a size like `64MiB` or `1GiB`.
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     s.parse::<bytesize::ByteSize>()
@@ -239,6 +253,7 @@ fn open_store(home: &std::path::Path) -> Result<sluice::store::SqliteStore, Usag
 }
 
 fn main() -> ExitCode {
+    no_error_backtraces();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

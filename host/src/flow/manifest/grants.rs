@@ -14,7 +14,7 @@ use super::ManifestError;
 use super::raw::{RawFile, RawGrants};
 use super::source::Source;
 use super::values::normalize;
-use crate::grants::{FileGrant, FileMode, Grants, Uncovered, is_variable_name};
+use crate::grants::{FileGrant, FileMode, Grants, HttpGrant, Uncovered, is_variable_name};
 
 /// Grants with the position of each entry, for errors about them.
 #[derive(Debug, Clone, Default)]
@@ -22,6 +22,7 @@ pub(super) struct Placed {
     pub(super) grants: Grants,
     /// The `[grants]` table itself, when one was written.
     table: Option<Range<usize>>,
+    http: Vec<Range<usize>>,
     files: Vec<Range<usize>>,
     env: BTreeMap<String, Range<usize>>,
     secrets: BTreeMap<String, Range<usize>>,
@@ -76,6 +77,7 @@ pub(super) fn task_grants(
 impl Placed {
     fn span_of(&self, u: Uncovered<'_>) -> Range<usize> {
         let span = match u {
+            Uncovered::Http(i, _) => self.http.get(i),
             Uncovered::File(i, _) => self.files.get(i),
             Uncovered::Env(k, _) => self.env.get(k),
             Uncovered::Secret(s) => self.secrets.get(s),
@@ -96,6 +98,20 @@ fn convert(
         table: inherit.table.clone(),
         ..Placed::default()
     };
+    match raw.http {
+        None => {
+            out.grants.http = inherit.grants.http.clone();
+            out.http = inherit.http.clone();
+        }
+        Some(list) => {
+            for (i, h) in list.into_iter().enumerate() {
+                let grant = http_grant(&h)
+                    .map_err(|e| src.error(h.span(), format!("{what}.http[{i}]: {e}")))?;
+                out.grants.http.push(grant);
+                out.http.push(h.span());
+            }
+        }
+    }
     match raw.files {
         None => {
             out.grants.files = inherit.grants.files.clone();
@@ -190,6 +206,40 @@ fn convert(
     Ok(out)
 }
 
+/// An `http` entry: a pattern, or `{ url = "pattern", methods = ["GET"] }`.
+fn http_grant(v: &Spanned<toml::Value>) -> Result<HttpGrant, String> {
+    const FORM: &str = "a pattern like \"https://api.example.com\" or a table like \
+                        { url = \"https://api.example.com\", methods = [\"GET\"] }";
+    match v.get_ref() {
+        toml::Value::String(p) => HttpGrant::parse(p, None),
+        toml::Value::Table(t) => {
+            if let Some(k) = t.keys().find(|k| *k != "url" && *k != "methods") {
+                return Err(format!("unknown key `{k}`: expected {FORM}"));
+            }
+            let url = t
+                .get("url")
+                .and_then(toml::Value::as_str)
+                .ok_or_else(|| format!("`url` (a string) is missing: expected {FORM}"))?;
+            let methods = match t.get("methods") {
+                None => None,
+                Some(toml::Value::Array(items)) => Some(
+                    items
+                        .iter()
+                        .map(|m| {
+                            m.as_str()
+                                .map(str::to_owned)
+                                .ok_or_else(|| "`methods` takes names like \"GET\"".to_owned())
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+                Some(_) => return Err("`methods` takes a list like [\"GET\"]".into()),
+            };
+            HttpGrant::parse(url, methods.as_deref())
+        }
+        other => Err(format!("{other} must be {FORM}")),
+    }
+}
+
 fn file(
     src: &Source<'_>,
     dir: &Path,
@@ -253,6 +303,7 @@ fn absolute(path: &Path) -> PathBuf {
 ///
 /// ```toml
 /// [grants]
+/// http = ["https://*.internal.example", "http://127.0.0.1:*"]
 /// files = ["/srv/data", { path = "/srv/out", mode = "rw" }]   # a path alone: read only
 /// env = ["REGION"]                                            # names, or ["*"] for any
 /// secrets = ["API_TOKEN"]
@@ -263,6 +314,7 @@ fn absolute(path: &Path) -> PathBuf {
 pub struct Policy {
     file: PathBuf,
     grants_line: usize,
+    http: Option<(Vec<HttpGrant>, usize)>,
     files: Vec<(FileGrant, usize)>,
     files_line: Option<usize>,
     env: Option<(BTreeSet<String>, usize)>,
@@ -278,6 +330,7 @@ struct RawPolicy {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicyGrants {
+    http: Option<Spanned<Vec<Spanned<toml::Value>>>>,
     files: Option<Spanned<Vec<Spanned<RawPolicyFile>>>>,
     env: Option<Spanned<Vec<Spanned<String>>>>,
     secrets: Option<Spanned<Vec<Spanned<String>>>>,
@@ -309,6 +362,20 @@ impl Policy {
         let line = |span: Range<usize>| src.error(span, "").line;
         let grants_line = line(raw.grants.span());
         let raw = raw.grants.into_inner();
+        let http = match raw.http {
+            None => None,
+            Some(list) => {
+                let at = line(list.span());
+                let mut grants = Vec::new();
+                for (i, h) in list.into_inner().iter().enumerate() {
+                    grants.push(
+                        http_grant(h)
+                            .map_err(|e| src.error(h.span(), format!("grants.http[{i}]: {e}")))?,
+                    );
+                }
+                Some((grants, at))
+            }
+        };
         let mut files = Vec::new();
         let files_line = raw.files.as_ref().map(|f| line(f.span()));
         for (i, entry) in raw
@@ -367,6 +434,7 @@ impl Policy {
         Ok(Policy {
             file: file.to_owned(),
             grants_line,
+            http,
             files,
             files_line,
             env: names(raw.env, "env", true)?,
@@ -394,6 +462,18 @@ impl Policy {
                 format!("task `{task}`: grant {grant} exceeds the policy: {why}"),
             )
         };
+        for (i, h) in placed.grants.http.iter().enumerate() {
+            let span = placed.http.get(i).cloned().unwrap_or(0..0);
+            let why = match &self.http {
+                Some((allowed, _)) if allowed.iter().any(|c| c.covers(h)) => continue,
+                Some((_, line)) => format!("{policy}:{line}: no entry of `http` covers it"),
+                None => format!(
+                    "{policy}:{} grants no http (no `http` key in [grants])",
+                    self.grants_line
+                ),
+            };
+            return Err(err(span, format!("http[{i}] ({h})"), why));
+        }
         for (i, f) in placed.grants.files.iter().enumerate() {
             if self.files.iter().any(|(c, _)| c.covers(f)) {
                 continue;

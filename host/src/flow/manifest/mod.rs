@@ -44,8 +44,15 @@
 //! max_retry_delay = "1h"              # the longest delay a RETRY signal may ask for (default
 //!                                     # 1h; with a backoff, at most backoff.max)
 //!
+//! http_requests = 100                 # HTTP limits of each run (these are the defaults)
+//! http_response_bytes = "64MiB"       # response body bytes, summed over the run's requests
+//! http_connect_timeout = "10s"
+//! http_read_timeout = "30s"           # until the response starts, and between its parts
+//!
 //! [tasks.load.grants]                 # what the task may reach (default: nothing); each kind
 //!                                     # given replaces the flow's [grants] and may only narrow it
+//! http = ["https://api.example.com", "http://127.0.0.1:*", "https://*.example.org/v1/",
+//!         { url = "https://example.net", methods = ["GET"] }]
 //! files = [{ host = "data/in", guest = "/in", mode = "ro" }]   # preopened directories
 //! env = { REGION = "eu" }             # environment variables
 //! secrets = ["API_TOKEN"]             # values from the host's secret source, redacted as ***

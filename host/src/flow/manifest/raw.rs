@@ -60,6 +60,10 @@ pub(super) struct RawTask {
     pub(super) cache_for: Option<Spanned<String>>,
     pub(super) cache_validator: Option<Spanned<toml::Value>>,
     pub(super) max_retry_delay: Option<Spanned<String>>,
+    pub(super) http_requests: Option<u32>,
+    pub(super) http_response_bytes: Option<Spanned<toml::Value>>,
+    pub(super) http_connect_timeout: Option<Spanned<String>>,
+    pub(super) http_read_timeout: Option<Spanned<String>>,
     pub(super) grants: Option<Spanned<RawGrants>>,
 }
 
@@ -85,6 +89,7 @@ fn two() -> f64 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawGrants {
+    pub(super) http: Option<Vec<Spanned<toml::Value>>>,
     pub(super) files: Option<Vec<Spanned<RawFile>>>,
     pub(super) env: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     pub(super) secrets: Option<Vec<Spanned<String>>>,

@@ -131,6 +131,35 @@ pub(super) fn task_def(
     if let Some(m) = &raw.memory {
         budget.memory_bytes = size(src, &format!("task `{name}`: `memory`"), m, "64MiB")?;
     }
+    if let Some(n) = raw.http_requests {
+        budget.http_requests = n;
+    }
+    if let Some(b) = &raw.http_response_bytes {
+        let what = format!("task `{name}`: `http_response_bytes`");
+        budget.http_response_bytes = size(src, &what, b, "8MiB")?;
+    }
+    for (raw, field, key) in [
+        (
+            &raw.http_connect_timeout,
+            &mut budget.http_connect_timeout,
+            "http_connect_timeout",
+        ),
+        (
+            &raw.http_read_timeout,
+            &mut budget.http_read_timeout,
+            "http_read_timeout",
+        ),
+    ] {
+        if let Some(t) = raw {
+            *field = duration(t, key)?;
+            if field.is_zero() {
+                return Err(src.error(
+                    t.span(),
+                    format!("task `{name}`: `{key}` must be longer than zero, like \"10s\""),
+                ));
+            }
+        }
+    }
     task.budget = budget;
     task.map = match &raw.map {
         None => MapOver::No,

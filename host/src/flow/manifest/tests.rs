@@ -140,7 +140,8 @@ fn errors_name_file_line_and_column() {
              `input`, `upstream_tasks`, `trigger`, `retries`, `retry_delay`, `backoff`, `fuel`, \
              `timeout`, `memory`, `map`, `skip_on_upstream_skip`, `tags`, `on_completion`, \
              `on_failure`, `on_retry`, `on_state`, `cache_for`, `cache_validator`, \
-             `max_retry_delay`, `grants` (did you mean `retries`?)"
+             `max_retry_delay`, `http_requests`, `http_response_bytes`, `http_connect_timeout`, \
+             `http_read_timeout`, `grants` (did you mean `retries`?)"
     );
     assert_eq!(
         err("name = \"f\"\nconcurency = 3\n"),
@@ -495,10 +496,16 @@ grants = { files = [], env = {}, secrets = [] }
             "task `a`: `grants`.secrets[0]: `1S` is not a secret name",
         ),
         (
-            "http = [\"https://example.com\"]",
-            "http",
-            "unknown field `http`",
+            "http = [\"https://example.com\", \"example.com\"]",
+            "\"example.com\"",
+            "task `a`: `grants`.http[1]: \"example.com\" has no scheme",
         ),
+        (
+            "http = [{ url = \"https://a.b\", methods = [\"get\"] }]",
+            "{ url",
+            "task `a`: `grants`.http[0]: \"https://a.b\": unknown method `get`",
+        ),
+        ("tcp = [\"127.0.0.1:5432\"]", "tcp", "unknown field `tcp`"),
     ] {
         let e = err(&format!(
             "name = \"g\"\n[tasks.a]\ncomponent = \"t.wasm\"\n[tasks.a.grants]\n{grants}\n"
@@ -539,7 +546,11 @@ fn a_policy_file_is_parsed_with_positions() {
     );
     assert!(bad("[grants]\nenv = [\"A B\"]\n").starts_with("DIR/policy.toml:2:8: grants.env[0]"));
     assert!(bad("[grants]\nsecrets = [\"*\"]\n").starts_with("DIR/policy.toml:2:12"));
-    assert!(bad("[grants]\nhttp = []\n").starts_with("DIR/policy.toml:2:1: unknown field `http`"));
+    assert!(bad("[grants]\ntcp = []\n").starts_with("DIR/policy.toml:2:1: unknown field `tcp`"));
+    assert!(
+        bad("[grants]\nhttp = [\"ftp://x.y\"]\n")
+            .starts_with("DIR/policy.toml:2:9: grants.http[0]")
+    );
     assert!(bad("grants = 1\n").starts_with("DIR/policy.toml:1:10"));
     let p = Policy::parse(&file, "[grants]\nenv = [\"*\"]\n").expect("valid");
     assert_eq!(p.file(), file);

@@ -6,7 +6,7 @@ use std::io::Write as _;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sluice_guest::{Signal, export_task, info};
+use sluice_guest::{Signal, export_task, http, info};
 
 #[derive(Deserialize)]
 #[serde(tag = "do", rename_all = "snake_case")]
@@ -36,6 +36,23 @@ enum Step {
     Leak { name: String },
     /// Fail with a message holding the value of variable `name`.
     FailWith { name: String },
+    /// Send an HTTP request, following up to `follow` redirects, and read the whole response
+    /// body (keeping at most its first 64 KiB).
+    Http {
+        #[serde(default = "get")]
+        method: String,
+        url: String,
+        #[serde(default)]
+        headers: Vec<(String, String)>,
+        #[serde(default)]
+        body: Option<String>,
+        #[serde(default)]
+        follow: u32,
+    },
+}
+
+fn get() -> String {
+    "GET".into()
 }
 
 fn run(steps: Vec<Step>) -> Result<Vec<Value>, Signal> {
@@ -70,9 +87,16 @@ fn run(steps: Vec<Step>) -> Result<Vec<Value>, Signal> {
                 Ok(json!(names))
             }
             Step::Echo { text } => Ok(echo(&text)),
-            Step::Leak { name } => std::env::var(&name)
+            Step::Leak { name } => sluice_guest::secret(&name)
                 .map(|v| echo(&v))
-                .map_err(|e| e.to_string()),
+                .ok_or_else(|| format!("no secret {name}")),
+            Step::Http {
+                method,
+                url,
+                headers,
+                body,
+                follow,
+            } => http::block_on(fetch(method, url, headers, body, follow)),
             Step::FailWith { name } => {
                 let v = std::env::var(&name).unwrap_or_default();
                 return Err(Signal::Fail(format!("failing with {v}")));
@@ -84,6 +108,63 @@ fn run(steps: Vec<Step>) -> Result<Vec<Value>, Signal> {
         });
     }
     Ok(out)
+}
+
+/// What a failed HTTP call reports: the `wasi:http` error code when there is one.
+fn describe(e: &http::Error) -> String {
+    match e.downcast_ref::<http::ErrorCode>() {
+        Some(code) => format!("{code:?}"),
+        None => format!("{e:#}"),
+    }
+}
+
+async fn fetch(
+    method: String,
+    mut url: String,
+    headers: Vec<(String, String)>,
+    body: Option<String>,
+    follow: u32,
+) -> Result<Value, String> {
+    use http::{Body, BodyExt as _, Client, Request};
+    let client = Client::new();
+    let mut hops = 0;
+    loop {
+        let mut req = Request::builder().method(method.as_str()).uri(url.as_str());
+        for (k, v) in &headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let req = req
+            .body(Body::from(body.clone().unwrap_or_default()))
+            .map_err(|e| e.to_string())?;
+        let resp = client.send(req).await.map_err(|e| describe(&e))?;
+        let status = resp.status().as_u16();
+        if resp.status().is_redirection() && hops < follow {
+            hops += 1;
+            url = resp
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .ok_or("a redirect without a location")?
+                .to_owned();
+            continue;
+        }
+        let mut body = resp.into_body().into_boxed_body();
+        let (mut bytes, mut kept) = (0u64, Vec::new());
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("after {bytes} bytes: {}", describe(&e)))?;
+            if let Some(data) = frame.data_ref() {
+                bytes += data.len() as u64;
+                let room = (64usize << 10).saturating_sub(kept.len());
+                kept.extend_from_slice(&data[..data.len().min(room)]);
+            }
+        }
+        return Ok(json!({
+            "status": status,
+            "bytes": bytes,
+            "body": String::from_utf8_lossy(&kept),
+            "hops": hops,
+        }));
+    }
 }
 
 /// `symlink_at` in the preopened directory `dir` (std has no stable symlink on WASI).

@@ -1,6 +1,7 @@
 //! Capability grants: the authority a task has beyond computing on its input. A [`Grants`] is
-//! what a manifest (or [`TaskDef::grants`](crate::flow::TaskDef)) asks for: directories to
-//! preopen (read-only or read-write), plain environment variables, and secrets by name. Nothing
+//! what a manifest (or [`TaskDef::grants`](crate::flow::TaskDef)) asks for: outbound HTTP
+//! ([`HttpGrant`] patterns, `http.rs`), directories to preopen (read-only or read-write), plain
+//! environment variables, and secrets by name. Nothing
 //! is granted by default. This module owns the plain type, its canonical text (what `sluice
 //! show` lists and the cache key hashes), the "may only narrow" rule between a flow's grants and
 //! a task's, where secret values come from ([`SecretSource`]), and resolving a task's grants
@@ -14,6 +15,10 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::sandbox::{RunGrants, Sandbox};
+
+mod http;
+
+pub use self::http::{HostPattern, HttpGrant};
 
 /// How a granted directory may be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -63,6 +68,9 @@ impl fmt::Display for FileGrant {
 /// environment variables, no secrets.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Grants {
+    /// Outbound HTTP: a request must be allowed by one of these.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<HttpGrant>,
     /// Preopened directories.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileGrant>,
@@ -78,15 +86,23 @@ pub struct Grants {
 impl Grants {
     /// Whether nothing is granted.
     pub fn is_empty(&self) -> bool {
-        self.files.is_empty() && self.env.is_empty() && self.secrets.is_empty()
+        self.http.is_empty()
+            && self.files.is_empty()
+            && self.env.is_empty()
+            && self.secrets.is_empty()
     }
 
-    /// One line per grant, in a fixed order (files by guest path, env and secrets by name):
-    /// what `sluice show` lists and the cache key hashes. Secrets appear by name only.
+    /// One line per grant, in a fixed order (HTTP patterns sorted, files by guest path, env and
+    /// secrets by name): what `sluice show` lists and the cache key hashes. Secrets appear by
+    /// name only.
     pub fn lines(&self) -> Vec<String> {
+        let mut http: Vec<String> = self.http.iter().map(|h| format!("http: {h}")).collect();
+        http.sort();
+        http.dedup();
         let mut files: Vec<&FileGrant> = self.files.iter().collect();
         files.sort_by(|a, b| (&a.guest, &a.host, a.mode).cmp(&(&b.guest, &b.host, b.mode)));
-        let mut lines: Vec<String> = files.iter().map(|f| format!("files: {f}")).collect();
+        let mut lines = http;
+        lines.extend(files.iter().map(|f| format!("files: {f}")));
         lines.extend(self.env.iter().map(|(k, v)| format!("env: {k}={v}")));
         lines.extend(self.secrets.iter().map(|s| format!("secret: {s}")));
         lines
@@ -112,6 +128,11 @@ impl Grants {
     /// (lexically) with a mode at least as wide; an environment variable by the same name with
     /// the same value; a secret by its name.
     pub fn uncovered<'a>(&self, narrower: &'a Grants) -> Option<Uncovered<'a>> {
+        for (i, h) in narrower.http.iter().enumerate() {
+            if !self.http.iter().any(|c| c.covers(h)) {
+                return Some(Uncovered::Http(i, h));
+            }
+        }
         for (i, f) in narrower.files.iter().enumerate() {
             if !self.files.iter().any(|c| c.covers(f)) {
                 return Some(Uncovered::File(i, f));
@@ -141,6 +162,8 @@ impl FileGrant {
 /// A grant that a wider set of grants does not cover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Uncovered<'a> {
+    /// The `http` entry at this index.
+    Http(usize, &'a HttpGrant),
     /// The `files` entry at this index.
     File(usize, &'a FileGrant),
     /// The environment variable with this value.
@@ -152,6 +175,7 @@ pub enum Uncovered<'a> {
 impl fmt::Display for Uncovered<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Uncovered::Http(i, g) => write!(f, "http[{i}] ({g})"),
             Uncovered::File(i, g) => write!(f, "files[{i}] ({g})"),
             Uncovered::Env(k, v) => write!(f, "env {k} = \"{v}\""),
             Uncovered::Secret(s) => write!(f, "secret {s}"),
@@ -355,6 +379,7 @@ impl Grants {
             return Ok(ResolvedGrants::none());
         }
         let mut run = RunGrants::default();
+        run.http(self.http.clone());
         for f in &self.files {
             let dir_err = |detail: String| GrantError::Directory {
                 task: task.to_owned(),
@@ -434,10 +459,18 @@ mod tests {
     #[test]
     fn uncovered_names_the_first_grant_beyond_the_wider_set() {
         let wide = Grants {
+            http: vec![HttpGrant::parse("http://127.0.0.1:*", None).expect("valid")],
             files: vec![file("/srv", FileMode::Ro)],
             env: [("REGION".to_owned(), "eu".to_owned())].into(),
             secrets: ["TOKEN".to_owned()].into(),
         };
+        let mut http = Grants::default();
+        http.http
+            .push(HttpGrant::parse("http://127.0.0.2:80", None).expect("valid"));
+        assert_eq!(
+            wide.uncovered(&http).map(|u| u.to_string()),
+            Some("http[0] (http://127.0.0.2:80)".to_owned())
+        );
         assert_eq!(wide.uncovered(&wide), None);
         assert_eq!(wide.uncovered(&Grants::default()), None);
         let mut env = Grants::default();

@@ -768,3 +768,110 @@ fn a_gigabyte_response_is_refused_at_the_cap_with_the_host_memory_flat() {
         "the host held the response: {big} B against {small} B"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// TCP, against a loopback echo listener started by the test
+
+/// A listener on 127.0.0.1 that answers each line with `pong: <line>`; counts connections.
+fn echo_listener() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::io::{BufRead as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let mut reader = std::io::BufReader::new(&conn);
+                if reader.read_line(&mut line).is_ok() {
+                    let _ = (&conn).write_all(format!("pong: {line}").as_bytes());
+                }
+            });
+        }
+    });
+    (port, accepted)
+}
+
+#[test]
+fn tcp_reaches_granted_addresses_and_looks_up_granted_names_only() {
+    let (port, accepted) = echo_listener();
+    let (other, other_accepted) = echo_listener();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let connect = |addr: &str| format!("{{ do = \"connect\", addr = \"{addr}\" }}");
+    let resolve = |name: &str| format!("{{ do = \"resolve\", name = \"{name}\" }}");
+    // No grant: refused.
+    let flow = http_flow(
+        dir.path(),
+        &connect(&format!("127.0.0.1:{port}")),
+        "",
+        "files = []",
+    );
+    let (_, run) = run_json(&home, &flow, &[]);
+    err(&steps(&run, "t")[0]);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // An address grant: that address and port only.
+    let steps_toml = [
+        connect(&format!("127.0.0.1:{port}")),
+        connect(&format!("127.0.0.1:{other}")),
+        connect(&format!("127.0.0.2:{port}")),
+        resolve("localhost"),
+    ]
+    .join(", ");
+    let flow = http_flow(
+        dir.path(),
+        &steps_toml,
+        "",
+        &format!("tcp = [\"127.0.0.1:{port}\"]"),
+    );
+    let (out, run) = run_json(&home, &flow, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = steps(&run, "t");
+    assert_eq!(ok(&s[0]), "pong: ping");
+    err(&s[1]);
+    err(&s[2]);
+    err(&s[3]);
+    assert_eq!(other_accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let logs = sluice_lines(&home, &run);
+    assert!(
+        logs.contains(&format!("TCP denied: TcpConnect 127.0.0.1:{other}")),
+        "{logs}"
+    );
+    assert!(logs.contains("name lookup denied: localhost"), "{logs}");
+    // A name grant: that name may be looked up, and what it resolves to reached; no other name.
+    let steps_toml = [
+        connect(&format!("127.0.0.1:{port}")),
+        resolve("localhost"),
+        connect(&format!("localhost:{port}")),
+        resolve("example.com"),
+        connect(&format!("localhost:{other}")),
+    ]
+    .join(", ");
+    let flow = http_flow(
+        dir.path(),
+        &steps_toml,
+        "",
+        &format!("tcp = [\"localhost:{port}\"]"),
+    );
+    let (out, run) = run_json(&home, &flow, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = steps(&run, "t");
+    err(&s[0]); // not looked up yet: the address is not the name's
+    assert!(
+        ok(&s[1])
+            .as_array()
+            .is_some_and(|a| a.iter().any(|ip| ip == "127.0.0.1")),
+        "{}",
+        s[1]
+    );
+    assert_eq!(ok(&s[2]), "pong: ping");
+    err(&s[3]);
+    err(&s[4]);
+    assert!(
+        sluice_lines(&home, &run).contains("name lookup denied: example.com"),
+        "no log of the refused lookup"
+    );
+    assert_eq!(other_accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+}

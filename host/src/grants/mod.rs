@@ -17,8 +17,10 @@ use serde::Serialize;
 use crate::sandbox::{RunGrants, Sandbox};
 
 mod http;
+mod tcp;
 
 pub use self::http::{HostPattern, HttpGrant};
+pub use self::tcp::{TcpGrant, TcpHost};
 
 /// How a granted directory may be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -71,6 +73,9 @@ pub struct Grants {
     /// Outbound HTTP: a request must be allowed by one of these.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub http: Vec<HttpGrant>,
+    /// Outbound TCP: a connection must be allowed by one of these.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<TcpGrant>,
     /// Preopened directories.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<FileGrant>,
@@ -87,6 +92,7 @@ impl Grants {
     /// Whether nothing is granted.
     pub fn is_empty(&self) -> bool {
         self.http.is_empty()
+            && self.tcp.is_empty()
             && self.files.is_empty()
             && self.env.is_empty()
             && self.secrets.is_empty()
@@ -101,7 +107,11 @@ impl Grants {
         http.dedup();
         let mut files: Vec<&FileGrant> = self.files.iter().collect();
         files.sort_by(|a, b| (&a.guest, &a.host, a.mode).cmp(&(&b.guest, &b.host, b.mode)));
+        let mut tcp: Vec<String> = self.tcp.iter().map(|t| format!("tcp: {t}")).collect();
+        tcp.sort();
+        tcp.dedup();
         let mut lines = http;
+        lines.extend(tcp);
         lines.extend(files.iter().map(|f| format!("files: {f}")));
         lines.extend(self.env.iter().map(|(k, v)| format!("env: {k}={v}")));
         lines.extend(self.secrets.iter().map(|s| format!("secret: {s}")));
@@ -131,6 +141,11 @@ impl Grants {
         for (i, h) in narrower.http.iter().enumerate() {
             if !self.http.iter().any(|c| c.covers(h)) {
                 return Some(Uncovered::Http(i, h));
+            }
+        }
+        for (i, t) in narrower.tcp.iter().enumerate() {
+            if !self.tcp.iter().any(|c| c.covers(t)) {
+                return Some(Uncovered::Tcp(i, t));
             }
         }
         for (i, f) in narrower.files.iter().enumerate() {
@@ -164,6 +179,8 @@ impl FileGrant {
 pub enum Uncovered<'a> {
     /// The `http` entry at this index.
     Http(usize, &'a HttpGrant),
+    /// The `tcp` entry at this index.
+    Tcp(usize, &'a TcpGrant),
     /// The `files` entry at this index.
     File(usize, &'a FileGrant),
     /// The environment variable with this value.
@@ -176,6 +193,7 @@ impl fmt::Display for Uncovered<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Uncovered::Http(i, g) => write!(f, "http[{i}] ({g})"),
+            Uncovered::Tcp(i, g) => write!(f, "tcp[{i}] ({g})"),
             Uncovered::File(i, g) => write!(f, "files[{i}] ({g})"),
             Uncovered::Env(k, v) => write!(f, "env {k} = \"{v}\""),
             Uncovered::Secret(s) => write!(f, "secret {s}"),
@@ -380,6 +398,7 @@ impl Grants {
         }
         let mut run = RunGrants::default();
         run.http(self.http.clone());
+        run.tcp(self.tcp.clone());
         for f in &self.files {
             let dir_err = |detail: String| GrantError::Directory {
                 task: task.to_owned(),
@@ -460,6 +479,7 @@ mod tests {
     fn uncovered_names_the_first_grant_beyond_the_wider_set() {
         let wide = Grants {
             http: vec![HttpGrant::parse("http://127.0.0.1:*", None).expect("valid")],
+            tcp: vec![TcpGrant::parse("db:5432").expect("valid")],
             files: vec![file("/srv", FileMode::Ro)],
             env: [("REGION".to_owned(), "eu".to_owned())].into(),
             secrets: ["TOKEN".to_owned()].into(),

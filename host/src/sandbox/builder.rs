@@ -240,6 +240,15 @@ impl SandboxBuilder {
         let engine = Engine::new(&config).map_err(sandbox_err)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(sandbox_err)?;
+        // Name lookups only of the names a run's TCP grants allow: Sluice's `ip-name-lookup`
+        // replaces wasmtime-wasi's.
+        linker.allow_shadowing(true);
+        wasmtime_wasi::p2::bindings::sockets::ip_name_lookup::add_to_linker::<
+            RunState,
+            super::sockets::GrantedLookup,
+        >(&mut linker, RunState::lookup_view)
+        .map_err(sandbox_err)?;
+        linker.allow_shadowing(false);
         // `wasi:http` for every component; each request is checked against the run's grants.
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(sandbox_err)?;
         bindings::Task::add_to_linker::<_, wasmtime::component::HasSelf<RunState>>(

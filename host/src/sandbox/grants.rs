@@ -12,13 +12,14 @@ use std::sync::Arc;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::outcome::{Ending, LogRecord, Signal};
-use crate::grants::HttpGrant;
+use crate::grants::{HttpGrant, TcpGrant};
 use crate::json::Json;
 
 /// What one run may reach. [`RunGrants::default`] grants nothing.
 #[derive(Clone)]
 pub struct RunGrants {
     http: Arc<[HttpGrant]>,
+    tcp: Arc<[TcpGrant]>,
     preopens: Vec<(PathBuf, String, bool)>,
     env: Vec<(String, String)>,
     secrets: Vec<(String, Arc<str>)>,
@@ -28,6 +29,7 @@ impl Default for RunGrants {
     fn default() -> Self {
         Self {
             http: Arc::new([]),
+            tcp: Arc::new([]),
             preopens: Vec::new(),
             env: Vec::new(),
             secrets: Vec::new(),
@@ -39,6 +41,7 @@ impl fmt::Debug for RunGrants {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RunGrants")
             .field("http", &self.http)
+            .field("tcp", &self.tcp)
             .field("preopens", &self.preopens)
             .field("env", &self.env)
             .field(
@@ -62,6 +65,18 @@ impl RunGrants {
     /// The HTTP grants, shared with the run's hooks.
     pub(super) fn http_grants(&self) -> Arc<[HttpGrant]> {
         self.http.clone()
+    }
+
+    /// Allow outbound TCP connections that one of `grants` allows (and name lookups of the
+    /// names they grant).
+    pub fn tcp(&mut self, grants: Vec<TcpGrant>) -> &mut Self {
+        self.tcp = grants.into();
+        self
+    }
+
+    /// The TCP grants.
+    pub(super) fn tcp_grants(&self) -> Arc<[TcpGrant]> {
+        self.tcp.clone()
     }
 
     /// Preopen host directory `host` as `guest`, writable or read-only. Paths that lead outside
@@ -88,6 +103,7 @@ impl RunGrants {
     /// Whether nothing is granted.
     pub fn is_empty(&self) -> bool {
         self.http.is_empty()
+            && self.tcp.is_empty()
             && self.preopens.is_empty()
             && self.env.is_empty()
             && self.secrets.is_empty()

@@ -18,7 +18,8 @@
 //! The parts: `builder.rs` (settings and building the engine), `loading.rs` (what loading
 //! reports), `component.rs` (preparing components), `component_file.rs` (reading component
 //! files), `run.rs` (one run in a fresh store), `grants.rs` (what a run is granted, and the
-//! redaction of its secrets), `http.rs` (its outbound HTTP), `ending.rs` (classifying how a run
+//! redaction of its secrets), `http.rs` (its outbound HTTP), `sockets.rs` (its outbound TCP and
+//! name lookups), `ending.rs` (classifying how a run
 //! ended).
 
 mod admission;
@@ -37,6 +38,7 @@ mod limiter;
 mod loading;
 mod outcome;
 mod run;
+mod sockets;
 
 use std::collections::HashMap;
 use std::fmt;

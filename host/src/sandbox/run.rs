@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi::sockets::WasiSocketsCtxView;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
@@ -19,6 +20,7 @@ use super::ending::{error_ending, output_ending, signal_ending};
 use super::grants::RunGrants;
 use super::http::{GrantHooks, HttpLimits};
 use super::limiter::Limiter;
+use super::sockets::{GrantedLookupView, TcpAllow};
 use super::{
     Ending, HandlerComponent, LimitExceeded, LogRecord, LogSource, RunBudget, RunOutcome, Sandbox,
     TaskComponent, TimeLimit, Usage,
@@ -83,6 +85,7 @@ pub(crate) struct RunState {
     table: ResourceTable,
     http: WasiHttpCtx,
     http_hooks: GrantHooks,
+    tcp: Arc<TcpAllow>,
     pub(super) limiter: Limiter,
     pub(super) logs: SharedSink,
     pub(super) ctx: TaskContext,
@@ -96,6 +99,19 @@ impl WasiView for RunState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl RunState {
+    /// The view Sluice's `ip-name-lookup` works on: wasmtime-wasi's, and the run's TCP grants.
+    pub(super) fn lookup_view(&mut self) -> GrantedLookupView<'_> {
+        GrantedLookupView {
+            inner: WasiSocketsCtxView {
+                ctx: self.wasi.sockets(),
+                table: &mut self.table,
+            },
+            allow: &self.tcp,
         }
     }
 }
@@ -312,6 +328,15 @@ impl Sandbox {
         // what any other host call may carry.
         .max_random_size(budget.host_call_bytes);
         let granted = grants.apply(&mut wasi);
+        let tcp = Arc::new(TcpAllow::new(grants.tcp_grants(), sink.clone()));
+        if !grants.tcp_grants().is_empty() {
+            let check = tcp.clone();
+            wasi.allow_tcp(true)
+                .allow_ip_name_lookup(tcp.has_names())
+                .socket_addr_check(move |addr, use_| {
+                    Box::pin(std::future::ready(check.check(addr, use_)))
+                });
+        }
         let limits = HttpLimits {
             requests: budget.http_requests,
             response_bytes: budget.http_response_bytes,
@@ -323,6 +348,7 @@ impl Sandbox {
             table: ResourceTable::new(),
             http: WasiHttpCtx::new(),
             http_hooks: GrantHooks::new(grants.http_grants(), limits, sink.clone()),
+            tcp,
             limiter: Limiter::new(budget.memory_bytes, budget.table_elements, budget.instances),
             logs: sink.clone(),
             ctx: ctx.clone(),

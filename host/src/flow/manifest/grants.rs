@@ -14,7 +14,9 @@ use super::ManifestError;
 use super::raw::{RawFile, RawGrants};
 use super::source::Source;
 use super::values::normalize;
-use crate::grants::{FileGrant, FileMode, Grants, HttpGrant, Uncovered, is_variable_name};
+use crate::grants::{
+    FileGrant, FileMode, Grants, HttpGrant, TcpGrant, Uncovered, is_variable_name,
+};
 
 /// Grants with the position of each entry, for errors about them.
 #[derive(Debug, Clone, Default)]
@@ -23,6 +25,7 @@ pub(super) struct Placed {
     /// The `[grants]` table itself, when one was written.
     table: Option<Range<usize>>,
     http: Vec<Range<usize>>,
+    tcp: Vec<Range<usize>>,
     files: Vec<Range<usize>>,
     env: BTreeMap<String, Range<usize>>,
     secrets: BTreeMap<String, Range<usize>>,
@@ -78,6 +81,7 @@ impl Placed {
     fn span_of(&self, u: Uncovered<'_>) -> Range<usize> {
         let span = match u {
             Uncovered::Http(i, _) => self.http.get(i),
+            Uncovered::Tcp(i, _) => self.tcp.get(i),
             Uncovered::File(i, _) => self.files.get(i),
             Uncovered::Env(k, _) => self.env.get(k),
             Uncovered::Secret(s) => self.secrets.get(s),
@@ -109,6 +113,20 @@ fn convert(
                     .map_err(|e| src.error(h.span(), format!("{what}.http[{i}]: {e}")))?;
                 out.grants.http.push(grant);
                 out.http.push(h.span());
+            }
+        }
+    }
+    match raw.tcp {
+        None => {
+            out.grants.tcp = inherit.grants.tcp.clone();
+            out.tcp = inherit.tcp.clone();
+        }
+        Some(list) => {
+            for (i, t) in list.into_iter().enumerate() {
+                let grant = TcpGrant::parse(t.get_ref())
+                    .map_err(|e| src.error(t.span(), format!("{what}.tcp[{i}]: {e}")))?;
+                out.grants.tcp.push(grant);
+                out.tcp.push(t.span());
             }
         }
     }
@@ -304,6 +322,7 @@ fn absolute(path: &Path) -> PathBuf {
 /// ```toml
 /// [grants]
 /// http = ["https://*.internal.example", "http://127.0.0.1:*"]
+/// tcp = ["db.internal:5432"]
 /// files = ["/srv/data", { path = "/srv/out", mode = "rw" }]   # a path alone: read only
 /// env = ["REGION"]                                            # names, or ["*"] for any
 /// secrets = ["API_TOKEN"]
@@ -315,6 +334,7 @@ pub struct Policy {
     file: PathBuf,
     grants_line: usize,
     http: Option<(Vec<HttpGrant>, usize)>,
+    tcp: Option<(Vec<TcpGrant>, usize)>,
     files: Vec<(FileGrant, usize)>,
     files_line: Option<usize>,
     env: Option<(BTreeSet<String>, usize)>,
@@ -331,6 +351,7 @@ struct RawPolicy {
 #[serde(deny_unknown_fields)]
 struct RawPolicyGrants {
     http: Option<Spanned<Vec<Spanned<toml::Value>>>>,
+    tcp: Option<Spanned<Vec<Spanned<String>>>>,
     files: Option<Spanned<Vec<Spanned<RawPolicyFile>>>>,
     env: Option<Spanned<Vec<Spanned<String>>>>,
     secrets: Option<Spanned<Vec<Spanned<String>>>>,
@@ -371,6 +392,20 @@ impl Policy {
                     grants.push(
                         http_grant(h)
                             .map_err(|e| src.error(h.span(), format!("grants.http[{i}]: {e}")))?,
+                    );
+                }
+                Some((grants, at))
+            }
+        };
+        let tcp = match raw.tcp {
+            None => None,
+            Some(list) => {
+                let at = line(list.span());
+                let mut grants = Vec::new();
+                for (i, t) in list.into_inner().iter().enumerate() {
+                    grants.push(
+                        TcpGrant::parse(t.get_ref())
+                            .map_err(|e| src.error(t.span(), format!("grants.tcp[{i}]: {e}")))?,
                     );
                 }
                 Some((grants, at))
@@ -435,6 +470,7 @@ impl Policy {
             file: file.to_owned(),
             grants_line,
             http,
+            tcp,
             files,
             files_line,
             env: names(raw.env, "env", true)?,
@@ -473,6 +509,18 @@ impl Policy {
                 ),
             };
             return Err(err(span, format!("http[{i}] ({h})"), why));
+        }
+        for (i, t) in placed.grants.tcp.iter().enumerate() {
+            let span = placed.tcp.get(i).cloned().unwrap_or(0..0);
+            let why = match &self.tcp {
+                Some((allowed, _)) if allowed.iter().any(|c| c.covers(t)) => continue,
+                Some((_, line)) => format!("{policy}:{line}: no entry of `tcp` covers it"),
+                None => format!(
+                    "{policy}:{} grants no tcp (no `tcp` key in [grants])",
+                    self.grants_line
+                ),
+            };
+            return Err(err(span, format!("tcp[{i}] ({t})"), why));
         }
         for (i, f) in placed.grants.files.iter().enumerate() {
             if self.files.iter().any(|(c, _)| c.covers(f)) {

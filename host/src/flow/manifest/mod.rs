@@ -53,6 +53,7 @@
 //!                                     # given replaces the flow's [grants] and may only narrow it
 //! http = ["https://api.example.com", "http://127.0.0.1:*", "https://*.example.org/v1/",
 //!         { url = "https://example.net", methods = ["GET"] }]
+//! tcp = ["127.0.0.1:5432", "db.internal:*"]  # connections (and lookups of these names only)
 //! files = [{ host = "data/in", guest = "/in", mode = "ro" }]   # preopened directories
 //! env = { REGION = "eu" }             # environment variables
 //! secrets = ["API_TOKEN"]             # values from the host's secret source, redacted as ***

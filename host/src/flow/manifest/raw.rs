@@ -90,6 +90,7 @@ fn two() -> f64 {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawGrants {
     pub(super) http: Option<Vec<Spanned<toml::Value>>>,
+    pub(super) tcp: Option<Vec<Spanned<String>>>,
     pub(super) files: Option<Vec<Spanned<RawFile>>>,
     pub(super) env: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     pub(super) secrets: Option<Vec<Spanned<String>>>,

@@ -505,7 +505,12 @@ grants = { files = [], env = {}, secrets = [] }
             "{ url",
             "task `a`: `grants`.http[0]: \"https://a.b\": unknown method `get`",
         ),
-        ("tcp = [\"127.0.0.1:5432\"]", "tcp", "unknown field `tcp`"),
+        (
+            "tcp = [\"127.0.0.1\"]",
+            "\"127.0.0.1\"",
+            "task `a`: `grants`.tcp[0]: \"127.0.0.1\" needs a port",
+        ),
+        ("udp = [\"127.0.0.1:53\"]", "udp", "unknown field `udp`"),
     ] {
         let e = err(&format!(
             "name = \"g\"\n[tasks.a]\ncomponent = \"t.wasm\"\n[tasks.a.grants]\n{grants}\n"
@@ -546,7 +551,8 @@ fn a_policy_file_is_parsed_with_positions() {
     );
     assert!(bad("[grants]\nenv = [\"A B\"]\n").starts_with("DIR/policy.toml:2:8: grants.env[0]"));
     assert!(bad("[grants]\nsecrets = [\"*\"]\n").starts_with("DIR/policy.toml:2:12"));
-    assert!(bad("[grants]\ntcp = []\n").starts_with("DIR/policy.toml:2:1: unknown field `tcp`"));
+    assert!(bad("[grants]\nudp = []\n").starts_with("DIR/policy.toml:2:1: unknown field `udp`"));
+    assert!(bad("[grants]\ntcp = [\"x\"]\n").starts_with("DIR/policy.toml:2:8: grants.tcp[0]"));
     assert!(
         bad("[grants]\nhttp = [\"ftp://x.y\"]\n")
             .starts_with("DIR/policy.toml:2:9: grants.http[0]")

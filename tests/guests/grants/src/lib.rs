@@ -36,6 +36,10 @@ enum Step {
     Leak { name: String },
     /// Fail with a message holding the value of variable `name`.
     FailWith { name: String },
+    /// Connect to `addr` over TCP, send `ping\n`, and return the line that comes back.
+    Connect { addr: String },
+    /// Look `name` up; return its addresses.
+    Resolve { name: String },
     /// Send an HTTP request, following up to `follow` redirects, and read the whole response
     /// body (keeping at most its first 64 KiB).
     Http {
@@ -97,6 +101,14 @@ fn run(steps: Vec<Step>) -> Result<Vec<Value>, Signal> {
                 body,
                 follow,
             } => http::block_on(fetch(method, url, headers, body, follow)),
+            Step::Connect { addr } => ping(&addr).map(Value::from),
+            Step::Resolve { name } => {
+                use std::net::ToSocketAddrs as _;
+                (name.as_str(), 0)
+                    .to_socket_addrs()
+                    .map(|a| json!(a.map(|a| a.ip().to_string()).collect::<Vec<_>>()))
+                    .map_err(|e| e.to_string())
+            }
             Step::FailWith { name } => {
                 let v = std::env::var(&name).unwrap_or_default();
                 return Err(Signal::Fail(format!("failing with {v}")));
@@ -108,6 +120,17 @@ fn run(steps: Vec<Step>) -> Result<Vec<Value>, Signal> {
         });
     }
     Ok(out)
+}
+
+fn ping(addr: &str) -> Result<String, String> {
+    use std::io::{BufRead as _, Write as _};
+    let mut conn = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    conn.write_all(b"ping\n").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    std::io::BufReader::new(conn)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    Ok(line.trim_end().to_owned())
 }
 
 /// What a failed HTTP call reports: the `wasi:http` error code when there is one.

@@ -230,21 +230,7 @@ fn host_pattern(host: &str) -> Result<HostPattern, String> {
         None => (false, host),
     };
     let name = name.to_ascii_lowercase();
-    let valid = !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
-    // A name of digits and dots only would be an address in another form (`127.1`).
-    if !valid
-        || name
-            .split('.')
-            .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
-    {
+    if !super::is_host_name(&name) {
         return Err(format!(
             "`{host}` is not a host name, `*.` and a name, an IPv4 address or a bracketed \
              IPv6 address"

@@ -212,6 +212,24 @@ pub fn is_variable_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// Whether `name` (lower case) is a DNS host name: ASCII labels of letters, digits and `-` (not
+/// at either end), 1 to 63 bytes each, 253 in all; not digits and dots only (`127.1` would be an
+/// address in another form).
+pub(crate) fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && !name
+            .split('.')
+            .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 /// The shortest secret value accepted: redacting a shorter string from logs and outputs would
 /// mangle ordinary text.
 pub const MIN_SECRET_BYTES: usize = 8;

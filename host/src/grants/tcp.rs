@@ -69,19 +69,7 @@ impl TcpGrant {
             TcpHost::Ip(ip)
         } else {
             let name = host.to_ascii_lowercase();
-            let valid = !name.is_empty()
-                && name.len() <= 253
-                && !name
-                    .split('.')
-                    .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
-                && name.split('.').all(|l| {
-                    !l.is_empty()
-                        && l.len() <= 63
-                        && !l.starts_with('-')
-                        && !l.ends_with('-')
-                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                });
-            if !valid {
+            if !super::is_host_name(&name) {
                 return Err(format!(
                     "\"{entry}\": `{host}` is not a host name, an IPv4 address or a bracketed \
                      IPv6 address"

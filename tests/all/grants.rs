@@ -818,6 +818,7 @@ fn tcp_reaches_granted_addresses_and_looks_up_granted_names_only() {
         connect(&format!("127.0.0.1:{other}")),
         connect(&format!("127.0.0.2:{port}")),
         resolve("localhost"),
+        "{ do = \"lookup\", name = \"127.0.0.1\" }".to_owned(),
     ]
     .join(", ");
     let flow = http_flow(
@@ -833,6 +834,8 @@ fn tcp_reaches_granted_addresses_and_looks_up_granted_names_only() {
     err(&s[1]);
     err(&s[2]);
     err(&s[3]);
+    // An address looked up (as libc does before connecting) is answered without a query.
+    assert_eq!(ok(&s[4]), &json!(["127.0.0.1"]));
     assert_eq!(other_accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
     let logs = sluice_lines(&home, &run);
     assert!(

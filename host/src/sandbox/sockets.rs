@@ -41,13 +41,6 @@ impl TcpAllow {
         }
     }
 
-    /// Whether the run may look names up at all.
-    pub(super) fn has_names(&self) -> bool {
-        self.grants
-            .iter()
-            .any(|g| matches!(g.host, TcpHost::Name(_)))
-    }
-
     fn log(&self, message: String) {
         super::capture::lock(&self.logs).push(LogSource::Sluice, LogLevel::Warn, message);
     }

@@ -40,6 +40,9 @@ enum Step {
     Connect { addr: String },
     /// Look `name` up; return its addresses.
     Resolve { name: String },
+    /// Look `name` up through `wasi:sockets/ip-name-lookup` itself (as libc's `getaddrinfo`
+    /// does, even for an address); return its addresses.
+    Lookup { name: String },
     /// Send an HTTP request, following up to `follow` redirects, and read the whole response
     /// body (keeping at most its first 64 KiB).
     Http {
@@ -109,6 +112,7 @@ fn run(steps: Vec<Step>) -> Result<Vec<Value>, Signal> {
                     .map(|a| json!(a.map(|a| a.ip().to_string()).collect::<Vec<_>>()))
                     .map_err(|e| e.to_string())
             }
+            Step::Lookup { name } => lookup(&name).map(|a| json!(a)),
             Step::FailWith { name } => {
                 let v = std::env::var(&name).unwrap_or_default();
                 return Err(Signal::Fail(format!("failing with {v}")));
@@ -120,6 +124,22 @@ fn run(steps: Vec<Step>) -> Result<Vec<Value>, Signal> {
         });
     }
     Ok(out)
+}
+
+fn lookup(name: &str) -> Result<Vec<String>, String> {
+    use wasip2::sockets::{instance_network, ip_name_lookup, network::IpAddress};
+    let network = instance_network::instance_network();
+    let stream = ip_name_lookup::resolve_addresses(&network, name).map_err(|e| format!("{e:?}"))?;
+    let mut out = Vec::new();
+    loop {
+        match stream.resolve_next_address() {
+            Ok(Some(IpAddress::Ipv4((a, b, c, d)))) => out.push(format!("{a}.{b}.{c}.{d}")),
+            Ok(Some(IpAddress::Ipv6(parts))) => out.push(format!("{parts:?}")),
+            Ok(None) => return Ok(out),
+            Err(wasip2::sockets::network::ErrorCode::WouldBlock) => stream.subscribe().block(),
+            Err(e) => return Err(format!("{e:?}")),
+        }
+    }
 }
 
 fn ping(addr: &str) -> Result<String, String> {

@@ -425,6 +425,70 @@ async fn handlers_chain_in_order_on_every_transition() {
 }
 
 #[tokio::test]
+async fn each_hook_runs_its_handler_components_on_exactly_its_transitions() {
+    let runner = FlowRunner::new(sandbox().clone());
+    // Retried once, then completed; or failed outright. One hook per task, the same recorder.
+    let retried = |name: &str| {
+        let mut t = TaskDef::new(name, guest("hostile"));
+        t.input = Input::from_json(json!({"do": "retry_on_first_attempt", "ms": 0}));
+        t.retries = 1;
+        t
+    };
+    let failed = |name: &str| {
+        let mut t = TaskDef::new(name, guest("hostile"));
+        t.input = Input::from_json(json!({"do": "panic", "message": "no"}));
+        t
+    };
+    let recorder = || vec![guest("recorder")];
+    let (mut on_state, mut on_completion, mut on_retry) = (
+        retried("on_state"),
+        retried("on_completion"),
+        retried("on_retry"),
+    );
+    on_state.hooks.on_state = recorder();
+    on_completion.hooks.on_completion = recorder();
+    on_retry.hooks.on_retry = recorder();
+    let (mut on_failure, mut no_completion) = (failed("on_failure"), failed("no_completion"));
+    on_failure.hooks.on_failure = recorder();
+    no_completion.hooks.on_completion = recorder();
+    let def = FlowBuilder::new("hooks")
+        .task(on_state)
+        .task(on_completion)
+        .task(on_retry)
+        .task(on_failure)
+        .task(no_completion)
+        .build()
+        .expect("flow");
+    let run = run_def(&runner, def).await;
+    let seen = |name: &str| -> Vec<String> {
+        run.task(name)
+            .expect("task")
+            .logs
+            .iter()
+            .filter(|l| l.message.contains(" -> "))
+            .map(|l| l.message.clone())
+            .collect()
+    };
+    assert_eq!(
+        seen("on_state"),
+        [
+            "Pending -> Running",
+            "Running -> AwaitingRetry",
+            "AwaitingRetry -> Retrying",
+            "Retrying -> Completed"
+        ]
+    );
+    assert_eq!(seen("on_completion"), ["Retrying -> Completed"]);
+    assert_eq!(seen("on_retry"), ["AwaitingRetry -> Retrying"]);
+    assert_eq!(seen("on_failure"), ["Running -> Failed"]);
+    assert!(
+        seen("no_completion").is_empty(),
+        "{:?}",
+        seen("no_completion")
+    );
+}
+
+#[tokio::test]
 async fn a_failing_handler_component_is_reported_and_cannot_crash_the_flow() {
     let runner = FlowRunner::new(sandbox().clone());
     let mut t = TaskDef::new("t", guest("add_one"));

@@ -137,6 +137,41 @@ fn a_cached_output_is_only_served_under_the_same_context_values() {
 }
 
 #[test]
+fn only_completed_runs_are_cached_and_a_hit_is_not_cached_again() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = dir.path().join("home");
+    let flow = write_flow(
+        dir.path(),
+        "cached",
+        &format!(
+            "name = \"cached\"\n[tasks.ok]\ncomponent = \"{}\"\ninput = 1\ncache_for = \"1h\"\n\
+             [tasks.skip]\ncomponent = \"{}\"\ncache_for = \"1h\"\n",
+            component("add_one"),
+            component("signal_skip")
+        ),
+    );
+    let (_, first) = run(&home, &flow, &[]);
+    assert_eq!(task(&first, "skip")["state"], "Skipped", "{first:#}");
+    let (_, second) = run(&home, &flow, &[]);
+    assert_cached(task(&second, "ok"), &first["id"]);
+    // A Skipped run (a Completed type, without an output of its own) is not cached.
+    assert_ran(task(&second, "skip"));
+    let out = sluice(&home, &["cache", "ls", "--json"]);
+    let entries = json_of(&out);
+    let tasks: Vec<&str> = entries
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|e| e["task"].as_str())
+        .collect();
+    assert_eq!(
+        tasks,
+        ["ok"],
+        "one entry, from the run that computed it: {entries:#}"
+    );
+}
+
+#[test]
 fn a_cached_output_is_never_served_to_another_flow_unless_both_name_its_namespace() {
     let dir = tempfile::tempdir().expect("temp dir");
     let home = dir.path().join("home");

@@ -489,6 +489,39 @@ async fn each_hook_runs_its_handler_components_on_exactly_its_transitions() {
 }
 
 #[tokio::test]
+async fn a_handler_cannot_leave_a_finished_attempt_running_pending_or_cancelling() {
+    let runner = FlowRunner::new(sandbox().clone());
+    let mut builder = FlowBuilder::new("replaced");
+    for to in ["Running", "Pending", "Cancelling", "Failed"] {
+        let mut t = TaskDef::new(format!("to_{to}"), guest("add_one"));
+        t.input = Input::Literal(json!(1).into());
+        t.hooks.on_completion = vec![guest("replacer")];
+        builder = builder.task(t);
+    }
+    let run = run_def(&runner, builder.build().expect("flow")).await;
+    for to in ["Running", "Pending", "Cancelling"] {
+        let t = run.task(&format!("to_{to}")).expect("task");
+        assert_eq!(t.state.name, StateName::Failed, "{to}");
+        assert_eq!(
+            t.state.message.as_deref(),
+            Some(
+                format!(
+                    "a state handler replaced Completed with {to}, which cannot follow a \
+                     finished attempt (only a finished, paused or scheduled state can)"
+                )
+                .as_str()
+            ),
+        );
+    }
+    // A finished state is taken as it is.
+    let t = run.task("to_Failed").expect("task");
+    assert_eq!(
+        (t.state.name, t.state.message.as_deref()),
+        (StateName::Failed, Some("replaced by the handler"))
+    );
+}
+
+#[tokio::test]
 async fn a_failing_handler_component_is_reported_and_cannot_crash_the_flow() {
     let runner = FlowRunner::new(sandbox().clone());
     let mut t = TaskDef::new("t", guest("add_one"));

@@ -172,6 +172,26 @@ fn only_completed_runs_are_cached_and_a_hit_is_not_cached_again() {
 }
 
 #[test]
+fn an_output_completed_on_a_retry_is_cached() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = dir.path().join("home");
+    let flow = write_flow(
+        dir.path(),
+        "retried",
+        &format!(
+            "name = \"retried\"\n[tasks.t]\ncomponent = \"{}\"\n\
+             input = {{ do = \"retry_on_first_attempt\", ms = 0 }}\nretries = 1\ncache_for = \"1h\"\n",
+            component("hostile")
+        ),
+    );
+    let (code, first) = run(&home, &flow, &[]);
+    assert_eq!(code, Some(0), "{first:#}");
+    assert_eq!(task(&first, "t")["attempts"], 2, "{first:#}");
+    let (_, second) = run(&home, &flow, &[]);
+    assert_cached(task(&second, "t"), &first["id"]);
+}
+
+#[test]
 fn a_cached_output_is_never_served_to_another_flow_unless_both_name_its_namespace() {
     let dir = tempfile::tempdir().expect("temp dir");
     let home = dir.path().join("home");

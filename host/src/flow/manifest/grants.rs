@@ -498,30 +498,55 @@ impl Policy {
                 format!("task `{task}`: grant {grant} exceeds the policy: {why}"),
             )
         };
-        for (i, h) in placed.grants.http.iter().enumerate() {
-            let span = placed.http.get(i).cloned().unwrap_or(0..0);
-            let why = match &self.http {
-                Some((allowed, _)) if allowed.iter().any(|c| c.covers(h)) => continue,
-                Some((_, line)) => format!("{policy}:{line}: no entry of `http` covers it"),
+        // Patterns (http, tcp): each grant must fit one entry of the policy's list.
+        let first_uncovered = |kind: &str,
+                               line: Option<usize>,
+                               uncovered: Option<(usize, String)>,
+                               spans: &[Range<usize>]|
+         -> Result<(), ManifestError> {
+            let Some((i, grant)) = uncovered else {
+                return Ok(());
+            };
+            let why = match line {
+                Some(line) => format!("{policy}:{line}: no entry of `{kind}` covers it"),
                 None => format!(
-                    "{policy}:{} grants no http (no `http` key in [grants])",
+                    "{policy}:{} grants no {kind} (no `{kind}` key in [grants])",
                     self.grants_line
                 ),
             };
-            return Err(err(span, format!("http[{i}] ({h})"), why));
-        }
-        for (i, t) in placed.grants.tcp.iter().enumerate() {
-            let span = placed.tcp.get(i).cloned().unwrap_or(0..0);
-            let why = match &self.tcp {
-                Some((allowed, _)) if allowed.iter().any(|c| c.covers(t)) => continue,
-                Some((_, line)) => format!("{policy}:{line}: no entry of `tcp` covers it"),
-                None => format!(
-                    "{policy}:{} grants no tcp (no `tcp` key in [grants])",
-                    self.grants_line
-                ),
-            };
-            return Err(err(span, format!("tcp[{i}] ({t})"), why));
-        }
+            let span = spans.get(i).cloned().unwrap_or(0..0);
+            Err(err(span, format!("{kind}[{i}] ({grant})"), why))
+        };
+        let (http, http_line) = self
+            .http
+            .as_ref()
+            .map_or((&[][..], None), |(g, l)| (&g[..], Some(*l)));
+        first_uncovered(
+            "http",
+            http_line,
+            placed
+                .grants
+                .http
+                .iter()
+                .enumerate()
+                .find_map(|(i, h)| (!http.iter().any(|c| c.covers(h))).then(|| (i, h.to_string()))),
+            &placed.http,
+        )?;
+        let (tcp, tcp_line) = self
+            .tcp
+            .as_ref()
+            .map_or((&[][..], None), |(g, l)| (&g[..], Some(*l)));
+        first_uncovered(
+            "tcp",
+            tcp_line,
+            placed
+                .grants
+                .tcp
+                .iter()
+                .enumerate()
+                .find_map(|(i, t)| (!tcp.iter().any(|c| c.covers(t))).then(|| (i, t.to_string()))),
+            &placed.tcp,
+        )?;
         for (i, f) in placed.grants.files.iter().enumerate() {
             if self.files.iter().any(|(c, _)| c.covers(f)) {
                 continue;

@@ -1,7 +1,8 @@
 /*
- * Sluice's C guest SDK (see sluice.h): the `run` export of world `task` on top of the bindings
- * that `wit-bindgen c` generates from wit/task.wit (task.h), a small JSON parser and writer,
- * results, context and logging.
+ * Sluice's C guest SDK (see sluice.h): the `run` export of world `task-c` (wit/guests.wit) on top
+ * of the bindings that `wit-bindgen c` generates for it (task_c.h), a small JSON parser and
+ * writer, results, context, logging, and granted variables and secrets. Outbound HTTP is
+ * sluice_http.c.
  */
 #include "sluice.h"
 
@@ -11,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "task.h"
+#include "task_c.h"
 
 /* ---- Memory ------------------------------------------------------------------------------ */
 
@@ -629,39 +630,39 @@ sluice_result sluice_success(const char *output_json, const char *fmt, ...) {
 /* ---- Context and logging ----------------------------------------------------------------- */
 
 /* A string the host handed over (owned by us) as a malloc'd C string. */
-static char *owned(task_string_t *s) {
+static char *owned(task_c_string_t *s) {
     char *c = xstrndup((const char *)s->ptr, s->len);
-    task_string_free(s);
+    task_c_string_free(s);
     return c;
 }
 
 char *sluice_context_get(const char *key) {
-    task_string_t k = {(uint8_t *)key, strlen(key)};
-    task_string_t v;
+    task_c_string_t k = {(uint8_t *)key, strlen(key)};
+    task_c_string_t v;
     if (!sluice_task_context_get(&k, &v)) return NULL;
     return owned(&v);
 }
 
 char *sluice_flow_run_id(void) {
-    task_string_t s;
+    task_c_string_t s;
     sluice_task_context_flow_run_id(&s);
     return owned(&s);
 }
 
 char *sluice_task_run_id(void) {
-    task_string_t s;
+    task_c_string_t s;
     sluice_task_context_task_run_id(&s);
     return owned(&s);
 }
 
 char *sluice_task_name(void) {
-    task_string_t s;
+    task_c_string_t s;
     sluice_task_context_task_name(&s);
     return owned(&s);
 }
 
 char *sluice_parameters(void) {
-    task_string_t s;
+    task_c_string_t s;
     sluice_task_context_parameters(&s);
     return owned(&s);
 }
@@ -677,7 +678,7 @@ bool sluice_map_index(uint32_t *index) {
 
 void sluice_vlog(sluice_log_level level, const char *fmt, va_list ap) {
     char *text = vformat(fmt, ap);
-    task_string_t message = {(uint8_t *)text, strlen(text)};
+    task_c_string_t message = {(uint8_t *)text, strlen(text)};
     sluice_task_log_log((sluice_task_log_level_t)level, &message);
     free(text);
 }
@@ -689,6 +690,13 @@ void sluice_log(sluice_log_level level, const char *fmt, ...) {
     va_end(ap);
 }
 
+/* ---- Granted variables and secrets ------------------------------------------------------- */
+
+/* Both are environment variables of the component: the host sets exactly the granted ones. */
+const char *sluice_env(const char *name) { return name ? getenv(name) : NULL; }
+
+const char *sluice_secret(const char *name) { return name ? getenv(name) : NULL; }
+
 /* ---- The export -------------------------------------------------------------------------- */
 
 static const char *current_input = "";
@@ -696,17 +704,17 @@ static const char *current_input = "";
 const char *sluice_input_text(void) { return current_input; }
 
 /* Hand a malloc'd string to the bindings (which free non-empty ones after the call). */
-static task_string_t give(char *s, size_t len) {
+static task_c_string_t give(char *s, size_t len) {
     if (len == 0) {
         free(s);
-        return (task_string_t){NULL, 0};
+        return (task_c_string_t){NULL, 0};
     }
-    return (task_string_t){(uint8_t *)s, len};
+    return (task_c_string_t){(uint8_t *)s, len};
 }
 
-static task_string_t give_str(char *s) { return give(s, s ? strlen(s) : 0); }
+static task_c_string_t give_str(char *s) { return give(s, s ? strlen(s) : 0); }
 
-bool exports_task_run(task_json_t *input, task_json_t *ret, task_signal_t *err) {
+bool exports_task_c_run(task_c_json_t *input, task_c_json_t *ret, task_c_signal_t *err) {
     /* A reactor has no exit to flush stdio: make stdout line-buffered so prints are kept. */
     static bool stdio_ready = false;
     if (!stdio_ready) {

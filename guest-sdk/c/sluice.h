@@ -19,8 +19,28 @@
  * (abort(), an out-of-bounds access, running out of memory) fails the run like a Rust panic, with
  * the last stderr lines, and stays retriable under the task's retry policy.
  *
+ * What the manifest grants the task (`[tasks.NAME.grants]`) it reaches with C's own idioms, and
+ * nothing else is reachable (deny by default):
+ * - files: fopen/stdio (and the POSIX calls of wasi-libc) at the granted guest paths, e.g.
+ *   fopen("/in/data.csv", "r") under `files = [{ host = "data/in", guest = "/in", mode = "ro" }]`.
+ *   Outside the granted directories fopen fails (errno ENOTCAPABLE, "Capabilities
+ *   insufficient"); writing under a read-only (`ro`) grant fails with EPERM.
+ * - variables and secrets: sluice_env and sluice_secret (or getenv); the environment holds exactly
+ *   the granted `env` and `secrets`, and is empty when nothing is granted.
+ * - HTTP: sluice_http_request and its shorthands (below), over wasi:http; a URL outside the `http`
+ *   grants fails with SLUICE_HTTP_ERR_HTTP_REQUEST_DENIED ("HttpRequestDenied").
+ * - TCP: wasi-libc (WASI preview 1) has no socket(), and the SDK has no TCP helper: call the raw
+ *   `wasi:sockets` bindings generated into task_c.h (`#include "task_c.h"`; the build puts it on
+ *   the include path): wasi_sockets_tcp_create_socket_create_tcp_socket,
+ *   wasi_sockets_instance_network_instance_network, then
+ *   wasi_sockets_tcp_method_tcp_socket_start_connect and _finish_connect (polling the socket's
+ *   pollable while it says WOULD_BLOCK); tests/polyglot/c/probe.c has an example. Only IP
+ *   addresses: the world has no name lookup. Without a `tcp` grant, creating a socket fails with
+ *   WASI_SOCKETS_NETWORK_ERROR_CODE_ACCESS_DENIED; an address outside the grants is refused the
+ *   same way when connecting.
+ *
  * Build with `guest-sdk/c/build <task.c or directory> <out.wasm>`. The contract is wit/task.wit
- * (world `task`).
+ * (world `task-c` of wit/guests.wit: world `task` plus wasi:http and TCP socket creation).
  */
 #ifndef SLUICE_H
 #define SLUICE_H
@@ -156,6 +176,127 @@ char *sluice_parameters(void);
 uint32_t sluice_attempt(void);
 /* Whether this is a child run of a mapped task; its index in `*index`. */
 bool sluice_map_index(uint32_t *index);
+
+/* ---- Granted variables and secrets ------------------------------------------------------- */
+
+/* The environment variable `name` when the task is granted it (`env = { NAME = "..." }`), else
+ * NULL. The string belongs to the environment: do not free it. */
+const char *sluice_env(const char *name);
+/* The value of secret `name` when the task is granted it (`secrets = ["NAME"]`; the host reads it
+ * from its own `SLUICE_SECRET_NAME` variable or its `--secrets` file), else NULL. The host
+ * replaces the value with `***` wherever it shows up in the run's logs, output or messages. */
+const char *sluice_secret(const char *name);
+
+/* ---- HTTP -------------------------------------------------------------------------------- */
+
+/* Outbound HTTP over wasi:http, blocking: one request, the whole response read into memory. The
+ * task's `http` grants decide which URLs it may reach; the host follows no redirects (a 3xx comes
+ * back as it is) and caps the response bytes and the timeouts at the run's limits.
+ *
+ *     sluice_json *items;
+ *     int err = sluice_http_get_json("https://api.example.com/items", &items);
+ *     if (err) return sluice_retry(-1, "GET items: %s", sluice_http_error_name(err));
+ *     ...
+ *     sluice_json_free(items);
+ *
+ * Every function returns 0 or an error, a sluice_http_error: the cases of wasi:http's `error-code`
+ * (wit/deps/http/http.wit) in their order, then the SDK's own. sluice_http_error_name names it. */
+typedef enum sluice_http_error {
+    SLUICE_HTTP_OK = 0,
+    /* wasi:http `error-code`: the case's index + 1. */
+    SLUICE_HTTP_ERR_DNS_TIMEOUT = 1,
+    SLUICE_HTTP_ERR_DNS_ERROR,
+    SLUICE_HTTP_ERR_DESTINATION_NOT_FOUND,
+    SLUICE_HTTP_ERR_DESTINATION_UNAVAILABLE,
+    SLUICE_HTTP_ERR_DESTINATION_IP_PROHIBITED,
+    SLUICE_HTTP_ERR_DESTINATION_IP_UNROUTABLE,
+    SLUICE_HTTP_ERR_CONNECTION_REFUSED,
+    SLUICE_HTTP_ERR_CONNECTION_TERMINATED,
+    SLUICE_HTTP_ERR_CONNECTION_TIMEOUT,
+    SLUICE_HTTP_ERR_CONNECTION_READ_TIMEOUT,
+    SLUICE_HTTP_ERR_CONNECTION_WRITE_TIMEOUT,
+    SLUICE_HTTP_ERR_CONNECTION_LIMIT_REACHED,
+    SLUICE_HTTP_ERR_TLS_PROTOCOL_ERROR,
+    SLUICE_HTTP_ERR_TLS_CERTIFICATE_ERROR,
+    SLUICE_HTTP_ERR_TLS_ALERT_RECEIVED,
+    SLUICE_HTTP_ERR_HTTP_REQUEST_DENIED, /* the grants do not allow the URL (the run's log says) */
+    SLUICE_HTTP_ERR_HTTP_REQUEST_LENGTH_REQUIRED,
+    SLUICE_HTTP_ERR_HTTP_REQUEST_BODY_SIZE,
+    SLUICE_HTTP_ERR_HTTP_REQUEST_METHOD_INVALID,
+    SLUICE_HTTP_ERR_HTTP_REQUEST_URI_INVALID,
+    SLUICE_HTTP_ERR_HTTP_REQUEST_URI_TOO_LONG,
+    SLUICE_HTTP_ERR_HTTP_REQUEST_HEADER_SECTION_SIZE,
+    SLUICE_HTTP_ERR_HTTP_REQUEST_HEADER_SIZE,
+    SLUICE_HTTP_ERR_HTTP_REQUEST_TRAILER_SECTION_SIZE,
+    SLUICE_HTTP_ERR_HTTP_REQUEST_TRAILER_SIZE,
+    SLUICE_HTTP_ERR_HTTP_RESPONSE_INCOMPLETE,
+    SLUICE_HTTP_ERR_HTTP_RESPONSE_HEADER_SECTION_SIZE,
+    SLUICE_HTTP_ERR_HTTP_RESPONSE_HEADER_SIZE,
+    SLUICE_HTTP_ERR_HTTP_RESPONSE_BODY_SIZE, /* past the run's response-bytes limit, too */
+    SLUICE_HTTP_ERR_HTTP_RESPONSE_TRAILER_SECTION_SIZE,
+    SLUICE_HTTP_ERR_HTTP_RESPONSE_TRAILER_SIZE,
+    SLUICE_HTTP_ERR_HTTP_RESPONSE_TRANSFER_CODING,
+    SLUICE_HTTP_ERR_HTTP_RESPONSE_CONTENT_CODING,
+    SLUICE_HTTP_ERR_HTTP_RESPONSE_TIMEOUT,
+    SLUICE_HTTP_ERR_HTTP_UPGRADE_FAILED,
+    SLUICE_HTTP_ERR_HTTP_PROTOCOL_ERROR,
+    SLUICE_HTTP_ERR_LOOP_DETECTED,
+    SLUICE_HTTP_ERR_CONFIGURATION_ERROR,
+    SLUICE_HTTP_ERR_INTERNAL_ERROR, /* 39 */
+    /* The SDK's own. */
+    SLUICE_HTTP_ERR_INVALID_URL = 100, /* not http:// or https:// with a host ("InvalidUrl") */
+    SLUICE_HTTP_ERR_INVALID_HEADER,    /* a header without a value, malformed or forbidden */
+    SLUICE_HTTP_ERR_INVALID_METHOD,    /* an empty or malformed method */
+    SLUICE_HTTP_ERR_INVALID_ARGUMENT,  /* a NULL method, url or out; a NULL body with a length */
+    SLUICE_HTTP_ERR_STATUS,            /* sluice_http_get_json: a status other than 2xx */
+    SLUICE_HTTP_ERR_INVALID_JSON,      /* sluice_http_get_json: the body is not JSON */
+    SLUICE_HTTP_ERR_STREAM,            /* a body stream failed without a wasi:http error code */
+    SLUICE_HTTP_ERR_OUT_OF_MEMORY,
+} sluice_http_error;
+
+/* The error's name: the wasi:http case in CamelCase as the Python SDK spells it
+ * ("HttpRequestDenied", "ConnectionRefused", "HttpResponseBodySize", "DnsError", ...), or the
+ * SDK's ("InvalidUrl", "InvalidHeader", "InvalidMethod", "InvalidArgument", "Status",
+ * "InvalidJson", "Stream", "OutOfMemory"); "Ok" for 0 and "Unknown" for other numbers. Static
+ * storage. */
+const char *sluice_http_error_name(int err);
+
+/* A response header: its name (lower case) and value (`value_len` bytes, NUL-terminated). */
+typedef struct sluice_http_header {
+    char *name;
+    char *value;
+    size_t value_len;
+} sluice_http_header;
+
+/* A whole response. `body` is NUL-terminated (so text can be used as a string; it may hold
+ * NULs: see body_len). Free it with sluice_http_response_free. */
+typedef struct sluice_http_response {
+    int status;
+    sluice_http_header *headers; /* in the order received */
+    size_t headers_len;
+    uint8_t *body;
+    size_t body_len;
+} sluice_http_response;
+
+/* Send one request and read the whole response into `*out`; 0 or a sluice_http_error.
+ * `method`: "GET", "POST", ... (any token; case matters). `url`: http:// or https://, with a
+ * path and query (a #fragment is not sent; user info is dropped). `headers`: NULL, or names and
+ * values in turn ending with NULL, e.g. {"accept", "application/json", NULL}. `body`: NULL for
+ * none, else `body_len` bytes, sent with a `content-length` header unless `headers` has one.
+ * On an error `*out` is left empty (freeing it does nothing). A status other than 2xx is not an
+ * error here. */
+int sluice_http_request(const char *method, const char *url, const char *const *headers,
+                        const uint8_t *body, size_t body_len, sluice_http_response *out);
+/* sluice_http_request("GET", url, NULL, NULL, 0, out). */
+int sluice_http_get(const char *url, sluice_http_response *out);
+/* GET `url` (with `accept: application/json`) and parse the body into `*out` (free it with
+ * sluice_json_free); a status other than 2xx is SLUICE_HTTP_ERR_STATUS, a body that is not JSON
+ * SLUICE_HTTP_ERR_INVALID_JSON. `*out` is NULL on an error. */
+int sluice_http_get_json(const char *url, sluice_json **out);
+/* The first value of header `name` (any case), or NULL. */
+const char *sluice_http_response_header(const sluice_http_response *r, const char *name);
+/* Free what `r` holds and empty it (safe on an empty or already-freed response). */
+void sluice_http_response_free(sluice_http_response *r);
 
 /* ---- Logging ----------------------------------------------------------------------------- */
 

@@ -85,8 +85,11 @@ process.chdir(work);
 const { component } = await componentize({
   sourcePath: join(work, "sluice_app.js"),
   witPath: witDir,
-  worldName: "task",
-  // The task world imports no HTTP; keep stdio (console), random and clocks.
-  disableFeatures: ["http", "fetch-event"],
+  // wit/guests.wit: world `task` plus the WASI interfaces behind the SDK's env, secret and file
+  // helpers (ComponentizeJS stubs out any WASI interface the world does not import).
+  worldName: "task-js",
+  // Keep stdio (console), random, clocks and `http` (`fetch` over wasi:http, which StarlingMonkey
+  // imports itself); a task exports `run`, not an incoming-HTTP handler.
+  disableFeatures: ["fetch-event"],
 });
 await writeFile(out, component);

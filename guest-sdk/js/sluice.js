@@ -1,4 +1,7 @@
-// Sluice's JavaScript guest SDK: write a task as a plain function.
+// Sluice's JavaScript guest SDK: write a task as a plain function, and reach what the task is
+// granted. This module owns the `run` export (input, output, signals), the run's context and log,
+// and small helpers over the WASI interfaces that StarlingMonkey gives no JavaScript API for
+// (environment, secrets, files), plus JSON conveniences over `fetch`.
 //
 // A task module exports `run(input)`. The input arrives as the JSON value and the return value
 // (anything JSON.stringify accepts; a Promise is awaited) becomes the task's output:
@@ -16,11 +19,40 @@
 // like a Rust panic (its message and stack go to stderr, which the run's record keeps) and stays
 // retriable under the task's retry policy.
 //
-// Build with `guest-sdk/js/build <task.js or directory> <out.wasm>`. The contract is
-// wit/task.wit (world `task`).
+// Grants. Nothing outside the task is reachable unless the flow's manifest grants it
+// (`[tasks.NAME.grants]`); without a grant each helper below fails or finds nothing:
+//
+//   - `env(name, fallback)` / `secret(name, fallback)`: a variable of `env = { NAME = "..." }`
+//     or a secret of `secrets = ["NAME"]`, else `fallback` (default undefined). Sluice replaces
+//     a secret's value with `***` wherever it shows up in the run's logs, output or messages.
+//     (There is no `process.env`.)
+//   - `readText(path)`, `readBytes(path)` (a Uint8Array), `writeText(path, text)`,
+//     `writeBytes(path, bytes)` (create or truncate), `listDir(path)` (sorted names): files in
+//     the directories of `files = [{ host = "data/in", guest = "/in", mode = "ro" }, ...]`, by
+//     absolute guest path (`/in/orders.csv`). A path outside every granted directory, or with a
+//     `..` component, throws an Error saying so; the host refuses escapes (symbolic links
+//     included) and writes under a read-only grant. File errors carry the WASI error code as
+//     `code` (`no-entry`, `not-permitted`, ...). (There is no `fs`.)
+//   - HTTP is the standard `fetch` (over wasi:http), for the URLs of `http = ["https://host/*"]`.
+//     A refused request rejects like a network failure (`TypeError: NetworkError ...`: no
+//     reason reaches the task; the run's log records `HTTP request denied: ...`).
+//     `getJson(url, init)` and `postJson(url, value, init)` parse a JSON answer and throw an
+//     HttpError on a status other than 2xx (`status`, `url`) or on a failed or refused request
+//     (`status` null, the fetch error as `cause`).
+//   - There is no TCP API (`tcp` grants serve the other languages).
+//
+// Call these while the task runs, not at module top level: the top level runs when the component
+// is built (pre-initialized with Wizer), where calling them fails the build ("You cannot call
+// arbitrary imported functions during Wizer initialization").
+//
+// Build with `guest-sdk/js/build <task.js or directory> <out.wasm>`. The contract is world
+// `task-js` of wit/guests.wit (world `task` of wit/task.wit plus WASI environment, preopens and
+// TCP socket creation).
 
 import * as wit from "sluice:task/context@0.1.0";
 import { log as witLog } from "sluice:task/log@0.1.0";
+import { getEnvironment } from "wasi:cli/environment@0.2.12";
+import { getDirectories } from "wasi:filesystem/preopens@0.2.12";
 
 /** Base class of every signal; `message` is recorded on the state. */
 export class Signal extends Error {
@@ -30,7 +62,7 @@ export class Signal extends Error {
   }
 }
 
-/** Fail the task run (Failed), without retrying. */
+/** Fail the task run (Failed; like any failure it is retried while the task has retries left). */
 export class Fail extends Signal {}
 
 /** Skip the task run (Skipped, a successful state). */
@@ -96,6 +128,197 @@ export const log = Object.freeze({
   warn: (message) => witLog("warn", String(message)),
   error: (message) => witLog("error", String(message)),
 });
+
+/** The environment variable `name` when the task is granted it, else `fallback`. */
+export function env(name, fallback = undefined) {
+  const key = String(name);
+  const found = getEnvironment().find(([k]) => k === key);
+  return found === undefined ? fallback : found[1];
+}
+
+/**
+ * The secret `name` when the task is granted it, else `fallback`. The host replaces its value
+ * with `***` wherever it shows up in the run's logs, output or messages.
+ */
+export function secret(name, fallback = undefined) {
+  return env(name, fallback);
+}
+
+/** The granted directories, `[descriptor, guest path components]`, read once per run. */
+let preopens;
+function granted() {
+  preopens ??= getDirectories().map(([dir, guest]) => [dir, components(guest)]);
+  return preopens;
+}
+
+function components(path) {
+  return path.split("/").filter((c) => c !== "" && c !== ".");
+}
+
+/** `path` as [the granted directory's descriptor, the path relative to it]; throws outside. */
+function locate(path) {
+  path = String(path);
+  if (!path.startsWith("/")) throw new Error(`${path} is not an absolute path`);
+  const parts = components(path);
+  if (parts.includes("..")) throw new Error(`${path}: ".." is not allowed in a path`);
+  let best;
+  for (const [dir, root] of granted()) {
+    const inside = root.length <= parts.length && root.every((c, i) => c === parts[i]);
+    if (inside && (best === undefined || root.length > best[1].length)) best = [dir, root];
+  }
+  if (best === undefined) {
+    const dirs = granted().map(([, root]) => `/${root.join("/")}`);
+    const note = dirs.length === 0 ? "no directories are granted" : `granted: ${dirs.join(", ")}`;
+    throw new Error(`${path} is not in a granted directory (${note})`);
+  }
+  return [best[0], parts.slice(best[1].length).join("/") || "."];
+}
+
+const dispose = Symbol.dispose ?? Symbol.for("dispose");
+
+/** What the common WASI filesystem error codes mean here. */
+const fsErrors = {
+  access: "access denied",
+  exist: "it exists already",
+  "is-directory": "it is a directory",
+  loop: "too many symbolic links",
+  "no-entry": "no such file or directory",
+  "not-directory": "not a directory",
+  "not-permitted": "a read-only grant, or a link leading outside the granted directory",
+  "read-only": "a read-only file system",
+};
+
+/** Run `use(descriptor)` on `path` opened with the flags, then close it; errors name the path. */
+function withFile(path, verb, openFlags, flags, use) {
+  const [dir, rel] = locate(path);
+  let file;
+  try {
+    file = dir.openAt({ symlinkFollow: true }, rel, openFlags, flags);
+    // Reading a directory would fail with `bad-descriptor`; say what is wrong instead.
+    if (!openFlags.directory && file.getType() === "directory") throw { payload: "is-directory" };
+    return use(file);
+  } catch (e) {
+    const code = e?.payload;
+    if (typeof code !== "string") throw e;
+    const why = fsErrors[code] ? `${code} (${fsErrors[code]})` : code;
+    const cause = e instanceof Error ? { cause: e } : {};
+    throw Object.assign(new Error(`cannot ${verb} ${path}: ${why}`, cause), { code });
+  } finally {
+    file?.[dispose]();
+  }
+}
+
+/** The contents of the file at `path` (an absolute guest path), as a Uint8Array. */
+export function readBytes(path) {
+  return withFile(path, "read", {}, { read: true }, (file) => {
+    const chunks = [];
+    let size = 0;
+    for (;;) {
+      const [chunk, eof] = file.read(65536n, BigInt(size));
+      chunks.push(chunk);
+      size += chunk.length;
+      if (eof || chunk.length === 0) break;
+    }
+    const bytes = new Uint8Array(size);
+    let at = 0;
+    for (const chunk of chunks) {
+      bytes.set(chunk, at);
+      at += chunk.length;
+    }
+    return bytes;
+  });
+}
+
+/** The contents of the file at `path`, decoded as UTF-8. */
+export function readText(path) {
+  return new TextDecoder().decode(readBytes(path));
+}
+
+/** Write `bytes` (a Uint8Array or ArrayBuffer) to the file at `path`, created or truncated. */
+export function writeBytes(path, bytes) {
+  if (typeof bytes === "string") throw new TypeError("writeBytes takes bytes; use writeText");
+  const data = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
+  withFile(path, "write", { create: true, truncate: true }, { write: true }, (file) => {
+    let at = 0;
+    while (at < data.length) {
+      at += Number(file.write(data.subarray(at, at + (1 << 20)), BigInt(at)));
+    }
+  });
+}
+
+/** Write `text` as UTF-8 to the file at `path`, created or truncated. */
+export function writeText(path, text) {
+  writeBytes(path, new TextEncoder().encode(String(text)));
+}
+
+/** The names in the directory at `path`, sorted. */
+export function listDir(path) {
+  return withFile(path, "list", { directory: true }, { read: true }, (dir) => {
+    const names = [];
+    const entries = dir.readDirectory();
+    try {
+      for (let e = entries.readDirectoryEntry(); e; e = entries.readDirectoryEntry()) {
+        names.push(e.name);
+      }
+    } finally {
+      entries[dispose]();
+    }
+    return names.sort();
+  });
+}
+
+/** A failed `getJson`/`postJson`: a status other than 2xx, or (`status` null) no answer. */
+export class HttpError extends Error {
+  constructor(message, { status = null, url, cause } = {}) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.name = "HttpError";
+    this.status = status;
+    this.url = url;
+  }
+}
+
+/** `fetch`, with a status other than 2xx or a failed request thrown as an HttpError. */
+async function fetchOk(url, init) {
+  const what = `${(init.method ?? "GET").toUpperCase()} ${url}`;
+  let response;
+  try {
+    response = await fetch(url, init);
+  } catch (e) {
+    throw new HttpError(
+      `${what} failed or was refused (${e?.message ?? e}); see the run's log, which records ` +
+        "requests the task's grants refuse",
+      { url: String(url), cause: e },
+    );
+  }
+  if (!response.ok) {
+    const status = `${response.status} ${response.statusText}`.trim();
+    throw new HttpError(`${what} answered ${status}`, {
+      status: response.status,
+      url: String(url),
+    });
+  }
+  return response;
+}
+
+/** GET `url` (`init` as for `fetch`) and parse the JSON answer; HttpError unless 2xx. */
+export async function getJson(url, init = {}) {
+  const headers = new Headers(init.headers);
+  if (!headers.has("accept")) headers.set("accept", "application/json");
+  return (await fetchOk(url, { ...init, headers })).json();
+}
+
+/**
+ * POST `value` as JSON to `url` (`init` as for `fetch`) and parse the JSON answer (null when the
+ * answer is empty); HttpError unless 2xx.
+ */
+export async function postJson(url, value, init = {}) {
+  const headers = new Headers(init.headers);
+  if (!headers.has("accept")) headers.set("accept", "application/json");
+  headers.set("content-type", "application/json");
+  const body = JSON.stringify(value);
+  const text = await (await fetchOk(url, { method: "POST", ...init, headers, body })).text();
+  return text === "" ? null : JSON.parse(text);
+}
 
 /** The WIT `signal` variant for a signal. */
 function toWit(signal) {

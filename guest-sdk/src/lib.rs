@@ -151,7 +151,7 @@ use bindings::sluice::task::types as wit;
 ///
 /// | signal | state of the task run |
 /// |---|---|
-/// | [`Signal::fail`] | Failed, no retry |
+/// | [`Signal::fail`] | Failed (AwaitingRetry first while the task has retries left, as for any failure) |
 /// | [`Signal::retry`] | AwaitingRetry, or Failed when no retries remain |
 /// | [`Signal::skip`] | Skipped (counts as success downstream) |
 /// | [`Signal::pause`] | Paused until resumed |

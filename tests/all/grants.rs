@@ -23,26 +23,26 @@ fn add_one() -> String {
 }
 
 /// The results of a grants task's steps, from `sluice run --json` output.
-fn steps(run: &Value, name: &str) -> Vec<Value> {
+pub(crate) fn steps(run: &Value, name: &str) -> Vec<Value> {
     task(run, name)["output"]
         .as_array()
         .cloned()
         .unwrap_or_else(|| panic!("task {name} has no list output: {run:#}"))
 }
 
-fn ok(v: &Value) -> &Value {
+pub(crate) fn ok(v: &Value) -> &Value {
     assert!(v.get("err").is_none(), "expected success, got {v}");
     &v["ok"]
 }
 
-fn err(v: &Value) -> String {
+pub(crate) fn err(v: &Value) -> String {
     v["err"]
         .as_str()
         .unwrap_or_else(|| panic!("expected a refusal, got {v}"))
         .to_owned()
 }
 
-fn run_json(home: &Path, flow: &Path, extra: &[&str]) -> (Output, Value) {
+pub(crate) fn run_json(home: &Path, flow: &Path, extra: &[&str]) -> (Output, Value) {
     let flow = flow.to_str().expect("utf-8 path");
     let mut args = vec!["run", flow, "--json"];
     args.extend_from_slice(extra);
@@ -171,7 +171,7 @@ fn granted_directories_are_read_only_or_writable_and_nothing_escapes_them() {
 }
 
 /// A private secrets file holding `API_TOKEN`.
-fn secrets_file(dir: &Path, value: &str) -> PathBuf {
+pub(crate) fn secrets_file(dir: &Path, value: &str) -> PathBuf {
     let path = dir.join("secrets.env");
     std::fs::write(&path, format!("# test secrets\nAPI_TOKEN={value}\n")).expect("secrets");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
@@ -520,7 +520,7 @@ fn get(url: &str) -> String {
 }
 
 /// The records of the run's logs that Sluice wrote.
-fn sluice_lines(home: &Path, run: &Value) -> String {
+pub(crate) fn sluice_lines(home: &Path, run: &Value) -> String {
     let id = run["id"].as_str().expect("id");
     let logs = sluice(home, &["logs", id]);
     String::from_utf8_lossy(&logs.stdout).into_owned()
@@ -773,7 +773,7 @@ fn a_gigabyte_response_is_refused_at_the_cap_with_the_host_memory_flat() {
 // TCP, against a loopback echo listener started by the test
 
 /// A listener on 127.0.0.1 that answers each line with `pong: <line>`; counts connections.
-fn echo_listener() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+pub(crate) fn echo_listener() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     use std::io::{BufRead as _, Write as _};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();

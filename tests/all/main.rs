@@ -14,6 +14,7 @@ mod loading;
 mod logs;
 mod memory;
 mod polyglot;
+mod polyglot_grants;
 mod polyglot_rebuild;
 mod pool;
 mod recovery;

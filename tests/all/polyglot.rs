@@ -23,7 +23,7 @@ use sluice::state::{Retry, State, StateName};
 use crate::support::{control_task_completes, example_flow, guest, message, root};
 
 #[path = "../common/polyglot.rs"]
-mod builds;
+pub(crate) mod builds;
 use builds::{LANGUAGES, polyglot_guest};
 
 /// A sandbox of its own with an artifact directory, so the large Python and JavaScript

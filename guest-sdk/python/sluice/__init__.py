@@ -18,12 +18,49 @@ seconds), ``Skip``, ``Pause``, ``Success`` (a message and an optional output). A
 exception fails the run like a Rust panic (its traceback goes to stderr, which the run's record
 keeps), and stays retriable under the task's retry policy.
 
+What the manifest grants the task (``[tasks.NAME.grants]``) it reaches with Python's own idioms:
+files under the granted directories with ``open()`` and ``os``; variables and secrets with
+:func:`env` and :func:`secret` (or ``os.environ``); HTTP with :mod:`sluice.http`; TCP with
+``socket``. Nothing else is reachable: without a grant, ``open()`` fails, the environment is
+empty and a request raises ``http.HTTPError`` (``HttpRequestDenied``).
+
+The build runs the task's imports once and snapshots the result, so import every module at the
+top of the task (a module first imported inside ``run`` may be missing), and do no I/O at import
+time: nothing is granted while the component is built.
+
 Build with ``guest-sdk/python/build <task.py or directory> <out.wasm>``. The contract is
-``wit/task.wit`` (world ``task``).
+``wit/task.wit`` (world ``task-http`` of ``wit/guests.wit``).
 """
 
+import encodings.idna  # noqa: F401  (`socket` imports it on first use: load it at build time)
+import os as _os
 
-from . import context, log
+from . import context, http, log
 from .signals import Fail, Pause, Retry, Signal, Skip, Success
 
-__all__ = ["Fail", "Pause", "Retry", "Signal", "Skip", "Success", "context", "log"]
+__all__ = [
+    "Fail",
+    "Pause",
+    "Retry",
+    "Signal",
+    "Skip",
+    "Success",
+    "context",
+    "env",
+    "http",
+    "log",
+    "secret",
+]
+
+
+def env(name, default=None):
+    """The variable ``name`` when the task is granted it (``env = { NAME = "..." }``), else
+    ``default``."""
+    return _os.environ.get(name, default)
+
+
+def secret(name, default=None):
+    """The secret ``name`` when the task is granted it (``secrets = ["NAME"]``), else ``default``.
+    The host replaces its value with ``***`` wherever it shows up in the run's logs, output or
+    messages."""
+    return _os.environ.get(name, default)

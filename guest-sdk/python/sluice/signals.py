@@ -13,7 +13,7 @@ class Signal(Exception):
 
 
 class Fail(Signal):
-    """Fail the task run (Failed), without retrying."""
+    """Fail the task run (Failed; like any failure it is retried while the task has retries left)."""
 
 
 class Skip(Signal):
@@ -58,7 +58,8 @@ class Success(Signal):
 
 def _to_wit(signal):
     """The WIT `signal` variant for a Python signal."""
-    from wit_world.imports import types as t
+    # `sluice:task/types`, named by the build (wasi:http has an interface `types` too).
+    from wit_world.imports import sluice_types as t
 
     if isinstance(signal, Fail):
         return t.Signal_Fail(signal.message)

@@ -5,6 +5,7 @@
 
 #include <sluice.h>
 
+#include "probe.h"
 #include "words.h"
 
 static void put_string_or_null(sluice_buf *b, const char *s) {
@@ -97,5 +98,6 @@ sluice_result run(const sluice_json *input) {
         sluice_buf_printf(&b, "{\"words\":%zu}", count_words(text));
         return sluice_ok_buf(&b);
     }
+    if (strcmp(mode, "probe") == 0) return probe(sluice_json_get(input, "steps"));
     return sluice_fail("unknown mode \"%s\"", mode);
 }

@@ -1,5 +1,20 @@
 // The JavaScript test guest: the input's "do" picks a behaviour (see ../README.md).
-import { Fail, Pause, Retry, Skip, Success, context, log } from "sluice";
+import { getEnvironment } from "wasi:cli/environment@0.2.12";
+import { createTcpSocket } from "wasi:sockets/tcp-create-socket@0.2.12";
+import {
+  Fail,
+  Pause,
+  Retry,
+  Skip,
+  Success,
+  context,
+  env,
+  getJson,
+  log,
+  readText,
+  secret,
+  writeText,
+} from "sluice";
 import { countWords } from "./lib/words.js";
 
 // Asynchronous: the SDK awaits the promise `run` returns.
@@ -54,7 +69,62 @@ export async function run(input) {
       return input.value;
     case "words":
       return { words: await countWords(input.text) };
+    case "probe": {
+      const results = [];
+      for (const step of input.steps) results.push(await attempt(step));
+      return results;
+    }
     default:
       throw new Fail(`unknown mode ${JSON.stringify(input.do)}`);
+  }
+}
+
+/** One probe step's result: `{"ok": value}` or `{"err": "text"}`; never throws. */
+async function attempt(step) {
+  try {
+    return { ok: (await probe(step)) ?? null };
+  } catch (e) {
+    return { err: String(e?.message ?? e) };
+  }
+}
+
+async function probe(step) {
+  switch (step.do) {
+    case "read":
+      return readText(step.path);
+    case "write":
+      writeText(step.path, step.text);
+      return null;
+    case "env":
+      return env(step.name);
+    case "secret":
+      return secret(step.name);
+    case "env_names":
+      return getEnvironment()
+        .map(([name]) => name)
+        .sort();
+    case "http": {
+      const response = await fetch(step.url, {
+        method: step.method ?? "GET",
+        headers: step.headers ?? [],
+        body: step.body,
+      });
+      return { status: response.status, body: await response.text() };
+    }
+    case "get_json":
+      return getJson(step.url);
+    case "connect": {
+      // The SDK has no TCP: only see whether the grants let the task create a socket.
+      let socket;
+      try {
+        socket = createTcpSocket("ipv4");
+      } catch (e) {
+        throw new Error(String(e?.payload ?? e?.message ?? e));
+      }
+      socket[Symbol.dispose ?? Symbol.for("dispose")]();
+      throw new Error(`created a socket, but the JavaScript SDK has no TCP connect (${step.addr})`);
+    }
+    default:
+      throw new Error(`unknown step ${JSON.stringify(step.do)}`);
   }
 }

@@ -1,9 +1,11 @@
 """The Python test guest: the input's "do" picks a behaviour (see ../README.md)."""
 
+import os
+import socket
 import sys
 
 import sluice
-from sluice import context, log
+from sluice import context, http, log
 from wordcount import count_words
 
 
@@ -56,4 +58,49 @@ def run(input):
         return input["value"]
     if mode == "words":
         return {"words": count_words(input["text"])}
+    if mode == "probe":
+        return [attempt(step) for step in input["steps"]]
     raise sluice.Fail(f"unknown mode {mode!r}")
+
+
+def attempt(step):
+    """One probe step's result: ``{"ok": value}`` or ``{"err": "text"}``; never raises."""
+    try:
+        return {"ok": probe(step)}
+    except http.HTTPError as e:
+        return {"err": e.code}
+    except Exception as e:
+        return {"err": f"{type(e).__name__}: {e}"}
+
+
+def probe(step):
+    what = step["do"]
+    if what == "read":
+        with open(step["path"]) as f:
+            return f.read()
+    if what == "write":
+        with open(step["path"], "w") as f:
+            f.write(step["text"])
+        return None
+    if what == "env":
+        return sluice.env(step["name"])
+    if what == "secret":
+        return sluice.secret(step["name"])
+    if what == "env_names":
+        return sorted(os.environ)
+    if what == "http":
+        r = http.request(
+            step.get("method", "GET"),
+            step["url"],
+            headers=dict(step.get("headers", [])),
+            body=step.get("body"),
+        )
+        return {"status": r.status_code, "body": r.text}
+    if what == "get_json":
+        return http.get_json(step["url"])
+    if what == "connect":
+        host, port = step["addr"].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"ping\n")
+            return conn.makefile().readline().rstrip("\n")
+    raise ValueError(f"unknown step {what!r}")

@@ -745,10 +745,16 @@ fn any_successful_runs_after_a_map_with_some_failed_children() {
     // fail_if fails on `true`: one child fails, one completes, so the map is Failed.
     let (state, msg) = after_a_map(dir.path(), "fail_if", "[true, false]", "any_successful");
     assert_eq!(state, "Completed", "{msg}");
-    let (state, msg) = after_a_map(dir.path(), "fail_if", "[true, false]", "all_successful");
+    // The message counts the children per state, in the order the states first appear.
+    let (state, msg) = after_a_map(
+        dir.path(),
+        "fail_if",
+        "[true, false, true, false, false]",
+        "all_successful",
+    );
     assert_eq!(state, "TriggerFailed");
     assert!(
-        msg.contains("`m`'s mapped children are 1 Failed, 1 Completed"),
+        msg.contains("`m`'s mapped children are 2 Failed, 3 Completed"),
         "{msg}"
     );
     let (state, _) = after_a_map(dir.path(), "fail_if", "[true, false]", "any_failed");
@@ -781,4 +787,68 @@ fn a_skipped_mapped_child_skips_the_downstream_task() {
     let (state, msg) = after_a_map(dir.path(), "signal_skip", "[1, 2]", "all_successful");
     assert_eq!(state, "Skipped");
     assert_eq!(msg, "a mapped child of upstream task `m` was skipped");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs built from upstream outputs
+
+#[test]
+fn an_input_may_refer_to_one_upstream_output_several_times() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let id = component("identity");
+    // `twice` is `x`'s only consumer, so its last reference takes the output instead of copying
+    // it; every earlier reference must still get a copy. `x` then feeds two consumers.
+    let flow = write_flow(
+        dir.path(),
+        "refs",
+        &format!(
+            "name = \"refs\"\n\
+             [tasks.x]\ncomponent = \"{id}\"\ninput = {{ k = \"v\" }}\n\
+             [tasks.twice]\ncomponent = \"{id}\"\ninput = {{ a = \"$tasks.x\", b = [\"$tasks.x\", \"$tasks.x\"] }}\n\
+             [tasks.y]\ncomponent = \"{id}\"\ninput = {{ a = \"$tasks.y0\", b = \"$tasks.y0\" }}\n\
+             [tasks.y0]\ncomponent = \"{id}\"\ninput = 7\n\
+             [tasks.z]\ncomponent = \"{id}\"\ninput = [\"$tasks.y0\"]\n"
+        ),
+    );
+    let (code, r) = run(&dir.path().join("home"), &flow, &[]);
+    assert_eq!(code, Some(0), "{r}");
+    let x = json!({ "k": "v" });
+    assert_eq!(task(&r, "twice")["output"], json!({ "a": x, "b": [x, x] }));
+    assert_eq!(task(&r, "y")["output"], json!({ "a": 7, "b": 7 }));
+    assert_eq!(task(&r, "z")["output"], json!([7]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A handler that turns a cache hit into Scheduled makes the component run (and not hit again)
+
+#[test]
+fn a_handler_rescheduling_a_cache_hit_runs_the_component() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let home = dir.path().join("home");
+    let flow = write_flow(
+        dir.path(),
+        "rerun",
+        &format!(
+            "name = \"rerun\"\n[tasks.cached_to_Scheduled]\ncomponent = \"{}\"\ninput = 1\n\
+             cache_for = \"1h\"\nretries = 1\non_completion = [\"{}\"]\n",
+            component("add_one"),
+            component("replacer"),
+        ),
+    );
+    let (code, r) = run(&home, &flow, &[]);
+    assert_eq!(code, Some(0), "{r:#}");
+    let t = task(&r, "cached_to_Scheduled");
+    assert_eq!(history(t), ["Pending", "Running", "Completed"], "{t:#}");
+    // The second run hits the cache; the handler replaces Cached with Scheduled, and the
+    // component runs instead of the cache being asked again.
+    let (code, r) = run(&home, &flow, &[]);
+    assert_eq!(code, Some(0), "{r:#}");
+    let t = task(&r, "cached_to_Scheduled");
+    assert_eq!(
+        history(t),
+        ["Pending", "Scheduled", "Running", "Completed"],
+        "{t:#}"
+    );
+    assert_eq!(t["attempts"], 1, "{t:#}");
+    assert_eq!(t["output"], 2, "{t:#}");
 }

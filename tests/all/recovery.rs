@@ -248,14 +248,16 @@ fn resume_records_a_dead_run_as_crashed_and_finishes_it() {
 fn a_run_killed_while_a_task_awaits_its_retry_resumes_and_completes() {
     let dir = tempfile::tempdir().expect("temp dir");
     let home = dir.path().join("home");
-    // The first attempt asks for a retry in 5 s; the run is killed while it waits.
+    // The first attempt asks for a retry in 5 s; the run is killed while it waits. The resumed
+    // run counts the attempt made before it against the retries: the second attempt retries
+    // again (one retry left), the third completes.
     let flow = write_flow(
         dir.path(),
         r#"name = "later"
 [tasks.t]
 component = HOSTILE
-input = { do = "retry_on_first_attempt", ms = 5000 }
-retries = 1
+input = { do = "retry_before", attempt = 3, first_ms = 5000 }
+retries = 2
 [tasks.after]
 component = HOSTILE
 input = { do = "len", of = "$tasks.t" }
@@ -291,7 +293,7 @@ input = { do = "len", of = "$tasks.t" }
     let run = json_of(&out);
     assert_eq!(run["state"], "Completed", "{run:#}");
     let t = task(&run, "t");
-    assert_eq!(t["attempts"], 2, "{t:#}");
+    assert_eq!(t["attempts"], 3, "{t:#}");
     let h = history(t);
     let awaiting = h
         .iter()
@@ -300,6 +302,6 @@ input = { do = "len", of = "$tasks.t" }
     assert_eq!(h.last().map(String::as_str), Some("Completed"), "{h:?}");
     assert!(awaiting < h.len() - 1);
     let shown = json_of(&sluice(&home, &["show", &id, "--json"]));
-    assert_eq!(task(&shown, "t")["output"], 2);
+    assert_eq!(task(&shown, "t")["output"], 3);
     assert_eq!(task(&run, "after")["output"], 1);
 }

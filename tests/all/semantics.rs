@@ -503,6 +503,14 @@ fn fail_retries_while_retries_remain() {
         ]
     );
     assert_eq!(task(&r, "control")["state"], "Completed");
+    // The fuel of every attempt is summed: three attempts burn more than the control's one.
+    let fuel = |name: &str| {
+        task(&r, name)["fuel_consumed"]
+            .as_u64()
+            .expect("fuel_consumed")
+    };
+    assert!(fuel("control") > 0, "{r:#}");
+    assert!(fuel("f") > fuel("control"), "{r:#}");
     // Without retries, FAIL is final at once.
     let flow = write_flow(
         dir.path(),

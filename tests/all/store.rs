@@ -855,16 +855,23 @@ fn a_read_only_home_refuses_runs_and_still_shows_history() {
 }
 
 /// Resuming a failed mapped task in a new process (the record read back from the store) re-runs
-/// only the children that did not complete.
+/// only the children that did not complete: its upstream task completed, so their inputs are
+/// what they were.
 #[tokio::test]
 async fn a_resumed_mapped_task_reruns_only_its_unfinished_children() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Arc::new(SqliteStore::open(dir.path()).expect("store"));
     let flow = |component: &str| {
+        let mut items = TaskDef::new("items", guest("identity"));
+        items.input = Input::Literal(json!([false, true, false]).into());
         let mut m = TaskDef::new("m", guest(component));
-        m.input = Input::Literal(json!([false, true, false]).into());
+        m.input = Input::from_json(json!("$tasks.items"));
         m.map = sluice::flow::MapOver::Input;
-        FlowBuilder::new("mapped").task(m).build().expect("flow")
+        FlowBuilder::new("mapped")
+            .task(items)
+            .task(m)
+            .build()
+            .expect("flow")
     };
     let runner = FlowRunner::new(sandbox().clone()).store(store.clone() as Arc<dyn Store>);
     let first = runner
@@ -877,7 +884,7 @@ async fn a_resumed_mapped_task_reruns_only_its_unfinished_children() {
         .expect("run");
     assert_eq!(run.state.name, StateName::Failed);
     let children = |r: &sluice::runner::FlowRun| -> Vec<(StateName, u32)> {
-        r.tasks[0]
+        r.tasks[1]
             .children
             .iter()
             .map(|c| (c.state.name, c.attempts))
@@ -913,12 +920,12 @@ async fn a_resumed_mapped_task_reruns_only_its_unfinished_children() {
     );
     // fail_if's outputs (true) kept, identity's (true for input true) computed.
     let shown = store.load_run(run.id).expect("load").run;
-    assert_eq!(shown.tasks[0].state.name, StateName::Mapped);
+    assert_eq!(shown.tasks[1].state.name, StateName::Mapped);
     assert_eq!(
-        shown.tasks[0].output,
+        shown.tasks[1].output,
         Some(json!([true, true, true]).into())
     );
-    assert_eq!(shown.tasks[0].children.len(), 3);
+    assert_eq!(shown.tasks[1].children.len(), 3);
 }
 
 /// A run cancelled from another process can be resumed: the old request does not cancel the

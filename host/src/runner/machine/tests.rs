@@ -1045,3 +1045,82 @@ fn a_cancel_ends_paused_mapped_children_cancelled() {
         Some("mapped runs were cancelled")
     );
 }
+
+/// A cached task with a store: the machine asks the cache once, on the first attempt only, and
+/// is not idle while the answer is awaited; a retry after a miss runs the component without
+/// asking again.
+#[test]
+fn the_cache_is_asked_once_and_awaited_before_the_run_can_end() {
+    let mut t = TaskDef::new("t", PathBuf::from("t.wasm"));
+    t.input = Input::Literal(json!(1).into());
+    t.retries = 1;
+    t.cache = Some(crate::cache::CachePolicy {
+        cache_for: Duration::from_secs(3600),
+        validator: crate::cache::CacheValidator::AllInputs,
+    });
+    let def = Arc::new(FlowBuilder::new("cached").task(t).build().expect("flow"));
+    let clock = SimClock::new(start_time());
+    let settings = Settings {
+        clock: Arc::new(clock.clone()),
+        handlers: Arc::new(StateHandlers::default()),
+        record: true,
+        events: false,
+        digests: vec![String::new()],
+        grants: vec![(String::new(), String::new())],
+        logs_before: 0,
+    };
+    let run = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now());
+    let mut m = FlowMachine::new(def, run, &[], settings);
+    // Every command but the store's writes.
+    let next = |m: &mut FlowMachine| -> Vec<Command> {
+        std::iter::from_fn(|| m.next_command())
+            .filter(|c| !matches!(c, Command::Write(_)))
+            .collect()
+    };
+    m.start();
+    let unit = Unit::task(0);
+    let commands = next(&mut m);
+    assert!(
+        matches!(commands.as_slice(), [Command::LookupCache { unit: u, .. }] if *u == unit),
+        "{commands:?}"
+    );
+    assert!(!m.is_idle(), "idle while the cache answer is awaited");
+    m.handle(Event::CacheAnswered {
+        unit,
+        answer: Ok(CacheLookup::Miss("no entry".into())),
+    });
+    let commands = next(&mut m);
+    assert!(
+        matches!(commands.as_slice(), [Command::Run(a)] if a.ctx.attempt == 1),
+        "{commands:?}"
+    );
+    let outcome = |ending| RunOutcome {
+        ending,
+        logs: Vec::new(),
+        logs_dropped_bytes: 0,
+        usage: Usage::default(),
+    };
+    m.handle(Event::AttemptEnded {
+        unit,
+        outcome: outcome(Outcome::Retry(None).ending()),
+    });
+    let commands = next(&mut m);
+    assert!(
+        matches!(commands.as_slice(), [Command::Timer { unit: u, .. }] if *u == unit),
+        "{commands:?}"
+    );
+    m.handle(Event::TimerFired(unit));
+    // The retry runs the component: no second lookup.
+    let commands = next(&mut m);
+    assert!(
+        matches!(commands.as_slice(), [Command::Run(a)] if a.ctx.attempt == 2),
+        "{commands:?}"
+    );
+    m.handle(Event::AttemptEnded {
+        unit,
+        outcome: outcome(Ending::Output(json!(2).into())),
+    });
+    let _ = next(&mut m);
+    assert!(m.is_idle());
+    assert_eq!(m.run().tasks[0].state.name, StateName::Completed);
+}

@@ -66,6 +66,9 @@ enum Behaviour {
     /// Raise RETRY with a delay of `ms` milliseconds on the first attempt; return the attempt
     /// number on later ones.
     RetryOnFirstAttempt { ms: u64 },
+    /// Raise RETRY on every attempt before `attempt` (the first with a delay of `first_ms`
+    /// milliseconds, the others without one); return the attempt number from then on.
+    RetryBefore { attempt: u32, first_ms: u64 },
     /// Write `lines` rounds of a log-import line, a stdout line and a stderr line.
     Chatter { lines: usize },
 }
@@ -192,6 +195,17 @@ fn run(behaviour: Behaviour) -> Result<serde_json::Value, Signal> {
                 ));
             }
             json!(context::attempt())
+        }
+        Behaviour::RetryBefore { attempt, first_ms } => {
+            let now = context::attempt();
+            if now < attempt {
+                let ms = if now == 1 { first_ms } else { 0 };
+                return Err(Signal::retry_after(
+                    format!("attempt {now}"),
+                    std::time::Duration::from_millis(ms),
+                ));
+            }
+            json!(now)
         }
         Behaviour::Chatter { lines } => {
             for i in 0..lines {

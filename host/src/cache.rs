@@ -318,6 +318,134 @@ pub struct CacheInfo {
         serialize_with = "crate::timestamp::serialize_option"
     )]
     pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// For a hit: when the entry was written.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::timestamp::serialize_option"
+    )]
+    pub cached_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl CacheInfo {
+    /// A hit on the entry `flow_run` and `task_run` wrote at `cached_at`, valid until
+    /// `expires_at`, found under `key` with `validator`; its reason names all four.
+    pub fn hit(
+        key: String,
+        validator: String,
+        (flow_run, task_run): (String, String),
+        cached_at: chrono::DateTime<chrono::Utc>,
+        expires_at: chrono::DateTime<chrono::Utc>,
+    ) -> CacheInfo {
+        let mut reason = String::with_capacity(160);
+        reason.push_str("output of flow run ");
+        reason.push_str(&flow_run);
+        reason.push_str(" (task run ");
+        reason.push_str(&task_run);
+        reason.push_str("), cached at ");
+        crate::timestamp::push(&mut reason, &cached_at);
+        reason.push_str(", valid until ");
+        crate::timestamp::push(&mut reason, &expires_at);
+        CacheInfo {
+            status: CacheStatus::Hit,
+            key,
+            validator,
+            reason,
+            source_flow_run: Some(flow_run),
+            source_task_run: Some(task_run),
+            expires_at: Some(expires_at),
+            cached_at: Some(cached_at),
+        }
+    }
+
+    /// As the store keeps it: JSON, without a hit's reason (it is derived from the entry it
+    /// names, see [`CacheInfo::from_stored`]).
+    pub fn to_stored(&self) -> String {
+        let derived = self.status == CacheStatus::Hit
+            && self.cached_at.is_some()
+            && self.source_flow_run.is_some()
+            && self.source_task_run.is_some();
+        let stored = Stored {
+            status: self.status,
+            key: &self.key,
+            validator: &self.validator,
+            reason: (!derived).then_some(self.reason.as_str()),
+            source_flow_run: self.source_flow_run.as_deref(),
+            source_task_run: self.source_task_run.as_deref(),
+            expires_at: self.expires_at,
+            cached_at: self.cached_at,
+        };
+        // Strings and timestamps: writing them to memory cannot fail.
+        serde_json::to_string(&stored).unwrap_or_default()
+    }
+
+    /// Read what [`CacheInfo::to_stored`] wrote (or, before it, the whole record).
+    pub fn from_stored(text: &str) -> Result<CacheInfo, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Read {
+            status: CacheStatus,
+            key: String,
+            validator: String,
+            #[serde(default)]
+            reason: Option<String>,
+            #[serde(default)]
+            source_flow_run: Option<String>,
+            #[serde(default)]
+            source_task_run: Option<String>,
+            #[serde(default)]
+            expires_at: Option<chrono::DateTime<chrono::Utc>>,
+            #[serde(default)]
+            cached_at: Option<chrono::DateTime<chrono::Utc>>,
+        }
+        let r: Read = serde_json::from_str(text)?;
+        match (r.reason, r.status, r.source_flow_run, r.source_task_run) {
+            (None, CacheStatus::Hit, Some(flow), Some(task)) => match (r.cached_at, r.expires_at) {
+                (Some(cached), Some(expires)) => Ok(CacheInfo::hit(
+                    r.key,
+                    r.validator,
+                    (flow, task),
+                    cached,
+                    expires,
+                )),
+                _ => Err(serde::de::Error::missing_field("reason")),
+            },
+            (None, ..) => Err(serde::de::Error::missing_field("reason")),
+            (Some(reason), status, source_flow_run, source_task_run) => Ok(CacheInfo {
+                status,
+                key: r.key,
+                validator: r.validator,
+                reason,
+                source_flow_run,
+                source_task_run,
+                expires_at: r.expires_at,
+                cached_at: r.cached_at,
+            }),
+        }
+    }
+}
+
+/// [`CacheInfo`] as stored: its reason only where it cannot be derived.
+#[derive(Serialize)]
+struct Stored<'a> {
+    status: CacheStatus,
+    key: &'a str,
+    validator: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_flow_run: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_task_run: Option<&'a str>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::timestamp::serialize_option"
+    )]
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::timestamp::serialize_option"
+    )]
+    cached_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Whether the cache was used.
@@ -334,6 +462,46 @@ pub enum CacheStatus {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_hit_is_stored_without_its_reason_and_reads_back_whole() {
+        let at = |s: &str| s.parse::<chrono::DateTime<chrono::Utc>>().expect("time");
+        let hit = CacheInfo::hit(
+            "k".repeat(64),
+            "all_inputs".into(),
+            ("01FLOW".into(), "01TASK".into()),
+            at("2030-01-01T00:00:00.5Z"),
+            at("2030-01-01T01:00:00Z"),
+        );
+        assert_eq!(
+            hit.reason,
+            "output of flow run 01FLOW (task run 01TASK), cached at 2030-01-01T00:00:00.500Z, \
+             valid until 2030-01-01T01:00:00Z"
+        );
+        let stored = hit.to_stored();
+        assert!(!stored.contains("reason"), "{stored}");
+        assert_eq!(CacheInfo::from_stored(&stored).expect("read"), hit);
+        // A miss keeps its reason; so does a record written whole (before compact rows).
+        let miss = CacheInfo {
+            status: CacheStatus::Miss,
+            reason: "the inputs changed".into(),
+            source_flow_run: None,
+            source_task_run: None,
+            expires_at: None,
+            cached_at: None,
+            ..hit.clone()
+        };
+        assert_eq!(
+            CacheInfo::from_stored(&miss.to_stored()).expect("read"),
+            miss
+        );
+        let whole = serde_json::to_string(&hit).expect("json");
+        assert_eq!(CacheInfo::from_stored(&whole).expect("read"), hit);
+        // A hit without a reason it could be derived from is refused, naming the field.
+        let broken = r#"{"status":"hit","key":"k","validator":"v","source_flow_run":"f"}"#;
+        let e = CacheInfo::from_stored(broken).expect_err("no reason");
+        assert!(e.to_string().contains("reason"), "{e}");
+    }
 
     fn key(policy: &CachePolicy, input: Value, params: Value) -> Option<CacheKey> {
         let params: BTreeMap<String, Value> =

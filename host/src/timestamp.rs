@@ -57,6 +57,15 @@ fn put2(buf: &mut [u8; MAX_LEN], at: usize, n: u32) {
     buf[at + 1] = b'0' + (n % 10) as u8;
 }
 
+/// Append `t` to `out` as [`serialize`] writes it.
+pub fn push(out: &mut String, t: &DateTime<Utc>) {
+    let mut buf = [0u8; MAX_LEN];
+    match format(t, &mut buf).and_then(|len| std::str::from_utf8(&buf[..len]).ok()) {
+        Some(text) => out.push_str(text),
+        None => out.push_str(&t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+    }
+}
+
 /// `#[serde(serialize_with)]` for a `DateTime<Utc>`.
 pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     let mut buf = [0u8; MAX_LEN];

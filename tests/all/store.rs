@@ -173,6 +173,19 @@ impl CacheBench {
             .await
             .expect("run");
         let t = run.task("t").expect("task t").clone();
+        // The record reads back as the run left it: state, history and cache information (a
+        // hit's reason is derived from its entry, a state from its last transition).
+        let mut stored = self.store.load_run(run.id).expect("load").run;
+        let mut read = stored.tasks.remove(0);
+        read.output_released = t.output_released;
+        read.logs.clone_from(&t.logs);
+        // Run time is stored in whole microseconds.
+        assert_eq!(read.run_time.as_micros(), t.run_time.as_micros());
+        read.run_time = t.run_time;
+        assert_eq!(
+            read, t,
+            "the stored task run differs from the run's own record"
+        );
         (run.id, t)
     }
 }

@@ -5,7 +5,9 @@
 //! entries preloaded once, so a hit is answered at once), writes go to the store's queue and
 //! events to the listener. It also watches the store for a cancel requested by another process.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;

@@ -134,6 +134,7 @@ impl FlowMachine {
             source_flow_run: None,
             source_task_run: None,
             expires_at: None,
+            cached_at: None,
         };
         if self.cancelled {
             // The answer came too late: the unit ends Cancelled, not from the cache.
@@ -150,24 +151,15 @@ impl FlowMachine {
             }) => {
                 self.release_slot(unit);
                 let now = self.now();
-                let reason = format!(
-                    "output of flow run {} (task run {}), cached at {}, valid until {}",
-                    entry.flow_run,
-                    entry.task_run,
-                    entry.created_at.to_rfc3339(),
-                    entry.expires_at.to_rfc3339()
-                );
                 let state = State::new(StateName::Cached, now)
                     .with_message(format!("cached result from flow run {}", entry.flow_run));
-                self.record(unit).cache = Some(CacheInfo {
-                    status: CacheStatus::Hit,
-                    key: key.key,
-                    validator: key.validator,
-                    reason,
-                    source_flow_run: Some(entry.flow_run),
-                    source_task_run: Some(entry.task_run),
-                    expires_at: Some(entry.expires_at),
-                });
+                self.record(unit).cache = Some(CacheInfo::hit(
+                    key.key,
+                    key.validator,
+                    (entry.flow_run, entry.task_run),
+                    entry.created_at,
+                    entry.expires_at,
+                ));
                 let then = Then::Proceed {
                     output: Some(output),
                     from_cache: true,

@@ -14,7 +14,9 @@
 //! a task touches only its downstream tasks, never the whole graph, and an output is dropped as
 //! soon as every task that consumes it has received it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};

@@ -9,6 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
 use super::{SqliteStore, from_micros};
+use crate::cache::CacheInfo;
 use crate::ids::{FlowRunId, TaskRunId};
 use crate::json::Json;
 use crate::runner::{FlowRun, TaskRun, Transition};
@@ -206,7 +207,18 @@ impl SqliteStore {
             hist,
         ) in rows
         {
-            let state = parse_state(&id, &state)?;
+            let history = parse_history(&id, &hist)?;
+            let state = match (state.is_empty(), history.last()) {
+                // Written compactly: the state is the last transition.
+                (true, Some(t)) => State {
+                    name: t.to,
+                    message: t.message.clone(),
+                    timestamp: t.time,
+                    result: None,
+                    scheduled_for: None,
+                },
+                _ => parse_state(&id, &state)?,
+            };
             let what = |kind: &str| match map_index {
                 Some(i) => format!("{kind} of task `{name}`[{i}]"),
                 None => format!("{kind} of task `{name}`"),
@@ -223,14 +235,14 @@ impl SqliteStore {
             };
             let cached_input = blob(&input, "cached input");
             let cache = cache
-                .map(|c| serde_json::from_str(&c))
+                .map(|c| CacheInfo::from_stored(&c))
                 .transpose()
                 .map_err(|e| corrupt(format!("cache info: {e}")))?;
             let record = TaskRun {
                 name,
                 id: parse_id(&id, &tid)?,
                 map_index,
-                history: parse_history(&id, &hist)?,
+                history,
                 logs: Vec::new(),
                 state,
                 attempts,

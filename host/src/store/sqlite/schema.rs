@@ -132,6 +132,10 @@ DROP INDEX cache_task;
 ALTER TABLE cache ADD COLUMN grants TEXT NOT NULL DEFAULT '';
 ALTER TABLE cache ADD COLUMN secrets TEXT NOT NULL DEFAULT '';
 ",
+    // 6: no schema change; the rows are written more compactly, which older versions cannot
+    // read: a task run's `state_json` is empty when the state is its last history line, and a
+    // cache hit's information omits its reason (derived from the entry it names).
+    "",
 ];
 
 /// How much of the database a connection memory-maps.

@@ -14,6 +14,7 @@ use rusqlite::{Connection, Transaction, params};
 
 use super::liveness::{not_recorded, process_start};
 use super::{classify, i64_of, lock, micros};
+use crate::cache::CacheInfo;
 use crate::ids::{FlowRunId, TaskRunId};
 use crate::json::Json;
 use crate::runner::Transition;
@@ -234,7 +235,8 @@ fn discard(held: &mut VecDeque<Batch>, health: &Health) {
 #[derive(Default)]
 struct Batch {
     others: Vec<Write>,
-    tasks: indexmap::IndexMap<TaskRunId, TaskWrite>,
+    /// Boxed: a batch holds up to [`MAX_BATCH`] of them, and growing the map moves its entries.
+    tasks: indexmap::IndexMap<TaskRunId, Box<TaskWrite>, foldhash::fast::RandomState>,
     writes: usize,
     /// What the batch's log records cost.
     log_bytes: u64,
@@ -248,7 +250,7 @@ impl Batch {
             Write::Task(t) => match self.tasks.get_mut(&t.id) {
                 Some(existing) => merge(existing, *t),
                 None => {
-                    self.tasks.insert(t.id, *t);
+                    self.tasks.insert(t.id, t);
                 }
             },
             other => self.others.push(other),
@@ -378,6 +380,23 @@ pub(super) fn state_json(s: &State) -> String {
     serde_json::to_string(&s).unwrap_or_default()
 }
 
+/// A task run's `state_json`: empty when the state says no more than `last`, the transition
+/// into it (its name, time and message; a reader takes the state from the last history line),
+/// else the state as JSON.
+fn task_state_json(s: &State, last: Option<&Transition>) -> String {
+    match last {
+        Some(t)
+            if t.to == s.name
+                && t.time == s.timestamp
+                && t.message == s.message
+                && s.scheduled_for.is_none() =>
+        {
+            String::new()
+        }
+        _ => state_json(s),
+    }
+}
+
 fn run_created(tx: &Transaction<'_>, h: &RunHeader) -> rusqlite::Result<()> {
     let (path, text) = match &h.manifest {
         Some((p, t)) => (Some(p.to_string_lossy().into_owned()), Some(t.as_str())),
@@ -459,10 +478,7 @@ fn task_write(tx: &Transaction<'_>, t: &TaskWrite) -> rusqlite::Result<()> {
         .as_ref()
         .map(|b| put_blob(tx, b))
         .transpose()?;
-    let cache = t
-        .cache
-        .as_ref()
-        .map(|c| serde_json::to_string(c).unwrap_or_default());
+    let cache = t.cache.as_ref().map(CacheInfo::to_stored);
     tx.prepare_cached(
         "INSERT INTO task_runs (id, flow_run, task_index, name, parent, map_index, state, state_json, attempts, run_time_us, fuel, output, cached_input, cache, history)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?16)
@@ -482,7 +498,7 @@ fn task_write(tx: &Transaction<'_>, t: &TaskWrite) -> rusqlite::Result<()> {
         t.parent.map(|(p, _)| p.to_string()),
         t.parent.map(|(_, i)| i),
         t.state.name.as_str(),
-        state_json(&t.state),
+        task_state_json(&t.state, t.transitions.last()),
         t.attempts,
         i64::try_from(t.run_time.as_micros()).unwrap_or(i64::MAX),
         i64_of(t.fuel_consumed),

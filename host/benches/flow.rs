@@ -19,6 +19,9 @@
 //! Run: `cargo bench --bench flow` (`cargo bench --bench flow -- store` runs only 4 and 5,
 //! `-- hits` only the all-cache-hit run, ten times, `-- chain` only the chain).
 
+/// The allocator of the `sluice` binary, set up as it sets it up.
+#[path = "../src/bin/sluice/alloc.rs"]
+mod alloc;
 #[path = "../../tests/common/guests.rs"]
 mod guests;
 #[path = "support/raw_floor.rs"]

@@ -9,6 +9,7 @@
 //! | 2 | usage or input error: bad flags, input that is not JSON, a file that is not a task |
 //! | 3 | the run is waiting: Paused, or AwaitingRetry (another Scheduled-type state) |
 
+mod alloc;
 mod build;
 mod cache_cmd;
 mod control;

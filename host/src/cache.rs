@@ -304,6 +304,7 @@ pub struct CacheInfo {
     /// The validator.
     pub validator: String,
     /// Why: which entry was used, or what differed from the newest entry of the task.
+    #[serde(default)]
     pub reason: String,
     /// For a hit: the flow run that produced the value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -337,15 +338,7 @@ impl CacheInfo {
         cached_at: chrono::DateTime<chrono::Utc>,
         expires_at: chrono::DateTime<chrono::Utc>,
     ) -> CacheInfo {
-        let mut reason = String::with_capacity(160);
-        reason.push_str("output of flow run ");
-        reason.push_str(&flow_run);
-        reason.push_str(" (task run ");
-        reason.push_str(&task_run);
-        reason.push_str("), cached at ");
-        crate::timestamp::push(&mut reason, &cached_at);
-        reason.push_str(", valid until ");
-        crate::timestamp::push(&mut reason, &expires_at);
+        let reason = hit_reason(&flow_run, &task_run, &cached_at, &expires_at);
         CacheInfo {
             status: CacheStatus::Hit,
             key,
@@ -364,7 +357,8 @@ impl CacheInfo {
         let derived = self.status == CacheStatus::Hit
             && self.cached_at.is_some()
             && self.source_flow_run.is_some()
-            && self.source_task_run.is_some();
+            && self.source_task_run.is_some()
+            && self.expires_at.is_some();
         let stored = Stored {
             status: self.status,
             key: &self.key,
@@ -381,47 +375,42 @@ impl CacheInfo {
 
     /// Read what [`CacheInfo::to_stored`] wrote (or, before it, the whole record).
     pub fn from_stored(text: &str) -> Result<CacheInfo, serde_json::Error> {
-        #[derive(Deserialize)]
-        struct Read {
-            status: CacheStatus,
-            key: String,
-            validator: String,
-            #[serde(default)]
-            reason: Option<String>,
-            #[serde(default)]
-            source_flow_run: Option<String>,
-            #[serde(default)]
-            source_task_run: Option<String>,
-            #[serde(default)]
-            expires_at: Option<chrono::DateTime<chrono::Utc>>,
-            #[serde(default)]
-            cached_at: Option<chrono::DateTime<chrono::Utc>>,
+        let mut info: CacheInfo = serde_json::from_str(text)?;
+        if info.reason.is_empty() {
+            match (
+                info.status,
+                &info.source_flow_run,
+                &info.source_task_run,
+                &info.cached_at,
+                &info.expires_at,
+            ) {
+                (CacheStatus::Hit, Some(flow), Some(task), Some(cached), Some(expires)) => {
+                    info.reason = hit_reason(flow, task, cached, expires);
+                }
+                _ => return Err(serde::de::Error::missing_field("reason")),
+            }
         }
-        let r: Read = serde_json::from_str(text)?;
-        match (r.reason, r.status, r.source_flow_run, r.source_task_run) {
-            (None, CacheStatus::Hit, Some(flow), Some(task)) => match (r.cached_at, r.expires_at) {
-                (Some(cached), Some(expires)) => Ok(CacheInfo::hit(
-                    r.key,
-                    r.validator,
-                    (flow, task),
-                    cached,
-                    expires,
-                )),
-                _ => Err(serde::de::Error::missing_field("reason")),
-            },
-            (None, ..) => Err(serde::de::Error::missing_field("reason")),
-            (Some(reason), status, source_flow_run, source_task_run) => Ok(CacheInfo {
-                status,
-                key: r.key,
-                validator: r.validator,
-                reason,
-                source_flow_run,
-                source_task_run,
-                expires_at: r.expires_at,
-                cached_at: r.cached_at,
-            }),
-        }
+        Ok(info)
     }
+}
+
+/// A hit's reason: the entry it used, when that was written and until when it is valid.
+fn hit_reason(
+    flow_run: &str,
+    task_run: &str,
+    cached_at: &chrono::DateTime<chrono::Utc>,
+    expires_at: &chrono::DateTime<chrono::Utc>,
+) -> String {
+    let mut reason = String::with_capacity(160);
+    reason.push_str("output of flow run ");
+    reason.push_str(flow_run);
+    reason.push_str(" (task run ");
+    reason.push_str(task_run);
+    reason.push_str("), cached at ");
+    crate::timestamp::push(&mut reason, cached_at);
+    reason.push_str(", valid until ");
+    crate::timestamp::push(&mut reason, expires_at);
+    reason
 }
 
 /// [`CacheInfo`] as stored: its reason only where it cannot be derived.

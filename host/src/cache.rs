@@ -40,6 +40,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::ids::TenantId;
 use crate::json::Json;
 use crate::sandbox::RunBudget;
 
@@ -155,6 +156,18 @@ impl CacheScope {
             field(&mut h, k);
             field(&mut h, v);
         }
+        Self {
+            hash: h.finalize().to_hex().to_string(),
+        }
+    }
+
+    /// This scope within tenant `tenant` of a server: the same flow, namespace and context in
+    /// two tenants are two scopes, so no key of one tenant is ever a key of another.
+    pub fn within(self, tenant: TenantId) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(b"sluice-cache-scope-tenant-v1\0");
+        h.update(tenant.to_string().as_bytes());
+        h.update(self.hash.as_bytes());
         Self {
             hash: h.finalize().to_hex().to_string(),
         }
@@ -679,6 +692,12 @@ mod tests {
             ))
         );
         assert_ne!(k(&base), k(&CacheScope::new("f", None, &ctx(&[]))));
+        // Within a tenant: not the scope outside any tenant, nor the scope within another.
+        let (t1, t2) = (TenantId::new(), TenantId::new());
+        let within = |t| k(&CacheScope::new("f", None, &abc).within(t));
+        assert_ne!(within(t1), k(&base));
+        assert_ne!(within(t1), within(t2));
+        assert_eq!(within(t1), within(t1));
         // Keys and values cannot be shifted into each other.
         assert_ne!(
             k(&CacheScope::new("f", None, &ctx(&[("ab", "c")]))),

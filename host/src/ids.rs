@@ -1,4 +1,4 @@
-//! Typed identifiers for runs. Each id is a ULID: unique, sortable by creation time, and printed
+//! Typed identifiers for runs and tenants. Each id is a ULID: unique, sortable by creation time, and printed
 //! as 26 characters of Crockford base32.
 
 use std::fmt;
@@ -50,4 +50,8 @@ typed_id!(
 typed_id!(
     /// Identifies one run of a task within a flow run.
     TaskRunId
+);
+typed_id!(
+    /// Identifies one tenant of a server.
+    TenantId
 );

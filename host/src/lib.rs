@@ -20,6 +20,7 @@ pub mod ids;
 pub mod json;
 pub mod runner;
 pub mod sandbox;
+pub mod server;
 pub mod state;
 pub mod store;
 mod timestamp;

@@ -20,6 +20,7 @@ mod pool;
 mod recovery;
 mod scheduling;
 mod semantics;
+mod server;
 mod signals;
 mod store;
 mod store_faults;

@@ -49,6 +49,7 @@ pub(super) async fn drive(
             .map(|g| (g.digest.clone(), g.secrets_digest.clone()))
             .collect(),
         logs_before,
+        tenant: runner.tenant,
     };
     let machine = FlowMachine::new(flow.def.clone(), run, starts, settings);
     let (done_tx, done_rx) = mpsc::unbounded_channel();

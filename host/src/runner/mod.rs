@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use crate::clock::{ClockRef, SystemClock};
 use crate::flow::FlowDef;
 use crate::grants::{GrantError, ResolvedGrants, SecretSource};
-use crate::ids::{FlowRunId, TaskRunId};
+use crate::ids::{FlowRunId, TaskRunId, TenantId};
 use crate::sandbox::{CancelToken, HandlerComponent, LoadError, RunBudget, Sandbox, TaskComponent};
 use crate::state::{State, StateType};
 use crate::store::{Blob, RunHeader, RunLease, Store, StoreError, TaskWrite, Write};
@@ -153,6 +153,7 @@ pub struct FlowRunner {
     events: Option<mpsc::UnboundedSender<FlowEvent>>,
     store: Option<Arc<dyn Store>>,
     secrets: SecretSource,
+    tenant: Option<TenantId>,
 }
 
 impl fmt::Debug for FlowRunner {
@@ -160,6 +161,21 @@ impl fmt::Debug for FlowRunner {
         f.debug_struct("FlowRunner")
             .field("sandbox", &self.sandbox)
             .finish_non_exhaustive()
+    }
+}
+
+/// A run created by [`FlowRunner::start`], not executed yet.
+#[derive(Debug)]
+pub struct StartedRun {
+    run: FlowRun,
+    lease: Option<Box<dyn RunLease>>,
+    cancel: CancelToken,
+}
+
+impl StartedRun {
+    /// The run's id.
+    pub fn id(&self) -> FlowRunId {
+        self.run.id
     }
 }
 
@@ -191,6 +207,7 @@ impl FlowRunner {
             events: None,
             store: None,
             secrets: SecretSource::none(),
+            tenant: None,
         }
     }
 
@@ -206,6 +223,13 @@ impl FlowRunner {
     /// and output caching is off.
     pub fn store(mut self, store: Arc<dyn Store>) -> Self {
         self.store = Some(store);
+        self
+    }
+
+    /// Run flows for the server tenant `tenant`: their cache keys are within it (see
+    /// [`CacheScope::within`](crate::cache::CacheScope::within)). Default: none (embedded).
+    pub fn tenant(mut self, tenant: TenantId) -> Self {
+        self.tenant = Some(tenant);
         self
     }
 
@@ -361,6 +385,18 @@ impl FlowRunner {
         flow: &PreparedFlow,
         options: RunOptions,
     ) -> Result<FlowRun, PrepareError> {
+        let started = self.start(flow, options)?;
+        self.finish(flow, started).await
+    }
+
+    /// Create a run of `flow` (recorded in the store: the write is queued) without executing
+    /// it yet: [`FlowRunner::finish`] does. The run has its id, and with a store it is leased
+    /// to this process, from here on.
+    pub fn start(
+        &self,
+        flow: &PreparedFlow,
+        options: RunOptions,
+    ) -> Result<StartedRun, PrepareError> {
         let now = self.clock.now();
         let parameters = merge_parameters(&flow.def, options.parameters)?;
         let mut context = flow.def.context.clone();
@@ -399,7 +435,21 @@ impl FlowRunner {
             }
             None => None,
         };
-        let run = driver::drive(self, flow, (run, 0), &[], options.cancel).await;
+        Ok(StartedRun {
+            run,
+            lease,
+            cancel: options.cancel,
+        })
+    }
+
+    /// Execute a run made by [`FlowRunner::start`] to its end.
+    pub async fn finish(
+        &self,
+        flow: &PreparedFlow,
+        started: StartedRun,
+    ) -> Result<FlowRun, PrepareError> {
+        let StartedRun { run, lease, cancel } = started;
+        let run = driver::drive(self, flow, (run, 0), &[], cancel).await;
         self.recorded(run, lease).await
     }
 

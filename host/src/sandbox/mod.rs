@@ -122,6 +122,11 @@ impl Sandbox {
         self.0.admission.ceiling_bytes()
     }
 
+    /// The largest component file it reads (see [`SandboxBuilder::max_component_bytes`]).
+    pub fn max_component_bytes(&self) -> u64 {
+        self.0.max_component_bytes
+    }
+
     /// The directory of precompiled artifacts, if any.
     pub fn artifact_dir(&self) -> Option<&Path> {
         self.0.artifacts.as_ref().map(ArtifactStore::dir)

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use sqlite::SqliteStore;
@@ -333,7 +333,7 @@ pub struct RunFilter {
 }
 
 /// One line of `sluice runs`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
     /// The run.
     pub id: FlowRunId,
@@ -366,7 +366,7 @@ pub struct StoredRun {
 }
 
 /// One stored log line.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredLog {
     /// Its position in the store (increasing), for `--follow`.
     pub seq: i64,
@@ -405,7 +405,7 @@ impl Default for TailLimits {
 }
 
 /// The newest log records of one task run.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LogTail {
     /// The records, oldest first.
     pub records: Vec<LogRecord>,

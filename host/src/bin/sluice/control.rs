@@ -34,7 +34,7 @@ pub(crate) struct ResumeArgs {
 #[derive(Debug, clap::Args)]
 pub(crate) struct CancelArgs {
     /// The flow run's id (or a unique prefix of it).
-    run: String,
+    pub(crate) run: String,
     /// How long to wait for a live run to record Cancelled.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     wait: Duration,

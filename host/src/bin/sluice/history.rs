@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use serde_json::json;
-use sluice::grants::Grants;
+use sluice::server::wire::{LogPage, RunItem, RunView};
 use sluice::state::StateName;
 use sluice::store::{LOG_PAGE_LINES, RunFilter, SqliteStore, Store, StoreError, StoredLog};
 
-use crate::report::{column_width, fit, log_tails, run_json, summary, truncate, when};
+use crate::remote::Remote;
+use crate::report::{column_width, fit, run_json, summary, truncate, when};
 use crate::{UsageError, usage};
 
 #[derive(Debug, clap::Args)]
@@ -69,20 +70,43 @@ pub(crate) fn open_recovered(home: &Path, read_only_ok: bool) -> Result<SqliteSt
     Ok(store)
 }
 
-pub(crate) fn runs(home: &Path, args: &RunsArgs) -> Result<ExitCode, UsageError> {
-    let store = open_recovered(home, true)?;
-    let runs = store
-        .list_runs(&RunFilter {
-            state: args.state,
-            flow: args.flow.clone(),
-            limit: usize::try_from(args.limit).unwrap_or(usize::MAX),
-        })
-        .map_err(usage)?;
+pub(crate) async fn runs(
+    home: &Path,
+    remote: Option<&Remote>,
+    args: &RunsArgs,
+) -> Result<ExitCode, UsageError> {
+    let filter = RunFilter {
+        state: args.state,
+        flow: args.flow.clone(),
+        limit: usize::try_from(args.limit).unwrap_or(usize::MAX),
+    };
+    let (items, place) = match remote {
+        Some(remote) => (remote.runs(&filter).await?, remote.to_string()),
+        None => {
+            let store = open_recovered(home, true)?;
+            let items = store
+                .list_runs(&filter)
+                .map_err(usage)?
+                .into_iter()
+                .map(|summary| RunItem {
+                    live: store.is_live(summary.id),
+                    summary,
+                })
+                .collect();
+            (items, store.path().display().to_string())
+        }
+    };
+    crate::print_stdout(&render_runs(&items, args.json, &place));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sluice runs`: a table, or JSON.
+fn render_runs(items: &[RunItem], json: bool, place: &str) -> String {
     let mut out = String::new();
-    if args.json {
-        let list: Vec<_> = runs
+    if json {
+        let list: Vec<_> = items
             .iter()
-            .map(|r| {
+            .map(|RunItem { summary: r, live }| {
                 json!({
                     "id": r.id,
                     "flow": r.flow,
@@ -92,111 +116,111 @@ pub(crate) fn runs(home: &Path, args: &RunsArgs) -> Result<ExitCode, UsageError>
                     "created_at": r.created_at,
                     "updated_at": r.updated_at,
                     "tasks": r.tasks,
-                    "live": store.is_live(r.id),
+                    "live": live,
                 })
             })
             .collect();
-        out = format!("{:#}\n", json!(list));
-    } else {
-        use std::fmt::Write as _;
-        let width = column_width(runs.iter().map(|r| r.flow.as_str()));
+        return format!("{:#}\n", json!(list));
+    }
+    let width = column_width(items.iter().map(|r| r.summary.flow.as_str()));
+    let _ = writeln!(
+        out,
+        "{:<26}  {:<width$}  {:<11}  {:<19}  {:>9}  TASKS",
+        "RUN", "FLOW", "STATE", "CREATED", "DURATION"
+    );
+    for RunItem { summary: r, .. } in items {
+        let tasks: Vec<String> = r.tasks.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        let duration = (r.updated_at - r.created_at)
+            .to_std()
+            .map(|d| format!("{:.1}s", d.as_secs_f64()))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<26}  {:<width$}  {:<11}  {:<19}  {:>9}  TASKS",
-            "RUN", "FLOW", "STATE", "CREATED", "DURATION"
+            "{:<26}  {:<width$}  {:<11}  {:<19}  {:>9}  {}",
+            r.id.to_string(),
+            fit(&r.flow, width),
+            r.state.name.as_str(),
+            when(r.created_at),
+            duration,
+            tasks.join(", ")
         );
-        for r in &runs {
-            let tasks: Vec<String> = r.tasks.iter().map(|(s, n)| format!("{s} {n}")).collect();
-            let duration = (r.updated_at - r.created_at)
-                .to_std()
-                .map(|d| format!("{:.1}s", d.as_secs_f64()))
-                .unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "{:<26}  {:<width$}  {:<11}  {:<19}  {:>9}  {}",
-                r.id.to_string(),
-                fit(&r.flow, width),
-                r.state.name.as_str(),
-                when(r.created_at),
-                duration,
-                tasks.join(", ")
-            );
-        }
-        if runs.is_empty() {
-            let _ = writeln!(out, "(no flow runs in {})", store.path().display());
-        }
     }
-    crate::print_stdout(&out);
+    if items.is_empty() {
+        let _ = writeln!(out, "(no flow runs in {place})");
+    }
+    out
+}
+
+pub(crate) async fn show(
+    home: &Path,
+    remote: Option<&Remote>,
+    args: &ShowArgs,
+) -> Result<ExitCode, UsageError> {
+    let view = match remote {
+        Some(remote) => remote.show(&args.run, None).await?,
+        None => {
+            let store = open_recovered(home, true)?;
+            let id = store.resolve_run(&args.run).map_err(usage)?;
+            RunView::load(&store, id).map_err(usage)?
+        }
+    };
+    for p in &view.problems {
+        eprintln!("warning: {p}");
+    }
+    crate::print_stdout(&render_show(&view, args.json));
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn show(home: &Path, args: &ShowArgs) -> Result<ExitCode, UsageError> {
-    let store = open_recovered(home, true)?;
-    let id = store.resolve_run(&args.run).map_err(usage)?;
-    let stored = store.load_run(id).map_err(usage)?;
-    let live = store.is_live(id);
-    for p in &stored.problems {
-        eprintln!("warning: {p}");
-    }
-    // Each task's grants, from the manifest recorded with the run.
-    let grants: Result<Vec<(String, Grants)>, String> = match &stored.manifest {
-        None => Err("the run was not started from a manifest".into()),
-        Some((path, text)) => sluice::flow::manifest::parse(path, text)
-            .map(|def| def.tasks.into_iter().map(|t| (t.name, t.grants)).collect())
-            .map_err(|e| format!("the recorded manifest no longer parses: {e}")),
-    };
-    let out = if args.json {
-        let tails = log_tails(&store, &stored.run);
-        let mut v = run_json(&stored.run, &tails);
-        v["created_at"] = json!(stored.created_at);
-        v["live"] = json!(live);
-        v["cancel_requested_at"] = json!(stored.cancel_requested_at);
-        v["manifest"] = json!(stored.manifest.as_ref().map(|(p, _)| p));
-        v["problems"] = stored
-            .problems
-            .iter()
-            .map(|p| json!(p.to_string()))
-            .collect();
-        match &grants {
-            Ok(grants) => {
+/// `sluice show`: the run with details, grants and liveness, or its JSON record.
+fn render_show(view: &RunView, json: bool) -> String {
+    if json {
+        let mut v = run_json(&view.run, &view.log_tails);
+        v["created_at"] = json!(view.created_at);
+        v["live"] = json!(view.live);
+        v["cancel_requested_at"] = json!(view.cancel_requested_at);
+        v["manifest"] = json!(view.manifest);
+        v["problems"] = json!(view.problems);
+        match (&view.grants, &view.grants_unknown) {
+            (Some(grants), _) => {
                 if let Some(tasks) = v["tasks"].as_array_mut() {
                     for t in tasks {
-                        let g = grants.iter().find(|(n, _)| t["name"].as_str() == Some(n));
-                        t["grants"] = json!(g.map(|(_, g)| g.clone()).unwrap_or_default());
+                        let g = grants.iter().find(|g| t["name"].as_str() == Some(&g.task));
+                        t["grants"] = g.map_or_else(|| json!({}), |g| g.grants.clone());
                     }
                 }
             }
-            Err(e) => v["grants_unknown"] = json!(e),
+            (None, e) => v["grants_unknown"] = json!(e),
         }
-        format!("{v:#}\n")
-    } else {
-        let mut s = summary(&stored.run, true);
-        match &grants {
-            Ok(grants) if grants.iter().all(|(_, g)| g.is_empty()) => {
-                s.push_str("\nGrants: none (no task may reach files, env or secrets)\n");
-            }
-            Ok(grants) => {
-                s.push_str("\nGrants:\n");
-                for (task, g) in grants {
-                    if g.is_empty() {
-                        let _ = writeln!(s, "  {task}: none");
-                    }
-                    for line in g.lines() {
-                        let _ = writeln!(s, "  {task}: {line}");
-                    }
+        return format!("{v:#}\n");
+    }
+    let mut s = summary(&view.run, true);
+    match (&view.grants, &view.grants_unknown) {
+        (Some(grants), _) if grants.iter().all(|g| g.lines.is_empty()) => {
+            s.push_str("\nGrants: none (no task may reach files, env or secrets)\n");
+        }
+        (Some(grants), _) => {
+            s.push_str("\nGrants:\n");
+            for g in grants {
+                if g.lines.is_empty() {
+                    let _ = writeln!(s, "  {}: none", g.task);
+                }
+                for line in &g.lines {
+                    let _ = writeln!(s, "  {}: {line}", g.task);
                 }
             }
-            Err(e) => {
-                let _ = writeln!(s, "\nGrants: unknown ({e})");
-            }
         }
-        if live {
-            s.push_str("\n(live: a process is running it now)\n");
+        (None, e) => {
+            let _ = writeln!(
+                s,
+                "\nGrants: unknown ({})",
+                e.as_deref().unwrap_or_default()
+            );
         }
-        s
-    };
-    crate::print_stdout(&out);
-    Ok(ExitCode::SUCCESS)
+    }
+    if view.live {
+        s.push_str("\n(live: a process is running it now)\n");
+    }
+    s
 }
 
 fn log_line(l: &StoredLog) -> String {
@@ -226,33 +250,42 @@ fn write_stdout(text: &str) -> bool {
 
 /// Print the run's logs page by page (never all of them in memory); with `--follow`, keep
 /// reading pages until the run is no longer live.
-pub(crate) async fn logs(home: &Path, args: &LogsArgs) -> Result<ExitCode, UsageError> {
-    let store = open_recovered(home, true)?;
-    let id = store.resolve_run(&args.run).map_err(usage)?;
-    if let Some(task) = &args.task {
-        let names = store.task_names(id).map_err(usage)?;
-        if !names.iter().any(|n| n == task) {
-            return Err(UsageError(anyhow!(
-                "flow run {id} has no task `{task}`{}",
-                sluice::flow::Hint::closest(task, names.iter().map(String::as_str))
-            )));
+pub(crate) async fn logs(
+    home: &Path,
+    remote: Option<&Remote>,
+    args: &LogsArgs,
+) -> Result<ExitCode, UsageError> {
+    let source = match remote {
+        Some(remote) => LogSource::Remote(remote, remote.resolve(&args.run).await?),
+        None => {
+            let store = open_recovered(home, true)?;
+            let id = store.resolve_run(&args.run).map_err(usage)?;
+            if let Some(task) = &args.task {
+                let names = store.task_names(id).map_err(usage)?;
+                if !names.iter().any(|n| n == task) {
+                    return Err(UsageError(anyhow!(
+                        "flow run {id} has no task `{task}`{}",
+                        sluice::flow::Hint::closest(task, names.iter().map(String::as_str))
+                    )));
+                }
+            }
+            LogSource::Local(store, id)
         }
-    }
+    };
     let mut after = 0;
     loop {
-        // Whether the run was live before reading, so lines written just before it ended are
-        // still printed.
-        let live = args.follow && store.is_live(id);
+        let mut live = false;
         loop {
-            let lines = store
-                .logs(id, args.task.as_deref(), after, LOG_PAGE_LINES)
-                .map_err(usage)?;
-            let Some(last) = lines.last() else {
+            // Whether the run was live before reading, so lines written just before it ended
+            // are still printed.
+            let page = source.page(args.task.as_deref(), after).await?;
+            live |= args.follow && page.live;
+            let Some(last) = page.lines.last() else {
                 break;
             };
             after = last.seq;
             let mut out = String::new();
-            for l in &lines {
+            for l in &page.lines {
                 if args.json {
                     out.push_str(&serde_json::to_string(l).unwrap_or_default());
                     out.push('\n');
@@ -269,5 +302,26 @@ pub(crate) async fn logs(home: &Path, args: &LogsArgs) -> Result<ExitCode, Usage
             return Ok(ExitCode::SUCCESS);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Where `sluice logs` reads pages.
+enum LogSource<'a> {
+    Local(SqliteStore, sluice::ids::FlowRunId),
+    Remote(&'a Remote, sluice::ids::FlowRunId),
+}
+
+impl LogSource<'_> {
+    async fn page(&self, task: Option<&str>, after: i64) -> Result<LogPage, UsageError> {
+        match self {
+            LogSource::Local(store, id) => {
+                let live = store.is_live(*id);
+                let lines = store
+                    .logs(*id, task, after, LOG_PAGE_LINES)
+                    .map_err(usage)?;
+                Ok(LogPage { lines, live })
+            }
+            LogSource::Remote(remote, id) => remote.logs(*id, task, after).await,
+        }
     }
 }

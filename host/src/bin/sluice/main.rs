@@ -14,8 +14,10 @@ mod build;
 mod cache_cmd;
 mod control;
 mod history;
+mod remote;
 mod report;
 mod run;
+mod server_cmd;
 mod task_run;
 
 use std::path::PathBuf;
@@ -34,6 +36,21 @@ struct Cli {
     /// Where Sluice keeps its state: the run store (`sluice.db`) and run leases.
     #[arg(long, global = true, env = "SLUICE_HOME", default_value = ".sluice")]
     home: PathBuf,
+
+    /// Run and inspect flows on this `sluice server` instead of in this process (`run`,
+    /// `runs`, `show`, `logs`, `cancel`), e.g. `http://127.0.0.1:7311`.
+    #[arg(long, global = true, env = "SLUICE_SERVER", value_name = "URL")]
+    server: Option<String>,
+
+    /// The tenant token for `--server` (printed by `sluice tenant add`).
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
 
     #[command(flatten)]
     sandbox: SandboxArgs,
@@ -190,6 +207,11 @@ enum Command {
     /// Work with single tasks.
     #[command(subcommand)]
     Task(TaskCommand),
+    /// Serve the HTTP API of this home to its tenants.
+    Server(server_cmd::ServerArgs),
+    /// Add, list or remove the tenants of this home's server.
+    #[command(subcommand)]
+    Tenant(server_cmd::TenantCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -273,16 +295,39 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        let remote = match &cli.server {
+            Some(url) => match remote::Remote::new(url, cli.token.as_deref()) {
+                Ok(r) => Some(r),
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
+        let remote = remote.as_ref();
+        let local_only = |what: &str| {
+            UsageError(anyhow::anyhow!(
+                "`sluice {what}` works on this machine's home only, not with --server"
+            ))
+        };
         match cli.command {
-            Command::Run(args) => run::run(&cli.home, &cli.sandbox, args).await,
+            Command::Run(args) => run::run(&cli.home, &cli.sandbox, remote, args).await,
             Command::Build(args) => build::build(&args).await,
+            Command::Resume(_) if remote.is_some() => Err(local_only("resume")),
             Command::Resume(args) => control::resume(&cli.home, &cli.sandbox, args).await,
-            Command::Cancel(args) => control::cancel(&cli.home, &args).await,
-            Command::Runs(args) => history::runs(&cli.home, &args),
-            Command::Show(args) => history::show(&cli.home, &args),
-            Command::Logs(args) => history::logs(&cli.home, &args).await,
+            Command::Cancel(args) => match remote {
+                Some(remote) => remote.cancel(&args.run).await,
+                None => control::cancel(&cli.home, &args).await,
+            },
+            Command::Runs(args) => history::runs(&cli.home, remote, &args).await,
+            Command::Show(args) => history::show(&cli.home, remote, &args).await,
+            Command::Logs(args) => history::logs(&cli.home, remote, &args).await,
+            Command::Cache(_) if remote.is_some() => Err(local_only("cache")),
             Command::Cache(cmd) => cache_cmd::cache(&cli.home, &cmd),
             Command::Task(TaskCommand::Run(args)) => task_run::run(&cli.sandbox, args).await,
+            Command::Server(_) | Command::Tenant(_) if remote.is_some() => {
+                Err(local_only("server/tenant"))
+            }
+            Command::Server(args) => server_cmd::serve(&cli.home, &cli.sandbox, &args).await,
+            Command::Tenant(cmd) => server_cmd::tenant(&cli.home, &cmd),
         }
     });
     match result {

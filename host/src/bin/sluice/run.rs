@@ -51,9 +51,20 @@ pub(crate) struct Args {
 pub(crate) async fn run(
     home: &Path,
     sandbox: &crate::SandboxArgs,
+    remote: Option<&crate::remote::Remote>,
     args: Args,
 ) -> Result<ExitCode, UsageError> {
     let usage = |e: anyhow::Error| UsageError(e);
+    if let Some(remote) = remote {
+        let parameters = parameters(args.params)?;
+        let max = sandbox
+            .max_component_size
+            .unwrap_or(sluice::sandbox::DEFAULT_MAX_COMPONENT_BYTES);
+        let context = args.context.into_iter().collect();
+        return remote
+            .run(&args.flow, max, args.build, parameters, context, args.json)
+            .await;
+    }
     let text = manifest::read(&args.flow).map_err(|e| usage(e.into()))?;
     // Recorded with the run, so `sluice resume` works from any directory.
     let path = std::path::absolute(&args.flow).unwrap_or_else(|_| args.flow.clone());
@@ -63,12 +74,7 @@ pub(crate) async fn run(
     if args.build && !crate::build::build_flow(&def, &path).await {
         return Ok(ExitCode::from(1));
     }
-    let parameters: BTreeMap<String, Value> = args
-        .params
-        .into_iter()
-        .map(|(k, v)| Ok((param_value(&k, &v)?, k)))
-        .map(|r: Result<_, UsageError>| r.map(|(v, k)| (k, v)))
-        .collect::<Result<_, _>>()?;
+    let parameters = parameters(args.params)?;
     let session = Session::open(home, sandbox, secrets)?;
     let dir = path
         .parent()
@@ -94,6 +100,15 @@ pub(crate) async fn run(
             },
         )
         .await
+}
+
+/// The `--param` values.
+fn parameters(params: Vec<(String, String)>) -> Result<BTreeMap<String, Value>, UsageError> {
+    params
+        .into_iter()
+        .map(|(k, v)| Ok((param_value(&k, &v)?, k)))
+        .map(|r: Result<_, UsageError>| r.map(|(v, k)| (k, v)))
+        .collect()
 }
 
 /// How deep `--param` JSON may nest: serde_json's recursion limit (it refuses a 128th level).
@@ -238,7 +253,7 @@ impl Session {
 /// Wait for the first of SIGINT (Ctrl-C) and SIGTERM (what `kill`, service managers and
 /// container runtimes send); return its name. The handlers are installed when this is called,
 /// not when it is first polled. A signal whose handler cannot be installed is never waited for.
-fn interrupt_signals() -> impl Future<Output = &'static str> {
+pub(crate) fn interrupt_signals() -> impl Future<Output = &'static str> {
     #[cfg(unix)]
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let ctrl_c = tokio::signal::ctrl_c();

@@ -332,6 +332,8 @@ fn absolute(path: &Path) -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct Policy {
     file: PathBuf,
+    /// No policy file: nothing may be granted (a server's default).
+    absent: bool,
     grants_line: usize,
     http: Option<(Vec<HttpGrant>, usize)>,
     tcp: Option<(Vec<TcpGrant>, usize)>,
@@ -468,6 +470,7 @@ impl Policy {
         };
         Ok(Policy {
             file: file.to_owned(),
+            absent: false,
             grants_line,
             http,
             tcp,
@@ -476,6 +479,38 @@ impl Policy {
             env: names(raw.env, "env", true)?,
             secrets: names(raw.secrets, "secrets", false)?,
         })
+    }
+
+    /// The policy where `file` does not exist: nothing may be granted (a server's default, so
+    /// that no tenant reaches the server's network, files or environment unless its operator
+    /// says so).
+    pub fn deny_all(file: &Path) -> Policy {
+        Policy {
+            file: file.to_owned(),
+            absent: true,
+            grants_line: 0,
+            http: None,
+            tcp: None,
+            files: Vec::new(),
+            files_line: None,
+            env: None,
+            secrets: None,
+        }
+    }
+
+    /// Why a kind of grant the policy has no key for is refused.
+    fn grants_no(&self, key: &str) -> String {
+        match self.absent {
+            true => format!(
+                "there is no policy file ({}), and without one nothing may be granted",
+                self.file.display()
+            ),
+            false => format!(
+                "{}:{} grants no {key} (no `{key}` key in [grants])",
+                self.file.display(),
+                self.grants_line
+            ),
+        }
     }
 
     /// The policy file.
@@ -509,10 +544,7 @@ impl Policy {
             };
             let why = match line {
                 Some(line) => format!("{policy}:{line}: no entry of `{kind}` covers it"),
-                None => format!(
-                    "{policy}:{} grants no {kind} (no `{kind}` key in [grants])",
-                    self.grants_line
-                ),
+                None => self.grants_no(kind),
             };
             let span = spans.get(i).cloned().unwrap_or(0..0);
             Err(err(span, format!("{kind}[{i}] ({grant})"), why))
@@ -553,10 +585,7 @@ impl Policy {
             }
             let span = placed.files.get(i).cloned().unwrap_or(0..0);
             let why = match (self.files_line, f.mode) {
-                (None, _) => format!(
-                    "{policy}:{} grants no files (no `files` key in [grants])",
-                    self.grants_line
-                ),
+                (None, _) => self.grants_no("files"),
                 (Some(line), FileMode::Rw)
                     if self.files.iter().any(|(c, _)| f.host.starts_with(&c.host)) =>
                 {
@@ -581,10 +610,7 @@ impl Policy {
                         continue;
                     }
                     Some((_, line)) => format!("{policy}:{line}: `{key}` does not list {name}"),
-                    None => format!(
-                        "{policy}:{} grants no {key} (no `{key}` key in [grants])",
-                        self.grants_line
-                    ),
+                    None => self.grants_no(key),
                 };
                 return Err(err(span.clone(), format!("{grant} {name}"), why));
             }

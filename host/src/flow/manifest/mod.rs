@@ -165,6 +165,48 @@ pub fn parse_with(
     text: &str,
     policy: Option<&Policy>,
 ) -> Result<FlowDef, ManifestError> {
+    parse_with_files(file, text, policy, &LocalFiles)
+}
+
+/// Where a manifest's component files are.
+pub trait ComponentFiles {
+    /// The file of the component the manifest names `written` (lexically normalized: relative
+    /// to the manifest's directory unless absolute); `local` is that path beside the manifest,
+    /// and `build` whether the manifest declares a build command for it (handler components
+    /// have none). An error says why it cannot be used (`does not exist (looked at …)`); it is
+    /// reported at the value's position, after the task and the path.
+    fn file(&self, written: &Path, local: &Path, build: bool) -> Result<PathBuf, String>;
+}
+
+/// Component files beside the manifest: `local`, which must be a file unless it is built.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalFiles;
+
+impl ComponentFiles for LocalFiles {
+    fn file(&self, _written: &Path, local: &Path, build: bool) -> Result<PathBuf, String> {
+        if build || local.is_file() {
+            return Ok(local.to_owned());
+        }
+        Err(format!(
+            "{} (looked at {})",
+            if local.exists() {
+                "is not a file"
+            } else {
+                "does not exist"
+            },
+            local.display()
+        ))
+    }
+}
+
+/// [`parse_with`], with component files found by `files` instead of beside the manifest (a
+/// server's uploaded components).
+pub fn parse_with_files(
+    file: &Path,
+    text: &str,
+    policy: Option<&Policy>,
+    files: &dyn ComponentFiles,
+) -> Result<FlowDef, ManifestError> {
     let src = Source { file, text };
     let dir = file.parent().unwrap_or(Path::new("."));
     let mut raw: RawFlow = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
@@ -186,7 +228,7 @@ pub fn parse_with(
             raw_task.into_inner(),
             table_span,
             &flow_grants,
-            policy,
+            (policy, files),
         )?;
         spans.tasks.insert(name, task_spans);
         tasks.push(task);

@@ -12,7 +12,7 @@ use super::grants::{Placed, Policy, task_grants};
 use super::raw::RawTask;
 use super::source::{Source, TaskSpans};
 use super::values::{cache_validator, component, map_over, normalize, size};
-use super::{ManifestError, to_json};
+use super::{ComponentFiles, ManifestError, to_json};
 use crate::cache::{CachePolicy, CacheValidator};
 use crate::flow::{Backoff, Hooks, Input, MapOver, TaskDef};
 use crate::sandbox::RunBudget;
@@ -24,25 +24,22 @@ pub(super) fn task_def(
     mut raw: RawTask,
     table: Range<usize>,
     flow_grants: &Placed,
-    policy: Option<&Policy>,
+    (policy, files): (Option<&Policy>, &dyn ComponentFiles),
 ) -> Result<(TaskDef, TaskSpans), ManifestError> {
     let component_span = raw.component.span();
     let (path, build, sources) = component(src, &name, &raw.component)?;
-    let component = normalize(&dir.join(&path));
-    if build.is_none() && !component.is_file() {
-        return Err(src.error(
-            component_span,
-            format!(
-                "task `{name}`: component file `{path}` {} (looked at {})",
-                if component.exists() {
-                    "is not a file"
-                } else {
-                    "does not exist"
-                },
-                component.display()
-            ),
-        ));
-    }
+    let component = files
+        .file(
+            &normalize(Path::new(&path)),
+            &normalize(&dir.join(&path)),
+            build.is_some(),
+        )
+        .map_err(|why| {
+            src.error(
+                component_span,
+                format!("task `{name}`: component file `{path}` {why}"),
+            )
+        })?;
     let mut task = TaskDef::new(name.clone(), component);
     let grants = task_grants(src, dir, &name, raw.grants.take(), flow_grants)?;
     if let Some(policy) = policy {
@@ -170,19 +167,15 @@ pub(super) fn task_def(
     let hooks = |list: Vec<Spanned<String>>| -> Result<Vec<PathBuf>, ManifestError> {
         list.into_iter()
             .map(|h| {
-                let path = normalize(&dir.join(h.get_ref()));
-                if path.is_file() {
-                    Ok(path)
-                } else {
-                    Err(src.error(
-                        h.span(),
-                        format!(
-                            "task `{name}`: handler component `{}` does not exist (looked at {})",
-                            h.get_ref(),
-                            path.display()
-                        ),
-                    ))
-                }
+                let written = Path::new(h.get_ref());
+                files
+                    .file(&normalize(written), &normalize(&dir.join(written)), false)
+                    .map_err(|why| {
+                        src.error(
+                            h.span(),
+                            format!("task `{name}`: handler component `{}` {why}", h.get_ref()),
+                        )
+                    })
             })
             .collect()
     };

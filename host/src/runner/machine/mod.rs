@@ -22,6 +22,7 @@ use std::sync::Arc;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::Value;
 
+use crate::ids::TenantId;
 use crate::json::Json;
 
 mod attempt;
@@ -182,6 +183,8 @@ pub struct Settings {
     /// What the logs the run kept before this execution cost (a resumed run; see
     /// `Store::log_cost`): counted against the flow's `max_log_bytes`.
     pub logs_before: u64,
+    /// The server tenant the run belongs to: its cache keys are within it.
+    pub tenant: Option<TenantId>,
 }
 
 /// What the machine tracks per task beside its record.
@@ -347,7 +350,11 @@ impl FlowMachine {
         }
         // The user's context values (not the per-run `scheduled_start` added below) are part of
         // every cache key.
-        let cache_scope = CacheScope::new(&run.flow, def.cache_namespace.as_deref(), &run.context);
+        let mut cache_scope =
+            CacheScope::new(&run.flow, def.cache_namespace.as_deref(), &run.context);
+        if let Some(tenant) = settings.tenant {
+            cache_scope = cache_scope.within(tenant);
+        }
         let mapped_children: usize = run.tasks.iter().map(|t| t.children.len()).sum();
         let mut context = run.context.clone();
         context.entry("scheduled_start".into()).or_insert_with(|| {

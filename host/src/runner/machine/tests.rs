@@ -468,6 +468,7 @@ impl Harness {
             digests: vec![String::new(); flow.def.tasks.len()],
             grants: vec![(String::new(), String::new()); flow.def.tasks.len()],
             logs_before: 0,
+            tenant: None,
         };
         let mut params = BTreeMap::new();
         params.insert(
@@ -1068,6 +1069,7 @@ fn the_cache_is_asked_once_and_awaited_before_the_run_can_end() {
         digests: vec![String::new()],
         grants: vec![(String::new(), String::new())],
         logs_before: 0,
+        tenant: None,
     };
     let run = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now());
     let mut m = FlowMachine::new(def, run, &[], settings);

@@ -1,0 +1,329 @@
+//! The CLI as a client of `sluice server` (`--server URL --token TOKEN`, or `SLUICE_SERVER` and
+//! `SLUICE_TOKEN`): `run` uploads the components the server lacks and runs the flow there;
+//! `runs`, `show`, `logs` and `cancel` read and act on the server's runs. Output and exit codes
+//! are those of embedded mode: the same views are printed from the same records.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use sluice::flow::manifest::{self, ComponentFiles, LocalFiles};
+use sluice::ids::FlowRunId;
+use sluice::server::wire::{Cancelled, LogPage, Problem, RunItem, RunStarted, RunView, StartRun};
+use sluice::store::RunFilter;
+
+use crate::UsageError;
+
+/// A server and the tenant token to call it with.
+#[derive(Debug)]
+pub(crate) struct Remote {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl fmt::Display for Remote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.base)
+    }
+}
+
+/// How long the client waits for the server to answer one request (a run's end is waited for
+/// in requests of at most a minute each).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Remote {
+    pub(crate) fn new(url: &str, token: Option<&str>) -> Result<Remote, UsageError> {
+        let token = token.ok_or_else(|| {
+            UsageError(anyhow!(
+                "--server {url} needs a tenant token: --token TOKEN or SLUICE_TOKEN"
+            ))
+        })?;
+        let base = url.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(UsageError(anyhow!(
+                "--server `{url}` is not an http:// or https:// URL"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| UsageError(anyhow!("cannot make an HTTP client: {e}")))?;
+        Ok(Remote {
+            base,
+            token: token.to_owned(),
+            http,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.base)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<reqwest::Body>,
+        json: Option<&impl serde::Serialize>,
+    ) -> Result<reqwest::Response, UsageError> {
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/wasm")
+                .body(body);
+        }
+        if let Some(json) = json {
+            req = req.json(json);
+        }
+        let response = req
+            .send()
+            .await
+            .map_err(|e| UsageError(anyhow!("server {}: {e}", self.base)))?;
+        if response.status().is_success() || response.status() == StatusCode::NOT_FOUND {
+            return Ok(response);
+        }
+        Err(self.problem(response).await)
+    }
+
+    /// The error a server's answer carries.
+    async fn problem(&self, response: reqwest::Response) -> UsageError {
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        match serde_json::from_str::<Problem>(&text) {
+            Ok(p) => UsageError(anyhow!("server {}: {} ({})", self.base, p.detail, p.code)),
+            Err(_) => UsageError(anyhow!("server {}: HTTP {status}: {text}", self.base)),
+        }
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, UsageError> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        json: Option<&impl serde::Serialize>,
+    ) -> Result<T, UsageError> {
+        let response = self.send(method, path, None, json).await?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Err(self.problem(response).await);
+        }
+        response
+            .json()
+            .await
+            .map_err(|e| UsageError(anyhow!("server {}: unreadable answer: {e}", self.base)))
+    }
+
+    pub(crate) async fn runs(&self, filter: &RunFilter) -> Result<Vec<RunItem>, UsageError> {
+        let mut query = format!("/runs?limit={}", filter.limit);
+        if let Some(state) = filter.state {
+            query.push_str(&format!("&state={}", state.as_str()));
+        }
+        if let Some(flow) = &filter.flow {
+            query.push_str(&format!("&flow={}", encode(flow)));
+        }
+        self.get(&query).await
+    }
+
+    pub(crate) async fn show(&self, run: &str, wait: Option<u64>) -> Result<RunView, UsageError> {
+        let mut path = format!("/runs/{}", encode(run));
+        if let Some(wait) = wait {
+            path.push_str(&format!("?wait={wait}"));
+        }
+        self.get(&path).await
+    }
+
+    pub(crate) async fn resolve(&self, run: &str) -> Result<FlowRunId, UsageError> {
+        Ok(self.show(run, None).await?.run.id)
+    }
+
+    pub(crate) async fn logs(
+        &self,
+        run: FlowRunId,
+        task: Option<&str>,
+        after: i64,
+    ) -> Result<LogPage, UsageError> {
+        let mut path = format!("/runs/{run}/logs?after={after}");
+        if let Some(task) = task {
+            path.push_str(&format!("&task={}", encode(task)));
+        }
+        self.get(&path).await
+    }
+
+    pub(crate) async fn cancel(&self, run: &str) -> Result<ExitCode, UsageError> {
+        let id = self.resolve(run).await?;
+        let outcome: Cancelled = self
+            .call(Method::POST, &format!("/runs/{id}/cancel"), None::<&()>)
+            .await?;
+        match outcome {
+            Cancelled::AlreadyFinished { state } => {
+                crate::print_stdout(&format!("flow run {id} already ended {state}\n"));
+            }
+            Cancelled::Cancelled => crate::print_stdout(&format!(
+                "flow run {id} was not running in any process; recorded Cancelled\n"
+            )),
+            Cancelled::Requested => {
+                eprintln!("cancel requested; waiting for flow run {id} to stop…");
+                let view = self.wait(id).await?;
+                crate::print_stdout(&format!(
+                    "flow run {id}: {} — {}\n",
+                    view.run.state.name,
+                    view.run.state.message.unwrap_or_default()
+                ));
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// Wait until run `id` is no longer live; its view then.
+    async fn wait(&self, id: FlowRunId) -> Result<RunView, UsageError> {
+        loop {
+            let view = self.show(&id.to_string(), Some(60)).await?;
+            if !view.live {
+                return Ok(view);
+            }
+        }
+    }
+
+    /// Upload the component at `path` unless the server has it; its digest.
+    async fn upload(&self, path: &Path, max: u64) -> Result<String, UsageError> {
+        let err = |e: &dyn fmt::Display| UsageError(anyhow!("component {}: {e}", path.display()));
+        let meta = std::fs::metadata(path).map_err(|e| err(&e))?;
+        if meta.len() > max {
+            return Err(err(&format!(
+                "it is larger than the component size limit of {max} bytes"
+            )));
+        }
+        let bytes = tokio::fs::read(path).await.map_err(|e| err(&e))?;
+        let digest = blake3::hash(&bytes).to_hex().to_string();
+        let path_of = format!("/components/{digest}");
+        let head = self
+            .http
+            .head(self.url(&path_of))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| UsageError(anyhow!("server {}: {e}", self.base)))?;
+        match head.status() {
+            StatusCode::OK => return Ok(digest),
+            StatusCode::NOT_FOUND => {}
+            _ => return Err(self.problem(head).await),
+        }
+        self.send(Method::PUT, &path_of, Some(bytes.into()), None::<&()>)
+            .await?;
+        Ok(digest)
+    }
+
+    /// `sluice run --server`: upload what the server lacks, start the run there, wait for its
+    /// end (Ctrl-C cancels it on the server), print it as embedded mode does.
+    pub(crate) async fn run(
+        &self,
+        flow: &Path,
+        max_component_bytes: u64,
+        build: bool,
+        parameters: BTreeMap<String, serde_json::Value>,
+        context: BTreeMap<String, String>,
+        json: bool,
+    ) -> Result<ExitCode, UsageError> {
+        let usage = |e: anyhow::Error| UsageError(e);
+        let text = manifest::read(flow).map_err(|e| usage(e.into()))?;
+        let path = std::path::absolute(flow).unwrap_or_else(|_| flow.to_owned());
+        let files = Recording::default();
+        let def =
+            manifest::parse_with_files(&path, &text, None, &files).map_err(|e| usage(e.into()))?;
+        if build && !crate::build::build_flow(&def, &path).await {
+            return Ok(ExitCode::from(1));
+        }
+        let mut components = BTreeMap::new();
+        let mut digests: BTreeMap<PathBuf, String> = BTreeMap::new();
+        for (written, local) in files.0.into_inner() {
+            let digest = match digests.get(&local) {
+                Some(d) => d.clone(),
+                None => {
+                    let d = self.upload(&local, max_component_bytes).await?;
+                    digests.insert(local, d.clone());
+                    d
+                }
+            };
+            components.insert(written, digest);
+        }
+        let req = StartRun {
+            manifest: text,
+            manifest_path: flow
+                .file_name()
+                .map_or_else(|| "flow.toml".into(), |n| n.to_string_lossy().into_owned()),
+            components,
+            parameters,
+            context,
+        };
+        let started: RunStarted = self.call(Method::POST, "/runs", Some(&req)).await?;
+        eprintln!(
+            "flow run {} of {} ({} tasks) started on {}",
+            started.id, started.flow, started.tasks, self.base
+        );
+        let signals = crate::run::interrupt_signals();
+        tokio::pin!(signals);
+        let wait = self.wait(started.id);
+        tokio::pin!(wait);
+        let view = tokio::select! {
+            view = &mut wait => view?,
+            name = &mut signals => {
+                eprintln!("\ncancelling ({name}): asking the server to stop the run…");
+                let _: Cancelled = self
+                    .call(Method::POST, &format!("/runs/{}/cancel", started.id), None::<&()>)
+                    .await?;
+                wait.await?
+            }
+        };
+        let report = if json {
+            format!(
+                "{:#}\n",
+                crate::report::run_json(&view.run, &view.log_tails)
+            )
+        } else {
+            crate::report::summary(&view.run, false)
+        };
+        crate::print_stdout(&report);
+        Ok(crate::exit_code(view.run.state.state_type()))
+    }
+}
+
+/// Component files beside the manifest, each recorded under the path the manifest gives it.
+#[derive(Default)]
+struct Recording(RefCell<BTreeMap<String, PathBuf>>);
+
+impl ComponentFiles for Recording {
+    fn file(&self, written: &Path, local: &Path, build: bool) -> Result<PathBuf, String> {
+        let file = LocalFiles.file(written, local, build)?;
+        self.0
+            .borrow_mut()
+            .insert(written.display().to_string(), file.clone());
+        Ok(file)
+    }
+}
+
+/// Percent-encode a path segment or query value.
+fn encode(s: &str) -> String {
+    let keep: BTreeSet<u8> = (b'a'..=b'z')
+        .chain(b'A'..=b'Z')
+        .chain(b'0'..=b'9')
+        .chain(*b"-_.~")
+        .collect();
+    s.bytes()
+        .map(|b| match keep.contains(&b) {
+            true => (b as char).to_string(),
+            false => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -1,0 +1,351 @@
+//! The HTTP API under `/api/v1` (axum), and its OpenAPI document, generated from these handlers
+//! and the [`wire`](super::wire) types by utoipa and served at `/api/v1/openapi.json`. Every
+//! route but the document needs a tenant's bearer token (401 otherwise) and is served from that
+//! tenant's [`Space`] only.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::problem::ApiError;
+use super::space::{MAX_WAIT, declared_too_large};
+use super::wire::{
+    Cancelled, ComponentInfo, LogPage, Problem, RunItem, RunStarted, RunView, StartRun,
+};
+use super::{Server, Space};
+use crate::state::StateName;
+use crate::store::{LOG_PAGE_LINES, RunFilter, Store};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Sluice",
+        description = "A sandboxed workflow engine: every task is a WebAssembly component. \
+                       Every route needs `Authorization: Bearer <tenant token>`; errors are \
+                       `application/problem+json`."
+    ),
+    components(schemas(Problem)),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        if let Some(components) = openapi.components.as_mut() {
+            components.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        }
+    }
+}
+
+/// The API's router.
+pub(super) fn router(server: Server) -> axum::Router {
+    let v1 = OpenApiRouter::new()
+        .routes(routes!(put_component, get_component))
+        .routes(routes!(start_run, list_runs))
+        .routes(routes!(show_run))
+        .routes(routes!(run_logs))
+        .routes(routes!(cancel_run));
+    let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .nest("/api/v1", v1)
+        .split_for_parts();
+    let doc = Arc::new(doc);
+    api.route(
+        "/api/v1/openapi.json",
+        axum::routing::get(move || {
+            let doc = doc.clone();
+            async move { Json(doc.as_ref().clone()) }
+        }),
+    )
+    // Uploads stream to disk under their own limit; other bodies (a run request with its
+    // manifest) are small.
+    .layer(DefaultBodyLimit::max(32 << 20))
+    .fallback(|| async { ApiError::not_found("no such API route") })
+    .with_state(server)
+}
+
+/// The caller: the tenant whose token the request carries.
+struct Caller(Arc<Space>);
+
+impl FromRequestParts<Server> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, server: &Server) -> Result<Self, ApiError> {
+        let unauthorized = |detail: &str| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail.to_owned())
+        };
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("no `Authorization: Bearer <token>` header"))?
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| unauthorized("the `Authorization` header is not `Bearer <token>`"))?
+            .trim();
+        let tenants = server.inner.clone();
+        let token = token.to_owned();
+        let tenant = tokio::task::spawn_blocking(move || tenants.tenants.authenticate(&token))
+            .await
+            .map_err(|e| ApiError::internal("checking the token", &e))?
+            .map_err(|e| ApiError::internal("checking the token", &e))?
+            .ok_or_else(|| unauthorized("the token is not valid"))?;
+        let space = server
+            .space(&tenant)
+            .map_err(|e| ApiError::internal("opening the tenant's store", &e))?;
+        Ok(Caller(space))
+    }
+}
+
+/// Upload a component (content-addressed: idempotent).
+#[utoipa::path(
+    put,
+    path = "/components/{digest}",
+    params(("digest" = String, Path, description = "blake3 of the bytes, 64 hex digits")),
+    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    responses(
+        (status = 201, description = "Stored", body = ComponentInfo),
+        (status = 200, description = "Already stored", body = ComponentInfo),
+        (status = 400, description = "Not a digest, or the bytes do not match it", body = Problem),
+        (status = 413, description = "Over the component size limit", body = Problem),
+    )
+)]
+async fn put_component(
+    State(server): State<Server>,
+    Caller(space): Caller,
+    Path(digest): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let max = server.inner.sandbox.max_component_bytes();
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(declared_too_large(&digest, max));
+    }
+    let new = space.put_component(&digest, body, max).await?;
+    let bytes = space
+        .component_file(&digest)
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map_or(0, |m| m.len());
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(ComponentInfo { digest, bytes })).into_response())
+}
+
+/// Download a component (`HEAD`: whether it is stored).
+#[utoipa::path(
+    get,
+    path = "/components/{digest}",
+    params(("digest" = String, Path, description = "blake3 of the bytes, 64 hex digits")),
+    responses(
+        (status = 200, description = "The component's bytes", content_type = "application/wasm"),
+        (status = 404, description = "Not uploaded by this tenant", body = Problem),
+    )
+)]
+async fn get_component(
+    Caller(space): Caller,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::not_found(format!("no component {digest}"));
+    let path = space.component_file(&digest).ok_or_else(not_found)?;
+    let bytes = tokio::fs::read(&path).await.map_err(|_| not_found())?;
+    Ok(([(header::CONTENT_TYPE, "application/wasm")], bytes).into_response())
+}
+
+/// Start a run of a flow manifest whose components were uploaded.
+#[utoipa::path(
+    post,
+    path = "/runs",
+    request_body = StartRun,
+    responses(
+        (status = 201, description = "Recorded and executing", body = RunStarted),
+        (status = 422, description = "The manifest, a component or a parameter is not valid", body = Problem),
+    )
+)]
+async fn start_run(
+    State(server): State<Server>,
+    Caller(space): Caller,
+    Json(req): Json<StartRun>,
+) -> Result<Response, ApiError> {
+    let started = space.start_run(req, &server.inner.policy).await?;
+    Ok((StatusCode::CREATED, Json(started)).into_response())
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct ListQuery {
+    /// Only runs in this state.
+    state: Option<String>,
+    /// Only runs of this flow.
+    flow: Option<String>,
+    /// At most this many runs (default 20).
+    limit: Option<usize>,
+}
+
+/// List runs, newest first.
+#[utoipa::path(
+    get,
+    path = "/runs",
+    params(ListQuery),
+    responses((status = 200, description = "Runs", body = Vec<RunItem>))
+)]
+async fn list_runs(
+    Caller(space): Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<RunItem>>, ApiError> {
+    let state = match &q.state {
+        None => None,
+        Some(s) => Some(s.parse::<StateName>().map_err(|e| {
+            ApiError::bad_request(format!("query `state`: `{s}` is not a state name: {e}"))
+        })?),
+    };
+    let filter = RunFilter {
+        state,
+        flow: q.flow,
+        limit: q.limit.unwrap_or(20).max(1),
+    };
+    let store = space.store().clone();
+    let items = tokio::task::spawn_blocking(move || {
+        store.list_runs(&filter).map(|runs| {
+            runs.into_iter()
+                .map(|summary| RunItem {
+                    live: store.is_live(summary.id),
+                    summary,
+                })
+                .collect::<Vec<_>>()
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal("listing runs", &e))?
+    .map_err(|e| ApiError::store("listing runs", e))?;
+    Ok(Json(items))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct ShowQuery {
+    /// Wait up to this many seconds (at most 60) for the run to end first.
+    wait: Option<u64>,
+}
+
+/// Show a run: its record, task runs, grants and newest logs.
+#[utoipa::path(
+    get,
+    path = "/runs/{id}",
+    params(("id" = String, Path, description = "A run id or a unique prefix of one"), ShowQuery),
+    responses(
+        (status = 200, description = "The run", body = RunView),
+        (status = 404, description = "No such run of this tenant", body = Problem),
+    )
+)]
+async fn show_run(
+    Caller(space): Caller,
+    Path(id): Path<String>,
+    Query(q): Query<ShowQuery>,
+) -> Result<Json<RunView>, ApiError> {
+    let id = space.resolve(&id)?;
+    if let Some(wait) = q.wait {
+        space
+            .wait(id, Duration::from_secs(wait).min(MAX_WAIT))
+            .await;
+    }
+    let store = space.store().clone();
+    let view = tokio::task::spawn_blocking(move || RunView::load(&*store, id))
+        .await
+        .map_err(|e| ApiError::internal("reading the run", &e))?
+        .map_err(|e| ApiError::store("reading the run", e))?;
+    Ok(Json(view))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct LogsQuery {
+    /// Only this task's lines.
+    task: Option<String>,
+    /// Lines after this position (`seq` of the last line read; default 0).
+    after: Option<i64>,
+    /// At most this many lines (at most 1,000).
+    limit: Option<usize>,
+}
+
+/// A page of a run's logs.
+#[utoipa::path(
+    get,
+    path = "/runs/{id}/logs",
+    params(("id" = String, Path, description = "A run id or a unique prefix of one"), LogsQuery),
+    responses(
+        (status = 200, description = "A page of lines", body = LogPage),
+        (status = 404, description = "No such run or task", body = Problem),
+    )
+)]
+async fn run_logs(
+    Caller(space): Caller,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Json<LogPage>, ApiError> {
+    let id = space.resolve(&id)?;
+    let store = space.store().clone();
+    let page = tokio::task::spawn_blocking(move || {
+        if let Some(task) = &q.task {
+            let names = store
+                .task_names(id)
+                .map_err(|e| ApiError::store("reading the run", e))?;
+            if !names.iter().any(|n| n == task) {
+                return Err(ApiError::not_found(format!(
+                    "flow run {id} has no task `{task}`{}",
+                    crate::flow::Hint::closest(task, names.iter().map(String::as_str))
+                )));
+            }
+        }
+        let live = store.is_live(id);
+        let limit = q.limit.unwrap_or(LOG_PAGE_LINES).clamp(1, LOG_PAGE_LINES);
+        let lines = store
+            .logs(id, q.task.as_deref(), q.after.unwrap_or(0), limit)
+            .map_err(|e| ApiError::store("reading logs", e))?;
+        Ok(LogPage { lines, live })
+    })
+    .await
+    .map_err(|e| ApiError::internal("reading logs", &e))??;
+    Ok(Json(page))
+}
+
+/// Cancel a run.
+#[utoipa::path(
+    post,
+    path = "/runs/{id}/cancel",
+    params(("id" = String, Path, description = "A run id or a unique prefix of one")),
+    responses(
+        (status = 200, description = "What was done", body = Cancelled),
+        (status = 404, description = "No such run of this tenant", body = Problem),
+    )
+)]
+async fn cancel_run(
+    Caller(space): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Cancelled>, ApiError> {
+    let id = space.resolve(&id)?;
+    let space2 = space.clone();
+    let outcome = tokio::task::spawn_blocking(move || space2.cancel(id))
+        .await
+        .map_err(|e| ApiError::internal("cancelling the run", &e))??;
+    Ok(Json(outcome))
+}

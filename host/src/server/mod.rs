@@ -1,0 +1,141 @@
+//! `sluice server`: many tenants on one host. The server owns a home directory: the tenant
+//! registry (`server.db`, see [`tenants`]), the operator's grant ceiling (`policy.toml`; without
+//! it nothing may be granted), and one directory per tenant (`tenants/<id>/`) that is a Sluice
+//! home of its own: its run store, its cache, its uploaded components. A request is served from
+//! its caller's directory only, so another tenant's runs, logs, cache entries and components
+//! are not hidden by a filter that could be forgotten: they are not there (404, never 403).
+//!
+//! The API ([`api`]) is HTTP/JSON under `/api/v1`, described by an OpenAPI document generated
+//! from the handlers; the bodies are the plain types of [`wire`]. Runs execute in this process on
+//! one shared sandbox: each tenant has a [`FlowRunner`] over its own store.
+
+mod api;
+mod problem;
+mod space;
+pub mod tenants;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::flow::manifest::{ManifestError, Policy};
+use crate::ids::TenantId;
+use crate::sandbox::Sandbox;
+use crate::store::StoreError;
+
+pub use space::Space;
+pub use tenants::{Tenant, TenantError, Tenants};
+
+/// Why the server could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The tenant registry failed.
+    #[error(transparent)]
+    Tenants(#[from] TenantError),
+    /// A tenant's store failed.
+    #[error("tenant `{tenant}`: {source}")]
+    Store {
+        /// The tenant.
+        tenant: String,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// The policy file is not valid.
+    #[error("policy: {0}")]
+    Policy(#[from] ManifestError),
+    /// A directory or socket could not be used.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A server over a home directory. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    home: PathBuf,
+    sandbox: Sandbox,
+    tenants: Tenants,
+    policy: Policy,
+    spaces: Mutex<HashMap<TenantId, Arc<Space>>>,
+}
+
+impl Server {
+    /// A server over `home`, running tasks on `sandbox`. The operator's grant ceiling is
+    /// `<home>/policy.toml`; without that file nothing may be granted. Every tenant's store is
+    /// opened, and runs a previous server process left executing are recorded Crashed.
+    pub fn open(home: &Path, sandbox: Sandbox) -> Result<Server, ServerError> {
+        let tenants = Tenants::open(home)?;
+        let policy_file = home.join("policy.toml");
+        let policy = match policy_file.exists() {
+            true => Policy::load(&policy_file)?,
+            false => Policy::deny_all(&policy_file),
+        };
+        let server = Server {
+            inner: Arc::new(Inner {
+                home: home.to_owned(),
+                sandbox,
+                tenants,
+                policy,
+                spaces: Mutex::default(),
+            }),
+        };
+        for tenant in server.inner.tenants.list()? {
+            server.space(&tenant)?;
+        }
+        Ok(server)
+    }
+
+    /// The tenant registry.
+    pub fn tenants(&self) -> &Tenants {
+        &self.inner.tenants
+    }
+
+    /// The directory of tenant `id`.
+    pub fn tenant_dir(home: &Path, id: TenantId) -> PathBuf {
+        home.join("tenants").join(id.to_string())
+    }
+
+    /// The space of `tenant`, opened on first use.
+    pub fn space(&self, tenant: &Tenant) -> Result<Arc<Space>, ServerError> {
+        let mut spaces = self.inner.spaces.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(space) = spaces.get(&tenant.id) {
+            return Ok(space.clone());
+        }
+        let dir = Self::tenant_dir(&self.inner.home, tenant.id);
+        let space = Arc::new(Space::open(tenant, &dir, &self.inner.sandbox)?);
+        spaces.insert(tenant.id, space.clone());
+        Ok(space)
+    }
+
+    /// The HTTP API, under `/api/v1`.
+    pub fn router(&self) -> axum::Router {
+        api::router(self.clone())
+    }
+
+    /// Serve the API on `listener` until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|source| ServerError::Io {
+                what: "serving the API".into(),
+                source,
+            })
+    }
+}

@@ -1,0 +1,85 @@
+//! Errors of the API as `application/problem+json` (RFC 9457): an HTTP status, a stable code
+//! and a message naming the run, task, field or limit.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::wire::Problem;
+use crate::store::StoreError;
+
+/// An API error.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// The status.
+    pub status: StatusCode,
+    /// The stable code (see [`Problem::code`]).
+    pub code: &'static str,
+    /// What went wrong.
+    pub detail: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", detail)
+    }
+
+    pub(crate) fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad-request", detail)
+    }
+
+    /// A failure of the server itself: logged in full, reported without the server's paths.
+    pub(crate) fn internal(what: &str, e: &dyn std::fmt::Display) -> Self {
+        tracing::error!("{what}: {e}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{what} failed in the server; its log has the details"),
+        )
+    }
+
+    /// A store error: unknown or ambiguous runs are the caller's; anything else the server's.
+    pub(crate) fn store(what: &str, e: StoreError) -> Self {
+        match e {
+            StoreError::UnknownRun(_) => Self::not_found(e.to_string()),
+            StoreError::AmbiguousRun { .. } => Self::bad_request(e.to_string()),
+            e => Self::internal(what, &e),
+        }
+    }
+
+    /// The problem document.
+    pub fn problem(&self) -> Problem {
+        Problem {
+            kind: format!("urn:sluice:problem:{}", self.code),
+            title: self.status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: self.status.as_u16(),
+            detail: self.detail.clone(),
+            code: self.code.to_owned(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
+        let mut response = (self.status, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"sluice\""),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,307 @@
+//! One tenant's space on a server: its directory (a Sluice home: `sluice.db`, blobs, run
+//! leases), its uploaded components (`components/<blake3>.wasm`, content-addressed), its
+//! runner, and the runs this process executes for it. Everything a request of the tenant
+//! reads or changes is here, so nothing of another tenant can be reached.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use futures_util::StreamExt;
+use tokio::sync::watch;
+
+use super::ServerError;
+use super::problem::ApiError;
+use super::tenants::Tenant;
+use super::wire::{Cancelled, RunStarted, StartRun};
+use crate::flow::manifest::{ComponentFiles, Policy, normalize};
+use crate::grants::SecretSource;
+use crate::ids::FlowRunId;
+use crate::runner::{FlowRunner, PrepareError, RunOptions};
+use crate::sandbox::{CancelToken, Sandbox};
+use crate::store::{CancelOutcome, SqliteStore, Store};
+
+/// A tenant's space.
+#[derive(Debug)]
+pub struct Space {
+    tenant: Tenant,
+    dir: PathBuf,
+    store: Arc<SqliteStore>,
+    runner: FlowRunner,
+    live: Mutex<HashMap<FlowRunId, LiveRun>>,
+}
+
+/// A run this process executes.
+#[derive(Debug, Clone)]
+struct LiveRun {
+    cancel: CancelToken,
+    /// Becomes true when the run has ended and is recorded.
+    done: watch::Receiver<bool>,
+}
+
+/// The longest a request waits for a run to end (`?wait=`).
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+impl Space {
+    /// Open the space of `tenant` in `dir` (created, mode 0700), recording as Crashed the runs a
+    /// previous process left executing.
+    pub(super) fn open(
+        tenant: &Tenant,
+        dir: &Path,
+        sandbox: &Sandbox,
+    ) -> Result<Space, ServerError> {
+        let io = |what: &str, source| ServerError::Io {
+            what: format!("tenant `{}`: {what} {}", tenant.name, dir.display()),
+            source,
+        };
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir.join("components"))
+                .map_err(|e| io("creating", e))?;
+        }
+        let store_err = |source| ServerError::Store {
+            tenant: tenant.name.clone(),
+            source,
+        };
+        let store = Arc::new(SqliteStore::open(dir).map_err(store_err)?);
+        store.recover_dead(chrono::Utc::now()).map_err(store_err)?;
+        let runner = FlowRunner::new(sandbox.clone())
+            .store(store.clone())
+            .secrets(SecretSource::none())
+            .tenant(tenant.id);
+        Ok(Space {
+            tenant: tenant.clone(),
+            dir: dir.to_owned(),
+            store,
+            runner,
+            live: Mutex::default(),
+        })
+    }
+
+    /// The tenant.
+    pub fn tenant(&self) -> &Tenant {
+        &self.tenant
+    }
+
+    /// Its run store.
+    pub fn store(&self) -> &Arc<SqliteStore> {
+        &self.store
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<FlowRunId, LiveRun>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The file of component `digest`, when it was uploaded.
+    pub fn component_file(&self, digest: &str) -> Option<PathBuf> {
+        let path = self.dir.join("components").join(format!("{digest}.wasm"));
+        (is_digest(digest) && path.is_file()).then_some(path)
+    }
+
+    /// Store the component `digest` from `body`, at most `max` bytes, checking that its blake3
+    /// digest is `digest`. Returns whether it is new (an upload of stored bytes changes
+    /// nothing).
+    pub async fn put_component(
+        &self,
+        digest: &str,
+        body: axum::body::Body,
+        max: u64,
+    ) -> Result<bool, ApiError> {
+        if !is_digest(digest) {
+            return Err(ApiError::bad_request(format!(
+                "`{digest}` is not a component digest: 64 lowercase hex digits of blake3"
+            )));
+        }
+        let dir = self.dir.join("components");
+        let mut file = tempfile::NamedTempFile::new_in(&dir)
+            .map_err(|e| ApiError::internal("storing a component", &e))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut size = 0u64;
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::bad_request(format!("the upload of component {digest} broke off: {e}"))
+            })?;
+            size += chunk.len() as u64;
+            if size > max {
+                return Err(too_large(digest, max));
+            }
+            hasher.update(&chunk);
+            std::io::Write::write_all(&mut file, &chunk)
+                .map_err(|e| ApiError::internal("storing a component", &e))?;
+        }
+        let actual = hasher.finalize().to_hex();
+        if actual.as_str() != digest {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "digest-mismatch",
+                format!("the uploaded bytes have blake3 digest {actual}, not {digest}"),
+            ));
+        }
+        // Stored already (the same bytes: they have its digest): nothing changes.
+        if self.component_file(digest).is_some() {
+            return Ok(false);
+        }
+        file.as_file()
+            .sync_all()
+            .map_err(|e| ApiError::internal("storing a component", &e))?;
+        file.persist(dir.join(format!("{digest}.wasm")))
+            .map_err(|e| ApiError::internal("storing a component", &e.error))?;
+        Ok(true)
+    }
+
+    /// Start a run of the manifest in `req` (its components uploaded), under the server's
+    /// `policy`. Returns once the run is durably recorded; it executes on.
+    pub async fn start_run(
+        self: &Arc<Self>,
+        req: StartRun,
+        policy: &Policy,
+    ) -> Result<RunStarted, ApiError> {
+        let file = Path::new(&req.manifest_path);
+        let files = Uploaded {
+            space: self,
+            components: &req.components,
+        };
+        let mut def =
+            crate::flow::manifest::parse_with_files(file, &req.manifest, Some(policy), &files)
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid-manifest",
+                        e.to_string(),
+                    )
+                })?;
+        // The server never runs a manifest's build commands: components come uploaded.
+        for t in &mut def.tasks {
+            t.build = None;
+            t.sources.clear();
+        }
+        let flow = self
+            .runner
+            .prepare(def, &self.dir)
+            .await
+            .map_err(prepare_error)?;
+        let options = RunOptions {
+            parameters: req.parameters,
+            context: req.context,
+            cancel: CancelToken::new(),
+            manifest: Some((file.to_owned(), req.manifest)),
+        };
+        let cancel = options.cancel.clone();
+        let started = self.runner.start(&flow, options).map_err(prepare_error)?;
+        let id = started.id();
+        let (done_tx, done) = watch::channel(false);
+        self.live().insert(id, LiveRun { cancel, done });
+        let space = self.clone();
+        let tasks = flow.def().tasks.len();
+        let name = flow.def().name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = space.runner.finish(&flow, started).await {
+                tracing::warn!("tenant `{}`: flow run {id}: {e}", space.tenant.name);
+            }
+            space.live().remove(&id);
+            let _ = done_tx.send(true);
+        });
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .map_err(|e| ApiError::internal("recording the run", &e))?
+            .map_err(|e| ApiError::internal("recording the run", &e))?;
+        Ok(RunStarted {
+            id,
+            flow: name,
+            tasks,
+        })
+    }
+
+    /// Resolve a run id or unique prefix.
+    pub fn resolve(&self, id: &str) -> Result<FlowRunId, ApiError> {
+        self.store
+            .resolve_run(id)
+            .map_err(|e| ApiError::store("reading runs", e))
+    }
+
+    /// Wait until run `id` ends or `wait` passes, when this process executes it.
+    pub async fn wait(&self, id: FlowRunId, wait: Duration) {
+        let Some(mut done) = self.live().get(&id).map(|l| l.done.clone()) else {
+            return;
+        };
+        let _ = tokio::time::timeout(wait.min(MAX_WAIT), done.wait_for(|d| *d)).await;
+    }
+
+    /// Cancel run `id`.
+    pub fn cancel(&self, id: FlowRunId) -> Result<Cancelled, ApiError> {
+        if let Some(live) = self.live().get(&id) {
+            live.cancel.cancel();
+            return Ok(Cancelled::Requested);
+        }
+        match self.store.cancel(id, chrono::Utc::now()) {
+            Ok(CancelOutcome::Requested) => Ok(Cancelled::Requested),
+            Ok(CancelOutcome::Cancelled) => Ok(Cancelled::Cancelled),
+            Ok(CancelOutcome::AlreadyFinished(state)) => Ok(Cancelled::AlreadyFinished { state }),
+            Err(e) => Err(ApiError::store("cancelling the run", e)),
+        }
+    }
+}
+
+fn too_large(digest: &str, max: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-large",
+        format!(
+            "component {digest} is larger than the server's component size limit of {max} bytes ({})",
+            bytesize::ByteSize(max)
+        ),
+    )
+}
+
+/// The answer to an upload whose declared length is over `max`, before reading it.
+pub(super) fn declared_too_large(digest: &str, max: u64) -> ApiError {
+    too_large(digest, max)
+}
+
+fn prepare_error(e: PrepareError) -> ApiError {
+    match e {
+        PrepareError::Store(e) => ApiError::store("recording the run", e),
+        PrepareError::NotRecorded { .. } => ApiError::internal("recording the run", &e),
+        e => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-flow",
+            e.to_string(),
+        ),
+    }
+}
+
+/// 64 lowercase hex digits.
+pub(super) fn is_digest(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A run request's components: each path the manifest names → an uploaded component.
+struct Uploaded<'a> {
+    space: &'a Space,
+    components: &'a BTreeMap<String, String>,
+}
+
+impl ComponentFiles for Uploaded<'_> {
+    fn file(&self, written: &Path, _local: &Path, _build: bool) -> Result<PathBuf, String> {
+        let key = normalize(written).display().to_string();
+        let Some(digest) = self.components.get(&key) else {
+            return Err(format!(
+                "has no digest in the request's `components` (expected the key `{key}`)"
+            ));
+        };
+        self.space.component_file(digest).ok_or_else(|| {
+            format!(
+                "is component {digest}, which was not uploaded (PUT /api/v1/components/{digest})"
+            )
+        })
+    }
+}

@@ -1,0 +1,236 @@
+//! The server's tenants: who may call the API. Each tenant has a name, an id (which names its
+//! directory under the home) and a bearer token. Tokens are random (256 bits), shown once when
+//! made, and stored only as their blake3 hash, so reading `server.db` gives no token. The
+//! registry is `<home>/server.db` (SQLite); `sluice tenant` edits it while the server runs,
+//! and the server reads it on every request, so a removed tenant's token stops working at once.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::TenantId;
+
+/// Why the tenant registry could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantError {
+    /// The registry could not be opened or written.
+    #[error("tenant registry {}: {detail}", path.display())]
+    Registry {
+        /// `server.db`.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// A name that is not allowed.
+    #[error(
+        "tenant name `{0}` is not allowed: use 1 to 64 lowercase letters, digits, `-` and `_`, \
+         starting with a letter or digit"
+    )]
+    BadName(String),
+    /// A tenant of that name exists.
+    #[error("tenant `{0}` already exists")]
+    Exists(String),
+    /// No tenant of that name.
+    #[error("no tenant `{0}`")]
+    Unknown(String),
+}
+
+/// One tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tenant {
+    /// Its id: its directory is `<home>/tenants/<id>`.
+    pub id: TenantId,
+    /// Its name.
+    pub name: String,
+    /// When it was added.
+    pub created_at: DateTime<Utc>,
+}
+
+/// The tenant registry of a server home.
+#[derive(Debug)]
+pub struct Tenants {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+/// The schema of `server.db`.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tenants (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL
+);
+";
+
+impl Tenants {
+    /// Open (creating) the registry of `home`.
+    pub fn open(home: &Path) -> Result<Tenants, TenantError> {
+        let path = home.join("server.db");
+        let err = |e: &dyn std::fmt::Display| TenantError::Registry {
+            path: path.clone(),
+            detail: e.to_string(),
+        };
+        std::fs::create_dir_all(home).map_err(|e| err(&e))?;
+        let conn = Connection::open(&path).map_err(|e| err(&e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(|e| err(&e))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| err(&e))?;
+        conn.execute_batch(SCHEMA).map_err(|e| err(&e))?;
+        Ok(Tenants {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn err(&self, e: &dyn std::fmt::Display) -> TenantError {
+        TenantError::Registry {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding it cannot leave the connection half-changed: every statement
+        // is its own transaction.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Add a tenant named `name`; returns it and its token (shown only now).
+    pub fn add(&self, name: &str, now: DateTime<Utc>) -> Result<(Tenant, String), TenantError> {
+        check_name(name)?;
+        let tenant = Tenant {
+            id: TenantId::new(),
+            name: name.to_owned(),
+            created_at: now,
+        };
+        let token = new_token().map_err(|e| self.err(&e))?;
+        let inserted = self.conn().execute(
+            "INSERT INTO tenants (id, name, token_hash, created_at) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (name) DO NOTHING",
+            params![
+                tenant.id.to_string(),
+                name,
+                token_hash(&token),
+                now.to_rfc3339()
+            ],
+        );
+        match inserted {
+            Ok(0) => Err(TenantError::Exists(name.to_owned())),
+            Ok(_) => Ok((tenant, token)),
+            Err(e) => Err(self.err(&e)),
+        }
+    }
+
+    /// Every tenant, by name.
+    pub fn list(&self) -> Result<Vec<Tenant>, TenantError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT id, name, created_at FROM tenants ORDER BY name")
+            .map_err(|e| self.err(&e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(|e| self.err(&e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(self.tenant(row.map_err(|e| self.err(&e))?)?);
+        }
+        Ok(out)
+    }
+
+    fn tenant(&self, (id, name, created): (String, String, String)) -> Result<Tenant, TenantError> {
+        Ok(Tenant {
+            id: id
+                .parse()
+                .map_err(|e| self.err(&format!("tenant `{name}` has a bad id `{id}`: {e}")))?,
+            created_at: DateTime::parse_from_rfc3339(&created)
+                .map_err(|e| self.err(&format!("tenant `{name}` has a bad time: {e}")))?
+                .with_timezone(&Utc),
+            name,
+        })
+    }
+
+    /// The tenant named `name`.
+    pub fn get(&self, name: &str) -> Result<Tenant, TenantError> {
+        let row = self
+            .conn()
+            .query_row(
+                "SELECT id, name, created_at FROM tenants WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(&e))?;
+        match row {
+            Some(row) => self.tenant(row),
+            None => Err(TenantError::Unknown(name.to_owned())),
+        }
+    }
+
+    /// Remove the tenant named `name`: its token stops working. Its data is left in its
+    /// directory.
+    pub fn remove(&self, name: &str) -> Result<Tenant, TenantError> {
+        let tenant = self.get(name)?;
+        self.conn()
+            .execute("DELETE FROM tenants WHERE name = ?1", [name])
+            .map_err(|e| self.err(&e))?;
+        Ok(tenant)
+    }
+
+    /// The tenant whose token is `token`, if any.
+    pub fn authenticate(&self, token: &str) -> Result<Option<Tenant>, TenantError> {
+        let row = self
+            .conn()
+            .prepare_cached("SELECT id, name, created_at FROM tenants WHERE token_hash = ?1")
+            .and_then(|mut s| {
+                s.query_row([token_hash(token)], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()
+            })
+            .map_err(|e| self.err(&e))?;
+        row.map(|row| self.tenant(row)).transpose()
+    }
+}
+
+fn check_name(name: &str) -> Result<(), TenantError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    match ok {
+        true => Ok(()),
+        false => Err(TenantError::BadName(name.to_owned())),
+    }
+}
+
+/// A new token: `sluice_` and 256 random bits in hex.
+fn new_token() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    let mut token = String::from("sluice_");
+    for b in bytes {
+        token.push_str(&format!("{b:02x}"));
+    }
+    Ok(token)
+}
+
+/// What the registry keeps of a token. Tokens are 256 random bits, so a fast hash is enough:
+/// nothing can be guessed from it.
+fn token_hash(token: &str) -> String {
+    blake3::hash(token.as_bytes()).to_hex().to_string()
+}

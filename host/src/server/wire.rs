@@ -1,0 +1,220 @@
+//! The server API's bodies: plain serde types that the server writes and the CLI's client reads,
+//! and the views of a run that `sluice show`, `runs` and `logs` print, gathered the same way
+//! from a local store ([`RunView::load`]) as the server gathers them for `GET /api/v1/runs/{id}`.
+//! So a command prints the same thing, byte for byte, in embedded mode and against a server.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::{FlowRunId, TaskRunId};
+use crate::runner::FlowRun;
+use crate::state::StateName;
+use crate::store::{LogTail, RunSummary, Store, StoreError, StoredLog, TailLimits};
+
+/// `POST /api/v1/runs`: run a flow manifest whose components were uploaded.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StartRun {
+    /// The manifest's TOML text.
+    pub manifest: String,
+    /// The manifest's file name as the client knows it: positions in errors name it.
+    pub manifest_path: String,
+    /// Each component path the manifest names (tasks and handlers, lexically normalized, as
+    /// written: relative to the manifest's directory unless absolute) → the blake3 digest (64
+    /// hex digits) of the component uploaded with `PUT /api/v1/components/{digest}`.
+    pub components: BTreeMap<String, String>,
+    /// Parameter values (override the manifest's defaults).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub parameters: BTreeMap<String, Value>,
+    /// Context values (override the manifest's `[context]`).
+    #[serde(default)]
+    pub context: BTreeMap<String, String>,
+}
+
+/// The answer to `POST /api/v1/runs`: the run is recorded (durably) and executing.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunStarted {
+    /// The new flow run.
+    #[schema(value_type = String)]
+    pub id: FlowRunId,
+    /// Its flow.
+    pub flow: String,
+    /// How many tasks the flow has.
+    pub tasks: usize,
+}
+
+/// One task's grants, as `sluice show` prints them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskGrants {
+    /// The task.
+    pub task: String,
+    /// Its grants, serialized.
+    pub grants: Value,
+    /// One line per grant.
+    pub lines: Vec<String>,
+}
+
+/// A flow run as `sluice show` prints it (and `GET /api/v1/runs/{id}` returns it).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunView {
+    /// The record: task runs, states, histories, outputs (no logs).
+    #[schema(value_type = Object)]
+    pub run: FlowRun,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// Whether a process is executing it now.
+    pub live: bool,
+    /// When cancellation was requested, if it was.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// The manifest's path as recorded.
+    pub manifest: Option<String>,
+    /// Blobs that could not be read.
+    pub problems: Vec<String>,
+    /// Each task's grants, from the recorded manifest.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub grants: Option<Vec<TaskGrants>>,
+    /// Why the grants are not known, when they are not.
+    pub grants_unknown: Option<String>,
+    /// The newest log records of each task run (see [`TailLimits::default`]).
+    #[schema(value_type = Object)]
+    pub log_tails: HashMap<TaskRunId, LogTail>,
+}
+
+impl RunView {
+    /// Gather the view of `id` from `store`. Log tails that cannot be read are left out, with a
+    /// warning in `problems`.
+    pub fn load(store: &dyn Store, id: FlowRunId) -> Result<RunView, StoreError> {
+        let stored = store.load_run(id)?;
+        let live = store.is_live(id);
+        let mut problems: Vec<String> = stored.problems.iter().map(ToString::to_string).collect();
+        let (grants, grants_unknown) = match &stored.manifest {
+            None => (
+                None,
+                Some("the run was not started from a manifest".to_owned()),
+            ),
+            Some((path, text)) => {
+                match crate::flow::manifest::parse_with_files(path, text, None, &AnyFiles) {
+                    Ok(def) => (
+                        Some(
+                            def.tasks
+                                .into_iter()
+                                .map(|t| TaskGrants {
+                                    grants: serde_json::to_value(&t.grants).unwrap_or(Value::Null),
+                                    lines: t.grants.lines(),
+                                    task: t.name,
+                                })
+                                .collect(),
+                        ),
+                        None,
+                    ),
+                    Err(e) => (
+                        None,
+                        Some(format!("the recorded manifest no longer parses: {e}")),
+                    ),
+                }
+            }
+        };
+        let log_tails = store
+            .log_tails(id, &TailLimits::default())
+            .unwrap_or_else(|e| {
+                problems.push(format!("the logs of flow run {id} cannot be read: {e}"));
+                HashMap::new()
+            });
+        Ok(RunView {
+            run: stored.run,
+            created_at: stored.created_at,
+            live,
+            cancel_requested_at: stored.cancel_requested_at,
+            manifest: stored
+                .manifest
+                .as_ref()
+                .map(|(p, _)| p.display().to_string()),
+            problems,
+            grants,
+            grants_unknown,
+            log_tails,
+        })
+    }
+}
+
+/// Component paths taken as they are written, whether or not the files exist: reading a
+/// recorded manifest for its grants needs no component.
+struct AnyFiles;
+
+impl crate::flow::manifest::ComponentFiles for AnyFiles {
+    fn file(
+        &self,
+        _written: &std::path::Path,
+        local: &std::path::Path,
+        _build: bool,
+    ) -> Result<std::path::PathBuf, String> {
+        Ok(local.to_owned())
+    }
+}
+
+/// One line of `sluice runs` (`GET /api/v1/runs`).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunItem {
+    /// The run.
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub summary: RunSummary,
+    /// Whether a process is executing it now.
+    pub live: bool,
+}
+
+/// A page of a run's logs (`GET /api/v1/runs/{id}/logs`).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LogPage {
+    /// The lines, in order; the next page starts after the last one's `seq`. Empty: no more
+    /// lines now.
+    #[schema(value_type = Vec<Object>)]
+    pub lines: Vec<StoredLog>,
+    /// Whether the run was live before the page was read: more lines may come.
+    pub live: bool,
+}
+
+/// What `POST /api/v1/runs/{id}/cancel` did.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum Cancelled {
+    /// The run was executing: it was told to stop and records Cancelled.
+    Requested,
+    /// The run was not executing: it was recorded Cancelled.
+    Cancelled,
+    /// The run had already ended in this state.
+    AlreadyFinished {
+        /// Its state.
+        #[schema(value_type = String)]
+        state: StateName,
+    },
+}
+
+/// An uploaded component.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ComponentInfo {
+    /// Its blake3 digest (64 hex digits).
+    pub digest: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
+/// An error, as `application/problem+json` (RFC 9457), with a stable `code`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// `urn:sluice:problem:<code>`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A short summary of the kind of problem.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong, naming the run, task, field, quota or limit.
+    pub detail: String,
+    /// The stable code: `unauthorized`, `not-found`, `bad-request`, `invalid-manifest`,
+    /// `digest-mismatch`, `too-large`, `conflict`, `internal`.
+    pub code: String,
+}

@@ -1,0 +1,419 @@
+//! `sluice server` as its users reach it: a real server process on an ephemeral loopback port,
+//! tenants added with `sluice tenant add`, flows run with `sluice run --server`, and raw HTTP
+//! for what the CLI does not show (status codes, problem documents, other tenants' ids).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::Value;
+
+use crate::store::write_flow;
+use crate::support::{guest, json_of};
+
+/// A running `sluice server`, killed when dropped.
+pub(crate) struct ServerProcess {
+    child: Child,
+    pub(crate) home: PathBuf,
+    pub(crate) url: String,
+}
+
+impl ServerProcess {
+    /// Start a server over a new home, with `args` after `server`.
+    pub(crate) fn start(args: &[&str]) -> ServerProcess {
+        let home = tempfile::tempdir().expect("home").keep();
+        Self::start_in(home, args)
+    }
+
+    pub(crate) fn start_in(home: PathBuf, args: &[&str]) -> ServerProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["server", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("SLUICE_HOME", &home)
+            .stdout(Stdio::piped())
+            // Its log, for a failing test to be read: <home>/server.log.
+            .stderr(std::fs::File::create(home.join("server.log")).expect("server.log"))
+            .spawn()
+            .expect("start sluice server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("the server's first line");
+        let url = line
+            .trim()
+            .strip_prefix("sluice server listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_owned();
+        ServerProcess { child, home, url }
+    }
+
+    /// `sluice tenant add NAME` against this server's home: the token (the last line).
+    pub(crate) fn add_tenant(&self, name: &str) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["tenant", "add", name])
+            .env("SLUICE_HOME", &self.home)
+            .output()
+            .expect("sluice tenant add");
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let token = stdout.lines().last().expect("a token line").to_owned();
+        assert!(
+            token.starts_with("sluice_") && token.len() == 71,
+            "{stdout}"
+        );
+        token
+    }
+
+    /// `sluice <args> --server URL --token TOKEN`, from a home of its own (nothing local).
+    pub(crate) fn cli(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .args(["--server", &self.url, "--token", token])
+            .env("SLUICE_HOME", self.home.join("client-home"))
+            .output()
+            .expect("run sluice")
+    }
+
+    pub(crate) fn api(&self, path: &str) -> String {
+        format!("{}/api/v1{path}", self.url)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(crate) fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A two-task flow (add_one twice) with a cached first task, in a directory of its own.
+fn chain_flow(dir: &Path) -> PathBuf {
+    let add_one = guest("add_one").display().to_string();
+    write_flow(
+        dir,
+        &format!(
+            r#"
+name = "server-chain"
+[parameters]
+x = 1
+[tasks.first]
+component = "{add_one}"
+input = "$params.x"
+cache_for = "1h"
+[tasks.second]
+component = "{add_one}"
+input = "$tasks.first"
+"#
+        ),
+    )
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn get(url: &str, token: Option<&str>) -> (u16, String, Value) {
+    let mut req = client().get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let ty = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = resp.json().await.unwrap_or(Value::Null);
+    (status, ty, body)
+}
+
+#[test]
+fn a_flow_runs_on_the_server_and_reads_back_as_in_embedded_mode() {
+    let server = ServerProcess::start(&[]);
+    let token = server.add_tenant("acme");
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = chain_flow(dir.path());
+    let flow = flow.to_str().expect("utf-8");
+
+    let out = server.cli(&token, &["run", flow, "--param", "x=41", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let run = json_of(&out);
+    assert_eq!(run["state"], "Completed", "{run}");
+    assert_eq!(crate::support::task(&run, "second")["output"], 43);
+    let id = run["id"].as_str().expect("id").to_owned();
+
+    // The same run, through `runs`, `show` and `logs` against the server.
+    let out = server.cli(&token, &["runs", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let runs = json_of(&out);
+    assert_eq!(runs[0]["id"], id.as_str());
+    assert_eq!(runs[0]["live"], false);
+    let out = server.cli(&token, &["show", &id[..10], "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let shown = json_of(&out);
+    assert_eq!(shown["id"], id.as_str());
+    let mut tasks = shown["tasks"].clone();
+    for t in tasks.as_array_mut().expect("tasks") {
+        assert_eq!(t["grants"], serde_json::json!({}), "{t}");
+        t.as_object_mut().expect("task").remove("grants");
+    }
+    assert_eq!(tasks, run["tasks"]);
+    assert_eq!(shown["live"], false);
+    let out = server.cli(&token, &["show", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("second") && text.contains("Completed"),
+        "{text}"
+    );
+    let out = server.cli(&token, &["logs", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // A second run hits the tenant's cache for `first`.
+    let out = server.cli(&token, &["run", flow, "--param", "x=41", "--json"]);
+    let again = json_of(&out);
+    assert_eq!(
+        crate::support::task(&again, "first")["state"],
+        "Cached",
+        "{again}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_see_nothing_of_each_other() {
+    let server = ServerProcess::start(&[]);
+    let a = server.add_tenant("a");
+    let b = server.add_tenant("b");
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = chain_flow(dir.path());
+    let flow = flow.to_str().expect("utf-8");
+    let out = server.cli(&a, &["run", flow, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let run_a = json_of(&out);
+    let id = run_a["id"].as_str().expect("id").to_owned();
+
+    // B: every route that names A's run answers 404 with a problem document; B's list is empty.
+    for path in [
+        format!("/runs/{id}"),
+        format!("/runs/{id}/logs"),
+        format!("/runs/{}", &id[..8]),
+    ] {
+        let (status, ty, body) = get(&server.api(&path), Some(&b)).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert_eq!(ty, "application/problem+json");
+        assert_eq!(body["code"], "not-found");
+        assert_eq!(body["type"], "urn:sluice:problem:not-found");
+    }
+    let resp = client()
+        .post(server.api(&format!("/runs/{id}/cancel")))
+        .bearer_auth(&b)
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(resp.status().as_u16(), 404);
+    let (status, _, list) = get(&server.api("/runs"), Some(&b)).await;
+    assert_eq!(status, 200);
+    assert_eq!(list, serde_json::json!([]));
+    let out = server.cli(&b, &["show", &id]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no flow run"), "{}", stderr(&out));
+    let out = server.cli(&b, &["cancel", &id]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // A's component: A reads it by digest, B does not.
+    let digest = blake3::hash(&std::fs::read(guest("add_one")).expect("guest"))
+        .to_hex()
+        .to_string();
+    let url = server.api(&format!("/components/{digest}"));
+    let resp = client()
+        .get(&url)
+        .bearer_auth(&a)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status().as_u16(), 200);
+    let (status, _, _) = get(&url, Some(&b)).await;
+    assert_eq!(status, 404);
+
+    // B runs the same flow with the same inputs: no hit on A's cache (a miss, then its own run).
+    let out = server.cli(&b, &["run", flow, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let run_b = json_of(&out);
+    let first = crate::support::task(&run_b, "first");
+    assert_eq!(first["state"], "Completed", "{run_b}");
+    assert_eq!(first["cache"]["status"], "miss", "{first}");
+    let key_a = crate::support::task(&run_a, "first")["cache"]["key"].clone();
+    assert!(key_a.is_string());
+    assert_ne!(first["cache"]["key"], key_a, "the same key in two tenants");
+
+    // No token, a wrong token, a malformed header: 401 with a problem document.
+    for token in [None, Some("sluice_wrong")] {
+        let (status, ty, body) = get(&server.api("/runs"), token).await;
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(ty, "application/problem+json");
+        assert_eq!(body["code"], "unauthorized");
+    }
+    let resp = client()
+        .get(server.api("/runs"))
+        .header("authorization", "Basic eDp5")
+        .send()
+        .await
+        .expect("basic");
+    assert_eq!(resp.status().as_u16(), 401);
+    assert!(resp.headers().contains_key("www-authenticate"));
+    let out = server.cli("sluice_wrong", &["runs"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("token is not valid"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A removed tenant's token stops working at once.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["tenant", "rm", "b"])
+        .env("SLUICE_HOME", &server.home)
+        .output()
+        .expect("tenant rm");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let (status, _, _) = get(&server.api("/runs"), Some(&b)).await;
+    assert_eq!(status, 401);
+    let (status, _, _) = get(&server.api("/runs"), Some(&a)).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_are_checked_against_their_digest_and_the_size_limit() {
+    let server = ServerProcess::start(&["--max-component-size", "1KiB"]);
+    let token = server.add_tenant("t");
+    let put = |bytes: Vec<u8>, digest: String| {
+        let req = client()
+            .put(server.api(&format!("/components/{digest}")))
+            .bearer_auth(&token)
+            .body(bytes);
+        async move {
+            let resp = req.send().await.expect("put");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let at_limit = vec![7u8; 1024];
+    let digest = blake3::hash(&at_limit).to_hex().to_string();
+    let (status, body) = put(at_limit.clone(), digest.clone()).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["bytes"], 1024);
+    // Idempotent.
+    let (status, _) = put(at_limit, digest.clone()).await;
+    assert_eq!(status, 200);
+
+    let over = vec![7u8; 1025];
+    let (status, body) = put(over.clone(), blake3::hash(&over).to_hex().to_string()).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["code"], "too-large");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("1024 bytes")),
+        "{body}"
+    );
+
+    let (status, body) = put(vec![1u8; 10], digest).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "digest-mismatch");
+    let (status, body) = put(vec![1u8; 10], "not-a-digest".into()).await;
+    assert_eq!(status, 400, "{body}");
+}
+
+#[test]
+fn a_server_grants_nothing_without_a_policy_and_bad_manifests_name_their_place() {
+    let server = ServerProcess::start(&[]);
+    let token = server.add_tenant("t");
+    let dir = tempfile::tempdir().expect("dir");
+    let add_one = guest("add_one").display().to_string();
+    let flow = write_flow(
+        dir.path(),
+        &format!(
+            "name = \"f\"\n[tasks.a]\ncomponent = \"{add_one}\"\n[tasks.a.grants]\nenv = {{ REGION = \"eu\" }}\n"
+        ),
+    );
+    let out = server.cli(&token, &["run", flow.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("flow.toml:5:") && err.contains("without one nothing may be granted"),
+        "{err}"
+    );
+    assert!(err.contains("(invalid-manifest)"), "{err}");
+    let flow = write_flow(
+        dir.path(),
+        &format!("name = \"f\"\n[tasks.a]\ncomponent = \"{add_one}\"\n"),
+    );
+    let out = server.cli(
+        &token,
+        &["run", flow.to_str().expect("utf-8"), "--param", "nope=1"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unknown parameter `nope`"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openapi_document_describes_every_route() {
+    let server = ServerProcess::start(&[]);
+    let (status, _, doc) = get(&server.api("/openapi.json"), None).await;
+    assert_eq!(status, 200);
+    let paths = doc["paths"].as_object().expect("paths");
+    for p in [
+        "/api/v1/components/{digest}",
+        "/api/v1/runs",
+        "/api/v1/runs/{id}",
+        "/api/v1/runs/{id}/logs",
+        "/api/v1/runs/{id}/cancel",
+    ] {
+        assert!(paths.contains_key(p), "{p} missing from {:?}", paths.keys());
+    }
+    assert!(doc["components"]["schemas"]["Problem"].is_object());
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+}
+
+#[test]
+fn a_run_on_the_server_is_cancelled_from_the_cli() {
+    let server = ServerProcess::start(&[]);
+    let token = server.add_tenant("t");
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = crate::store::slow_chain(dir.path(), "slow");
+    let run = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", flow.to_str().expect("utf-8"), "--json"])
+        .args(["--server", &server.url, "--token", &token])
+        .env("SLUICE_HOME", server.home.join("client-home"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    // Wait until the run is there and live.
+    let id = loop {
+        let out = server.cli(&token, &["runs", "--json"]);
+        let runs = json_of(&out);
+        if let Some(r) = runs.as_array().and_then(|r| r.first())
+            && r["live"] == true
+        {
+            break r["id"].as_str().expect("id").to_owned();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = server.cli(&token, &["cancel", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Cancelled"));
+    let out = run.wait_with_output().expect("run ends");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(json_of(&out)["state"], "Cancelled");
+}

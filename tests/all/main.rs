@@ -21,6 +21,7 @@ mod recovery;
 mod scheduling;
 mod semantics;
 mod server;
+mod server_quotas;
 mod signals;
 mod store;
 mod store_faults;

@@ -51,6 +51,7 @@ pub(super) async fn drive(
         logs_before,
         tenant: runner.tenant,
     };
+    let run_id = run.id;
     let machine = FlowMachine::new(flow.def.clone(), run, starts, settings);
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let mut driver = Driver {
@@ -58,6 +59,8 @@ pub(super) async fn drive(
         runner,
         flow,
         executor: LocalExecutor::new(runner.sandbox.clone()),
+        shared: runner.executor.clone(),
+        run_id,
         done_tx,
         timers: JoinSet::new(),
         hooks: JoinSet::new(),
@@ -89,6 +92,10 @@ struct Driver<'a> {
     runner: &'a FlowRunner,
     flow: &'a PreparedFlow,
     executor: LocalExecutor,
+    /// The runner's shared executor (a server's fair queue), when it has one: every attempt
+    /// goes there, none runs on the driver's task.
+    shared: Option<Arc<dyn Executor>>,
+    run_id: FlowRunId,
     done_tx: mpsc::UnboundedSender<Finished>,
     /// The attempt running on the driver's own task (one that had nothing beside it).
     here: Option<Pin<Box<dyn Future<Output = Finished> + Send>>>,
@@ -184,6 +191,7 @@ impl Driver<'_> {
             match command {
                 Command::Run(a) => {
                     let job = Job {
+                        run: self.run_id,
                         unit: a.unit,
                         component: self.flow.components[a.unit.task].clone(),
                         input: a.input,
@@ -195,13 +203,13 @@ impl Driver<'_> {
                     self.in_flight += 1;
                     if !self.deferred.is_empty() || !self.store_has_room() {
                         self.deferred.push_back(job);
-                    } else if self.in_flight == 1 && self.here.is_none() {
+                    } else if self.in_flight == 1 && self.here.is_none() && self.shared.is_none() {
                         held = Some(job);
                     } else {
                         if let Some(first) = held.take() {
-                            self.executor.submit(first, self.done_tx.clone());
+                            self.submit(first);
                         }
-                        self.executor.submit(job, self.done_tx.clone());
+                        self.submit(job);
                     }
                 }
                 Command::Timer { unit, at } => {
@@ -248,6 +256,14 @@ impl Driver<'_> {
         }
     }
 
+    /// Hand `job` to the shared executor, or else to this process's.
+    fn submit(&self, job: Job) {
+        match &self.shared {
+            Some(shared) => shared.submit(job, self.done_tx.clone()),
+            None => self.executor.submit(job, self.done_tx.clone()),
+        }
+    }
+
     /// Whether the store's backlog of logs leaves room for more attempts. A run that is being
     /// cancelled, or whose store cannot write, does not wait for it.
     fn store_has_room(&self) -> bool {
@@ -263,7 +279,7 @@ impl Driver<'_> {
     fn launch_deferred(&mut self) {
         while !self.deferred.is_empty() && self.store_has_room() {
             if let Some(job) = self.deferred.pop_front() {
-                self.executor.submit(job, self.done_tx.clone());
+                self.submit(job);
             }
         }
     }

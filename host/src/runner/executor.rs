@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use super::machine::Unit;
 use crate::context::TaskContext;
+use crate::ids::FlowRunId;
 use crate::sandbox::{
     CancelToken, Ending, RunBudget, RunGrants, RunOutcome, Sandbox, TaskComponent,
 };
@@ -19,6 +20,8 @@ use crate::sandbox::{
 /// One attempt of one task run, with everything needed to run it.
 #[derive(Debug)]
 pub struct Job {
+    /// The flow run.
+    pub run: FlowRunId,
     /// Which unit of the flow run it is.
     pub unit: Unit,
     /// The task's component.

@@ -154,6 +154,7 @@ pub struct FlowRunner {
     store: Option<Arc<dyn Store>>,
     secrets: SecretSource,
     tenant: Option<TenantId>,
+    executor: Option<Arc<dyn executor::Executor>>,
 }
 
 impl fmt::Debug for FlowRunner {
@@ -208,6 +209,7 @@ impl FlowRunner {
             store: None,
             secrets: SecretSource::none(),
             tenant: None,
+            executor: None,
         }
     }
 
@@ -230,6 +232,14 @@ impl FlowRunner {
     /// [`CacheScope::within`](crate::cache::CacheScope::within)). Default: none (embedded).
     pub fn tenant(mut self, tenant: TenantId) -> Self {
         self.tenant = Some(tenant);
+        self
+    }
+
+    /// Run every attempt on `executor` (a server's shared fair queue) instead of this
+    /// process's sandbox directly. Default: none (the local executor, and an attempt with
+    /// nothing beside it runs on the driver's own task).
+    pub fn executor(mut self, executor: Arc<dyn executor::Executor>) -> Self {
+        self.executor = Some(executor);
         self
     }
 

@@ -20,9 +20,9 @@ use utoipa_axum::routes;
 use super::problem::ApiError;
 use super::space::{MAX_WAIT, declared_too_large};
 use super::wire::{
-    Cancelled, ComponentInfo, LogPage, Problem, RunItem, RunStarted, RunView, StartRun,
+    Cancelled, ComponentInfo, LogPage, Problem, RunItem, RunStarted, RunView, StartRun, Usage,
 };
-use super::{Server, Space};
+use super::{Server, Space, Tenant};
 use crate::state::StateName;
 use crate::store::{LOG_PAGE_LINES, RunFilter, Store};
 
@@ -61,7 +61,8 @@ pub(super) fn router(server: Server) -> axum::Router {
         .routes(routes!(start_run, list_runs))
         .routes(routes!(show_run))
         .routes(routes!(run_logs))
-        .routes(routes!(cancel_run));
+        .routes(routes!(cancel_run))
+        .routes(routes!(usage));
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", v1)
         .split_for_parts();
@@ -80,8 +81,9 @@ pub(super) fn router(server: Server) -> axum::Router {
     .with_state(server)
 }
 
-/// The caller: the tenant whose token the request carries.
-struct Caller(Arc<Space>);
+/// The caller: the tenant whose token the request carries (as the registry has it now: its
+/// quotas as they are), and its space.
+struct Caller(Arc<Space>, Tenant);
 
 impl FromRequestParts<Server> for Caller {
     type Rejection = ApiError;
@@ -109,7 +111,7 @@ impl FromRequestParts<Server> for Caller {
         let space = server
             .space(&tenant)
             .map_err(|e| ApiError::internal("opening the tenant's store", &e))?;
-        Ok(Caller(space))
+        Ok(Caller(space, tenant))
     }
 }
 
@@ -124,11 +126,12 @@ impl FromRequestParts<Server> for Caller {
         (status = 200, description = "Already stored", body = ComponentInfo),
         (status = 400, description = "Not a digest, or the bytes do not match it", body = Problem),
         (status = 413, description = "Over the component size limit", body = Problem),
+        (status = 429, description = "Over the `max_stored_bytes` quota", body = Problem),
     )
 )]
 async fn put_component(
     State(server): State<Server>,
-    Caller(space): Caller,
+    Caller(space, tenant): Caller,
     Path(digest): Path<String>,
     headers: axum::http::HeaderMap,
     body: Body,
@@ -141,7 +144,7 @@ async fn put_component(
     if declared.is_some_and(|n| n > max) {
         return Err(declared_too_large(&digest, max));
     }
-    let new = space.put_component(&digest, body, max).await?;
+    let new = space.put_component(&tenant, &digest, body, max).await?;
     let bytes = space
         .component_file(&digest)
         .and_then(|p| std::fs::metadata(p).ok())
@@ -165,7 +168,7 @@ async fn put_component(
     )
 )]
 async fn get_component(
-    Caller(space): Caller,
+    Caller(space, _): Caller,
     Path(digest): Path<String>,
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::not_found(format!("no component {digest}"));
@@ -182,14 +185,15 @@ async fn get_component(
     responses(
         (status = 201, description = "Recorded and executing", body = RunStarted),
         (status = 422, description = "The manifest, a component or a parameter is not valid", body = Problem),
+        (status = 429, description = "A quota refused the run (named in `detail`)", body = Problem),
     )
 )]
 async fn start_run(
     State(server): State<Server>,
-    Caller(space): Caller,
+    Caller(space, tenant): Caller,
     Json(req): Json<StartRun>,
 ) -> Result<Response, ApiError> {
-    let started = space.start_run(req, &server.inner.policy).await?;
+    let started = space.start_run(&tenant, req, &server.inner.policy).await?;
     Ok((StatusCode::CREATED, Json(started)).into_response())
 }
 
@@ -211,7 +215,7 @@ struct ListQuery {
     responses((status = 200, description = "Runs", body = Vec<RunItem>))
 )]
 async fn list_runs(
-    Caller(space): Caller,
+    Caller(space, _): Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<RunItem>>, ApiError> {
     let state = match &q.state {
@@ -259,7 +263,7 @@ struct ShowQuery {
     )
 )]
 async fn show_run(
-    Caller(space): Caller,
+    Caller(space, _): Caller,
     Path(id): Path<String>,
     Query(q): Query<ShowQuery>,
 ) -> Result<Json<RunView>, ApiError> {
@@ -298,7 +302,7 @@ struct LogsQuery {
     )
 )]
 async fn run_logs(
-    Caller(space): Caller,
+    Caller(space, _): Caller,
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Json<LogPage>, ApiError> {
@@ -339,7 +343,7 @@ async fn run_logs(
     )
 )]
 async fn cancel_run(
-    Caller(space): Caller,
+    Caller(space, _): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Cancelled>, ApiError> {
     let id = space.resolve(&id)?;
@@ -348,4 +352,14 @@ async fn cancel_run(
         .await
         .map_err(|e| ApiError::internal("cancelling the run", &e))??;
     Ok(Json(outcome))
+}
+
+/// What the caller uses now, against its quotas.
+#[utoipa::path(
+    get,
+    path = "/usage",
+    responses((status = 200, description = "Usage and quotas", body = Usage))
+)]
+async fn usage(Caller(space, tenant): Caller) -> Json<Usage> {
+    Json(space.usage(&tenant))
 }

@@ -10,6 +10,7 @@
 //! one shared sandbox: each tenant has a [`FlowRunner`] over its own store.
 
 mod api;
+pub mod fair;
 mod problem;
 mod space;
 pub mod tenants;
@@ -23,9 +24,10 @@ use crate::flow::manifest::{ManifestError, Policy};
 use crate::ids::TenantId;
 use crate::sandbox::Sandbox;
 use crate::store::StoreError;
+use fair::{FairQueue, Share};
 
 pub use space::Space;
-pub use tenants::{Tenant, TenantError, Tenants};
+pub use tenants::{Quotas, Tenant, TenantError, Tenants};
 
 /// Why the server could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -69,13 +71,15 @@ struct Inner {
     tenants: Tenants,
     policy: Policy,
     spaces: Mutex<HashMap<TenantId, Arc<Space>>>,
+    queue: FairQueue,
 }
 
 impl Server {
-    /// A server over `home`, running tasks on `sandbox`. The operator's grant ceiling is
+    /// A server over `home`, running at most `slots` task runs at once on `sandbox`, from one
+    /// queue shared fairly by its tenants ([`fair`]). The operator's grant ceiling is
     /// `<home>/policy.toml`; without that file nothing may be granted. Every tenant's store is
     /// opened, and runs a previous server process left executing are recorded Crashed.
-    pub fn open(home: &Path, sandbox: Sandbox) -> Result<Server, ServerError> {
+    pub fn open(home: &Path, sandbox: Sandbox, slots: usize) -> Result<Server, ServerError> {
         let tenants = Tenants::open(home)?;
         let policy_file = home.join("policy.toml");
         let policy = match policy_file.exists() {
@@ -85,10 +89,11 @@ impl Server {
         let server = Server {
             inner: Arc::new(Inner {
                 home: home.to_owned(),
-                sandbox,
                 tenants,
                 policy,
                 spaces: Mutex::default(),
+                queue: FairQueue::new(sandbox.clone(), slots),
+                sandbox,
             }),
         };
         for tenant in server.inner.tenants.list()? {
@@ -107,14 +112,28 @@ impl Server {
         home.join("tenants").join(id.to_string())
     }
 
-    /// The space of `tenant`, opened on first use.
+    /// The space of `tenant`, opened on first use; the queue takes its current weight and
+    /// quotas.
     pub fn space(&self, tenant: &Tenant) -> Result<Arc<Space>, ServerError> {
+        self.inner.queue.configure(
+            tenant.id,
+            Share {
+                weight: tenant.weight,
+                max_running: tenant.quotas.max_running_tasks,
+                fuel_per_minute: tenant.quotas.fuel_per_minute,
+            },
+        );
         let mut spaces = self.inner.spaces.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(space) = spaces.get(&tenant.id) {
             return Ok(space.clone());
         }
         let dir = Self::tenant_dir(&self.inner.home, tenant.id);
-        let space = Arc::new(Space::open(tenant, &dir, &self.inner.sandbox)?);
+        let space = Arc::new(Space::open(
+            tenant,
+            &dir,
+            &self.inner.sandbox,
+            &self.inner.queue,
+        )?);
         spaces.insert(tenant.id, space.clone());
         Ok(space)
     }

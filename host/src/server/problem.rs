@@ -35,6 +35,26 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "bad-request", detail)
     }
 
+    /// A quota of `tenant` refused the request: 429, naming the quota, its value and why.
+    pub(crate) fn quota(
+        tenant: &super::Tenant,
+        quota: &str,
+        limit: u64,
+        why: impl std::fmt::Display,
+    ) -> Self {
+        let detail = match quota {
+            "grants" => format!(
+                "quota `grants` (the grant ceiling) of tenant `{}`: {why}",
+                tenant.name
+            ),
+            _ => format!(
+                "quota `{quota}` of tenant `{}` is {limit}: {why}",
+                tenant.name
+            ),
+        };
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "quota-exceeded", detail)
+    }
+
     /// A failure of the server itself: logged in full, reported without the server's paths.
     pub(crate) fn internal(what: &str, e: &dyn std::fmt::Display) -> Self {
         tracing::error!("{what}: {e}");

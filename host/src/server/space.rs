@@ -3,19 +3,20 @@
 //! runner, and the runs this process executes for it. Everything a request of the tenant
 //! reads or changes is here, so nothing of another tenant can be reached.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::ServerError;
+use super::fair::{FairQueue, WINDOW};
 use super::problem::ApiError;
 use super::tenants::Tenant;
-use super::wire::{Cancelled, RunStarted, StartRun};
+use super::wire::{Cancelled, RunStarted, StartRun, Usage};
 use crate::flow::manifest::{ComponentFiles, Policy, normalize};
 use crate::grants::SecretSource;
 use crate::ids::FlowRunId;
@@ -31,6 +32,9 @@ pub struct Space {
     store: Arc<SqliteStore>,
     runner: FlowRunner,
     live: Mutex<HashMap<FlowRunId, LiveRun>>,
+    /// When its flow runs started, over the last minute (`runs_per_minute`).
+    starts: Mutex<VecDeque<Instant>>,
+    queue: FairQueue,
 }
 
 /// A run this process executes.
@@ -51,6 +55,7 @@ impl Space {
         tenant: &Tenant,
         dir: &Path,
         sandbox: &Sandbox,
+        queue: &FairQueue,
     ) -> Result<Space, ServerError> {
         let io = |what: &str, source| ServerError::Io {
             what: format!("tenant `{}`: {what} {}", tenant.name, dir.display()),
@@ -73,13 +78,16 @@ impl Space {
         let runner = FlowRunner::new(sandbox.clone())
             .store(store.clone())
             .secrets(SecretSource::none())
-            .tenant(tenant.id);
+            .tenant(tenant.id)
+            .executor(queue.executor(tenant.id));
         Ok(Space {
             tenant: tenant.clone(),
             dir: dir.to_owned(),
             store,
             runner,
             live: Mutex::default(),
+            starts: Mutex::default(),
+            queue: queue.clone(),
         })
     }
 
@@ -108,10 +116,22 @@ impl Space {
     /// nothing).
     pub async fn put_component(
         &self,
+        tenant: &Tenant,
         digest: &str,
         body: axum::body::Body,
         max: u64,
     ) -> Result<bool, ApiError> {
+        // What may still be stored, under the tenant's quota.
+        let room = match tenant.quotas.max_stored_bytes {
+            None => u64::MAX,
+            Some(quota) => {
+                let stored = self.stored_bytes();
+                if stored > quota {
+                    return Err(over_stored(tenant, quota, stored));
+                }
+                quota - stored
+            }
+        };
         if !is_digest(digest) {
             return Err(ApiError::bad_request(format!(
                 "`{digest}` is not a component digest: 64 lowercase hex digits of blake3"
@@ -130,6 +150,18 @@ impl Space {
             size += chunk.len() as u64;
             if size > max {
                 return Err(too_large(digest, max));
+            }
+            if size > room {
+                let quota = tenant.quotas.max_stored_bytes.unwrap_or(u64::MAX);
+                return Err(ApiError::quota(
+                    tenant,
+                    "max_stored_bytes",
+                    quota,
+                    format!(
+                        "component {digest} does not fit: {} bytes stored, {size} bytes uploaded so far",
+                        quota - room
+                    ),
+                ));
             }
             hasher.update(&chunk);
             std::io::Write::write_all(&mut file, &chunk)
@@ -159,23 +191,67 @@ impl Space {
     /// `policy`. Returns once the run is durably recorded; it executes on.
     pub async fn start_run(
         self: &Arc<Self>,
+        tenant: &Tenant,
         req: StartRun,
         policy: &Policy,
     ) -> Result<RunStarted, ApiError> {
+        let quotas = &tenant.quotas;
+        if let Some(quota) = quotas.runs_per_minute {
+            let started = self.runs_last_minute();
+            if started >= quota {
+                return Err(ApiError::quota(
+                    tenant,
+                    "runs_per_minute",
+                    quota,
+                    format!("{started} flow runs started in the last minute"),
+                ));
+            }
+        }
+        if let Some(quota) = quotas.max_stored_bytes {
+            let stored = self.stored_bytes();
+            if stored > quota {
+                return Err(over_stored(tenant, quota, stored));
+            }
+        }
         let file = Path::new(&req.manifest_path);
         let files = Uploaded {
             space: self,
             components: &req.components,
         };
-        let mut def =
+        let parse = |policy| {
             crate::flow::manifest::parse_with_files(file, &req.manifest, Some(policy), &files)
-                .map_err(|e| {
-                    ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "invalid-manifest",
-                        e.to_string(),
-                    )
-                })?;
+        };
+        let mut def = parse(policy).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-manifest",
+                e.to_string(),
+            )
+        })?;
+        if let Some(ceiling) = &tenant.grants {
+            let ceiling = Policy::parse(
+                Path::new(&format!("grant ceiling of tenant `{}`", tenant.name)),
+                ceiling,
+            )
+            .map_err(|e| ApiError::internal("reading the tenant's grant ceiling", &e))?;
+            parse(&ceiling).map_err(|e| ApiError::quota(tenant, "grants", 0, e))?;
+        }
+        check_budgets(tenant, &def)?;
+        if let Some(quota) = quotas.max_queued_tasks {
+            let queued = self.queue.load(tenant.id).queued;
+            let tasks = def.tasks.len() as u64;
+            if queued + tasks > quota {
+                return Err(ApiError::quota(
+                    tenant,
+                    "max_queued_tasks",
+                    quota,
+                    format!(
+                        "{queued} task runs are queued, and flow `{}` has {tasks} tasks",
+                        def.name
+                    ),
+                ));
+            }
+        }
         // The server never runs a manifest's build commands: components come uploaded.
         for t in &mut def.tasks {
             t.build = None;
@@ -194,6 +270,7 @@ impl Space {
         };
         let cancel = options.cancel.clone();
         let started = self.runner.start(&flow, options).map_err(prepare_error)?;
+        self.starts().push_back(Instant::now());
         let id = started.id();
         let (done_tx, done) = watch::channel(false);
         self.live().insert(id, LiveRun { cancel, done });
@@ -219,6 +296,55 @@ impl Space {
         })
     }
 
+    fn starts(&self) -> std::sync::MutexGuard<'_, VecDeque<Instant>> {
+        self.starts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Flow runs started in the last minute.
+    pub fn runs_last_minute(&self) -> u64 {
+        let mut starts = self.starts();
+        let now = Instant::now();
+        while starts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= WINDOW)
+        {
+            starts.pop_front();
+        }
+        starts.len() as u64
+    }
+
+    /// Bytes stored for the tenant: its components and its run store's files.
+    pub fn stored_bytes(&self) -> u64 {
+        let size = |dir: &Path| -> u64 {
+            std::fs::read_dir(dir)
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .filter_map(|e| e.metadata().ok())
+                        .filter(std::fs::Metadata::is_file)
+                        .map(|m| m.len())
+                        .sum()
+                })
+                .unwrap_or(0)
+        };
+        size(&self.dir) + size(&self.dir.join("components"))
+    }
+
+    /// What the tenant uses now, against its quotas.
+    pub fn usage(&self, tenant: &Tenant) -> Usage {
+        let load = self.queue.load(tenant.id);
+        Usage {
+            tenant: tenant.name.clone(),
+            weight: tenant.weight,
+            quotas: tenant.quotas.clone(),
+            queued_tasks: load.queued,
+            running_tasks: load.running,
+            runs_last_minute: self.runs_last_minute(),
+            fuel_last_minute: load.fuel_last_minute,
+            stored_bytes: self.stored_bytes(),
+        }
+    }
+
     /// Resolve a run id or unique prefix.
     pub fn resolve(&self, id: &str) -> Result<FlowRunId, ApiError> {
         self.store
@@ -236,8 +362,10 @@ impl Space {
 
     /// Cancel run `id`.
     pub fn cancel(&self, id: FlowRunId) -> Result<Cancelled, ApiError> {
-        if let Some(live) = self.live().get(&id) {
-            live.cancel.cancel();
+        let live = self.live().get(&id).map(|l| l.cancel.clone());
+        if let Some(cancel) = live {
+            cancel.cancel();
+            self.queue.cancelled();
             return Ok(Cancelled::Requested);
         }
         match self.store.cancel(id, chrono::Utc::now()) {
@@ -247,6 +375,71 @@ impl Space {
             Err(e) => Err(ApiError::store("cancelling the run", e)),
         }
     }
+}
+
+fn over_stored(tenant: &Tenant, quota: u64, stored: u64) -> ApiError {
+    ApiError::quota(
+        tenant,
+        "max_stored_bytes",
+        quota,
+        format!("{stored} bytes are stored"),
+    )
+}
+
+/// Each task's fuel, memory and deadline within the tenant's ceilings.
+fn check_budgets(tenant: &Tenant, def: &crate::flow::FlowDef) -> Result<(), ApiError> {
+    let q = &tenant.quotas;
+    for t in &def.tasks {
+        let b = &t.budget;
+        if let Some(max) = q.max_task_fuel {
+            match b.fuel {
+                Some(fuel) if fuel <= max => {}
+                fuel => {
+                    return Err(ApiError::quota(
+                        tenant,
+                        "max_task_fuel",
+                        max,
+                        format!(
+                            "task `{}` is given {}: set its `fuel` to at most {max}",
+                            t.name,
+                            fuel.map_or_else(
+                                || "unlimited fuel".to_owned(),
+                                |f| format!("{f} fuel")
+                            )
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(max) = q.max_task_memory
+            && b.memory_bytes > max
+        {
+            return Err(ApiError::quota(
+                tenant,
+                "max_task_memory",
+                max,
+                format!(
+                    "task `{}` is given {} bytes of memory: set its `memory` to at most {max} bytes",
+                    t.name, b.memory_bytes
+                ),
+            ));
+        }
+        if let Some(max) = q.max_task_timeout_ms
+            && b.timeout > Duration::from_millis(max)
+        {
+            return Err(ApiError::quota(
+                tenant,
+                "max_task_timeout_ms",
+                max,
+                format!(
+                    "task `{}` is given a {} ms deadline: set its `timeout` to at most {max} ms",
+                    t.name,
+                    b.timeout.as_millis()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn too_large(digest: &str, max: u64) -> ApiError {

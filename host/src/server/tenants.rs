@@ -36,6 +36,9 @@ pub enum TenantError {
     /// No tenant of that name.
     #[error("no tenant `{0}`")]
     Unknown(String),
+    /// A grant ceiling that is not a valid policy.
+    #[error("grant ceiling: {0}")]
+    Ceiling(String),
 }
 
 /// One tenant.
@@ -47,6 +50,38 @@ pub struct Tenant {
     pub name: String,
     /// When it was added.
     pub created_at: DateTime<Utc>,
+    /// Its share of the run slots against other busy tenants (≥ 1; default 1).
+    pub weight: u32,
+    /// Its quotas.
+    pub quotas: Quotas,
+    /// Its grant ceiling: a policy file's text (the format of `--policy`), checked besides the
+    /// server's policy. `None`: the server's policy alone.
+    pub grants: Option<String>,
+}
+
+/// A tenant's quotas. `None` is unlimited (the default of each). Each is named, when hit, by
+/// its field name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quotas {
+    /// Task runs running at once (more wait in the queue).
+    pub max_running_tasks: Option<u64>,
+    /// Task runs waiting in the queue: a run whose tasks would take it over is refused.
+    pub max_queued_tasks: Option<u64>,
+    /// Flow runs started in any 60 s: one more is refused.
+    pub runs_per_minute: Option<u64>,
+    /// Fuel used by task runs that ended in the last 60 s: while at it, task runs wait.
+    pub fuel_per_minute: Option<u64>,
+    /// The most fuel one task run may be given: a manifest giving more (or leaving fuel
+    /// unlimited) is refused.
+    pub max_task_fuel: Option<u64>,
+    /// The most memory one task run may be given, in bytes.
+    pub max_task_memory: Option<u64>,
+    /// The longest deadline one task run may be given, in milliseconds.
+    pub max_task_timeout_ms: Option<u64>,
+    /// Bytes stored for the tenant (its components and its run store): uploads and runs are
+    /// refused while it is over, and an upload that would take it over.
+    pub max_stored_bytes: Option<u64>,
 }
 
 /// The tenant registry of a server home.
@@ -62,9 +97,28 @@ CREATE TABLE IF NOT EXISTS tenants (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
     token_hash TEXT NOT NULL UNIQUE,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    weight INTEGER NOT NULL DEFAULT 1,
+    quotas TEXT NOT NULL DEFAULT '{}',
+    grants TEXT
 );
 ";
+
+/// The columns every query reads, in [`Tenants::tenant`]'s order.
+const COLUMNS: &str = "id, name, created_at, weight, quotas, grants";
+
+type Row = (String, String, String, u32, String, Option<String>);
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
 
 impl Tenants {
     /// Open (creating) the registry of `home`.
@@ -81,6 +135,23 @@ impl Tenants {
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| err(&e))?;
         conn.execute_batch(SCHEMA).map_err(|e| err(&e))?;
+        // A registry from before quotas: add their columns.
+        let has_weight: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('tenants') WHERE name = 'weight'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(|e| err(&e))?
+            > 0;
+        if !has_weight {
+            conn.execute_batch(
+                "ALTER TABLE tenants ADD COLUMN weight INTEGER NOT NULL DEFAULT 1;
+                 ALTER TABLE tenants ADD COLUMN quotas TEXT NOT NULL DEFAULT '{}';
+                 ALTER TABLE tenants ADD COLUMN grants TEXT;",
+            )
+            .map_err(|e| err(&e))?;
+        }
         Ok(Tenants {
             path,
             conn: Mutex::new(conn),
@@ -107,6 +178,9 @@ impl Tenants {
             id: TenantId::new(),
             name: name.to_owned(),
             created_at: now,
+            weight: 1,
+            quotas: Quotas::default(),
+            grants: None,
         };
         let token = new_token().map_err(|e| self.err(&e))?;
         let inserted = self.conn().execute(
@@ -130,17 +204,9 @@ impl Tenants {
     pub fn list(&self) -> Result<Vec<Tenant>, TenantError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare("SELECT id, name, created_at FROM tenants ORDER BY name")
+            .prepare(&format!("SELECT {COLUMNS} FROM tenants ORDER BY name"))
             .map_err(|e| self.err(&e))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })
-            .map_err(|e| self.err(&e))?;
+        let rows = stmt.query_map([], row).map_err(|e| self.err(&e))?;
         let mut out = Vec::new();
         for row in rows {
             out.push(self.tenant(row.map_err(|e| self.err(&e))?)?);
@@ -148,8 +214,15 @@ impl Tenants {
         Ok(out)
     }
 
-    fn tenant(&self, (id, name, created): (String, String, String)) -> Result<Tenant, TenantError> {
+    fn tenant(
+        &self,
+        (id, name, created, weight, quotas, grants): Row,
+    ) -> Result<Tenant, TenantError> {
         Ok(Tenant {
+            weight: weight.max(1),
+            quotas: serde_json::from_str(&quotas)
+                .map_err(|e| self.err(&format!("tenant `{name}` has bad quotas: {e}")))?,
+            grants,
             id: id
                 .parse()
                 .map_err(|e| self.err(&format!("tenant `{name}` has a bad id `{id}`: {e}")))?,
@@ -165,9 +238,9 @@ impl Tenants {
         let row = self
             .conn()
             .query_row(
-                "SELECT id, name, created_at FROM tenants WHERE name = ?1",
+                &format!("SELECT {COLUMNS} FROM tenants WHERE name = ?1"),
                 [name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                row,
             )
             .optional()
             .map_err(|e| self.err(&e))?;
@@ -175,6 +248,25 @@ impl Tenants {
             Some(row) => self.tenant(row),
             None => Err(TenantError::Unknown(name.to_owned())),
         }
+    }
+
+    /// Change the tenant named `name`: its weight, quotas and grant ceiling become those of
+    /// `change(current)`. A running server applies them from the tenant's next request.
+    pub fn update(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut Tenant) -> Result<(), TenantError>,
+    ) -> Result<Tenant, TenantError> {
+        let mut tenant = self.get(name)?;
+        change(&mut tenant)?;
+        let quotas = serde_json::to_string(&tenant.quotas).map_err(|e| self.err(&e))?;
+        self.conn()
+            .execute(
+                "UPDATE tenants SET weight = ?2, quotas = ?3, grants = ?4 WHERE name = ?1",
+                params![name, tenant.weight.max(1), quotas, tenant.grants],
+            )
+            .map_err(|e| self.err(&e))?;
+        Ok(tenant)
     }
 
     /// Remove the tenant named `name`: its token stops working. Its data is left in its
@@ -191,13 +283,10 @@ impl Tenants {
     pub fn authenticate(&self, token: &str) -> Result<Option<Tenant>, TenantError> {
         let row = self
             .conn()
-            .prepare_cached("SELECT id, name, created_at FROM tenants WHERE token_hash = ?1")
-            .and_then(|mut s| {
-                s.query_row([token_hash(token)], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .optional()
-            })
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM tenants WHERE token_hash = ?1"
+            ))
+            .and_then(|mut s| s.query_row([token_hash(token)], row).optional())
             .map_err(|e| self.err(&e))?;
         row.map(|row| self.tenant(row)).transpose()
     }

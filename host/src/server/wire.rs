@@ -215,6 +215,28 @@ pub struct Problem {
     /// What went wrong, naming the run, task, field, quota or limit.
     pub detail: String,
     /// The stable code: `unauthorized`, `not-found`, `bad-request`, `invalid-manifest`,
-    /// `digest-mismatch`, `too-large`, `conflict`, `internal`.
+    /// `digest-mismatch`, `too-large`, `quota-exceeded`, `internal`.
     pub code: String,
+}
+
+/// What a tenant uses now, against its quotas (`GET /api/v1/usage`).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Usage {
+    /// The tenant.
+    pub tenant: String,
+    /// Its share of the run slots against other busy tenants.
+    pub weight: u32,
+    /// Its quotas (`null`: unlimited).
+    #[schema(value_type = Object)]
+    pub quotas: crate::server::tenants::Quotas,
+    /// Task runs waiting in the server's queue.
+    pub queued_tasks: u64,
+    /// Task runs running.
+    pub running_tasks: u64,
+    /// Flow runs started in the last 60 s.
+    pub runs_last_minute: u64,
+    /// Fuel used by task runs that ended in the last 60 s.
+    pub fuel_last_minute: u64,
+    /// Bytes stored: components and the run store.
+    pub stored_bytes: u64,
 }

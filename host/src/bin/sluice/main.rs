@@ -6,6 +6,7 @@
 //! |---|---|
 //! | 0 | the run ended in a Completed-type state (Completed, Cached, Skipped, Mapped) |
 //! | 1 | the run ended Failed, Crashed or Cancelled (any of their types: TimedOut, TriggerFailed, …) |
+//! | 1 | also: a server's quota refused the command (`--server`) |
 //! | 2 | usage or input error: bad flags, input that is not JSON, a file that is not a task |
 //! | 3 | the run is waiting: Paused, or AwaitingRetry (another Scheduled-type state) |
 
@@ -207,6 +208,12 @@ enum Command {
     /// Work with single tasks.
     #[command(subcommand)]
     Task(TaskCommand),
+    /// What this tenant uses on the server (`--server`), against its quotas.
+    Usage {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the HTTP API of this home to its tenants.
     Server(server_cmd::ServerArgs),
     /// Add, list or remove the tenants of this home's server.
@@ -323,6 +330,12 @@ fn main() -> ExitCode {
             Command::Cache(_) if remote.is_some() => Err(local_only("cache")),
             Command::Cache(cmd) => cache_cmd::cache(&cli.home, &cmd),
             Command::Task(TaskCommand::Run(args)) => task_run::run(&cli.sandbox, args).await,
+            Command::Usage { json } => match remote {
+                Some(remote) => remote.usage(json).await,
+                None => Err(UsageError(anyhow::anyhow!(
+                    "`sluice usage` reports a tenant's usage on a server: give --server and --token"
+                ))),
+            },
             Command::Server(_) | Command::Tenant(_) if remote.is_some() => {
                 Err(local_only("server/tenant"))
             }
@@ -334,7 +347,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", chain(&e.0));
-            ExitCode::from(2)
+            match e.0.downcast_ref::<remote::QuotaRefused>() {
+                Some(_) => ExitCode::from(1),
+                None => ExitCode::from(2),
+            }
         }
     }
 }

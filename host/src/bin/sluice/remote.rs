@@ -15,7 +15,9 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use sluice::flow::manifest::{self, ComponentFiles, LocalFiles};
 use sluice::ids::FlowRunId;
-use sluice::server::wire::{Cancelled, LogPage, Problem, RunItem, RunStarted, RunView, StartRun};
+use sluice::server::wire::{
+    Cancelled, LogPage, Problem, RunItem, RunStarted, RunView, StartRun, Usage,
+};
 use sluice::store::RunFilter;
 
 use crate::UsageError;
@@ -100,6 +102,10 @@ impl Remote {
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
         match serde_json::from_str::<Problem>(&text) {
+            // A quota is not a usage error: the same command may pass later (exit 1).
+            Ok(p) if status == StatusCode::TOO_MANY_REQUESTS => UsageError(anyhow::Error::new(
+                QuotaRefused(format!("server {}: {} ({})", self.base, p.detail, p.code)),
+            )),
             Ok(p) => UsageError(anyhow!("server {}: {} ({})", self.base, p.detail, p.code)),
             Err(_) => UsageError(anyhow!("server {}: HTTP {status}: {text}", self.base)),
         }
@@ -159,6 +165,71 @@ impl Remote {
             path.push_str(&format!("&task={}", encode(task)));
         }
         self.get(&path).await
+    }
+
+    pub(crate) async fn usage(&self, json: bool) -> Result<ExitCode, UsageError> {
+        let usage: Usage = self.get("/usage").await?;
+        if json {
+            crate::print_stdout(&format!("{:#}\n", serde_json::json!(usage)));
+            return Ok(ExitCode::SUCCESS);
+        }
+        let q = &usage.quotas;
+        let of = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |v| v.to_string());
+        let rows = [
+            (
+                "running tasks",
+                usage.running_tasks,
+                q.max_running_tasks,
+                "max_running_tasks",
+            ),
+            (
+                "queued tasks",
+                usage.queued_tasks,
+                q.max_queued_tasks,
+                "max_queued_tasks",
+            ),
+            (
+                "runs in the last minute",
+                usage.runs_last_minute,
+                q.runs_per_minute,
+                "runs_per_minute",
+            ),
+            (
+                "fuel in the last minute",
+                usage.fuel_last_minute,
+                q.fuel_per_minute,
+                "fuel_per_minute",
+            ),
+            (
+                "stored bytes",
+                usage.stored_bytes,
+                q.max_stored_bytes,
+                "max_stored_bytes",
+            ),
+        ];
+        let mut out = format!("tenant {} (weight {})\n", usage.tenant, usage.weight);
+        for (what, used, quota, name) in rows {
+            out.push_str(&format!(
+                "  {what:<24} {used:>14} of {:<12} ({name})\n",
+                of(quota)
+            ));
+        }
+        for (what, quota, name) in [
+            ("task fuel", q.max_task_fuel, "max_task_fuel"),
+            ("task memory", q.max_task_memory, "max_task_memory"),
+            (
+                "task deadline (ms)",
+                q.max_task_timeout_ms,
+                "max_task_timeout_ms",
+            ),
+        ] {
+            out.push_str(&format!(
+                "  {what:<24} {:>14} at most ({name})\n",
+                of(quota)
+            ));
+        }
+        crate::print_stdout(&out);
+        Ok(ExitCode::SUCCESS)
     }
 
     pub(crate) async fn cancel(&self, run: &str) -> Result<ExitCode, UsageError> {
@@ -298,6 +369,11 @@ impl Remote {
         Ok(crate::exit_code(view.run.state.state_type()))
     }
 }
+
+/// A server's quota refused the request: the command exits 1, not 2 (its input was valid).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct QuotaRefused(String);
 
 /// Component files beside the manifest, each recorded under the path the manifest gives it.
 #[derive(Default)]

@@ -1,11 +1,11 @@
 //! `sluice server` (serve the API of a home) and `sluice tenant` (edit its tenant registry).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::anyhow;
-use sluice::server::{Server, Tenants};
+use sluice::server::{Server, Tenant, TenantError, Tenants};
 
 use crate::{UsageError, usage};
 
@@ -14,6 +14,114 @@ pub(crate) struct ServerArgs {
     /// The address to listen on (port 0: any free port; the address is printed first).
     #[arg(long, default_value = "127.0.0.1:7311")]
     listen: SocketAddr,
+
+    /// How many task runs run at once, over all tenants (the rest wait in the fair queue).
+    /// Default: twice the number of cores.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    task_slots: Option<u64>,
+}
+
+/// A tenant's weight, quotas and grant ceiling. A quota given as `none` is unlimited.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub(crate) struct QuotaArgs {
+    /// Its share of the run slots against other busy tenants (≥ 1; default 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    weight: Option<u32>,
+    /// Task runs running at once (more wait in the queue).
+    #[arg(long, value_name = "N|none", value_parser = count)]
+    max_running_tasks: Option<Limit>,
+    /// Task runs waiting in the queue (a run whose tasks would go over is refused).
+    #[arg(long, value_name = "N|none", value_parser = count)]
+    max_queued_tasks: Option<Limit>,
+    /// Flow runs started in any 60 s (one more is refused).
+    #[arg(long, value_name = "N|none", value_parser = count)]
+    runs_per_minute: Option<Limit>,
+    /// Fuel used by task runs that ended in the last 60 s (at it, task runs wait).
+    #[arg(long, value_name = "N|none", value_parser = count)]
+    fuel_per_minute: Option<Limit>,
+    /// The most fuel a task may be given.
+    #[arg(long, value_name = "N|none", value_parser = count)]
+    max_task_fuel: Option<Limit>,
+    /// The most memory a task may be given, e.g. `64MiB`.
+    #[arg(long, value_name = "SIZE|none", value_parser = size)]
+    max_task_memory: Option<Limit>,
+    /// The longest deadline a task may be given, e.g. `30s`.
+    #[arg(long, value_name = "DURATION|none", value_parser = millis)]
+    max_task_timeout: Option<Limit>,
+    /// Bytes stored for the tenant (components and run store), e.g. `1GiB`.
+    #[arg(long, value_name = "SIZE|none", value_parser = size)]
+    max_stored: Option<Limit>,
+    /// Its grant ceiling: a policy file (the format of `--policy`), checked besides the
+    /// server's; `none` removes it.
+    #[arg(long, value_name = "FILE|none")]
+    grants: Option<PathBuf>,
+}
+
+/// A quota value: a number, or `none` (unlimited).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limit(Option<u64>);
+
+fn limit(s: &str, parse: impl Fn(&str) -> Result<u64, String>) -> Result<Limit, String> {
+    match s {
+        "none" | "unlimited" => Ok(Limit(None)),
+        s => parse(s).map(|n| Limit(Some(n))),
+    }
+}
+
+fn count(s: &str) -> Result<Limit, String> {
+    limit(s, |s| {
+        s.parse::<u64>()
+            .map_err(|e| format!("`{s}` is not a count: {e}"))
+    })
+}
+
+fn size(s: &str) -> Result<Limit, String> {
+    limit(s, crate::parse_size)
+}
+
+fn millis(s: &str) -> Result<Limit, String> {
+    limit(s, |s| {
+        humantime::parse_duration(s)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .map_err(|e| format!("`{s}` is not a duration like 30s: {e}"))
+    })
+}
+
+impl QuotaArgs {
+    /// Apply the given settings to `tenant`.
+    fn apply(&self, tenant: &mut Tenant) -> Result<(), TenantError> {
+        if let Some(w) = self.weight {
+            tenant.weight = w;
+        }
+        let q = &mut tenant.quotas;
+        for (given, field) in [
+            (self.max_running_tasks, &mut q.max_running_tasks),
+            (self.max_queued_tasks, &mut q.max_queued_tasks),
+            (self.runs_per_minute, &mut q.runs_per_minute),
+            (self.fuel_per_minute, &mut q.fuel_per_minute),
+            (self.max_task_fuel, &mut q.max_task_fuel),
+            (self.max_task_memory, &mut q.max_task_memory),
+            (self.max_task_timeout, &mut q.max_task_timeout_ms),
+            (self.max_stored, &mut q.max_stored_bytes),
+        ] {
+            if let Some(Limit(v)) = given {
+                *field = v;
+            }
+        }
+        match &self.grants {
+            None => {}
+            Some(p) if p.as_os_str() == "none" => tenant.grants = None,
+            Some(p) => {
+                // Checked now, so a bad ceiling is never stored.
+                let ceiling =
+                    |e: sluice::flow::manifest::ManifestError| TenantError::Ceiling(e.to_string());
+                let text = sluice::flow::manifest::read(p).map_err(ceiling)?;
+                sluice::flow::manifest::Policy::parse(p, &text).map_err(ceiling)?;
+                tenant.grants = Some(text);
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -22,9 +130,23 @@ pub(crate) enum TenantCommand {
     Add {
         /// The tenant's name: lowercase letters, digits, `-` and `_`.
         name: String,
+        #[command(flatten)]
+        quotas: QuotaArgs,
     },
-    /// List tenants.
-    Ls,
+    /// Change a tenant's weight, quotas or grant ceiling (a running server applies them from
+    /// the tenant's next request).
+    Set {
+        /// The tenant's name.
+        name: String,
+        #[command(flatten)]
+        quotas: QuotaArgs,
+    },
+    /// List tenants with their weights and quotas.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a tenant: its token stops working at once; its data stays in its directory.
     Rm {
         /// The tenant's name.
@@ -41,7 +163,11 @@ pub(crate) async fn serve(
         .builder()
         .build()
         .map_err(|e| UsageError(anyhow!("cannot start the sandbox: {e}")))?;
-    let server = Server::open(home, sandbox).map_err(usage)?;
+    let slots = args.task_slots.map_or_else(
+        || 2 * std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        |n| usize::try_from(n).unwrap_or(usize::MAX),
+    );
+    let server = Server::open(home, sandbox, slots).map_err(usage)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| UsageError(anyhow!("cannot listen on {}: {e}", args.listen)))?;
@@ -65,23 +191,48 @@ pub(crate) async fn serve(
 pub(crate) fn tenant(home: &Path, cmd: &TenantCommand) -> Result<ExitCode, UsageError> {
     let tenants = Tenants::open(home).map_err(usage)?;
     match cmd {
-        TenantCommand::Add { name } => {
+        TenantCommand::Add { name, quotas } => {
+            // The settings are checked before the tenant exists.
+            let mut probe = Tenant {
+                id: sluice::ids::TenantId::new(),
+                name: name.clone(),
+                created_at: chrono::Utc::now(),
+                weight: 1,
+                quotas: Default::default(),
+                grants: None,
+            };
+            quotas.apply(&mut probe).map_err(usage)?;
             let (tenant, token) = tenants.add(name, chrono::Utc::now()).map_err(usage)?;
+            let tenant = tenants
+                .update(&tenant.name, |t| quotas.apply(t))
+                .map_err(usage)?;
             crate::print_stdout(&format!(
-                "added tenant {} ({}); its token, shown only now:\n{token}\n",
-                tenant.name, tenant.id
+                "added {}\nits token, shown only now:\n{token}\n",
+                describe(&tenant)
             ));
         }
-        TenantCommand::Ls => {
+        TenantCommand::Set { name, quotas } => {
+            let tenant = tenants.update(name, |t| quotas.apply(t)).map_err(usage)?;
+            crate::print_stdout(&format!("{}\n", describe(&tenant)));
+        }
+        TenantCommand::Ls { json } => {
             let list = tenants.list().map_err(usage)?;
+            if *json {
+                crate::print_stdout(&format!("{:#}\n", serde_json::json!(list)));
+                return Ok(ExitCode::SUCCESS);
+            }
             let width = crate::report::column_width(list.iter().map(|t| t.name.as_str()));
-            let mut out = format!("{:<width$}  {:<26}  CREATED\n", "NAME", "ID");
+            let mut out = format!(
+                "{:<width$}  {:<26}  {:<19}  SETTINGS\n",
+                "NAME", "ID", "CREATED"
+            );
             for t in &list {
                 out.push_str(&format!(
-                    "{:<width$}  {:<26}  {}\n",
+                    "{:<width$}  {:<26}  {:<19}  {}\n",
                     t.name,
                     t.id.to_string(),
-                    crate::report::when(t.created_at)
+                    crate::report::when(t.created_at),
+                    settings(t)
                 ));
             }
             if list.is_empty() {
@@ -98,4 +249,36 @@ pub(crate) fn tenant(home: &Path, cmd: &TenantCommand) -> Result<ExitCode, Usage
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `tenant NAME (ID): weight …, quotas …`.
+fn describe(t: &Tenant) -> String {
+    format!("tenant {} ({}): {}", t.name, t.id, settings(t))
+}
+
+/// A tenant's weight, the quotas it has, and whether it has a grant ceiling.
+fn settings(t: &Tenant) -> String {
+    let q = &t.quotas;
+    let mut parts = vec![format!("weight {}", t.weight)];
+    for (name, v) in [
+        ("max_running_tasks", q.max_running_tasks),
+        ("max_queued_tasks", q.max_queued_tasks),
+        ("runs_per_minute", q.runs_per_minute),
+        ("fuel_per_minute", q.fuel_per_minute),
+        ("max_task_fuel", q.max_task_fuel),
+        ("max_task_memory", q.max_task_memory),
+        ("max_task_timeout_ms", q.max_task_timeout_ms),
+        ("max_stored_bytes", q.max_stored_bytes),
+    ] {
+        if let Some(v) = v {
+            parts.push(format!("{name} {v}"));
+        }
+    }
+    if t.grants.is_some() {
+        parts.push("grant ceiling".into());
+    }
+    if parts.len() == 1 {
+        parts.push("no quotas".into());
+    }
+    parts.join(", ")
 }

@@ -1,0 +1,375 @@
+//! The server's one queue of ready task runs, shared by every flow run of every tenant, and
+//! its dispatch: start-time fair queuing over tenants, round robin over each tenant's flow
+//! runs. Every tenant with work has a virtual time: the sandbox time its task runs used,
+//! divided by its weight. A free run slot goes to the eligible tenant with the smallest virtual
+//! time (ties: the one that waited longest), so a tenant's share of the slots follows its
+//! weight whatever it queues, and a tenant that has been idle starts level with the busiest
+//! one (it cannot bank credit, and is never behind): its task waits for at most the next free
+//! slot. Running guests share the cores by epoch interruption (each yields every tick), so a
+//! CPU-bound guest never holds a core.
+//!
+//! A tenant is eligible while it runs fewer task runs than its `max_running_tasks` quota and
+//! the fuel its task runs used over the last minute is below its `fuel_per_minute` quota; its
+//! task runs wait in the queue otherwise. Task runs of a cancelled flow run leave the queue at
+//! once (they end Cancelled without a slot).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::ids::{FlowRunId, TenantId};
+use crate::runner::executor::{Executor, Finished, Job, LocalExecutor};
+use crate::sandbox::Sandbox;
+
+/// The window of the per-minute quotas.
+pub const WINDOW: Duration = Duration::from_secs(60);
+
+/// The virtual time charged when a task run is dispatched; corrected by what it used when it
+/// ends. Dispatching many at once so costs something before any ends.
+const NOMINAL: Duration = Duration::from_millis(1);
+
+/// What a tenant may use of the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// Its weight (≥ 1): its share of the slots against other busy tenants.
+    pub weight: u32,
+    /// At most this many task runs at once.
+    pub max_running: Option<u64>,
+    /// At most this much fuel used by task runs that ended in the last minute.
+    pub fuel_per_minute: Option<u64>,
+}
+
+impl Default for Share {
+    fn default() -> Self {
+        Self {
+            weight: 1,
+            max_running: None,
+            fuel_per_minute: None,
+        }
+    }
+}
+
+/// A tenant's use of the queue now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Task runs waiting.
+    pub queued: u64,
+    /// Task runs running.
+    pub running: u64,
+    /// Fuel used by its task runs that ended in the last minute.
+    pub fuel_last_minute: u64,
+}
+
+/// The shared queue. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct FairQueue {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    local: LocalExecutor,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    slots: usize,
+    running: usize,
+    tenants: HashMap<TenantId, TenantQueue>,
+    /// Increases with every dispatch: the tie-break (who was served least recently).
+    ticket: u64,
+    /// A wake-up is scheduled for when a fuel window frees (at this instant).
+    wake_at: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct TenantQueue {
+    share: Share,
+    /// Seconds of sandbox time used, divided by the weight.
+    vtime: f64,
+    /// Flow runs with queued task runs, in round-robin order.
+    runs: VecDeque<(FlowRunId, VecDeque<Queued>)>,
+    queued: usize,
+    running: usize,
+    /// When its last task run was dispatched (a ticket).
+    served: u64,
+    /// Fuel of task runs that ended, by when they ended.
+    fuel: VecDeque<(Instant, u64)>,
+    fuel_sum: u64,
+}
+
+#[derive(Debug)]
+struct Queued {
+    job: Job,
+    done: mpsc::UnboundedSender<Finished>,
+}
+
+impl TenantQueue {
+    fn busy(&self) -> bool {
+        self.queued > 0 || self.running > 0
+    }
+
+    fn expire_fuel(&mut self, now: Instant) {
+        while let Some(&(at, fuel)) = self.fuel.front() {
+            if now.duration_since(at) < WINDOW {
+                break;
+            }
+            self.fuel.pop_front();
+            self.fuel_sum = self.fuel_sum.saturating_sub(fuel);
+        }
+    }
+
+    /// When the fuel quota holds it back: the instant it frees, else `None` (not held).
+    fn fuel_held_until(&self) -> Option<Instant> {
+        let quota = self.share.fuel_per_minute?;
+        if self.fuel_sum < quota {
+            return None;
+        }
+        // Frees when enough old entries leave the window.
+        let mut sum = self.fuel_sum;
+        for &(at, fuel) in &self.fuel {
+            sum = sum.saturating_sub(fuel);
+            if sum < quota {
+                return Some(at + WINDOW);
+            }
+        }
+        self.fuel.back().map(|&(at, _)| at + WINDOW)
+    }
+
+    fn below_running(&self) -> bool {
+        self.share
+            .max_running
+            .is_none_or(|max| (self.running as u64) < max)
+    }
+}
+
+impl FairQueue {
+    /// A queue running at most `slots` task runs at once on `sandbox`.
+    pub fn new(sandbox: Sandbox, slots: usize) -> FairQueue {
+        FairQueue {
+            inner: Arc::new(Inner {
+                local: LocalExecutor::new(sandbox),
+                state: Mutex::new(State {
+                    slots: slots.max(1),
+                    running: 0,
+                    tenants: HashMap::new(),
+                    ticket: 0,
+                    wake_at: None,
+                }),
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Set `tenant`'s share (its quotas may change while it has work queued).
+    pub fn configure(&self, tenant: TenantId, share: Share) {
+        let changed = {
+            let mut state = self.state();
+            let q = state.tenants.entry(tenant).or_default();
+            let changed = q.share != share;
+            q.share = Share {
+                weight: share.weight.max(1),
+                ..share
+            };
+            changed
+        };
+        if changed {
+            self.pump();
+        }
+    }
+
+    /// What `tenant` uses now.
+    pub fn load(&self, tenant: TenantId) -> Load {
+        let mut state = self.state();
+        let Some(q) = state.tenants.get_mut(&tenant) else {
+            return Load::default();
+        };
+        q.expire_fuel(Instant::now());
+        Load {
+            queued: q.queued as u64,
+            running: q.running as u64,
+            fuel_last_minute: q.fuel_sum,
+        }
+    }
+
+    /// The executor of `tenant`'s flow runs: their task runs join this queue.
+    pub fn executor(&self, tenant: TenantId) -> Arc<dyn Executor> {
+        Arc::new(TenantExecutor {
+            queue: self.clone(),
+            tenant,
+        })
+    }
+
+    fn enqueue(&self, tenant: TenantId, job: Job, done: mpsc::UnboundedSender<Finished>) {
+        {
+            let mut state = self.state();
+            // A tenant that had nothing to do starts level with the least-served busy tenant.
+            let floor = state
+                .tenants
+                .values()
+                .filter(|q| q.busy())
+                .map(|q| q.vtime)
+                .fold(f64::INFINITY, f64::min);
+            let q = state.tenants.entry(tenant).or_default();
+            if !q.busy() && floor.is_finite() && q.vtime < floor {
+                q.vtime = floor;
+            }
+            let run = job.run;
+            let queued = Queued { job, done };
+            match q.runs.iter_mut().find(|(r, _)| *r == run) {
+                Some((_, jobs)) => jobs.push_back(queued),
+                None => q.runs.push_back((run, VecDeque::from([queued]))),
+            }
+            q.queued += 1;
+        }
+        self.pump();
+    }
+
+    /// A flow run was cancelled: its queued task runs leave the queue now.
+    pub fn cancelled(&self) {
+        self.pump();
+    }
+
+    /// Dispatch while slots are free and some tenant is eligible; end the queued task runs
+    /// of cancelled flow runs.
+    fn pump(&self) {
+        // (tenant, task run, whether it holds a slot)
+        let mut start: Vec<(TenantId, Queued, bool)> = Vec::new();
+        let mut wake = None;
+        {
+            let mut state = self.state();
+            let now = Instant::now();
+            // Cancelled flow runs leave the queue without a slot: they end at once.
+            for (id, q) in state.tenants.iter_mut() {
+                let mut i = 0;
+                while i < q.runs.len() {
+                    let cancelled = q.runs[i]
+                        .1
+                        .front()
+                        .is_some_and(|j| j.job.cancel.is_cancelled());
+                    match cancelled.then(|| q.runs.remove(i)).flatten() {
+                        Some((_, jobs)) => {
+                            q.queued -= jobs.len();
+                            q.running += jobs.len();
+                            start.extend(jobs.into_iter().map(|j| (*id, j, false)));
+                        }
+                        None => i += 1,
+                    }
+                }
+            }
+            while state.running < state.slots {
+                let mut best: Option<(TenantId, f64, u64)> = None;
+                let mut held: Option<Instant> = None;
+                for (id, q) in state.tenants.iter_mut() {
+                    if q.queued == 0 || !q.below_running() {
+                        continue;
+                    }
+                    q.expire_fuel(now);
+                    if let Some(until) = q.fuel_held_until() {
+                        held = Some(held.map_or(until, |h| h.min(until)));
+                        continue;
+                    }
+                    let better = best.is_none_or(|(_, v, served)| {
+                        q.vtime < v || (q.vtime == v && q.served < served)
+                    });
+                    if better {
+                        best = Some((*id, q.vtime, q.served));
+                    }
+                }
+                let Some((id, _, _)) = best else {
+                    wake = held;
+                    break;
+                };
+                state.ticket += 1;
+                let ticket = state.ticket;
+                let Some(q) = state.tenants.get_mut(&id) else {
+                    break;
+                };
+                let Some((run, mut jobs)) = q.runs.pop_front() else {
+                    break;
+                };
+                let Some(job) = jobs.pop_front() else {
+                    break;
+                };
+                if !jobs.is_empty() {
+                    q.runs.push_back((run, jobs));
+                }
+                q.queued -= 1;
+                q.running += 1;
+                q.served = ticket;
+                q.vtime += NOMINAL.as_secs_f64() / f64::from(q.share.weight);
+                state.running += 1;
+                start.push((id, job, true));
+            }
+            if let Some(at) = wake {
+                match state.wake_at {
+                    Some(w) if w <= at => wake = None,
+                    _ => state.wake_at = Some(at),
+                }
+            }
+        }
+        for (tenant, queued, slot) in start {
+            self.spawn(tenant, queued, slot);
+        }
+        if let Some(at) = wake {
+            let queue = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at.into()).await;
+                queue.state().wake_at = None;
+                queue.pump();
+            });
+        }
+    }
+
+    /// Run a dispatched task run; when it ends, account for it (its slot, its sandbox time
+    /// against the tenant's virtual time, its fuel against the tenant's minute) and dispatch
+    /// more. `slot`: whether it holds one of the queue's slots (a cancelled one does not).
+    fn spawn(&self, tenant: TenantId, queued: Queued, slot: bool) {
+        let Queued { job, done } = queued;
+        let queue = self.clone();
+        let run = self.inner.local.run_here(job);
+        tokio::spawn(async move {
+            let finished = run.await;
+            let usage = &finished.outcome.usage;
+            let (duration, fuel) = (usage.duration, usage.fuel_consumed);
+            {
+                let mut state = queue.state();
+                if slot {
+                    state.running -= 1;
+                }
+                if let Some(q) = state.tenants.get_mut(&tenant) {
+                    q.running -= 1;
+                    if slot {
+                        let used = duration.as_secs_f64() - NOMINAL.as_secs_f64();
+                        q.vtime += used.max(0.0) / f64::from(q.share.weight);
+                    }
+                    if fuel > 0 {
+                        q.fuel.push_back((Instant::now(), fuel));
+                        q.fuel_sum = q.fuel_sum.saturating_add(fuel);
+                    }
+                }
+            }
+            let _ = done.send(finished);
+            queue.pump();
+        });
+    }
+}
+
+/// One tenant's view of the queue, as the executor of its runner.
+#[derive(Debug)]
+struct TenantExecutor {
+    queue: FairQueue,
+    tenant: TenantId,
+}
+
+impl Executor for TenantExecutor {
+    fn submit(&self, job: Job, done: mpsc::UnboundedSender<Finished>) {
+        self.queue.enqueue(self.tenant, job, done);
+    }
+}

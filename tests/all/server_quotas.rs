@@ -46,6 +46,19 @@ fn sleepers(dir: &Path, file: &str, n: usize, ms: u64) -> PathBuf {
     write_flow(&sub, &text)
 }
 
+/// The tenant's `GET /api/v1/usage`.
+async fn usage(server: &ServerProcess, token: &str) -> Value {
+    reqwest::Client::new()
+        .get(server.api("/usage"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("usage")
+        .json()
+        .await
+        .expect("json")
+}
+
 fn run(server: &ServerProcess, token: &str, flow: &Path) -> Output {
     server.cli(token, &["run", flow.to_str().expect("utf-8"), "--json"])
 }
@@ -151,17 +164,7 @@ async fn stored_bytes_are_held_to_their_quota() {
     let server = ServerProcess::start(&[]);
     let token = server.add_tenant("s");
     let client = reqwest::Client::new();
-    let usage = || async {
-        client
-            .get(server.api("/usage"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("usage")
-            .json::<Value>()
-            .await
-            .expect("json")
-    };
+    let usage = || usage(&server, &token);
     let stored = usage().await["stored_bytes"].as_u64().expect("stored");
     // Room for exactly 1,000 more bytes.
     set(
@@ -273,18 +276,7 @@ async fn fuel_per_minute_holds_task_runs_in_the_queue_once_reached() {
     // The fuel of one run of the flow (deterministic).
     let first = completed(&run(&server, &t, &flow));
     let fuel = first["tasks"][0]["fuel_consumed"].as_u64().expect("fuel");
-    let client = reqwest::Client::new();
-    let usage = || async {
-        client
-            .get(server.api("/usage"))
-            .bearer_auth(&t)
-            .send()
-            .await
-            .expect("usage")
-            .json::<Value>()
-            .await
-            .expect("json")
-    };
+    let usage = || usage(&server, &t);
     // The quota is what was used plus exactly one more run: that run starts, the next waits.
     set(
         &server,

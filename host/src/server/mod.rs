@@ -92,7 +92,15 @@ impl Server {
                 tenants,
                 policy,
                 spaces: Mutex::default(),
-                queue: FairQueue::new(sandbox.clone(), slots),
+                queue: FairQueue::new(
+                    sandbox.clone(),
+                    slots,
+                    std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+                )
+                .map_err(|source| ServerError::Io {
+                    what: "starting the guests' runtime".into(),
+                    source,
+                })?,
                 sandbox,
             }),
         };

@@ -10,6 +10,8 @@ use sluice_guest::{Signal, context, export_task, info};
 enum Behaviour {
     /// Spin forever.
     Loop,
+    /// Compute for `iterations` steps, then return how many were made (CPU-bound, bounded).
+    Spin { iterations: u64 },
     /// Allocate and touch `mib` MiB, then return how many were allocated.
     Allocate { mib: usize },
     /// Allocate 1 MiB blocks until allocation fails.
@@ -92,6 +94,13 @@ fn run(behaviour: Behaviour) -> Result<serde_json::Value, Signal> {
             loop {
                 i = black_box(i.wrapping_add(1));
             }
+        }
+        Behaviour::Spin { iterations } => {
+            let mut i: u64 = 0;
+            while black_box(i) < iterations {
+                i = black_box(i.wrapping_add(1));
+            }
+            json!(i)
         }
         Behaviour::Allocate { mib } => {
             let mut v = vec![0u8; mib << 20];

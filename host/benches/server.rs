@@ -1,0 +1,302 @@
+//! The server benchmark, in one run, against an in-process `sluice server` on a loopback port
+//! (the library's `Server`, served by axum; the client is reqwest, as the CLI's):
+//!
+//! 1. submit → Completed latency of a trivial one-task run through the API (POST the run, then
+//!    GET it with `?wait=` until it ends): p50 and p99 of 200 runs, one after another;
+//! 2. a 10,000-task mapped run (`add_one` over 0..10000) through the server against the same
+//!    flow embedded (a `FlowRunner` over a store in a temporary home): from submitting (POST, or
+//!    calling `run`) to the run's last transition as recorded, best of 3 each;
+//! 3. a noisy neighbour: tenant A keeps 4 infinite loops and 5,000 CPU-bound tasks queued while
+//!    tenant B starts 50 one-task runs one after another: B's p50 and p99 submit → Completed
+//!    latency, against B alone on the same server just before; A's loops must end TimedOut.
+//!
+//! Run: `cargo bench --bench server` (`-- latency`, `-- mapped` or `-- noisy` for one part).
+
+#[path = "../src/bin/sluice/alloc.rs"]
+mod alloc;
+#[path = "../../tests/common/guests.rs"]
+mod guests;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sluice::runner::{FlowRunner, RunOptions};
+use sluice::sandbox::Sandbox;
+use sluice::server::Server;
+use sluice::server::wire::{RunStarted, RunView, StartRun};
+use sluice::state::StateName;
+use sluice::store::{SqliteStore, Store};
+
+struct Bench {
+    url: String,
+    http: reqwest::Client,
+}
+
+struct Tenant {
+    token: String,
+    /// Component path (as manifests name it) → digest, uploaded.
+    components: BTreeMap<String, String>,
+}
+
+impl Bench {
+    async fn tenant(&self, server: &Server, name: &str, files: &[&Path]) -> Tenant {
+        let (_, token) = server
+            .tenants()
+            .add(name, chrono::Utc::now())
+            .expect("tenant");
+        let mut components = BTreeMap::new();
+        for f in files {
+            let bytes = std::fs::read(f).expect("component");
+            let digest = blake3::hash(&bytes).to_hex().to_string();
+            let resp = self
+                .http
+                .put(format!("{}/api/v1/components/{digest}", self.url))
+                .bearer_auth(&token)
+                .body(bytes)
+                .send()
+                .await
+                .expect("upload");
+            assert!(resp.status().is_success(), "{}", resp.status());
+            components.insert(f.display().to_string(), digest);
+        }
+        Tenant { token, components }
+    }
+
+    async fn start(&self, t: &Tenant, manifest: &str) -> RunStarted {
+        let req = StartRun {
+            manifest: manifest.to_owned(),
+            manifest_path: "flow.toml".into(),
+            components: t.components.clone(),
+            parameters: BTreeMap::new(),
+            context: BTreeMap::new(),
+        };
+        let resp = self
+            .http
+            .post(format!("{}/api/v1/runs", self.url))
+            .bearer_auth(&t.token)
+            .json(&req)
+            .send()
+            .await
+            .expect("start");
+        assert_eq!(
+            resp.status().as_u16(),
+            201,
+            "{}",
+            resp.text().await.unwrap_or_default()
+        );
+        resp.json().await.expect("started")
+    }
+
+    /// The run `id` (after waiting up to `wait` seconds for it to end).
+    async fn view(&self, t: &Tenant, id: &str, wait: u64) -> RunView {
+        self.http
+            .get(format!("{}/api/v1/runs/{id}?wait={wait}", self.url))
+            .bearer_auth(&t.token)
+            .send()
+            .await
+            .expect("show")
+            .json()
+            .await
+            .expect("view")
+    }
+
+    async fn wait(&self, t: &Tenant, id: &str) -> RunView {
+        loop {
+            let view = self.view(t, id, 60).await;
+            if !view.live {
+                return view;
+            }
+        }
+    }
+
+    /// Submit → Completed of one run of `manifest`.
+    async fn latency(&self, t: &Tenant, manifest: &str) -> Duration {
+        let began = Instant::now();
+        let started = self.start(t, manifest).await;
+        let view = self.wait(t, &started.id.to_string()).await;
+        let took = began.elapsed();
+        assert_eq!(view.run.state.name, StateName::Completed);
+        took
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn one_task(add_one: &Path) -> String {
+    format!(
+        "name = \"one\"\n[tasks.a]\ncomponent = {:?}\ninput = 41\n",
+        add_one.display().to_string()
+    )
+}
+
+fn mapped(add_one: &Path, n: usize) -> String {
+    format!(
+        "name = \"mapped\"\n[tasks.add]\ncomponent = {:?}\ninput = {}\nmap = true\n",
+        add_one.display().to_string(),
+        json!((0..n).collect::<Vec<_>>())
+    )
+}
+
+async fn series(bench: &Bench, t: &Tenant, manifest: &str, n: usize) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        times.push(bench.latency(t, manifest).await);
+    }
+    times.sort();
+    times
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let only = |name: &str| {
+        let args: Vec<String> = std::env::args().collect();
+        let parts = ["latency", "mapped", "noisy"];
+        !args.iter().any(|a| parts.contains(&a.as_str())) || args.iter().any(|a| a == name)
+    };
+    let add_one = guests::guest("add_one");
+    let hostile = guests::guest("hostile");
+    runtime.block_on(async {
+        let home = tempfile::tempdir().expect("home");
+        let sandbox = Sandbox::builder().build().expect("sandbox");
+        // The server's default (twice the cores), or `BENCH_SLOTS`.
+        let slots = std::env::var("BENCH_SLOTS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(2 * std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let server = Server::open(home.path(), sandbox.clone(), slots).expect("server");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(server.clone().serve(listener, std::future::pending()));
+        let bench = Bench {
+            url,
+            http: reqwest::Client::new(),
+        };
+        println!(
+            "server: {slots} task slots, {} cores",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        );
+
+        if only("latency") {
+            let t = bench.tenant(&server, "latency", &[&add_one]).await;
+            let manifest = one_task(&add_one);
+            series(&bench, &t, &manifest, 20).await; // warm-up
+            let times = series(&bench, &t, &manifest, 200).await;
+            println!(
+                "one-task run through the API, submit -> Completed (200 runs): p50 {}, p99 {}",
+                ms(percentile(&times, 0.5)),
+                ms(percentile(&times, 0.99))
+            );
+        }
+
+        if only("mapped") {
+            let n = 10_000;
+            let t = bench.tenant(&server, "mapped", &[&add_one]).await;
+            let manifest = mapped(&add_one, n);
+            // Submit → the run's last transition (Completed), by the record's own clock: the
+            // time to fetch the 10,000 task runs' record afterwards is not the run's.
+            let mut through = Vec::new();
+            for _ in 0..3 {
+                let submitted = chrono::Utc::now();
+                let started = bench.start(&t, &manifest).await;
+                let view = bench.wait(&t, &started.id.to_string()).await;
+                assert_eq!(view.run.state.name, StateName::Completed);
+                let end = view.run.history.last().expect("history").time;
+                through.push((end - submitted).to_std().unwrap_or_default());
+            }
+            let dir = tempfile::tempdir().expect("embedded home");
+            let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).expect("store"));
+            let runner = FlowRunner::new(sandbox.clone()).store(store);
+            let file = dir.path().join("flow.toml");
+            let def = sluice::flow::manifest::parse(&file, &manifest).expect("manifest");
+            let flow = runner.prepare(def, dir.path()).await.expect("prepare");
+            let mut embedded = Vec::new();
+            for _ in 0..3 {
+                let began = chrono::Utc::now();
+                let run = runner.run(&flow, RunOptions::default()).await.expect("run");
+                assert_eq!(run.state.name, StateName::Completed);
+                let end = run.history.last().expect("history").time;
+                embedded.push((end - began).to_std().unwrap_or_default());
+            }
+            let (s, e) = (
+                through.into_iter().min().unwrap_or_default(),
+                embedded.into_iter().min().unwrap_or_default(),
+            );
+            println!(
+                "10,000-task mapped run (best of 3): server {} ({:.0} tasks/s), embedded {} ({:.0} tasks/s): server/embedded {:.2}",
+                ms(s),
+                n as f64 / s.as_secs_f64(),
+                ms(e),
+                n as f64 / e.as_secs_f64(),
+                s.as_secs_f64() / e.as_secs_f64()
+            );
+        }
+
+        if only("noisy") {
+            let b = bench.tenant(&server, "b", &[&add_one]).await;
+            let a = bench.tenant(&server, "a", &[&hostile]).await;
+            let single = one_task(&add_one);
+            series(&bench, &b, &single, 10).await; // warm-up
+            let solo = series(&bench, &b, &single, 50).await;
+            // A: 4 loops (deadline 10 s) and 5,000 CPU-bound tasks (about 5 ms each).
+            let h = hostile.display().to_string();
+            let mut noisy = String::from("name = \"noisy\"\n");
+            for i in 0..4 {
+                noisy.push_str(&format!(
+                    "[tasks.loop{i}]\ncomponent = {h:?}\ninput = {{ do = \"loop\" }}\ntimeout = \"10s\"\nfuel = 100000000000\n"
+                ));
+            }
+            let spins = vec!["{ do = \"spin\", iterations = 3000000 }"; 5000].join(", ");
+            noisy.push_str(&format!(
+                "[tasks.spin]\ncomponent = {h:?}\ninput = [{spins}]\nmap = true\n"
+            ));
+            let a_run = bench.start(&a, &noisy).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let loaded = series(&bench, &b, &single, 50).await;
+            println!(
+                "noisy neighbour: B alone p50 {} p99 {}; B beside A (4 loops, 5,000 CPU-bound tasks queued) p50 {} p99 {}: p99 {:.1}x solo",
+                ms(percentile(&solo, 0.5)),
+                ms(percentile(&solo, 0.99)),
+                ms(percentile(&loaded, 0.5)),
+                ms(percentile(&loaded, 0.99)),
+                percentile(&loaded, 0.99).as_secs_f64() / percentile(&solo, 0.99).as_secs_f64()
+            );
+            // A's loops reach their deadline; then the rest of A's run is cancelled.
+            let view = loop {
+                let view = bench.view(&a, &a_run.id.to_string(), 0).await;
+                if view.run.tasks[..4].iter().all(|t| t.state.is_terminal()) {
+                    break view;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            let loops: Vec<&str> = view.run.tasks[..4]
+                .iter()
+                .map(|t| t.state.name.as_str())
+                .collect();
+            println!("A's loops ended: {loops:?}");
+            let cancel = bench
+                .http
+                .post(format!("{}/api/v1/runs/{}/cancel", bench.url, a_run.id))
+                .bearer_auth(&a.token)
+                .send()
+                .await
+                .expect("cancel");
+            assert!(cancel.status().is_success());
+            bench.wait(&a, &a_run.id.to_string()).await;
+        }
+    });
+}

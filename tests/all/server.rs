@@ -417,3 +417,44 @@ fn a_run_on_the_server_is_cancelled_from_the_cli() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert_eq!(json_of(&out)["state"], "Cancelled");
 }
+
+#[test]
+fn a_server_killed_mid_run_records_the_run_crashed_when_it_starts_again() {
+    let server = ServerProcess::start(&[]);
+    let token = server.add_tenant("t");
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = crate::store::slow_chain(dir.path(), "slow");
+    let client = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", flow.to_str().expect("utf-8"), "--json"])
+        .args(["--server", &server.url, "--token", &token])
+        .env("SLUICE_HOME", server.home.join("client-home"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run");
+    // Wait until the slow task runs, then kill -9 the server.
+    let id = loop {
+        let runs = json_of(&server.cli(&token, &["runs", "--json"]));
+        if let Some(r) = runs.as_array().and_then(|r| r.first())
+            && r["tasks"]["Running"] == 1
+            && r["tasks"]["Completed"] == 1
+        {
+            break r["id"].as_str().expect("id").to_owned();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let home = server.home.clone();
+    drop(server); // SIGKILL
+    let mut client = client;
+    let _ = client.kill();
+    let _ = client.wait();
+    let server = ServerProcess::start_in(home, &[]);
+    let out = server.cli(&token, &["show", &id, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let run = json_of(&out);
+    assert_eq!(run["state"], "Crashed", "{run}");
+    assert_eq!(run["live"], false);
+    let a = crate::support::task(&run, "a");
+    assert_eq!(a["state"], "Completed", "a completed result is kept: {a}");
+    assert_eq!(crate::support::task(&run, "b")["state"], "Crashed");
+}

@@ -173,8 +173,20 @@ async fn get_component(
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::not_found(format!("no component {digest}"));
     let path = space.component_file(&digest).ok_or_else(not_found)?;
-    let bytes = tokio::fs::read(&path).await.map_err(|_| not_found())?;
-    Ok(([(header::CONTENT_TYPE, "application/wasm")], bytes).into_response())
+    // Streamed: a component may be hundreds of megabytes.
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| not_found())?;
+    let len = file.metadata().await.map_err(|_| not_found())?.len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/wasm".to_owned()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 /// Start a run of a flow manifest whose components were uploaded.

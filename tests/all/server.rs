@@ -238,6 +238,11 @@ async fn tenants_see_nothing_of_each_other() {
         .await
         .expect("get");
     assert_eq!(resp.status().as_u16(), 200);
+    let bytes = resp.bytes().await.expect("body");
+    assert_eq!(
+        &bytes[..],
+        &std::fs::read(guest("add_one")).expect("guest")[..]
+    );
     let (status, _, _) = get(&url, Some(&b)).await;
     assert_eq!(status, 404);
 

@@ -75,6 +75,24 @@ impl ServerProcess {
             .expect("run sluice")
     }
 
+    /// `sluice run FLOW [--json] --server URL --token TOKEN` in the background; its stdout and
+    /// stderr piped (read them with `wait_with_output`) when `output`, else discarded.
+    pub(crate) fn spawn_run(&self, token: &str, flow: &Path, json: bool, output: bool) -> Child {
+        let pipe = || match output {
+            true => Stdio::piped(),
+            false => Stdio::null(),
+        };
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", flow.to_str().expect("utf-8")])
+            .args(json.then_some("--json"))
+            .args(["--server", &self.url, "--token", token])
+            .env("SLUICE_HOME", self.home.join("client-home"))
+            .stdout(pipe())
+            .stderr(pipe())
+            .spawn()
+            .expect("sluice run --server")
+    }
+
     pub(crate) fn api(&self, path: &str) -> String {
         format!("{}/api/v1{path}", self.url)
     }
@@ -396,14 +414,7 @@ fn a_run_on_the_server_is_cancelled_from_the_cli() {
     let token = server.add_tenant("t");
     let dir = tempfile::tempdir().expect("dir");
     let flow = crate::store::slow_chain(dir.path(), "slow");
-    let run = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", flow.to_str().expect("utf-8"), "--json"])
-        .args(["--server", &server.url, "--token", &token])
-        .env("SLUICE_HOME", server.home.join("client-home"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run");
+    let run = server.spawn_run(&token, &flow, true, true);
     // Wait until the run is there and live.
     let id = loop {
         let out = server.cli(&token, &["runs", "--json"]);
@@ -429,14 +440,7 @@ fn a_server_killed_mid_run_records_the_run_crashed_when_it_starts_again() {
     let token = server.add_tenant("t");
     let dir = tempfile::tempdir().expect("dir");
     let flow = crate::store::slow_chain(dir.path(), "slow");
-    let client = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", flow.to_str().expect("utf-8"), "--json"])
-        .args(["--server", &server.url, "--token", &token])
-        .env("SLUICE_HOME", server.home.join("client-home"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run");
+    let client = server.spawn_run(&token, &flow, true, false);
     // Wait until the slow task runs, then kill -9 the server.
     let id = loop {
         let runs = json_of(&server.cli(&token, &["runs", "--json"]));
@@ -462,4 +466,31 @@ fn a_server_killed_mid_run_records_the_run_crashed_when_it_starts_again() {
     let a = crate::support::task(&run, "a");
     assert_eq!(a["state"], "Completed", "a completed result is kept: {a}");
     assert_eq!(crate::support::task(&run, "b")["state"], "Crashed");
+}
+
+#[test]
+fn tenant_add_takes_its_quotas_and_refuses_bad_ones_before_adding() {
+    let home = tempfile::tempdir().expect("home");
+    let tenant = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("tenant")
+            .args(args)
+            .env("SLUICE_HOME", home.path())
+            .output()
+            .expect("sluice tenant")
+    };
+    let out = tenant(&["add", "q", "--runs-per-minute", "7", "--weight", "3"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // A ceiling that is not a policy: refused, and no tenant is added.
+    let bad = home.path().join("bad.toml");
+    std::fs::write(&bad, "[grants]\nnope = 1\n").expect("write");
+    let out = tenant(&["add", "r", "--grants", bad.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("grant ceiling"), "{}", stderr(&out));
+    let list = json_of(&tenant(&["ls", "--json"]));
+    let list = list.as_array().expect("list");
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["name"], "q");
+    assert_eq!(list[0]["weight"], 3);
+    assert_eq!(list[0]["quotas"]["runs_per_minute"], 7);
 }

@@ -226,26 +226,10 @@ fn running_and_end(run: &Value) -> Vec<(f64, f64)> {
 /// Run `flow` as `token` and watch the tenant's usage meanwhile: the most task runs it had
 /// running at once.
 async fn most_running(server: &ServerProcess, token: &str, flow: &Path) -> u64 {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", flow.to_str().expect("utf-8")])
-        .args(["--server", &server.url, "--token", token])
-        .env("SLUICE_HOME", server.home.join("client-home"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("run");
-    let client = reqwest::Client::new();
+    let mut child = server.spawn_run(token, flow, false, false);
     let mut most = 0;
     loop {
-        let usage: Value = client
-            .get(server.api("/usage"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("usage")
-            .json()
-            .await
-            .expect("json");
+        let usage = usage(server, token).await;
         most = most.max(usage["running_tasks"].as_u64().unwrap_or(0));
         if let Some(status) = child.try_wait().expect("wait") {
             assert!(status.success());
@@ -285,14 +269,7 @@ async fn fuel_per_minute_holds_task_runs_in_the_queue_once_reached() {
     );
     completed(&run(&server, &t, &flow));
     assert_eq!(usage().await["fuel_last_minute"], 2 * fuel);
-    let waiting = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", flow.to_str().expect("utf-8"), "--json"])
-        .args(["--server", &server.url, "--token", &t])
-        .env("SLUICE_HOME", server.home.join("client-home"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run");
+    let waiting = server.spawn_run(&t, &flow, true, true);
     let mut queued = 0;
     for _ in 0..200 {
         queued = usage().await["queued_tasks"].as_u64().unwrap_or(0);
@@ -323,14 +300,7 @@ fn a_tenants_single_task_waits_for_one_slot_behind_anothers_backlog() {
     let a = server.add_tenant("a");
     let b = server.add_tenant("b");
     let backlog = sleepers(dir.path(), "a", 40, 50);
-    let mut a_run = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", backlog.to_str().expect("utf-8"), "--json"])
-        .args(["--server", &server.url, "--token", &a])
-        .env("SLUICE_HOME", server.home.join("client-home"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("run A");
+    let mut a_run = server.spawn_run(&a, &backlog, true, false);
     // Wait until A's backlog is queued and running.
     loop {
         let runs = json_of(&server.cli(&a, &["runs", "--json"]));

@@ -18,7 +18,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::problem::ApiError;
-use super::space::{MAX_WAIT, declared_too_large};
+use super::space::{MAX_WAIT, too_large};
 use super::wire::{
     Cancelled, ComponentInfo, LogPage, Problem, RunItem, RunStarted, RunView, StartRun, Usage,
 };
@@ -142,7 +142,7 @@ async fn put_component(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
-        return Err(declared_too_large(&digest, max));
+        return Err(too_large(&digest, max));
     }
     let new = space.put_component(&tenant, &digest, body, max).await?;
     let bytes = space

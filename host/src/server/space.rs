@@ -91,11 +91,6 @@ impl Space {
         })
     }
 
-    /// The tenant.
-    pub fn tenant(&self) -> &Tenant {
-        &self.tenant
-    }
-
     /// Its run store.
     pub fn store(&self) -> &Arc<SqliteStore> {
         &self.store
@@ -442,7 +437,8 @@ fn check_budgets(tenant: &Tenant, def: &crate::flow::FlowDef) -> Result<(), ApiE
     Ok(())
 }
 
-fn too_large(digest: &str, max: u64) -> ApiError {
+/// The answer to an upload over `max` bytes (declared or read).
+pub(super) fn too_large(digest: &str, max: u64) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "too-large",
@@ -451,11 +447,6 @@ fn too_large(digest: &str, max: u64) -> ApiError {
             bytesize::ByteSize(max)
         ),
     )
-}
-
-/// The answer to an upload whose declared length is over `max`, before reading it.
-pub(super) fn declared_too_large(digest: &str, max: u64) -> ApiError {
-    too_large(digest, max)
 }
 
 fn prepare_error(e: PrepareError) -> ApiError {

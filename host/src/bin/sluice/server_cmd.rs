@@ -203,8 +203,14 @@ pub(crate) fn tenant(home: &Path, cmd: &TenantCommand) -> Result<ExitCode, Usage
             };
             quotas.apply(&mut probe).map_err(usage)?;
             let (tenant, token) = tenants.add(name, chrono::Utc::now()).map_err(usage)?;
+            // The settings checked above, not read and checked again.
             let tenant = tenants
-                .update(&tenant.name, |t| quotas.apply(t))
+                .update(&tenant.name, |t| {
+                    t.weight = probe.weight;
+                    t.quotas = probe.quotas;
+                    t.grants = probe.grants;
+                    Ok(())
+                })
                 .map_err(usage)?;
             crate::print_stdout(&format!(
                 "added {}\nits token, shown only now:\n{token}\n",

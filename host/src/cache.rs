@@ -129,6 +129,10 @@ pub struct CacheScope {
     hash: String,
 }
 
+/// The context key of a run's scheduled start (its slot, for a deployment's run; else when it
+/// was created).
+pub const SCHEDULED_START: &str = "scheduled_start";
+
 impl CacheScope {
     /// The scope of a run of flow `flow`, whose manifest may name a cache `namespace`, with the
     /// user context values `context` (the flow's `[context]` and `--context`, without the keys
@@ -151,8 +155,10 @@ impl CacheScope {
                 field(&mut h, flow);
             }
         }
-        h.update(&(context.len() as u64).to_le_bytes());
-        for (k, v) in context {
+        // `scheduled_start` is a deployment run's slot: per run, like the other built-in keys.
+        let user = || context.iter().filter(|(k, _)| *k != SCHEDULED_START);
+        h.update(&(user().count() as u64).to_le_bytes());
+        for (k, v) in user() {
             field(&mut h, k);
             field(&mut h, v);
         }

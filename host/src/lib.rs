@@ -9,6 +9,8 @@
 //! - [`grants`]: what a task may reach beyond its input (directories, env, secrets).
 //! - [`runner`]: executes flow runs: scheduling, triggers, retries, mapping, handlers.
 //! - [`store`]: durable runs, transitions, logs, results and the output cache ([`cache`]).
+//! - [`schedule`]: when a deployment's runs are due, and what its scheduler does about them.
+//! - [`server`]: `sluice server`: tenants, quotas, fair scheduling, deployments, the HTTP API.
 //! - [`context`], [`ids`], [`clock`], [`json`]: plain types shared by every layer.
 
 pub mod cache;
@@ -20,6 +22,7 @@ pub mod ids;
 pub mod json;
 pub mod runner;
 pub mod sandbox;
+pub mod schedule;
 pub mod server;
 pub mod state;
 pub mod store;

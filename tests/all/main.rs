@@ -5,6 +5,7 @@
 mod alloc_meter;
 mod cli;
 mod cli_more;
+mod deployments;
 mod flows;
 mod grants;
 mod hostile;

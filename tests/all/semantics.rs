@@ -860,3 +860,42 @@ fn a_handler_rescheduling_a_cache_hit_runs_the_component() {
     assert_eq!(t["attempts"], 1, "{t:#}");
     assert_eq!(t["output"], 2, "{t:#}");
 }
+
+/// A run whose task `b` (one retry; it fails every attempt) crashed on its first attempt: a
+/// server resuming it by itself (`resume_crashed`) gives `b` the one attempt its retries have
+/// left; a user's `resume` gives it its retries afresh.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_run_resumed_by_the_server_keeps_its_retry_budget() {
+    let mut b = TaskDef::new("b", guest("hostile"));
+    b.input = Input::from_json(json!({"do": "signal", "kind": "fail", "bytes": 1}));
+    b.retries = 1;
+    let def = FlowBuilder::new("crashy").task(b).build().expect("flow");
+    let runner = FlowRunner::new(sandbox().clone());
+    let flow = runner
+        .prepare(def.clone(), Path::new("."))
+        .await
+        .expect("prepare");
+    let crashed = || {
+        let mut run = FlowRun::new(&def, Default::default(), Default::default(), start());
+        run.state = State::new(StateName::Crashed, start());
+        run.tasks[0].state = State::new(StateName::Crashed, start());
+        run.tasks[0].attempts = 1;
+        run
+    };
+    let cancel = sluice::sandbox::CancelToken::new;
+    let after = runner
+        .resume_crashed(&flow, crashed(), cancel())
+        .await
+        .expect("resume");
+    assert_eq!(after.tasks[0].state.name, StateName::Failed);
+    assert_eq!(after.tasks[0].attempts, 2, "1 + retries, the crash counted");
+    let after = runner
+        .resume(&flow, crashed(), &[], cancel())
+        .await
+        .expect("resume");
+    assert_eq!(after.tasks[0].state.name, StateName::Failed);
+    assert_eq!(
+        after.tasks[0].attempts, 3,
+        "the user's resume: its retries afresh"
+    );
+}

@@ -243,6 +243,17 @@ async fn tenants_see_nothing_of_each_other() {
     assert!(stderr(&out).contains("no flow run"), "{}", stderr(&out));
     let out = server.cli(&b, &["cancel", &id]);
     assert_eq!(out.status.code(), Some(2));
+    let resp = client()
+        .post(server.api(&format!("/runs/{id}/resume")))
+        .bearer_auth(&b)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .expect("resume");
+    assert_eq!(resp.status().as_u16(), 404);
+    let out = server.cli(&b, &["resume", &id]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no flow run"), "{}", stderr(&out));
 
     // A's component: A reads it by digest, B does not.
     let digest = blake3::hash(&std::fs::read(guest("add_one")).expect("guest"))
@@ -434,16 +445,12 @@ fn a_run_on_the_server_is_cancelled_from_the_cli() {
     assert_eq!(json_of(&out)["state"], "Cancelled");
 }
 
-#[test]
-fn a_server_killed_mid_run_records_the_run_crashed_when_it_starts_again() {
-    let server = ServerProcess::start(&[]);
-    let token = server.add_tenant("t");
-    let dir = tempfile::tempdir().expect("dir");
-    let flow = crate::store::slow_chain(dir.path(), "slow");
-    let client = server.spawn_run(&token, &flow, true, false);
-    // Wait until the slow task runs, then kill -9 the server.
+/// Start `flow` on `server` in the background and kill -9 the server once its task `b` runs
+/// (after `a` completed); the run's id and the server's home.
+fn kill_mid_run(server: ServerProcess, token: &str, flow: &Path) -> (String, PathBuf) {
+    let client = server.spawn_run(token, flow, true, false);
     let id = loop {
-        let runs = json_of(&server.cli(&token, &["runs", "--json"]));
+        let runs = json_of(&server.cli(token, &["runs", "--json"]));
         if let Some(r) = runs.as_array().and_then(|r| r.first())
             && r["tasks"]["Running"] == 1
             && r["tasks"]["Completed"] == 1
@@ -457,6 +464,18 @@ fn a_server_killed_mid_run_records_the_run_crashed_when_it_starts_again() {
     let mut client = client;
     let _ = client.kill();
     let _ = client.wait();
+    (id, home)
+}
+
+#[test]
+fn a_server_killed_mid_run_records_the_run_crashed_and_resume_continues_it() {
+    let server = ServerProcess::start(&[]);
+    let token = server.add_tenant("t");
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = crate::store::slow_chain(dir.path(), "slow");
+    let (id, home) = kill_mid_run(server, &token, &flow);
+    // `b` has no retries: the server does not resume the run by itself (it decided before it
+    // printed its address).
     let server = ServerProcess::start_in(home, &[]);
     let out = server.cli(&token, &["show", &id, "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -466,6 +485,66 @@ fn a_server_killed_mid_run_records_the_run_crashed_when_it_starts_again() {
     let a = crate::support::task(&run, "a");
     assert_eq!(a["state"], "Completed", "a completed result is kept: {a}");
     assert_eq!(crate::support::task(&run, "b")["state"], "Crashed");
+    // `sluice resume --server` continues it there: `a` keeps its result, `b` runs again.
+    let out = server.cli(&token, &["resume", &id[..10], "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let run = json_of(&out);
+    assert_eq!(run["state"], "Completed", "{run}");
+    assert_eq!(crate::support::task(&run, "a")["attempts"], 1);
+    assert_eq!(crate::support::task(&run, "b")["attempts"], 2);
+    assert_eq!(crate::support::task(&run, "c")["state"], "Completed");
+    let out = server.cli(&token, &["resume", &id]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("is already Completed; nothing to resume")
+            && stderr(&out).ends_with("(not-resumable)\n"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_killed_mid_run_resumes_it_by_itself_when_the_crashed_task_has_retries_left() {
+    let server = ServerProcess::start(&[]);
+    let token = server.add_tenant("t");
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = crate::store::slow_chain_with_retries(dir.path(), "slow-retried", 1);
+    let (id, home) = kill_mid_run(server, &token, &flow);
+    let server = ServerProcess::start_in(home, &[]);
+    let (status, _, view) = get(&server.api(&format!("/runs/{id}?wait=60")), Some(&token)).await;
+    assert_eq!(status, 200, "{view}");
+    let run = &view["run"];
+    assert_eq!(run["state"]["name"], "Completed", "{view}");
+    let flow_states: Vec<&str> = run["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|h| h["to"].as_str().expect("state"))
+        .collect();
+    assert_eq!(
+        flow_states,
+        ["Pending", "Running", "Crashed", "Running", "Completed"],
+        "{view}"
+    );
+    let task = |name: &str| {
+        run["tasks"]
+            .as_array()
+            .expect("tasks")
+            .iter()
+            .find(|t| t["name"] == name)
+            .cloned()
+            .expect("task")
+    };
+    assert_eq!(
+        task("a")["attempts"],
+        1,
+        "a completed task is not run again"
+    );
+    // b's retry is its second attempt: the crash counted as its first.
+    assert_eq!(task("b")["attempts"], 2);
+    assert_eq!(task("b")["state"]["name"], "Completed");
+    // Killed again while b runs its last allowed attempt, it would stay Crashed: the rule is
+    // the runner's (`resumes_after_crash`), tested there.
 }
 
 #[test]

@@ -27,6 +27,11 @@ use crate::support::{example_flow, guest, history, json_of, sandbox, sluice, tas
 /// The flow `name` of three hostile tasks: `a` (10 ms) → `b` (1.5 s, long enough to be killed or
 /// blocked in) → `c` (reads both).
 pub(crate) fn slow_chain(dir: &Path, name: &str) -> PathBuf {
+    slow_chain_with_retries(dir, name, 0)
+}
+
+/// [`slow_chain`] with `retries` on its slow task `b`.
+pub(crate) fn slow_chain_with_retries(dir: &Path, name: &str, retries: u32) -> PathBuf {
     let h = hostile_path();
     write_flow(
         dir,
@@ -38,6 +43,7 @@ input = {{ do = "sleep", ms = 10 }}
 [tasks.b]
 component = {h:?}
 input = {{ do = "sleep", ms = 1500, after = "$tasks.a" }}
+retries = {retries}
 [tasks.c]
 component = {h:?}
 input = {{ do = "len", of = ["$tasks.a", "$tasks.b"] }}
@@ -549,12 +555,12 @@ fn a_run_that_died_before_its_first_state_write_is_not_left_running() {
     store.submit(Write::RunCreated(Box::new(sluice::store::RunHeader {
         id,
         flow: "ghost".into(),
-        transition: sluice::runner::Transition {
+        history: vec![sluice::runner::Transition {
             from: None,
             to: StateName::Pending,
             time: start(),
             message: None,
-        },
+        }],
         state,
         parameters: BTreeMap::new(),
         context: BTreeMap::new(),

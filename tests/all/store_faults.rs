@@ -63,7 +63,7 @@ fn header(
         id,
         flow: flow.into(),
         state,
-        transition,
+        history: vec![transition],
         parameters: BTreeMap::new(),
         context: BTreeMap::new(),
         manifest,

@@ -319,6 +319,8 @@ pub struct FlowDef {
     /// says so at the end of the run; no task run fails because of it. A resumed run counts
     /// what it logged before.
     pub max_log_bytes: u64,
+    /// When a deployment of the flow runs (a manifest's `[schedule]`); `sluice run` ignores it.
+    pub schedule: Option<crate::schedule::Schedule>,
 }
 
 /// Why a flow definition is invalid (the builder's errors; the manifest parser adds positions).
@@ -532,6 +534,7 @@ impl FlowBuilder {
                 cache_namespace: None,
                 max_mapped_children: DEFAULT_MAX_MAPPED_CHILDREN,
                 max_log_bytes: DEFAULT_MAX_LOG_BYTES,
+                schedule: None,
             },
         }
     }

@@ -29,11 +29,12 @@ use crate::state::State;
 use crate::store::{CacheLookup, CachedOutput, Store, StoreError};
 
 /// Run `run` (fresh, or resumed with `starts` as start tasks, its logs so far costing
-/// `logs_before`) of `flow` to its end.
+/// `logs_before`, its tasks' retries counted from their first attempt when `keep_retry_budget`)
+/// of `flow` to its end.
 pub(super) async fn drive(
     runner: &FlowRunner,
     flow: &PreparedFlow,
-    (run, logs_before): (FlowRun, u64),
+    (run, logs_before, keep_retry_budget): (FlowRun, u64, bool),
     starts: &[usize],
     cancel: CancelToken,
 ) -> FlowRun {
@@ -50,6 +51,7 @@ pub(super) async fn drive(
             .collect(),
         logs_before,
         tenant: runner.tenant,
+        keep_retry_budget,
     };
     let run_id = run.id;
     let machine = FlowMachine::new(flow.def.clone(), run, starts, settings);

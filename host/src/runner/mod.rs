@@ -12,6 +12,7 @@ pub mod executor;
 pub mod machine;
 mod mapping;
 pub mod record;
+pub mod resumable;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -192,6 +194,19 @@ pub struct RunOptions {
     /// The manifest the flow came from (path and text), recorded so that `sluice resume` in
     /// another process can rebuild the flow.
     pub manifest: Option<(PathBuf, String)>,
+    /// The run's id (default: a new one).
+    pub id: Option<FlowRunId>,
+    /// For a deployment's scheduled run: what it went through before Pending.
+    pub scheduled: Option<ScheduledStart>,
+}
+
+/// A deployment's run, recorded Scheduled before it starts (see [`crate::schedule`]).
+#[derive(Debug, Clone)]
+pub struct ScheduledStart {
+    /// The slot's time: the run's `scheduled_start` context value.
+    pub at: DateTime<Utc>,
+    /// Its transitions before Pending: Scheduled, and Late when it was.
+    pub history: Vec<Transition>,
 }
 
 impl FlowRunner {
@@ -411,7 +426,20 @@ impl FlowRunner {
         let parameters = merge_parameters(&flow.def, options.parameters)?;
         let mut context = flow.def.context.clone();
         context.extend(options.context);
-        let run = FlowRun::new(&flow.def, parameters, context, now);
+        let mut run = FlowRun::new(&flow.def, parameters, context, now);
+        if let Some(id) = options.id {
+            run.id = id;
+        }
+        if let Some(scheduled) = options.scheduled {
+            run.context.insert(
+                crate::cache::SCHEDULED_START.into(),
+                scheduled.at.to_rfc3339(),
+            );
+            if let Some(last) = scheduled.history.last() {
+                run.history[0].from = Some(last.to);
+                run.history.splice(0..0, scheduled.history);
+            }
+        }
         let lease = match &self.store {
             Some(store) => {
                 let lease = store.lease(run.id)?;
@@ -434,7 +462,7 @@ impl FlowRunner {
                     id: run.id,
                     flow: run.flow.clone(),
                     state: run.state.clone(),
-                    transition: run.history[0].clone(),
+                    history: run.history.clone(),
                     parameters: run.parameters.clone(),
                     context: run.context.clone(),
                     manifest: options.manifest,
@@ -459,7 +487,7 @@ impl FlowRunner {
         started: StartedRun,
     ) -> Result<FlowRun, PrepareError> {
         let StartedRun { run, lease, cancel } = started;
-        let run = driver::drive(self, flow, (run, 0), &[], cancel).await;
+        let run = driver::drive(self, flow, (run, 0, false), &[], cancel).await;
         self.recorded(run, lease).await
     }
 
@@ -508,13 +536,38 @@ impl FlowRunner {
     /// Resume `previous` (a Paused or Failed run): tasks that completed keep their results and
     /// do not run again; `start_tasks` run as roots, without their trigger check, using the
     /// inputs cached on their state; every other unfinished task runs when its upstream tasks
-    /// finish.
+    /// finish. Each task that runs again has its `retries` afresh (a user resuming a run asks
+    /// for new attempts).
     pub async fn resume(
         &self,
         flow: &PreparedFlow,
         previous: FlowRun,
         start_tasks: &[&str],
         cancel: CancelToken,
+    ) -> Result<FlowRun, PrepareError> {
+        self.resume_with(flow, previous, start_tasks, cancel, false)
+            .await
+    }
+
+    /// [`FlowRunner::resume`] of a run that Crashed (its process died), as a server does by
+    /// itself: retries continue from the attempts already made, so a task whose attempts keep
+    /// crashing their process still runs at most `1 + retries` times.
+    pub async fn resume_crashed(
+        &self,
+        flow: &PreparedFlow,
+        previous: FlowRun,
+        cancel: CancelToken,
+    ) -> Result<FlowRun, PrepareError> {
+        self.resume_with(flow, previous, &[], cancel, true).await
+    }
+
+    async fn resume_with(
+        &self,
+        flow: &PreparedFlow,
+        previous: FlowRun,
+        start_tasks: &[&str],
+        cancel: CancelToken,
+        keep_retry_budget: bool,
     ) -> Result<FlowRun, PrepareError> {
         let names: Vec<&str> = flow.def.tasks.iter().map(|t| t.name.as_str()).collect();
         let recorded: Vec<&str> = previous.tasks.iter().map(|t| t.name.as_str()).collect();
@@ -561,7 +614,14 @@ impl FlowRunner {
             }
             None => None,
         };
-        let run = driver::drive(self, flow, (previous, logs_before), &starts, cancel).await;
+        let run = driver::drive(
+            self,
+            flow,
+            (previous, logs_before, keep_retry_budget),
+            &starts,
+            cancel,
+        )
+        .await;
         self.recorded(run, lease).await
     }
 }

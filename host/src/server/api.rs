@@ -17,10 +17,12 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::deployments::check_name;
 use super::problem::ApiError;
 use super::space::{MAX_WAIT, too_large};
 use super::wire::{
-    Cancelled, ComponentInfo, LogPage, Problem, RunItem, RunStarted, RunView, StartRun, Usage,
+    Cancelled, ComponentInfo, Deploy, DeploymentRuns, DeploymentView, LogPage, Problem, ResumeRun,
+    RunItem, RunStarted, RunView, StartRun, Usage,
 };
 use super::{Server, Space, Tenant};
 use crate::state::StateName;
@@ -62,7 +64,13 @@ pub(super) fn router(server: Server) -> axum::Router {
         .routes(routes!(show_run))
         .routes(routes!(run_logs))
         .routes(routes!(cancel_run))
-        .routes(routes!(usage));
+        .routes(routes!(resume_run))
+        .routes(routes!(usage))
+        .routes(routes!(deploy, list_deployments))
+        .routes(routes!(show_deployment, remove_deployment))
+        .routes(routes!(pause_deployment))
+        .routes(routes!(resume_deployment))
+        .routes(routes!(deployment_runs));
     let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", v1)
         .split_for_parts();
@@ -205,7 +213,9 @@ async fn start_run(
     Caller(space, tenant): Caller,
     Json(req): Json<StartRun>,
 ) -> Result<Response, ApiError> {
-    let started = space.start_run(&tenant, req, &server.inner.policy).await?;
+    let started = space
+        .start_run(&tenant, req, &server.inner.policy, None)
+        .await?;
     Ok((StatusCode::CREATED, Json(started)).into_response())
 }
 
@@ -366,6 +376,33 @@ async fn cancel_run(
     Ok(Json(outcome))
 }
 
+/// Resume a Paused, Failed, Cancelled or Crashed run, as `sluice resume` does: completed task
+/// runs keep their results, `start` tasks run as roots. The quotas that refuse a run apply.
+#[utoipa::path(
+    post,
+    path = "/runs/{id}/resume",
+    params(("id" = String, Path, description = "A run id or a unique prefix of one")),
+    request_body = ResumeRun,
+    responses(
+        (status = 200, description = "Executing again", body = RunStarted),
+        (status = 404, description = "No such run of this tenant", body = Problem),
+        (status = 409, description = "It is running, completed, or cannot be rebuilt (`not-resumable`)", body = Problem),
+        (status = 429, description = "A quota refused it", body = Problem),
+    )
+)]
+async fn resume_run(
+    State(server): State<Server>,
+    Caller(space, tenant): Caller,
+    Path(id): Path<String>,
+    Json(req): Json<ResumeRun>,
+) -> Result<Json<RunStarted>, ApiError> {
+    let id = space.resolve(&id)?;
+    let started = space
+        .resume_run(&tenant, id, req.start, &server.inner.policy, false)
+        .await?;
+    Ok(Json(started))
+}
+
 /// What the caller uses now, against its quotas.
 #[utoipa::path(
     get,
@@ -374,4 +411,161 @@ async fn cancel_run(
 )]
 async fn usage(Caller(space, tenant): Caller) -> Json<Usage> {
     Json(space.usage(&tenant))
+}
+
+/// Register a deployment: a flow whose manifest has a `[schedule]`, run on that schedule. A
+/// deployment of the same name is replaced (its runs not started yet are planned again).
+#[utoipa::path(
+    post,
+    path = "/deployments",
+    request_body = Deploy,
+    responses(
+        (status = 201, description = "Deployed", body = DeploymentView),
+        (status = 422, description = "The manifest is not valid or has no `[schedule]`", body = Problem),
+        (status = 429, description = "A quota or the grant ceiling refused the flow", body = Problem),
+    )
+)]
+async fn deploy(
+    State(server): State<Server>,
+    Caller(space, tenant): Caller,
+    Json(req): Json<Deploy>,
+) -> Result<Response, ApiError> {
+    let def = space.check(&tenant, &req.flow, &server.inner.policy)?;
+    let Some(schedule) = &def.schedule else {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-manifest",
+            format!(
+                "{}: flow `{}` has no `[schedule]` table: a deployment runs on one (cron or \
+                 interval)",
+                req.flow.manifest_path, def.name
+            ),
+        ));
+    };
+    let name = req.name.clone().unwrap_or_else(|| def.name.clone());
+    check_name(&name)?;
+    let view = space
+        .deployments()
+        .deploy(&name, &req.flow, &def.name, schedule, space.now())
+        .await?;
+    // Its first slots are recorded now (and one due now starts), not at the next tick.
+    space
+        .deployments()
+        .tick(&space, &tenant, &server.inner.policy)
+        .await;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+/// List deployments, by name.
+#[utoipa::path(
+    get,
+    path = "/deployments",
+    responses((status = 200, description = "Deployments", body = Vec<DeploymentView>))
+)]
+async fn list_deployments(Caller(space, _): Caller) -> Result<Json<Vec<DeploymentView>>, ApiError> {
+    Ok(Json(space.deployments().list(&space)?))
+}
+
+/// One deployment.
+#[utoipa::path(
+    get,
+    path = "/deployments/{name}",
+    params(("name" = String, Path, description = "The deployment")),
+    responses(
+        (status = 200, description = "The deployment", body = DeploymentView),
+        (status = 404, description = "No such deployment", body = Problem),
+    )
+)]
+async fn show_deployment(
+    Caller(space, _): Caller,
+    Path(name): Path<String>,
+) -> Result<Json<DeploymentView>, ApiError> {
+    Ok(Json(space.deployments().get(&space, &name)?))
+}
+
+/// Remove a deployment and its runs not started; its started runs stay.
+#[utoipa::path(
+    delete,
+    path = "/deployments/{name}",
+    params(("name" = String, Path, description = "The deployment")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "No such deployment", body = Problem),
+    )
+)]
+async fn remove_deployment(
+    Caller(space, _): Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    space.deployments().remove(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Pause a deployment: it starts nothing (runs already scheduled turn Late) until resumed.
+#[utoipa::path(
+    post,
+    path = "/deployments/{name}/pause",
+    params(("name" = String, Path, description = "The deployment")),
+    responses(
+        (status = 200, description = "Paused", body = DeploymentView),
+        (status = 404, description = "No such deployment", body = Problem),
+    )
+)]
+async fn pause_deployment(
+    Caller(space, _): Caller,
+    Path(name): Path<String>,
+) -> Result<Json<DeploymentView>, ApiError> {
+    Ok(Json(
+        space.deployments().set_paused(&space, &name, true).await?,
+    ))
+}
+
+/// Resume a deployment: runs missed while it was paused are started or skipped as its
+/// `catchup` says.
+#[utoipa::path(
+    post,
+    path = "/deployments/{name}/resume",
+    params(("name" = String, Path, description = "The deployment")),
+    responses(
+        (status = 200, description = "Resumed", body = DeploymentView),
+        (status = 404, description = "No such deployment", body = Problem),
+    )
+)]
+async fn resume_deployment(
+    State(server): State<Server>,
+    Caller(space, tenant): Caller,
+    Path(name): Path<String>,
+) -> Result<Json<DeploymentView>, ApiError> {
+    let view = space.deployments().set_paused(&space, &name, false).await?;
+    // Missed runs are caught up now, not at the next tick.
+    space
+        .deployments()
+        .tick(&space, &tenant, &server.inner.policy)
+        .await;
+    Ok(Json(view))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct SlotsQuery {
+    /// At most this many past runs (default 20).
+    limit: Option<usize>,
+}
+
+/// A deployment's upcoming runs (Scheduled, Late) and its past ones with their states.
+#[utoipa::path(
+    get,
+    path = "/deployments/{name}/runs",
+    params(("name" = String, Path, description = "The deployment"), SlotsQuery),
+    responses(
+        (status = 200, description = "Its runs", body = DeploymentRuns),
+        (status = 404, description = "No such deployment", body = Problem),
+    )
+)]
+async fn deployment_runs(
+    Caller(space, _): Caller,
+    Path(name): Path<String>,
+    Query(q): Query<SlotsQuery>,
+) -> Result<Json<DeploymentRuns>, ApiError> {
+    let limit = q.limit.unwrap_or(20).clamp(1, 1000);
+    Ok(Json(space.deployments().runs(&space, &name, limit)?))
 }

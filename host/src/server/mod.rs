@@ -7,11 +7,14 @@
 //!
 //! The API ([`api`]) is HTTP/JSON under `/api/v1`, described by an OpenAPI document generated
 //! from the handlers; the bodies are the plain types of [`wire`]. Runs execute in this process on
-//! one shared sandbox: each tenant has a [`FlowRunner`] over its own store.
+//! one shared sandbox: each tenant has a [`FlowRunner`] over its own store. Each tenant's
+//! [`deployments`] run on their schedules from a tick every second.
 
 mod api;
+pub mod deployments;
 pub mod fair;
 mod problem;
+mod sources;
 mod space;
 pub mod tenants;
 pub mod wire;
@@ -20,6 +23,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::clock::{ClockRef, SystemClock};
 use crate::flow::manifest::{ManifestError, Policy};
 use crate::ids::TenantId;
 use crate::sandbox::Sandbox;
@@ -72,6 +76,7 @@ struct Inner {
     policy: Policy,
     spaces: Mutex<HashMap<TenantId, Arc<Space>>>,
     queue: FairQueue,
+    clock: ClockRef,
 }
 
 impl Server {
@@ -80,6 +85,17 @@ impl Server {
     /// `<home>/policy.toml`; without that file nothing may be granted. Every tenant's store is
     /// opened, and runs a previous server process left executing are recorded Crashed.
     pub fn open(home: &Path, sandbox: Sandbox, slots: usize) -> Result<Server, ServerError> {
+        Self::open_with_clock(home, sandbox, slots, Arc::new(SystemClock))
+    }
+
+    /// [`Server::open`] on `clock` (what runs record and deployments' schedules follow; a
+    /// `SimClock` in tests).
+    pub fn open_with_clock(
+        home: &Path,
+        sandbox: Sandbox,
+        slots: usize,
+        clock: ClockRef,
+    ) -> Result<Server, ServerError> {
         let tenants = Tenants::open(home)?;
         let policy_file = home.join("policy.toml");
         let policy = match policy_file.exists() {
@@ -102,6 +118,7 @@ impl Server {
                     source,
                 })?,
                 sandbox,
+                clock,
             }),
         };
         for tenant in server.inner.tenants.list()? {
@@ -141,6 +158,7 @@ impl Server {
             &dir,
             &self.inner.sandbox,
             &self.inner.queue,
+            &self.inner.clock,
         )?);
         spaces.insert(tenant.id, space.clone());
         Ok(space)
@@ -151,18 +169,67 @@ impl Server {
         api::router(self.clone())
     }
 
-    /// Serve the API on `listener` until `shutdown` completes.
+    /// Plan every tenant's deployments now and carry the plans out: record slots ahead, mark
+    /// Late, start due runs ([`deployments`]). [`Server::serve`] does it every second.
+    pub async fn tick(&self) {
+        let tenants = match self.inner.tenants.list() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("deployments: reading the tenants: {e}");
+                return;
+            }
+        };
+        for tenant in tenants {
+            match self.space(&tenant) {
+                Ok(space) => {
+                    space
+                        .deployments()
+                        .tick(&space, &tenant, &self.inner.policy)
+                        .await;
+                }
+                Err(e) => tracing::warn!("deployments of tenant `{}`: {e}", tenant.name),
+            }
+        }
+    }
+
+    /// Resume, in every tenant's space, the runs found Crashed when it opened whose crashed task
+    /// runs have retries left ([`crate::runner::resumable`]); the others stay Crashed. `sluice
+    /// server` does it before it listens.
+    pub async fn resume_crashed(&self) {
+        let Ok(tenants) = self.inner.tenants.list() else {
+            return;
+        };
+        for tenant in tenants {
+            if let Ok(space) = self.space(&tenant) {
+                space.resume_crashed(&tenant, &self.inner.policy).await;
+            }
+        }
+    }
+
+    /// Serve the API on `listener`, and run the deployments' schedules, until `shutdown`
+    /// completes.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        axum::serve(listener, self.router())
+        let ticker = self.clone();
+        let scheduler = tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                every.tick().await;
+                ticker.tick().await;
+            }
+        });
+        let served = axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(|source| ServerError::Io {
                 what: "serving the API".into(),
                 source,
-            })
+            });
+        scheduler.abort();
+        served
     }
 }

@@ -13,14 +13,19 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use super::ServerError;
+use super::deployments::Deployments;
 use super::fair::{FairQueue, WINDOW};
 use super::problem::ApiError;
+use super::sources::RunSources;
 use super::tenants::Tenant;
 use super::wire::{Cancelled, RunStarted, StartRun, Usage};
+use crate::clock::ClockRef;
 use crate::flow::manifest::{ComponentFiles, Policy, normalize};
 use crate::grants::SecretSource;
 use crate::ids::FlowRunId;
-use crate::runner::{FlowRunner, PrepareError, RunOptions};
+use crate::runner::{
+    FlowRunner, PrepareError, PreparedFlow, RunOptions, ScheduledStart, resumable,
+};
 use crate::sandbox::{CancelToken, Sandbox};
 use crate::store::{CancelOutcome, SqliteStore, Store};
 
@@ -35,6 +40,12 @@ pub struct Space {
     /// When its flow runs started, over the last minute (`runs_per_minute`).
     starts: Mutex<VecDeque<Instant>>,
     queue: FairQueue,
+    clock: ClockRef,
+    deployments: Deployments,
+    sources: RunSources,
+    /// Runs found Crashed when the space opened (the server died running them), for
+    /// [`Space::resume_crashed`].
+    crashed: Mutex<Vec<FlowRunId>>,
 }
 
 /// A run this process executes.
@@ -56,6 +67,7 @@ impl Space {
         dir: &Path,
         sandbox: &Sandbox,
         queue: &FairQueue,
+        clock: &ClockRef,
     ) -> Result<Space, ServerError> {
         let io = |what: &str, source| ServerError::Io {
             what: format!("tenant `{}`: {what} {}", tenant.name, dir.display()),
@@ -74,12 +86,17 @@ impl Space {
             source,
         };
         let store = Arc::new(SqliteStore::open(dir).map_err(store_err)?);
-        store.recover_dead(chrono::Utc::now()).map_err(store_err)?;
+        let crashed = store.recover_dead(clock.now()).map_err(store_err)?;
         let runner = FlowRunner::new(sandbox.clone())
             .store(store.clone())
             .secrets(SecretSource::none())
             .tenant(tenant.id)
+            .clock(clock.clone())
             .executor(queue.executor(tenant.id));
+        let sources = RunSources::open(&dir.join("space.db"))
+            .map_err(|e| io("opening", std::io::Error::other(e)))?;
+        let deployments = Deployments::open(&dir.join("space.db"))
+            .map_err(|e| io("opening", std::io::Error::other(e)))?;
         Ok(Space {
             tenant: tenant.clone(),
             dir: dir.to_owned(),
@@ -88,12 +105,26 @@ impl Space {
             live: Mutex::default(),
             starts: Mutex::default(),
             queue: queue.clone(),
+            clock: clock.clone(),
+            deployments,
+            sources,
+            crashed: Mutex::new(crashed),
         })
     }
 
     /// Its run store.
     pub fn store(&self) -> &Arc<SqliteStore> {
         &self.store
+    }
+
+    /// Its deployments.
+    pub fn deployments(&self) -> &Deployments {
+        &self.deployments
+    }
+
+    /// The server's clock.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<FlowRunId, LiveRun>> {
@@ -182,14 +213,70 @@ impl Space {
         Ok(true)
     }
 
-    /// Start a run of the manifest in `req` (its components uploaded), under the server's
-    /// `policy`. Returns once the run is durably recorded; it executes on.
-    pub async fn start_run(
-        self: &Arc<Self>,
+    /// Parse the manifest of `req` (its components uploaded), without checking its grants.
+    pub(super) fn parse(&self, req: &StartRun) -> Result<crate::flow::FlowDef, ApiError> {
+        let files = Uploaded {
+            space: self,
+            components: &req.components,
+        };
+        crate::flow::manifest::parse_with_files(
+            Path::new(&req.manifest_path),
+            &req.manifest,
+            None,
+            &files,
+        )
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-manifest",
+                e.to_string(),
+            )
+        })
+    }
+
+    /// Parse and check the manifest of `req` (its components uploaded) for `tenant`: under the
+    /// server's `policy` and the tenant's grant ceiling, within its per-task ceilings.
+    pub fn check(
+        &self,
         tenant: &Tenant,
-        req: StartRun,
+        req: &StartRun,
         policy: &Policy,
-    ) -> Result<RunStarted, ApiError> {
+    ) -> Result<crate::flow::FlowDef, ApiError> {
+        let file = Path::new(&req.manifest_path);
+        let files = Uploaded {
+            space: self,
+            components: &req.components,
+        };
+        let parse = |policy| {
+            crate::flow::manifest::parse_with_files(file, &req.manifest, Some(policy), &files)
+        };
+        let def = parse(policy).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-manifest",
+                e.to_string(),
+            )
+        })?;
+        if let Some(ceiling) = &tenant.grants {
+            let ceiling = Policy::parse(
+                Path::new(&format!("grant ceiling of tenant `{}`", tenant.name)),
+                ceiling,
+            )
+            .map_err(|e| ApiError::internal("reading the tenant's grant ceiling", &e))?;
+            parse(&ceiling).map_err(|e| ApiError::quota(tenant, "grants", 0, e))?;
+        }
+        check_budgets(tenant, &def)?;
+        Ok(def)
+    }
+
+    /// The quotas that refuse a flow run (started or resumed) whole: runs per minute, stored
+    /// bytes, queued task runs; then the flow of `req` checked and prepared.
+    async fn admit(
+        &self,
+        tenant: &Tenant,
+        req: &StartRun,
+        policy: &Policy,
+    ) -> Result<PreparedFlow, ApiError> {
         let quotas = &tenant.quotas;
         if let Some(quota) = quotas.runs_per_minute {
             let started = self.runs_last_minute();
@@ -208,30 +295,7 @@ impl Space {
                 return Err(over_stored(tenant, quota, stored));
             }
         }
-        let file = Path::new(&req.manifest_path);
-        let files = Uploaded {
-            space: self,
-            components: &req.components,
-        };
-        let parse = |policy| {
-            crate::flow::manifest::parse_with_files(file, &req.manifest, Some(policy), &files)
-        };
-        let mut def = parse(policy).map_err(|e| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid-manifest",
-                e.to_string(),
-            )
-        })?;
-        if let Some(ceiling) = &tenant.grants {
-            let ceiling = Policy::parse(
-                Path::new(&format!("grant ceiling of tenant `{}`", tenant.name)),
-                ceiling,
-            )
-            .map_err(|e| ApiError::internal("reading the tenant's grant ceiling", &e))?;
-            parse(&ceiling).map_err(|e| ApiError::quota(tenant, "grants", 0, e))?;
-        }
-        check_budgets(tenant, &def)?;
+        let mut def = self.check(tenant, req, policy)?;
         if let Some(quota) = quotas.max_queued_tasks {
             let queued = self.queue.load(tenant.id).queued;
             let tasks = def.tasks.len() as u64;
@@ -252,32 +316,63 @@ impl Space {
             t.build = None;
             t.sources.clear();
         }
-        let flow = self
-            .runner
+        self.runner
             .prepare(def, &self.dir)
             .await
-            .map_err(prepare_error)?;
-        let options = RunOptions {
-            parameters: req.parameters,
-            context: req.context,
-            cancel: CancelToken::new(),
-            manifest: Some((file.to_owned(), req.manifest)),
-        };
-        let cancel = options.cancel.clone();
-        let started = self.runner.start(&flow, options).map_err(prepare_error)?;
+            .map_err(prepare_error)
+    }
+
+    /// Execute `run` (the run `id`) in the background, live until it ends.
+    fn spawn_live(
+        self: &Arc<Self>,
+        id: FlowRunId,
+        cancel: CancelToken,
+        run: impl Future<Output = Result<crate::runner::FlowRun, PrepareError>> + Send + 'static,
+    ) {
         self.starts().push_back(Instant::now());
-        let id = started.id();
         let (done_tx, done) = watch::channel(false);
         self.live().insert(id, LiveRun { cancel, done });
         let space = self.clone();
-        let tasks = flow.def().tasks.len();
-        let name = flow.def().name.clone();
         tokio::spawn(async move {
-            if let Err(e) = space.runner.finish(&flow, started).await {
+            if let Err(e) = run.await {
                 tracing::warn!("tenant `{}`: flow run {id}: {e}", space.tenant.name);
             }
             space.live().remove(&id);
             let _ = done_tx.send(true);
+        });
+    }
+
+    /// Start a run of the manifest in `req` (its components uploaded), under the server's
+    /// `policy`; `scheduled` for a deployment's run (with the id its slot chose). Returns once
+    /// the run is durably recorded; it executes on.
+    pub async fn start_run(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        req: StartRun,
+        policy: &Policy,
+        scheduled: Option<(FlowRunId, ScheduledStart)>,
+    ) -> Result<RunStarted, ApiError> {
+        let flow = Arc::new(self.admit(tenant, &req, policy).await?);
+        let (id, scheduled) = match scheduled {
+            Some((id, s)) => (id, Some(s)),
+            None => (FlowRunId::new(), None),
+        };
+        // Before the run exists: a run is never without what resuming it needs.
+        self.sources.record(id, &req.components)?;
+        let options = RunOptions {
+            parameters: req.parameters,
+            context: req.context,
+            cancel: CancelToken::new(),
+            manifest: Some((PathBuf::from(&req.manifest_path), req.manifest)),
+            id: Some(id),
+            scheduled,
+        };
+        let cancel = options.cancel.clone();
+        let started = self.runner.start(&flow, options).map_err(prepare_error)?;
+        let (tasks, name) = (flow.def().tasks.len(), flow.def().name.clone());
+        let space = self.clone();
+        self.spawn_live(id, cancel, async move {
+            space.runner.finish(&flow, started).await
         });
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.flush())
@@ -289,6 +384,83 @@ impl Space {
             flow: name,
             tasks,
         })
+    }
+
+    /// Resume run `id` (as `sluice resume`: `start` tasks as roots), under the quotas that
+    /// refuse a run; `after_crash` for the server's own resumption of a run it was executing
+    /// when it died (only when [`resumable::resumes_after_crash`] allows, retries continuing).
+    /// Returns once it executes.
+    pub async fn resume_run(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        id: FlowRunId,
+        start: Vec<String>,
+        policy: &Policy,
+        after_crash: bool,
+    ) -> Result<RunStarted, ApiError> {
+        let conflict =
+            |detail: String| ApiError::new(StatusCode::CONFLICT, "not-resumable", detail);
+        if self.live().contains_key(&id) {
+            return Err(conflict(format!(
+                "flow run {id} is running; cancel it first (`sluice cancel {id}`)"
+            )));
+        }
+        let store = self.store.clone();
+        let stored = tokio::task::spawn_blocking(move || store.load_run(id))
+            .await
+            .map_err(|e| ApiError::internal("reading the run", &e))?
+            .map_err(|e| ApiError::store("reading the run", e))?;
+        let (path, text) =
+            resumable::check(&stored, &start).map_err(|e| conflict(e.to_string()))?;
+        let components = self.sources.get(id)?.ok_or_else(|| {
+            conflict(format!(
+                "flow run {id} has no recorded components, so its flow cannot be rebuilt"
+            ))
+        })?;
+        let req = StartRun {
+            manifest: text,
+            manifest_path: path.display().to_string(),
+            components,
+            parameters: BTreeMap::new(),
+            context: BTreeMap::new(),
+        };
+        let flow = Arc::new(self.admit(tenant, &req, policy).await?);
+        let mut run = stored.run;
+        if after_crash {
+            resumable::resumes_after_crash(&run, flow.def())
+                .map_err(|why| conflict(format!("flow run {id} stays Crashed: {why}")))?;
+        }
+        resumable::fill_missing_tasks(&mut run, flow.def(), self.clock.now());
+        let (tasks, name) = (flow.def().tasks.len(), flow.def().name.clone());
+        let cancel = CancelToken::new();
+        let space = self.clone();
+        let token = cancel.clone();
+        self.spawn_live(id, cancel, async move {
+            match after_crash {
+                true => space.runner.resume_crashed(&flow, run, token).await,
+                false => {
+                    let start: Vec<&str> = start.iter().map(String::as_str).collect();
+                    space.runner.resume(&flow, run, &start, token).await
+                }
+            }
+        });
+        Ok(RunStarted {
+            id,
+            flow: name,
+            tasks,
+        })
+    }
+
+    /// Resume the runs found Crashed when the space opened, those the rule of [`resumable`]
+    /// allows (the others stay Crashed, for `sluice resume`).
+    pub async fn resume_crashed(self: &Arc<Self>, tenant: &Tenant, policy: &Policy) {
+        let crashed = std::mem::take(&mut *self.crashed.lock().unwrap_or_else(|p| p.into_inner()));
+        for id in crashed {
+            match self.resume_run(tenant, id, Vec::new(), policy, true).await {
+                Ok(_) => tracing::info!("tenant `{}`: resumed crashed flow run {id}", tenant.name),
+                Err(e) => tracing::info!("tenant `{}`: {}", tenant.name, e.detail),
+            }
+        }
     }
 
     fn starts(&self) -> std::sync::MutexGuard<'_, VecDeque<Instant>> {
@@ -363,7 +535,7 @@ impl Space {
             self.queue.cancelled();
             return Ok(Cancelled::Requested);
         }
-        match self.store.cancel(id, chrono::Utc::now()) {
+        match self.store.cancel(id, self.clock.now()) {
             Ok(CancelOutcome::Requested) => Ok(Cancelled::Requested),
             Ok(CancelOutcome::Cancelled) => Ok(Cancelled::Cancelled),
             Ok(CancelOutcome::AlreadyFinished(state)) => Ok(Cancelled::AlreadyFinished { state }),

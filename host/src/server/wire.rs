@@ -177,6 +177,15 @@ pub struct LogPage {
     pub live: bool,
 }
 
+/// `POST /api/v1/runs/{id}/resume`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ResumeRun {
+    /// Tasks to run as roots, without their trigger check (e.g. a `manual_only` task that
+    /// paused the run).
+    #[serde(default)]
+    pub start: Vec<String>,
+}
+
 /// What `POST /api/v1/runs/{id}/cancel` did.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", tag = "outcome")]
@@ -239,4 +248,70 @@ pub struct Usage {
     pub fuel_last_minute: u64,
     /// Bytes stored: components and the run store.
     pub stored_bytes: u64,
+}
+
+/// `POST /api/v1/deployments`: register a flow whose manifest has a `[schedule]` (a new
+/// deployment, or a new version of one: its runs not started yet are planned again).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Deploy {
+    /// The deployment's name (default: the flow's name): 1 to 64 letters, digits, `-`, `_`, `.`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The flow, as for a run (its `parameters` and `context` are not used: the schedule's
+    /// parameters are).
+    #[serde(flatten)]
+    pub flow: StartRun,
+}
+
+/// A deployment.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeploymentView {
+    /// Its name.
+    pub name: String,
+    /// The flow it runs.
+    pub flow: String,
+    /// When: `cron "0 6 * * 1-5" (Europe/Berlin)` or `every 10m`.
+    pub schedule: String,
+    /// What happens to runs missed while the server was down or the deployment paused.
+    pub catchup: String,
+    /// A run not started this many seconds after its time is Late.
+    pub late_after_seconds: i64,
+    /// Its runs' parameters.
+    #[schema(value_type = Object)]
+    pub parameters: BTreeMap<String, Value>,
+    /// Whether it is paused (it starts nothing).
+    pub paused: bool,
+    /// When it was first deployed.
+    pub created_at: DateTime<Utc>,
+    /// When it was last deployed, paused or resumed.
+    pub updated_at: DateTime<Utc>,
+    /// Its next three slots (none while paused).
+    pub upcoming: Vec<DateTime<Utc>>,
+}
+
+/// One slot of a deployment.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SlotView {
+    /// Its time.
+    pub at: DateTime<Utc>,
+    /// `Scheduled` or `Late` (not started); `Cancelled` (skipped by the catch-up policy) or
+    /// `Failed` (could not start: `message` says why); else its run's state (`Started` when the
+    /// run is older than those listed).
+    pub state: String,
+    /// Its run, once started.
+    #[schema(value_type = Option<String>)]
+    pub run: Option<FlowRunId>,
+    /// Why it is in that state, when the scheduler says.
+    pub message: Option<String>,
+}
+
+/// `GET /api/v1/deployments/{name}/runs`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeploymentRuns {
+    /// The deployment.
+    pub deployment: String,
+    /// Slots not started, oldest first.
+    pub upcoming: Vec<SlotView>,
+    /// Slots started, skipped or refused, newest first.
+    pub past: Vec<SlotView>,
 }

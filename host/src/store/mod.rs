@@ -198,8 +198,9 @@ pub struct RunHeader {
     pub flow: String,
     /// The initial state.
     pub state: State,
-    /// The first transition.
-    pub transition: Transition,
+    /// Its transitions so far, oldest first (one, or for a deployment's run, Scheduled and
+    /// maybe Late before Pending); the run's creation time is the first one's.
+    pub history: Vec<Transition>,
     /// The parameters in effect.
     pub parameters: BTreeMap<String, Value>,
     /// The context in effect.

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use sluice::flow::manifest;
-use sluice::runner::TaskRun;
-use sluice::state::StateType;
+use sluice::runner::resumable;
 use sluice::store::{CancelOutcome, Store};
 
 use crate::history::open_recovered;
@@ -19,14 +18,14 @@ use crate::{UsageError, usage};
 #[derive(Debug, clap::Args)]
 pub(crate) struct ResumeArgs {
     /// The flow run's id (or a unique prefix of it).
-    run: String,
+    pub(crate) run: String,
     /// Run this task as a root, without its trigger check (repeatable); e.g. a `manual_only`
     /// task that paused the run.
     #[arg(long = "start", value_name = "TASK")]
-    start: Vec<String>,
+    pub(crate) start: Vec<String>,
     /// Print the flow run record as JSON.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     #[command(flatten)]
     grants: crate::GrantArgs,
 }
@@ -53,34 +52,7 @@ pub(crate) async fn resume(
         )));
     }
     let stored = store.load_run(id).map_err(usage)?;
-    if stored.run.state.state_type() == StateType::Completed {
-        return Err(UsageError(anyhow!(
-            "flow run {id} is already {}; nothing to resume (start a new run with `sluice run`)",
-            stored.run.state.name
-        )));
-    }
-    for s in &args.start {
-        if let Some(t) = stored.run.task(s)
-            && t.state.state_type() == StateType::Completed
-        {
-            return Err(UsageError(anyhow!(
-                "task `{s}` already ended {} in flow run {id}; --start is for tasks that did not complete",
-                t.state.name
-            )));
-        }
-    }
-    if !stored.problems.is_empty() {
-        let list: Vec<String> = stored.problems.iter().map(|p| format!("  {p}")).collect();
-        return Err(UsageError(anyhow!(
-            "flow run {id} cannot be resumed: the store lost part of it; nothing was changed\n{}",
-            list.join("\n")
-        )));
-    }
-    let Some((path, text)) = stored.manifest.clone() else {
-        return Err(UsageError(anyhow!(
-            "flow run {id} was not started from a manifest, so this process cannot rebuild its flow"
-        )));
-    };
+    let (path, text) = resumable::check(&stored, &args.start).map_err(usage)?;
     // The flow as it was defined when the run started (the recorded text), with component paths
     // resolved against the manifest's directory.
     let policy = args.grants.policy(home)?;
@@ -88,16 +60,7 @@ pub(crate) async fn resume(
         .map_err(|e| usage(anyhow!("{e} (recorded manifest)")))?;
     let secrets = args.grants.secrets()?;
     let mut stored = stored;
-    if stored.run.tasks.is_empty() && stored.run.flow == def.name {
-        // A run recorded without its task runs (a process killed between the two writes, by a
-        // Sluice that did not write them together): none of them started; start them all.
-        let now = chrono::Utc::now();
-        stored.run.tasks = def
-            .tasks
-            .iter()
-            .map(|t| TaskRun::new(&t.name, None, now))
-            .collect();
-    }
+    resumable::fill_missing_tasks(&mut stored.run, &def, chrono::Utc::now());
     let dir = path
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_owned);

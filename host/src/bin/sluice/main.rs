@@ -14,6 +14,7 @@ mod alloc;
 mod build;
 mod cache_cmd;
 mod control;
+mod deploy_cmd;
 mod history;
 mod remote;
 mod report;
@@ -214,6 +215,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Register a flow with a `[schedule]` on the server (`--server`): it runs on that schedule.
+    Deploy(deploy_cmd::DeployArgs),
+    /// List, pause, resume or remove the server's deployments, or show their runs.
+    #[command(subcommand)]
+    Deployments(deploy_cmd::DeploymentsCommand),
     /// Serve the HTTP API of this home to its tenants.
     Server(server_cmd::ServerArgs),
     /// Add, list or remove the tenants of this home's server.
@@ -318,7 +324,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run::run(&cli.home, &cli.sandbox, remote, args).await,
             Command::Build(args) => build::build(&args).await,
-            Command::Resume(_) if remote.is_some() => Err(local_only("resume")),
+            Command::Resume(args) if let Some(remote) = remote => {
+                remote.resume(&args.run, args.start, args.json).await
+            }
             Command::Resume(args) => control::resume(&cli.home, &cli.sandbox, args).await,
             Command::Cancel(args) => match remote {
                 Some(remote) => remote.cancel(&args.run).await,
@@ -336,6 +344,14 @@ fn main() -> ExitCode {
                     "`sluice usage` reports a tenant's usage on a server: give --server and --token"
                 ))),
             },
+            Command::Deploy(args) => {
+                let max = cli
+                    .sandbox
+                    .max_component_size
+                    .unwrap_or(sluice::sandbox::DEFAULT_MAX_COMPONENT_BYTES);
+                deploy_cmd::deploy(remote, max, args).await
+            }
+            Command::Deployments(cmd) => deploy_cmd::deployments(remote, cmd).await,
             Command::Server(_) | Command::Tenant(_) if remote.is_some() => {
                 Err(local_only("server/tenant"))
             }

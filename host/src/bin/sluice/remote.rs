@@ -16,7 +16,8 @@ use serde::de::DeserializeOwned;
 use sluice::flow::manifest::{self, ComponentFiles, LocalFiles};
 use sluice::ids::FlowRunId;
 use sluice::server::wire::{
-    Cancelled, LogPage, Problem, RunItem, RunStarted, RunView, StartRun, Usage,
+    Cancelled, Deploy, DeploymentRuns, DeploymentView, LogPage, Problem, ResumeRun, RunItem,
+    RunStarted, RunView, StartRun, Usage,
 };
 use sluice::store::RunFilter;
 
@@ -296,17 +297,16 @@ impl Remote {
         Ok(digest)
     }
 
-    /// `sluice run --server`: upload what the server lacks, start the run there, wait for its
-    /// end (Ctrl-C cancels it on the server), print it as embedded mode does.
-    pub(crate) async fn run(
+    /// The request of a run (or deployment) of the manifest `flow`: its components built when
+    /// `build` (`None` when a build failed: it said why) and uploaded when the server lacks them.
+    pub(crate) async fn flow_request(
         &self,
         flow: &Path,
         max_component_bytes: u64,
         build: bool,
         parameters: BTreeMap<String, serde_json::Value>,
         context: BTreeMap<String, String>,
-        json: bool,
-    ) -> Result<ExitCode, UsageError> {
+    ) -> Result<Option<StartRun>, UsageError> {
         let usage = |e: anyhow::Error| UsageError(e);
         let text = manifest::read(flow).map_err(|e| usage(e.into()))?;
         let path = std::path::absolute(flow).unwrap_or_else(|_| flow.to_owned());
@@ -314,7 +314,7 @@ impl Remote {
         let def =
             manifest::parse_with_files(&path, &text, None, &files).map_err(|e| usage(e.into()))?;
         if build && !crate::build::build_flow(&def, &path).await {
-            return Ok(ExitCode::from(1));
+            return Ok(None);
         }
         let mut components = BTreeMap::new();
         let mut digests: BTreeMap<PathBuf, String> = BTreeMap::new();
@@ -329,7 +329,7 @@ impl Remote {
             };
             components.insert(written, digest);
         }
-        let req = StartRun {
+        Ok(Some(StartRun {
             manifest: text,
             manifest_path: flow
                 .file_name()
@@ -337,22 +337,69 @@ impl Remote {
             components,
             parameters,
             context,
+        }))
+    }
+
+    /// `sluice run --server`: upload what the server lacks, start the run there, wait for its
+    /// end (Ctrl-C cancels it on the server), print it as embedded mode does.
+    pub(crate) async fn run(
+        &self,
+        flow: &Path,
+        max_component_bytes: u64,
+        build: bool,
+        parameters: BTreeMap<String, serde_json::Value>,
+        context: BTreeMap<String, String>,
+        json: bool,
+    ) -> Result<ExitCode, UsageError> {
+        let Some(req) = self
+            .flow_request(flow, max_component_bytes, build, parameters, context)
+            .await?
+        else {
+            return Ok(ExitCode::from(1));
         };
         let started: RunStarted = self.call(Method::POST, "/runs", Some(&req)).await?;
         eprintln!(
             "flow run {} of {} ({} tasks) started on {}",
             started.id, started.flow, started.tasks, self.base
         );
+        self.follow(started.id, json).await
+    }
+
+    /// `sluice resume RUN [--start T] --server`: resume it there, then as `run`.
+    pub(crate) async fn resume(
+        &self,
+        run: &str,
+        start: Vec<String>,
+        json: bool,
+    ) -> Result<ExitCode, UsageError> {
+        let id = self.resolve(run).await?;
+        let started: RunStarted = self
+            .call(
+                Method::POST,
+                &format!("/runs/{id}/resume"),
+                Some(&ResumeRun { start }),
+            )
+            .await?;
+        eprintln!(
+            "flow run {} of {} resumed on {}",
+            started.id, started.flow, self.base
+        );
+        self.follow(started.id, json).await
+    }
+
+    /// Wait for the end of run `id` (Ctrl-C cancels it on the server) and print it as embedded
+    /// mode does.
+    async fn follow(&self, id: FlowRunId, json: bool) -> Result<ExitCode, UsageError> {
         let signals = crate::run::interrupt_signals();
         tokio::pin!(signals);
-        let wait = self.wait(started.id);
+        let wait = self.wait(id);
         tokio::pin!(wait);
         let view = tokio::select! {
             view = &mut wait => view?,
             name = &mut signals => {
                 eprintln!("\ncancelling ({name}): asking the server to stop the run…");
                 let _: Cancelled = self
-                    .call(Method::POST, &format!("/runs/{}/cancel", started.id), None::<&()>)
+                    .call(Method::POST, &format!("/runs/{id}/cancel"), None::<&()>)
                     .await?;
                 wait.await?
             }
@@ -367,6 +414,54 @@ impl Remote {
         };
         crate::print_stdout(&report);
         Ok(crate::exit_code(view.run.state.state_type()))
+    }
+}
+
+/// Deployments on the server.
+impl Remote {
+    /// `POST /deployments`.
+    pub(crate) async fn deploy(&self, req: &Deploy) -> Result<DeploymentView, UsageError> {
+        self.call(Method::POST, "/deployments", Some(req)).await
+    }
+
+    /// `GET /deployments`.
+    pub(crate) async fn deployments(&self) -> Result<Vec<DeploymentView>, UsageError> {
+        self.get("/deployments").await
+    }
+
+    /// `POST /deployments/{name}/pause` or `/resume`.
+    pub(crate) async fn set_paused(
+        &self,
+        name: &str,
+        paused: bool,
+    ) -> Result<DeploymentView, UsageError> {
+        let action = if paused { "pause" } else { "resume" };
+        self.call(
+            Method::POST,
+            &format!("/deployments/{}/{action}", encode(name)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `DELETE /deployments/{name}`.
+    pub(crate) async fn remove_deployment(&self, name: &str) -> Result<(), UsageError> {
+        let path = format!("/deployments/{}", encode(name));
+        let response = self.send(Method::DELETE, &path, None, None::<&()>).await?;
+        match response.status() {
+            StatusCode::NOT_FOUND => Err(self.problem(response).await),
+            _ => Ok(()),
+        }
+    }
+
+    /// `GET /deployments/{name}/runs`.
+    pub(crate) async fn deployment_runs(
+        &self,
+        name: &str,
+        limit: usize,
+    ) -> Result<DeploymentRuns, UsageError> {
+        self.get(&format!("/deployments/{}/runs?limit={limit}", encode(name)))
+            .await
     }
 }
 

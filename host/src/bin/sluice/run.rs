@@ -95,6 +95,8 @@ pub(crate) async fn run(
                     context,
                     cancel,
                     manifest: Some((path, text)),
+                    id: None,
+                    scheduled: None,
                 };
                 runner.run(&flow, options).await
             },

@@ -168,6 +168,9 @@ pub(crate) async fn serve(
         |n| usize::try_from(n).unwrap_or(usize::MAX),
     );
     let server = Server::open(home, sandbox, slots).map_err(usage)?;
+    // Before it listens: the runs the previous process died executing resume (those with
+    // retries left) or stay Crashed.
+    server.resume_crashed().await;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| UsageError(anyhow!("cannot listen on {}: {e}", args.listen)))?;

@@ -57,6 +57,14 @@
 //! files = [{ host = "data/in", guest = "/in", mode = "ro" }]   # preopened directories
 //! env = { REGION = "eu" }             # environment variables
 //! secrets = ["API_TOKEN"]             # values from the host's secret source, redacted as ***
+//!
+//! [schedule]                          # for `sluice deploy` (see crate::schedule); `sluice run`
+//!                                     # ignores it
+//! cron = "0 6 * * 1-5"                # or interval = "10m" (with anchor = 2026-01-01T00:00:00Z)
+//! timezone = "Europe/Berlin"          # IANA name, default UTC (cron only)
+//! parameters = { count = 5 }          # each run's parameters (over the defaults above)
+//! catchup = 1                         # missed runs to start after downtime: "none", "all", N
+//! late_after = "15s"                  # a run not started this long after its time is Late
 //! ```
 //!
 //! A flow-level `[grants]` table (same keys) is what every task inherits and the most any task
@@ -71,6 +79,7 @@
 
 mod grants;
 mod raw;
+mod schedule;
 mod source;
 mod task;
 mod values;
@@ -218,6 +227,10 @@ pub fn parse_with_files(
         .into_iter()
         .map(|(k, v)| (k, to_json(v)))
         .collect();
+    let schedule = match raw.schedule.take() {
+        Some(s) => Some(schedule::schedule(&src, s, &parameters)?),
+        None => None,
+    };
     let mut tasks = Vec::new();
     for (name, raw_task) in raw.tasks {
         let table_span = raw_task.span();
@@ -284,6 +297,7 @@ pub fn parse_with_files(
             None => super::DEFAULT_MAX_LOG_BYTES,
             Some(v) => values::size(&src, "`max_log_bytes`", v, "256MiB")?,
         },
+        schedule,
     };
     def.validate().map_err(|e| locate(&src, &spans, e))?;
     Ok(def)

@@ -27,6 +27,7 @@ pub(super) struct RawFlow {
     pub(super) max_mapped_children: Option<usize>,
     pub(super) max_log_bytes: Option<Spanned<toml::Value>>,
     pub(super) grants: Option<Spanned<RawGrants>>,
+    pub(super) schedule: Option<Spanned<super::schedule::RawSchedule>>,
 }
 
 #[derive(Debug, Deserialize)]

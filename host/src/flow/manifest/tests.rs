@@ -147,8 +147,8 @@ fn errors_name_file_line_and_column() {
         err("name = \"f\"\nconcurency = 3\n"),
         "DIR/flow.toml:2:1: unknown field `concurency`, expected one of `name`, `parameters`, \
              `context`, `reference_tasks`, `concurrency`, `tag_limits`, `tasks`, \
-             `cache_namespace`, `max_mapped_children`, `max_log_bytes`, `grants` (did you mean \
-             `concurrency`?)"
+             `cache_namespace`, `max_mapped_children`, `max_log_bytes`, `grants`, `schedule` (did \
+             you mean `concurrency`?)"
     );
     let e = err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nretries = \"two\"\n");
     assert_eq!(
@@ -560,4 +560,113 @@ fn a_policy_file_is_parsed_with_positions() {
     assert!(bad("grants = 1\n").starts_with("DIR/policy.toml:1:10"));
     let p = Policy::parse(&file, "[grants]\nenv = [\"*\"]\n").expect("valid");
     assert_eq!(p.file(), file);
+}
+
+fn with_schedule(schedule: &str) -> String {
+    format!(
+        "name = \"f\"\n[parameters]\nn = 1\n[tasks.a]\ncomponent = \"t.wasm\"\n[schedule]\n{schedule}\n"
+    )
+}
+
+#[test]
+fn a_schedule_reaches_the_flow_definition() {
+    use crate::schedule::{Catchup, Every};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let def = parse_in(
+        dir.path(),
+        &with_schedule(
+            "cron = \"0 6 * * 1-5\"\ntimezone = \"Europe/Berlin\"\nparameters = { n = 5 }\n\
+             catchup = 3\nlate_after = \"1m\"",
+        ),
+    )
+    .expect("valid");
+    let s = def.schedule.expect("a schedule");
+    assert_eq!(s.every.to_string(), "cron \"0 6 * * 1-5\" (Europe/Berlin)");
+    assert_eq!(s.parameters["n"], 5);
+    assert_eq!(s.catchup, Catchup::Last(3));
+    assert_eq!(s.late_after, chrono::TimeDelta::minutes(1));
+    let def = parse_in(
+        dir.path(),
+        &with_schedule("interval = \"90s\"\nanchor = 2026-01-01T00:00:00Z\ncatchup = \"none\""),
+    )
+    .expect("valid");
+    let s = def.schedule.expect("a schedule");
+    assert_eq!(
+        s.every,
+        Every::Interval {
+            every: chrono::TimeDelta::seconds(90),
+            anchor: Some("2026-01-01T00:00:00Z".parse().expect("time")),
+        }
+    );
+    assert_eq!(
+        (s.catchup, s.late_after),
+        (Catchup::Last(0), crate::schedule::DEFAULT_LATE_AFTER)
+    );
+    let def = parse_in(dir.path(), &with_schedule("interval = \"1h\"")).expect("valid");
+    assert_eq!(def.schedule.expect("a schedule").catchup, Catchup::Last(1));
+}
+
+#[test]
+fn schedule_errors_name_their_line_and_field() {
+    for (schedule, expected) in [
+        (
+            "timezone = \"UTC\"",
+            "DIR/flow.toml:6:1: `[schedule]` needs `cron`",
+        ),
+        (
+            "cron = \"0 6 * * *\"\ninterval = \"1h\"",
+            "DIR/flow.toml:8:12: `[schedule]` takes `cron` or `interval`, not both",
+        ),
+        (
+            "cron = \"0 25 * * *\"",
+            "DIR/flow.toml:7:8: `schedule.cron` = \"0 25 * * *\" is not a cron pattern",
+        ),
+        (
+            "cron = \"0 6 * * *\"\ntimezone = \"Europe/Berlln\"",
+            "DIR/flow.toml:8:12: `schedule.timezone` = \"Europe/Berlln\" is not a time zone",
+        ),
+        (
+            "interval = \"500ms\"",
+            "DIR/flow.toml:7:12: `schedule.interval` = \"500ms\" is shorter than the shortest \
+             interval, 1s",
+        ),
+        (
+            "interval = \"often\"",
+            "DIR/flow.toml:7:12: `schedule.interval` = \"often\" is not a duration",
+        ),
+        (
+            "interval = \"1h\"\ntimezone = \"UTC\"",
+            "DIR/flow.toml:8:12: `schedule.timezone` is for a `cron` pattern",
+        ),
+        (
+            "cron = \"0 6 * * *\"\nanchor = 2026-01-01T00:00:00Z",
+            "DIR/flow.toml:8:10: `schedule.anchor` is for an `interval`",
+        ),
+        (
+            "interval = \"1h\"\nparameters = { m = 2 }",
+            "DIR/flow.toml:8:20: `schedule.parameters.m`: the flow has no parameter `m` (it has n)",
+        ),
+        (
+            "interval = \"1h\"\ncatchup = \"some\"",
+            "DIR/flow.toml:8:11: `schedule.catchup` = \"some\" must be \"none\", \"all\" or how many",
+        ),
+        (
+            "interval = \"1h\"\ncatchup = -1",
+            "DIR/flow.toml:8:11: `schedule.catchup` = -1 must be",
+        ),
+        (
+            "interval = \"1h\"\nlate_after = \"soon\"",
+            "DIR/flow.toml:8:14: `schedule.late_after` = \"soon\" is not a duration",
+        ),
+        (
+            "interval = \"1h\"\nevery = 3",
+            "DIR/flow.toml:8:1: unknown field `every`",
+        ),
+    ] {
+        let e = err(&with_schedule(schedule));
+        assert!(
+            e.starts_with(expected),
+            "{schedule}:\n{e}\nexpected: {expected}"
+        );
+    }
 }

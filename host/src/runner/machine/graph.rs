@@ -11,7 +11,11 @@ impl FlowMachine {
         let now = self.now();
         for i in 0..self.nodes.len() {
             let rec = &mut self.run.tasks[i];
-            self.nodes[i].base_attempts = rec.attempts;
+            self.nodes[i].base_attempts = if self.settings.keep_retry_budget {
+                0
+            } else {
+                rec.attempts
+            };
             if rec.state.state_type() == StateType::Completed {
                 self.nodes[i].output = rec.output.take();
                 continue;
@@ -297,7 +301,11 @@ impl FlowMachine {
             }
             let keep = self.nodes[i].input_unchanged;
             let child = &mut self.run.tasks[i].children[c];
-            map.base_attempts[c] = child.attempts;
+            map.base_attempts[c] = if self.settings.keep_retry_budget {
+                0
+            } else {
+                child.attempts
+            };
             if keep && child.state.state_type() == StateType::Completed {
                 map.outputs[c] = Some(child.output.take().unwrap_or_else(Json::null));
                 map.children_left -= 1;

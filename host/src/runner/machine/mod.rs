@@ -185,6 +185,9 @@ pub struct Settings {
     pub logs_before: u64,
     /// The server tenant the run belongs to: its cache keys are within it.
     pub tenant: Option<TenantId>,
+    /// A resumed run's tasks count their retries from their first attempt, not from the
+    /// resume (a crashed run resumed by the server; see `FlowRunner::resume_crashed`).
+    pub keep_retry_budget: bool,
 }
 
 /// What the machine tracks per task beside its record.
@@ -357,12 +360,14 @@ impl FlowMachine {
         }
         let mapped_children: usize = run.tasks.iter().map(|t| t.children.len()).sum();
         let mut context = run.context.clone();
-        context.entry("scheduled_start".into()).or_insert_with(|| {
-            run.history
-                .first()
-                .map_or_else(|| run.state.timestamp, |h| h.time)
-                .to_rfc3339()
-        });
+        context
+            .entry(crate::cache::SCHEDULED_START.into())
+            .or_insert_with(|| {
+                run.history
+                    .first()
+                    .map_or_else(|| run.state.timestamp, |h| h.time)
+                    .to_rfc3339()
+            });
         let names = def
             .tasks
             .iter()

@@ -469,6 +469,7 @@ impl Harness {
             grants: vec![(String::new(), String::new()); flow.def.tasks.len()],
             logs_before: 0,
             tenant: None,
+            keep_retry_budget: false,
         };
         let mut params = BTreeMap::new();
         params.insert(
@@ -1070,6 +1071,7 @@ fn the_cache_is_asked_once_and_awaited_before_the_run_can_end() {
         grants: vec![(String::new(), String::new())],
         logs_before: 0,
         tenant: None,
+        keep_retry_budget: false,
     };
     let run = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now());
     let mut m = FlowMachine::new(def, run, &[], settings);

@@ -404,20 +404,21 @@ fn run_created(tx: &Transaction<'_>, h: &RunHeader) -> rusqlite::Result<()> {
     };
     tx.prepare_cached(
         "INSERT INTO flow_runs (id, flow, state, state_json, created_at, updated_at, parameters, context, manifest_path, manifest, pid, history, pid_start)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?
     .execute(params![
         h.id.to_string(),
         h.flow,
         h.state.name.as_str(),
         state_json(&h.state),
+        micros(h.history.first().map_or(h.state.timestamp, |t| t.time)),
         micros(h.state.timestamp),
         serde_json::to_string(&h.parameters).unwrap_or_default(),
         serde_json::to_string(&h.context).unwrap_or_default(),
         path,
         text,
         h.pid,
-        history_lines(std::slice::from_ref(&h.transition)),
+        history_lines(&h.history),
         process_start(h.pid).and_then(|s| i64::try_from(s).ok())
     ])?;
     Ok(())

@@ -285,6 +285,30 @@ async fn tenants_see_nothing_of_each_other() {
     let key_a = crate::support::task(&run_a, "first")["cache"]["key"].clone();
     assert!(key_a.is_string());
     assert_ne!(first["cache"]["key"], key_a, "the same key in two tenants");
+    // `sluice cache` on the server: each tenant lists, shows and clears its own entries only.
+    let key_a = key_a.as_str().expect("key").to_owned();
+    let list = json_of(&server.cli(&a, &["cache", "ls", "--json"]));
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(
+        (&list[0]["key"], &list[0]["valid"]),
+        (&Value::from(key_a.as_str()), &Value::from(true))
+    );
+    let shown = json_of(&server.cli(&a, &["cache", "show", &key_a[..12], "--json"]));
+    assert_eq!(shown["value"], 2, "{shown}");
+    let out = server.cli(&b, &["cache", "show", &key_a[..12]]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = server.cli(&a, &["cache", "clear"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "removed 1 cache entry\n"
+    );
+    let list = json_of(&server.cli(&b, &["cache", "ls", "--json"]));
+    assert_eq!(
+        list.as_array().map(Vec::len),
+        Some(1),
+        "B's entry stays: {list}"
+    );
+    assert_eq!(list[0]["key"], first["cache"]["key"]);
 
     // No token, a wrong token, a malformed header: 401 with a problem document.
     for token in [None, Some("sluice_wrong")] {
@@ -412,6 +436,17 @@ async fn the_openapi_document_describes_every_route() {
         "/api/v1/runs/{id}",
         "/api/v1/runs/{id}/logs",
         "/api/v1/runs/{id}/cancel",
+        "/api/v1/runs/{id}/resume",
+        "/api/v1/usage",
+        "/api/v1/cache",
+        "/api/v1/cache/{key}",
+        "/api/v1/deployments",
+        "/api/v1/deployments/{name}",
+        "/api/v1/deployments/{name}/pause",
+        "/api/v1/deployments/{name}/resume",
+        "/api/v1/deployments/{name}/runs",
+        "/api/v1/secrets",
+        "/api/v1/secrets/{name}",
     ] {
         assert!(paths.contains_key(p), "{p} missing from {:?}", paths.keys());
     }
@@ -572,4 +607,133 @@ fn tenant_add_takes_its_quotas_and_refuses_bad_ones_before_adding() {
     assert_eq!(list[0]["name"], "q");
     assert_eq!(list[0]["weight"], 3);
     assert_eq!(list[0]["quotas"]["runs_per_minute"], 7);
+}
+
+/// `sluice secret set NAME --server URL --token TOKEN` with `value` on stdin.
+fn set_secret(server: &ServerProcess, token: &str, name: &str, value: &str) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "secret",
+            "set",
+            name,
+            "--server",
+            &server.url,
+            "--token",
+            token,
+        ])
+        .env("SLUICE_HOME", server.home.join("client-home"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sluice secret set");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(value.as_bytes())
+        .expect("write the value");
+    child.wait_with_output().expect("sluice secret set ends")
+}
+
+#[test]
+fn secrets_are_set_on_the_server_stored_encrypted_and_read_only_where_granted() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let home = tempfile::tempdir().expect("home").keep();
+    std::fs::write(
+        home.join("policy.toml"),
+        "[grants]\nsecrets = [\"API_TOKEN\"]\n",
+    )
+    .expect("policy");
+    let server = ServerProcess::start_in(home, &[]);
+    let key = std::fs::metadata(server.home.join("server.key")).expect("the key file");
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+    assert_eq!(key.len(), 32);
+    let a = server.add_tenant("a");
+    let b = server.add_tenant("b");
+    let value = "s3cr3t-value-of-a";
+    let out = set_secret(&server, &a, "API_TOKEN", &format!("{value}\n"));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "secret API_TOKEN set\n"
+    );
+    // Too short to redact, or a bad name: refused, naming why.
+    let out = set_secret(&server, &a, "SHORT", "1234567");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("shorter than 8 bytes"),
+        "{}",
+        stderr(&out)
+    );
+    let out = set_secret(&server, &a, "no-dashes", "long enough value");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("is not a secret name"),
+        "{}",
+        stderr(&out)
+    );
+    // Names only, and only the tenant's own.
+    let list = json_of(&server.cli(&a, &["secret", "ls", "--json"]));
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list[0]["name"], "API_TOKEN");
+    assert!(list[0].get("value").is_none(), "{list}");
+    assert_eq!(
+        json_of(&server.cli(&b, &["secret", "ls", "--json"])),
+        serde_json::json!([])
+    );
+    // Nowhere on disk in the clear.
+    let mut files = vec![server.home.clone()];
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(
+                std::fs::read_dir(&path)
+                    .expect("dir")
+                    .map(|e| e.expect("entry").path()),
+            );
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            assert!(
+                !bytes.windows(value.len()).any(|w| w == value.as_bytes()),
+                "the secret is in the clear in {}",
+                path.display()
+            );
+        }
+    }
+    // A's run reads it where granted (recorded as ***); B's run of the same flow has no value.
+    let dir = tempfile::tempdir().expect("dir");
+    let g = guest("grants").display().to_string();
+    let flow = write_flow(
+        dir.path(),
+        &format!(
+            "name = \"secrets\"\n[tasks.t]\ncomponent = {g:?}\ninput = [{{ do = \"leak\", name = \"API_TOKEN\" }}]\n[tasks.t.grants]\nsecrets = [\"API_TOKEN\"]\n"
+        ),
+    );
+    let flow = flow.to_str().expect("utf-8");
+    let out = server.cli(&a, &["run", flow, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let run = json_of(&out);
+    assert_eq!(
+        crate::support::task(&run, "t")["output"][0]["ok"],
+        "***",
+        "{run}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(value));
+    let out = server.cli(&b, &["run", flow, "--json"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("secret `API_TOKEN` is granted but has no value: set it with `sluice secret set API_TOKEN --server …`"),
+        "{}",
+        stderr(&out)
+    );
+    // Removed: gone for A's runs too.
+    let out = server.cli(&a, &["secret", "rm", "API_TOKEN"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = server.cli(&a, &["secret", "rm", "API_TOKEN"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("no secret named `API_TOKEN`"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -239,6 +239,15 @@ pub const MIN_SECRET_BYTES: usize = 8;
 pub struct SecretSource {
     file: Option<(PathBuf, BTreeMap<String, Arc<str>>)>,
     env: bool,
+    store: Option<Arc<dyn SecretStore>>,
+}
+
+/// Secrets kept by someone else (a server's tenant secrets), read when a run is prepared.
+pub trait SecretStore: Send + Sync {
+    /// The value of secret `name`, if set.
+    fn get(&self, name: &str) -> Option<Arc<str>>;
+    /// How a missing secret `name` is set, for error messages.
+    fn where_to_set(&self, name: &str) -> String;
 }
 
 impl fmt::Debug for SecretSource {
@@ -246,6 +255,7 @@ impl fmt::Debug for SecretSource {
         f.debug_struct("SecretSource")
             .field("file", &self.file.as_ref().map(|(p, v)| (p, v.len())))
             .field("env", &self.env)
+            .field("store", &self.store.is_some())
             .finish()
     }
 }
@@ -264,6 +274,12 @@ impl SecretSource {
     /// No secrets.
     pub fn none() -> Self {
         Self::default()
+    }
+
+    /// Look secrets up in `store` first.
+    pub fn with_store(mut self, store: Arc<dyn SecretStore>) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Also look secrets up in this process's environment: secret `NAME` is the variable
@@ -313,6 +329,9 @@ impl SecretSource {
 
     /// The value of secret `name`, if the source has it.
     fn get(&self, name: &str) -> Option<Arc<str>> {
+        if let Some(v) = self.store.as_ref().and_then(|s| s.get(name)) {
+            return Some(v);
+        }
         if let Some((_, values)) = &self.file
             && let Some(v) = values.get(name)
         {
@@ -329,6 +348,9 @@ impl SecretSource {
     /// Where a missing secret `name` could be set, for error messages.
     fn where_to_set(&self, name: &str) -> String {
         let mut places = Vec::new();
+        if let Some(store) = &self.store {
+            places.push(store.where_to_set(name));
+        }
         if let Some((path, _)) = &self.file {
             places.push(format!("add `{name}=…` to {}", path.display()));
         }

@@ -21,8 +21,9 @@ use super::deployments::check_name;
 use super::problem::ApiError;
 use super::space::{MAX_WAIT, too_large};
 use super::wire::{
-    Cancelled, ComponentInfo, Deploy, DeploymentRuns, DeploymentView, LogPage, Problem, ResumeRun,
-    RunItem, RunStarted, RunView, StartRun, Usage,
+    CacheCleared, CacheItem, CacheValue, Cancelled, ComponentInfo, Deploy, DeploymentRuns,
+    DeploymentView, LogPage, Problem, ResumeRun, RunItem, RunStarted, RunView, SecretInfo,
+    SetSecret, StartRun, Usage,
 };
 use super::{Server, Space, Tenant};
 use crate::state::StateName;
@@ -65,6 +66,10 @@ pub(super) fn router(server: Server) -> axum::Router {
         .routes(routes!(run_logs))
         .routes(routes!(cancel_run))
         .routes(routes!(resume_run))
+        .routes(routes!(list_cache, clear_cache))
+        .routes(routes!(show_cache_entry))
+        .routes(routes!(list_secrets))
+        .routes(routes!(set_secret, remove_secret))
         .routes(routes!(usage))
         .routes(routes!(deploy, list_deployments))
         .routes(routes!(show_deployment, remove_deployment))
@@ -568,4 +573,142 @@ async fn deployment_runs(
 ) -> Result<Json<DeploymentRuns>, ApiError> {
     let limit = q.limit.unwrap_or(20).clamp(1, 1000);
     Ok(Json(space.deployments().runs(&space, &name, limit)?))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct CacheQuery {
+    /// Only this task's entries.
+    task: Option<String>,
+    /// (`DELETE` only) only entries that have expired.
+    expired: Option<bool>,
+}
+
+/// List the tenant's output cache entries, newest first.
+#[utoipa::path(
+    get,
+    path = "/cache",
+    params(CacheQuery),
+    responses((status = 200, description = "Cache entries", body = Vec<CacheItem>))
+)]
+async fn list_cache(
+    Caller(space, _): Caller,
+    Query(q): Query<CacheQuery>,
+) -> Result<Json<Vec<CacheItem>>, ApiError> {
+    let now = space.now();
+    let store = space.store().clone();
+    let entries = tokio::task::spawn_blocking(move || store.cache_entries(q.task.as_deref()))
+        .await
+        .map_err(|e| ApiError::internal("reading the cache", &e))?
+        .map_err(|e| ApiError::store("reading the cache", e))?;
+    Ok(Json(
+        entries
+            .into_iter()
+            .map(|entry| CacheItem {
+                valid: entry.expires_at > now,
+                entry,
+            })
+            .collect(),
+    ))
+}
+
+/// One cache entry (by key or a unique prefix of it) and its value.
+#[utoipa::path(
+    get,
+    path = "/cache/{key}",
+    params(("key" = String, Path, description = "A cache key or a unique prefix of one")),
+    responses(
+        (status = 200, description = "The entry and its value", body = CacheValue),
+        (status = 404, description = "No such entry of this tenant", body = Problem),
+    )
+)]
+async fn show_cache_entry(
+    Caller(space, _): Caller,
+    Path(key): Path<String>,
+) -> Result<Json<CacheValue>, ApiError> {
+    let now = space.now();
+    let store = space.store().clone();
+    let (entry, value) = tokio::task::spawn_blocking(move || store.cache_entry(&key))
+        .await
+        .map_err(|e| ApiError::internal("reading the cache", &e))?
+        .map_err(|e| ApiError::store("reading the cache", e))?;
+    Ok(Json(CacheValue {
+        item: CacheItem {
+            valid: entry.expires_at > now,
+            entry,
+        },
+        value: serde_json::to_value(&value).unwrap_or_default(),
+    }))
+}
+
+/// Remove the tenant's cache entries: every one, one task's, or only expired ones. Runs keep
+/// their results.
+#[utoipa::path(
+    delete,
+    path = "/cache",
+    params(CacheQuery),
+    responses((status = 200, description = "How many were removed", body = CacheCleared))
+)]
+async fn clear_cache(
+    Caller(space, _): Caller,
+    Query(q): Query<CacheQuery>,
+) -> Result<Json<CacheCleared>, ApiError> {
+    let now = space.now();
+    let store = space.store().clone();
+    let expired = q.expired.unwrap_or(false).then_some(now);
+    let removed =
+        tokio::task::spawn_blocking(move || store.clear_cache(q.task.as_deref(), expired))
+            .await
+            .map_err(|e| ApiError::internal("clearing the cache", &e))?
+            .map_err(|e| ApiError::store("clearing the cache", e))?;
+    Ok(Json(CacheCleared {
+        removed: removed as u64,
+    }))
+}
+
+/// The tenant's secrets: names and when they were set, never values.
+#[utoipa::path(
+    get,
+    path = "/secrets",
+    responses((status = 200, description = "Secrets", body = Vec<SecretInfo>))
+)]
+async fn list_secrets(Caller(space, _): Caller) -> Result<Json<Vec<SecretInfo>>, ApiError> {
+    Ok(Json(space.secrets().list()?))
+}
+
+/// Set a secret (stored encrypted). Runs read it only where their manifest grants it.
+#[utoipa::path(
+    put,
+    path = "/secrets/{name}",
+    params(("name" = String, Path, description = "The secret's name (letters, digits, `_`)")),
+    request_body = SetSecret,
+    responses(
+        (status = 204, description = "Set"),
+        (status = 400, description = "A bad name, or a value too short or too long", body = Problem),
+    )
+)]
+async fn set_secret(
+    Caller(space, _): Caller,
+    Path(name): Path<String>,
+    Json(req): Json<SetSecret>,
+) -> Result<StatusCode, ApiError> {
+    space.secrets().set(&name, &req.value, space.now())?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Remove a secret.
+#[utoipa::path(
+    delete,
+    path = "/secrets/{name}",
+    params(("name" = String, Path, description = "The secret")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "No such secret", body = Problem),
+    )
+)]
+async fn remove_secret(
+    Caller(space, _): Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    space.secrets().remove(&name)?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -1,6 +1,7 @@
 //! `sluice server`: many tenants on one host. The server owns a home directory: the tenant
 //! registry (`server.db`, see [`tenants`]), the operator's grant ceiling (`policy.toml`; without
-//! it nothing may be granted), and one directory per tenant (`tenants/<id>/`) that is a Sluice
+//! it nothing may be granted), the key of tenants' secrets (`server.key`, mode 0600, see
+//! [`secrets`]), and one directory per tenant (`tenants/<id>/`) that is a Sluice
 //! home of its own: its run store, its cache, its uploaded components. A request is served from
 //! its caller's directory only, so another tenant's runs, logs, cache entries and components
 //! are not hidden by a filter that could be forgotten: they are not there (404, never 403).
@@ -14,6 +15,7 @@ mod api;
 pub mod deployments;
 pub mod fair;
 mod problem;
+pub mod secrets;
 mod sources;
 mod space;
 pub mod tenants;
@@ -77,6 +79,7 @@ struct Inner {
     spaces: Mutex<HashMap<TenantId, Arc<Space>>>,
     queue: FairQueue,
     clock: ClockRef,
+    key: secrets::ServerKey,
 }
 
 impl Server {
@@ -97,6 +100,7 @@ impl Server {
         clock: ClockRef,
     ) -> Result<Server, ServerError> {
         let tenants = Tenants::open(home)?;
+        let key = secrets::ServerKey::load_or_create(home)?;
         let policy_file = home.join("policy.toml");
         let policy = match policy_file.exists() {
             true => Policy::load(&policy_file)?,
@@ -119,6 +123,7 @@ impl Server {
                 })?,
                 sandbox,
                 clock,
+                key,
             }),
         };
         for tenant in server.inner.tenants.list()? {
@@ -159,6 +164,7 @@ impl Server {
             &self.inner.sandbox,
             &self.inner.queue,
             &self.inner.clock,
+            &self.inner.key,
         )?);
         spaces.insert(tenant.id, space.clone());
         Ok(space)

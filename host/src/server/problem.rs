@@ -68,7 +68,7 @@ impl ApiError {
     /// A store error: unknown or ambiguous runs are the caller's; anything else the server's.
     pub(crate) fn store(what: &str, e: StoreError) -> Self {
         match e {
-            StoreError::UnknownRun(_) => Self::not_found(e.to_string()),
+            StoreError::UnknownRun(_) | StoreError::CacheKey(_) => Self::not_found(e.to_string()),
             StoreError::AmbiguousRun { .. } => Self::bad_request(e.to_string()),
             e => Self::internal(what, &e),
         }

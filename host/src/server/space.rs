@@ -16,6 +16,7 @@ use super::ServerError;
 use super::deployments::Deployments;
 use super::fair::{FairQueue, WINDOW};
 use super::problem::ApiError;
+use super::secrets::{ServerKey, TenantSecrets};
 use super::sources::RunSources;
 use super::tenants::Tenant;
 use super::wire::{Cancelled, RunStarted, StartRun, Usage};
@@ -43,6 +44,7 @@ pub struct Space {
     clock: ClockRef,
     deployments: Deployments,
     sources: RunSources,
+    secrets: Arc<TenantSecrets>,
     /// Runs found Crashed when the space opened (the server died running them), for
     /// [`Space::resume_crashed`].
     crashed: Mutex<Vec<FlowRunId>>,
@@ -68,6 +70,7 @@ impl Space {
         sandbox: &Sandbox,
         queue: &FairQueue,
         clock: &ClockRef,
+        key: &ServerKey,
     ) -> Result<Space, ServerError> {
         let io = |what: &str, source| ServerError::Io {
             what: format!("tenant `{}`: {what} {}", tenant.name, dir.display()),
@@ -87,9 +90,13 @@ impl Space {
         };
         let store = Arc::new(SqliteStore::open(dir).map_err(store_err)?);
         let crashed = store.recover_dead(clock.now()).map_err(store_err)?;
+        let secrets = Arc::new(
+            TenantSecrets::open(&dir.join("space.db"), key.clone(), tenant.id)
+                .map_err(|e| io("opening", std::io::Error::other(e)))?,
+        );
         let runner = FlowRunner::new(sandbox.clone())
             .store(store.clone())
-            .secrets(SecretSource::none())
+            .secrets(SecretSource::none().with_store(secrets.clone()))
             .tenant(tenant.id)
             .clock(clock.clone())
             .executor(queue.executor(tenant.id));
@@ -108,6 +115,7 @@ impl Space {
             clock: clock.clone(),
             deployments,
             sources,
+            secrets,
             crashed: Mutex::new(crashed),
         })
     }
@@ -115,6 +123,11 @@ impl Space {
     /// Its run store.
     pub fn store(&self) -> &Arc<SqliteStore> {
         &self.store
+    }
+
+    /// Its secrets.
+    pub fn secrets(&self) -> &TenantSecrets {
+        &self.secrets
     }
 
     /// Its deployments.

@@ -315,3 +315,49 @@ pub struct DeploymentRuns {
     /// Slots started, skipped or refused, newest first.
     pub past: Vec<SlotView>,
 }
+
+/// One entry of `GET /api/v1/cache`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CacheItem {
+    /// The entry (key, task, validator, component, blob, size, created_at, expires_at,
+    /// flow_run, task_run).
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub entry: crate::store::CacheEntry,
+    /// Whether it has not expired.
+    pub valid: bool,
+}
+
+/// `GET /api/v1/cache/{key}`: an entry and its cached value.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CacheValue {
+    /// The entry.
+    #[serde(flatten)]
+    pub item: CacheItem,
+    /// The cached output.
+    #[schema(value_type = Object)]
+    pub value: Value,
+}
+
+/// `DELETE /api/v1/cache`: how many entries were removed.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CacheCleared {
+    /// Entries removed (runs keep their results).
+    pub removed: u64,
+}
+
+/// `PUT /api/v1/secrets/{name}`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SetSecret {
+    /// The value (8 bytes to 64 KiB of UTF-8). It is never returned.
+    pub value: String,
+}
+
+/// A secret of the tenant, without its value.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SecretInfo {
+    /// Its name.
+    pub name: String,
+    /// When it was last set.
+    pub updated_at: DateTime<Utc>,
+}

@@ -289,7 +289,7 @@ pub enum CacheLookup {
 }
 
 /// A stored cache entry.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CacheEntry {
     /// The key.
     pub key: String,

@@ -4,8 +4,10 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use serde_json::json;
+use sluice::server::wire::{CacheItem, CacheValue};
 use sluice::store::{SqliteStore, Store, StoreError};
 
+use crate::remote::Remote;
 use crate::report::{truncate, when};
 use crate::{UsageError, usage};
 
@@ -60,83 +62,113 @@ pub(crate) fn cache(home: &Path, cmd: &CacheCommand) -> Result<ExitCode, UsageEr
     let out = match cmd {
         CacheCommand::Ls { task, json } => {
             let entries = store.cache_entries(task.as_deref()).map_err(usage)?;
-            if *json {
-                let list: Vec<_> = entries
-                    .iter()
-                    .map(|e| {
-                        let mut v = json!(e);
-                        v["valid"] = json!(e.expires_at > now);
-                        v
-                    })
-                    .collect();
-                format!("{:#}\n", json!(list))
-            } else {
-                let mut s = format!(
-                    "{:<16}  {:<20}  {:<24}  {:<19}  {:<19}  {:>9}  RUN\n",
-                    "KEY", "TASK", "VALIDATOR", "CREATED", "EXPIRES", "SIZE"
-                );
-                for e in &entries {
-                    let expires = if e.expires_at > now {
-                        when(e.expires_at)
-                    } else {
-                        format!("expired {}", e.expires_at.format("%m-%d %H:%M"))
-                    };
-                    s.push_str(&format!(
-                        "{:<16}  {:<20}  {:<24}  {:<19}  {:<19}  {:>9}  {}\n",
-                        &e.key[..16.min(e.key.len())],
-                        truncate(&e.task, 20),
-                        truncate(&e.validator, 24),
-                        when(e.created_at),
-                        expires,
-                        bytesize::ByteSize(e.size).to_string(),
-                        e.flow_run
-                    ));
-                }
-                if entries.is_empty() {
-                    s.push_str("(no cache entries)\n");
-                }
-                s
-            }
+            let items: Vec<CacheItem> = entries
+                .into_iter()
+                .map(|entry| CacheItem {
+                    valid: entry.expires_at > now,
+                    entry,
+                })
+                .collect();
+            render_ls(&items, *json)
         }
         CacheCommand::Show { key, json } => {
             let (entry, value) = store.cache_entry(key).map_err(usage)?;
-            if *json {
-                let mut v = json!(entry);
-                v["valid"] = json!(entry.expires_at > now);
-                v["value"] = json!(value);
-                format!("{v:#}\n")
-            } else {
-                format!(
-                    "key        {}\ntask       {}\nvalidator  {}\ncomponent  {}\ncreated    {}\nexpires    {}{}\nproduced   flow run {} (task run {})\nblob       {} ({})\nvalue      {}\n",
-                    entry.key,
-                    entry.task,
-                    entry.validator,
-                    entry.component,
-                    entry.created_at.to_rfc3339(),
-                    entry.expires_at.to_rfc3339(),
-                    if entry.expires_at > now {
-                        ""
-                    } else {
-                        " (expired)"
+            let value = serde_json::to_value(&value).unwrap_or_default();
+            render_show(
+                &CacheValue {
+                    item: CacheItem {
+                        valid: entry.expires_at > now,
+                        entry,
                     },
-                    entry.flow_run,
-                    entry.task_run,
-                    entry.blob,
-                    bytesize::ByteSize(entry.size),
-                    truncate(&value.to_string(), 2000)
-                )
-            }
+                    value,
+                },
+                *json,
+            )
         }
         CacheCommand::Clear { task, expired } => {
             let n = store
                 .clear_cache(task.as_deref(), expired.then_some(now))
                 .map_err(usage)?;
-            format!(
-                "removed {n} cache entr{}\n",
-                if n == 1 { "y" } else { "ies" }
-            )
+            render_clear(n as u64)
         }
     };
     crate::print_stdout(&out);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `sluice cache … --server`: the same commands on the tenant's cache there.
+pub(crate) async fn remote(remote: &Remote, cmd: &CacheCommand) -> Result<ExitCode, UsageError> {
+    let out = match cmd {
+        CacheCommand::Ls { task, json } => {
+            render_ls(&remote.cache_entries(task.as_deref()).await?, *json)
+        }
+        CacheCommand::Show { key, json } => render_show(&remote.cache_entry(key).await?, *json),
+        CacheCommand::Clear { task, expired } => {
+            render_clear(remote.clear_cache(task.as_deref(), *expired).await?)
+        }
+    };
+    crate::print_stdout(&out);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cache ls`: a table, or JSON (each entry with `valid`).
+fn render_ls(items: &[CacheItem], json: bool) -> String {
+    if json {
+        return format!("{:#}\n", json!(items));
+    }
+    let mut s = format!(
+        "{:<16}  {:<20}  {:<24}  {:<19}  {:<19}  {:>9}  RUN\n",
+        "KEY", "TASK", "VALIDATOR", "CREATED", "EXPIRES", "SIZE"
+    );
+    for CacheItem { entry: e, valid } in items {
+        let expires = if *valid {
+            when(e.expires_at)
+        } else {
+            format!("expired {}", e.expires_at.format("%m-%d %H:%M"))
+        };
+        s.push_str(&format!(
+            "{:<16}  {:<20}  {:<24}  {:<19}  {:<19}  {:>9}  {}\n",
+            &e.key[..16.min(e.key.len())],
+            truncate(&e.task, 20),
+            truncate(&e.validator, 24),
+            when(e.created_at),
+            expires,
+            bytesize::ByteSize(e.size).to_string(),
+            e.flow_run
+        ));
+    }
+    if items.is_empty() {
+        s.push_str("(no cache entries)\n");
+    }
+    s
+}
+
+/// `cache show`: the entry and its value.
+fn render_show(v: &CacheValue, json: bool) -> String {
+    if json {
+        return format!("{:#}\n", json!(v));
+    }
+    let entry = &v.item.entry;
+    format!(
+        "key        {}\ntask       {}\nvalidator  {}\ncomponent  {}\ncreated    {}\nexpires    {}{}\nproduced   flow run {} (task run {})\nblob       {} ({})\nvalue      {}\n",
+        entry.key,
+        entry.task,
+        entry.validator,
+        entry.component,
+        entry.created_at.to_rfc3339(),
+        entry.expires_at.to_rfc3339(),
+        if v.item.valid { "" } else { " (expired)" },
+        entry.flow_run,
+        entry.task_run,
+        entry.blob,
+        bytesize::ByteSize(entry.size),
+        truncate(&v.value.to_string(), 2000)
+    )
+}
+
+fn render_clear(n: u64) -> String {
+    format!(
+        "removed {n} cache entr{}\n",
+        if n == 1 { "y" } else { "ies" }
+    )
 }

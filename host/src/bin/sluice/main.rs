@@ -19,6 +19,7 @@ mod history;
 mod remote;
 mod report;
 mod run;
+mod secret_cmd;
 mod server_cmd;
 mod task_run;
 
@@ -220,6 +221,9 @@ enum Command {
     /// List, pause, resume or remove the server's deployments, or show their runs.
     #[command(subcommand)]
     Deployments(deploy_cmd::DeploymentsCommand),
+    /// Set, list or remove this tenant's secrets on the server (`--server`).
+    #[command(subcommand)]
+    Secret(secret_cmd::SecretCommand),
     /// Serve the HTTP API of this home to its tenants.
     Server(server_cmd::ServerArgs),
     /// Add, list or remove the tenants of this home's server.
@@ -335,7 +339,9 @@ fn main() -> ExitCode {
             Command::Runs(args) => history::runs(&cli.home, remote, &args).await,
             Command::Show(args) => history::show(&cli.home, remote, &args).await,
             Command::Logs(args) => history::logs(&cli.home, remote, &args).await,
-            Command::Cache(_) if remote.is_some() => Err(local_only("cache")),
+            Command::Cache(cmd) if let Some(remote) = remote => {
+                cache_cmd::remote(remote, &cmd).await
+            }
             Command::Cache(cmd) => cache_cmd::cache(&cli.home, &cmd),
             Command::Task(TaskCommand::Run(args)) => task_run::run(&cli.sandbox, args).await,
             Command::Usage { json } => match remote {
@@ -352,6 +358,7 @@ fn main() -> ExitCode {
                 deploy_cmd::deploy(remote, max, args).await
             }
             Command::Deployments(cmd) => deploy_cmd::deployments(remote, cmd).await,
+            Command::Secret(cmd) => secret_cmd::secret(remote, cmd).await,
             Command::Server(_) | Command::Tenant(_) if remote.is_some() => {
                 Err(local_only("server/tenant"))
             }

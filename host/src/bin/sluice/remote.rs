@@ -16,8 +16,8 @@ use serde::de::DeserializeOwned;
 use sluice::flow::manifest::{self, ComponentFiles, LocalFiles};
 use sluice::ids::FlowRunId;
 use sluice::server::wire::{
-    Cancelled, Deploy, DeploymentRuns, DeploymentView, LogPage, Problem, ResumeRun, RunItem,
-    RunStarted, RunView, StartRun, Usage,
+    CacheCleared, CacheItem, CacheValue, Cancelled, Deploy, DeploymentRuns, DeploymentView,
+    LogPage, Problem, ResumeRun, RunItem, RunStarted, RunView, StartRun, Usage,
 };
 use sluice::store::RunFilter;
 
@@ -98,6 +98,20 @@ impl Remote {
         Err(self.problem(response).await)
     }
 
+    /// A request answered without a body (204).
+    pub(crate) async fn no_content(
+        &self,
+        method: Method,
+        path: &str,
+        json: Option<&impl serde::Serialize>,
+    ) -> Result<(), UsageError> {
+        let response = self.send(method, path, None, json).await?;
+        match response.status() {
+            StatusCode::NOT_FOUND => Err(self.problem(response).await),
+            _ => Ok(()),
+        }
+    }
+
     /// The error a server's answer carries.
     async fn problem(&self, response: reqwest::Response) -> UsageError {
         let status = response.status();
@@ -112,7 +126,7 @@ impl Remote {
         }
     }
 
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, UsageError> {
+    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, UsageError> {
         self.call(Method::GET, path, None::<&()>).await
     }
 
@@ -417,6 +431,37 @@ impl Remote {
     }
 }
 
+/// The tenant's output cache on the server.
+impl Remote {
+    /// `GET /cache`.
+    pub(crate) async fn cache_entries(
+        &self,
+        task: Option<&str>,
+    ) -> Result<Vec<CacheItem>, UsageError> {
+        let query = task.map_or_else(String::new, |t| format!("?task={}", encode(t)));
+        self.get(&format!("/cache{query}")).await
+    }
+
+    /// `GET /cache/{key}`.
+    pub(crate) async fn cache_entry(&self, key: &str) -> Result<CacheValue, UsageError> {
+        self.get(&format!("/cache/{}", encode(key))).await
+    }
+
+    /// `DELETE /cache`: how many entries were removed.
+    pub(crate) async fn clear_cache(
+        &self,
+        task: Option<&str>,
+        expired: bool,
+    ) -> Result<u64, UsageError> {
+        let mut query = format!("/cache?expired={expired}");
+        if let Some(t) = task {
+            query.push_str(&format!("&task={}", encode(t)));
+        }
+        let cleared: CacheCleared = self.call(Method::DELETE, &query, None::<&()>).await?;
+        Ok(cleared.removed)
+    }
+}
+
 /// Deployments on the server.
 impl Remote {
     /// `POST /deployments`.
@@ -447,11 +492,7 @@ impl Remote {
     /// `DELETE /deployments/{name}`.
     pub(crate) async fn remove_deployment(&self, name: &str) -> Result<(), UsageError> {
         let path = format!("/deployments/{}", encode(name));
-        let response = self.send(Method::DELETE, &path, None, None::<&()>).await?;
-        match response.status() {
-            StatusCode::NOT_FOUND => Err(self.problem(response).await),
-            _ => Ok(()),
-        }
+        self.no_content(Method::DELETE, &path, None::<&()>).await
     }
 
     /// `GET /deployments/{name}/runs`.
@@ -485,7 +526,7 @@ impl ComponentFiles for Recording {
 }
 
 /// Percent-encode a path segment or query value.
-fn encode(s: &str) -> String {
+pub(crate) fn encode(s: &str) -> String {
     let keep: BTreeSet<u8> = (b'a'..=b'z')
         .chain(b'A'..=b'Z')
         .chain(b'0'..=b'9')

@@ -170,7 +170,15 @@ fn main() {
     let hostile = guests::guest("hostile");
     runtime.block_on(async {
         let home = tempfile::tempdir().expect("home");
-        let sandbox = Sandbox::builder().build().expect("sandbox");
+        // As `sluice server`: a 1 ms epoch tick (`BENCH_TICK_MS` to compare).
+        let tick = std::env::var("BENCH_TICK_MS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        let sandbox = Sandbox::builder()
+            .epoch_tick(Duration::from_millis(tick))
+            .build()
+            .expect("sandbox");
         // The server's default (twice the cores), or `BENCH_SLOTS`.
         let slots = std::env::var("BENCH_SLOTS")
             .ok()

@@ -307,6 +307,7 @@ impl SandboxBuilder {
             },
             clock: self.clock,
             stop,
+            epoch_tick: tick,
         })))
     }
 }

@@ -37,6 +37,7 @@ mod http;
 mod limiter;
 mod loading;
 mod outcome;
+mod pacing;
 mod run;
 mod sockets;
 
@@ -68,6 +69,7 @@ pub use self::outcome::{
     Ending, Limit, LimitExceeded, LogLevel, LogRecord, LogSource, RunOutcome, Signal, TimeLimit,
     Usage,
 };
+pub use self::pacing::{Pacer, paced};
 pub(crate) use self::run::RunState;
 pub use self::run::{CancelToken, HandlerOutcome};
 use crate::clock::ClockRef;
@@ -95,6 +97,8 @@ struct Inner {
     max_needs: Needs,
     clock: ClockRef,
     stop: Arc<AtomicBool>,
+    /// How often running guests reach a yield point.
+    epoch_tick: std::time::Duration,
 }
 
 impl Drop for Inner {
@@ -120,6 +124,11 @@ impl Sandbox {
     /// The host's memory ceiling in bytes (see [`SandboxBuilder::memory_ceiling`]).
     pub fn memory_ceiling(&self) -> u64 {
         self.0.admission.ceiling_bytes()
+    }
+
+    /// How often a running guest reaches a yield point (see [`SandboxBuilder::epoch_tick`]).
+    pub fn epoch_tick(&self) -> std::time::Duration {
+        self.0.epoch_tick
     }
 
     /// The largest component file it reads (see [`SandboxBuilder::max_component_bytes`]).

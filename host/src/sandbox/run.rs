@@ -383,8 +383,12 @@ impl Sandbox {
             } else if Instant::now() >= deadline {
                 Interruption::Deadline
             } else {
-                // Let other tasks on this thread run, then check again after the next tick.
-                return Ok(UpdateDeadline::Yield(1));
+                // Let other tasks on this thread run (or the pacer of a server decide when
+                // this guest runs again), then check again after the next tick.
+                return Ok(match super::pacing::pause() {
+                    Some(pause) => UpdateDeadline::YieldCustom(1, pause),
+                    None => UpdateDeadline::Yield(1),
+                });
             };
             cx.data_mut().interrupted = Some(why);
             Ok(UpdateDeadline::Interrupt)

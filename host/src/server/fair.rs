@@ -5,8 +5,9 @@
 //! time (ties: the one that waited longest), so a tenant's share of the slots follows its
 //! weight whatever it queues, and a tenant that has been idle starts level with the busiest
 //! one (it cannot bank credit, and is never behind): its task waits for at most the next free
-//! slot. Running guests share the cores by epoch interruption (each yields every tick), so a
-//! CPU-bound guest never holds a core.
+//! slot. Running guests share the cores by epoch interruption: each reaches a yield point every
+//! tick, where [`super::cpu`] gives its core to the guest of the least-served tenant waiting for
+//! one, so a CPU-bound guest never holds a core against another tenant.
 //!
 //! Guests run in a runtime of their own (one worker thread per core), apart from the one that
 //! serves requests and drives flow runs: a request or a driver never waits behind a guest's
@@ -24,9 +25,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::cpu::{CpuGate, TurnPacer};
 use crate::ids::{FlowRunId, TenantId};
 use crate::runner::executor::{Executor, Finished, Job, LocalExecutor};
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Sandbox, paced};
 
 /// The window of the per-minute quotas.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -76,6 +78,8 @@ pub struct FairQueue {
 #[derive(Debug)]
 struct Inner {
     local: LocalExecutor,
+    /// The guest threads' turns, shared fairly between the running guests ([`super::cpu`]).
+    cpu: CpuGate,
     state: Mutex<State>,
     /// Where guests run: a runtime of their own, so the server's control plane (requests,
     /// drivers, timers) never waits behind a guest's time slice on a shared worker thread; the
@@ -164,6 +168,27 @@ impl TenantQueue {
     }
 }
 
+impl State {
+    /// Take tenant `id`'s next task run (round robin over its flow runs) and count it running,
+    /// charging the tenant the nominal time of a dispatch.
+    fn dispatch(&mut self, id: TenantId) -> Option<Queued> {
+        self.ticket += 1;
+        let ticket = self.ticket;
+        let q = self.tenants.get_mut(&id)?;
+        let (run, mut jobs) = q.runs.pop_front()?;
+        let job = jobs.pop_front()?;
+        if !jobs.is_empty() {
+            q.runs.push_back((run, jobs));
+        }
+        q.queued -= 1;
+        q.running += 1;
+        q.served = ticket;
+        q.vtime += NOMINAL.as_secs_f64() / f64::from(q.share.weight);
+        self.running += 1;
+        Some(job)
+    }
+}
+
 impl FairQueue {
     /// A queue running at most `slots` task runs at once on `sandbox`, in a runtime of
     /// `threads` worker threads of its own.
@@ -176,6 +201,7 @@ impl FairQueue {
         Ok(FairQueue {
             inner: Arc::new(Inner {
                 guests: Some(guests),
+                cpu: CpuGate::new(threads.max(1), sandbox.epoch_tick()),
                 local: LocalExecutor::new(sandbox),
                 state: Mutex::new(State {
                     slots: slots.max(1),
@@ -311,26 +337,30 @@ impl FairQueue {
                     wake = held;
                     break;
                 };
-                state.ticket += 1;
-                let ticket = state.ticket;
-                let Some(q) = state.tenants.get_mut(&id) else {
+                let Some(job) = state.dispatch(id) else {
                     break;
                 };
-                let Some((run, mut jobs)) = q.runs.pop_front() else {
-                    break;
-                };
-                let Some(job) = jobs.pop_front() else {
-                    break;
-                };
-                if !jobs.is_empty() {
-                    q.runs.push_back((run, jobs));
-                }
-                q.queued -= 1;
-                q.running += 1;
-                q.served = ticket;
-                q.vtime += NOMINAL.as_secs_f64() / f64::from(q.share.weight);
-                state.running += 1;
                 start.push((id, job, true));
+            }
+            // A tenant with nothing running gets one task run at once even when every slot is
+            // taken (by tenants with backlogs): it never waits for another tenant's task run
+            // to end, and the cores are shared at the next tick ([`super::cpu`]). At most one
+            // per tenant beyond the slots.
+            if state.running >= state.slots {
+                let idle: Vec<TenantId> = state
+                    .tenants
+                    .iter_mut()
+                    .filter(|(_, q)| q.queued > 0 && q.running == 0 && q.below_running())
+                    .filter_map(|(id, q)| {
+                        q.expire_fuel(now);
+                        q.fuel_held_until().is_none().then_some(*id)
+                    })
+                    .collect();
+                for id in idle {
+                    if let Some(job) = state.dispatch(id) {
+                        start.push((id, job, true));
+                    }
+                }
             }
             if let Some(at) = wake {
                 match state.wake_at {
@@ -359,8 +389,16 @@ impl FairQueue {
         let Queued { job, done } = queued;
         let queue = self.clone();
         let run = self.inner.local.run_here(job);
+        let weight = self
+            .state()
+            .tenants
+            .get(&tenant)
+            .map_or(1, |q| q.share.weight);
+        let turn = self.inner.cpu.turn(tenant, weight);
         let spawned = async move {
-            let finished = run.await;
+            turn.acquire().await;
+            let finished = paced(Arc::new(TurnPacer(turn.clone())), run).await;
+            turn.release();
             let usage = &finished.outcome.usage;
             let (duration, fuel) = (usage.duration, usage.fuel_consumed);
             {

@@ -12,6 +12,7 @@
 //! [`deployments`] run on their schedules from a tick every second.
 
 mod api;
+mod cpu;
 pub mod deployments;
 pub mod fair;
 mod problem;

@@ -8,7 +8,7 @@
 //! recording that it did never starts the slot twice.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use axum::http::StatusCode;
@@ -59,7 +59,6 @@ const STARTED: &str = "Started";
 #[derive(Debug)]
 pub struct Deployments {
     db: Mutex<Connection>,
-    path: PathBuf,
     /// Deployments whose next plan applies the catch-up policy: all of them when the server
     /// starts, and one that is resumed.
     catching_up: Mutex<HashSet<String>>,
@@ -113,7 +112,6 @@ impl Deployments {
         };
         Ok(Deployments {
             db: Mutex::new(db),
-            path: path.to_owned(),
             catching_up: Mutex::new(names),
             held: Mutex::default(),
             busy: tokio::sync::Mutex::new(()),
@@ -592,11 +590,6 @@ impl Deployments {
                 .map_err(|e| db_error(&e))?;
         }
         Ok(())
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 

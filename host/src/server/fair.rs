@@ -293,6 +293,7 @@ impl FairQueue {
         // (tenant, task run, whether it holds a slot)
         let mut start: Vec<(TenantId, Queued, bool)> = Vec::new();
         let mut wake = None;
+        let weights: Vec<u32>;
         {
             let mut state = self.state();
             let now = Instant::now();
@@ -362,6 +363,11 @@ impl FairQueue {
                     }
                 }
             }
+            // Read under this lock, not again per task run.
+            weights = start
+                .iter()
+                .map(|(id, _, _)| state.tenants.get(id).map_or(1, |q| q.share.weight))
+                .collect();
             if let Some(at) = wake {
                 match state.wake_at {
                     Some(w) if w <= at => wake = None,
@@ -369,8 +375,8 @@ impl FairQueue {
                 }
             }
         }
-        for (tenant, queued, slot) in start {
-            self.spawn(tenant, queued, slot);
+        for ((tenant, queued, slot), weight) in start.into_iter().zip(weights) {
+            self.spawn(tenant, queued, slot, weight);
         }
         if let Some(at) = wake {
             let queue = self.clone();
@@ -385,15 +391,10 @@ impl FairQueue {
     /// Run a dispatched task run; when it ends, account for it (its slot, its sandbox time
     /// against the tenant's virtual time, its fuel against the tenant's minute) and dispatch
     /// more. `slot`: whether it holds one of the queue's slots (a cancelled one does not).
-    fn spawn(&self, tenant: TenantId, queued: Queued, slot: bool) {
+    fn spawn(&self, tenant: TenantId, queued: Queued, slot: bool, weight: u32) {
         let Queued { job, done } = queued;
         let queue = self.clone();
         let run = self.inner.local.run_here(job);
-        let weight = self
-            .state()
-            .tenants
-            .get(&tenant)
-            .map_or(1, |q| q.share.weight);
         let turn = self.inner.cpu.turn(tenant, weight);
         let spawned = async move {
             turn.acquire().await;

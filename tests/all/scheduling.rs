@@ -171,6 +171,14 @@ impl Store for PollRecorder {
     ) -> Result<Vec<StoredLog>, StoreError> {
         self.inner.logs(run, task, after, limit)
     }
+    fn changes(
+        &self,
+        run: FlowRunId,
+        task: Option<&str>,
+        after: sluice::store::ChangeCursor,
+    ) -> Result<sluice::store::RunChanges, StoreError> {
+        self.inner.changes(run, task, after)
+    }
     fn log_cost(&self, run: FlowRunId) -> Result<u64, StoreError> {
         self.inner.log_cost(run)
     }

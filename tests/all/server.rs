@@ -220,6 +220,7 @@ async fn tenants_see_nothing_of_each_other() {
     for path in [
         format!("/runs/{id}"),
         format!("/runs/{id}/logs"),
+        format!("/runs/{id}/events"),
         format!("/runs/{}", &id[..8]),
     ] {
         let (status, ty, body) = get(&server.api(&path), Some(&b)).await;
@@ -435,6 +436,7 @@ async fn the_openapi_document_describes_every_route() {
         "/api/v1/runs",
         "/api/v1/runs/{id}",
         "/api/v1/runs/{id}/logs",
+        "/api/v1/runs/{id}/events",
         "/api/v1/runs/{id}/cancel",
         "/api/v1/runs/{id}/resume",
         "/api/v1/usage",
@@ -736,4 +738,265 @@ fn secrets_are_set_on_the_server_stored_encrypted_and_read_only_where_granted() 
         "{}",
         stderr(&out)
     );
+}
+
+/// Server-sent events as a test reads them: (event, data, id) per event.
+fn sse_events(text: &str) -> Vec<(String, Value, Option<String>)> {
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let (mut kind, mut data, mut id) = (String::new(), String::new(), None);
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("event: ") {
+                kind = v.to_owned();
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data.push_str(v);
+            } else if let Some(v) = line.strip_prefix("id: ") {
+                id = Some(v.to_owned());
+            }
+        }
+        if !kind.is_empty() {
+            let data = serde_json::from_str(&data).unwrap_or_else(|e| panic!("{data}: {e}"));
+            out.push((kind, data, id));
+        }
+    }
+    out
+}
+
+/// `a` logs two lines, `b` sleeps `ms`, then `c` logs two more.
+fn talk_sleep_talk(dir: &Path, ms: u64) -> PathBuf {
+    let h = guest("hostile").display().to_string();
+    write_flow(
+        dir,
+        &format!(
+            r#"name = "talky"
+[tasks.a]
+component = "{h}"
+input = {{ do = "log", lines = 2, bytes = 8 }}
+[tasks.b]
+component = "{h}"
+input = {{ do = "sleep", ms = {ms}, after = "$tasks.a" }}
+[tasks.c]
+component = "{h}"
+input = {{ do = "log", lines = 2, bytes = 9, after = "$tasks.b" }}
+"#
+        ),
+    )
+}
+
+/// The newest run of the tenant once it is live: its id.
+fn live_run(server: &ServerProcess, token: &str) -> String {
+    loop {
+        let out = server.cli(token, &["runs", "--json"]);
+        if let Some(r) = json_of(&out).as_array().and_then(|r| r.first())
+            && r["live"] == true
+        {
+            return r["id"].as_str().expect("id").to_owned();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_events_stream_its_states_and_lines_live_then_end() {
+    let server = ServerProcess::start(&[]);
+    let a = server.add_tenant("a");
+    let b = server.add_tenant("b");
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = talk_sleep_talk(dir.path(), 1500);
+    let mut run = server.spawn_run(&a, &flow, true, false);
+    let id = {
+        let (server, a) = (&server, &a);
+        tokio::task::block_in_place(|| live_run(server, a))
+    };
+    let url = server.api(&format!("/runs/{id}/events"));
+    let resp = client()
+        .get(&url)
+        .bearer_auth(&a)
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().expect("ascii"),
+        "text/event-stream"
+    );
+    // The stream ends with the run.
+    let text = resp.text().await.expect("the stream");
+    let events = sse_events(&text);
+    let (last, data, _) = events.last().expect("events");
+    assert_eq!(last, "end", "{text}");
+    assert_eq!(data["state"]["name"], "Completed", "{text}");
+    // `b` was seen running (live), then completed; each task ends Completed.
+    let states = |task: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|(k, d, _)| k == "task" && d["task"] == task)
+            .map(|(_, d, _)| d["state"]["name"].as_str().expect("name").to_owned())
+            .collect()
+    };
+    assert!(states("b").contains(&"Running".to_owned()), "{text}");
+    for t in ["a", "b", "c"] {
+        assert_eq!(
+            states(t).last().map(String::as_str),
+            Some("Completed"),
+            "{t}: {text}"
+        );
+    }
+    let flow_states: Vec<&Value> = events
+        .iter()
+        .filter(|(k, ..)| k == "flow")
+        .map(|(_, d, _)| &d["state"]["name"])
+        .collect();
+    assert_eq!(flow_states.last().copied(), Some(&Value::from("Completed")));
+    let lines: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|(k, ..)| k == "log")
+        .map(|(_, d, _)| {
+            (
+                d["task"].as_str().expect("task"),
+                d["message"].as_str().expect("message"),
+            )
+        })
+        .collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert_eq!(
+        lines.iter().map(|l| l.0).collect::<Vec<_>>(),
+        ["a", "a", "c", "c"]
+    );
+    // Reconnecting after the last id: nothing new, the end again.
+    let last_id = events
+        .iter()
+        .rev()
+        .find_map(|(_, _, id)| id.clone())
+        .expect("an event id");
+    let again = client()
+        .get(&url)
+        .bearer_auth(&a)
+        .header("Last-Event-ID", &last_id)
+        .send()
+        .await
+        .expect("events")
+        .text()
+        .await
+        .expect("stream");
+    let kinds: Vec<String> = sse_events(&again).into_iter().map(|e| e.0).collect();
+    assert_eq!(kinds, ["end"], "{again}");
+    // One task's: its changes and lines only.
+    let (status, _, _) = get(&format!("{url}?task=c"), Some(&a)).await;
+    assert_eq!(status, 200);
+    let only_c = client()
+        .get(format!("{url}?task=c"))
+        .bearer_auth(&a)
+        .send()
+        .await
+        .expect("events")
+        .text()
+        .await
+        .expect("stream");
+    assert!(
+        sse_events(&only_c)
+            .iter()
+            .all(|(k, d, _)| k == "end" || k == "flow" || d["task"] == "c"),
+        "{only_c}"
+    );
+    // Another tenant, no token, a bad cursor, an unknown task.
+    let (status, _, body) = get(&url, Some(&b)).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not-found")));
+    let (status, _, _) = get(&url, None).await;
+    assert_eq!(status, 401);
+    let (status, _, body) = get(&format!("{url}?after=1.2"), Some(&a)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("`1.2` is not a change cursor"),
+        "{body}"
+    );
+    let (status, _, body) = get(&format!("{url}?task=cc"), Some(&a)).await;
+    assert_eq!(status, 404);
+    assert!(
+        body["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("no task `cc`"),
+        "{body}"
+    );
+    assert_eq!(run.wait().expect("run").code(), Some(0));
+}
+
+/// `max_event_streams`: 16 streams of a live run are open at once; the 17th is refused with
+/// the limit's name; closing one makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_keeps_at_most_16_event_streams_open() {
+    let server = ServerProcess::start(&[]);
+    let a = server.add_tenant("a");
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = talk_sleep_talk(dir.path(), 60_000);
+    let mut run = server.spawn_run(&a, &flow, true, false);
+    let id = {
+        let (server, a) = (&server, &a);
+        tokio::task::block_in_place(|| live_run(server, a))
+    };
+    // The client follows the run on a stream of its own: gone with it (the server sees it
+    // closed at its next keep-alive, within a few seconds).
+    run.kill().expect("kill the client");
+    let _ = run.wait();
+    let url = server.api(&format!("/runs/{id}/events"));
+    let open = || client().get(&url).bearer_auth(&a).send();
+    let open_when_free = || async {
+        for _ in 0..100 {
+            let resp = open().await.expect("events");
+            if resp.status().as_u16() == 200 {
+                return resp;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("no stream slot was freed in 10 s");
+    };
+    let mut streams = Vec::new();
+    for _ in 0..16 {
+        streams.push(open_when_free().await);
+    }
+    let refused = open().await.expect("events");
+    assert_eq!(refused.status().as_u16(), 429);
+    let body: Value = refused.json().await.expect("problem");
+    assert_eq!(body["code"], "quota-exceeded");
+    let detail = body["detail"].as_str().expect("detail");
+    assert!(
+        detail.contains("`max_event_streams`") && detail.contains("is 16"),
+        "{detail}"
+    );
+    drop(streams.pop());
+    streams.push(open_when_free().await);
+    let out = server.cli(&a, &["cancel", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn logs_follow_prints_a_server_runs_lines_as_they_come_and_ends_with_it() {
+    let server = ServerProcess::start(&[]);
+    let token = server.add_tenant("t");
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = talk_sleep_talk(dir.path(), 1500);
+    let mut run = server.spawn_run(&token, &flow, true, false);
+    let id = live_run(&server, &token);
+    let out = server.cli(&token, &["logs", &id, "--follow"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Those of `c`, logged after `b` slept, too: followed, not read once.
+    let tasks: Vec<&str> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().nth(2).unwrap_or_default())
+        .collect();
+    assert_eq!(tasks, ["a:", "a:", "c:", "c:"], "{stdout}");
+    let out = server.cli(&token, &["logs", &id, "c", "--follow", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines.iter().all(|l| l["task"] == "c"));
+    assert_eq!(run.wait().expect("run").code(), Some(0));
 }

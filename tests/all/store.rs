@@ -976,3 +976,113 @@ fn a_cancelled_run_resumes_and_completes() {
     assert_eq!(nap["output"], json!(1500));
     assert_eq!(nap["attempts"], 2);
 }
+
+/// The change feed, read while a run executes (woken by the store's change counter): every
+/// task run's last state read is its state in the record, the flow run's too, every log line
+/// comes once and in order, and a read after the end finds nothing. 1,500 mapped children and
+/// 1,500 log lines take more than one page of each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_feed_read_during_a_run_ends_at_the_record() {
+    use sluice::store::{ChangeCursor, TaskChange};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(SqliteStore::open(dir.path()).expect("store"));
+    let mut items = TaskDef::new("items", guest("hostile"));
+    items.input = Input::Literal(json!({"do": "list", "n": 1500}).into());
+    let mut m = TaskDef::new("m", guest("identity"));
+    m.input = Input::from_json(json!("$tasks.items"));
+    m.map = sluice::flow::MapOver::Input;
+    let mut talk = TaskDef::new("talk", guest("hostile"));
+    talk.input = Input::Literal(json!({"do": "log", "lines": 1500, "bytes": 8}).into());
+    let flow = FlowBuilder::new("fed")
+        .task(items)
+        .task(m)
+        .task(talk)
+        .build()
+        .expect("flow");
+    let runner = FlowRunner::new(sandbox().clone()).store(store.clone() as Arc<dyn Store>);
+    let prepared = runner.prepare(flow, Path::new(".")).await.expect("prepare");
+    let id = FlowRunId::new();
+    let options = RunOptions {
+        id: Some(id),
+        ..RunOptions::default()
+    };
+    let mut changed = store.watch_changes();
+    let run = tokio::spawn(async move { runner.run(&prepared, options).await });
+    let mut cursor = ChangeCursor::START;
+    let mut tasks: BTreeMap<String, TaskChange> = BTreeMap::new();
+    let mut flow_state = None;
+    let mut log_seqs = Vec::new();
+    let mut reads = 0;
+    loop {
+        let finished = run.is_finished();
+        let changes = match store.changes(id, None, cursor) {
+            Ok(c) => c,
+            // Not created yet.
+            Err(sluice::store::StoreError::UnknownRun(_)) if !finished => {
+                let _ = changed.changed().await;
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        reads += 1;
+        assert!(
+            changes.cursor >= cursor,
+            "{:?} after {cursor:?}",
+            changes.cursor
+        );
+        cursor = changes.cursor;
+        let empty = changes.is_empty();
+        if let Some(f) = changes.flow {
+            flow_state = Some(f.state.name);
+        }
+        for t in changes.tasks {
+            tasks.insert(t.id.to_string(), t);
+        }
+        log_seqs.extend(changes.logs.iter().map(|l| l.seq));
+        if empty && finished {
+            break;
+        }
+        if empty {
+            let _ = tokio::time::timeout(Duration::from_millis(200), changed.changed()).await;
+        }
+    }
+    let done = run.await.expect("join").expect("run");
+    assert!(reads > 2, "{reads} reads");
+    assert_eq!(flow_state, Some(done.state.name));
+    assert_eq!(done.state.name, StateName::Completed);
+    let record = store.load_run(id).expect("load").run;
+    let mut expected = BTreeMap::new();
+    for t in &record.tasks {
+        expected.insert(t.id.to_string(), (t.state.name, t.history.len()));
+        for c in &t.children {
+            expected.insert(c.id.to_string(), (c.state.name, c.history.len()));
+        }
+    }
+    assert_eq!(expected.len(), 1503);
+    let seen: BTreeMap<String, (StateName, usize)> = tasks
+        .iter()
+        .map(|(k, t)| (k.clone(), (t.state.name, t.history.len())))
+        .collect();
+    assert_eq!(seen, expected);
+    let m_children = tasks
+        .values()
+        .filter(|t| t.task == "m" && t.map_index.is_some());
+    assert_eq!(m_children.count(), 1500);
+    assert_eq!(log_seqs.len(), 1500);
+    assert!(log_seqs.windows(2).all(|w| w[0] < w[1]));
+    // Nothing after the end; one task alone from the start.
+    let after = store.changes(id, None, cursor).expect("changes");
+    assert!(after.is_empty() && after.cursor == cursor, "{after:?}");
+    let talk = store
+        .changes(id, Some("talk"), ChangeCursor::START)
+        .expect("changes");
+    assert_eq!(talk.tasks.len(), 1);
+    assert_eq!(talk.tasks[0].state.name, StateName::Completed);
+    assert_eq!(talk.logs.len(), 1000, "one page of lines");
+    assert!(talk.logs.iter().all(|l| l.task == "talk"));
+    // The cursor is written and read back as an SSE event id.
+    assert_eq!(cursor.to_string().parse::<ChangeCursor>(), Ok(cursor));
+    let bad = "1.2.3".parse::<ChangeCursor>().expect_err("three parts");
+    assert!(bad.contains("`1.2.3` is not a change cursor"), "{bad}");
+    assert!("1.2.3.4.5".parse::<ChangeCursor>().is_err());
+}

@@ -64,6 +64,7 @@ pub(super) fn router(server: Server) -> axum::Router {
         .routes(routes!(start_run, list_runs))
         .routes(routes!(show_run))
         .routes(routes!(run_logs))
+        .routes(routes!(run_events))
         .routes(routes!(cancel_run))
         .routes(routes!(resume_run))
         .routes(routes!(list_cache, clear_cache))
@@ -318,6 +319,70 @@ struct LogsQuery {
     limit: Option<usize>,
 }
 
+/// Run `id` has a task named `task` (404 naming the closest one otherwise).
+fn has_task(store: &dyn Store, id: crate::ids::FlowRunId, task: &str) -> Result<(), ApiError> {
+    let names = store
+        .task_names(id)
+        .map_err(|e| ApiError::store("reading the run", e))?;
+    if names.iter().any(|n| n == task) {
+        return Ok(());
+    }
+    Err(ApiError::not_found(format!(
+        "flow run {id} has no task `{task}`{}",
+        crate::flow::Hint::closest(task, names.iter().map(String::as_str))
+    )))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct EventsQuery {
+    /// Only this task's changes and lines.
+    task: Option<String>,
+    /// Start after this cursor (an event id; the `Last-Event-ID` header wins).
+    after: Option<String>,
+}
+
+/// A run's changes as server-sent events, until it ends: `flow` (its state and history), `task`
+/// (a task run's state now, attempts and history), `log` (a line), then `end`
+/// (`{"state": …}`). The last event of each batch has the cursor after it as its id: reconnect
+/// with `Last-Event-ID` to continue. At most 16 streams per tenant (`max_event_streams`).
+#[utoipa::path(
+    get,
+    path = "/runs/{id}/events",
+    params(("id" = String, Path, description = "A run id or a unique prefix of one"), EventsQuery),
+    responses(
+        (status = 200, description = "The events", content_type = "text/event-stream", body = String),
+        (status = 400, description = "A bad cursor", body = Problem),
+        (status = 404, description = "No such run or task", body = Problem),
+        (status = 429, description = "Too many streams open (`max_event_streams`)", body = Problem),
+    )
+)]
+async fn run_events(
+    Caller(space, tenant): Caller,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = space.resolve(&id)?;
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let after = match last.or(q.after) {
+        Some(c) => c
+            .parse()
+            .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, "bad-cursor", e))?,
+        None => crate::store::ChangeCursor::START,
+    };
+    if let Some(task) = &q.task {
+        let store = space.store().clone();
+        let task = task.clone();
+        tokio::task::spawn_blocking(move || has_task(&*store, id, &task))
+            .await
+            .map_err(|e| ApiError::internal("reading the run", &e))??;
+    }
+    Ok(super::events::stream(&space, &tenant, id, q.task, after)?.into_response())
+}
+
 /// A page of a run's logs.
 #[utoipa::path(
     get,
@@ -337,15 +402,7 @@ async fn run_logs(
     let store = space.store().clone();
     let page = tokio::task::spawn_blocking(move || {
         if let Some(task) = &q.task {
-            let names = store
-                .task_names(id)
-                .map_err(|e| ApiError::store("reading the run", e))?;
-            if !names.iter().any(|n| n == task) {
-                return Err(ApiError::not_found(format!(
-                    "flow run {id} has no task `{task}`{}",
-                    crate::flow::Hint::closest(task, names.iter().map(String::as_str))
-                )));
-            }
+            has_task(&*store, id, task)?;
         }
         let live = store.is_live(id);
         let limit = q.limit.unwrap_or(LOG_PAGE_LINES).clamp(1, LOG_PAGE_LINES);

@@ -14,6 +14,7 @@
 mod api;
 mod cpu;
 pub mod deployments;
+pub mod events;
 pub mod fair;
 mod problem;
 pub mod secrets;

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use super::ServerError;
 use super::deployments::Deployments;
+use super::events::StreamCount;
 use super::fair::{FairQueue, WINDOW};
 use super::problem::ApiError;
 use super::secrets::{ServerKey, TenantSecrets};
@@ -48,6 +49,8 @@ pub struct Space {
     /// Runs found Crashed when the space opened (the server died running them), for
     /// [`Space::resume_crashed`].
     crashed: Mutex<Vec<FlowRunId>>,
+    /// Its open event streams (`max_event_streams`).
+    streams: StreamCount,
 }
 
 /// A run this process executes.
@@ -117,12 +120,18 @@ impl Space {
             sources,
             secrets,
             crashed: Mutex::new(crashed),
+            streams: StreamCount::default(),
         })
     }
 
     /// Its run store.
     pub fn store(&self) -> &Arc<SqliteStore> {
         &self.store
+    }
+
+    /// Its open event streams.
+    pub(super) fn streams(&self) -> &StreamCount {
+        &self.streams
     }
 
     /// Its secrets.

@@ -414,6 +414,120 @@ pub struct LogTail {
     pub omitted: u64,
 }
 
+/// Where a reader of a run's changes ([`Store::changes`]) is. Start at [`ChangeCursor::START`];
+/// read on from the cursor each answer returns. Written as `flow.change.row.log` (an SSE event
+/// id a client sends back as `Last-Event-ID`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChangeCursor {
+    /// The change number of the flow run's row last read.
+    pub flow: i64,
+    /// The change number of the last task run read.
+    pub change: i64,
+    /// Its row (task runs of one change are read in row order).
+    pub row: i64,
+    /// The last log line read (its `seq`).
+    pub log: i64,
+}
+
+impl ChangeCursor {
+    /// Before everything: the first read returns the run as it is.
+    pub const START: ChangeCursor = ChangeCursor {
+        flow: -1,
+        change: -1,
+        row: 0,
+        log: 0,
+    };
+}
+
+impl Default for ChangeCursor {
+    fn default() -> Self {
+        Self::START
+    }
+}
+
+impl std::fmt::Display for ChangeCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}.{}", self.flow, self.change, self.row, self.log)
+    }
+}
+
+impl std::str::FromStr for ChangeCursor {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a change cursor (`flow.change.row.log`, four integers)");
+        let mut parts = s
+            .trim()
+            .split('.')
+            .map(|p| p.parse::<i64>().map_err(|_| bad()));
+        let mut next = || parts.next().unwrap_or_else(|| Err(bad()));
+        let cursor = ChangeCursor {
+            flow: next()?,
+            change: next()?,
+            row: next()?,
+            log: next()?,
+        };
+        match parts.next() {
+            None => Ok(cursor),
+            Some(_) => Err(bad()),
+        }
+    }
+}
+
+/// A task run as it is after a change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskChange {
+    /// The task run.
+    pub id: TaskRunId,
+    /// The task's name.
+    pub task: String,
+    /// For a child of a mapped task, its index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_index: Option<u32>,
+    /// The state now (without its result).
+    pub state: State,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Every transition, in order.
+    pub history: Vec<Transition>,
+    /// Time spent running, over all attempts.
+    pub run_time: Duration,
+    /// Fuel consumed, over all attempts.
+    pub fuel_consumed: u64,
+}
+
+/// The flow run as it is after a change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowChange {
+    /// The state now.
+    pub state: State,
+    /// Every transition, in order.
+    pub history: Vec<Transition>,
+}
+
+/// What changed in a run after a cursor ([`Store::changes`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunChanges {
+    /// The flow run, when it changed.
+    pub flow: Option<FlowChange>,
+    /// Task runs that changed, in the order of their changes (at most [`CHANGE_PAGE_TASKS`]).
+    pub tasks: Vec<TaskChange>,
+    /// New log lines (one page of [`Store::logs`]).
+    pub logs: Vec<StoredLog>,
+    /// Where the next read starts.
+    pub cursor: ChangeCursor,
+}
+
+impl RunChanges {
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.flow.is_none() && self.tasks.is_empty() && self.logs.is_empty()
+    }
+}
+
+/// How many task runs one answer of [`Store::changes`] holds at most.
+pub const CHANGE_PAGE_TASKS: usize = 1000;
+
 /// How many log lines one page of [`Store::logs`] returns at most.
 pub const LOG_PAGE_LINES: usize = 1000;
 
@@ -510,6 +624,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         after: i64,
         limit: usize,
     ) -> Result<Vec<StoredLog>, StoreError>;
+
+    /// What changed in `run` after `after` (of one task, when given): the flow run's state when
+    /// it changed, the task runs that changed (each as it is now), and a page of new log lines.
+    /// Every change committed after a read is in a later read; an empty answer means nothing
+    /// more has been committed yet.
+    fn changes(
+        &self,
+        run: FlowRunId,
+        task: Option<&str>,
+        after: ChangeCursor,
+    ) -> Result<RunChanges, StoreError>;
 
     /// What the log records stored for `run` cost
     /// ([`LogRecord::cost`](crate::sandbox::LogRecord::cost)): a resumed run counts them against

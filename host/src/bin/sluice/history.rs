@@ -272,6 +272,9 @@ pub(crate) async fn logs(
             LogSource::Local(store, id)
         }
     };
+    if let (LogSource::Remote(remote, id), true) = (&source, args.follow) {
+        return follow_remote(remote, *id, args).await;
+    }
     let mut after = 0;
     loop {
         let mut live = false;
@@ -302,6 +305,66 @@ pub(crate) async fn logs(
             return Ok(ExitCode::SUCCESS);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `sluice logs --follow --server`: the run's lines from its event stream, printed as they
+/// come, until the run ends. A broken stream is opened again after the last line printed (the
+/// server restarting), at most a few times in a row.
+async fn follow_remote(
+    remote: &Remote,
+    id: sluice::ids::FlowRunId,
+    args: &LogsArgs,
+) -> Result<ExitCode, UsageError> {
+    // Only lines: the flow run's and task runs' changes are all behind this cursor.
+    let mut cursor = sluice::store::ChangeCursor {
+        flow: i64::MAX,
+        change: i64::MAX,
+        row: i64::MAX,
+        log: 0,
+    };
+    let mut broken = 0;
+    loop {
+        let mut stream = match remote.events(id, args.task.as_deref(), cursor).await {
+            Ok(s) => s,
+            Err(e) if broken >= 3 => return Err(e),
+            Err(_) => {
+                broken += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            match stream.next().await {
+                Ok(Some(event)) if event.kind == "log" => {
+                    let line: StoredLog = serde_json::from_str(&event.data).map_err(|e| {
+                        UsageError(anyhow!("server {remote}: unreadable log event: {e}"))
+                    })?;
+                    cursor.log = line.seq;
+                    broken = 0;
+                    let text = if args.json {
+                        format!("{}\n", event.data)
+                    } else {
+                        log_line(&line)
+                    };
+                    if !write_stdout(&text) {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+                Ok(Some(event)) if event.kind == "end" => return Ok(ExitCode::SUCCESS),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) if broken < 3 => {
+                    broken += 1;
+                    break;
+                }
+                Ok(None) => {
+                    return Err(UsageError(anyhow!(
+                        "server {remote}: the event stream of run {id} ended before the run"
+                    )));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,11 +16,12 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use sluice::flow::manifest::{self, ComponentFiles, LocalFiles};
 use sluice::ids::FlowRunId;
+use sluice::runner::FlowEvent;
 use sluice::server::wire::{
     CacheCleared, CacheItem, CacheValue, Cancelled, Deploy, DeploymentRuns, DeploymentView,
     LogPage, Problem, ResumeRun, RunItem, RunStarted, RunView, StartRun, Usage,
 };
-use sluice::store::RunFilter;
+use sluice::store::{ChangeCursor, RunFilter, TaskChange};
 
 use crate::UsageError;
 
@@ -29,6 +31,9 @@ pub(crate) struct Remote {
     base: String,
     token: String,
     http: reqwest::Client,
+    /// For event streams: no limit on a request's whole time (a stream lasts as long as its
+    /// run), only on silence (the server sends a keep-alive every second).
+    streams: reqwest::Client,
 }
 
 impl fmt::Display for Remote {
@@ -40,6 +45,10 @@ impl fmt::Display for Remote {
 /// How long the client waits for the server to answer one request (a run's end is waited for
 /// in requests of at most a minute each).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The longest an event stream may stay silent before the client gives up on it (the server
+/// sends a keep-alive every second).
+const STREAM_SILENCE: Duration = Duration::from_secs(30);
 
 impl Remote {
     pub(crate) fn new(url: &str, token: Option<&str>) -> Result<Remote, UsageError> {
@@ -54,14 +63,21 @@ impl Remote {
                 "--server `{url}` is not an http:// or https:// URL"
             )));
         }
+        let client_err = |e: reqwest::Error| UsageError(anyhow!("cannot make an HTTP client: {e}"));
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .build()
-            .map_err(|e| UsageError(anyhow!("cannot make an HTTP client: {e}")))?;
+            .map_err(client_err)?;
+        let streams = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(30))
+            .read_timeout(STREAM_SILENCE)
+            .build()
+            .map_err(client_err)?;
         Ok(Remote {
             base,
             token: token.to_owned(),
             http,
+            streams,
         })
     }
 
@@ -182,6 +198,36 @@ impl Remote {
         self.get(&path).await
     }
 
+    /// The event stream of `run` (`GET /runs/{id}/events`), of one task when `task` is set,
+    /// after `after`.
+    pub(crate) async fn events(
+        &self,
+        run: FlowRunId,
+        task: Option<&str>,
+        after: ChangeCursor,
+    ) -> Result<EventStream, UsageError> {
+        let mut path = format!("/runs/{run}/events?after={after}");
+        if let Some(task) = task {
+            path.push_str(&format!("&task={}", encode(task)));
+        }
+        let response = self
+            .streams
+            .get(self.url(&path))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .send()
+            .await
+            .map_err(|e| UsageError(anyhow!("server {}: {e}", self.base)))?;
+        if !response.status().is_success() {
+            return Err(self.problem(response).await);
+        }
+        Ok(EventStream {
+            response,
+            buffer: Vec::new(),
+            event: SseEvent::default(),
+        })
+    }
+
     pub(crate) async fn usage(&self, json: bool) -> Result<ExitCode, UsageError> {
         let usage: Usage = self.get("/usage").await?;
         if json {
@@ -261,7 +307,7 @@ impl Remote {
             )),
             Cancelled::Requested => {
                 eprintln!("cancel requested; waiting for flow run {id} to stop…");
-                let view = self.wait(id).await?;
+                let view = self.wait(id, None).await?;
                 crate::print_stdout(&format!(
                     "flow run {id}: {} — {}\n",
                     view.run.state.name,
@@ -273,11 +319,41 @@ impl Remote {
     }
 
     /// Wait until run `id` is no longer live; its view then.
-    async fn wait(&self, id: FlowRunId) -> Result<RunView, UsageError> {
+    /// Wait for the end of run `id` following its event stream (each task run's state goes to
+    /// `view`), and read it. A broken stream (the server restarting) is followed by one long
+    /// poll for the end, which says whether the server is back, then by a new stream from where
+    /// the last one stopped.
+    async fn wait(
+        &self,
+        id: FlowRunId,
+        view: Option<tokio::sync::mpsc::UnboundedSender<FlowEvent>>,
+    ) -> Result<RunView, UsageError> {
+        let mut cursor = ChangeCursor::START;
         loop {
-            let view = self.show(&id.to_string(), Some(60)).await?;
-            if !view.live {
-                return Ok(view);
+            if let Ok(mut stream) = self.events(id, None, cursor).await {
+                while let Ok(Some(event)) = stream.next().await {
+                    if let Some(c) = event.id.as_deref().and_then(|c| c.parse().ok()) {
+                        cursor = c;
+                    }
+                    match event.kind.as_str() {
+                        "end" => return self.show(&id.to_string(), None).await,
+                        "task" => {
+                            let Some(tx) = &view else { continue };
+                            if let Ok(t) = serde_json::from_str::<TaskChange>(&event.data) {
+                                let _ = tx.send(FlowEvent::Task {
+                                    name: t.task,
+                                    map_index: t.map_index,
+                                    state: t.state.name,
+                                });
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            let shown = self.show(&id.to_string(), Some(60)).await?;
+            if !shown.live {
+                return Ok(shown);
             }
         }
     }
@@ -376,7 +452,7 @@ impl Remote {
             "flow run {} of {} ({} tasks) started on {}",
             started.id, started.flow, started.tasks, self.base
         );
-        self.follow(started.id, json).await
+        self.follow(started.id, started.tasks, json).await
     }
 
     /// `sluice resume RUN [--start T] --server`: resume it there, then as `run`.
@@ -398,15 +474,30 @@ impl Remote {
             "flow run {} of {} resumed on {}",
             started.id, started.flow, self.base
         );
-        self.follow(started.id, json).await
+        self.follow(started.id, started.tasks, json).await
     }
 
     /// Wait for the end of run `id` (Ctrl-C cancels it on the server) and print it as embedded
     /// mode does.
-    async fn follow(&self, id: FlowRunId, json: bool) -> Result<ExitCode, UsageError> {
+    async fn follow(
+        &self,
+        id: FlowRunId,
+        tasks: usize,
+        json: bool,
+    ) -> Result<ExitCode, UsageError> {
         let signals = crate::run::interrupt_signals();
         tokio::pin!(signals);
-        let wait = self.wait(id);
+        // The live view embedded runs show, from the run's events.
+        let (tx, live) = if !json && std::io::stderr().is_terminal() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            (
+                Some(tx),
+                Some(tokio::spawn(crate::run::live_view(rx, tasks))),
+            )
+        } else {
+            (None, None)
+        };
+        let wait = self.wait(id, tx);
         tokio::pin!(wait);
         let view = tokio::select! {
             view = &mut wait => view?,
@@ -418,6 +509,9 @@ impl Remote {
                 wait.await?
             }
         };
+        if let Some(live) = live {
+            let _ = live.await;
+        }
         let report = if json {
             format!(
                 "{:#}\n",
@@ -538,4 +632,71 @@ pub(crate) fn encode(s: &str) -> String {
             false => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// One server-sent event.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct SseEvent {
+    /// Its type (`event:`; `message` when none was given).
+    pub(crate) kind: String,
+    /// Its data lines, joined by newlines.
+    pub(crate) data: String,
+    /// Its id, when it has one.
+    pub(crate) id: Option<String>,
+}
+
+/// The events of one `text/event-stream` answer, parsed as they arrive.
+pub(crate) struct EventStream {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+    event: SseEvent,
+}
+
+impl EventStream {
+    /// The next event; `None` when the server ended the stream.
+    pub(crate) async fn next(&mut self) -> Result<Option<SseEvent>, UsageError> {
+        loop {
+            while let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line);
+                if let Some(event) = self.line(line.trim_end_matches(['\n', '\r'])) {
+                    return Ok(Some(event));
+                }
+            }
+            match self.response.chunk().await {
+                Ok(Some(bytes)) => self.buffer.extend_from_slice(&bytes),
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(UsageError(anyhow!("the event stream broke: {e}"))),
+            }
+        }
+    }
+
+    /// Take one line (the SSE format: `field: value`, a blank line ends an event, `:` starts a
+    /// comment); the event it completes, if any.
+    fn line(&mut self, line: &str) -> Option<SseEvent> {
+        if line.is_empty() {
+            let mut done = std::mem::take(&mut self.event);
+            if done.kind.is_empty() && done.data.is_empty() && done.id.is_none() {
+                return None;
+            }
+            if done.kind.is_empty() {
+                done.kind = "message".into();
+            }
+            return Some(done);
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "event" => self.event.kind = value.to_owned(),
+            "data" => {
+                if !self.event.data.is_empty() {
+                    self.event.data.push('\n');
+                }
+                self.event.data.push_str(value);
+            }
+            "id" => self.event.id = Some(value.to_owned()),
+            _ => {}
+        }
+        None
+    }
 }

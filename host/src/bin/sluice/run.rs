@@ -322,7 +322,7 @@ async fn compile_progress(mut rx: mpsc::UnboundedReceiver<LoadEvent>) {
 }
 
 /// Counts of task runs by state and the tasks running now, redrawn as events arrive.
-async fn live_view(mut rx: mpsc::UnboundedReceiver<FlowEvent>, tasks: usize) {
+pub(crate) async fn live_view(mut rx: mpsc::UnboundedReceiver<FlowEvent>, tasks: usize) {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(120));
     let mut states: HashMap<(String, Option<u32>), StateName> = HashMap::new();

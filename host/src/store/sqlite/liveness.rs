@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::runs::{parse_id, parse_name};
+use super::schema::next_change;
 use super::writer::{insert_transition, state_json};
 use super::{SqliteStore, classify, from_micros, micros};
 use crate::ids::FlowRunId;
@@ -130,6 +131,7 @@ pub(super) fn not_recorded(
 ) -> Result<Option<State>, StoreError> {
     let io = |e: rusqlite::Error| classify(path, "write", &e);
     let tx = conn.transaction().map_err(io)?;
+    next_change(&tx).map_err(io)?;
     let id = run.to_string();
     let old: Option<String> = tx
         .query_row("SELECT state FROM flow_runs WHERE id = ?1", [&id], |r| {
@@ -166,7 +168,7 @@ fn crash_run(
     let id = run.to_string();
     let changed = tx
         .execute(
-            "UPDATE flow_runs SET state = 'Crashed', state_json = ?2, updated_at = ?3 WHERE id = ?1 AND state = ?4",
+            "UPDATE flow_runs SET state = 'Crashed', state_json = ?2, updated_at = ?3, changed = (SELECT seq FROM changes WHERE id = 0) WHERE id = ?1 AND state = ?4",
             params![id, state_json(state), micros(state.timestamp), old],
         )
         .map_err(&io)?;
@@ -283,6 +285,7 @@ impl SqliteStore {
             let tx = conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(self.io_err("recovery"))?;
+            next_change(&tx).map_err(self.io_err("recovery"))?;
             // A process may have resumed it since the check above; it leases before writing.
             if self.live_in(&tx, run) {
                 continue;
@@ -301,6 +304,7 @@ impl SqliteStore {
                 continue;
             }
             tx.commit().map_err(self.io_err("recovery"))?;
+            self.inner.health.changed();
             marked.push(run);
         }
         Ok(marked)
@@ -333,6 +337,7 @@ impl SqliteStore {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(self.io_err("cancel"))?;
+        next_change(&tx).map_err(self.io_err("cancel"))?;
         let state: Option<String> = tx
             .query_row("SELECT state FROM flow_runs WHERE id = ?1", [&id], |r| {
                 r.get(0)
@@ -359,7 +364,7 @@ impl SqliteStore {
         let flow_state = State::new(StateName::Cancelled, now)
             .with_message("cancelled by `sluice cancel` while no process ran it");
         tx.execute(
-            "UPDATE flow_runs SET state = 'Cancelled', state_json = ?2, updated_at = ?3 WHERE id = ?1 AND state = ?4",
+            "UPDATE flow_runs SET state = 'Cancelled', state_json = ?2, updated_at = ?3, changed = (SELECT seq FROM changes WHERE id = 0) WHERE id = ?1 AND state = ?4",
             params![id, state_json(&flow_state), micros(now), state.as_str()],
         )
         .map_err(self.io_err("cancel"))?;
@@ -393,6 +398,7 @@ impl SqliteStore {
             set_task_state(&tx, run, &tid, name, &st).map_err(self.io_err("cancel"))?;
         }
         tx.commit().map_err(self.io_err("cancel"))?;
+        self.inner.health.changed();
         Ok(CancelOutcome::Cancelled)
     }
 
@@ -439,7 +445,7 @@ fn set_task_state(
     st: &State,
 ) -> rusqlite::Result<()> {
     tx.execute(
-        "UPDATE task_runs SET state = ?2, state_json = ?3 WHERE id = ?1",
+        "UPDATE task_runs SET state = ?2, state_json = ?3, changed = (SELECT seq FROM changes WHERE id = 0) WHERE id = ?1",
         params![task_run, st.name.as_str(), state_json(st)],
     )?;
     insert_transition(

@@ -26,8 +26,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 
 use super::{
-    CacheEntry, CacheLookup, CachedOutput, CancelOutcome, LogTail, RunFilter, RunLease, RunSummary,
-    Store, StoreError, StoredLog, StoredRun, TailLimits, Write,
+    CacheEntry, CacheLookup, CachedOutput, CancelOutcome, ChangeCursor, LogTail, RunChanges,
+    RunFilter, RunLease, RunSummary, Store, StoreError, StoredLog, StoredRun, TailLimits, Write,
 };
 use crate::cache::CacheKey;
 use crate::ids::{FlowRunId, TaskRunId};
@@ -216,6 +216,13 @@ impl SqliteStore {
         })
     }
 
+    /// Counts the transactions this process committed that changed runs (states, histories,
+    /// logs): a reader of [`Store::changes`] waits for it to move instead of polling. Changes
+    /// other processes commit to the same home are not counted: poll for those too.
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.health.watch_changes()
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
@@ -349,6 +356,15 @@ impl Store for SqliteStore {
 
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
         self.list_runs_impl(filter)
+    }
+
+    fn changes(
+        &self,
+        run: FlowRunId,
+        task: Option<&str>,
+        after: ChangeCursor,
+    ) -> Result<RunChanges, StoreError> {
+        self.changes_impl(run, task, after)
     }
 
     fn logs(

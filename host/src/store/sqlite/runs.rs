@@ -16,8 +16,8 @@ use crate::runner::{FlowRun, TaskRun, Transition};
 use crate::sandbox::LogRecord;
 use crate::state::{State, StateName};
 use crate::store::{
-    LOG_PAGE_BYTES, LOG_PAGE_LINES, LogTail, RunFilter, RunSummary, StoreError, StoredLog,
-    StoredRun, TailLimits,
+    CHANGE_PAGE_TASKS, ChangeCursor, FlowChange, LOG_PAGE_BYTES, LOG_PAGE_LINES, LogTail,
+    RunChanges, RunFilter, RunSummary, StoreError, StoredLog, StoredRun, TailLimits, TaskChange,
 };
 
 pub(super) fn parse_state(run: &str, json: &str) -> Result<State, StoreError> {
@@ -50,6 +50,21 @@ pub(super) fn parse_id<T: std::str::FromStr>(run: &str, s: &str) -> Result<T, St
         run: run.to_owned(),
         detail: format!("bad id {s:?}"),
     })
+}
+
+/// A task run's state from its row: its `state_json`, or, written compactly (empty), its last
+/// transition.
+fn task_state(run: &str, json: &str, history: &[Transition]) -> Result<State, StoreError> {
+    match (json.is_empty(), history.last()) {
+        (true, Some(t)) => Ok(State {
+            name: t.to,
+            message: t.message.clone(),
+            timestamp: t.time,
+            result: None,
+            scheduled_for: None,
+        }),
+        _ => parse_state(run, json),
+    }
 }
 
 /// Read blob `hash`, checking it against its hash.
@@ -208,17 +223,7 @@ impl SqliteStore {
         ) in rows
         {
             let history = parse_history(&id, &hist)?;
-            let state = match (state.is_empty(), history.last()) {
-                // Written compactly: the state is the last transition.
-                (true, Some(t)) => State {
-                    name: t.to,
-                    message: t.message.clone(),
-                    timestamp: t.time,
-                    result: None,
-                    scheduled_for: None,
-                },
-                _ => parse_state(&id, &state)?,
-            };
+            let state = task_state(&id, &state, &history)?;
             let what = |kind: &str| match map_index {
                 Some(i) => format!("{kind} of task `{name}`[{i}]"),
                 None => format!("{kind} of task `{name}`"),
@@ -327,6 +332,93 @@ impl SqliteStore {
                 updated_at: from_micros(updated),
                 tasks,
             });
+        }
+        Ok(out)
+    }
+
+    pub(super) fn changes_impl(
+        &self,
+        run: FlowRunId,
+        task: Option<&str>,
+        after: ChangeCursor,
+    ) -> Result<RunChanges, StoreError> {
+        let conn = self.read();
+        let id = run.to_string();
+        let io = self.io_err("change read");
+        // One snapshot for the rows: a change committed while this reads is wholly in this
+        // answer or wholly in a later one.
+        conn.execute_batch("BEGIN").map_err(&io)?;
+        let read = || -> Result<RunChanges, StoreError> {
+            let mut out = RunChanges {
+                cursor: after,
+                ..RunChanges::default()
+            };
+            let flow: Option<(String, String, i64)> = conn
+                .prepare_cached("SELECT state_json, history, changed FROM flow_runs WHERE id = ?1")
+                .and_then(|mut s| s.query_row([&id], |r| TryFrom::try_from(r)).optional())
+                .map_err(&io)?;
+            let Some((state, history, changed)) = flow else {
+                return Err(StoreError::UnknownRun(id.clone()));
+            };
+            if changed > after.flow {
+                out.flow = Some(FlowChange {
+                    state: parse_state(&id, &state)?,
+                    history: parse_history(&id, &history)?,
+                });
+                out.cursor.flow = changed;
+            }
+            type Row = (
+                i64,
+                i64,
+                String,
+                String,
+                Option<u32>,
+                String,
+                u32,
+                i64,
+                i64,
+                String,
+            );
+            let mut s = conn
+                .prepare_cached(
+                    "SELECT changed, rowid, id, name, map_index, state_json, attempts, run_time_us, fuel, history
+                     FROM task_runs WHERE flow_run = ?1 AND (changed, rowid) > (?2, ?3)
+                       AND (?4 IS NULL OR name = ?4)
+                     ORDER BY changed, rowid LIMIT ?5",
+                )
+                .map_err(&io)?;
+            let rows: Vec<Row> = s
+                .query_map(
+                    params![id, after.change, after.row, task, CHANGE_PAGE_TASKS as i64],
+                    |r| TryFrom::try_from(r),
+                )
+                .and_then(|rows| rows.collect())
+                .map_err(&io)?;
+            for (changed, row, tid, name, map_index, state, attempts, rt, fuel, hist) in rows {
+                let history = parse_history(&id, &hist)?;
+                out.tasks.push(TaskChange {
+                    id: parse_id(&id, &tid)?,
+                    task: name,
+                    map_index,
+                    state: task_state(&id, &state, &history)?,
+                    attempts,
+                    history,
+                    run_time: Duration::from_micros(u64::try_from(rt).unwrap_or(0)),
+                    fuel_consumed: u64::try_from(fuel).unwrap_or(0),
+                });
+                (out.cursor.change, out.cursor.row) = (changed, row);
+            }
+            Ok(out)
+        };
+        let result = read();
+        let _ = conn.execute_batch("COMMIT");
+        let mut out = result?;
+        // Logs are only ever appended, each with the next `seq`: they need no snapshot.
+        out.logs = unmapped(&conn, || {
+            self.log_page(&conn, run, task, after.log, LOG_PAGE_LINES)
+        })?;
+        if let Some(last) = out.logs.last() {
+            out.cursor.log = last.seq;
         }
         Ok(out)
     }

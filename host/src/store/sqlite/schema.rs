@@ -136,7 +136,26 @@ ALTER TABLE cache ADD COLUMN secrets TEXT NOT NULL DEFAULT '';
     // read: a task run's `state_json` is empty when the state is its last history line, and a
     // cache hit's information omits its reason (derived from the entry it names).
     "",
+    // 7: a change feed. Every transaction that writes runs takes the next number of `changes`
+    // and marks the rows it writes with it (`changed`), so a reader asks a run for what changed
+    // after the number it last saw (server-sent events, live views) without reading the rest.
+    r"
+ALTER TABLE flow_runs ADD COLUMN changed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE task_runs ADD COLUMN changed INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX task_runs_changed ON task_runs(flow_run, changed);
+CREATE TABLE changes (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER NOT NULL);
+INSERT INTO changes VALUES (0, 0);
+",
 ];
+
+/// The number a transaction that writes runs marks its rows with: take it first in the
+/// transaction (it also takes the write lock, so numbers follow commit order across processes),
+/// then write `changed = (SELECT seq FROM changes WHERE id = 0)` in every row of `flow_runs`
+/// and `task_runs` it writes.
+pub(super) fn next_change(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<i64> {
+    tx.prepare_cached("UPDATE changes SET seq = seq + 1 WHERE id = 0 RETURNING seq")?
+        .query_row([], |r| r.get(0))
+}
 
 /// How much of the database a connection memory-maps.
 pub(super) const MMAP_SIZE: i64 = 256 << 20;

@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, Transaction, params};
 
 use super::liveness::{not_recorded, process_start};
+use super::schema::next_change;
 use super::{classify, i64_of, lock, micros};
 use crate::cache::CacheInfo;
 use crate::ids::{FlowRunId, TaskRunId};
@@ -47,6 +48,9 @@ pub(super) struct Health {
     /// ([`LogRecord::cost`](crate::sandbox::LogRecord::cost)): the backlog a runner waits on
     /// before starting more attempts.
     queued_logs: AtomicU64,
+    /// Counts the transactions that changed runs, for readers waiting for changes
+    /// ([`super::SqliteStore::watch_changes`]).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Health {
@@ -56,7 +60,18 @@ impl Health {
             error: Mutex::new(None),
             damaged: AtomicBool::new(false),
             queued_logs: AtomicU64::new(0),
+            changed: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// A transaction that changed runs was committed.
+    pub(super) fn changed(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Counts the transactions that changed runs committed by this process.
+    pub(super) fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Log records of `bytes` (their cost) were queued.
@@ -142,7 +157,10 @@ pub(super) fn writer(mut conn: Connection, rx: &mpsc::Receiver<Msg>, health: &He
         if !batch.is_empty() && !health.is_damaged() {
             if held.is_empty() {
                 match commit(&mut conn, &batch, path) {
-                    Ok(()) => health.logs_done(batch.log_bytes),
+                    Ok(()) => {
+                        health.logs_done(batch.log_bytes);
+                        health.changed();
+                    }
                     Err(e) => {
                         health.note(&e);
                         held.push_back(batch);
@@ -179,6 +197,9 @@ pub(super) fn writer(mut conn: Connection, rx: &mpsc::Receiver<Msg>, health: &He
                         not_recorded(&mut conn, run, now, &reason, path)
                     }
                 };
+                if result.is_ok() {
+                    health.changed();
+                }
                 match &result {
                     Ok(_) if held.is_empty() => health.clear(),
                     Ok(_) => {}
@@ -215,6 +236,7 @@ fn retry(
             return Err(e);
         }
         health.logs_done(b.log_bytes);
+        health.changed();
         held.pop_front();
     }
     health.clear();
@@ -314,6 +336,7 @@ fn merge(into: &mut TaskWrite, next: TaskWrite) {
 fn commit(conn: &mut Connection, batch: &Batch, path: &Path) -> Result<(), StoreError> {
     let io = |e: rusqlite::Error| classify(path, "write", &e);
     let tx = conn.transaction().map_err(io)?;
+    next_change(&tx).map_err(io)?;
     for w in &batch.others {
         apply_one(&tx, w).map_err(io)?;
     }
@@ -338,7 +361,7 @@ fn apply_one(tx: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 transition,
             } => {
                 tx.prepare_cached(
-                    "UPDATE flow_runs SET state = ?2, state_json = ?3, updated_at = ?4, history = history || ?5 WHERE id = ?1",
+                    "UPDATE flow_runs SET state = ?2, state_json = ?3, updated_at = ?4, history = history || ?5, changed = (SELECT seq FROM changes WHERE id = 0) WHERE id = ?1",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -403,8 +426,8 @@ fn run_created(tx: &Transaction<'_>, h: &RunHeader) -> rusqlite::Result<()> {
         None => (None, None),
     };
     tx.prepare_cached(
-        "INSERT INTO flow_runs (id, flow, state, state_json, created_at, updated_at, parameters, context, manifest_path, manifest, pid, history, pid_start)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        "INSERT INTO flow_runs (id, flow, state, state_json, created_at, updated_at, parameters, context, manifest_path, manifest, pid, history, pid_start, changed)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, (SELECT seq FROM changes WHERE id = 0))",
     )?
     .execute(params![
         h.id.to_string(),
@@ -445,11 +468,11 @@ pub(super) fn insert_transition(
     let line = history_lines(std::slice::from_ref(t));
     match task_run {
         None => tx.execute(
-            "UPDATE flow_runs SET history = history || ?2 WHERE id = ?1",
+            "UPDATE flow_runs SET history = history || ?2, changed = (SELECT seq FROM changes WHERE id = 0) WHERE id = ?1",
             params![run.to_string(), line],
         )?,
         Some(id) => tx.execute(
-            "UPDATE task_runs SET history = history || ?2 WHERE id = ?1",
+            "UPDATE task_runs SET history = history || ?2, changed = (SELECT seq FROM changes WHERE id = 0) WHERE id = ?1",
             params![id, line],
         )?,
     };
@@ -481,10 +504,10 @@ fn task_write(tx: &Transaction<'_>, t: &TaskWrite) -> rusqlite::Result<()> {
         .transpose()?;
     let cache = t.cache.as_ref().map(CacheInfo::to_stored);
     tx.prepare_cached(
-        "INSERT INTO task_runs (id, flow_run, task_index, name, parent, map_index, state, state_json, attempts, run_time_us, fuel, output, cached_input, cache, history)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?16)
+        "INSERT INTO task_runs (id, flow_run, task_index, name, parent, map_index, state, state_json, attempts, run_time_us, fuel, output, cached_input, cache, history, changed)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?16, (SELECT seq FROM changes WHERE id = 0))
          ON CONFLICT (id) DO UPDATE SET
-            history = history || excluded.history,
+            history = history || excluded.history, changed = excluded.changed,
             state = excluded.state, state_json = excluded.state_json, attempts = excluded.attempts,
             run_time_us = excluded.run_time_us, fuel = excluded.fuel,
             output = coalesce(excluded.output, output),

@@ -199,8 +199,8 @@ async fn stored_bytes_are_held_to_their_quota() {
     );
 }
 
-/// When each task run of `run` was recorded Running and when it ended, in seconds since the
-/// epoch. On a server, Running is recorded when the task run joins the queue.
+/// When each task run of `run` was recorded Running (on a server: when it was given a slot)
+/// and when it ended, in seconds since the epoch.
 fn running_and_end(run: &Value) -> Vec<(f64, f64)> {
     let time = |t: &Value| {
         chrono::DateTime::parse_from_rfc3339(t.as_str().expect("time"))
@@ -288,6 +288,59 @@ async fn fuel_per_minute_holds_task_runs_in_the_queue_once_reached() {
     let out = waiting.wait_with_output().expect("ends");
     assert_eq!(json_of(&out)["state"], "Cancelled");
     assert_eq!(usage().await["queued_tasks"], 0);
+}
+
+/// A task run waiting for a slot is Pending; it is Running from when it gets one. One slot,
+/// two sleeping tasks of one tenant: the second is Pending while the first runs, and Running
+/// only once the first's attempt (1 s) ended.
+#[test]
+fn a_task_run_waiting_for_a_slot_is_pending_until_it_gets_one() {
+    let server = ServerProcess::start(&["--task-slots", "1"]);
+    let dir = tempfile::tempdir().expect("dir");
+    let t = server.add_tenant("p");
+    let flow = sleepers(dir.path(), "s", 2, 1000);
+    let child = server.spawn_run(&t, &flow, true, true);
+    let mut seen = None;
+    for _ in 0..400 {
+        let runs = json_of(&server.cli(&t, &["runs", "--json"]));
+        if let Some(id) = runs[0]["id"].as_str() {
+            let shown = json_of(&server.cli(&t, &["show", id, "--json"]));
+            let mut states: Vec<String> = shown["tasks"]
+                .as_array()
+                .expect("tasks")
+                .iter()
+                .map(|t| t["state"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            states.sort();
+            if states.contains(&"Running".to_owned()) {
+                seen = Some(states);
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        seen.as_deref(),
+        Some(&["Pending".to_owned(), "Running".to_owned()][..]),
+        "while one task run held the slot"
+    );
+    let out = child.wait_with_output().expect("run ends");
+    let run = completed(&out);
+    let mut times = running_and_end(&run);
+    times.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(
+        times[1].0 >= times[0].0 + 1.0,
+        "the second task run was Running before the first's attempt ended: {times:?}"
+    );
+    for t in run["tasks"].as_array().expect("tasks") {
+        let path: Vec<&str> = t["history"]
+            .as_array()
+            .expect("history")
+            .iter()
+            .map(|h| h["to"].as_str().expect("to"))
+            .collect();
+        assert_eq!(path, ["Pending", "Running", "Completed"], "{t}");
+    }
 }
 
 #[test]

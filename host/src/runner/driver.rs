@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::executor::{Executor, Finished, Job, LocalExecutor};
+use super::executor::{Executor, Finished, Grant, Job, LocalExecutor, Slot};
 use super::machine::{Command, Event, FlowMachine, HookRequest, Settings, Unit};
 use super::record::FlowRun;
 use super::{FlowRunner, PreparedFlow};
@@ -52,10 +52,12 @@ pub(super) async fn drive(
         logs_before,
         tenant: runner.tenant,
         keep_retry_budget,
+        acquire: runner.executor.as_ref().is_some_and(|e| e.queues()),
     };
     let run_id = run.id;
     let machine = FlowMachine::new(flow.def.clone(), run, starts, settings);
     let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let (grants_tx, grants_rx) = mpsc::unbounded_channel();
     let mut driver = Driver {
         machine,
         runner,
@@ -64,6 +66,8 @@ pub(super) async fn drive(
         shared: runner.executor.clone(),
         run_id,
         done_tx,
+        grants_tx,
+        granted: HashMap::new(),
         timers: JoinSet::new(),
         hooks: JoinSet::new(),
         hook_ids: HashMap::new(),
@@ -80,7 +84,7 @@ pub(super) async fn drive(
         tokio::spawn(watch_store(store, run, cancel, Utc::now()))
     });
     driver.machine.start();
-    driver.run(done_rx).await;
+    driver.run(done_rx, grants_rx).await;
     if let Some(w) = watcher {
         w.abort();
     }
@@ -99,6 +103,9 @@ struct Driver<'a> {
     shared: Option<Arc<dyn Executor>>,
     run_id: FlowRunId,
     done_tx: mpsc::UnboundedSender<Finished>,
+    grants_tx: mpsc::UnboundedSender<Grant>,
+    /// Executor slots granted to units whose attempts have not been handed over yet.
+    granted: HashMap<Unit, Slot>,
     /// The attempt running on the driver's own task (one that had nothing beside it).
     here: Option<Pin<Box<dyn Future<Output = Finished> + Send>>>,
     /// Attempts submitted and not answered.
@@ -123,7 +130,11 @@ struct HooksAnswer {
 }
 
 impl Driver<'_> {
-    async fn run(&mut self, mut done: mpsc::UnboundedReceiver<Finished>) {
+    async fn run(
+        &mut self,
+        mut done: mpsc::UnboundedReceiver<Finished>,
+        mut grants: mpsc::UnboundedReceiver<Grant>,
+    ) {
         loop {
             self.pump();
             if self.machine.is_idle() {
@@ -139,6 +150,10 @@ impl Driver<'_> {
                 Some(f) = done.recv() => {
                     self.in_flight -= 1;
                     Event::AttemptEnded { unit: f.unit, outcome: f.outcome }
+                }
+                Some(g) = grants.recv() => {
+                    self.granted.insert(g.unit, g.slot);
+                    Event::SlotGranted(g.unit)
                 }
                 Some(Ok(unit)) = self.timers.join_next() => Event::TimerFired(unit),
                 Some(joined) = self.hooks.join_next_with_id() => match joined {
@@ -201,6 +216,7 @@ impl Driver<'_> {
                         budget: self.flow.def.tasks[a.unit.task].budget,
                         grants: self.flow.grants[a.unit.task].run.clone(),
                         cancel: self.cancel.clone(),
+                        slot: self.granted.remove(&a.unit),
                     };
                     self.in_flight += 1;
                     if !self.deferred.is_empty() || !self.store_has_room() {
@@ -242,6 +258,16 @@ impl Driver<'_> {
                         let _ = tx.send(event);
                     }
                 }
+                Command::Acquire(unit) => match &self.shared {
+                    Some(shared) => shared.acquire(
+                        self.run_id,
+                        unit,
+                        self.cancel.clone(),
+                        self.grants_tx.clone(),
+                    ),
+                    None => self.machine.handle(Event::SlotGranted(unit)),
+                },
+                Command::Release(unit) => drop(self.granted.remove(&unit)),
                 Command::AbortTimers => self.timers.abort_all(),
                 Command::AbortHooks => {
                     self.hook_ids.clear();

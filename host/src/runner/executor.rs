@@ -36,6 +36,27 @@ pub struct Job {
     pub grants: Arc<RunGrants>,
     /// Stops it when the flow run is cancelled.
     pub cancel: CancelToken,
+    /// The executor's slot it was granted ([`Executor::acquire`]), for an executor that queues.
+    pub slot: Option<Slot>,
+}
+
+/// One of an executor's slots, granted to a unit by [`Executor::acquire`] and handed back with
+/// its job ([`Job::slot`]); dropping it gives it back to the executor. Opaque to the runner.
+pub struct Slot(pub Box<dyn std::any::Any + Send>);
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Slot")
+    }
+}
+
+/// A slot for a unit ([`Executor::acquire`]).
+#[derive(Debug)]
+pub struct Grant {
+    /// The unit.
+    pub unit: Unit,
+    /// Its slot.
+    pub slot: Slot,
 }
 
 /// A job's result.
@@ -52,6 +73,30 @@ pub trait Executor: Send + Sync {
     /// Run `job` and send its result to `done`, exactly once, whatever happens to the job (a run
     /// the executor loses is a host fault, never silence).
     fn submit(&self, job: Job, done: mpsc::UnboundedSender<Finished>);
+
+    /// Whether attempts wait for one of this executor's slots before they start: an executor
+    /// that queues them (a server's fair queue) says so, and a task run then stays Pending
+    /// while it waits and becomes Running when it is given a slot, not when it joins the queue.
+    fn queues(&self) -> bool {
+        false
+    }
+
+    /// Ask for a slot for `unit` of flow run `run`: when one is free, send it to `granted`;
+    /// the attempt's job then brings it back ([`Job::slot`]). A request of a cancelled flow run
+    /// (`cancel`) may be dropped unanswered. Only called when [`Executor::queues`].
+    fn acquire(
+        &self,
+        run: FlowRunId,
+        unit: Unit,
+        cancel: CancelToken,
+        granted: mpsc::UnboundedSender<Grant>,
+    ) {
+        let _ = (run, cancel);
+        let _ = granted.send(Grant {
+            unit,
+            slot: Slot(Box::new(())),
+        });
+    }
 }
 
 /// Runs jobs on this process's sandbox, each on its own tokio task.

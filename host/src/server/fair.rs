@@ -1,5 +1,7 @@
-//! The server's one queue of ready task runs, shared by every flow run of every tenant, and
-//! its dispatch: start-time fair queuing over tenants, round robin over each tenant's flow
+//! The server's one queue of task runs waiting for a slot, shared by every flow run of every
+//! tenant, and its dispatch. A task run waits here Pending and is Running from when it is
+//! given a slot (the runner asks with `Executor::acquire` and hands the slot back with the
+//! attempt); the slot goes back when the attempt ends. The dispatch: start-time fair queuing over tenants, round robin over each tenant's flow
 //! runs. Every tenant with work has a virtual time: the sandbox time its task runs used,
 //! divided by its weight. A free run slot goes to the eligible tenant with the smallest virtual
 //! time (ties: the one that waited longest), so a tenant's share of the slots follows its
@@ -27,8 +29,9 @@ use tokio::sync::mpsc;
 
 use super::cpu::{CpuGate, TurnPacer};
 use crate::ids::{FlowRunId, TenantId};
-use crate::runner::executor::{Executor, Finished, Job, LocalExecutor};
-use crate::sandbox::{Sandbox, paced};
+use crate::runner::executor::{Executor, Finished, Grant, Job, LocalExecutor, Slot};
+use crate::runner::machine::Unit;
+use crate::sandbox::{CancelToken, Sandbox, paced};
 
 /// The window of the per-minute quotas.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -112,8 +115,8 @@ struct TenantQueue {
     share: Share,
     /// Seconds of sandbox time used, divided by the weight.
     vtime: f64,
-    /// Flow runs with queued task runs, in round-robin order.
-    runs: VecDeque<(FlowRunId, VecDeque<Queued>)>,
+    /// Flow runs with task runs waiting for a slot, in round-robin order.
+    runs: VecDeque<(FlowRunId, VecDeque<Request>)>,
     queued: usize,
     running: usize,
     /// When its last task run was dispatched (a ticket).
@@ -123,10 +126,35 @@ struct TenantQueue {
     fuel_sum: u64,
 }
 
+/// A task run waiting for a slot (Pending).
 #[derive(Debug)]
-struct Queued {
-    job: Job,
-    done: mpsc::UnboundedSender<Finished>,
+struct Request {
+    unit: Unit,
+    cancel: CancelToken,
+    granted: mpsc::UnboundedSender<Grant>,
+}
+
+/// A slot dispatched to a task run: counted as running until dropped (its attempt ended, or
+/// it was never used: the flow run was cancelled meanwhile, or its driver is gone).
+#[derive(Debug)]
+struct SlotGuard {
+    queue: FairQueue,
+    tenant: TenantId,
+    /// The tenant's weight when it was dispatched, for its guest's turns.
+    weight: u32,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        {
+            let mut state = self.queue.state();
+            state.running = state.running.saturating_sub(1);
+            if let Some(q) = state.tenants.get_mut(&self.tenant) {
+                q.running = q.running.saturating_sub(1);
+            }
+        }
+        self.queue.pump();
+    }
 }
 
 impl TenantQueue {
@@ -171,7 +199,7 @@ impl TenantQueue {
 impl State {
     /// Take tenant `id`'s next task run (round robin over its flow runs) and count it running,
     /// charging the tenant the nominal time of a dispatch.
-    fn dispatch(&mut self, id: TenantId) -> Option<Queued> {
+    fn dispatch(&mut self, id: TenantId) -> Option<Request> {
         self.ticket += 1;
         let ticket = self.ticket;
         let q = self.tenants.get_mut(&id)?;
@@ -257,7 +285,7 @@ impl FairQueue {
         })
     }
 
-    fn enqueue(&self, tenant: TenantId, job: Job, done: mpsc::UnboundedSender<Finished>) {
+    fn enqueue(&self, tenant: TenantId, run: FlowRunId, request: Request) {
         {
             let mut state = self.state();
             // A tenant that had nothing to do starts level with the least-served busy tenant.
@@ -271,46 +299,36 @@ impl FairQueue {
             if !q.busy() && floor.is_finite() && q.vtime < floor {
                 q.vtime = floor;
             }
-            let run = job.run;
-            let queued = Queued { job, done };
             match q.runs.iter_mut().find(|(r, _)| *r == run) {
-                Some((_, jobs)) => jobs.push_back(queued),
-                None => q.runs.push_back((run, VecDeque::from([queued]))),
+                Some((_, requests)) => requests.push_back(request),
+                None => q.runs.push_back((run, VecDeque::from([request]))),
             }
             q.queued += 1;
         }
         self.pump();
     }
 
-    /// A flow run was cancelled: its queued task runs leave the queue now.
+    /// A flow run was cancelled: its waiting task runs leave the queue now (their flow run
+    /// records them Cancelled without a slot).
     pub fn cancelled(&self) {
         self.pump();
     }
 
-    /// Dispatch while slots are free and some tenant is eligible; end the queued task runs
-    /// of cancelled flow runs.
+    /// Dispatch while slots are free and some tenant is eligible; drop the requests of
+    /// cancelled flow runs.
     fn pump(&self) {
-        // (tenant, task run, whether it holds a slot)
-        let mut start: Vec<(TenantId, Queued, bool)> = Vec::new();
+        let mut start: Vec<(TenantId, Request)> = Vec::new();
         let mut wake = None;
         let weights: Vec<u32>;
         {
             let mut state = self.state();
             let now = Instant::now();
-            // Cancelled flow runs leave the queue without a slot: they end at once.
-            for (id, q) in state.tenants.iter_mut() {
+            for q in state.tenants.values_mut() {
                 let mut i = 0;
                 while i < q.runs.len() {
-                    let cancelled = q.runs[i]
-                        .1
-                        .front()
-                        .is_some_and(|j| j.job.cancel.is_cancelled());
+                    let cancelled = q.runs[i].1.front().is_some_and(|r| r.cancel.is_cancelled());
                     match cancelled.then(|| q.runs.remove(i)).flatten() {
-                        Some((_, jobs)) => {
-                            q.queued -= jobs.len();
-                            q.running += jobs.len();
-                            start.extend(jobs.into_iter().map(|j| (*id, j, false)));
-                        }
+                        Some((_, requests)) => q.queued -= requests.len(),
                         None => i += 1,
                     }
                 }
@@ -338,10 +356,10 @@ impl FairQueue {
                     wake = held;
                     break;
                 };
-                let Some(job) = state.dispatch(id) else {
+                let Some(request) = state.dispatch(id) else {
                     break;
                 };
-                start.push((id, job, true));
+                start.push((id, request));
             }
             // A tenant with nothing running gets one task run at once even when every slot is
             // taken (by tenants with backlogs): it never waits for another tenant's task run
@@ -358,15 +376,15 @@ impl FairQueue {
                     })
                     .collect();
                 for id in idle {
-                    if let Some(job) = state.dispatch(id) {
-                        start.push((id, job, true));
+                    if let Some(request) = state.dispatch(id) {
+                        start.push((id, request));
                     }
                 }
             }
             // Read under this lock, not again per task run.
             weights = start
                 .iter()
-                .map(|(id, _, _)| state.tenants.get(id).map_or(1, |q| q.share.weight))
+                .map(|(id, _)| state.tenants.get(id).map_or(1, |q| q.share.weight))
                 .collect();
             if let Some(at) = wake {
                 match state.wake_at {
@@ -375,8 +393,17 @@ impl FairQueue {
                 }
             }
         }
-        for ((tenant, queued, slot), weight) in start.into_iter().zip(weights) {
-            self.spawn(tenant, queued, slot, weight);
+        for ((tenant, request), weight) in start.into_iter().zip(weights) {
+            let guard = SlotGuard {
+                queue: self.clone(),
+                tenant,
+                weight,
+            };
+            // A driver that is gone drops the grant, and with it the slot.
+            let _ = request.granted.send(Grant {
+                unit: request.unit,
+                slot: Slot(Box::new(guard)),
+            });
         }
         if let Some(at) = wake {
             let queue = self.clone();
@@ -388,11 +415,18 @@ impl FairQueue {
         }
     }
 
-    /// Run a dispatched task run; when it ends, account for it (its slot, its sandbox time
-    /// against the tenant's virtual time, its fuel against the tenant's minute) and dispatch
-    /// more. `slot`: whether it holds one of the queue's slots (a cancelled one does not).
-    fn spawn(&self, tenant: TenantId, queued: Queued, slot: bool, weight: u32) {
-        let Queued { job, done } = queued;
+    /// Run the attempt of a task run given a slot; when it ends, account for it (its sandbox
+    /// time against the tenant's virtual time, its fuel against the tenant's minute), give the
+    /// slot back and dispatch more.
+    fn spawn(&self, tenant: TenantId, mut job: Job, done: mpsc::UnboundedSender<Finished>) {
+        let guard = job
+            .slot
+            .take()
+            .and_then(|s| s.0.downcast::<SlotGuard>().ok());
+        // Never without one: the runner acquires a slot before every attempt. Were it to come
+        // without, it would run uncounted rather than be lost.
+        debug_assert!(guard.is_some(), "an attempt without a slot of the queue");
+        let weight = guard.as_ref().map_or(1, |g| g.weight);
         let queue = self.clone();
         let run = self.inner.local.run_here(job);
         let turn = self.inner.cpu.turn(tenant, weight);
@@ -404,23 +438,19 @@ impl FairQueue {
             let (duration, fuel) = (usage.duration, usage.fuel_consumed);
             {
                 let mut state = queue.state();
-                if slot {
-                    state.running -= 1;
-                }
                 if let Some(q) = state.tenants.get_mut(&tenant) {
-                    q.running -= 1;
-                    if slot {
-                        let used = duration.as_secs_f64() - NOMINAL.as_secs_f64();
-                        q.vtime += used.max(0.0) / f64::from(q.share.weight);
-                    }
+                    let used = duration.as_secs_f64() - NOMINAL.as_secs_f64();
+                    q.vtime += used.max(0.0) / f64::from(q.share.weight);
                     if fuel > 0 {
                         q.fuel.push_back((Instant::now(), fuel));
                         q.fuel_sum = q.fuel_sum.saturating_add(fuel);
                     }
                 }
             }
+            // The slot goes back (and the next task run is dispatched) before the flow run
+            // hears of the end.
+            drop(guard);
             let _ = done.send(finished);
-            queue.pump();
         };
         match &self.inner.guests {
             Some(guests) => drop(guests.spawn(spawned)),
@@ -438,6 +468,25 @@ struct TenantExecutor {
 
 impl Executor for TenantExecutor {
     fn submit(&self, job: Job, done: mpsc::UnboundedSender<Finished>) {
-        self.queue.enqueue(self.tenant, job, done);
+        self.queue.spawn(self.tenant, job, done);
+    }
+
+    fn queues(&self) -> bool {
+        true
+    }
+
+    fn acquire(
+        &self,
+        run: FlowRunId,
+        unit: Unit,
+        cancel: CancelToken,
+        granted: mpsc::UnboundedSender<Grant>,
+    ) {
+        let request = Request {
+            unit,
+            cancel,
+            granted,
+        };
+        self.queue.enqueue(self.tenant, run, request);
     }
 }

@@ -38,7 +38,7 @@ impl FlowMachine {
             // answer starts.
             self.take_slot(unit);
             if !self.ask_cache(unit) {
-                self.begin_attempt(unit);
+                self.ready_to_start(unit);
             }
         }
     }
@@ -170,14 +170,25 @@ impl FlowMachine {
             Ok(CacheLookup::Miss(reason)) => {
                 self.record(unit).cache = Some(miss(&key, reason));
                 self.cache_keys.insert(unit, key);
-                self.begin_attempt(unit);
+                self.ready_to_start(unit);
             }
             Err(e) => {
                 let task = &self.def.tasks[unit.task].name;
                 tracing::warn!(task = %task, "cache lookup failed: {e}");
                 self.record(unit).cache = Some(miss(&key, format!("the lookup failed: {e}")));
-                self.begin_attempt(unit);
+                self.ready_to_start(unit);
             }
+        }
+    }
+
+    /// The unit holds the run's slot and its component is to run: with an executor that
+    /// queues, it first waits, Pending, for one of the executor's slots; else it begins now.
+    fn ready_to_start(&mut self, unit: Unit) {
+        if self.settings.acquire {
+            self.awaiting.insert(unit);
+            self.commands.push_back(Command::Acquire(unit));
+        } else {
+            self.begin_attempt(unit);
         }
     }
 

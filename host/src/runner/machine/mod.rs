@@ -89,6 +89,8 @@ pub enum Event {
     },
     /// Stop the run: nothing new starts, running attempts are being interrupted.
     CancelRequested,
+    /// The executor gave the unit a slot ([`Command::Acquire`]).
+    SlotGranted(Unit),
 }
 
 /// What the machine asks its driver to do.
@@ -120,6 +122,11 @@ pub enum Command {
     AbortTimers,
     /// Drop every handler run in progress: none will be answered.
     AbortHooks,
+    /// Ask the executor for a slot for the unit ([`Settings::acquire`]); answer with
+    /// [`Event::SlotGranted`].
+    Acquire(Unit),
+    /// Give back the unit's executor slot unused, if it was granted one.
+    Release(Unit),
 }
 
 /// One attempt of a unit.
@@ -188,6 +195,10 @@ pub struct Settings {
     /// A resumed run's tasks count their retries from their first attempt, not from the
     /// resume (a crashed run resumed by the server; see `FlowRunner::resume_crashed`).
     pub keep_retry_budget: bool,
+    /// Attempts wait for an executor's slot ([`Command::Acquire`]) before they are Running:
+    /// the executor queues them (a server's fair queue), and a task run waiting there is
+    /// Pending.
+    pub acquire: bool,
 }
 
 /// What the machine tracks per task beside its record.
@@ -264,8 +275,11 @@ pub struct FlowMachine {
     starts: HashSet<usize>,
     ready: VecDeque<Unit>,
     tag_blocked: HashMap<String, VecDeque<Unit>>,
-    /// Units holding a slot: running, or waiting for their cache answer.
+    /// Units holding a slot: running, waiting for their cache answer, or for an executor's
+    /// slot.
     running: usize,
+    /// Units waiting for an executor's slot ([`Command::Acquire`]), Pending.
+    awaiting: HashSet<Unit>,
     running_by_tag: HashMap<String, usize>,
     timers: usize,
     lookups: usize,
@@ -380,6 +394,7 @@ impl FlowMachine {
             ready: VecDeque::new(),
             tag_blocked: HashMap::new(),
             running: 0,
+            awaiting: HashSet::new(),
             running_by_tag: HashMap::new(),
             timers: 0,
             lookups: 0,
@@ -477,6 +492,11 @@ impl FlowMachine {
                     self.begin_cancel();
                 }
             }
+            Event::SlotGranted(unit) => match self.awaiting.remove(&unit) {
+                true => self.begin_attempt(unit),
+                // Cancelled while it waited: the slot goes back.
+                false => self.commands.push_back(Command::Release(unit)),
+            },
         }
         self.settle();
     }

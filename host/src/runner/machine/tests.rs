@@ -240,6 +240,8 @@ struct Scenario {
     cancel_at: Option<u8>,
     /// After the cancel, attempts end interrupted (`Ending::Cancelled`) rather than as scripted.
     interrupt: bool,
+    /// The executor queues: each attempt waits for a slot it grants ([`Command::Acquire`]).
+    acquire: bool,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -255,6 +257,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         proptest::collection::vec(0u16..3000, 1..8),
         proptest::option::weighted(0.3, 0u8..40),
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
             |(
@@ -269,6 +272,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 steps_ms,
                 cancel_at,
                 interrupt,
+                acquire,
             )| Scenario {
                 tasks,
                 refs,
@@ -281,6 +285,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 steps_ms,
                 cancel_at,
                 interrupt,
+                acquire,
             },
         )
 }
@@ -409,6 +414,7 @@ enum Logged {
     Attempt(Unit, RunOutcome),
     Timer(Unit),
     Hooks(Unit, u64, State),
+    Granted(Unit),
     Cancel,
 }
 
@@ -423,6 +429,7 @@ impl Logged {
                 state,
                 logs: Vec::new(),
             },
+            Logged::Granted(unit) => Event::SlotGranted(unit),
             Logged::Cancel => Event::CancelRequested,
         }
     }
@@ -434,6 +441,8 @@ enum Outstanding {
     Attempt(Unit),
     Timer(Unit, DateTime<Utc>),
     Hooks(Unit, u64, State),
+    /// An executor's slot, asked for.
+    Slot(Unit),
 }
 
 /// A synchronous driver: carries out the machine's commands, checking each, and logs every
@@ -458,7 +467,7 @@ fn start_time() -> DateTime<Utc> {
 }
 
 impl Harness {
-    fn new(flow: &Flow, events: bool, items: u8) -> Self {
+    fn new(flow: &Flow, events: bool, items: u8, acquire: bool) -> Self {
         let clock = SimClock::new(start_time());
         let settings = Settings {
             clock: Arc::new(clock.clone()),
@@ -470,6 +479,7 @@ impl Harness {
             logs_before: 0,
             tenant: None,
             keep_retry_budget: false,
+            acquire,
         };
         let mut params = BTreeMap::new();
         params.insert(
@@ -507,6 +517,7 @@ impl Harness {
             (Outstanding::Attempt(u), Logged::Attempt(v, _)) => u == v,
             (Outstanding::Timer(u, _), Logged::Timer(v)) => u == v,
             (Outstanding::Hooks(u, s, _), Logged::Hooks(v, t, _)) => u == v && s == t,
+            (Outstanding::Slot(u), Logged::Granted(v)) => u == v,
             _ => false,
         });
         match (answered, &logged) {
@@ -619,6 +630,25 @@ impl Harness {
                         .retain(|o| !matches!(o, Outstanding::Hooks(..)));
                 }
                 Command::Event(e) => self.trace.push(format!("event {e:?}")),
+                Command::Acquire(unit) => {
+                    // A unit asks once, and only before its attempt.
+                    assert!(
+                        !self
+                            .outstanding
+                            .iter()
+                            .any(|o| matches!(o, Outstanding::Slot(u) | Outstanding::Attempt(u) if *u == unit)),
+                        "{unit:?} asks for a slot twice"
+                    );
+                    assert!(!self.cancelled, "{unit:?} asks for a slot after the cancel");
+                    self.trace.push(format!("acquire {unit:?}"));
+                    self.outstanding.push(Outstanding::Slot(unit));
+                }
+                Command::Release(unit) => {
+                    // The executor drops the request (a queue drops those of a cancelled run).
+                    self.trace.push(format!("release {unit:?}"));
+                    self.outstanding
+                        .retain(|o| !matches!(o, Outstanding::Slot(u) if *u == unit));
+                }
                 Command::LookupCache { unit, .. } => {
                     panic!("{unit:?}: a cache lookup without a store")
                 }
@@ -665,7 +695,7 @@ fn scripted(s: &Scenario, unit: Unit, n: u32) -> Outcome {
 
 /// Run the scenario to its end; returns the driver with its log.
 fn explore(s: &Scenario, flow: &Flow) -> Harness {
-    let mut h = Harness::new(flow, s.events, s.items);
+    let mut h = Harness::new(flow, s.events, s.items, s.acquire);
     h.start();
     let mut step = 0usize;
     while !h.outstanding.is_empty() {
@@ -699,6 +729,7 @@ fn explore(s: &Scenario, flow: &Flow) -> Harness {
             }
             // The handler components leave the state as it is.
             Outstanding::Hooks(unit, seq, state) => Logged::Hooks(*unit, *seq, state.clone()),
+            &Outstanding::Slot(unit) => Logged::Granted(unit),
         };
         h.feed(now, logged);
         step += 1;
@@ -939,7 +970,7 @@ fn check(s: &Scenario) {
     // machine's hash maps have their own random order, so an order leaking into a decision
     // shows as a difference (more often, the more replays).
     for _ in 0..REPLAYS {
-        let mut r = Harness::new(&flow, s.events, s.items);
+        let mut r = Harness::new(&flow, s.events, s.items, s.acquire);
         r.start();
         for (now, logged) in &log {
             r.feed(*now, logged.clone());
@@ -1002,6 +1033,7 @@ fn cancelled_at(tasks: Vec<TaskSpec>, items: u8, cancel_at: u8) -> Scenario {
         steps_ms: vec![0],
         cancel_at: Some(cancel_at),
         interrupt: false,
+        acquire: false,
     }
 }
 
@@ -1072,6 +1104,7 @@ fn the_cache_is_asked_once_and_awaited_before_the_run_can_end() {
         logs_before: 0,
         tenant: None,
         keep_retry_budget: false,
+        acquire: false,
     };
     let run = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now());
     let mut m = FlowMachine::new(def, run, &[], settings);
@@ -1127,4 +1160,111 @@ fn the_cache_is_asked_once_and_awaited_before_the_run_can_end() {
     let _ = next(&mut m);
     assert!(m.is_idle());
     assert_eq!(m.run().tasks[0].state.name, StateName::Completed);
+}
+
+/// With an executor that queues: a unit stays Pending until the executor grants it a slot, is
+/// Running (attempt counted) only then, and on a retry asks for a slot again. A cancel while a
+/// unit waits ends it Cancelled without an attempt and gives back a slot granted later.
+#[test]
+fn with_an_executor_that_queues_a_unit_is_pending_until_granted_a_slot() {
+    let mut a = TaskDef::new("a", PathBuf::from("a.wasm"));
+    a.input = Input::Literal(json!(1).into());
+    a.retries = 1;
+    let mut b = TaskDef::new("b", PathBuf::from("b.wasm"));
+    b.input = Input::Literal(json!(2).into());
+    let def = Arc::new(
+        FlowBuilder::new("queued")
+            .task(a)
+            .task(b)
+            .build()
+            .expect("flow"),
+    );
+    let clock = SimClock::new(start_time());
+    let settings = Settings {
+        clock: Arc::new(clock.clone()),
+        handlers: Arc::new(StateHandlers::default()),
+        record: false,
+        events: false,
+        digests: vec![String::new(); 2],
+        grants: vec![(String::new(), String::new()); 2],
+        logs_before: 0,
+        tenant: None,
+        keep_retry_budget: false,
+        acquire: true,
+    };
+    let run = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now());
+    let mut m = FlowMachine::new(def, run, &[], settings);
+    let next =
+        |m: &mut FlowMachine| -> Vec<Command> { std::iter::from_fn(|| m.next_command()).collect() };
+    let (ua, ub) = (Unit::task(0), Unit::task(1));
+    m.start();
+    let mut asked: Vec<Unit> = next(&mut m)
+        .into_iter()
+        .map(|c| match c {
+            Command::Acquire(u) => u,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    asked.sort_unstable();
+    assert_eq!(asked, [ua, ub]);
+    let state = |m: &FlowMachine, u: Unit| m.run().tasks[u.task].state.name;
+    assert_eq!(state(&m, ua), StateName::Pending);
+    assert_eq!(m.run().tasks[0].attempts, 0);
+    assert!(!m.is_idle());
+    clock.advance(TimeDelta::seconds(5));
+    m.handle(Event::SlotGranted(ua));
+    let commands = next(&mut m);
+    assert!(
+        matches!(commands.as_slice(), [Command::Run(x)] if x.unit == ua && x.ctx.attempt == 1),
+        "{commands:?}"
+    );
+    assert_eq!(state(&m, ua), StateName::Running);
+    // Running from the grant, not from the request.
+    assert_eq!(m.run().tasks[0].state.timestamp, clock.now());
+    assert_eq!(state(&m, ub), StateName::Pending);
+    // A retry waits for a slot again.
+    m.handle(Event::AttemptEnded {
+        unit: ua,
+        outcome: RunOutcome {
+            ending: Outcome::Retry(None).ending(),
+            logs: Vec::new(),
+            logs_dropped_bytes: 0,
+            usage: Usage::default(),
+        },
+    });
+    let commands = next(&mut m);
+    assert!(
+        matches!(commands.as_slice(), [Command::Timer { unit, .. }] if *unit == ua),
+        "{commands:?}"
+    );
+    m.handle(Event::TimerFired(ua));
+    let commands = next(&mut m);
+    assert!(
+        matches!(commands.as_slice(), [Command::Acquire(x)] if *x == ua),
+        "{commands:?}"
+    );
+    assert_eq!(state(&m, ua), StateName::AwaitingRetry);
+    // Cancelled while both wait: neither runs; a grant that comes later goes back.
+    m.handle(Event::CancelRequested);
+    let commands = next(&mut m);
+    let released: Vec<Unit> = commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::Release(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released, [ua, ub]);
+    assert!(!commands.iter().any(|c| matches!(c, Command::Run(_))));
+    assert_eq!(state(&m, ua), StateName::Cancelled);
+    assert_eq!(state(&m, ub), StateName::Cancelled);
+    assert_eq!(m.run().tasks[0].attempts, 1);
+    assert_eq!(m.run().tasks[1].attempts, 0);
+    m.handle(Event::SlotGranted(ub));
+    let commands = next(&mut m);
+    assert!(
+        matches!(commands.as_slice(), [Command::Release(x)] if *x == ub),
+        "{commands:?}"
+    );
+    assert!(m.is_idle());
 }

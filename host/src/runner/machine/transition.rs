@@ -11,6 +11,17 @@ impl FlowMachine {
             State::new(StateName::Cancelling, self.now())
                 .with_message("cancel requested: interrupting running tasks"),
         );
+        // Units waiting for an executor's slot never started: Cancelled, their requests
+        // given up (a slot granted later goes back).
+        let mut awaiting: Vec<Unit> = self.awaiting.drain().collect();
+        awaiting.sort_unstable();
+        for unit in awaiting {
+            self.release_slot(unit);
+            self.commands.push_back(Command::Release(unit));
+            let s = State::new(StateName::Cancelled, self.now())
+                .with_message("the flow run was cancelled before this task started");
+            self.transition(unit, s, None, Then::Finished);
+        }
         // Handlers still running are not waited for: their transitions are recorded as the
         // in-process handlers left them.
         if !self.hooks.is_empty() {
@@ -24,6 +35,7 @@ impl FlowMachine {
                     let rec = self.record(unit);
                     rec.attempts = rec.attempts.saturating_sub(1);
                     self.release_slot(unit);
+                    self.commands.push_back(Command::Release(unit));
                     let s = State::new(StateName::Cancelled, self.now())
                         .with_message("the flow run was cancelled before this task started");
                     self.transition(unit, s, None, Then::Finished);

@@ -255,6 +255,15 @@ async fn cron_slots_follow_the_wall_clock_of_their_zone_across_a_dst_change() {
         assert_eq!(run["run"]["context"]["scheduled_start"], t(at).to_rfc3339());
         assert_eq!(run["run"]["tasks"][0]["output"], 2, "{run}");
     }
+    // The deployment's list says how its runs ended (read by their ids).
+    let (_, past, _) = s.slots("daily").await;
+    assert_eq!(
+        past,
+        [
+            ("03-29T04:00".to_owned(), "Completed".to_owned()),
+            ("03-28T05:00".to_owned(), "Completed".to_owned())
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

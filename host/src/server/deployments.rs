@@ -24,7 +24,7 @@ use crate::ids::FlowRunId;
 use crate::runner::{ScheduledStart, Transition};
 use crate::schedule::{OpenSlot, PlanInput, Schedule, plan};
 use crate::state::StateName;
-use crate::store::{RunFilter, Store as _};
+use crate::store::{ChangeCursor, Store as _};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS deployments (
@@ -333,7 +333,7 @@ impl Deployments {
         name: &str,
         limit: usize,
     ) -> Result<DeploymentRuns, ApiError> {
-        let row = self.row(name)?;
+        self.row(name)?;
         let slots: Vec<(i64, String, String, Option<String>)> = {
             let db = lock(&self.db);
             let mut s = db
@@ -363,17 +363,16 @@ impl Deployments {
             );
             rows
         };
-        let states: HashMap<FlowRunId, StateName> = space
-            .store()
-            .list_runs(&RunFilter {
-                flow: Some(row.flow.clone()),
-                limit: limit.max(100) * 4,
-                ..RunFilter::default()
-            })
-            .map_err(|e| ApiError::store("reading runs", e))?
-            .into_iter()
-            .map(|r| (r.id, r.state.name))
-            .collect();
+        // Each started slot's run, read by its id (its flow run's row alone).
+        let mut states: HashMap<FlowRunId, StateName> = HashMap::new();
+        for (_, run, state, _) in &slots {
+            if let (STARTED, Ok(id)) = (state.as_str(), run.parse::<FlowRunId>())
+                && let Ok(c) = space.store().changes(id, None, ChangeCursor::FLOW_ONLY)
+                && let Some(flow) = c.flow
+            {
+                states.insert(id, flow.state.name);
+            }
+        }
         let mut out = DeploymentRuns {
             deployment: name.to_owned(),
             upcoming: Vec::new(),

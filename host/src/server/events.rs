@@ -142,20 +142,15 @@ impl Reader {
             }
             if !live {
                 self.ended = true;
-                // The flow run's row alone: every task run and line is behind this cursor.
-                let only_flow = ChangeCursor {
-                    flow: -1,
-                    change: i64::MAX,
-                    row: i64::MAX,
-                    log: i64::MAX,
-                };
                 let (store, id) = (self.store.clone(), self.id);
-                let state = tokio::task::spawn_blocking(move || store.changes(id, None, only_flow))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .and_then(|c| c.flow)
-                    .map(|f| f.state);
+                let state = tokio::task::spawn_blocking(move || {
+                    store.changes(id, None, ChangeCursor::FLOW_ONLY)
+                })
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .and_then(|c| c.flow)
+                .map(|f| f.state);
                 let data = serde_json::json!({ "state": state });
                 return Some(Event::default().event("end").data(data.to_string()));
             }

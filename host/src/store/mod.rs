@@ -439,6 +439,17 @@ impl ChangeCursor {
     };
 }
 
+impl ChangeCursor {
+    /// Past every task run and line: a read from here returns the flow run alone (its state
+    /// and history).
+    pub const FLOW_ONLY: ChangeCursor = ChangeCursor {
+        flow: -1,
+        change: i64::MAX,
+        row: i64::MAX,
+        log: i64::MAX,
+    };
+}
+
 impl Default for ChangeCursor {
     fn default() -> Self {
         Self::START

@@ -323,15 +323,17 @@ impl FairQueue {
         {
             let mut state = self.state();
             let now = Instant::now();
+            // Requests nobody waits for leave: of a cancelled flow run (each request by its own
+            // token: a run resumed under the same id asks anew), or whose driver is gone.
             for q in state.tenants.values_mut() {
-                let mut i = 0;
-                while i < q.runs.len() {
-                    let cancelled = q.runs[i].1.front().is_some_and(|r| r.cancel.is_cancelled());
-                    match cancelled.then(|| q.runs.remove(i)).flatten() {
-                        Some((_, requests)) => q.queued -= requests.len(),
-                        None => i += 1,
-                    }
-                }
+                let mut dropped = 0;
+                q.runs.retain_mut(|(_, requests)| {
+                    let before = requests.len();
+                    requests.retain(|r| !r.cancel.is_cancelled() && !r.granted.is_closed());
+                    dropped += before - requests.len();
+                    !requests.is_empty()
+                });
+                q.queued -= dropped;
             }
             while state.running < state.slots {
                 let mut best: Option<(TenantId, f64, u64)> = None;
@@ -488,5 +490,52 @@ impl Executor for TenantExecutor {
             granted,
         };
         self.queue.enqueue(self.tenant, run, request);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(
+        queue: &FairQueue,
+        tenant: TenantId,
+        run: FlowRunId,
+        cancel: &CancelToken,
+    ) -> mpsc::UnboundedReceiver<Grant> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let unit = Unit {
+            task: 0,
+            child: None,
+        };
+        queue
+            .executor(tenant)
+            .acquire(run, unit, cancel.clone(), tx);
+        rx
+    }
+
+    /// Requests leave by their own token: a flow run cancelled without the queue being told,
+    /// then resumed under the same id, has its new request granted (not dropped with the old
+    /// one); a request whose driver is gone leaves without taking a slot.
+    #[tokio::test]
+    async fn requests_leave_by_their_own_token_and_driver() {
+        let sandbox = Sandbox::builder().build().expect("sandbox");
+        let queue = FairQueue::new(sandbox, 1, 1).expect("queue");
+        let tenant = TenantId::new();
+        let mut holder = ask(&queue, tenant, FlowRunId::new(), &CancelToken::new());
+        let held = holder.try_recv().expect("the one slot");
+        let run = FlowRunId::new();
+        let old = CancelToken::new();
+        let _stale = ask(&queue, tenant, run, &old);
+        old.cancel();
+        let mut resumed = ask(&queue, tenant, run, &CancelToken::new());
+        drop(ask(&queue, tenant, FlowRunId::new(), &CancelToken::new()));
+        assert_eq!(queue.load(tenant).queued, 2, "the resumed request and the orphan");
+        drop(held);
+        let grant = resumed.try_recv().expect("the resumed run's request is granted");
+        assert_eq!(queue.load(tenant).queued, 0);
+        assert_eq!(queue.load(tenant).running, 1);
+        drop(grant);
+        assert_eq!(queue.load(tenant), Load::default());
     }
 }

@@ -225,6 +225,7 @@ impl Remote {
             response,
             buffer: Vec::new(),
             event: SseEvent::default(),
+            has_data: false,
         })
     }
 
@@ -328,7 +329,11 @@ impl Remote {
         id: FlowRunId,
         view: Option<tokio::sync::mpsc::UnboundedSender<FlowEvent>>,
     ) -> Result<RunView, UsageError> {
-        let mut cursor = ChangeCursor::START;
+        // States only: every line is behind this cursor.
+        let mut cursor = ChangeCursor {
+            log: i64::MAX,
+            ..ChangeCursor::START
+        };
         loop {
             if let Ok(mut stream) = self.events(id, None, cursor).await {
                 while let Ok(Some(event)) = stream.next().await {
@@ -650,6 +655,8 @@ pub(crate) struct EventStream {
     response: reqwest::Response,
     buffer: Vec<u8>,
     event: SseEvent,
+    /// The event being read has a `data` line (perhaps empty).
+    has_data: bool,
 }
 
 impl EventStream {
@@ -675,8 +682,9 @@ impl EventStream {
     /// comment); the event it completes, if any.
     fn line(&mut self, line: &str) -> Option<SseEvent> {
         if line.is_empty() {
+            let has_data = std::mem::take(&mut self.has_data);
             let mut done = std::mem::take(&mut self.event);
-            if done.kind.is_empty() && done.data.is_empty() && done.id.is_none() {
+            if done.kind.is_empty() && !has_data && done.id.is_none() {
                 return None;
             }
             if done.kind.is_empty() {
@@ -689,9 +697,10 @@ impl EventStream {
         match field {
             "event" => self.event.kind = value.to_owned(),
             "data" => {
-                if !self.event.data.is_empty() {
+                if self.has_data {
                     self.event.data.push('\n');
                 }
+                self.has_data = true;
                 self.event.data.push_str(value);
             }
             "id" => self.event.id = Some(value.to_owned()),

@@ -530,9 +530,15 @@ mod tests {
         old.cancel();
         let mut resumed = ask(&queue, tenant, run, &CancelToken::new());
         drop(ask(&queue, tenant, FlowRunId::new(), &CancelToken::new()));
-        assert_eq!(queue.load(tenant).queued, 2, "the resumed request and the orphan");
+        assert_eq!(
+            queue.load(tenant).queued,
+            2,
+            "the resumed request and the orphan"
+        );
         drop(held);
-        let grant = resumed.try_recv().expect("the resumed run's request is granted");
+        let grant = resumed
+            .try_recv()
+            .expect("the resumed run's request is granted");
         assert_eq!(queue.load(tenant).queued, 0);
         assert_eq!(queue.load(tenant).running, 1);
         drop(grant);

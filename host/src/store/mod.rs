@@ -448,6 +448,22 @@ impl ChangeCursor {
         row: i64::MAX,
         log: i64::MAX,
     };
+
+    /// Past the flow run and every task run: reads return only log lines after `seq`.
+    pub const fn lines_after(seq: i64) -> ChangeCursor {
+        ChangeCursor {
+            flow: i64::MAX,
+            change: i64::MAX,
+            row: i64::MAX,
+            log: seq,
+        }
+    }
+
+    /// Past every log line: reads return only states (the run as it is, then its changes).
+    pub const STATES_ONLY: ChangeCursor = ChangeCursor {
+        log: i64::MAX,
+        ..ChangeCursor::START
+    };
 }
 
 impl Default for ChangeCursor {

@@ -316,13 +316,7 @@ async fn follow_remote(
     id: sluice::ids::FlowRunId,
     args: &LogsArgs,
 ) -> Result<ExitCode, UsageError> {
-    // Only lines: the flow run's and task runs' changes are all behind this cursor.
-    let mut cursor = sluice::store::ChangeCursor {
-        flow: i64::MAX,
-        change: i64::MAX,
-        row: i64::MAX,
-        log: 0,
-    };
+    let mut cursor = sluice::store::ChangeCursor::lines_after(0);
     let mut broken = 0;
     loop {
         let mut stream = match remote.events(id, args.task.as_deref(), cursor).await {

@@ -329,11 +329,7 @@ impl Remote {
         id: FlowRunId,
         view: Option<tokio::sync::mpsc::UnboundedSender<FlowEvent>>,
     ) -> Result<RunView, UsageError> {
-        // States only: every line is behind this cursor.
-        let mut cursor = ChangeCursor {
-            log: i64::MAX,
-            ..ChangeCursor::START
-        };
+        let mut cursor = ChangeCursor::STATES_ONLY;
         loop {
             if let Ok(mut stream) = self.events(id, None, cursor).await {
                 while let Ok(Some(event)) = stream.next().await {

@@ -283,6 +283,9 @@ fn main() {
                 ms(percentile(&loaded, 0.99)),
                 percentile(&loaded, 0.99).as_secs_f64() / percentile(&solo, 0.99).as_secs_f64()
             );
+            // Of 50, the p99 is the slowest: show the tail it stands on.
+            let tail = |s: &[Duration]| -> Vec<String> { s[s.len() - 5..].iter().map(|d| ms(*d)).collect() };
+            println!("  slowest 5: alone {:?}; beside A {:?}", tail(&solo), tail(&loaded));
             // A's loops reach their deadline; then the rest of A's run is cancelled.
             let view = loop {
                 let view = bench.view(&a, &a_run.id.to_string(), 0).await;

@@ -14,7 +14,9 @@
 //! Guests run in a runtime of their own (one worker thread per core), apart from the one that
 //! serves requests and drives flow runs: a request or a driver never waits behind a guest's
 //! time slice on a shared worker thread (a noisy neighbour's B p99 went from 14.6× to 6.6× its
-//! solo latency with this), and the kernel shares the cores between the two.
+//! solo latency with this). Its threads run at a lower priority ([`GUEST_NICE`]), so the kernel
+//! gives the cores to serving requests, driving runs and writing the store first, and to guests
+//! what those leave: the control path of every tenant stays fast however busy the guests are.
 //!
 //! A tenant is eligible while it runs fewer task runs than its `max_running_tasks` quota and
 //! the fuel its task runs used over the last minute is below its `fuel_per_minute` quota; its
@@ -39,6 +41,20 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 /// The virtual time charged when a task run is dispatched; corrected by what it used when it
 /// ends. Dispatching many at once so costs something before any ends.
 const NOMINAL: Duration = Duration::from_millis(1);
+
+/// The nice value of the guest threads: the kernel weighs a nice-10 thread at about a tenth of
+/// a nice-0 one, so guests yield to the control path when both want a core, and still use
+/// every idle cycle.
+pub const GUEST_NICE: i32 = 10;
+
+/// Lower the calling thread's priority to [`GUEST_NICE`] (on Linux a nice value is per thread).
+/// A failure is logged, never fatal: guests then share the cores as equals.
+fn lower_priority() {
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), GUEST_NICE) {
+        tracing::warn!("cannot lower the guest thread's priority: {e}");
+    }
+}
 
 /// What a tenant may use of the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +240,7 @@ impl FairQueue {
         let guests = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("sluice-guest")
+            .on_thread_start(lower_priority)
             .enable_all()
             .build()?;
         Ok(FairQueue {
@@ -512,6 +529,33 @@ mod tests {
             .executor(tenant)
             .acquire(run, unit, cancel.clone(), tx);
         rx
+    }
+
+    /// Guests run at a lower priority than the control path; the server's own threads keep
+    /// theirs. (Without the privilege to raise a priority, a process started above
+    /// `GUEST_NICE` stays there.)
+    #[tokio::test]
+    async fn guest_threads_run_below_the_control_path() {
+        let nice = || rustix::process::getpriority_process(Some(rustix::thread::gettid()));
+        let ours = nice().expect("our nice value");
+        let sandbox = Sandbox::builder().build().expect("sandbox");
+        let queue = FairQueue::new(sandbox, 1, 1).expect("queue");
+        let guests = queue.inner.guests.as_ref().expect("the guest runtime");
+        let worker = guests.spawn(async move { nice() });
+        let blocking = guests.spawn_blocking(nice);
+        assert_eq!(
+            worker.await.expect("worker").expect("nice"),
+            GUEST_NICE.max(ours)
+        );
+        assert_eq!(
+            blocking.await.expect("blocking").expect("nice"),
+            GUEST_NICE.max(ours)
+        );
+        assert_eq!(
+            nice().expect("our nice value"),
+            ours,
+            "the caller's own priority"
+        );
     }
 
     /// Requests leave by their own token: a flow run cancelled without the queue being told,

@@ -144,6 +144,23 @@ pub mod handler_bindings {
     });
 }
 
+#[doc(hidden)]
+pub mod flow_bindings {
+    wit_bindgen::generate!({
+        world: "flow",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "__sluice_export_flow_world",
+        default_bindings_module: "::sluice_guest::flow_bindings",
+        runtime_path: "::sluice_guest::__private::wit_bindgen::rt",
+        with: {
+            "sluice:task/types@0.1.0": crate::bindings::sluice::task::types,
+            "sluice:task/context@0.1.0": crate::bindings::sluice::task::context,
+            "sluice:task/log@0.1.0": crate::bindings::sluice::task::log,
+        },
+    });
+}
+
 use bindings::sluice::task::types as wit;
 
 /// A signal overrides the state Sluice would infer from the task's return value (Prefect's
@@ -391,6 +408,24 @@ pub mod handler {
             }
         }
 
+        /// Whether it is a successful final state (Completed, Cached, Skipped, …).
+        pub fn is_completed(&self) -> bool {
+            self.state_type == "COMPLETED"
+        }
+
+        /// Whether it is a Failed-type state (Failed, TimedOut, TriggerFailed, …).
+        pub fn is_failed(&self) -> bool {
+            self.state_type == "FAILED"
+        }
+
+        /// Whether it is final: nothing more happens to the task run.
+        pub fn is_final(&self) -> bool {
+            matches!(
+                self.state_type,
+                "COMPLETED" | "FAILED" | "CRASHED" | "CANCELLED"
+            )
+        }
+
         #[doc(hidden)]
         pub fn from_wit(s: wit::State) -> Self {
             let state_type = match s.type_ {
@@ -446,6 +481,215 @@ macro_rules! export_handler {
 
         $crate::handler_bindings::__sluice_export_handler_world!(
             __SluiceHandler with_types_in $crate::handler_bindings
+        );
+    };
+}
+
+/// Flows written as code: a flow body submits the tasks its flow declares and decides what to
+/// do from their states and results, one function per construct of Prefect 2's types of
+/// submission:
+///
+/// | Prefect | here |
+/// |---|---|
+/// | `r1 = t1()` | [`flow::call`]`("t1", x)?` |
+/// | `f1 = t1.submit()` | [`flow::submit`]`("t1", x)?` |
+/// | `f1.wait()` → Completed/Failed | [`Future::wait`](flow::Future::wait) |
+/// | `f1.get_state()` → Pending/Running | [`Future::get_state`](flow::Future::get_state) |
+/// | `f1.result()` (raises) | [`Future::result`](flow::Future::result)`::<T>()?` |
+/// | `f1.result(raise_on_failure=False)` | `match f1.result::<T>()` (`Err(Error::Failed(state))`) |
+/// | `add_one.map([1, 2, 3])` | [`flow::map`]`("add_one", [1, 2, 3])?` |
+/// | `add_one.map([...], return_state=True)` | [`flow::map_states`] |
+///
+/// ```ignore
+/// use sluice_guest::flow::{self, Error};
+/// use sluice_guest::{export_flow, Signal};
+///
+/// fn body(p: serde_json::Value) -> Result<i64, Signal> {
+///     let mut x: i64 = flow::call("add_one", 0)?;
+///     while x < 3 {
+///         x = flow::call("add_one", x)?;
+///     }
+///     let doubled = flow::map("double", [x, x + 1])?;
+///     let sum: i64 = doubled.iter().map(|f| f.result::<i64>()).sum::<Result<_, Error>>()?;
+///     Ok(sum)
+/// }
+///
+/// export_flow!(body);
+/// ```
+///
+/// A body must be deterministic: it is replayed from the start when its run is resumed, and
+/// each submission is matched with the one recorded at the same position. Its clocks and
+/// random numbers are the run's (the same on every replay); [`flow::now`] is the time as the
+/// run recorded it.
+pub mod flow {
+    use crate::flow_bindings::sluice::task::orchestrate as o;
+    pub use crate::handler::State;
+
+    /// Why a submission or a result did not give a value.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Error {
+        /// The host refused the submission (an undeclared task, the run's task limit, …).
+        Refused(String),
+        /// The task run ended in a state that is not successful.
+        Failed(State),
+        /// A value could not be converted to or from JSON.
+        Json(String),
+    }
+
+    impl std::fmt::Display for Error {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Error::Refused(why) => write!(f, "the submission was refused: {why}"),
+                Error::Failed(s) => match &s.message {
+                    Some(m) => write!(f, "the task run ended {}: {m}", s.name),
+                    None => write!(f, "the task run ended {}", s.name),
+                },
+                Error::Json(why) => write!(f, "{why}"),
+            }
+        }
+    }
+
+    impl std::error::Error for Error {}
+
+    /// A failure in a flow body fails the flow run (FAIL), naming it.
+    impl From<Error> for crate::Signal {
+        fn from(e: Error) -> Self {
+            crate::Signal::fail(e.to_string())
+        }
+    }
+
+    /// A submitted task run (Prefect's `PrefectFuture`). Dropping it tells the host the body
+    /// will not read its result again.
+    #[derive(Debug)]
+    pub struct Future(o::Submission);
+
+    impl Future {
+        /// The task run's id.
+        pub fn id(&self) -> String {
+            self.0.id()
+        }
+
+        /// Block until the task run is in a final state (Completed, Failed, …) and return it;
+        /// its `result` is the output of a successful one.
+        pub fn wait(&self) -> State {
+            State::from_wit(self.0.wait())
+        }
+
+        /// The task run's state now, without waiting (Pending, Running, or final).
+        pub fn get_state(&self) -> State {
+            State::from_wit(self.0.get_state())
+        }
+
+        /// Block until the task run is final: its output, or `Error::Failed(state)` when the
+        /// state is not successful (Prefect's `result()`; match on it for
+        /// `raise_on_failure=False`).
+        pub fn result<T: serde::de::DeserializeOwned>(&self) -> Result<T, Error> {
+            let text = self
+                .0
+                .result()
+                .map_err(|s| Error::Failed(State::from_wit(s)))?;
+            serde_json::from_str(&text).map_err(|e| {
+                Error::Json(format!(
+                    "the output of task run {} does not fit `{}`: {e}",
+                    self.id(),
+                    std::any::type_name::<T>()
+                ))
+            })
+        }
+    }
+
+    fn json(input: &impl serde::Serialize) -> Result<String, Error> {
+        serde_json::to_string(input)
+            .map_err(|e| Error::Json(format!("cannot serialize the input: {e}")))
+    }
+
+    /// Submit one task run of the declared task `task` (Prefect's `t1.submit(x)`).
+    pub fn submit(task: &str, input: impl serde::Serialize) -> Result<Future, Error> {
+        submit_with(task, input, &[], None)
+    }
+
+    /// Submit one task run that starts once every one of `wait_for` is final, their states
+    /// feeding its trigger (`trigger`, e.g. `"all_finished"`, or the task's own).
+    pub fn submit_with(
+        task: &str,
+        input: impl serde::Serialize,
+        wait_for: &[&Future],
+        trigger: Option<&str>,
+    ) -> Result<Future, Error> {
+        let waits: Vec<&o::Submission> = wait_for.iter().map(|f| &f.0).collect();
+        o::submit(task, &json(&input)?, &waits, trigger)
+            .map(Future)
+            .map_err(Error::Refused)
+    }
+
+    /// Submit one task run of `task` per input, as one mapped task run (Prefect's
+    /// `t.map(inputs)`).
+    pub fn map<I: serde::Serialize>(
+        task: &str,
+        inputs: impl IntoIterator<Item = I>,
+    ) -> Result<Vec<Future>, Error> {
+        let inputs = inputs
+            .into_iter()
+            .map(|i| json(&i))
+            .collect::<Result<Vec<_>, _>>()?;
+        o::submit_map(task, &inputs, &[])
+            .map(|all| all.into_iter().map(Future).collect())
+            .map_err(Error::Refused)
+    }
+
+    /// [`map`], then wait for every child and return their final states (Prefect's
+    /// `t.map(inputs, return_state=True)`).
+    pub fn map_states<I: serde::Serialize>(
+        task: &str,
+        inputs: impl IntoIterator<Item = I>,
+    ) -> Result<Vec<State>, Error> {
+        Ok(map(task, inputs)?.iter().map(Future::wait).collect())
+    }
+
+    /// Submit `task` and return its output (Prefect's `r1 = t1(x)`): `Err` when it fails.
+    pub fn call<T: serde::de::DeserializeOwned>(
+        task: &str,
+        input: impl serde::Serialize,
+    ) -> Result<T, Error> {
+        submit(task, input)?.result()
+    }
+
+    /// Block until every one of `futures` is final.
+    pub fn wait_all(futures: &[&Future]) {
+        let all: Vec<&o::Submission> = futures.iter().map(|f| &f.0).collect();
+        o::wait_all(&all);
+    }
+
+    /// Block until one of `futures` is final; its index (the lowest of those final).
+    pub fn wait_any(futures: &[&Future]) -> usize {
+        let all: Vec<&o::Submission> = futures.iter().map(|f| &f.0).collect();
+        o::wait_any(&all) as usize
+    }
+
+    /// The time, as the run recorded it (RFC 3339; the same when the body is replayed).
+    pub fn now() -> String {
+        o::now()
+    }
+}
+
+/// Export `body` as the component's flow body: any `fn(P) -> Result<O, Signal>` where the
+/// flow run's parameters (a JSON object) deserialize into `P` and `O` (the flow run's result)
+/// serializes.
+#[macro_export]
+macro_rules! export_flow {
+    ($body:expr) => {
+        struct __SluiceFlow;
+
+        impl $crate::flow_bindings::Guest for __SluiceFlow {
+            fn run(
+                parameters: ::std::string::String,
+            ) -> ::std::result::Result<::std::string::String, $crate::__private::WitSignal> {
+                $crate::__private::run_with(&parameters, $body)
+            }
+        }
+
+        $crate::flow_bindings::__sluice_export_flow_world!(
+            __SluiceFlow with_types_in $crate::flow_bindings
         );
     };
 }

@@ -6,6 +6,7 @@ mod alloc_meter;
 mod cli;
 mod cli_more;
 mod deployments;
+mod flow_body;
 mod flows;
 mod grants;
 mod hostile;

@@ -28,13 +28,33 @@ pub(super) mod handler {
     });
 }
 
+/// The flow world: a flow body, with the `orchestrate` interface (implemented in
+/// [`super::flow_body`]) beside the task world's.
+pub(super) mod flow {
+    wasmtime::component::bindgen!({
+        world: "flow",
+        path: "../wit",
+        imports: {
+            "sluice:task/orchestrate": async | trappable,
+            default: trappable,
+        },
+        exports: { default: async },
+        with: {
+            "sluice:task/types": super::sluice::task::types,
+            "sluice:task/context": super::sluice::task::context,
+            "sluice:task/log": super::sluice::task::log,
+            "sluice:task/orchestrate.submission": super::super::flow_body::SubmissionHandle,
+        },
+    });
+}
+
 pub(super) use self::sluice::task::types::{
     Signal as WitSignal, State as WitState, StateType as WitStateType,
 };
 
 impl RunState {
     /// Refuse a guest-provided string longer than the host-call limit.
-    fn check_host_call(&mut self, len: usize) -> wasmtime::Result<()> {
+    pub(super) fn check_host_call(&mut self, len: usize) -> wasmtime::Result<()> {
         let len = len as u64;
         if len > self.host_call_bytes {
             let v = LimitExceeded {

@@ -256,6 +256,13 @@ impl SandboxBuilder {
             |s| s,
         )
         .map_err(sandbox_err)?;
+        // Linked for every component, answered only for a flow body (others have no
+        // orchestrator and trap when they call it).
+        bindings::flow::sluice::task::orchestrate::add_to_linker::<
+            _,
+            wasmtime::component::HasSelf<RunState>,
+        >(&mut linker, |s| s)
+        .map_err(sandbox_err)?;
 
         // Before the ticker starts, so a refused directory leaves no thread behind.
         let (artifacts, index) = match self.artifact_dir {

@@ -12,6 +12,7 @@ use wasmtime::component::{Component, InstancePre};
 
 use super::admission::Needs;
 use super::bindings::TaskPre;
+use super::bindings::flow::FlowPre;
 use super::bindings::handler::HandlerPre;
 use super::component_file::{component_binary, read};
 use super::ending::error_chain;
@@ -37,6 +38,10 @@ pub struct TaskComponent(pub(super) Arc<(Arc<Prepared>, TaskPre<RunState>)>);
 /// A state-handler component ready to run, checked against the `handler` world. Cheap to clone.
 #[derive(Clone)]
 pub struct HandlerComponent(pub(super) Arc<(Arc<Prepared>, HandlerPre<RunState>)>);
+
+/// A flow body ready to run, checked against the `flow` world. Cheap to clone.
+#[derive(Clone)]
+pub struct FlowComponent(pub(super) Arc<(Arc<Prepared>, FlowPre<RunState>)>);
 
 macro_rules! component_accessors {
     ($ty:ident) => {
@@ -71,6 +76,7 @@ macro_rules! component_accessors {
 
 component_accessors!(TaskComponent);
 component_accessors!(HandlerComponent);
+component_accessors!(FlowComponent);
 
 impl Sandbox {
     /// Load the component in the file at `path` (binary, or WebAssembly text). With an artifact
@@ -114,6 +120,20 @@ impl Sandbox {
             ),
         })?;
         Ok(HandlerComponent(Arc::new((prepared, pre))))
+    }
+
+    /// Load the flow body in the file at `path` (as [`load_file`](Self::load_file) does).
+    pub async fn load_flow_file(&self, path: &Path) -> Result<FlowComponent, LoadError> {
+        let prepared = self.prepared_file(path).await?;
+        let pre = FlowPre::new(prepared.pre.clone()).map_err(|e| LoadError::Incompatible {
+            name: prepared.name.clone(),
+            detail: format!(
+                "a flow body must export `run: func(parameters: string) -> result<string, \
+                 signal>` (world `sluice:task/flow@0.1.0`): {}",
+                error_chain(&e)
+            ),
+        })?;
+        Ok(FlowComponent(Arc::new((prepared, pre))))
     }
 
     /// The prepared component in the file at `path`: through the file index when it knows the

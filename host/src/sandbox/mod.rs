@@ -32,6 +32,7 @@ mod component;
 mod component_file;
 mod ending;
 mod file_index;
+mod flow_body;
 mod grants;
 mod http;
 mod limiter;
@@ -60,9 +61,10 @@ pub use self::artifacts::{
 pub use self::budget::RunBudget;
 pub use self::builder::SandboxBuilder;
 use self::component::Prepared;
-pub use self::component::{HandlerComponent, TaskComponent};
+pub use self::component::{FlowComponent, HandlerComponent, TaskComponent};
 pub use self::component_file::DEFAULT_MAX_COMPONENT_BYTES;
 use self::file_index::FileIndex;
+pub use self::flow_body::{Answer, FlowBody, Orchestrator, Submitted};
 pub use self::grants::{REDACTED, RunGrants};
 pub use self::loading::{LoadError, LoadEvent, LoadInfo, LoadSource};
 pub use self::outcome::{

@@ -17,13 +17,14 @@ use super::admission::{Admitted, Needs};
 use super::bindings::{WitState, WitStateType};
 use super::capture::{self, Capture, LogSink, SharedSink};
 use super::ending::{error_ending, output_ending, signal_ending};
+use super::flow_body::{FixedWallClock, FlowBody, KeyedStream, Orchestrator, StillClock};
 use super::grants::RunGrants;
 use super::http::{GrantHooks, HttpLimits};
 use super::limiter::Limiter;
 use super::sockets::{GrantedLookupView, TcpAllow};
 use super::{
-    Ending, HandlerComponent, LimitExceeded, LogRecord, LogSource, RunBudget, RunOutcome, Sandbox,
-    TaskComponent, TimeLimit, Usage,
+    Ending, FlowComponent, HandlerComponent, LimitExceeded, LogRecord, LogSource, RunBudget,
+    RunOutcome, Sandbox, TaskComponent, TimeLimit, Usage,
 };
 use crate::context::TaskContext;
 use crate::json::Json;
@@ -82,7 +83,7 @@ impl CancelToken {
 /// Per-run state inside the wasmtime store.
 pub(crate) struct RunState {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(super) table: ResourceTable,
     http: WasiHttpCtx,
     http_hooks: GrantHooks,
     tcp: Arc<TcpAllow>,
@@ -92,6 +93,8 @@ pub(crate) struct RunState {
     pub(super) host_call_bytes: u64,
     pub(super) host_call_violation: Option<LimitExceeded>,
     pub(super) interrupted: Option<Interruption>,
+    /// A flow body's orchestrator (none for a task or a handler).
+    pub(super) body: Option<Arc<dyn Orchestrator>>,
 }
 
 impl WasiView for RunState {
@@ -178,7 +181,7 @@ impl Sandbox {
             .execute(
                 ctx,
                 budget,
-                grants,
+                Reach { grants, body: None },
                 cancel,
                 component.0.0.needs,
                 async |store: &mut Store<RunState>| {
@@ -200,6 +203,47 @@ impl Sandbox {
         outcome
     }
 
+    /// Run a flow body once with the flow run's `parameters`, under `budget` (its deadline
+    /// counts the time it waits for its task runs too), granted nothing: every task run it
+    /// submits goes to `body`'s orchestrator. Never fails: every problem is an [`Ending`].
+    pub async fn run_flow(
+        &self,
+        component: &FlowComponent,
+        parameters: &Json,
+        ctx: &TaskContext,
+        budget: &RunBudget,
+        body: &FlowBody,
+        cancel: Option<&CancelToken>,
+    ) -> RunOutcome {
+        let parameters = parameters.as_string();
+        let pre = &component.0.1;
+        let ex = self
+            .execute(
+                ctx,
+                budget,
+                Reach {
+                    grants: &RunGrants::default(),
+                    body: Some(body),
+                },
+                cancel,
+                component.0.0.needs,
+                async |store: &mut Store<RunState>| {
+                    let flow = pre
+                        .instantiate_async(&mut *store)
+                        .await
+                        .map_err(|e| (Phase::Instantiate, e))?;
+                    flow.call_run(&mut *store, parameters)
+                        .await
+                        .map_err(|e| (Phase::Call, e))
+                },
+            )
+            .await;
+        ex.finish(budget, |r| match r {
+            Ok(output) => output_ending(output, budget),
+            Err(signal) => signal_ending(signal, budget),
+        })
+    }
+
     /// Run a state handler on the transition `old` → `new` of `task`, in a fresh sandbox under
     /// `budget`. A handler that fails, or returns something invalid, is reported in the
     /// outcome; it never fails the caller.
@@ -219,7 +263,10 @@ impl Sandbox {
             .execute(
                 ctx,
                 budget,
-                &RunGrants::default(),
+                Reach {
+                    grants: &RunGrants::default(),
+                    body: None,
+                },
                 None,
                 handler.0.0.needs,
                 async |store: &mut Store<RunState>| {
@@ -258,7 +305,7 @@ impl Sandbox {
         &self,
         ctx: &TaskContext,
         budget: &RunBudget,
-        grants: &RunGrants,
+        reach: Reach<'_>,
         cancel: Option<&CancelToken>,
         needs: Needs,
         call: impl AsyncFnOnce(&mut Store<RunState>) -> Result<R, (Phase, wasmtime::Error)>,
@@ -277,7 +324,7 @@ impl Sandbox {
             budget.log_bytes,
             self.0.clock.clone(),
         )));
-        let (mut store, granted) = self.new_store(ctx, budget, grants, &sink, deadline, cancel);
+        let (mut store, granted) = self.new_store(ctx, budget, reach, &sink, deadline, cancel);
         let (result, admitted) = match (admitted, granted) {
             (Err(why), _) => (Err(why), None),
             (Ok(_), Err(why)) => (Err(Interruption::Ungranted(why)), None),
@@ -305,11 +352,12 @@ impl Sandbox {
         &self,
         ctx: &TaskContext,
         budget: &RunBudget,
-        grants: &RunGrants,
+        reach: Reach<'_>,
         sink: &SharedSink,
         deadline: Instant,
         cancel: Option<&CancelToken>,
     ) -> (Store<RunState>, Result<(), String>) {
+        let Reach { grants, body } = reach;
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(Capture::new(
             sink.clone(),
@@ -327,6 +375,14 @@ impl Sandbox {
         // Random bytes are made in host memory before they are copied in: one call gets at most
         // what any other host call may carry.
         .max_random_size(budget.host_call_bytes);
+        if let Some(b) = body {
+            // Deterministic: the same clocks and random numbers on every replay.
+            wasi.wall_clock(FixedWallClock::at(b.started))
+                .monotonic_clock(StillClock)
+                .secure_random(KeyedStream::new(&b.seed, "secure"))
+                .insecure_random(KeyedStream::new(&b.seed, "insecure"))
+                .insecure_random_seed(KeyedStream::seed128(&b.seed, "insecure-seed"));
+        }
         let granted = grants.apply(&mut wasi);
         let tcp = Arc::new(TcpAllow::new(grants.tcp_grants(), sink.clone()));
         if !grants.tcp_grants().is_empty() {
@@ -357,6 +413,7 @@ impl Sandbox {
             host_call_bytes: budget.host_call_bytes,
             host_call_violation: None,
             interrupted: None,
+            body: body.map(|b| b.orchestrator.clone()),
         };
         let mut store = Store::new(&self.0.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -395,6 +452,13 @@ impl Sandbox {
         });
         (store, granted)
     }
+}
+
+/// What a run may reach beyond its own memory: its grants, and a flow body its orchestrator.
+#[derive(Clone, Copy)]
+struct Reach<'a> {
+    grants: &'a RunGrants,
+    body: Option<&'a FlowBody>,
 }
 
 /// A finished (or stopped) call in its store.
@@ -464,7 +528,7 @@ fn describe(ending: &Ending) -> String {
     }
 }
 
-fn wit_state(s: &State) -> WitState {
+pub(super) fn wit_state(s: &State) -> WitState {
     WitState {
         name: s.name.as_str().to_owned(),
         type_: match s.state_type() {

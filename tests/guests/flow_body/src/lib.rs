@@ -1,0 +1,104 @@
+//! A flow body that uses every type of submission of seed 004 and returns what it observed, for
+//! the tests to compare with what they scheduled. Parameter `scenario`:
+//! - `types`: each construct once (see `types`);
+//! - `loop`: never returns (its deadline ends it);
+//! - `hold`: submits `n` task runs of `double` and keeps every handle until the end.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sluice_guest::flow::{self, Error};
+use sluice_guest::serde_json::{Value, json};
+use sluice_guest::{Signal, export_flow};
+
+fn body(p: Value) -> Result<Value, Signal> {
+    match p["scenario"].as_str() {
+        Some("types") => types(),
+        Some("loop") => {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        Some("hold") => {
+            let n = p["n"].as_u64().unwrap_or(0);
+            let held: Vec<flow::Future> = (0..n)
+                .map(|i| flow::submit("double", i))
+                .collect::<Result<_, _>>()?;
+            let sum: i64 = held
+                .iter()
+                .map(|f| f.result::<i64>())
+                .sum::<Result<_, Error>>()?;
+            Ok(json!(sum))
+        }
+        other => Err(Signal::fail(format!("unknown scenario {other:?}"))),
+    }
+}
+
+fn types() -> Result<Value, Signal> {
+    // r1 = t1(): call and get the result.
+    let called: i64 = flow::call("double", 2)?;
+    // f1 = t1.submit(); its state without waiting, then waited for, then its result.
+    let f = flow::submit("double", 5)?;
+    let before = f.get_state();
+    let waited = f.wait();
+    let result: i64 = f.result()?;
+    // A failing task: result() raises (Err), unless matched as a value.
+    let failing = flow::submit("fail", 1)?;
+    let raised = match failing.result::<i64>() {
+        Err(Error::Failed(s)) => json!({"name": s.name, "message": s.message}),
+        other => json!(format!("unexpected: {other:?}")),
+    };
+    let failed_state = failing.wait();
+    // wait_for with the default trigger (all_successful) and with all_finished.
+    let after_default = flow::submit_with("double", 8, &[&failing], None)?.wait();
+    let after_finished: i64 =
+        flow::submit_with("double", 7, &[&failing], Some("all_finished"))?.result()?;
+    // map: futures, and states.
+    let mapped = flow::map("double", [1, 2, 3])?;
+    let mapped_results: Vec<i64> = mapped
+        .iter()
+        .map(|f| f.result::<i64>())
+        .collect::<Result<_, _>>()?;
+    let mapped_states: Vec<String> = flow::map_states("fail", [1, 2])?
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    let any = flow::wait_any(&[&failing, &f]);
+    flow::wait_all(&[&f, &failing]);
+    // Refused: an undeclared task.
+    let refused = match flow::submit("nope", 1) {
+        Err(Error::Refused(why)) => why,
+        other => format!("unexpected: {other:?}"),
+    };
+    // Determinism: the clock, random numbers.
+    let clock = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let hashed = RandomState::new().hash_one(42_u64);
+    let map: HashMap<u32, u32> = (0..4).map(|i| (i, i)).collect();
+    Ok(json!({
+        "call": called,
+        "get_state_before_wait": before.name,
+        "wait": {"name": waited.name, "result": waited.result},
+        "result": result,
+        "raised": raised,
+        "failed_state": failed_state.name,
+        "failed_is_failed": failed_state.is_failed(),
+        "after_default": after_default.name,
+        "after_finished": after_finished,
+        "map": mapped_results,
+        "map_states": mapped_states,
+        "wait_any": any,
+        "refused": refused,
+        "id": f.id(),
+        "now": flow::now(),
+        "clock": clock,
+        "hashed": hashed.to_string(),
+        "map_len": map.len(),
+    }))
+}
+
+export_flow!(body);

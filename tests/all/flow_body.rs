@@ -171,15 +171,25 @@ async fn run_body(
     budget: &RunBudget,
     seed: u8,
 ) -> (sluice::sandbox::RunOutcome, Arc<Script>) {
+    run_component(&body().await, sandbox(), params, budget, seed).await
+}
+
+async fn run_component(
+    component: &FlowComponent,
+    sandbox: &sluice::sandbox::Sandbox,
+    params: Value,
+    budget: &RunBudget,
+    seed: u8,
+) -> (sluice::sandbox::RunOutcome, Arc<Script>) {
     let script = Arc::new(Script::default());
     let flow = FlowBody {
         orchestrator: Arc::new(Scripted(script.clone())),
         seed: [seed; 32],
         started: t0(),
     };
-    let out = sandbox()
+    let out = sandbox
         .run_flow(
-            &body().await,
+            component,
             &params.into(),
             &TaskContext::new("flow"),
             budget,
@@ -200,7 +210,34 @@ fn output(out: &sluice::sandbox::RunOutcome) -> Value {
 #[tokio::test]
 async fn a_flow_body_uses_every_type_of_submission() {
     let (out, script) = run_body(json!({"scenario": "types"}), &RunBudget::default(), 1).await;
-    let v = output(&out);
+    every_type_of_submission(&out, &script, true);
+}
+
+/// The same flow body in Python (`sluice.flow`): the same calls reach the orchestrator and the
+/// same answers the body.
+#[tokio::test]
+async fn a_python_flow_body_uses_every_type_of_submission() {
+    let sandbox = super::polyglot::sandbox();
+    let component = sandbox
+        .load_flow_file(&super::polyglot::builds::polyglot_guest("python", "flow"))
+        .await
+        .expect("the Python flow body loads");
+    let (out, script) = run_component(
+        &component,
+        sandbox,
+        json!({"scenario": "types"}),
+        &RunBudget::default(),
+        1,
+    )
+    .await;
+    every_type_of_submission(&out, &script, false);
+}
+
+/// What the `types` scenario must have observed and done; `released`: and every handle was
+/// released by the time the body returned (Rust drops them at the end of their scope; Python's
+/// collector may keep them until the instance goes).
+fn every_type_of_submission(out: &sluice::sandbox::RunOutcome, script: &Script, released: bool) {
+    let v = output(out);
     assert_eq!(v["call"], 4, "r1 = t1(): the result");
     assert_eq!(
         v["get_state_before_wait"], "Pending",
@@ -255,14 +292,15 @@ async fn a_flow_body_uses_every_type_of_submission() {
         ],
         "the orchestrator saw each call, in order, with its handles"
     );
-    // Every handle was dropped by the body before it returned.
-    let mut released = script.released.lock().expect("released").clone();
-    released.sort_unstable();
-    assert_eq!(
-        released,
-        (0..10).collect::<Vec<u64>>(),
-        "each of the 10 task runs released once"
-    );
+    if released {
+        let mut released = script.released.lock().expect("released").clone();
+        released.sort_unstable();
+        assert_eq!(
+            released,
+            (0..10).collect::<Vec<u64>>(),
+            "each of the 10 task runs released once"
+        );
+    }
 }
 
 #[tokio::test]

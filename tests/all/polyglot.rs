@@ -28,7 +28,7 @@ use builds::{LANGUAGES, polyglot_guest};
 
 /// A sandbox of its own with an artifact directory, so the large Python and JavaScript
 /// components are compiled once, not once per test run.
-fn sandbox() -> &'static Sandbox {
+pub(crate) fn sandbox() -> &'static Sandbox {
     static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
     SANDBOX.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("polyglot-artifacts");

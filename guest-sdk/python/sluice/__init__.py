@@ -35,8 +35,14 @@ Build with ``guest-sdk/python/build <task.py or directory> <out.wasm>``. The con
 import encodings.idna  # noqa: F401  (`socket` imports it on first use: load it at build time)
 import os as _os
 
-from . import context, http, log
+from . import context, log
 from .signals import Fail, Pause, Retry, Signal, Skip, Success
+
+try:
+    from . import http
+except ImportError:
+    # A flow body (world `flow`) has no HTTP: `sluice.http` is for tasks only.
+    http = None
 
 __all__ = [
     "Fail",

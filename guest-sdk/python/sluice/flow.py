@@ -1,0 +1,168 @@
+"""Flows written as code: a flow body submits the tasks its flow declares and decides what to do
+from their states and results, one construct per row of Prefect 2's types of submission::
+
+    from sluice import flow
+
+    def run(parameters):
+        r1 = flow.call("t1", 1)                  # r1 = t1()
+        f1 = flow.submit("t1", 2)                # f1 = t1.submit()
+        s1 = f1.wait()                           # Completed/Failed
+        s2 = flow.submit("t2", 3).get_state()    # Pending/Running, without waiting
+        r2 = f1.result()                         # raises TaskRunFailed on failure
+        s3 = f1.result(raise_on_failure=False)   # the output, or the failed State
+        futures = flow.map_("add_one", [1, 2, 3])
+        states = flow.map_("add_one", [1, 2, 3], return_state=True)
+        return r1
+
+A flow body is the module ``flow.py`` (or a directory with ``flow.py``) defining
+``run(parameters)``; ``guest-sdk/python/build`` builds it against world ``flow`` of
+``wit/task.wit``. It must be deterministic: it is replayed from the start when its run is
+resumed. Its clocks and random numbers are the run's (the same on every replay), and
+:func:`now` is the time as the run recorded it. Nothing is granted to it: no files, network or
+environment.
+"""
+
+import json
+
+from componentize_py_types import Err
+from wit_world.imports import orchestrate as _o
+
+__all__ = [
+    "Future",
+    "State",
+    "SubmissionRefused",
+    "TaskRunFailed",
+    "call",
+    "map_",
+    "now",
+    "submit",
+    "wait_all",
+    "wait_any",
+]
+
+class State:
+    """A task run's state: ``name`` (``Completed``, ``Failed``, ``TimedOut``, …), ``type``
+    (``COMPLETED``, ``FAILED``, …), ``message`` and ``result`` (the output of a successful
+    state, as its JSON value)."""
+
+    def __init__(self, wit_state):
+        self.name = wit_state.name
+        self.type = wit_state.type.name
+        self.message = wit_state.message
+        self.result = None if wit_state.result is None else json.loads(wit_state.result)
+
+    def is_completed(self):
+        """Whether it is a successful final state (Completed, Cached, Skipped, …)."""
+        return self.type == "COMPLETED"
+
+    def is_failed(self):
+        """Whether it is a Failed-type state (Failed, TimedOut, TriggerFailed, …)."""
+        return self.type == "FAILED"
+
+    def is_final(self):
+        """Whether nothing more happens to the task run."""
+        return self.type in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+    def __repr__(self):
+        return f"State({self.name!r}, message={self.message!r})"
+
+
+class SubmissionRefused(Exception):
+    """The host refused a submission (an undeclared task, the run's task limit, …)."""
+
+
+class TaskRunFailed(Exception):
+    """A task run ended in a state that is not successful; ``state`` is that state."""
+
+    def __init__(self, state):
+        super().__init__(
+            f"the task run ended {state.name}" + (f": {state.message}" if state.message else "")
+        )
+        self.state = state
+
+
+class Future:
+    """A submitted task run (Prefect's ``PrefectFuture``). When it is garbage collected (or
+    leaves a ``with`` block) the host is told the body will not read its result again."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    @property
+    def id(self):
+        """The task run's id."""
+        return self._handle.id()
+
+    def wait(self):
+        """Block until the task run is final and return its :class:`State`."""
+        return State(self._handle.wait())
+
+    def get_state(self):
+        """The task run's :class:`State` now, without waiting (Pending, Running or final)."""
+        return State(self._handle.get_state())
+
+    def result(self, raise_on_failure=True):
+        """Block until the task run is final: its output; on a state that is not successful,
+        raise :class:`TaskRunFailed` (``raise_on_failure=False``: return that state)."""
+        try:
+            return json.loads(self._handle.result())
+        except Err as e:
+            state = State(e.value)
+            if raise_on_failure:
+                raise TaskRunFailed(state) from None
+            return state
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.__exit__(*exc)
+        return None
+
+
+def _json(value):
+    return json.dumps(value, allow_nan=False)
+
+
+def submit(task, input=None, wait_for=(), trigger=None):
+    """Submit one task run of the declared task ``task`` (Prefect's ``t.submit(x)``). It starts
+    once every future in ``wait_for`` is final, their states feeding its trigger (``trigger``,
+    e.g. ``"all_finished"``, or the task's own)."""
+    try:
+        return Future(_o.submit(task, _json(input), [f._handle for f in wait_for], trigger))
+    except Err as e:
+        raise SubmissionRefused(e.value) from None
+
+
+def map_(task, inputs, wait_for=(), return_state=False):
+    """Submit one task run of ``task`` per input, as one mapped task run (Prefect's
+    ``t.map(inputs)``): the futures; ``return_state=True``: wait and return their states."""
+    try:
+        handles = _o.submit_map(task, [_json(i) for i in inputs], [f._handle for f in wait_for])
+    except Err as e:
+        raise SubmissionRefused(e.value) from None
+    futures = [Future(h) for h in handles]
+    if return_state:
+        return [f.wait() for f in futures]
+    return futures
+
+
+def call(task, input=None):
+    """Submit ``task`` and return its output (Prefect's ``r = t(x)``); raises
+    :class:`TaskRunFailed` when it fails."""
+    return submit(task, input).result()
+
+
+def wait_all(futures):
+    """Block until every one of ``futures`` is final."""
+    _o.wait_all([f._handle for f in futures])
+
+
+def wait_any(futures):
+    """Block until one of ``futures`` is final; return its index (the lowest of those final)."""
+    return _o.wait_any([f._handle for f in futures])
+
+
+def now():
+    """The time as the run recorded it (RFC 3339; the same when the body is replayed)."""
+    return _o.now()

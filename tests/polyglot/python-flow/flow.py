@@ -1,0 +1,61 @@
+"""A flow body that uses every type of submission of seed 004 and returns what it observed (as
+tests/guests/flow_body does in Rust, with the same keys). Parameter ``scenario``: ``types``."""
+
+import random
+import time
+
+from sluice import flow
+from sluice.flow import SubmissionRefused, TaskRunFailed
+
+
+def run(parameters):
+    if parameters.get("scenario") != "types":
+        raise ValueError(f"unknown scenario {parameters.get('scenario')!r}")
+    # r1 = t1(): call and get the result.
+    called = flow.call("double", 2)
+    # f1 = t1.submit(); its state without waiting, then waited for, then its result.
+    f = flow.submit("double", 5)
+    before = f.get_state()
+    waited = f.wait()
+    result = f.result()
+    # A failing task: result() raises, unless asked not to.
+    failing = flow.submit("fail", 1)
+    try:
+        failing.result()
+        raised = "unexpected: no exception"
+    except TaskRunFailed as e:
+        raised = {"name": e.state.name, "message": e.state.message}
+    failed_state = failing.result(raise_on_failure=False)
+    # wait_for with the default trigger (all_successful) and with all_finished.
+    after_default = flow.submit("double", 8, wait_for=[failing]).wait()
+    after_finished = flow.submit("double", 7, wait_for=[failing], trigger="all_finished").result()
+    # map: futures, and states.
+    mapped = [m.result() for m in flow.map_("double", [1, 2, 3])]
+    mapped_states = [s.name for s in flow.map_("fail", [1, 2], return_state=True)]
+    any_ = flow.wait_any([failing, f])
+    flow.wait_all([f, failing])
+    try:
+        flow.submit("nope", 1)
+        refused = "unexpected: accepted"
+    except SubmissionRefused as e:
+        refused = str(e)
+    return {
+        "call": called,
+        "get_state_before_wait": before.name,
+        "wait": {"name": waited.name, "result": str(waited.result)},
+        "result": result,
+        "raised": raised,
+        "failed_state": failed_state.name,
+        "failed_is_failed": failed_state.is_failed(),
+        "after_default": after_default.name,
+        "after_finished": after_finished,
+        "map": mapped,
+        "map_states": mapped_states,
+        "wait_any": any_,
+        "refused": refused,
+        "id": f.id,
+        "now": flow.now(),
+        "clock": int(time.time()),
+        "hashed": str(random.getrandbits(64)),
+        "map_len": 4,
+    }

@@ -217,11 +217,21 @@ async fn a_flow_body_uses_every_type_of_submission() {
 /// same answers the body.
 #[tokio::test]
 async fn a_python_flow_body_uses_every_type_of_submission() {
+    polyglot_body("python").await;
+}
+
+/// And in JavaScript (`sluice/flow`).
+#[tokio::test]
+async fn a_javascript_flow_body_uses_every_type_of_submission() {
+    polyglot_body("js").await;
+}
+
+async fn polyglot_body(lang: &str) {
     let sandbox = super::polyglot::sandbox();
     let component = sandbox
-        .load_flow_file(&super::polyglot::builds::polyglot_guest("python", "flow"))
+        .load_flow_file(&super::polyglot::builds::polyglot_guest(lang, "flow"))
         .await
-        .expect("the Python flow body loads");
+        .unwrap_or_else(|e| panic!("the {lang} flow body loads: {e}"));
     let (out, script) = run_component(
         &component,
         sandbox,

@@ -19,8 +19,9 @@ fn root() -> &'static Path {
 }
 
 /// The built component of example task `name` in `lang` (`examples/tasks/<lang>/<name>`), or of
-/// the test guest (`tests/polyglot/<lang>`) for the name `guest`, or of the Python flow body
-/// (`tests/polyglot/python-flow`) for `("python", "flow")`. The first call builds them all.
+/// the test guest (`tests/polyglot/<lang>`) for the name `guest`, or of the flow body
+/// (`tests/polyglot/<lang>-flow`, Python and JavaScript) for `flow`. The first call builds
+/// them all.
 pub fn polyglot_guest(lang: &str, name: &str) -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     let dir = DIR.get_or_init(build_all);
@@ -61,11 +62,13 @@ fn build_all() -> PathBuf {
             .arg(dir.join(format!("{lang}_guest.wasm")));
         builds.push(cmd);
     }
-    // The Python flow body (world `flow`).
-    let mut cmd = Command::new(root().join("guest-sdk/python/build"));
-    cmd.arg(root().join("tests/polyglot/python-flow"))
-        .arg(dir.join("python_flow.wasm"));
-    builds.push(cmd);
+    // The Python and JavaScript flow bodies (world `flow`).
+    for lang in ["python", "js"] {
+        let mut cmd = Command::new(root().join("guest-sdk").join(lang).join("build"));
+        cmd.arg(root().join("tests/polyglot").join(format!("{lang}-flow")))
+            .arg(dir.join(format!("{lang}_flow.wasm")));
+        builds.push(cmd);
+    }
     let children: Vec<_> = builds
         .iter_mut()
         .map(|cmd| {

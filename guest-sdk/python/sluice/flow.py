@@ -42,14 +42,22 @@ __all__ = [
 
 class State:
     """A task run's state: ``name`` (``Completed``, ``Failed``, ``TimedOut``, …), ``type``
-    (``COMPLETED``, ``FAILED``, …), ``message`` and ``result`` (the output of a successful
-    state, as its JSON value)."""
+    (``COMPLETED``, ``FAILED``, …), ``message``, and :meth:`result`."""
 
     def __init__(self, wit_state):
         self.name = wit_state.name
         self.type = wit_state.type.name
         self.message = wit_state.message
-        self.result = None if wit_state.result is None else json.loads(wit_state.result)
+        self._result = None if wit_state.result is None else json.loads(wit_state.result)
+
+    def result(self, raise_on_failure=True):
+        """The output of a successful state (Prefect's ``State.result()``); for another state,
+        raise :class:`TaskRunFailed` (``raise_on_failure=False``: return the state)."""
+        if self.is_completed():
+            return self._result
+        if raise_on_failure:
+            raise TaskRunFailed(self)
+        return self
 
     def is_completed(self):
         """Whether it is a successful final state (Completed, Cached, Skipped, …)."""
@@ -124,14 +132,16 @@ def _json(value):
     return json.dumps(value, allow_nan=False)
 
 
-def submit(task, input=None, wait_for=(), trigger=None):
-    """Submit one task run of the declared task ``task`` (Prefect's ``t.submit(x)``). It starts
+def submit(task, input=None, wait_for=(), trigger=None, return_state=False):
+    """Submit one task run of the declared task ``task`` (Prefect's ``t.submit(x)``): its
+    :class:`Future`; ``return_state=True``: wait and return its final :class:`State`. It starts
     once every future in ``wait_for`` is final, their states feeding its trigger (``trigger``,
     e.g. ``"all_finished"``, or the task's own)."""
     try:
-        return Future(_o.submit(task, _json(input), [f._handle for f in wait_for], trigger))
+        f = Future(_o.submit(task, _json(input), [f._handle for f in wait_for], trigger))
     except Err as e:
         raise SubmissionRefused(e.value) from None
+    return f.wait() if return_state else f
 
 
 def map_(task, inputs, wait_for=(), return_state=False):
@@ -160,6 +170,8 @@ def wait_all(futures):
 
 def wait_any(futures):
     """Block until one of ``futures`` is final; return its index (the lowest of those final)."""
+    if not futures:
+        raise ValueError("wait_any of no futures would wait for ever")
     return _o.wait_any([f._handle for f in futures])
 
 

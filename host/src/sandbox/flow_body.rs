@@ -65,7 +65,9 @@ pub trait Orchestrator: Send + Sync {
     /// The index in `all` of the first that is final, once one is.
     fn wait_any(&self, all: Vec<Submitted>) -> Answer<usize>;
 
-    /// The body dropped its handle: it reads nothing of this task run again.
+    /// The body dropped its handle: it reads nothing of this task run again. Only an explicit
+    /// drop is told: the handles a body still holds when it returns, traps or is stopped are
+    /// not, and the orchestrator frees what it kept for them when the body's run ends.
     fn release(&self, of: Submitted);
 
     /// The time, as the body may observe it.

@@ -42,19 +42,31 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 /// ends. Dispatching many at once so costs something before any ends.
 const NOMINAL: Duration = Duration::from_millis(1);
 
-/// The nice value of the guest threads: the kernel weighs a nice-10 thread at about a tenth of
-/// a nice-0 one, so guests yield to the control path when both want a core, and still use
-/// every idle cycle.
+/// How much nicer the guest threads are than the server's own: the kernel weighs a thread 10
+/// nice levels up at about a tenth, so guests yield to the control path when both want a core,
+/// and still use every idle cycle.
 pub const GUEST_NICE: i32 = 10;
 
-/// Lower the calling thread's priority to [`GUEST_NICE`] (on Linux a nice value is per thread).
+/// The nice value of a guest thread of a server running at `ours`.
+pub fn guest_nice(ours: i32) -> i32 {
+    (ours + GUEST_NICE).min(19)
+}
+
+/// Lower the calling thread's priority by [`GUEST_NICE`] (on Linux a nice value is per thread).
 /// A failure is logged, never fatal: guests then share the cores as equals.
+#[cfg(target_os = "linux")]
 fn lower_priority() {
     let tid = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(tid), GUEST_NICE) {
+    let lowered = rustix::process::getpriority_process(Some(tid))
+        .and_then(|ours| rustix::process::setpriority_process(Some(tid), guest_nice(ours)));
+    if let Err(e) = lowered {
         tracing::warn!("cannot lower the guest thread's priority: {e}");
     }
 }
+
+/// Elsewhere the nice value is per process: the guests share the cores as equals.
+#[cfg(not(target_os = "linux"))]
+fn lower_priority() {}
 
 /// What a tenant may use of the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -532,8 +544,8 @@ mod tests {
     }
 
     /// Guests run at a lower priority than the control path; the server's own threads keep
-    /// theirs. (Without the privilege to raise a priority, a process started above
-    /// `GUEST_NICE` stays there.)
+    /// theirs. (A server already at nice 19 has no lower priority to give.)
+    #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn guest_threads_run_below_the_control_path() {
         let nice = || rustix::process::getpriority_process(Some(rustix::thread::gettid()));
@@ -545,11 +557,11 @@ mod tests {
         let blocking = guests.spawn_blocking(nice);
         assert_eq!(
             worker.await.expect("worker").expect("nice"),
-            GUEST_NICE.max(ours)
+            guest_nice(ours)
         );
         assert_eq!(
             blocking.await.expect("blocking").expect("nice"),
-            GUEST_NICE.max(ours)
+            guest_nice(ours)
         );
         assert_eq!(
             nice().expect("our nice value"),

@@ -27,7 +27,7 @@ def run(parameters):
         raised = {"name": e.state.name, "message": e.state.message}
     failed_state = failing.result(raise_on_failure=False)
     # wait_for with the default trigger (all_successful) and with all_finished.
-    after_default = flow.submit("double", 8, wait_for=[failing]).wait()
+    after_default = flow.submit("double", 8, wait_for=[failing], return_state=True)
     after_finished = flow.submit("double", 7, wait_for=[failing], trigger="all_finished").result()
     # map: futures, and states.
     mapped = [m.result() for m in flow.map_("double", [1, 2, 3])]
@@ -42,7 +42,7 @@ def run(parameters):
     return {
         "call": called,
         "get_state_before_wait": before.name,
-        "wait": {"name": waited.name, "result": str(waited.result)},
+        "wait": {"name": waited.name, "result": str(waited.result())},
         "result": result,
         "raised": raised,
         "failed_state": failed_state.name,

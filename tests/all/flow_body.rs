@@ -18,7 +18,8 @@ use sluice::state::{State, StateName};
 
 use super::support::{guest, sandbox};
 
-/// Task runs decided at once: `double` completes with twice its input, `fail` fails; with
+/// Task runs decided at once: `double` completes with twice its input, `fail` fails, `sleep`
+/// never ends (waiting for it waits for ever); with
 /// `wait_for`, the trigger decides (`all_finished` runs, the default `all_successful` needs
 /// every upstream Completed). A task run's first `get_state` is Pending, as if it had not run
 /// yet.
@@ -66,6 +67,7 @@ impl Script {
                 Ok(State::new(StateName::Completed, t0()).with_result(json!(2 * x).into()))
             }
             "fail" => Ok(State::new(StateName::Failed, t0()).with_message("it always fails")),
+            "sleep" => Ok(State::new(StateName::Running, t0())),
             other => Err(format!("the flow declares no task `{other}`")),
         }
     }
@@ -138,8 +140,11 @@ impl Orchestrator for Scripted {
         let state = self.0.runs.lock().expect("runs")[of.0 as usize]
             .state
             .clone();
-        // Waiting takes a while, as a task run does.
+        // Waiting takes a while, as a task run does; for one that never ends, for ever.
         Box::pin(async move {
+            if !state.is_terminal() {
+                std::future::pending::<()>().await;
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
             state
         })
@@ -147,7 +152,16 @@ impl Orchestrator for Scripted {
 
     fn wait_any(&self, all: Vec<Submitted>) -> Answer<usize> {
         self.0.call(format!("wait_any {all:?}"));
-        Box::pin(async move { 0 })
+        let runs = self.0.runs.lock().expect("runs");
+        let first = all
+            .iter()
+            .position(|s| runs[s.0 as usize].state.is_terminal());
+        Box::pin(async move {
+            match first {
+                Some(i) => i,
+                None => std::future::pending().await,
+            }
+        })
     }
 
     fn release(&self, of: Submitted) {
@@ -311,6 +325,33 @@ fn every_type_of_submission(out: &sluice::sandbox::RunOutcome, script: &Script, 
             "each of the 10 task runs released once"
         );
     }
+}
+
+/// `wait_any` answers the index of the first final one, skipping one that never ends.
+#[tokio::test]
+async fn wait_any_answers_the_first_final_one() {
+    let (out, _) = run_body(json!({"scenario": "any"}), &RunBudget::default(), 1).await;
+    assert_eq!(output(&out), json!(1));
+}
+
+/// A body blocked waiting for a task run that never ends is stopped at its deadline too.
+#[tokio::test]
+async fn a_flow_body_waiting_past_its_deadline_ends_timed_out() {
+    let budget = RunBudget {
+        timeout: Duration::from_millis(300),
+        ..RunBudget::default()
+    };
+    let (out, script) = run_body(json!({"scenario": "stuck"}), &budget, 1).await;
+    assert!(
+        matches!(out.ending, Ending::TimedOut(TimeLimit::Deadline(_))),
+        "{:?}",
+        out.ending
+    );
+    assert_eq!(
+        script.calls.lock().expect("calls").len(),
+        1,
+        "it submitted, then waited"
+    );
 }
 
 #[tokio::test]

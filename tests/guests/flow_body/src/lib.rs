@@ -2,7 +2,9 @@
 //! the tests to compare with what they scheduled. Parameter `scenario`:
 //! - `types`: each construct once (see `types`);
 //! - `loop`: never returns (its deadline ends it);
-//! - `hold`: submits `n` task runs of `double` and keeps every handle until the end.
+//! - `hold`: submits `n` task runs of `double` and keeps every handle until the end;
+//! - `stuck`: waits for a task run of `sleep` (which never ends);
+//! - `any`: `wait_any` of a `sleep` task run and a `double` one: returns the index.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -20,6 +22,12 @@ fn body(p: Value) -> Result<Value, Signal> {
             loop {
                 n = std::hint::black_box(n.wrapping_add(1));
             }
+        }
+        Some("stuck") => Ok(json!(flow::submit("sleep", 0)?.wait().name)),
+        Some("any") => {
+            let sleeping = flow::submit("sleep", 0)?;
+            let doubled = flow::submit("double", 1)?;
+            Ok(json!(flow::wait_any(&[&sleeping, &doubled])))
         }
         Some("hold") => {
             let n = p["n"].as_u64().unwrap_or(0);

@@ -18,11 +18,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use wasmtime::component::Resource;
 
+use super::bindings::WitState;
 use super::bindings::flow::sluice::task::orchestrate::{Host, HostSubmission};
-use super::bindings::{WitState, WitStateType};
-use super::run::RunState;
+use super::run::{RunState, wit_state};
 use crate::json::Json;
-use crate::state::State;
+use crate::state::{State, StateType};
 
 /// A future the orchestrator answers.
 pub type Answer<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -190,20 +190,11 @@ impl RunState {
     fn handle(&mut self, s: Submitted) -> wasmtime::Result<Resource<SubmissionHandle>> {
         Ok(self.table.push(SubmissionHandle(s))?)
     }
-
-    fn check_json(&mut self, what: &str, text: String) -> wasmtime::Result<Result<Json, String>> {
-        self.check_host_call(text.len())?;
-        Ok(Json::parse(&text).map_err(|e| format!("{what} is not JSON: {e}")))
-    }
 }
 
-/// A state as the body sees it; the result of a successful state is the output.
-fn wit(s: &State) -> WitState {
-    super::run::wit_state(s)
-}
-
-fn successful(s: &WitState) -> bool {
-    matches!(s.type_, WitStateType::Completed)
+/// A JSON text from the guest (its size already checked), or why it is not JSON.
+fn parse_json(what: &str, text: &str) -> Result<Json, String> {
+    Json::parse(text).map_err(|e| format!("{what} is not JSON: {e}"))
 }
 
 impl HostSubmission for RunState {
@@ -215,13 +206,13 @@ impl HostSubmission for RunState {
     async fn wait(&mut self, this: Resource<SubmissionHandle>) -> wasmtime::Result<WitState> {
         let s = self.held(&this)?;
         let state = self.orchestrator()?.wait(s).await;
-        Ok(wit(&state))
+        Ok(wit_state(&state))
     }
 
     async fn get_state(&mut self, this: Resource<SubmissionHandle>) -> wasmtime::Result<WitState> {
         let s = self.held(&this)?;
         let state = self.orchestrator()?.state(s).await;
-        Ok(wit(&state))
+        Ok(wit_state(&state))
     }
 
     async fn result(
@@ -229,10 +220,11 @@ impl HostSubmission for RunState {
         this: Resource<SubmissionHandle>,
     ) -> wasmtime::Result<Result<String, WitState>> {
         let s = self.held(&this)?;
-        let state = wit(&self.orchestrator()?.wait(s).await);
-        Ok(match successful(&state) {
-            true => Ok(state.result.unwrap_or_else(|| "null".to_owned())),
-            false => Err(state),
+        let state = self.orchestrator()?.wait(s).await;
+        Ok(match (state.state_type(), &state.result) {
+            (StateType::Completed, Some(output)) => Ok(output.to_string()),
+            (StateType::Completed, None) => Ok("null".to_owned()),
+            _ => Err(wit_state(&state)),
         })
     }
 
@@ -254,8 +246,9 @@ impl Host for RunState {
         trigger: Option<String>,
     ) -> wasmtime::Result<Result<Resource<SubmissionHandle>, String>> {
         let o = self.orchestrator()?;
-        self.check_host_call(task.len() + trigger.as_ref().map_or(0, String::len))?;
-        let input = match self.check_json("the input", input)? {
+        // One limit for everything the call carries.
+        self.check_host_call(task.len() + trigger.as_ref().map_or(0, String::len) + input.len())?;
+        let input = match parse_json("the input", &input) {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
         };
@@ -273,10 +266,10 @@ impl Host for RunState {
         wait_for: Vec<Resource<SubmissionHandle>>,
     ) -> wasmtime::Result<Result<Vec<Resource<SubmissionHandle>>, String>> {
         let o = self.orchestrator()?;
-        self.check_host_call(task.len())?;
+        self.check_host_call(task.len() + inputs.iter().map(String::len).sum::<usize>())?;
         let mut values = Vec::with_capacity(inputs.len());
         for (i, text) in inputs.into_iter().enumerate() {
-            match self.check_json(&format!("input {i}"), text)? {
+            match parse_json(&format!("input {i}"), &text) {
                 Ok(v) => values.push(v),
                 Err(e) => return Ok(Err(e)),
             }

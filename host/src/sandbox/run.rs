@@ -14,7 +14,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::admission::{Admitted, Needs};
-use super::bindings::{WitState, WitStateType};
+use super::bindings::{WitSignal, WitState, WitStateType};
 use super::capture::{self, Capture, LogSink, SharedSink};
 use super::ending::{error_ending, output_ending, signal_ending};
 use super::flow_body::{FixedWallClock, FlowBody, KeyedStream, Orchestrator, StillClock};
@@ -195,10 +195,7 @@ impl Sandbox {
                 },
             )
             .await;
-        let mut outcome = ex.finish(budget, |r| match r {
-            Ok(output) => output_ending(output, budget),
-            Err(signal) => signal_ending(signal, budget),
-        });
+        let mut outcome = ex.finish(budget, |r| returned(r, budget));
         grants.redact(&mut outcome.ending, &mut outcome.logs);
         outcome
     }
@@ -238,10 +235,7 @@ impl Sandbox {
                 },
             )
             .await;
-        ex.finish(budget, |r| match r {
-            Ok(output) => output_ending(output, budget),
-            Err(signal) => signal_ending(signal, budget),
-        })
+        ex.finish(budget, |r| returned(r, budget))
     }
 
     /// Run a state handler on the transition `old` → `new` of `task`, in a fresh sandbox under
@@ -451,6 +445,14 @@ impl Sandbox {
             Ok(UpdateDeadline::Interrupt)
         });
         (store, granted)
+    }
+}
+
+/// How a task or a flow body ended by returning: its output, or the signal it raised.
+fn returned(r: Result<String, WitSignal>, budget: &RunBudget) -> Ending {
+    match r {
+        Ok(output) => output_ending(output, budget),
+        Err(signal) => signal_ending(signal, budget),
     }
 }
 

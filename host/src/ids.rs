@@ -55,3 +55,11 @@ typed_id!(
     /// Identifies one tenant of a server.
     TenantId
 );
+
+impl TaskRunId {
+    /// The id under which a code flow's body's logs are stored: its flow run's own (no task
+    /// run has it, since each id is new).
+    pub fn of_body(run: FlowRunId) -> Self {
+        Self(run.0)
+    }
+}

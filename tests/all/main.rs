@@ -5,6 +5,7 @@
 mod alloc_meter;
 mod cli;
 mod cli_more;
+mod code_flows;
 mod deployments;
 mod flow_body;
 mod flows;

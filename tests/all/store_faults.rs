@@ -80,6 +80,7 @@ fn pending_task(run: FlowRunId, index: u32, name: &str) -> TaskWrite {
         index,
         name: Arc::from(name),
         parent: None,
+        map_index: None,
         state,
         transitions: vec![transition],
         attempts: 0,

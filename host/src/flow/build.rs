@@ -14,7 +14,7 @@ use super::FlowDef;
 pub struct BuildStep {
     /// The shell command.
     pub command: String,
-    /// The tasks whose component it builds.
+    /// The tasks whose component it builds (`(flow body)` for a code flow's body).
     pub tasks: Vec<String>,
     /// Their component files.
     pub outputs: Vec<PathBuf>,
@@ -48,8 +48,16 @@ pub struct BuildError {
 /// The build steps of `def`, in task order, one per distinct command.
 pub fn plan(def: &FlowDef) -> Vec<BuildStep> {
     let mut steps: Vec<BuildStep> = Vec::new();
-    for t in &def.tasks {
-        let Some(cmd) = &t.build else { continue };
+    let body = def
+        .body
+        .iter()
+        .map(|b| ("(flow body)", &b.build, &b.component, &b.sources));
+    let tasks = def
+        .tasks
+        .iter()
+        .map(|t| (t.name.as_str(), &t.build, &t.component, &t.sources));
+    for (name, build, component, sources) in body.chain(tasks) {
+        let Some(cmd) = build else { continue };
         let step = match steps.iter_mut().find(|s| &s.command == cmd) {
             Some(s) => s,
             None => {
@@ -63,9 +71,9 @@ pub fn plan(def: &FlowDef) -> Vec<BuildStep> {
                 &mut steps[last]
             }
         };
-        step.tasks.push(t.name.clone());
-        step.outputs.push(t.component.clone());
-        step.sources.push(t.sources.clone());
+        step.tasks.push(name.to_owned());
+        step.outputs.push(component.clone());
+        step.sources.push(sources.clone());
     }
     steps
 }

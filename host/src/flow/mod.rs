@@ -321,6 +321,47 @@ pub struct FlowDef {
     pub max_log_bytes: u64,
     /// When a deployment of the flow runs (a manifest's `[schedule]`); `sluice run` ignores it.
     pub schedule: Option<crate::schedule::Schedule>,
+    /// A flow written as code: its body (a component of world `flow`) submits task runs of
+    /// the declared tasks, which are then templates (no inputs, edges or maps of their own).
+    /// `None`: the declared tasks are the flow's DAG.
+    pub body: Option<BodyDef>,
+    /// The most task runs the body of a code flow may submit in one flow run (each mapped
+    /// element counts; default [`DEFAULT_MAX_TASK_RUNS`]). A submission past it is refused,
+    /// naming the limit: the body sees the refusal, nothing is created.
+    pub max_task_runs: usize,
+}
+
+/// The body of a flow written as code (a manifest's `code`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BodyDef {
+    /// The component file (world `flow`).
+    pub component: PathBuf,
+    /// A shell command that builds it (run in the manifest's directory).
+    pub build: Option<String>,
+    /// What it is built from (see [`TaskDef::sources`]).
+    pub sources: Vec<PathBuf>,
+    /// The body's own budget: fuel for its own code, and a deadline for the whole body,
+    /// waiting included (default [`BodyDef::DEFAULT_TIMEOUT`]; a body that never returns ends
+    /// TimedOut, and with it the flow run).
+    pub budget: RunBudget,
+}
+
+impl BodyDef {
+    /// A body's default deadline: 1 hour (it waits for its task runs).
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+    /// The body at `component`, with the default budget.
+    pub fn new(component: impl Into<PathBuf>) -> Self {
+        Self {
+            component: component.into(),
+            build: None,
+            sources: Vec::new(),
+            budget: RunBudget {
+                timeout: Self::DEFAULT_TIMEOUT,
+                ..RunBudget::default()
+            },
+        }
+    }
 }
 
 /// Why a flow definition is invalid (the builder's errors; the manifest parser adds positions).
@@ -352,6 +393,23 @@ pub enum FlowError {
     /// The dependencies form a cycle.
     #[error("the tasks form a cycle: {}", .0.join(" → "))]
     Cycle(Vec<String>),
+    /// A task of a flow written as code declares what only its body decides.
+    #[error(
+        "task `{task}` has `{key}`, but in a flow written as code the body gives each task run \
+         its input and what it waits for, and maps by itself: remove `{key}`"
+    )]
+    NotATemplate {
+        /// The task.
+        task: String,
+        /// The key: `input`, `upstream_tasks` or `map`.
+        key: &'static str,
+    },
+    /// A flow written as code names reference tasks.
+    #[error(
+        "`reference_tasks` cannot be used with `code`: a flow written as code ends as its body \
+         does (its return value, or what its task runs did when it returns nothing)"
+    )]
+    CodeReferenceTasks,
     /// A mapped field that the input does not have.
     #[error("task `{task}` maps over `{field}`, which its input does not set")]
     UnknownMapField {
@@ -392,6 +450,29 @@ impl fmt::Display for Hint {
 impl FlowDef {
     /// Check references and acyclicity.
     pub fn validate(&self) -> Result<(), FlowError> {
+        if self.body.is_some() {
+            if !self.reference_tasks.is_empty() {
+                return Err(FlowError::CodeReferenceTasks);
+            }
+            for t in &self.tasks {
+                let no_input = matches!(&t.input, Input::Literal(j) if *j == Json::null());
+                let key = if !no_input {
+                    Some("input")
+                } else if !t.upstream_tasks.is_empty() {
+                    Some("upstream_tasks")
+                } else if t.map != MapOver::No {
+                    Some("map")
+                } else {
+                    None
+                };
+                if let Some(key) = key {
+                    return Err(FlowError::NotATemplate {
+                        task: t.name.clone(),
+                        key,
+                    });
+                }
+            }
+        }
         let mut index = HashMap::new();
         for (i, t) in self.tasks.iter().enumerate() {
             if index.insert(t.name.as_str(), i).is_some() {
@@ -535,6 +616,8 @@ impl FlowBuilder {
                 max_mapped_children: DEFAULT_MAX_MAPPED_CHILDREN,
                 max_log_bytes: DEFAULT_MAX_LOG_BYTES,
                 schedule: None,
+                body: None,
+                max_task_runs: DEFAULT_MAX_TASK_RUNS,
             },
         }
     }
@@ -595,6 +678,18 @@ impl FlowBuilder {
         self
     }
 
+    /// Make it a flow written as code: `body` submits task runs of the declared tasks.
+    pub fn body(mut self, body: BodyDef) -> Self {
+        self.def.body = Some(body);
+        self
+    }
+
+    /// Limit how many task runs the body of a code flow may submit in one flow run.
+    pub fn max_task_runs(mut self, n: usize) -> Self {
+        self.def.max_task_runs = n;
+        self
+    }
+
     /// Validate and return the flow.
     pub fn build(self) -> Result<FlowDef, FlowError> {
         self.def.validate()?;
@@ -612,6 +707,10 @@ pub const DEFAULT_MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
 /// Each child costs its record (about 1 KiB with its history) and its input and output, so this
 /// bounds a run's memory whatever list a guest returns.
 pub const DEFAULT_MAX_MAPPED_CHILDREN: usize = 100_000;
+
+/// The default most task runs the body of a code flow submits in one flow run: 100,000 (each
+/// costs its record, about 1 KiB, while the run lasts).
+pub const DEFAULT_MAX_TASK_RUNS: usize = 100_000;
 
 /// The default most bytes of logs one flow run keeps (summed over its task runs): 256 MiB, a
 /// quarter of what 1,000 task runs could log at their own default budget of 1 MiB each.

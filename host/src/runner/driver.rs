@@ -4,6 +4,8 @@
 //! task, and cancellation drops it), cache reads run on blocking threads (each task's valid
 //! entries preloaded once, so a hit is answered at once), writes go to the store's queue and
 //! events to the listener. It also watches the store for a cancel requested by another process.
+//! A code flow's body runs on a task of its own; its calls come to the driver as messages
+//! (see [`super::body`]) and are answered from the machine.
 
 use std::collections::VecDeque;
 
@@ -17,6 +19,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::body::{BodyCall, DriverOrchestrator, Waiting};
 use super::executor::{Executor, Finished, Grant, Job, LocalExecutor, Slot};
 use super::machine::{Command, Event, FlowMachine, HookRequest, Settings, Unit};
 use super::record::FlowRun;
@@ -24,8 +27,11 @@ use super::{FlowRunner, PreparedFlow};
 use crate::cache::CacheKey;
 use crate::clock::ClockRef;
 use crate::ids::FlowRunId;
-use crate::sandbox::{CancelToken, HandlerComponent, LogLevel, LogRecord, LogSource, Sandbox};
-use crate::state::State;
+use crate::json::Json;
+use crate::sandbox::{
+    CancelToken, FlowBody, HandlerComponent, LogLevel, LogRecord, LogSource, RunOutcome, Sandbox,
+};
+use crate::state::{Retry, State, StateName};
 use crate::store::{CacheLookup, CachedOutput, Store, StoreError};
 
 /// Run `run` (fresh, or resumed with `starts` as start tasks, its logs so far costing
@@ -58,6 +64,7 @@ pub(super) async fn drive(
     let machine = FlowMachine::new(flow.def.clone(), run, starts, settings);
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let (grants_tx, grants_rx) = mpsc::unbounded_channel();
+    let (calls_tx, calls_rx) = mpsc::unbounded_channel();
     let mut driver = Driver {
         machine,
         runner,
@@ -77,6 +84,8 @@ pub(super) async fn drive(
         cache: runner.store.clone().map(CacheReads::new),
         reads: JoinSet::new(),
         cancel,
+        body: None,
+        waiting: Waiting::default(),
     };
     let watcher = runner.store.clone().map(|store| {
         let (run, cancel) = (driver.machine.run().id, driver.cancel.clone());
@@ -84,7 +93,10 @@ pub(super) async fn drive(
         tokio::spawn(watch_store(store, run, cancel, Utc::now()))
     });
     driver.machine.start();
-    driver.run(done_rx, grants_rx).await;
+    if let Some(component) = &flow.body {
+        driver.body = Some(driver.start_body(component, calls_tx));
+    }
+    driver.run(done_rx, grants_rx, calls_rx).await;
     if let Some(w) = watcher {
         w.abort();
     }
@@ -120,6 +132,10 @@ struct Driver<'a> {
     cache: Option<CacheReads>,
     reads: JoinSet<ReadDone>,
     cancel: CancelToken,
+    /// A code flow's body, while it runs.
+    body: Option<tokio::task::JoinHandle<RunOutcome>>,
+    /// The body's calls waiting for task runs.
+    waiting: Waiting,
 }
 
 struct HooksAnswer {
@@ -134,13 +150,24 @@ impl Driver<'_> {
         &mut self,
         mut done: mpsc::UnboundedReceiver<Finished>,
         mut grants: mpsc::UnboundedReceiver<Grant>,
+        mut calls: mpsc::UnboundedReceiver<BodyCall>,
     ) {
         loop {
             self.pump();
-            if self.machine.is_idle() {
+            if self.machine.is_idle() && self.body.is_none() {
                 return;
             }
             let event = tokio::select! {
+                Some(call) = calls.recv() => {
+                    let now = self.runner.clock.now();
+                    self.waiting.call(&mut self.machine, call, now);
+                    continue;
+                }
+                ended = async { self.body.as_mut()?.await.ok() }, if self.body.is_some() => {
+                    self.body = None;
+                    self.body_ended(ended);
+                    continue;
+                }
                 f = async { self.here.as_mut()?.await.into() }, if self.here.is_some() => {
                     let Some(f): Option<Finished> = f else { continue };
                     self.here = None;
@@ -210,11 +237,11 @@ impl Driver<'_> {
                     let job = Job {
                         run: self.run_id,
                         unit: a.unit,
-                        component: self.flow.components[a.unit.task].clone(),
+                        component: self.flow.components[a.template].clone(),
                         input: a.input,
                         ctx: a.ctx,
-                        budget: self.flow.def.tasks[a.unit.task].budget,
-                        grants: self.flow.grants[a.unit.task].run.clone(),
+                        budget: self.flow.def.tasks[a.template].budget,
+                        grants: self.flow.grants[a.template].run.clone(),
                         cancel: self.cancel.clone(),
                         slot: self.granted.remove(&a.unit),
                     };
@@ -268,6 +295,7 @@ impl Driver<'_> {
                     None => self.machine.handle(Event::SlotGranted(unit)),
                 },
                 Command::Release(unit) => drop(self.granted.remove(&unit)),
+                Command::Settled(i) => self.waiting.settled(&self.machine, i),
                 Command::AbortTimers => self.timers.abort_all(),
                 Command::AbortHooks => {
                     self.hook_ids.clear();
@@ -282,6 +310,66 @@ impl Driver<'_> {
         if let Some(cache) = &mut self.cache {
             cache.start_reads(&mut self.reads, self.runner.clock.now());
         }
+    }
+
+    /// Start a code flow's body on a task of its own: deterministic (keyed by the run, its
+    /// clock at the run's start), granted nothing, its calls sent to this driver, interrupted
+    /// when the run is cancelled.
+    fn start_body(
+        &self,
+        component: &crate::sandbox::FlowComponent,
+        calls: mpsc::UnboundedSender<BodyCall>,
+    ) -> tokio::task::JoinHandle<RunOutcome> {
+        let run = self.machine.run();
+        let body = FlowBody {
+            orchestrator: DriverOrchestrator::new(calls),
+            seed: *blake3::hash(run.id.to_string().as_bytes()).as_bytes(),
+            started: run.history.first().map_or(run.state.timestamp, |h| h.time),
+        };
+        let parameters = Json::from_value(&serde_json::Value::Object(
+            run.parameters
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ));
+        let ctx = self.machine.body_context();
+        let budget = self
+            .flow
+            .def
+            .body
+            .as_ref()
+            .map(|b| b.budget)
+            .unwrap_or_default();
+        let (sandbox, component, cancel) = (
+            self.runner.sandbox.clone(),
+            component.clone(),
+            self.cancel.clone(),
+        );
+        tokio::spawn(async move {
+            sandbox
+                .run_flow(&component, &parameters, &ctx, &budget, &body, Some(&cancel))
+                .await
+        })
+    }
+
+    /// The body ended (`None`: its task died): the flow run ends by how, once its task runs
+    /// are final.
+    fn body_ended(&mut self, outcome: Option<RunOutcome>) {
+        let now = self.runner.clock.now();
+        let Some(outcome) = outcome else {
+            let state = State::new(StateName::Crashed, now)
+                .with_message("the flow body's task stopped without an outcome");
+            return self.machine.body_ended(state, Vec::new());
+        };
+        let mut state = State::after_run(&outcome.ending, Retry::Exhausted, now);
+        if !state.is_terminal() {
+            state = State::new(StateName::Failed, now).with_message(format!(
+                "the flow body raised {}: a flow body cannot pause or be retried (its task runs \
+                 can)",
+                state.name
+            ));
+        }
+        self.machine.body_ended(state, outcome.logs);
     }
 
     /// Hand `job` to the shared executor, or else to this process's.
@@ -326,13 +414,14 @@ impl Driver<'_> {
     fn run_hooks(&mut self, request: HookRequest) {
         let HookRequest {
             unit,
+            template,
             seq,
             old,
             new,
             kinds,
             ctx,
         } = request;
-        let Some(hooks) = &self.flow.hooks[unit.task] else {
+        let Some(hooks) = &self.flow.hooks[template] else {
             self.machine.handle(Event::HooksDone {
                 unit,
                 seq,
@@ -355,7 +444,7 @@ impl Driver<'_> {
         let sandbox = self.runner.sandbox.clone();
         let budget = self.runner.handler_budget;
         let clock = self.runner.clock.clone();
-        let task = self.flow.def.tasks[unit.task].name.clone();
+        let task = self.flow.def.tasks[template].name.clone();
         let fallback = new.clone();
         let handle = self.hooks.spawn(async move {
             let (state, logs) =
@@ -424,17 +513,18 @@ const CACHE_PRELOAD_BYTES: u64 = 64 << 20;
 /// looked up in the store in batches, which also explains a miss.
 struct CacheReads {
     store: Arc<dyn Store>,
-    tasks: HashMap<usize, TaskIndex>,
+    /// By task name (a code flow's task runs of one task share it).
+    tasks: HashMap<String, TaskIndex>,
     /// Keys to look up in the store.
     misses: Vec<(Unit, CacheKey)>,
     /// Tasks whose preload is to start.
-    preloads: Vec<(usize, String)>,
+    preloads: Vec<String>,
     /// What each read in progress answers for.
     reading: HashMap<tokio::task::Id, Reading>,
 }
 
 enum Reading {
-    Preload(usize),
+    Preload(String),
     Lookups(Vec<Unit>),
 }
 
@@ -445,7 +535,7 @@ enum TaskIndex {
 
 enum ReadDone {
     Preloaded {
-        task: usize,
+        task: String,
         entries: Result<Vec<CachedOutput>, StoreError>,
     },
     Looked(Vec<(Unit, Result<CacheLookup, String>)>),
@@ -469,11 +559,11 @@ impl CacheReads {
         key: CacheKey,
         now: DateTime<Utc>,
     ) -> Option<Result<CacheLookup, String>> {
-        match self.tasks.get_mut(&unit.task) {
+        match self.tasks.get_mut(&key.task) {
             None => {
+                self.preloads.push(key.task.clone());
                 self.tasks
-                    .insert(unit.task, TaskIndex::Loading(vec![(unit, key.clone())]));
-                self.preloads.push((unit.task, key.task.clone()));
+                    .insert(key.task.clone(), TaskIndex::Loading(vec![(unit, key)]));
                 None
             }
             Some(TaskIndex::Loading(waiting)) => {
@@ -506,11 +596,15 @@ impl CacheReads {
 
     /// Start the reads asked for since the last call.
     fn start_reads(&mut self, reads: &mut JoinSet<ReadDone>, now: DateTime<Utc>) {
-        for (task, name) in self.preloads.drain(..) {
+        for task in self.preloads.drain(..) {
             let store = self.store.clone();
+            let name = task.clone();
             let handle = reads.spawn_blocking(move || {
                 let entries = store.cache_preload(&name, now, CACHE_PRELOAD_BYTES);
-                ReadDone::Preloaded { task, entries }
+                ReadDone::Preloaded {
+                    task: name,
+                    entries,
+                }
             });
             self.reading.insert(handle.id(), Reading::Preload(task));
         }
@@ -575,7 +669,7 @@ impl CacheReads {
     /// The task's index is loaded: answer the keys that waited for it.
     fn ready(
         &mut self,
-        task: usize,
+        task: String,
         index: HashMap<String, CachedOutput>,
         now: DateTime<Utc>,
     ) -> Vec<(Unit, Result<CacheLookup, String>)> {

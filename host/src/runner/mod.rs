@@ -7,6 +7,7 @@
 //! task runs behind an interface the server's queue and remote workers implement too. The run's
 //! records are in [`record`], mapping's pure helpers in `mapping`.
 
+mod body;
 pub mod driver;
 pub mod executor;
 pub mod machine;
@@ -29,7 +30,9 @@ use crate::clock::{ClockRef, SystemClock};
 use crate::flow::FlowDef;
 use crate::grants::{GrantError, ResolvedGrants, SecretSource};
 use crate::ids::{FlowRunId, TaskRunId, TenantId};
-use crate::sandbox::{CancelToken, HandlerComponent, LoadError, RunBudget, Sandbox, TaskComponent};
+use crate::sandbox::{
+    CancelToken, FlowComponent, HandlerComponent, LoadError, RunBudget, Sandbox, TaskComponent,
+};
 use crate::state::{State, StateType};
 use crate::store::{Blob, RunHeader, RunLease, Store, StoreError, TaskWrite, Write};
 
@@ -68,6 +71,11 @@ pub enum PrepareError {
     /// A start task that the flow does not have.
     #[error("unknown start task `{0}`")]
     UnknownStartTask(String),
+    /// Resuming a flow written as code, which this version cannot do yet.
+    #[error(
+        "flow run {0} is of a flow written as code, which cannot be resumed yet: start a new run"
+    )]
+    CodeFlowResume(FlowRunId),
     /// A run record that does not belong to this flow.
     #[error("the run record does not match flow `{flow}`: {detail}")]
     RecordMismatch {
@@ -99,6 +107,8 @@ pub struct PreparedFlow {
     hooks: Vec<Option<Arc<TaskHooks>>>,
     /// Per task: what its runs are granted, and the digests its cache key includes.
     grants: Vec<ResolvedGrants>,
+    /// A code flow's body.
+    body: Option<FlowComponent>,
 }
 
 impl fmt::Debug for PreparedFlow {
@@ -318,6 +328,11 @@ impl FlowRunner {
             .iter()
             .flat_map(|t| t.hooks.all().map(PathBuf::as_path))
             .collect();
+        // A code flow's body loads beside the tasks (as world `flow`).
+        let body_load = def.body.as_ref().map(|b| {
+            let (sandbox, path) = (self.sandbox.clone(), b.component.clone());
+            tokio::spawn(async move { sandbox.load_flow_file(&path).await })
+        });
         let mut loads = JoinSet::new();
         for path in task_paths.union(&handler_paths) {
             let sandbox = self.sandbox.clone();
@@ -362,6 +377,17 @@ impl FlowRunner {
                 None => {}
             }
         }
+        let body = match body_load {
+            Some(load) => Some(
+                load.await
+                    .unwrap_or_else(|e| Err(LoadError::Sandbox(format!("loading stopped: {e}"))))
+                    .map_err(|e| PrepareError::Load {
+                        task: "(flow body)".into(),
+                        source: e,
+                    })?,
+            ),
+            None => None,
+        };
         let mut components = Vec::with_capacity(def.tasks.len());
         let mut hooks = Vec::with_capacity(def.tasks.len());
         for t in &def.tasks {
@@ -401,6 +427,7 @@ impl FlowRunner {
             components,
             hooks,
             grants,
+            body,
         })
     }
 
@@ -569,6 +596,9 @@ impl FlowRunner {
         cancel: CancelToken,
         keep_retry_budget: bool,
     ) -> Result<FlowRun, PrepareError> {
+        if flow.def.body.is_some() {
+            return Err(PrepareError::CodeFlowResume(previous.id));
+        }
         let names: Vec<&str> = flow.def.tasks.iter().map(|t| t.name.as_str()).collect();
         let recorded: Vec<&str> = previous.tasks.iter().map(|t| t.name.as_str()).collect();
         if names != recorded || previous.flow != flow.def.name {
@@ -648,7 +678,7 @@ fn merge_parameters(
 pub(crate) fn task_write(
     run: FlowRunId,
     (index, name): (usize, Arc<str>),
-    parent: Option<(TaskRunId, u32)>,
+    parent: Option<TaskRunId>,
     rec: &TaskRun,
     transitions: Vec<Transition>,
 ) -> TaskWrite {
@@ -659,14 +689,15 @@ pub(crate) fn task_write(
         index: u32::try_from(index).unwrap_or(u32::MAX),
         name,
         parent,
+        map_index: rec.map_index,
         state: rec.state.clone(),
         transitions,
         attempts: rec.attempts,
         run_time: rec.run_time,
         fuel_consumed: rec.fuel_consumed,
         output: None,
-        cached_input: match (ty, parent) {
-            (StateType::Scheduled | StateType::Paused, None) => {
+        cached_input: match ty {
+            StateType::Scheduled | StateType::Paused if parent.is_none() => {
                 rec.cached_input.clone().map(Blob::Value)
             }
             _ => None,

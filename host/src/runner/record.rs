@@ -117,13 +117,17 @@ pub struct FlowRun {
     pub parameters: BTreeMap<String, Value>,
     /// The context in effect.
     pub context: BTreeMap<String, String>,
-    /// The task runs, in definition order.
+    /// The task runs, in definition order (a code flow's: in the order its body submitted
+    /// them).
     pub tasks: Vec<TaskRun>,
+    /// A code flow's body's logs, when the run has no store (see [`TaskRun::logs`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<LogRecord>,
 }
 
 impl FlowRun {
-    /// A new run of `def`: Pending at `now`, every task run Pending, with the parameters and
-    /// context in effect.
+    /// A new run of `def`: Pending at `now`, every task run Pending (a code flow's body
+    /// submits its task runs as it goes: none yet), with the parameters and context in effect.
     pub fn new(
         def: &crate::flow::FlowDef,
         parameters: BTreeMap<String, Value>,
@@ -142,11 +146,15 @@ impl FlowRun {
             }],
             parameters,
             context,
-            tasks: def
-                .tasks
-                .iter()
-                .map(|t| TaskRun::new(&t.name, None, now))
-                .collect(),
+            tasks: match def.body {
+                Some(_) => Vec::new(),
+                None => def
+                    .tasks
+                    .iter()
+                    .map(|t| TaskRun::new(&t.name, None, now))
+                    .collect(),
+            },
+            logs: Vec::new(),
         }
     }
 

@@ -287,6 +287,17 @@ impl Space {
             .map_err(|e| ApiError::internal("reading the tenant's grant ceiling", &e))?;
             parse(&ceiling).map_err(|e| ApiError::quota(tenant, "grants", 0, e))?;
         }
+        if def.body.is_some() {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "code-flow-not-served",
+                format!(
+                    "flow `{}` is written as code (`code`), which `sluice server` does not run \
+                     yet: run it embedded (`sluice run` without --server)",
+                    def.name
+                ),
+            ));
+        }
         check_budgets(tenant, &def)?;
         Ok(def)
     }

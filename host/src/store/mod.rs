@@ -220,12 +220,15 @@ pub struct TaskWrite {
     pub run: FlowRunId,
     /// The task run.
     pub id: TaskRunId,
-    /// The task's position in the flow.
+    /// The task's position in the flow (a code flow's task run: its place in submission
+    /// order).
     pub index: u32,
     /// The task's name.
     pub name: Arc<str>,
-    /// For a child of a mapped task: the parent's task run and this child's index.
-    pub parent: Option<(TaskRunId, u32)>,
+    /// For a child of a mapped task: the parent's task run.
+    pub parent: Option<TaskRunId>,
+    /// A mapped child's index (or, in a code flow, the element of the body's map it runs).
+    pub map_index: Option<u32>,
     /// The state now (without its result: that is `output`).
     pub state: State,
     /// Transitions since the last write of this task run.

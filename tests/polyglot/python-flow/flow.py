@@ -1,5 +1,6 @@
 """A flow body that uses every type of submission of seed 004 and returns what it observed (as
-tests/guests/flow_body does in Rust, with the same keys). Parameter ``scenario``: ``types``."""
+tests/guests/flow_body does in Rust, with the same keys). Parameter ``scenario``: ``types``, or
+``state`` (``get_state`` of a task run of ``slow`` right after submitting it, then waited for)."""
 
 import random
 import time
@@ -9,6 +10,10 @@ from sluice.flow import SubmissionRefused, TaskRunFailed
 
 
 def run(parameters):
+    if parameters.get("scenario") == "state":
+        slow = flow.submit("slow", {"do": "sleep", "ms": parameters.get("ms")})
+        before = slow.get_state().name
+        return {"before": before, "after": slow.wait().name}
     if parameters.get("scenario") != "types":
         raise ValueError(f"unknown scenario {parameters.get('scenario')!r}")
     # r1 = t1(): call and get the result.

@@ -44,13 +44,14 @@ fn ms(d: Duration) -> String {
 /// explanation).
 pub(crate) fn summary(run: &FlowRun, detail: bool) -> String {
     let mut out = String::new();
-    let width = column_width(run.tasks.iter().map(|t| t.name.as_str()));
+    let names: Vec<String> = run.tasks.iter().map(label).collect();
+    let width = column_width(names.iter().map(String::as_str));
     let _ = writeln!(
         out,
         "{:<width$}  {:<13}  {:>8}  {:>10}  {:>10}  {:<5}  MESSAGE",
         "TASK", "STATE", "ATTEMPTS", "RUN TIME", "WALL", "CACHE"
     );
-    for t in &run.tasks {
+    for (t, name) in run.tasks.iter().zip(&names) {
         let attempts = if t.children.is_empty() {
             t.attempts.to_string()
         } else {
@@ -62,7 +63,7 @@ pub(crate) fn summary(run: &FlowRun, detail: bool) -> String {
         let _ = writeln!(
             out,
             "{:<width$}  {:<13}  {:>8}  {:>10}  {:>10}  {:<5}  {}",
-            fit(&t.name, width),
+            fit(name, width),
             t.state.name.as_str(),
             attempts,
             ms(run_time),
@@ -79,11 +80,23 @@ pub(crate) fn summary(run: &FlowRun, detail: bool) -> String {
         run.state.name,
         run.state.message.as_deref().unwrap_or("")
     );
+    if let Some(result) = &run.state.result {
+        let _ = writeln!(out, "result: {}", truncate(result.as_str(), 200));
+    }
     if detail {
         let _ = writeln!(out, "\nhistory of the flow run:");
         history(&mut out, &run.history, "  ");
-        for t in &run.tasks {
-            let _ = writeln!(out, "\n{} ({}):", truncate(&t.name, LONG_NAME), t.id);
+        for (k, t) in run.tasks.iter().enumerate() {
+            let _ = match (t.map_index, t.children.is_empty()) {
+                // A code flow's task runs: their place in submission order, and a map's index.
+                (Some(i), true) => writeln!(
+                    out,
+                    "\n#{k} {} [{i}] ({}):",
+                    truncate(&t.name, LONG_NAME),
+                    t.id
+                ),
+                _ => writeln!(out, "\n{} ({}):", truncate(&t.name, LONG_NAME), t.id),
+            };
             if let Some(c) = &t.cache {
                 let _ = writeln!(
                     out,
@@ -123,6 +136,14 @@ pub(crate) fn summary(run: &FlowRun, detail: bool) -> String {
         }
     }
     out
+}
+
+/// A task run's name in the table: a code flow's map element with its index (`add_one[2]`).
+fn label(t: &TaskRun) -> String {
+    match (t.map_index, t.children.is_empty()) {
+        (Some(i), true) => format!("{}[{i}]", t.name),
+        _ => t.name.clone(),
+    }
 }
 
 fn history(out: &mut String, h: &[Transition], indent: &str) {
@@ -255,6 +276,19 @@ pub(crate) fn run_json(run: &FlowRun, tails: &HashMap<TaskRunId, LogTail>) -> Va
     v["context"] = json!(run.context);
     v["history"] = history_json(&run.history);
     v["tasks"] = run.tasks.iter().map(|t| task_json(t, tails)).collect();
+    // A code flow's: what its body returned, and what it logged.
+    if let Some(result) = &run.state.result {
+        v["result"] = json!(result);
+    }
+    let body = TaskRunId::of_body(run.id);
+    match tails.get(&body) {
+        Some(tail) if run.logs.is_empty() => {
+            v["body_logs"] = json!(tail.records);
+            v["body_logs_omitted"] = json!(tail.omitted);
+        }
+        _ if !run.logs.is_empty() => v["body_logs"] = json!(run.logs),
+        _ => {}
+    }
     v
 }
 

@@ -76,6 +76,19 @@
 //! `max_mapped_children = 100000` (the most mapped children of one flow run, summed over its
 //! mapped tasks; default 100,000) and `max_log_bytes = "256MiB"` (the most bytes of logs one flow
 //! run keeps, summed over its task runs; a size or a number of bytes; default 256 MiB).
+//!
+//! A flow written as code names its body instead of wiring its tasks:
+//!
+//! ```toml
+//! name = "dynamic"
+//! code = { path = "build/flow.wasm", build = "make", sources = ["flow.py"],
+//!          timeout = "1h", fuel = 10000000000, memory = "64MiB" }  # the body's own budget
+//! max_task_runs = 100000              # the most task runs its body may submit (default)
+//!
+//! [tasks.add_one]                     # a template: the body gives each task run its input
+//! component = "tasks/add_one.wasm"    # (no `input`, `upstream_tasks`, `map` or
+//! retries = 2                         # `reference_tasks`); everything else as above
+//! ```
 
 mod grants;
 mod raw;
@@ -95,7 +108,7 @@ use self::raw::RawFlow;
 use self::source::{Source, Spans, locate};
 use self::task::task_def;
 pub use self::values::normalize;
-use super::{DEFAULT_CONCURRENCY, FlowDef};
+use super::{BodyDef, DEFAULT_CONCURRENCY, FlowDef};
 
 /// A problem in a manifest, with its position.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -231,6 +244,10 @@ pub fn parse_with_files(
         Some(s) => Some(schedule::schedule(&src, s, &parameters)?),
         None => None,
     };
+    let body = match raw.code.take() {
+        Some(code) => Some(body_def(&src, dir, &code, files)?),
+        None => None,
+    };
     let mut tasks = Vec::new();
     for (name, raw_task) in raw.tasks {
         let table_span = raw_task.span();
@@ -298,9 +315,75 @@ pub fn parse_with_files(
             Some(v) => values::size(&src, "`max_log_bytes`", v, "256MiB")?,
         },
         schedule,
+        body,
+        max_task_runs: match raw.max_task_runs {
+            None => super::DEFAULT_MAX_TASK_RUNS,
+            Some(n) if *n.get_ref() == 0 => {
+                return Err(src.error(
+                    n.span(),
+                    "`max_task_runs` = 0 would refuse every task run: it is how many task runs \
+                     the flow's body may submit in one flow run, at least 1",
+                ));
+            }
+            Some(n) => n.into_inner(),
+        },
     };
     def.validate().map_err(|e| locate(&src, &spans, e))?;
     Ok(def)
+}
+
+/// `code`: the body of a flow written as code, a component like a task's (`path`, `build`,
+/// `sources`) plus its own budget (`timeout`, `fuel`, `memory`), each error at `code`.
+fn body_def(
+    src: &Source<'_>,
+    dir: &Path,
+    code: &Spanned<toml::Value>,
+    files: &dyn ComponentFiles,
+) -> Result<BodyDef, ManifestError> {
+    const BUDGET: [&str; 3] = ["timeout", "fuel", "memory"];
+    let (path, build, sources) = values::component(src, ("flow", "code"), code, &BUDGET)?;
+    let err = |message: String| src.error(code.span(), format!("flow: {message}"));
+    let component = files
+        .file(
+            &normalize(Path::new(&path)),
+            &normalize(&dir.join(&path)),
+            build.is_some(),
+        )
+        .map_err(|why| err(format!("`code` file `{path}` {why}")))?;
+    let mut body = BodyDef::new(component);
+    body.build = build;
+    body.sources = sources.iter().map(|s| normalize(&dir.join(s))).collect();
+    let Some(table) = code.get_ref().as_table() else {
+        return Ok(body);
+    };
+    if let Some(t) = table.get("timeout") {
+        let text = t.as_str().unwrap_or_default();
+        body.budget.timeout = humantime::parse_duration(text)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                err(format!(
+                    "`code.timeout` = {t} must be a duration longer than zero, like \"10m\""
+                ))
+            })?;
+    }
+    if let Some(f) = table.get("fuel") {
+        body.budget.fuel = match f {
+            toml::Value::Integer(n) if *n >= 0 => Some(n.unsigned_abs()),
+            toml::Value::String(w) if w == "unlimited" => None,
+            other => {
+                return Err(err(format!(
+                    "`code.fuel` = {other} must be a number of fuel units (0 or more) or \
+                     \"unlimited\""
+                )));
+            }
+        };
+    }
+    if let Some(m) = table.get("memory") {
+        let m = Spanned::new(code.span(), m.clone());
+        body.budget.memory_bytes = values::size(src, "flow: `code.memory`", &m, "64MiB")?;
+    }
+    Ok(body)
 }
 
 fn to_json(v: toml::Value) -> serde_json::Value {

@@ -28,6 +28,8 @@ pub(super) struct RawFlow {
     pub(super) max_log_bytes: Option<Spanned<toml::Value>>,
     pub(super) grants: Option<Spanned<RawGrants>>,
     pub(super) schedule: Option<Spanned<super::schedule::RawSchedule>>,
+    pub(super) code: Option<Spanned<toml::Value>>,
+    pub(super) max_task_runs: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -22,6 +22,7 @@ pub(super) struct TaskSpans {
     pub(super) table: Range<usize>,
     pub(super) input: Option<Range<usize>>,
     pub(super) upstream: Vec<(String, Range<usize>)>,
+    pub(super) map: Option<Range<usize>>,
 }
 
 pub(super) struct Source<'a> {
@@ -89,6 +90,19 @@ pub(super) fn locate(src: &Source<'_>, spans: &Spans, e: FlowError) -> ManifestE
         FlowError::UnknownMapField { task, .. } => task_span(task),
         FlowError::DuplicateTask(task) => task_span(task),
         FlowError::Cycle(path) => path.first().map_or(0..0, |t| task_span(t)),
+        FlowError::NotATemplate { task, key } => {
+            let t = spans.tasks.get(task.as_str());
+            let at = match *key {
+                "input" => t.and_then(|t| t.input.clone()),
+                "map" => t.and_then(|t| t.map.clone()),
+                _ => t.and_then(|t| t.upstream.first().map(|(_, s)| s.clone())),
+            };
+            at.unwrap_or_else(|| task_span(task))
+        }
+        FlowError::CodeReferenceTasks => spans
+            .reference_tasks
+            .first()
+            .map_or(0..0, |(_, s)| s.clone()),
     };
     src.error(span, e)
 }

@@ -27,7 +27,12 @@ pub(super) fn task_def(
     (policy, files): (Option<&Policy>, &dyn ComponentFiles),
 ) -> Result<(TaskDef, TaskSpans), ManifestError> {
     let component_span = raw.component.span();
-    let (path, build, sources) = component(src, &name, &raw.component)?;
+    let (path, build, sources) = component(
+        src,
+        (&format!("task `{name}`"), "component"),
+        &raw.component,
+        &[],
+    )?;
     let component = files
         .file(
             &normalize(Path::new(&path)),
@@ -158,6 +163,7 @@ pub(super) fn task_def(
         }
     }
     task.budget = budget;
+    spans.map = raw.map.as_ref().map(Spanned::span);
     task.map = match &raw.map {
         None => MapOver::No,
         Some(m) => map_over(src, &name, m)?,

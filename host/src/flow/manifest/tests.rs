@@ -147,8 +147,8 @@ fn errors_name_file_line_and_column() {
         err("name = \"f\"\nconcurency = 3\n"),
         "DIR/flow.toml:2:1: unknown field `concurency`, expected one of `name`, `parameters`, \
              `context`, `reference_tasks`, `concurrency`, `tag_limits`, `tasks`, \
-             `cache_namespace`, `max_mapped_children`, `max_log_bytes`, `grants`, `schedule` (did \
-             you mean `concurrency`?)"
+             `cache_namespace`, `max_mapped_children`, `max_log_bytes`, `grants`, `schedule`, \
+             `code`, `max_task_runs` (did you mean `concurrency`?)"
     );
     let e = err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nretries = \"two\"\n");
     assert_eq!(
@@ -669,4 +669,77 @@ fn schedule_errors_name_their_line_and_field() {
             "{schedule}:\n{e}\nexpected: {expected}"
         );
     }
+}
+
+#[test]
+fn a_code_flow_parses_with_its_bodys_budget() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let def = parse_in(
+        dir.path(),
+        "name = \"f\"\ncode = { path = \"t.wasm\", build = \"make\", sources = [\"src\"], \
+         timeout = \"10m\", fuel = 5, memory = \"8MiB\" }\nmax_task_runs = 7\n\
+         [tasks.a]\ncomponent = \"t.wasm\"\ntrigger = \"all_finished\"\n",
+    )
+    .expect("parses");
+    let body = def.body.expect("a body");
+    assert_eq!(body.component, dir.path().join("t.wasm"));
+    assert_eq!(body.build.as_deref(), Some("make"));
+    assert_eq!(body.sources, [dir.path().join("src")]);
+    assert_eq!(body.budget.timeout, Duration::from_secs(600));
+    assert_eq!(body.budget.fuel, Some(5));
+    assert_eq!(body.budget.memory_bytes, 8 << 20);
+    assert_eq!(def.max_task_runs, 7);
+    assert_eq!(def.tasks[0].trigger, Trigger::AllFinished);
+    // The defaults: an hour, the task defaults otherwise, 100,000 task runs.
+    let def = parse_in(
+        dir.path(),
+        "name = \"f\"\ncode = \"t.wasm\"\n[tasks.a]\ncomponent = \"t.wasm\"\n",
+    )
+    .expect("parses");
+    let body = def.body.expect("a body");
+    assert_eq!(body.budget.timeout, Duration::from_secs(3600));
+    assert_eq!(body.budget.fuel, RunBudget::default().fuel);
+    assert_eq!(def.max_task_runs, 100_000);
+}
+
+#[test]
+fn code_flow_errors_name_their_place() {
+    let head = "name = \"f\"\n";
+    let task = "[tasks.a]\ncomponent = \"t.wasm\"\n";
+    assert_eq!(
+        err(&format!(
+            "{head}code = {{ path = \"t.wasm\", timout = \"1s\" }}\n{task}"
+        )),
+        "DIR/flow.toml:2:8: flow: unknown key `timout` in `code` (did you mean `timeout`?); \
+         expected one of `path`, `build`, `sources`, `timeout`, `fuel`, `memory`"
+    );
+    assert_eq!(
+        err(&format!(
+            "{head}code = {{ path = \"t.wasm\", timeout = \"0s\" }}\n{task}"
+        )),
+        "DIR/flow.toml:2:8: flow: `code.timeout` = \"0s\" must be a duration longer than zero, \
+         like \"10m\""
+    );
+    assert_eq!(
+        err(&format!("{head}code = \"nope.wasm\"\n{task}")),
+        format!(
+            "DIR/flow.toml:2:8: flow: `code` file `nope.wasm` does not exist (looked at \
+             DIR/nope.wasm)"
+        )
+    );
+    assert_eq!(
+        err(&format!(
+            "{head}code = \"t.wasm\"\nmax_task_runs = 0\n{task}"
+        )),
+        "DIR/flow.toml:3:17: `max_task_runs` = 0 would refuse every task run: it is how many \
+         task runs the flow's body may submit in one flow run, at least 1"
+    );
+    assert_eq!(
+        err(&format!(
+            "{head}code = \"t.wasm\"\nreference_tasks = [\"a\"]\n{task}"
+        )),
+        "DIR/flow.toml:3:20: `reference_tasks` cannot be used with `code`: a flow written as \
+         code ends as its body does (its return value, or what its task runs did when it \
+         returns nothing)"
+    );
 }

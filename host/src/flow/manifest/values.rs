@@ -11,39 +11,47 @@ use super::source::Source;
 use crate::cache::CacheValidator;
 use crate::flow::{Hint, MapOver};
 
-/// `component`: a path, or `{ path, build, sources }` (no other keys).
+/// `component` (or a flow's `code`, which also takes the keys in `extra`): a path, or
+/// `{ path, build, sources }` (no other keys). `owner` says whose it is in messages ("task
+/// `x`").
 pub(super) fn component(
     src: &Source<'_>,
-    task: &str,
+    (owner, key): (&str, &str),
     v: &Spanned<toml::Value>,
+    extra: &[&str],
 ) -> Result<(String, Option<String>, Vec<String>), ManifestError> {
     const KEYS: [&str; 3] = ["path", "build", "sources"];
-    let err = |message: String| src.error(v.span(), format!("task `{task}`: {message}"));
+    let err = |message: String| src.error(v.span(), format!("{owner}: {message}"));
     let table = match v.get_ref() {
         toml::Value::String(path) => return Ok((path.clone(), None, Vec::new())),
         toml::Value::Table(t) => t,
         other => {
             return Err(err(format!(
-                "`component` = {other} must be a path like \"tasks/a.wasm\" or a table like \
+                "`{key}` = {other} must be a path like \"tasks/a.wasm\" or a table like \
                  {{ path = \"tasks/a.wasm\", build = \"make\", sources = [\"src/\"] }}"
             )));
         }
     };
-    if let Some(unknown) = table.keys().find(|k| !KEYS.contains(&k.as_str())) {
+    let known = || KEYS.iter().chain(extra).copied();
+    if let Some(unknown) = table.keys().find(|k| !known().any(|n| n == k.as_str())) {
+        let names: Vec<String> = known().map(|n| format!("`{n}`")).collect();
         return Err(err(format!(
-            "unknown key `{unknown}` in `component`{}; expected one of `path`, `build`, `sources`",
-            Hint::closest(unknown, KEYS)
+            "unknown key `{unknown}` in `{key}`{}; expected one of {}",
+            Hint::closest(unknown, known()),
+            names.join(", ")
         )));
     }
-    let string = |key: &str| -> Result<Option<String>, ManifestError> {
-        match table.get(key) {
+    let string = |k: &str| -> Result<Option<String>, ManifestError> {
+        match table.get(k) {
             None => Ok(None),
             Some(toml::Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(err(format!("`component.{key}` = {other} must be a string"))),
+            Some(other) => Err(err(format!("`{key}.{k}` = {other} must be a string"))),
         }
     };
     let path = string("path")?.ok_or_else(|| {
-        err("`component` needs `path` (the component file, built by `build` if given)".into())
+        err(format!(
+            "`{key}` needs `path` (the component file, built by `build` if given)"
+        ))
     })?;
     let build = string("build")?;
     let sources = match table.get("sources") {
@@ -53,21 +61,20 @@ pub(super) fn component(
             .map(|i| {
                 i.as_str().map(str::to_owned).ok_or_else(|| {
                     err(format!(
-                        "`component.sources` takes a list of paths (strings), not {i}"
+                        "`{key}.sources` takes a list of paths (strings), not {i}"
                     ))
                 })
             })
             .collect::<Result<_, _>>()?,
         Some(other) => {
             return Err(err(format!(
-                "`component.sources` = {other} must be a list of paths, like [\"src/\"]"
+                "`{key}.sources` = {other} must be a list of paths, like [\"src/\"]"
             )));
         }
     };
     Ok((path, build, sources))
 }
 
-/// `map`: `true`, `false`, or a list of field names.
 /// A size: a string like `example` (`64MiB`) or a number of bytes; `what` names the key.
 pub(super) fn size(
     src: &Source<'_>,
@@ -94,6 +101,7 @@ pub(super) fn size(
     }
 }
 
+/// `map`: `true`, `false`, or a list of field names.
 pub(super) fn map_over(
     src: &Source<'_>,
     task: &str,

@@ -22,7 +22,7 @@ impl FlowMachine {
                 continue;
             }
             let def = self.def.clone();
-            let task = &def.tasks[unit.task];
+            let task = &def.tasks[self.nodes[unit.task].template];
             if let Some(tag) = task.tags.iter().find(|t| {
                 def.tag_limits.get(*t).is_some_and(|&limit| {
                     self.running_by_tag.get(*t).copied().unwrap_or(0) >= limit
@@ -45,7 +45,7 @@ impl FlowMachine {
 
     pub(super) fn take_slot(&mut self, unit: Unit) {
         self.running += 1;
-        for tag in &self.def.tasks[unit.task].tags {
+        for tag in &self.def.tasks[self.nodes[unit.task].template].tags {
             *self.running_by_tag.entry(tag.clone()).or_default() += 1;
         }
     }
@@ -53,7 +53,7 @@ impl FlowMachine {
     /// Give the unit's slot back; units blocked on its tags are queued again.
     pub(super) fn release_slot(&mut self, unit: Unit) {
         self.running = self.running.saturating_sub(1);
-        for tag in &self.def.tasks[unit.task].tags {
+        for tag in &self.def.tasks[self.nodes[unit.task].template].tags {
             if let Some(n) = self.running_by_tag.get_mut(tag) {
                 *n = n.saturating_sub(1);
             }
@@ -89,7 +89,8 @@ impl FlowMachine {
     /// the answer comes as [`Event::CacheAnswered`]).
     pub(super) fn ask_cache(&mut self, unit: Unit) -> bool {
         let def = self.def.clone();
-        let task = &def.tasks[unit.task];
+        let template = self.nodes[unit.task].template;
+        let task = &def.tasks[template];
         let Some(policy) = task.cache.as_ref().filter(|_| self.settings.record) else {
             return false;
         };
@@ -102,11 +103,11 @@ impl FlowMachine {
         let identity = TaskIdentity {
             scope: &self.cache_scope,
             task: &task.name,
-            component: &self.settings.digests[unit.task],
+            component: &self.settings.digests[template],
             budget: &task.budget,
-            grants: &self.settings.grants[unit.task].0,
-            secrets: &self.settings.grants[unit.task].1,
-            map_index: unit.child,
+            grants: &self.settings.grants[template].0,
+            secrets: &self.settings.grants[template].1,
+            map_index: self.map_index(unit),
         };
         let Some(key) = CacheKey::new(policy, identity, &input, &self.run.parameters) else {
             return false;
@@ -173,7 +174,7 @@ impl FlowMachine {
                 self.ready_to_start(unit);
             }
             Err(e) => {
-                let task = &self.def.tasks[unit.task].name;
+                let task = self.name_of(unit.task);
                 tracing::warn!(task = %task, "cache lookup failed: {e}");
                 self.record(unit).cache = Some(miss(&key, format!("the lookup failed: {e}")));
                 self.ready_to_start(unit);
@@ -212,9 +213,9 @@ impl FlowMachine {
         TaskContext {
             flow_run_id: self.run.id,
             task_run_id: self.record_ref(unit).id,
-            task_name: self.names[unit.task].clone(),
+            task_name: self.name_of(unit.task).clone(),
             attempt,
-            map_index: unit.child,
+            map_index: self.map_index(unit),
             parameters: self.parameters.clone(),
             values: self.context.clone(),
         }
@@ -224,14 +225,19 @@ impl FlowMachine {
         let attempt = self.record_ref(unit).attempts;
         let ctx = self.context_of(unit, attempt);
         let input = self.unit_input(unit);
-        self.commands
-            .push_back(Command::Run(Attempt { unit, input, ctx }));
+        let template = self.nodes[unit.task].template;
+        self.commands.push_back(Command::Run(Attempt {
+            unit,
+            template,
+            input,
+            ctx,
+        }));
     }
 
     pub(super) fn attempt_ended(&mut self, unit: Unit, outcome: RunOutcome) {
         self.release_slot(unit);
         let def = self.def.clone();
-        let task = &def.tasks[unit.task];
+        let task = &def.tasks[self.nodes[unit.task].template];
         let base = self.base_attempts(unit);
         let made = self.record_ref(unit).attempts;
         let attempts = made - base.min(made);
@@ -252,7 +258,7 @@ impl FlowMachine {
         let record = self.record(unit);
         record.run_time += outcome.usage.duration;
         record.fuel_consumed += outcome.usage.fuel_consumed;
-        self.add_logs(unit, outcome.logs);
+        self.add_logs(Some(unit), outcome.logs);
         let then = Then::Proceed {
             output: output.clone(),
             from_cache: false,
@@ -261,11 +267,12 @@ impl FlowMachine {
         self.transition_after_attempt(unit, state, output.map(Blob::Value), then);
     }
 
-    /// Take in log records of the unit, within the flow run's `max_log_bytes`: with a store they
-    /// are handed to it and not kept here (the record's `logs` stay empty); without one they go
-    /// into the unit's record. Records past the cap are dropped and counted (see
+    /// Take in log records of the unit (`None`: of a code flow's body), within the flow run's
+    /// `max_log_bytes`: with a store they are handed to it and not kept here (the record's
+    /// `logs` stay empty); without one they go into the unit's record (the run's, for the
+    /// body). Records past the cap are dropped and counted (see
     /// [`FlowMachine::note_dropped_logs`]).
-    pub(super) fn add_logs(&mut self, unit: Unit, mut logs: Vec<LogRecord>) {
+    pub(super) fn add_logs(&mut self, unit: Option<Unit>, mut logs: Vec<LogRecord>) {
         let cap = self.def.max_log_bytes;
         let mut kept = 0;
         for r in &logs {
@@ -289,27 +296,39 @@ impl FlowMachine {
         }
     }
 
-    /// Hand log records of the unit to the store, or keep them on its record when the run has
-    /// no store.
-    fn deliver_logs(&mut self, unit: Unit, records: Vec<LogRecord>) {
-        if self.settings.record {
-            let write = Write::Logs {
-                run: self.run.id,
-                task_run: self.record_ref(unit).id,
-                task: self.names[unit.task].clone(),
-                map_index: unit.child,
-                records,
-            };
-            self.commands.push_back(Command::Write(write));
-        } else {
-            self.record(unit).logs.extend(records);
+    /// Hand log records of the unit (or the body) to the store, or keep them on its record when
+    /// the run has no store.
+    fn deliver_logs(&mut self, unit: Option<Unit>, records: Vec<LogRecord>) {
+        match (self.settings.record, unit) {
+            (true, Some(unit)) => {
+                let write = Write::Logs {
+                    run: self.run.id,
+                    task_run: self.record_ref(unit).id,
+                    task: self.name_of(unit.task).clone(),
+                    map_index: self.map_index(unit),
+                    records,
+                };
+                self.commands.push_back(Command::Write(write));
+            }
+            (true, None) => {
+                let write = Write::Logs {
+                    run: self.run.id,
+                    task_run: TaskRunId::of_body(self.run.id),
+                    task: Arc::from(BODY_LOG_NAME),
+                    map_index: None,
+                    records,
+                };
+                self.commands.push_back(Command::Write(write));
+            }
+            (false, Some(unit)) => self.record(unit).logs.extend(records),
+            (false, None) => self.run.logs.extend(records),
         }
     }
 
     /// At the end of the run, when the flow run's `max_log_bytes` dropped records: one record,
     /// on the task run that first lost some, naming the cap and what was dropped.
     pub(super) fn note_dropped_logs(&mut self) {
-        let Some(unit) = self.logs.first_dropped.take() else {
+        let Some(who) = self.logs.first_dropped.take() else {
             return;
         };
         let record = LogRecord {
@@ -323,7 +342,7 @@ impl FlowMachine {
                 self.def.max_log_bytes, self.logs.dropped_bytes, self.logs.dropped_records
             ),
         };
-        self.deliver_logs(unit, vec![record]);
+        self.deliver_logs(who, vec![record]);
     }
 
     /// After an attempt (or a cache hit) ended in `state`: wait for the retry, hand the output
@@ -337,8 +356,11 @@ impl FlowMachine {
             }
             StateType::Completed => {
                 let out = output.unwrap_or_else(Json::null);
+                // A code flow's body that dropped its handle reads nothing of it.
+                let unwanted = self.def.body.is_some() && self.nodes[unit.task].consumers_left == 0;
                 match (unit.child, &mut self.nodes[unit.task].map) {
                     (Some(c), Some(map)) => map.outputs[c as usize] = Some(out),
+                    _ if unwanted => self.run.tasks[unit.task].output_released = true,
                     _ => self.nodes[unit.task].output = Some(out),
                 }
                 self.unit_finished(unit);
@@ -354,7 +376,7 @@ impl FlowMachine {
         let Some(key) = self.cache_keys.remove(&unit) else {
             return;
         };
-        let (Some(policy), Some(out)) = (&self.def.tasks[unit.task].cache, output) else {
+        let (Some(policy), Some(out)) = (&self.task_def(unit.task).cache, output) else {
             return;
         };
         if state.name != StateName::Completed || !self.settings.record {

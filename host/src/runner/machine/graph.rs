@@ -74,7 +74,8 @@ impl FlowMachine {
         }
         if !self.starts.contains(&i) {
             let def = self.def.clone();
-            let task = &def.tasks[i];
+            let task = &def.tasks[self.nodes[i].template];
+            let trigger = self.nodes[i].trigger.unwrap_or(task.trigger);
             let ups = self.nodes[i].upstream.clone();
             // Prefect 1 expands a mapped upstream task into its children's states, for the
             // trigger and for skip propagation alike.
@@ -87,21 +88,21 @@ impl FlowMachine {
                     .find(|&u| self.upstream_states(u).any(|s| s == StateName::Skipped))
                     .unwrap_or(i);
                 let what = match self.expands(u) {
-                    true => format!("a mapped child of upstream task `{}`", def.tasks[u].name),
-                    false => format!("upstream task `{}`", def.tasks[u].name),
+                    true => format!("a mapped child of upstream task `{}`", self.name_of(u)),
+                    false => format!("upstream task `{}`", self.name_of(u)),
                 };
                 let s = State::new(StateName::Skipped, self.now())
                     .with_message(format!("{what} was skipped"));
                 return self.transition(unit, s, None, Then::Finished);
             }
-            match task.trigger.decide_expanded(!ups.is_empty(), &states) {
+            match trigger.decide_expanded(!ups.is_empty(), &states) {
                 TriggerDecision::Run => {}
                 TriggerDecision::Fail => {
                     let detail: Vec<String> =
                         ups.iter().map(|&u| self.upstream_detail(u)).collect();
                     let msg = format!(
                         "trigger `{}` did not pass: {}",
-                        task.trigger.as_str(),
+                        trigger.as_str(),
                         detail.join(", ")
                     );
                     let s = State::new(StateName::TriggerFailed, self.now()).with_message(msg);
@@ -125,7 +126,7 @@ impl FlowMachine {
     /// any counts as its own state).
     pub(super) fn expands(&self, u: usize) -> bool {
         let rec = &self.run.tasks[u];
-        self.def.tasks[u].map != MapOver::No
+        self.task_def(u).map != MapOver::No
             && (rec.state.name == StateName::Mapped || !rec.children.is_empty())
     }
 
@@ -142,7 +143,7 @@ impl FlowMachine {
     /// How upstream task `u` stands, for a TriggerFailed message.
     fn upstream_detail(&self, u: usize) -> String {
         let rec = &self.run.tasks[u];
-        let name = &self.def.tasks[u].name;
+        let name = self.name_of(u);
         if !self.expands(u) {
             return format!("`{name}` is {}", rec.state.name);
         }
@@ -215,9 +216,13 @@ impl FlowMachine {
     /// stay few however wide the flow is.
     pub(super) fn schedule(&mut self, i: usize) {
         let def = self.def.clone();
-        let task = &def.tasks[i];
+        let task = &def.tasks[self.nodes[i].template];
         if task.map == MapOver::No {
-            self.ready.push_front(Unit::task(i));
+            match self.def.body {
+                // A code flow's task runs start in the order the body submitted them.
+                Some(_) => self.ready.push_back(Unit::task(i)),
+                None => self.ready.push_front(Unit::task(i)),
+            }
             return;
         }
         let input = self.nodes[i].input.clone().unwrap_or_else(Json::null);
@@ -396,5 +401,8 @@ impl FlowMachine {
         }
         // A stack: the first woken is evaluated first, and what it wakes before the next one.
         self.wake[before..].reverse();
+        if self.def.body.is_some() {
+            self.commands.push_back(Command::Settled(i));
+        }
     }
 }

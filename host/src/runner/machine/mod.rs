@@ -13,6 +13,13 @@
 //! reference tasks for the flow's state, and cancellation. Scheduling is event-driven: finishing
 //! a task touches only its downstream tasks, never the whole graph, and an output is dropped as
 //! soon as every task that consumes it has received it.
+//!
+//! A flow written as code has no graph up front: its body submits task runs ([`FlowMachine::
+//! submit`]), each a node made from a declared task (its template) with the body's input and
+//! the submissions it waits for as its upstream tasks, going through the same triggers,
+//! retries, caching, handlers and limits. Its output is held while the body holds its handle
+//! ([`FlowMachine::release`]), and the flow run ends as the body did
+//! ([`FlowMachine::body_ended`]).
 
 use std::collections::VecDeque;
 
@@ -26,18 +33,21 @@ use crate::ids::TenantId;
 use crate::json::Json;
 
 mod attempt;
+mod code;
 mod graph;
 #[cfg(test)]
 mod tests;
 mod transition;
 
+pub use self::code::{BODY_LOG_NAME, SubmitError};
 use super::mapping;
 use super::record::{FlowEvent, FlowRun, TaskRun, Transition};
 use super::{StateHandlers, task_write};
 use crate::cache::{CacheInfo, CacheKey, CacheScope, CacheStatus, TaskIdentity};
 use crate::clock::ClockRef;
 use crate::context::TaskContext;
-use crate::flow::{FlowDef, MapOver, TriggerDecision};
+use crate::flow::{FlowDef, MapOver, TaskDef, Trigger, TriggerDecision};
+use crate::ids::TaskRunId;
 use crate::sandbox::{Ending, LogLevel, LogRecord, LogSource, RunOutcome};
 use crate::state::{Retry, State, StateName, StateType};
 use crate::store::{Blob, CacheLookup, CacheWrite, Write};
@@ -127,6 +137,8 @@ pub enum Command {
     Acquire(Unit),
     /// Give back the unit's executor slot unused, if it was granted one.
     Release(Unit),
+    /// A code flow's task run (by its index) is final: whoever waits for it may look.
+    Settled(usize),
 }
 
 /// One attempt of a unit.
@@ -134,6 +146,8 @@ pub enum Command {
 pub struct Attempt {
     /// The unit.
     pub unit: Unit,
+    /// The declared task it runs (its index in the flow; a code flow's task run's template).
+    pub template: usize,
     /// Its input.
     pub input: Json,
     /// What the task run sees of its context.
@@ -159,6 +173,8 @@ pub struct HookKinds {
 pub struct HookRequest {
     /// The unit.
     pub unit: Unit,
+    /// The declared task whose handlers run.
+    pub template: usize,
     /// Matches the answer to the request.
     pub seq: u64,
     /// The state before.
@@ -182,9 +198,9 @@ pub struct Settings {
     pub record: bool,
     /// Whether to emit [`Command::Event`].
     pub events: bool,
-    /// Per task, the blake3 (hex) of its component, part of its cache keys.
+    /// Per declared task, the blake3 (hex) of its component, part of its cache keys.
     pub digests: Vec<String>,
-    /// Per task: the digests of its grants and of its granted secrets' values (empty when
+    /// Per declared task: the digests of its grants and of its granted secrets' values (empty when
     /// nothing is granted), for its cache key.
     pub grants: Vec<(String, String)>,
     /// What the logs the run kept before this execution cost (a resumed run; see
@@ -204,6 +220,10 @@ pub struct Settings {
 /// What the machine tracks per task beside its record.
 #[derive(Debug, Default)]
 struct Node {
+    /// The declared task it runs: itself in a DAG, a code flow's task run's template.
+    template: usize,
+    /// The trigger a code flow's body gave the task run instead of its template's.
+    trigger: Option<Trigger>,
     upstream: Edges,
     downstream: Edges,
     /// Tasks whose output this task reads.
@@ -309,6 +329,8 @@ pub struct FlowMachine {
     mapped_children: usize,
     /// The run's logs against the flow's `max_log_bytes`.
     logs: LogCount,
+    /// How a code flow's body ended (see [`FlowMachine::body_ended`]).
+    body: Option<State>,
 }
 
 /// What a run logged, against the flow's `max_log_bytes`.
@@ -320,8 +342,9 @@ struct LogCount {
     dropped_bytes: u64,
     /// Records dropped.
     dropped_records: u64,
-    /// The unit that lost the first record dropped: the note of the cap goes on its record.
-    first_dropped: Option<Unit>,
+    /// Who lost the first record dropped (a unit, or `None`: a code flow's body): the note of
+    /// the cap goes on its record.
+    first_dropped: Option<Option<Unit>>,
 }
 
 impl std::fmt::Debug for FlowMachine {
@@ -346,8 +369,17 @@ impl FlowMachine {
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
-        let mut nodes: Vec<Node> = (0..def.tasks.len()).map(|_| Node::default()).collect();
-        for (i, t) in def.tasks.iter().enumerate() {
+        let dag = match def.body {
+            None => def.tasks.len(),
+            Some(_) => 0,
+        };
+        let mut nodes: Vec<Node> = (0..dag)
+            .map(|template| Node {
+                template,
+                ..Node::default()
+            })
+            .collect();
+        for (i, t) in def.tasks.iter().enumerate().take(dag) {
             for u in t.upstream() {
                 let j = index[u];
                 nodes[i].upstream.push(j);
@@ -416,6 +448,7 @@ impl FlowMachine {
                 kept: settings.logs_before,
                 ..LogCount::default()
             },
+            body: None,
             run,
             def,
             settings,
@@ -483,7 +516,7 @@ impl FlowMachine {
                 if self.hooks.get(&unit).is_some_and(|p| p.seq == seq)
                     && let Some(p) = self.hooks.remove(&unit)
                 {
-                    self.add_logs(unit, logs);
+                    self.add_logs(Some(unit), logs);
                     self.complete_transition(unit, p.old, state, p.output, p.proposed, p.then);
                 }
             }
@@ -537,7 +570,8 @@ impl FlowMachine {
                 self.transition(unit, s, None, Then::Nothing);
             }
         }
-        // Outputs still held go into the record.
+        // Outputs still held go into the record (a code flow's: those whose handles the body
+        // kept to its end).
         for (i, node) in self.nodes.iter_mut().enumerate() {
             if let Some(out) = node.output.take() {
                 self.run.tasks[i].output = Some(out);
@@ -555,6 +589,16 @@ impl FlowMachine {
 
     fn now(&self) -> DateTime<Utc> {
         self.settings.clock.now()
+    }
+
+    /// The declared task node `i` runs.
+    fn task_def(&self, i: usize) -> &TaskDef {
+        &self.def.tasks[self.nodes[i].template]
+    }
+
+    /// Its name, shared by every record sent to the store.
+    fn name_of(&self, i: usize) -> &Arc<str> {
+        &self.names[self.nodes[i].template]
     }
 
     fn record(&mut self, u: Unit) -> &mut TaskRun {

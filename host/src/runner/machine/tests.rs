@@ -653,6 +653,7 @@ impl Harness {
                     panic!("{unit:?}: a cache lookup without a store")
                 }
                 Command::Write(w) => panic!("a write without a store: {w:?}"),
+                Command::Settled(i) => panic!("a DAG's task run {i} settled as a code flow's"),
             }
         }
         // Once cancelled, no retry is awaited (a timer decided while the cancel is taken in

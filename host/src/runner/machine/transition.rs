@@ -95,6 +95,9 @@ impl FlowMachine {
                 unfinished.join(", ")
             ));
         }
+        if self.def.body.is_some() {
+            return self.code_final_state(now);
+        }
         let refs: Vec<usize> = if self.def.reference_tasks.is_empty() {
             (0..self.nodes.len())
                 .filter(|&i| self.nodes[i].downstream.is_empty())
@@ -159,7 +162,7 @@ impl FlowMachine {
         after_attempt: bool,
         then: Then,
     ) {
-        let name = self.names[unit.task].clone();
+        let name = self.name_of(unit.task).clone();
         let old = self.record_ref(unit).state.clone();
         let proposed = after_attempt.then_some((new.name, new.scheduled_for));
         let mut state = new;
@@ -179,6 +182,7 @@ impl FlowMachine {
             let attempt = self.record_ref(unit).attempts.max(1);
             let request = HookRequest {
                 unit,
+                template: self.nodes[unit.task].template,
                 seq,
                 old: old.clone(),
                 new: state.clone(),
@@ -202,7 +206,7 @@ impl FlowMachine {
 
     /// Which of the task's handler lists apply to a transition into `state`.
     pub(super) fn hook_kinds(&self, task: usize, state: &State) -> HookKinds {
-        let hooks = &self.def.tasks[task].hooks;
+        let hooks = &self.task_def(task).hooks;
         let ty = state.state_type();
         HookKinds {
             on_state: !hooks.on_state.is_empty(),
@@ -237,11 +241,10 @@ impl FlowMachine {
         });
         record.state = state.clone();
         self.persist(unit, output);
-        let name = &self.names[unit.task];
         if self.settings.events {
             let event = FlowEvent::Task {
-                name: name.to_string(),
-                map_index: unit.child,
+                name: self.name_of(unit.task).to_string(),
+                map_index: self.map_index(unit),
                 state: state.name,
             };
             self.commands.push_back(Command::Event(event));
@@ -283,7 +286,7 @@ impl FlowMachine {
         proposed: StateName,
         mut state: State,
     ) -> State {
-        let task = &self.def.tasks[unit.task];
+        let task = self.task_def(unit.task);
         let now = self.now();
         match state.state_type() {
             StateType::Scheduled => {
@@ -342,7 +345,7 @@ impl FlowMachine {
         }
         let first = self.unwritten.remove(&unit);
         self.write(|m| {
-            let parent = unit.child.map(|c| (m.run.tasks[unit.task].id, c));
+            let parent = unit.child.map(|_| m.run.tasks[unit.task].id);
             let rec = m.record_ref(unit);
             let transitions = match first {
                 true => rec.history.clone(),
@@ -350,7 +353,7 @@ impl FlowMachine {
             };
             let mut write = task_write(
                 m.run.id,
-                (unit.task, m.names[unit.task].clone()),
+                (unit.task, m.name_of(unit.task).clone()),
                 parent,
                 rec,
                 transitions,

@@ -154,16 +154,28 @@ impl SqliteStore {
             Option<String>,
             Option<i64>,
             String,
+            Option<String>,
         );
         let head: Option<Head> = conn
             .query_row(
-                "SELECT flow, state_json, created_at, parameters, context, manifest_path, manifest, cancel_requested_at, history FROM flow_runs WHERE id = ?1",
+                "SELECT flow, state_json, created_at, parameters, context, manifest_path, manifest, cancel_requested_at, history, result FROM flow_runs WHERE id = ?1",
                 [&id],
                 |r| TryFrom::try_from(r),
             )
             .optional()
             .map_err(&io)?;
-        let Some((flow, state, created, parameters, context, mpath, mtext, cancel, history)) = head
+        let Some((
+            flow,
+            state,
+            created,
+            parameters,
+            context,
+            mpath,
+            mtext,
+            cancel,
+            history,
+            result,
+        )) = head
         else {
             return Err(StoreError::UnknownRun(id));
         };
@@ -171,7 +183,11 @@ impl SqliteStore {
             run: id.clone(),
             detail,
         };
-        let state = parse_state(&id, &state)?;
+        let mut state = parse_state(&id, &state)?;
+        if let Some(hash) = result {
+            // What a code flow's body returned, carried by the run's final state.
+            state.result = Some(get_blob(self, &conn, &hash, "the flow run's result")?);
+        }
         let parameters: BTreeMap<String, Value> =
             serde_json::from_str(&parameters).map_err(|e| corrupt(format!("parameters: {e}")))?;
         let context: BTreeMap<String, String> =
@@ -280,6 +296,7 @@ impl SqliteStore {
             parameters,
             context,
             tasks,
+            logs: Vec::new(),
         };
         Ok(StoredRun {
             run: run_record,

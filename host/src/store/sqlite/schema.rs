@@ -146,6 +146,10 @@ CREATE INDEX task_runs_changed ON task_runs(flow_run, changed);
 CREATE TABLE changes (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER NOT NULL);
 INSERT INTO changes VALUES (0, 0);
 ",
+    // 8: a flow run's result (a blob's hash): what a code flow's body returned.
+    r"
+ALTER TABLE flow_runs ADD COLUMN result TEXT;
+",
 ];
 
 /// The number a transaction that writes runs marks its rows with: take it first in the

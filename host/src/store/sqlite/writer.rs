@@ -360,8 +360,13 @@ fn apply_one(tx: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 state,
                 transition,
             } => {
+                let result = state
+                    .result
+                    .as_ref()
+                    .map(|v| put_value(tx, v))
+                    .transpose()?;
                 tx.prepare_cached(
-                    "UPDATE flow_runs SET state = ?2, state_json = ?3, updated_at = ?4, history = history || ?5, changed = (SELECT seq FROM changes WHERE id = 0) WHERE id = ?1",
+                    "UPDATE flow_runs SET state = ?2, state_json = ?3, updated_at = ?4, history = history || ?5, result = coalesce(?6, result), changed = (SELECT seq FROM changes WHERE id = 0) WHERE id = ?1",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -369,7 +374,8 @@ fn apply_one(tx: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                         state.name.as_str(),
                         state_json(state),
                         micros(state.timestamp),
-                        history_lines(std::slice::from_ref(transition))
+                        history_lines(std::slice::from_ref(transition)),
+                        result
                     ])
                 })?;
             }
@@ -519,8 +525,8 @@ fn task_write(tx: &Transaction<'_>, t: &TaskWrite) -> rusqlite::Result<()> {
         t.run.to_string(),
         t.index,
         &*t.name,
-        t.parent.map(|(p, _)| p.to_string()),
-        t.parent.map(|(_, i)| i),
+        t.parent.map(|p| p.to_string()),
+        t.map_index,
         t.state.name.as_str(),
         task_state_json(&t.state, t.transitions.last()),
         t.attempts,

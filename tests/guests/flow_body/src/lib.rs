@@ -4,7 +4,9 @@
 //! - `loop`: never returns (its deadline ends it);
 //! - `hold`: submits `n` task runs of `double` and keeps every handle until the end;
 //! - `stuck`: waits for a task run of `sleep` (which never ends);
-//! - `any`: `wait_any` of a `sleep` task run and a `double` one: returns the index.
+//! - `any`: `wait_any` of a `sleep` task run and a `double` one: returns the index;
+//! - `state`: `get_state` of a task run of `slow` (the hostile guest, sleeping `ms`) right
+//!   after submitting it, then its state once waited for.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -39,6 +41,12 @@ fn body(p: Value) -> Result<Value, Signal> {
                 .map(|f| f.result::<i64>())
                 .sum::<Result<_, Error>>()?;
             Ok(json!(sum))
+        }
+        Some("state") => {
+            let slow = flow::submit("slow", json!({"do": "sleep", "ms": p["ms"]}))?;
+            let before = slow.get_state().name;
+            let after = slow.wait().name;
+            Ok(json!({"before": before, "after": after}))
         }
         other => Err(Signal::fail(format!("unknown scenario {other:?}"))),
     }

@@ -1,0 +1,295 @@
+//! Flows written as code, through `sluice run` as a user runs them: a body (Rust, Python,
+//! JavaScript) submitting task runs of the tasks its manifest declares, each type of submission
+//! of seed 004 answered by the real runner; the task runs recorded and shown in submission
+//! order with their map indexes; the flow run ending as the body did; hostile bodies (a loop,
+//! too many task runs) stopped with the limit named.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use super::support::{guest, history, json_of, sluice};
+
+/// A manifest of a code flow whose body is `body`, with `code_extra` added to its `code` table
+/// and `flow_extra` to its flow keys; it declares `double`, `fail` (always fails) and `slow`
+/// (the hostile guest).
+fn manifest(dir: &Path, body: &Path, code_extra: &str, flow_extra: &str) -> PathBuf {
+    let text = format!(
+        r#"name = "code"
+code = {{ path = "{body}"{code_extra} }}
+{flow_extra}
+
+[parameters]
+scenario = "types"
+n = 0
+ms = 300
+
+[tasks.double]
+component = "{double}"
+
+[tasks.fail]
+component = "{fail}"
+
+[tasks.slow]
+component = "{slow}"
+"#,
+        body = body.display(),
+        double = guest("double").display(),
+        fail = guest("signal_fail").display(),
+        slow = guest("hostile").display(),
+    );
+    let path = dir.join("flow.toml");
+    std::fs::write(&path, text).expect("write the manifest");
+    path
+}
+
+fn run(dir: &Path, manifest: &Path, args: &[&str]) -> (std::process::Output, Value) {
+    let flow = manifest.to_str().expect("UTF-8 path");
+    let mut all = vec!["run", flow, "--json"];
+    all.extend_from_slice(args);
+    let out = sluice(&dir.join("home"), &all);
+    let record = json_of(&out);
+    (out, record)
+}
+
+/// Each task run's name, with its map index when it has one, in the record's order.
+fn submitted(record: &Value) -> Vec<String> {
+    record["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| match t["map_index"].as_u64() {
+            Some(i) => format!("{}[{i}]", t["name"].as_str().unwrap_or("?")),
+            None => t["name"].as_str().unwrap_or("?").to_owned(),
+        })
+        .collect()
+}
+
+/// The task runs the `types` scenario submits, in order, as `show` names them.
+const SUBMITTED: [&str; 10] = [
+    "double",
+    "double",
+    "fail",
+    "double",
+    "double",
+    "double[0]",
+    "double[1]",
+    "double[2]",
+    "fail[0]",
+    "fail[1]",
+];
+
+/// What the `types` scenario observed, run by the real runner: the same for every language.
+fn every_type_of_submission(out: &std::process::Output, record: &Value) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(record["state"], "Completed", "{record}");
+    assert_eq!(record["message"], "the flow body returned a value");
+    let v = &record["result"];
+    assert_eq!(v["call"], 4, "r1 = t1(): the result");
+    assert_eq!(
+        v["wait"]["name"], "Completed",
+        "wait: the final state, with its result"
+    );
+    assert_eq!(v["result"], 10);
+    assert_eq!(
+        v["raised"],
+        json!({"name": "Failed", "message": "failing on purpose"}),
+        "result() raises the failed state"
+    );
+    assert_eq!(v["failed_state"], "Failed");
+    assert_eq!(v["failed_is_failed"], true);
+    assert_eq!(
+        v["after_default"], "TriggerFailed",
+        "wait_for feeds the default trigger"
+    );
+    assert_eq!(v["after_finished"], 14, "all_finished runs after a failure");
+    assert_eq!(v["map"], json!([2, 4, 6]));
+    assert_eq!(v["map_states"], json!(["Failed", "Failed"]));
+    assert_eq!(v["wait_any"], 0, "the failed one was final first");
+    assert_eq!(v["refused"], "the flow declares no task `nope`");
+    assert_eq!(
+        submitted(record),
+        SUBMITTED,
+        "every task run recorded, in submission order, map elements with their index"
+    );
+    let tasks = record["tasks"].as_array().expect("tasks");
+    assert_eq!(v["id"], tasks[1]["id"], "a future's id is its task run's");
+    let states: Vec<&str> = tasks.iter().filter_map(|t| t["state"].as_str()).collect();
+    assert_eq!(
+        states,
+        [
+            "Completed",
+            "Completed",
+            "Failed",
+            "TriggerFailed",
+            "Completed",
+            "Completed",
+            "Completed",
+            "Completed",
+            "Failed",
+            "Failed",
+        ]
+    );
+    assert_eq!(
+        history(&tasks[0]),
+        ["Pending", "Running", "Completed"],
+        "a submitted task run goes through the same states as a DAG's"
+    );
+}
+
+#[test]
+fn a_rust_flow_body_runs_every_type_of_submission() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flow = manifest(dir.path(), &guest("flow_body"), "", "");
+    let (out, record) = run(dir.path(), &flow, &[]);
+    every_type_of_submission(&out, &record);
+    assert_eq!(
+        record["tasks"][0]["output_released"], true,
+        "the body dropped its handle: the output was not kept for it"
+    );
+}
+
+#[test]
+fn a_python_flow_body_runs_every_type_of_submission() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let body = super::polyglot::builds::polyglot_guest("python", "flow");
+    let flow = manifest(dir.path(), &body, "", "");
+    let (out, record) = run(dir.path(), &flow, &[]);
+    every_type_of_submission(&out, &record);
+}
+
+#[test]
+fn a_javascript_flow_body_runs_every_type_of_submission() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let body = super::polyglot::builds::polyglot_guest("js", "flow");
+    let flow = manifest(dir.path(), &body, "", "");
+    let (out, record) = run(dir.path(), &flow, &[]);
+    every_type_of_submission(&out, &record);
+}
+
+/// `get_state()` answers at once (Pending or Running), `wait()` once the task run is final: in
+/// Rust and in Python.
+#[test]
+fn get_state_does_not_wait_and_wait_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let python = super::polyglot::builds::polyglot_guest("python", "flow");
+    for body in [guest("flow_body"), python] {
+        let flow = manifest(dir.path(), &body, "", "");
+        let (out, record) = run(dir.path(), &flow, &["--param", "scenario=\"state\""]);
+        assert!(out.status.success(), "{record}");
+        let before = record["result"]["before"].as_str().unwrap_or("?");
+        assert!(
+            ["Pending", "Running"].contains(&before),
+            "get_state of a task run sleeping 300 ms: {before}"
+        );
+        assert_eq!(record["result"]["after"], "Completed");
+    }
+}
+
+/// `sluice show` lists a code flow's task runs in submission order, a map's elements with their
+/// index, and the body's result.
+#[test]
+fn show_lists_task_runs_in_submission_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flow = manifest(dir.path(), &guest("flow_body"), "", "");
+    let (out, record) = run(dir.path(), &flow, &[]);
+    assert!(out.status.success(), "{record}");
+    let id = record["id"].as_str().expect("id");
+    let show = sluice(&dir.path().join("home"), &["show", id]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    let names: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(names, SUBMITTED, "{text}");
+    assert!(text.contains("result: {"), "{text}");
+    assert!(text.contains("\n#5 double [0] ("), "{text}");
+}
+
+/// A body that never returns ends at its deadline, and the flow run with it: TimedOut, exit 1.
+#[test]
+fn a_looping_body_ends_the_flow_run_timed_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flow = manifest(dir.path(), &guest("flow_body"), r#", timeout = "1s""#, "");
+    let (out, record) = run(dir.path(), &flow, &["--param", "scenario=\"loop\""]);
+    assert_eq!(out.status.code(), Some(1), "{record}");
+    assert_eq!(record["state"], "TimedOut", "{record}");
+    let message = record["message"].as_str().unwrap_or("");
+    assert!(
+        message.starts_with("the flow body ended TimedOut"),
+        "{message}"
+    );
+}
+
+/// `max_task_runs`: a body may submit exactly that many task runs; one more is refused, the
+/// body sees the refusal naming the limit (and, not handling it, fails the flow run).
+#[test]
+fn max_task_runs_at_the_limit_and_one_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flow = manifest(dir.path(), &guest("flow_body"), "", "max_task_runs = 3");
+    let (out, record) = run(
+        dir.path(),
+        &flow,
+        &["--param", "scenario=\"hold\"", "--param", "n=3"],
+    );
+    assert!(out.status.success(), "{record}");
+    assert_eq!(record["result"], 6, "0 + 2 + 4");
+    let (out, record) = run(
+        dir.path(),
+        &flow,
+        &["--param", "scenario=\"hold\"", "--param", "n=4"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{record}");
+    assert_eq!(record["state"], "Failed");
+    let message = record["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains(
+            "submitting 1 more task runs would make 4 in this flow run, more than the flow's \
+             max_task_runs of 3"
+        ),
+        "{message}"
+    );
+    assert_eq!(
+        record["tasks"].as_array().map(Vec::len),
+        Some(3),
+        "nothing was created by the refused submission"
+    );
+}
+
+/// A code flow's task declares no input, edges or map of its own, and it has no reference
+/// tasks: each refused at its line, naming the key.
+#[test]
+fn a_code_flows_tasks_are_templates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flow = manifest(dir.path(), &guest("flow_body"), "", "");
+    let text = std::fs::read_to_string(&flow).expect("read");
+    for (extra, line, key) in [
+        ("input = 1\n", 12, "input"),
+        ("upstream_tasks = [\"fail\"]\n", 12, "upstream_tasks"),
+        ("map = true\n", 12, "map"),
+    ] {
+        let bad = text.replacen(
+            &format!("component = \"{}\"\n", guest("double").display()),
+            &format!("component = \"{}\"\n{extra}", guest("double").display()),
+            1,
+        );
+        std::fs::write(&flow, bad).expect("write");
+        let out = sluice(
+            &dir.path().join("home"),
+            &["run", flow.to_str().expect("path")],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&format!("flow.toml:{line}:"))
+                && err.contains(&format!("task `double` has `{key}`")),
+            "{err}"
+        );
+    }
+}

@@ -16,8 +16,14 @@
 //!    between consecutive Cached transitions), and, for comparison, the key and a map lookup
 //!    alone.
 //!
+//! 6. flows written as code (a Rust body, `tests/guests/flow_body`): the marginal cost of a
+//!    step of a body calling `add_one` (submit + wait + result) against a DAG chain's step; a
+//!    10,000-task map from the body, each result read and its handle dropped (tasks/s); and
+//!    the peak memory of the same with 100,000 task runs.
+//!
 //! Run: `cargo bench --bench flow` (`cargo bench --bench flow -- store` runs only 4 and 5,
-//! `-- hits` only the all-cache-hit run, ten times, `-- chain` only the chain).
+//! `-- hits` only the all-cache-hit run, ten times, `-- chain` only the chain, `-- code` only
+//! 6).
 
 /// The allocator of the `sluice` binary, set up as it sets it up.
 #[path = "../src/bin/sluice/alloc.rs"]
@@ -35,7 +41,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 use sluice::cache::{CacheKey, CachePolicy, CacheScope, CacheValidator, TaskIdentity};
-use sluice::flow::{FlowBuilder, Input, MapOver, TaskDef};
+use sluice::flow::{BodyDef, FlowBuilder, Input, MapOver, TaskDef};
 use sluice::runner::{FlowRun, FlowRunner, RunOptions};
 use sluice::sandbox::{RunBudget, Sandbox};
 use sluice::state::StateName;
@@ -233,6 +239,7 @@ fn main() {
     let only_store = std::env::args().any(|a| a == "store");
     let only_chain = std::env::args().any(|a| a == "chain");
     let only_hits = std::env::args().any(|a| a == "hits");
+    let only_code = std::env::args().any(|a| a == "code");
     runtime.block_on(async {
         let runner = FlowRunner::new(Sandbox::builder().build().expect("sandbox"));
         let n = 10_000;
@@ -242,11 +249,88 @@ fn main() {
         if only_hits {
             return hits_section(&runner, n).await;
         }
+        if only_code {
+            return code_section(&runner, &add_one).await;
+        }
         if !only_store {
             engine_sections(&runner, &add_one, n).await;
         }
         store_sections(&runner, &add_one, n).await;
+        if !only_store {
+            code_section(&runner, &add_one).await;
+        }
     });
+}
+
+/// A code flow whose body runs `scenario` over `n` (`chain`: `n` calls of `add_one`, each on
+/// the last result; `map`: `add_one` mapped over 0..n, each result read, its handle dropped):
+/// the run's wall time and its result, which must be `expect`.
+async fn code_flow(runner: &FlowRunner, scenario: &str, n: usize, expect: i64) -> Duration {
+    let def = FlowBuilder::new("bench-code")
+        .body(BodyDef::new(guests::guest("flow_body")))
+        .parameter("scenario", json!(scenario))
+        .parameter("n", json!(n))
+        .task(TaskDef::new("add_one", guests::guest("add_one")))
+        .build()
+        .expect("flow");
+    let (elapsed, run) = timed_run(runner, def).await;
+    assert_eq!(
+        run.state.result,
+        Some(json!(expect).into()),
+        "{scenario} {n}"
+    );
+    elapsed
+}
+
+async fn code_section(runner: &FlowRunner, add_one: &Path) {
+    let n = 1000;
+    let _warm = code_flow(runner, "chain", n, n as i64).await;
+    let _warm = chain_flow(runner, 200).await;
+    let mut code = Duration::MAX;
+    for _ in 0..5 {
+        let one = code_flow(runner, "chain", 1, 1).await;
+        let all = code_flow(runner, "chain", n, n as i64).await;
+        code = code.min(all.saturating_sub(one) / (n as u32 - 1));
+    }
+    let dag = chain_step(runner, 200, 5).await;
+    let floor = raw_floor::raw_floor(add_one, 300, 3000).await;
+    println!(
+        "code flow, a body's step (call add_one: submit + wait + result): {:.1} µs; a DAG \
+         chain's step: {:.1} µs; ratio {:.2}   target ≤ 2 (floor p50 {:.1} µs)",
+        raw_floor::us(code),
+        raw_floor::us(dag),
+        code.as_secs_f64() / dag.as_secs_f64(),
+        raw_floor::us(floor.p50)
+    );
+    let n = 10_000;
+    let sum = (1..=n as i64).sum::<i64>();
+    let times: Vec<Duration> = {
+        let mut t = Vec::new();
+        for _ in 0..5 {
+            t.push(code_flow(runner, "map", n, sum).await);
+        }
+        t
+    };
+    let best = best_of(times);
+    println!(
+        "code flow, a body mapping add_one over {n} (each result read, its handle dropped): \
+         {:.0} tasks/s ({:.1} µs per task)   target ≥ 10,000 tasks/s",
+        n as f64 / best.as_secs_f64(),
+        raw_floor::us(best) / n as f64
+    );
+    let n = 100_000;
+    let sum = (1..=n as i64).sum::<i64>();
+    reset_peak();
+    let before = status_kib("VmHWM:");
+    let elapsed = code_flow(runner, "map", n, sum).await;
+    let peak = status_kib("VmHWM:");
+    println!(
+        "code flow, {n} task runs mapped, read and dropped: {:.1} s, peak RSS {:.0} MiB ({:.0} \
+         MiB before)   target ≤ 300 MB",
+        elapsed.as_secs_f64(),
+        peak as f64 / 1024.0,
+        before as f64 / 1024.0
+    );
 }
 
 /// The all-cache-hit run alone, ten times (for profiling the hit path and the writer).

@@ -293,3 +293,136 @@ fn a_code_flows_tasks_are_templates() {
         );
     }
 }
+
+/// A code flow killed (SIGKILL) while its third step runs, then `sluice resume`d: it
+/// completes; every task run that had completed kept its one attempt (it did not run again),
+/// the one running when the process died ran again; the body's observations were replayed
+/// from the journal, which says so.
+#[test]
+fn a_killed_code_flow_resumes_by_replay_without_running_a_completed_task_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, id, _) = killed_mid_durable(dir.path());
+    let out = sluice(&home, &["resume", &id, "--json"]);
+    let record = json_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{record:#}");
+    assert_eq!(record["state"], "Completed", "{record:#}");
+    assert_eq!(record["result"]["x"], 16, "1 doubled 4 times");
+    let tasks = record["tasks"].as_array().expect("tasks");
+    assert_eq!(tasks.len(), 8, "4 steps of 2 task runs: none made twice");
+    for (i, t) in tasks.iter().enumerate().take(4) {
+        assert_eq!(
+            t["attempts"], 1,
+            "task run #{i} completed before the kill: {t:#}"
+        );
+        assert_eq!(history(t), ["Pending", "Running", "Completed"], "#{i}");
+    }
+    let crashed = &tasks[4];
+    assert_eq!(crashed["attempts"], 2, "{crashed:#}");
+    assert!(
+        history(crashed).contains(&"Crashed".to_owned()),
+        "{crashed:#}"
+    );
+    let journal = record["journal"].as_array().expect("journal");
+    let replayed = journal
+        .iter()
+        .position(|e| e["call"] == "replayed")
+        .expect("the journal marks the replay");
+    assert!(
+        replayed >= 6,
+        "at least two steps were replayed: {journal:#?}"
+    );
+    let submits: Vec<&Value> = journal.iter().filter(|e| e["call"] == "submit").collect();
+    assert_eq!(
+        submits.len(),
+        8,
+        "each submission journaled once: {journal:#?}"
+    );
+    for (i, e) in submits.iter().enumerate() {
+        assert_eq!(e["first"], i, "{journal:#?}");
+    }
+    let seen = record["result"]["seen"].as_array().expect("seen");
+    assert_eq!(seen.len(), 8);
+    for (k, s) in seen.iter().enumerate().step_by(2).take(2) {
+        assert_eq!(
+            *s,
+            journal
+                .iter()
+                .filter(|e| e["call"] == "state")
+                .nth(k / 2)
+                .map(|e| e["state"].clone())
+                .expect("journaled"),
+            "a replayed get_state answers what the journal recorded"
+        );
+    }
+    let show = sluice(&home, &["show", &id]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        text.contains("resumed: the body's first") && text.contains("replayed from the journal"),
+        "{text}"
+    );
+}
+
+/// The same run resumed with a changed body, whose first call differs from the journal's:
+/// refused as not deterministic, naming the call.
+#[test]
+fn a_resumed_code_flow_whose_body_changed_is_refused_as_not_deterministic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (home, id, body) = killed_mid_durable(dir.path());
+    let python = super::polyglot::builds::polyglot_guest("python", "flow");
+    std::fs::copy(python, &body).expect("change the body");
+    let out = sluice(&home, &["resume", &id, "--json"]);
+    let record = json_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{record:#}");
+    assert_eq!(record["state"], "Failed");
+    assert_eq!(
+        record["message"],
+        "the flow body is not deterministic: its call #0 was a task run of `double`, but the \
+         journal of the run it resumes has a task run of `slow` there"
+    );
+}
+
+/// A `durable` code flow (4 steps of 1.5 s) killed once two steps completed and the third
+/// runs: its home, run id and body file.
+fn killed_mid_durable(dir: &Path) -> (PathBuf, String, PathBuf) {
+    let body = dir.join("body.wasm");
+    std::fs::copy(guest("flow_body"), &body).expect("copy the body");
+    let flow = manifest(dir, &body, "", "");
+    let text = std::fs::read_to_string(&flow)
+        .expect("read")
+        .replace("scenario = \"types\"", "scenario = \"durable\"")
+        .replace("n = 0", "n = 4")
+        .replace("ms = 300", "ms = 1500");
+    std::fs::write(&flow, text).expect("write");
+    let home = dir.join("home");
+    let mut child = super::recovery::spawn_run(&home, &flow);
+    let id = super::recovery::wait_until(&home, &mut child, |v| {
+        let tasks = v["tasks"].as_array().map_or(&[][..], Vec::as_slice);
+        tasks.len() == 6 && tasks[4]["state"] == "Running"
+    });
+    super::recovery::kill(child);
+    (home, id, body)
+}
+
+/// `sluice cancel` of a code flow whose body waits for a long task run: the task run is
+/// interrupted, the body stopped, and the flow run ends Cancelled.
+#[test]
+fn cancelling_a_code_flow_stops_its_body_and_its_task_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flow = manifest(dir.path(), &guest("flow_body"), "", "");
+    let text = std::fs::read_to_string(&flow)
+        .expect("read")
+        .replace("scenario = \"types\"", "scenario = \"state\"")
+        .replace("ms = 300", "ms = 60000");
+    std::fs::write(&flow, text).expect("write");
+    let home = dir.path().join("home");
+    let mut child = super::recovery::spawn_run(&home, &flow);
+    let id =
+        super::recovery::wait_until(&home, &mut child, |v| v["tasks"][0]["state"] == "Running");
+    let out = sluice(&home, &["cancel", &id]);
+    assert!(out.status.success(), "{out:?}");
+    let out = child.wait_with_output().expect("the run ends");
+    let record = json_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{record:#}");
+    assert_eq!(record["state"], "Cancelled", "{record:#}");
+    assert_eq!(record["tasks"][0]["state"], "Cancelled", "{record:#}");
+}

@@ -22,7 +22,7 @@ fn write_flow(dir: &Path, body: &str) -> PathBuf {
     path
 }
 
-fn spawn_run(home: &Path, flow: &Path) -> Child {
+pub(super) fn spawn_run(home: &Path, flow: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("run")
         .arg(flow)
@@ -37,7 +37,7 @@ fn spawn_run(home: &Path, flow: &Path) -> Child {
 /// The id of the only run in `home`, once `ready` holds for its record (up to 120 s: a loaded
 /// machine compiles slowly). Only while the run's process lives: every `sluice` command records
 /// dead runs as Crashed, and the tests want their own command to be the first to see a dead run.
-fn wait_until(home: &Path, child: &mut Child, ready: impl Fn(&Value) -> bool) -> String {
+pub(super) fn wait_until(home: &Path, child: &mut Child, ready: impl Fn(&Value) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -55,7 +55,7 @@ fn wait_until(home: &Path, child: &mut Child, ready: impl Fn(&Value) -> bool) ->
     }
 }
 
-fn kill(mut child: Child) {
+pub(super) fn kill(mut child: Child) {
     child.kill().expect("SIGKILL");
     let _ = child.wait();
 }

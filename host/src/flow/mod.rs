@@ -396,12 +396,14 @@ pub enum FlowError {
     /// A task of a flow written as code declares what only its body decides.
     #[error(
         "task `{task}` has `{key}`, but in a flow written as code the body gives each task run \
-         its input and what it waits for, and maps by itself: remove `{key}`"
+         its input and what it waits for, maps by itself, and waits for its task runs (none may \
+         pause): remove `{key}`"
     )]
     NotATemplate {
         /// The task.
         task: String,
-        /// The key: `input`, `upstream_tasks` or `map`.
+        /// The key: `input`, `upstream_tasks`, `map` or `trigger = "manual_only"` (nobody
+        /// could resume it: the body waits for its task runs).
         key: &'static str,
     },
     /// A flow written as code names reference tasks.
@@ -462,6 +464,8 @@ impl FlowDef {
                     Some("upstream_tasks")
                 } else if t.map != MapOver::No {
                     Some("map")
+                } else if t.trigger == Trigger::ManualOnly {
+                    Some("trigger = \"manual_only\"")
                 } else {
                     None
                 };

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use foldhash::HashMap;
 use tokio::sync::{mpsc, oneshot};
 
-use super::machine::FlowMachine;
+use super::machine::{FlowMachine, Submission};
 use crate::ids::TaskRunId;
 use crate::json::Json;
 use crate::sandbox::{Answer, Orchestrator, Submitted};
@@ -196,12 +196,18 @@ impl Waiting {
                 reply,
             } => {
                 let answer = machine
-                    .submit(&task, inputs, mapped, &wait_for, trigger.as_deref())
+                    .submit(Submission {
+                        task: &task,
+                        inputs,
+                        mapped,
+                        wait_for: &wait_for,
+                        trigger: trigger.as_deref(),
+                    })
                     .map_err(|e| e.to_string());
                 let _ = reply.send(answer);
             }
             BodyCall::State(i, reply) => {
-                let _ = reply.send(machine.state_of(i).unwrap_or_else(unknown));
+                let _ = reply.send(machine.observe_state(i).unwrap_or_else(unknown));
             }
             BodyCall::Wait(i, reply) => match machine.is_final(i) {
                 true => {
@@ -209,21 +215,29 @@ impl Waiting {
                 }
                 false => self.one.entry(i).or_default().push(reply),
             },
-            BodyCall::WaitAny(all, reply) => match first_final(machine, &all) {
-                Some(k) => {
+            BodyCall::WaitAny(all, reply) => {
+                if let Some(k) = machine.replay_any(&all) {
                     let _ = reply.send(k);
+                } else if let Some(k) = first_final(machine, &all) {
+                    machine.answered_any(all, k);
+                    let _ = reply.send(k);
+                } else {
+                    self.any.push((all, reply));
                 }
-                None => self.any.push((all, reply)),
-            },
+            }
             BodyCall::Release(i) => machine.release(i),
             BodyCall::Now(reply) => {
-                let _ = reply.send(now);
+                let _ = reply.send(machine.observe_now(now));
             }
         }
     }
 
     /// Task run `i` is final: answer whoever waits for it.
-    pub(super) fn settled(&mut self, machine: &FlowMachine, i: usize) {
+    pub(super) fn settled(&mut self, machine: &mut FlowMachine, i: usize) {
+        if !machine.is_final(i) {
+            // A handler moved it on again.
+            return;
+        }
         if let Some(waiters) = self.one.remove(&i) {
             let state = machine.state_of(i).unwrap_or_else(unknown);
             for w in waiters {
@@ -238,7 +252,8 @@ impl Waiting {
             if self.any[k].0.contains(&i)
                 && let Some(first) = first_final(machine, &self.any[k].0)
             {
-                let (_, reply) = self.any.swap_remove(k);
+                let (all, reply) = self.any.swap_remove(k);
+                machine.answered_any(all, first);
                 let _ = reply.send(first);
                 continue;
             }

@@ -159,12 +159,22 @@ impl Driver<'_> {
             }
             let event = tokio::select! {
                 Some(call) = calls.recv() => {
+                    // A cancel is taken in before the call: nothing is submitted after it.
+                    if self.cancel.is_cancelled() && !self.machine.is_cancelled() {
+                        self.machine.handle(Event::CancelRequested);
+                    }
                     let now = self.runner.clock.now();
                     self.waiting.call(&mut self.machine, call, now);
                     continue;
                 }
                 ended = async { self.body.as_mut()?.await.ok() }, if self.body.is_some() => {
                     self.body = None;
+                    // Handles it dropped last are released; nothing else it sent counts.
+                    while let Ok(call) = calls.try_recv() {
+                        if let BodyCall::Release(i) = call {
+                            self.machine.release(i);
+                        }
+                    }
                     self.body_ended(ended);
                     continue;
                 }
@@ -295,7 +305,7 @@ impl Driver<'_> {
                     None => self.machine.handle(Event::SlotGranted(unit)),
                 },
                 Command::Release(unit) => drop(self.granted.remove(&unit)),
-                Command::Settled(i) => self.waiting.settled(&self.machine, i),
+                Command::Settled(i) => self.waiting.settled(&mut self.machine, i),
                 Command::AbortTimers => self.timers.abort_all(),
                 Command::AbortHooks => {
                     self.hook_ids.clear();

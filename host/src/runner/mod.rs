@@ -36,7 +36,7 @@ use crate::sandbox::{
 use crate::state::{State, StateType};
 use crate::store::{Blob, RunHeader, RunLease, Store, StoreError, TaskWrite, Write};
 
-pub use record::{FlowEvent, FlowRun, TaskRun, Transition};
+pub use record::{FlowEvent, FlowRun, JournalEntry, TaskRun, Transition};
 
 /// A state handler: `(name, old, new) -> new`. Handlers are chained; each one's result is the
 /// next one's `new` (Prefect's state handlers).
@@ -71,11 +71,12 @@ pub enum PrepareError {
     /// A start task that the flow does not have.
     #[error("unknown start task `{0}`")]
     UnknownStartTask(String),
-    /// Resuming a flow written as code, which this version cannot do yet.
+    /// Start tasks given to resume a flow written as code (its body decides what runs).
     #[error(
-        "flow run {0} is of a flow written as code, which cannot be resumed yet: start a new run"
+        "flow run {0} is of a flow written as code: it resumes by replaying its body, which \
+         decides what runs; it takes no start tasks"
     )]
-    CodeFlowResume(FlowRunId),
+    CodeFlowStartTasks(FlowRunId),
     /// A run record that does not belong to this flow.
     #[error("the run record does not match flow `{flow}`: {detail}")]
     RecordMismatch {
@@ -596,12 +597,14 @@ impl FlowRunner {
         cancel: CancelToken,
         keep_retry_budget: bool,
     ) -> Result<FlowRun, PrepareError> {
-        if flow.def.body.is_some() {
-            return Err(PrepareError::CodeFlowResume(previous.id));
+        if flow.def.body.is_some() && !start_tasks.is_empty() {
+            return Err(PrepareError::CodeFlowStartTasks(previous.id));
         }
         let names: Vec<&str> = flow.def.tasks.iter().map(|t| t.name.as_str()).collect();
         let recorded: Vec<&str> = previous.tasks.iter().map(|t| t.name.as_str()).collect();
-        if names != recorded || previous.flow != flow.def.name {
+        // A code flow's task runs are its body's submissions, checked as it replays them.
+        let same = flow.def.body.is_some() || names == recorded;
+        if !same || previous.flow != flow.def.name {
             return Err(PrepareError::RecordMismatch {
                 flow: flow.def.name.clone(),
                 detail: format!(

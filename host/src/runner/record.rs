@@ -123,6 +123,70 @@ pub struct FlowRun {
     /// A code flow's body's logs, when the run has no store (see [`TaskRun::logs`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logs: Vec<LogRecord>,
+    /// A code flow's journal: each call of its body that submitted task runs or observed
+    /// something, in order (a resumed run replays it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub journal: Vec<JournalEntry>,
+}
+
+/// One entry of a code flow's journal: a call of its body, and what it was answered. A
+/// resumed run runs its body again from the start; each call must match the next entry (else
+/// the body is not deterministic, and the run fails naming the entry) and is answered from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "call", rename_all = "snake_case")]
+pub enum JournalEntry {
+    /// Submitted `count` task runs of `task` (a map when `mapped`), the first with index
+    /// `first`; `inputs` is the blake3 of their inputs.
+    Submit {
+        /// The declared task.
+        task: String,
+        /// How many task runs.
+        count: usize,
+        /// A map (each with its map index).
+        mapped: bool,
+        /// The blake3 (hex) of the inputs, in order.
+        inputs: String,
+        /// The task runs they wait for.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        wait_for: Vec<usize>,
+        /// The trigger given.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trigger: Option<String>,
+        /// The index of the first task run made.
+        first: usize,
+    },
+    /// A submission of `task` refused, with why.
+    Refused {
+        /// The task named.
+        task: String,
+        /// Why.
+        why: String,
+    },
+    /// `get-state` of a task run answered `state`.
+    State {
+        /// The task run.
+        of: usize,
+        /// The state's name.
+        state: StateName,
+    },
+    /// `wait-any` answered `index`.
+    WaitAny {
+        /// The task runs.
+        all: Vec<usize>,
+        /// The answer: an index into `all`.
+        index: usize,
+    },
+    /// `now` answered `at`.
+    Now {
+        /// The time.
+        #[serde(serialize_with = "crate::timestamp::serialize")]
+        at: DateTime<Utc>,
+    },
+    /// The run was resumed: the body's first `calls` calls were answered from the journal.
+    Replayed {
+        /// How many.
+        calls: usize,
+    },
 }
 
 impl FlowRun {
@@ -155,6 +219,7 @@ impl FlowRun {
                     .collect(),
             },
             logs: Vec::new(),
+            journal: Vec::new(),
         }
     }
 

@@ -91,8 +91,9 @@ pub fn check(stored: &StoredRun, start: &[String]) -> Result<(PathBuf, String), 
 
 /// A run recorded without its task runs (a process killed between the two writes, by a Sluice
 /// that did not write them together): none of them started; they all start, Pending at `now`.
+/// (A code flow's task runs are its body's: none is missing.)
 pub fn fill_missing_tasks(run: &mut FlowRun, def: &FlowDef, now: DateTime<Utc>) {
-    if run.tasks.is_empty() && run.flow == def.name {
+    if run.tasks.is_empty() && run.flow == def.name && def.body.is_none() {
         run.tasks = def
             .tasks
             .iter()
@@ -107,7 +108,10 @@ pub fn resumes_after_crash(run: &FlowRun, def: &FlowDef) -> Result<(), String> {
     if run.state.name != StateName::Crashed {
         return Err(format!("it is {}, not Crashed", run.state.name));
     }
-    for (t, rec) in def.tasks.iter().zip(&run.tasks) {
+    for rec in &run.tasks {
+        let Some(t) = def.tasks.iter().find(|t| t.name == rec.name) else {
+            continue;
+        };
         for r in std::iter::once(rec).chain(&rec.children) {
             if r.state.name == StateName::Crashed && r.attempts > t.retries {
                 return Err(format!(

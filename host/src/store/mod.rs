@@ -187,6 +187,15 @@ pub enum Write {
     },
     /// A task's output, cached under `key` until `expires_at`.
     Cache(Box<CacheWrite>),
+    /// Entry `seq` of a code flow's journal (see [`JournalEntry`](crate::runner::JournalEntry)).
+    Journal {
+        /// The run.
+        run: FlowRunId,
+        /// Its place in the journal, from 0.
+        seq: u64,
+        /// The entry, as JSON.
+        entry: String,
+    },
 }
 
 /// What a new flow run records.

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sluice::cache::CacheStatus;
 use sluice::ids::TaskRunId;
-use sluice::runner::{FlowRun, TaskRun, Transition};
+use sluice::runner::{FlowRun, JournalEntry, TaskRun, Transition};
 use sluice::state::{State, StateType};
 use sluice::store::{LogTail, Store, TailLimits};
 
@@ -86,6 +86,12 @@ pub(crate) fn summary(run: &FlowRun, detail: bool) -> String {
     if detail {
         let _ = writeln!(out, "\nhistory of the flow run:");
         history(&mut out, &run.history, "  ");
+        if !run.journal.is_empty() {
+            let _ = writeln!(out, "\njournal of the flow body:");
+            for (seq, e) in run.journal.iter().enumerate() {
+                let _ = writeln!(out, "  {seq:>4}  {}", journal_line(e));
+            }
+        }
         for (k, t) in run.tasks.iter().enumerate() {
             let _ = match (t.map_index, t.children.is_empty()) {
                 // A code flow's task runs: their place in submission order, and a map's index.
@@ -136,6 +142,61 @@ pub(crate) fn summary(run: &FlowRun, detail: bool) -> String {
         }
     }
     out
+}
+
+/// One journal entry, as `show` prints it.
+fn journal_line(e: &JournalEntry) -> String {
+    match e {
+        JournalEntry::Submit {
+            task,
+            count,
+            mapped,
+            wait_for,
+            trigger,
+            first,
+            ..
+        } => {
+            let what = match (mapped, *count) {
+                (true, n) => format!(
+                    "map {task} over {n} → #{first}..#{}",
+                    first + n.saturating_sub(1)
+                ),
+                (false, _) => format!("submit {task} → #{first}"),
+            };
+            let waits = match wait_for.is_empty() {
+                true => String::new(),
+                false => format!(
+                    " waiting for {}",
+                    wait_for
+                        .iter()
+                        .map(|w| format!("#{w}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            let trigger = trigger
+                .as_ref()
+                .map(|t| format!(" ({t})"))
+                .unwrap_or_default();
+            format!("{what}{waits}{trigger}")
+        }
+        JournalEntry::Refused { task, why } => format!("submit {task} refused: {why}"),
+        JournalEntry::State { of, state } => format!("get_state #{of} → {state}"),
+        JournalEntry::WaitAny { all, index } => format!(
+            "wait_any [{}] → {index}",
+            all.iter()
+                .map(|w| format!("#{w}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        JournalEntry::Now { at } => format!(
+            "now → {}",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        ),
+        JournalEntry::Replayed { calls } => {
+            format!("resumed: the body's first {calls} calls were replayed from the journal")
+        }
+    }
 }
 
 /// A task run's name in the table: a code flow's map element with its index (`add_one[2]`).
@@ -276,9 +337,12 @@ pub(crate) fn run_json(run: &FlowRun, tails: &HashMap<TaskRunId, LogTail>) -> Va
     v["context"] = json!(run.context);
     v["history"] = history_json(&run.history);
     v["tasks"] = run.tasks.iter().map(|t| task_json(t, tails)).collect();
-    // A code flow's: what its body returned, and what it logged.
+    // A code flow's: what its body returned, its journal, and what it logged.
     if let Some(result) = &run.state.result {
         v["result"] = json!(result);
+    }
+    if !run.journal.is_empty() {
+        v["journal"] = json!(run.journal);
     }
     let body = TaskRunId::of_body(run.id);
     match tails.get(&body) {

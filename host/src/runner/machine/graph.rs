@@ -171,7 +171,7 @@ impl FlowMachine {
             self.nodes[i].input = Some(cached);
             return;
         }
-        let task = &self.def.tasks[i];
+        let task = &self.def.tasks[self.nodes[i].template];
         let params = &self.run.parameters;
         let nodes = &mut self.nodes;
         let index = &self.index;

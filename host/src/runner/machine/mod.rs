@@ -39,7 +39,7 @@ mod graph;
 mod tests;
 mod transition;
 
-pub use self::code::{BODY_LOG_NAME, SubmitError};
+pub use self::code::{BODY_LOG_NAME, MAX_WAIT_EDGES, Submission, SubmitError};
 use super::mapping;
 use super::record::{FlowEvent, FlowRun, TaskRun, Transition};
 use super::{StateHandlers, task_write};
@@ -331,6 +331,10 @@ pub struct FlowMachine {
     logs: LogCount,
     /// How a code flow's body ended (see [`FlowMachine::body_ended`]).
     body: Option<State>,
+    /// What a code flow's task runs wait for, summed (within [`code::MAX_WAIT_EDGES`]).
+    wait_edges: usize,
+    /// A resumed code flow's journal, replayed.
+    replay: code::Replay,
 }
 
 /// What a run logged, against the flow's `max_log_bytes`.
@@ -362,7 +366,12 @@ impl std::fmt::Debug for FlowMachine {
 impl FlowMachine {
     /// A machine for `run` (fresh, or a record being resumed with `starts` as its start tasks)
     /// of the flow `def`. Nothing happens until [`FlowMachine::start`].
-    pub fn new(def: Arc<FlowDef>, run: FlowRun, starts: &[usize], settings: Settings) -> Self {
+    pub fn new(def: Arc<FlowDef>, mut run: FlowRun, starts: &[usize], settings: Settings) -> Self {
+        // A code flow's task runs are made again by its body's submissions (see `code`).
+        let replay = match def.body {
+            Some(_) => code::Replay::of(&mut run),
+            None => code::Replay::default(),
+        };
         let index: HashMap<String, usize> = def
             .tasks
             .iter()
@@ -449,6 +458,8 @@ impl FlowMachine {
                 ..LogCount::default()
             },
             body: None,
+            wait_edges: 0,
+            replay,
             run,
             def,
             settings,

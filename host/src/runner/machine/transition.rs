@@ -232,6 +232,18 @@ impl FlowMachine {
         {
             state = self.police_replacement(unit, proposed.0, state);
         }
+        if self.def.body.is_some() && state.state_type() == StateType::Paused {
+            // Nobody could resume it: a code flow's body waits for its task runs.
+            state = State::new(StateName::Failed, state.timestamp).with_message(format!(
+                "a task run of a flow written as code cannot pause (its body would wait for it \
+                 for ever){}",
+                state
+                    .message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            ));
+        }
         let record = self.record(unit);
         record.history.push(Transition {
             from: Some(old.name),

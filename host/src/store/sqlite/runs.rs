@@ -184,9 +184,13 @@ impl SqliteStore {
             detail,
         };
         let mut state = parse_state(&id, &state)?;
+        let mut problems = Vec::new();
         if let Some(hash) = result {
             // What a code flow's body returned, carried by the run's final state.
-            state.result = Some(get_blob(self, &conn, &hash, "the flow run's result")?);
+            match get_blob(self, &conn, &hash, "the flow run's result") {
+                Ok(v) => state.result = Some(v),
+                Err(e) => problems.push(e),
+            }
         }
         let parameters: BTreeMap<String, Value> =
             serde_json::from_str(&parameters).map_err(|e| corrupt(format!("parameters: {e}")))?;
@@ -220,7 +224,6 @@ impl SqliteStore {
                 .map_err(&io)?
         };
         let mut tasks: Vec<TaskRun> = Vec::new();
-        let mut problems = Vec::new();
         let mut parents: HashMap<String, usize> = HashMap::new();
         for (
             tid,
@@ -288,6 +291,18 @@ impl SqliteStore {
                 },
             }
         }
+        let journal = {
+            let mut s = conn
+                .prepare_cached("SELECT entry FROM journal WHERE flow_run = ?1 ORDER BY seq")
+                .map_err(&io)?;
+            let rows: Vec<String> = s
+                .query_map([&id], |r| r.get(0))
+                .and_then(|rows| rows.collect())
+                .map_err(&io)?;
+            rows.iter()
+                .map(|e| serde_json::from_str(e).map_err(|e| corrupt(format!("journal: {e}"))))
+                .collect::<Result<Vec<_>, _>>()?
+        };
         let run_record = FlowRun {
             id: run,
             flow,
@@ -297,6 +312,7 @@ impl SqliteStore {
             context,
             tasks,
             logs: Vec::new(),
+            journal,
         };
         Ok(StoredRun {
             run: run_record,

@@ -150,6 +150,16 @@ INSERT INTO changes VALUES (0, 0);
     r"
 ALTER TABLE flow_runs ADD COLUMN result TEXT;
 ",
+    // 9: a code flow's journal: each call of its body and what it observed, in order, so a
+    // resumed run replays its body without running a completed task run again.
+    r"
+CREATE TABLE journal (
+    flow_run TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    entry TEXT NOT NULL,
+    PRIMARY KEY (flow_run, seq)
+) WITHOUT ROWID;
+",
 ];
 
 /// The number a transaction that writes runs marks its rows with: take it first in the

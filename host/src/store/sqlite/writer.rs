@@ -303,7 +303,7 @@ pub(super) fn log_cost(w: &Write) -> u64 {
 fn write_run(w: &Write) -> FlowRunId {
     match w {
         Write::RunCreated(h) => h.id,
-        Write::FlowState { run, .. } | Write::Logs { run, .. } => *run,
+        Write::FlowState { run, .. } | Write::Logs { run, .. } | Write::Journal { run, .. } => *run,
         Write::Task(t) => t.run,
         Write::Cache(c) => c.flow_run,
     }
@@ -398,6 +398,12 @@ fn apply_one(tx: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
                 }
             }
             Write::Cache(c) => cache_write(tx, c)?,
+            Write::Journal { run, seq, entry } => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO journal (flow_run, seq, entry) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![run.to_string(), i64_of(*seq), entry])?;
+            }
         }
     }
     Ok(())

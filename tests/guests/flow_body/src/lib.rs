@@ -6,7 +6,14 @@
 //! - `stuck`: waits for a task run of `sleep` (which never ends);
 //! - `any`: `wait_any` of a `sleep` task run and a `double` one: returns the index;
 //! - `state`: `get_state` of a task run of `slow` (the hostile guest, sleeping `ms`) right
-//!   after submitting it, then its state once waited for.
+//!   after submitting it, then its state once waited for;
+//! - `durable`: `n` steps, each a `slow` task run (its state observed at once), then `double`
+//!   of the last result waiting for it, `wait_any` of the two, and the result; returns the
+//!   last result, the states seen and `now()` (for a run killed and resumed: each observation
+//!   replayed from the journal);
+//! - `chain`: `n` calls of `add_one`, each on the last result (the benchmark's steps);
+//! - `map`: `add_one` mapped over 0..n, each result read and its handle dropped at once;
+//!   returns their sum.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -47,6 +54,33 @@ fn body(p: Value) -> Result<Value, Signal> {
             let before = slow.get_state().name;
             let after = slow.wait().name;
             Ok(json!({"before": before, "after": after}))
+        }
+        Some("durable") => {
+            let mut x: i64 = 1;
+            let mut seen = Vec::new();
+            for _ in 0..p["n"].as_u64().unwrap_or(0) {
+                let slow = flow::submit("slow", json!({"do": "sleep", "ms": p["ms"]}))?;
+                seen.push(slow.get_state().name);
+                let doubled = flow::submit_with("double", x, &[&slow], None)?;
+                seen.push(format!("any {}", flow::wait_any(&[&slow, &doubled])));
+                x = doubled.result()?;
+            }
+            Ok(json!({"x": x, "seen": seen, "now": flow::now()}))
+        }
+        Some("chain") => {
+            let mut x: i64 = 0;
+            for _ in 0..p["n"].as_u64().unwrap_or(0) {
+                x = flow::call("add_one", x)?;
+            }
+            Ok(json!(x))
+        }
+        Some("map") => {
+            let n = p["n"].as_i64().unwrap_or(0);
+            let mut sum: i64 = 0;
+            for f in flow::map("add_one", 0..n)? {
+                sum += f.result::<i64>()?;
+            }
+            Ok(json!(sum))
         }
         other => Err(Signal::fail(format!("unknown scenario {other:?}"))),
     }

@@ -200,6 +200,7 @@ async fn run_component(
         orchestrator: Arc::new(Scripted(script.clone())),
         seed: [seed; 32],
         started: t0(),
+        max_handles: 1000,
     };
     let out = sandbox
         .run_flow(

@@ -133,7 +133,7 @@ struct Driver<'a> {
     reads: JoinSet<ReadDone>,
     cancel: CancelToken,
     /// A code flow's body, while it runs.
-    body: Option<tokio::task::JoinHandle<RunOutcome>>,
+    body: Option<Pin<Box<dyn Future<Output = RunOutcome> + Send>>>,
     /// The body's calls waiting for task runs.
     waiting: Waiting,
 }
@@ -167,7 +167,12 @@ impl Driver<'_> {
                     self.waiting.call(&mut self.machine, call, now);
                     continue;
                 }
-                ended = async { self.body.as_mut()?.await.ok() }, if self.body.is_some() => {
+                ended = async {
+                    match self.body.as_mut() {
+                        Some(body) => body.await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.body.is_some() => {
                     self.body = None;
                     // Handles it dropped last are released; nothing else it sent counts.
                     while let Ok(call) = calls.try_recv() {
@@ -322,19 +327,21 @@ impl Driver<'_> {
         }
     }
 
-    /// Start a code flow's body on a task of its own: deterministic (keyed by the run, its
+    /// A code flow's body, polled on the driver's own task (its calls and their answers never
+    /// cross threads): deterministic (keyed by the run, its
     /// clock at the run's start), granted nothing, its calls sent to this driver, interrupted
     /// when the run is cancelled.
     fn start_body(
         &self,
         component: &crate::sandbox::FlowComponent,
         calls: mpsc::UnboundedSender<BodyCall>,
-    ) -> tokio::task::JoinHandle<RunOutcome> {
+    ) -> Pin<Box<dyn Future<Output = RunOutcome> + Send>> {
         let run = self.machine.run();
         let body = FlowBody {
             orchestrator: DriverOrchestrator::new(calls),
             seed: *blake3::hash(run.id.to_string().as_bytes()).as_bytes(),
             started: run.history.first().map_or(run.state.timestamp, |h| h.time),
+            max_handles: self.flow.def.max_task_runs,
         };
         let parameters = Json::from_value(&serde_json::Value::Object(
             run.parameters
@@ -355,22 +362,16 @@ impl Driver<'_> {
             component.clone(),
             self.cancel.clone(),
         );
-        tokio::spawn(async move {
+        Box::pin(async move {
             sandbox
                 .run_flow(&component, &parameters, &ctx, &budget, &body, Some(&cancel))
                 .await
         })
     }
 
-    /// The body ended (`None`: its task died): the flow run ends by how, once its task runs
-    /// are final.
-    fn body_ended(&mut self, outcome: Option<RunOutcome>) {
+    /// The body ended: the flow run ends by how, once its task runs are final.
+    fn body_ended(&mut self, outcome: RunOutcome) {
         let now = self.runner.clock.now();
-        let Some(outcome) = outcome else {
-            let state = State::new(StateName::Crashed, now)
-                .with_message("the flow body's task stopped without an outcome");
-            return self.machine.body_ended(state, Vec::new());
-        };
         let mut state = State::after_run(&outcome.ending, Retry::Exhausted, now);
         if !state.is_terminal() {
             state = State::new(StateName::Failed, now).with_message(format!(

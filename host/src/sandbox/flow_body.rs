@@ -83,6 +83,9 @@ pub struct FlowBody {
     pub seed: [u8; 32],
     /// What its wall clock reads (the flow run's start).
     pub started: DateTime<Utc>,
+    /// The most task runs it may submit (the flow's `max_task_runs`): it may hold a handle to
+    /// each (wasmtime's default store-wide limit is 100,000 handles).
+    pub max_handles: usize,
 }
 
 impl std::fmt::Debug for FlowBody {

@@ -149,6 +149,10 @@ pub(super) enum Phase {
 /// guest yields to other tasks: the accuracy of the fuel a stopped run reports.
 const FUEL_FLUSH: u64 = 1_000_000;
 
+/// Handles a flow body may hold beyond one per task run it may submit
+/// ([`FlowBody::max_handles`]): those it lends for calls, and its WASI resources.
+const BODY_SPARE_HANDLES: usize = 1024;
+
 impl Sandbox {
     /// Run `component` once with `input`, in a fresh store and instance, under `budget`, with
     /// nothing granted. Never fails: every problem, the host's included, is an [`Ending`].
@@ -411,6 +415,10 @@ impl Sandbox {
         };
         let mut store = Store::new(&self.0.engine, state);
         store.limiter(|s| &mut s.limiter);
+        if let Some(b) = body {
+            // A body may hold a handle to each task run it submits (and lend one per call).
+            store.set_max_component_handles(b.max_handles.saturating_add(BODY_SPARE_HANDLES));
+        }
         // Fuel is always enabled in the engine; "unlimited" is the largest amount.
         if let Err(e) = store.set_fuel(budget.fuel.unwrap_or(u64::MAX)) {
             tracing::error!("cannot set fuel: {e}");

@@ -155,17 +155,18 @@ fn a_rust_flow_body_runs_every_type_of_submission() {
 
 #[test]
 fn a_python_flow_body_runs_every_type_of_submission() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let body = super::polyglot::builds::polyglot_guest("python", "flow");
-    let flow = manifest(dir.path(), &body, "", "");
-    let (out, record) = run(dir.path(), &flow, &[]);
-    every_type_of_submission(&out, &record);
+    polyglot_types("python");
 }
 
 #[test]
 fn a_javascript_flow_body_runs_every_type_of_submission() {
+    polyglot_types("js");
+}
+
+/// The `types` scenario of the `lang` flow body, through `sluice run`.
+fn polyglot_types(lang: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let body = super::polyglot::builds::polyglot_guest("js", "flow");
+    let body = super::polyglot::builds::polyglot_guest(lang, "flow");
     let flow = manifest(dir.path(), &body, "", "");
     let (out, record) = run(dir.path(), &flow, &[]);
     every_type_of_submission(&out, &record);

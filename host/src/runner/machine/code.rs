@@ -73,7 +73,7 @@ pub enum SubmitError {
     /// The flow is a DAG, not code.
     #[error("flow `{0}` is not written as code: its tasks are not submitted by a body")]
     NotCode(String),
-    /// The body diverged from its journal (see [`FlowMachine::diverged`]).
+    /// The body diverged from its journal.
     #[error("{0}")]
     Diverged(String),
     /// Refused before, as the journal says (a resumed run answers the same).
@@ -250,11 +250,6 @@ impl FlowMachine {
         );
         self.replay.diverged.get_or_insert(why.clone());
         SubmitError::Diverged(why)
-    }
-
-    /// Why the resumed body is not deterministic, if it diverged from its journal.
-    pub fn diverged(&self) -> Option<&str> {
-        self.replay.diverged.as_deref()
     }
 
     fn submit_checked(

@@ -66,30 +66,45 @@ export class TaskRunFailed extends Error {
 
 const payload = (e) => (e && typeof e === "object" && "payload" in e ? e.payload : e);
 
+/** A future used after `dispose()`: its task run's state and result can no longer be read. */
+export class FutureReleased extends Error {}
+
 /** A submitted task run (Prefect's `PrefectFuture`). `dispose()` (or `using`) tells the host the
- * body will not read its result again. */
+ * body will not read its result again; using it afterwards throws FutureReleased. */
 export class Future {
+  #handle;
+  #releasedId = null;
   constructor(handle) {
-    this.handle = handle;
+    this.#handle = handle;
+  }
+  /** The host's handle; throws FutureReleased once disposed. */
+  live() {
+    if (this.#handle === null) {
+      throw new FutureReleased(
+        `the future of task run ${this.#releasedId} was released (disposed): its state and result can no longer be read`,
+      );
+    }
+    return this.#handle;
   }
   /** The task run's id. */
   get id() {
-    return this.handle.id();
+    return this.#handle === null ? this.#releasedId : this.#handle.id();
   }
   /** Block until the task run is final; its State. */
   wait() {
-    return new State(this.handle.wait());
+    return new State(this.live().wait());
   }
   /** Its State now, without waiting (Pending, Running or final). */
   getState() {
-    return new State(this.handle.getState());
+    return new State(this.live().getState());
   }
   /** Block until final: its output; on a state that is not successful, throw TaskRunFailed
    * (`{ raiseOnFailure: false }`: return that State). */
   result({ raiseOnFailure = true } = {}) {
+    const handle = this.live();
     let text;
     try {
-      text = this.handle.result();
+      text = handle.result();
     } catch (e) {
       const state = new State(payload(e));
       if (raiseOnFailure) throw new TaskRunFailed(state);
@@ -98,7 +113,11 @@ export class Future {
     return JSON.parse(text);
   }
   dispose() {
-    this.handle[Symbol.dispose]?.();
+    if (this.#handle === null) return;
+    const handle = this.#handle;
+    this.#releasedId = handle.id();
+    this.#handle = null;
+    handle[Symbol.dispose]?.();
   }
   [Symbol.dispose]() {
     this.dispose();
@@ -106,7 +125,7 @@ export class Future {
 }
 
 const json = (v) => JSON.stringify(v === undefined ? null : v);
-const handles = (fs) => fs.map((f) => f.handle);
+const handles = (fs) => fs.map((f) => f.live());
 
 /** Submit one task run of the declared task `task` (Prefect's `t.submit(x)`): its Future;
  * `{ returnState: true }`: wait and return its final State. It starts once

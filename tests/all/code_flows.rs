@@ -172,6 +172,83 @@ fn polyglot_types(lang: &str) {
     every_type_of_submission(&out, &record);
 }
 
+/// A Python or JavaScript future used after it was released (a `with` block's end, `dispose()`)
+/// raises an error the body sees, naming the task run; it never reaches the host.
+#[test]
+fn a_released_future_raises_in_python_and_javascript() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for lang in ["python", "js"] {
+        let body = super::polyglot::builds::polyglot_guest(lang, "flow");
+        let flow = manifest(dir.path(), &body, "", "");
+        let (out, record) = run(dir.path(), &flow, &["--param", "scenario=\"released\""]);
+        assert!(out.status.success(), "{lang}: {record:#}");
+        let v = &record["result"];
+        assert_eq!(v["first"], 2, "{lang}: {v}");
+        let id = record["tasks"][0]["id"].as_str().expect("id");
+        assert_eq!(v["id"], id, "{lang}: a released future keeps its id");
+        let error = v["error"].as_str().unwrap_or("");
+        assert!(
+            error.starts_with(&format!("the future of task run {id} was released")),
+            "{lang}: {error}"
+        );
+        assert!(
+            error.ends_with("its state and result can no longer be read"),
+            "{lang}: {error}"
+        );
+    }
+}
+
+/// `examples/dynamic-flow`: its Python body and the Rust variant loop on a task's output, map
+/// over what they collected and branch on a failed task run, through `sluice run` as the
+/// example's comments show; both submit the same task runs and return the same result.
+#[test]
+fn the_dynamic_flow_examples_loop_map_and_branch() {
+    let build = super::support::root().join("examples/build");
+    let python = super::polyglot::builds::polyglot_guest("python", "dynamic_flow");
+    std::fs::create_dir_all(&build).expect("examples/build");
+    let tmp = build.join(".python_dynamic_flow.wasm.tmp");
+    std::fs::copy(python, &tmp).expect("copy the body");
+    std::fs::rename(&tmp, build.join("python_dynamic_flow.wasm")).expect("place the body");
+    let python = super::support::example_flow("dynamic-flow");
+    let rust = python.with_file_name("flow-rust.toml");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let grown = json!([6, 12, 24, 48, 96, 192]);
+    for flow in [&python, &rust] {
+        let (out, record) = run(dir.path(), flow, &[]);
+        assert!(out.status.success(), "{}: {record:#}", flow.display());
+        assert_eq!(
+            record["result"],
+            json!({"grown": grown, "kept": [7, 13, 25], "total": 45, "branch": "over budget"}),
+            "{}",
+            flow.display()
+        );
+        let mut expected = vec!["double"; 6];
+        let names: Vec<String> = (0..6).map(|i| format!("add_one[{i}]")).collect();
+        expected.extend(names.iter().map(String::as_str));
+        expected.extend(["sum", "over_budget", "sum"]);
+        assert_eq!(submitted(&record), expected, "{}", flow.display());
+        assert_eq!(record["tasks"][13]["state"], "Failed");
+        let id = record["id"].as_str().expect("id");
+        let logs = sluice(&dir.path().join("home"), &["logs", id]);
+        let logs = String::from_utf8_lossy(&logs.stdout);
+        assert!(
+            logs.contains(
+                "384 is over the budget of 200 (asked to fail): keeping the smaller half"
+            ),
+            "{}: {logs}",
+            flow.display()
+        );
+
+        let (out, record) = run(dir.path(), flow, &["--param", "budget=1000"]);
+        assert!(out.status.success(), "{}: {record:#}", flow.display());
+        assert_eq!(
+            record["result"],
+            json!({"grown": grown, "kept": [7, 13, 25, 49, 97, 193], "total": 384, "branch": "within budget"}),
+        );
+        assert_eq!(record["tasks"].as_array().map(Vec::len), Some(14));
+    }
+}
+
 /// `get_state()` answers at once (Pending or Running), `wait()` once the task run is final: in
 /// Rust and in Python.
 #[test]
@@ -261,6 +338,67 @@ fn max_task_runs_at_the_limit_and_one_over() {
         Some(3),
         "nothing was created by the refused submission"
     );
+}
+
+/// A body submitting ten million task runs under the default `max_task_runs` (100,000): the
+/// 100,001st is refused naming the limit, and the run ends Failed with exactly 100,000 task
+/// runs recorded, never out of memory. One map past the limit is refused whole.
+#[test]
+fn a_body_submitting_ten_million_task_runs_hits_the_task_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flow = manifest(dir.path(), &guest("flow_body"), "", "");
+    let (out, record) = run(dir.path(), &flow, &["--param", "scenario=\"flood\""]);
+    assert_eq!(out.status.code(), Some(1), "{}", record["message"]);
+    assert_eq!(record["state"], "Failed");
+    let message = record["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains(
+            "submitting 1 more task runs would make 100001 in this flow run, more than the \
+             flow's max_task_runs of 100000"
+        ),
+        "{message}"
+    );
+    let tasks = record["tasks"].as_array().expect("tasks");
+    assert_eq!(tasks.len(), 100_000);
+    assert!(tasks.iter().all(|t| t["state"] == "Completed"));
+
+    let (out, record) = run(
+        dir.path(),
+        &flow,
+        &["--param", "scenario=\"flood_map\"", "--param", "n=100001"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", record["message"]);
+    let message = record["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("submitting 100001 more task runs would make 100001"),
+        "{message}"
+    );
+    assert_eq!(record["tasks"].as_array().map(Vec::len), Some(0));
+}
+
+/// A raw handle the body no longer holds (its submission dropped) or was never given (as
+/// another run's would be) is refused by the host: the body is stopped and the flow run fails
+/// naming the bad handle; the task run it did submit is unharmed.
+#[test]
+fn waiting_on_a_dropped_or_forged_handle_fails_the_body() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flow = manifest(dir.path(), &guest("flow_body"), "", "");
+    for scenario in ["dropped", "forged"] {
+        let (out, record) = run(
+            dir.path(),
+            &flow,
+            &["--param", &format!("scenario=\"{scenario}\"")],
+        );
+        assert_eq!(out.status.code(), Some(1), "{scenario}: {record:#}");
+        assert_eq!(record["state"], "Failed", "{scenario}: {record:#}");
+        let message = record["message"].as_str().unwrap_or("");
+        assert!(
+            message.contains("the flow body ended Failed: the guest failed: unknown handle index"),
+            "{scenario}: {message}"
+        );
+    }
+    let (_, record) = run(dir.path(), &flow, &["--param", "scenario=\"dropped\""]);
+    assert_eq!(record["tasks"][0]["state"], "Completed", "{record:#}");
 }
 
 /// A code flow's task declares no input, edges or map of its own, and it has no reference

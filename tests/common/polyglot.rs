@@ -20,7 +20,8 @@ fn root() -> &'static Path {
 
 /// The built component of example task `name` in `lang` (`examples/tasks/<lang>/<name>`), or of
 /// the test guest (`tests/polyglot/<lang>`) for the name `guest`, or of the flow body
-/// (`tests/polyglot/<lang>-flow`, Python and JavaScript) for `flow`. The first call builds
+/// (`tests/polyglot/<lang>-flow`, Python and JavaScript) for `flow`, or of the Python body of
+/// `examples/dynamic-flow` for (`python`, `dynamic_flow`). The first call builds
 /// them all.
 pub fn polyglot_guest(lang: &str, name: &str) -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -69,6 +70,11 @@ fn build_all() -> PathBuf {
             .arg(dir.join(format!("{lang}_flow.wasm")));
         builds.push(cmd);
     }
+    // The Python body of examples/dynamic-flow.
+    let mut cmd = Command::new(root().join("guest-sdk/python/build"));
+    cmd.arg(root().join("examples/dynamic-flow/flow.py"))
+        .arg(dir.join("python_dynamic_flow.wasm"));
+    builds.push(cmd);
     let children: Vec<_> = builds
         .iter_mut()
         .map(|cmd| {

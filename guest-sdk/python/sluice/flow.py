@@ -29,6 +29,7 @@ from wit_world.imports import orchestrate as _o
 
 __all__ = [
     "Future",
+    "FutureReleased",
     "State",
     "SubmissionRefused",
     "TaskRunFailed",
@@ -89,31 +90,47 @@ class TaskRunFailed(Exception):
         self.state = state
 
 
+class FutureReleased(Exception):
+    """A future used after it was released (its ``with`` block ended): its task run's state and
+    result can no longer be read."""
+
+
 class Future:
     """A submitted task run (Prefect's ``PrefectFuture``). When it is garbage collected (or
-    leaves a ``with`` block) the host is told the body will not read its result again."""
+    leaves a ``with`` block) the host is told the body will not read its result again; using it
+    after its ``with`` block raises :class:`FutureReleased`."""
 
     def __init__(self, handle):
         self._handle = handle
+        self._released_id = None
+
+    def _live(self):
+        if self._handle is None:
+            raise FutureReleased(
+                f"the future of task run {self._released_id} was released (its `with` block "
+                "ended): its state and result can no longer be read"
+            )
+        return self._handle
 
     @property
     def id(self):
         """The task run's id."""
-        return self._handle.id()
+        return self._released_id if self._handle is None else self._handle.id()
 
     def wait(self):
         """Block until the task run is final and return its :class:`State`."""
-        return State(self._handle.wait())
+        return State(self._live().wait())
 
     def get_state(self):
         """The task run's :class:`State` now, without waiting (Pending, Running or final)."""
-        return State(self._handle.get_state())
+        return State(self._live().get_state())
 
     def result(self, raise_on_failure=True):
         """Block until the task run is final: its output; on a state that is not successful,
         raise :class:`TaskRunFailed` (``raise_on_failure=False``: return that state)."""
+        handle = self._live()
         try:
-            return json.loads(self._handle.result())
+            return json.loads(handle.result())
         except Err as e:
             state = State(e.value)
             if raise_on_failure:
@@ -124,7 +141,10 @@ class Future:
         return self
 
     def __exit__(self, *exc):
-        self._handle.__exit__(*exc)
+        if self._handle is not None:
+            handle, self._released_id = self._handle, self._handle.id()
+            self._handle = None
+            handle.__exit__(*exc)
         return None
 
 
@@ -138,7 +158,7 @@ def submit(task, input=None, wait_for=(), trigger=None, return_state=False):
     once every future in ``wait_for`` is final, their states feeding its trigger (``trigger``,
     e.g. ``"all_finished"``, or the task's own)."""
     try:
-        f = Future(_o.submit(task, _json(input), [f._handle for f in wait_for], trigger))
+        f = Future(_o.submit(task, _json(input), [f._live() for f in wait_for], trigger))
     except Err as e:
         raise SubmissionRefused(e.value) from None
     return f.wait() if return_state else f
@@ -148,7 +168,7 @@ def map_(task, inputs, wait_for=(), return_state=False):
     """Submit one task run of ``task`` per input, as one mapped task run (Prefect's
     ``t.map(inputs)``): the futures; ``return_state=True``: wait and return their states."""
     try:
-        handles = _o.submit_map(task, [_json(i) for i in inputs], [f._handle for f in wait_for])
+        handles = _o.submit_map(task, [_json(i) for i in inputs], [f._live() for f in wait_for])
     except Err as e:
         raise SubmissionRefused(e.value) from None
     futures = [Future(h) for h in handles]
@@ -165,14 +185,14 @@ def call(task, input=None):
 
 def wait_all(futures):
     """Block until every one of ``futures`` is final."""
-    _o.wait_all([f._handle for f in futures])
+    _o.wait_all([f._live() for f in futures])
 
 
 def wait_any(futures):
     """Block until one of ``futures`` is final; return its index (the lowest of those final)."""
     if not futures:
         raise ValueError("wait_any of no futures would wait for ever")
-    return _o.wait_any([f._handle for f in futures])
+    return _o.wait_any([f._live() for f in futures])
 
 
 def now():

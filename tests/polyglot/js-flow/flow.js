@@ -1,8 +1,20 @@
 // A flow body that uses every type of submission of seed 004 and returns what it observed (as
-// tests/guests/flow_body does in Rust, with the same keys). Parameter `scenario`: `types`.
-import { call, map, now, submit, SubmissionRefused, TaskRunFailed, waitAll, waitAny } from "sluice/flow";
+// tests/guests/flow_body does in Rust, with the same keys). Parameter `scenario`: `types`, or
+// `released`: a future waited on after `dispose()` (the error it throws).
+import { call, FutureReleased, map, now, submit, SubmissionRefused, TaskRunFailed, waitAll, waitAny } from "sluice/flow";
 
 export function run(parameters) {
+  if (parameters.scenario === "released") {
+    const f = submit("double", 1);
+    const first = f.result();
+    f.dispose();
+    try {
+      f.wait();
+      return "unexpected: no exception";
+    } catch (e) {
+      return e instanceof FutureReleased ? { first, error: e.message, id: f.id } : `unexpected: ${e}`;
+    }
+  }
   if (parameters.scenario !== "types") throw new Error(`unknown scenario ${parameters.scenario}`);
   // r1 = t1(): call and get the result.
   const called = call("double", 2);

@@ -1,7 +1,8 @@
 """A flow body that uses every type of submission of seed 004 and returns what it observed (as
 tests/guests/flow_body does in Rust, with the same keys). Parameter ``scenario``: ``types``, or
 ``state`` (``get_state`` of a task run of ``slow`` right after submitting it, then waited for),
-or ``durable``: Rust's with its first submission changed (``double`` before ``slow``), the body
+``released``: a future waited on after its ``with`` block (the error it raises), or
+``durable``: Rust's with its first submission changed (``double`` before ``slow``), the body
 a resumed run of Rust's would find not deterministic."""
 
 import random
@@ -16,6 +17,14 @@ def run(parameters):
         doubled = flow.submit("double", 1)
         slow = flow.submit("slow", {"do": "sleep", "ms": parameters.get("ms")}, wait_for=[doubled])
         return {"x": doubled.result(), "slow": slow.wait().name}
+    if parameters.get("scenario") == "released":
+        with flow.submit("double", 1) as f:
+            first = f.result()
+        try:
+            f.wait()
+            return "unexpected: no exception"
+        except flow.FutureReleased as e:
+            return {"first": first, "error": str(e), "id": f.id}
     if parameters.get("scenario") == "state":
         slow = flow.submit("slow", {"do": "sleep", "ms": parameters.get("ms")})
         before = slow.get_state().name

@@ -14,12 +14,17 @@
 //! - `chain`: `n` calls of `add_one`, each on the last result (the benchmark's steps);
 //! - `map`: `add_one` mapped over 0..n, each result read and its handle dropped at once;
 //!   returns their sum.
+//! - `flood`: submits ten million task runs of `double`, dropping each handle;
+//! - `flood_map`: maps `double` over 0..n, returning how many it submitted;
+//! - `dropped`, `forged`: wait on a raw handle after its submission was dropped, and on one
+//!   never given to the body (the host must trap the body, naming the handle).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sluice_guest::flow::{self, Error};
+use sluice_guest::flow_bindings::sluice::task::orchestrate as o;
 use sluice_guest::serde_json::{Value, json};
 use sluice_guest::{Signal, export_flow};
 
@@ -81,6 +86,35 @@ fn body(p: Value) -> Result<Value, Signal> {
                 sum += f.result::<i64>()?;
             }
             Ok(json!(sum))
+        }
+        Some("flood") => {
+            // Ten million submissions, each handle dropped at once: the run's task limit stops
+            // it (the refusal, raised with `?`, fails the flow run).
+            for i in 0..10_000_000_u64 {
+                flow::submit("double", i)?;
+            }
+            Ok(json!("every submission was accepted"))
+        }
+        Some("flood_map") => {
+            let n = p["n"].as_u64().unwrap_or(0);
+            Ok(json!(flow::map("double", 0..n)?.len()))
+        }
+        Some("dropped") => {
+            // The raw handle of a submission, used after the submission was dropped.
+            let f = o::submit("double", "1", &[], None).map_err(Signal::fail)?;
+            let handle = f.handle();
+            drop(f);
+            // SAFETY: deliberately not: the handle was dropped; the host must refuse it.
+            #[allow(unsafe_code)]
+            let stale = unsafe { o::Submission::from_handle(handle) };
+            Ok(json!(stale.wait().name))
+        }
+        Some("forged") => {
+            // A handle this body was never given (as another flow run's would be).
+            // SAFETY: deliberately not: the host must refuse it.
+            #[allow(unsafe_code)]
+            let forged = unsafe { o::Submission::from_handle(0x00AB_CDEF) };
+            Ok(json!(forged.wait().name))
         }
         other => Err(Signal::fail(format!("unknown scenario {other:?}"))),
     }

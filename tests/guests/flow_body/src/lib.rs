@@ -14,6 +14,7 @@
 //! - `chain`: `n` calls of `add_one`, each on the last result (the benchmark's steps);
 //! - `map`: `add_one` mapped over 0..n, each result read and its handle dropped at once;
 //!   returns their sum.
+//! - `now`: `n` calls of `now()` (the benchmark's round trip to the driver);
 //! - `flood`: submits ten million task runs of `double`, dropping each handle;
 //! - `flood_map`: maps `double` over 0..n, returning how many it submitted;
 //! - `dropped`, `forged`: wait on a raw handle after its submission was dropped, and on one
@@ -78,6 +79,13 @@ fn body(p: Value) -> Result<Value, Signal> {
                 x = flow::call("add_one", x)?;
             }
             Ok(json!(x))
+        }
+        Some("now") => {
+            let mut last = String::new();
+            for _ in 0..p["n"].as_u64().unwrap_or(0) {
+                last = flow::now();
+            }
+            Ok(json!(last.len()))
         }
         Some("map") => {
             let n = p["n"].as_i64().unwrap_or(0);

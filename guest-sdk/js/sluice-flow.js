@@ -159,6 +159,17 @@ export function call(task, input = null) {
   return submit(task, input).result();
 }
 
+/** Run the subflow `flow` (a manifest's `[subflows]`) as a child flow run with `parameters` (an
+ * object, over the subflow's defaults): the Future of the task run standing for it, final when
+ * the child is, the child's result its output (Prefect's calling a flow from a flow). */
+export function subflow(flow, parameters = {}) {
+  try {
+    return new Future(o.subflow(flow, json(parameters)));
+  } catch (e) {
+    throw new SubmissionRefused(String(payload(e)));
+  }
+}
+
 /** Block until every one of `futures` is final. */
 export function waitAll(futures) {
   o.waitAll(handles(futures));

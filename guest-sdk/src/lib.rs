@@ -654,6 +654,16 @@ pub mod flow {
         submit(task, input)?.result()
     }
 
+    /// Run the subflow `flow` (a manifest's `[subflows]`) as a child flow run with
+    /// `parameters` (a struct or map: over the subflow's defaults): the future of the task run
+    /// standing for it, final when the child is, the child's result its output (Prefect's
+    /// calling a flow from a flow).
+    pub fn subflow(flow: &str, parameters: impl serde::Serialize) -> Result<Future, Error> {
+        o::subflow(flow, &json(&parameters)?)
+            .map(Future)
+            .map_err(Error::Refused)
+    }
+
     /// Block until every one of `futures` is final.
     pub fn wait_all(futures: &[&Future]) {
         let all: Vec<&o::Submission> = futures.iter().map(|f| &f.0).collect();

@@ -401,6 +401,169 @@ fn waiting_on_a_dropped_or_forged_handle_fails_the_body() {
     assert_eq!(record["tasks"][0]["state"], "Completed", "{record:#}");
 }
 
+/// `subflow`: a body runs another flow of its manifest's `[subflows]` as a child flow run,
+/// recorded as a run of its own whose context names its parent; the task run standing for it
+/// ends as the child did (a code flow's result its output; a failed DAG flow failing it, naming
+/// the child run); an undeclared subflow, parameters that are not an object, a task as a
+/// subflow and a subflow as a task are refused, each naming why. In Rust, Python and
+/// JavaScript.
+#[test]
+fn a_body_runs_subflows_as_child_flow_runs() {
+    let python = super::polyglot::builds::polyglot_guest("python", "flow");
+    let js = super::polyglot::builds::polyglot_guest("js", "flow");
+    for body in [guest("flow_body"), python, js] {
+        subflows_of(&body);
+    }
+}
+
+/// The `subflow` scenario of `body`, checked.
+fn subflows_of(body: &Path) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let child = dir.path().join("child.toml");
+    std::fs::write(
+        &child,
+        format!(
+            "name = \"child\"\ncode = \"{body}\"\n[parameters]\nscenario = \"chain\"\nn = 1\n\
+             [tasks.add_one]\ncomponent = \"{add_one}\"\n",
+            body = guest("flow_body").display(),
+            add_one = guest("add_one").display(),
+        ),
+    )
+    .expect("write the child");
+    std::fs::write(
+        dir.path().join("dag.toml"),
+        format!(
+            "name = \"dag\"\n[tasks.fail]\ncomponent = \"{fail}\"\n",
+            fail = guest("signal_fail").display(),
+        ),
+    )
+    .expect("write the dag");
+    let flow = manifest(
+        dir.path(),
+        body,
+        "",
+        "\n[subflows]\nchild = \"child.toml\"\ndag = \"dag.toml\"\n",
+    );
+    let (out, record) = run(
+        dir.path(),
+        &flow,
+        &["--param", "scenario=\"subflow\"", "--param", "n=4"],
+    );
+    assert!(out.status.success(), "{record:#}");
+    let v = &record["result"];
+    assert_eq!(v["state"], "Completed", "{v}");
+    assert_eq!(v["result"], 4, "the child's result: n = 4 calls of add_one");
+    assert_eq!(v["failed"]["name"], "Failed", "{v}");
+    assert_eq!(
+        v["refused"],
+        json!([
+            "the flow declares no subflow `nope`",
+            "the parameters of subflow `child` must be a JSON object of parameter names and values",
+            "the flow declares no subflow `double`",
+        ])
+    );
+    assert_eq!(v["as_task"], "the flow declares no task `child`");
+    assert_eq!(submitted(&record), ["child", "dag"]);
+    let parent = record["id"].as_str().expect("id");
+    let tasks = record["tasks"].as_array().expect("tasks");
+    assert_eq!(tasks[0]["state"], "Completed");
+    assert_eq!(tasks[1]["state"], "Failed");
+    let home = dir.path().join("home");
+    let shown = json_of(&sluice(&home, &["show", parent, "--json"]));
+    assert_eq!(
+        shown["tasks"][0]["output"], 4,
+        "the child's result, recorded"
+    );
+    let human = sluice(&home, &["show", parent]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains("subflow child → #0"), "the journal: {human}");
+
+    // The child runs are runs of their own, each naming its parent.
+    let runs = json_of(&sluice(&home, &["runs", "--json"]));
+    let runs = runs.as_array().expect("runs");
+    assert_eq!(runs.len(), 3, "{runs:#?}");
+    for (name, state, task) in [
+        ("child", "Completed", &tasks[0]),
+        ("dag", "Failed", &tasks[1]),
+    ] {
+        let child = runs
+            .iter()
+            .find(|r| r["flow"] == name)
+            .unwrap_or_else(|| panic!("no run of {name}: {runs:#?}"));
+        assert_eq!(child["state"], state);
+        let id = child["id"].as_str().expect("id");
+        let shown = json_of(&sluice(&home, &["show", id, "--json"]));
+        assert_eq!(shown["context"]["parent_flow_run_id"], parent, "{shown:#}");
+        assert_eq!(
+            shown["context"]["parent_task_run_id"], task["id"],
+            "{shown:#}"
+        );
+        if name == "dag" {
+            let message = v["failed"]["message"].as_str().unwrap_or("");
+            assert_eq!(
+                message,
+                format!(
+                    "subflow run {id} of `dag` ended Failed: reference tasks did not succeed: fail"
+                ),
+            );
+        }
+        let logs = sluice(&home, &["logs", parent, name]);
+        let logs = String::from_utf8_lossy(&logs.stdout);
+        assert!(
+            logs.contains(&format!("subflow run {id} of `{name}` ended {state}")),
+            "{logs}"
+        );
+    }
+}
+
+/// `sluice cancel` of a code flow waiting for a subflow cancels the child flow run too: the
+/// child's task run is interrupted, and the child, the task run standing for it and the parent
+/// all end Cancelled.
+#[test]
+fn cancelling_a_parent_cancels_its_subflow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("long.toml"),
+        format!(
+            "name = \"long\"\n[tasks.sleep]\ncomponent = \"{slow}\"\n\
+             input = {{ do = \"sleep\", ms = 60000 }}\n",
+            slow = guest("hostile").display(),
+        ),
+    )
+    .expect("write the child");
+    let flow = manifest(
+        dir.path(),
+        &guest("flow_body"),
+        "",
+        "\n[subflows]\nlong = \"long.toml\"\n",
+    );
+    let text = std::fs::read_to_string(&flow)
+        .expect("read")
+        .replace("scenario = \"types\"", "scenario = \"subflow_long\"");
+    std::fs::write(&flow, text).expect("write");
+    let home = dir.path().join("home");
+    let mut child = super::recovery::spawn_run(&home, &flow);
+    // Until the child flow run's task runs (the newest run is the child's).
+    super::recovery::wait_until(&home, &mut child, |v| {
+        v["flow"] == "long" && v["tasks"][0]["state"] == "Running"
+    });
+    let runs = json_of(&sluice(&home, &["runs", "--json", "--flow", "code"]));
+    let id = runs[0]["id"].as_str().expect("the parent's id");
+    let out = sluice(&home, &["cancel", id]);
+    assert!(out.status.success(), "{out:?}");
+    let out = child.wait_with_output().expect("the run ends");
+    let record = json_of(&out);
+    assert_eq!(record["id"], id);
+    assert_eq!(record["state"], "Cancelled", "{record:#}");
+    assert_eq!(record["tasks"][0]["state"], "Cancelled", "{record:#}");
+    let runs = json_of(&sluice(&home, &["runs", "--json"]));
+    let long = runs
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["flow"] == "long"))
+        .unwrap_or_else(|| panic!("no run of long: {runs:#}"));
+    assert_eq!(long["state"], "Cancelled", "{runs:#}");
+}
+
 /// A code flow's task declares no input, edges or map of its own, and it has no reference
 /// tasks: each refused at its line, naming the key.
 #[test]

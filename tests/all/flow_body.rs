@@ -122,6 +122,12 @@ impl Orchestrator for Scripted {
         Box::pin(async move { r })
     }
 
+    fn subflow(&self, flow: String, parameters: Json) -> Answer<Result<Submitted, String>> {
+        self.0
+            .call(format!("subflow {flow} {}", parameters.as_string()));
+        Box::pin(async move { Err(format!("no subflow `{flow}` in this script")) })
+    }
+
     fn id(&self, of: Submitted) -> String {
         format!("run-{}", of.0)
     }

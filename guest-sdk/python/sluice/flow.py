@@ -12,6 +12,7 @@ from their states and results, one construct per row of Prefect 2's types of sub
         s3 = f1.result(raise_on_failure=False)   # the output, or the failed State
         futures = flow.map_("add_one", [1, 2, 3])
         states = flow.map_("add_one", [1, 2, 3], return_state=True)
+        report = flow.subflow("report", {"day": 3}).result()   # a child flow run
         return r1
 
 A flow body is the module ``flow.py`` (or a directory with ``flow.py``) defining
@@ -36,6 +37,7 @@ __all__ = [
     "call",
     "map_",
     "now",
+    "subflow",
     "submit",
     "wait_all",
     "wait_any",
@@ -181,6 +183,17 @@ def call(task, input=None):
     """Submit ``task`` and return its output (Prefect's ``r = t(x)``); raises
     :class:`TaskRunFailed` when it fails."""
     return submit(task, input).result()
+
+
+def subflow(flow, parameters=None):
+    """Run the subflow ``flow`` (a manifest's ``[subflows]``) as a child flow run with
+    ``parameters`` (a dict, over the subflow's defaults): the :class:`Future` of the task run
+    standing for it, final when the child is, the child's result its output (Prefect's calling
+    a flow from a flow)."""
+    try:
+        return Future(_o.subflow(flow, _json(parameters if parameters is not None else {})))
+    except Err as e:
+        raise SubmissionRefused(e.value) from None
 
 
 def wait_all(futures):

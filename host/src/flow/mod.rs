@@ -222,6 +222,21 @@ pub struct TaskDef {
     pub cache: Option<crate::cache::CachePolicy>,
     /// What the task may reach besides its input (default: nothing).
     pub grants: crate::grants::Grants,
+    /// A code flow's subflow (a manifest's `[subflows]`): this template's task runs are child
+    /// flow runs of that flow, its parameters their input, its result their output (and
+    /// `component` is its manifest). `None`: a task.
+    pub subflow: Option<std::sync::Arc<SubflowDef>>,
+}
+
+/// Another flow a code flow's body runs as a child flow run (a manifest's `[subflows]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubflowDef {
+    /// Its definition.
+    pub def: FlowDef,
+    /// Its manifest file.
+    pub manifest: PathBuf,
+    /// The manifest's text (recorded with each child flow run, for `sluice resume`).
+    pub text: String,
 }
 
 impl TaskDef {
@@ -247,6 +262,7 @@ impl TaskDef {
             hooks: Hooks::default(),
             cache: None,
             grants: crate::grants::Grants::default(),
+            subflow: None,
         }
     }
 

@@ -24,6 +24,8 @@ pub(super) enum BodyCall {
         mapped: bool,
         wait_for: Vec<usize>,
         trigger: Option<String>,
+        /// `task` is a subflow.
+        subflow: bool,
         reply: oneshot::Sender<Result<Vec<(usize, TaskRunId)>, String>>,
     },
     /// A task run's state now.
@@ -86,7 +88,7 @@ impl Orchestrator for DriverOrchestrator {
         wait_for: Vec<Submitted>,
         trigger: Option<String>,
     ) -> Answer<Result<Submitted, String>> {
-        let answer = self.map_inner(task, vec![input], false, wait_for, trigger);
+        let answer = self.map_inner(task, vec![input], false, wait_for, trigger, false);
         Box::pin(async move {
             let mut runs = answer.await?;
             runs.pop()
@@ -100,7 +102,16 @@ impl Orchestrator for DriverOrchestrator {
         inputs: Vec<Json>,
         wait_for: Vec<Submitted>,
     ) -> Answer<Result<Vec<Submitted>, String>> {
-        self.map_inner(task, inputs, true, wait_for, None)
+        self.map_inner(task, inputs, true, wait_for, None, false)
+    }
+
+    fn subflow(&self, flow: String, parameters: Json) -> Answer<Result<Submitted, String>> {
+        let answer = self.map_inner(flow, vec![parameters], false, Vec::new(), None, true);
+        Box::pin(async move {
+            let mut runs = answer.await?;
+            runs.pop()
+                .ok_or_else(|| "the submission made no task run".to_owned())
+        })
     }
 
     fn id(&self, of: Submitted) -> String {
@@ -143,6 +154,7 @@ impl DriverOrchestrator {
         mapped: bool,
         wait_for: Vec<Submitted>,
         trigger: Option<String>,
+        subflow: bool,
     ) -> Answer<Result<Vec<Submitted>, String>> {
         let (tx, rx) = oneshot::channel();
         let call = BodyCall::Submit {
@@ -151,6 +163,7 @@ impl DriverOrchestrator {
             mapped,
             wait_for: wait_for.into_iter().map(index).collect(),
             trigger,
+            subflow,
             reply: tx,
         };
         let sent = self.calls.send(call).is_ok();
@@ -193,6 +206,7 @@ impl Waiting {
                 mapped,
                 wait_for,
                 trigger,
+                subflow,
                 reply,
             } => {
                 let answer = machine
@@ -202,6 +216,7 @@ impl Waiting {
                         mapped,
                         wait_for: &wait_for,
                         trigger: trigger.as_deref(),
+                        subflow,
                     })
                     .map_err(|e| e.to_string());
                 let _ = reply.send(answer);

@@ -49,7 +49,7 @@ pub(super) async fn drive(
         handlers: runner.handlers.clone(),
         record: runner.store.is_some(),
         events: runner.events.is_some(),
-        digests: flow.components.iter().map(|c| c.digest()).collect(),
+        digests: flow.components.iter().map(super::Runs::digest).collect(),
         grants: flow
             .grants
             .iter()
@@ -249,10 +249,30 @@ impl Driver<'_> {
         while let Some(command) = self.machine.next_command() {
             match command {
                 Command::Run(a) => {
+                    if let super::Runs::Subflow(child) = &self.flow.components[a.template] {
+                        self.in_flight += 1;
+                        let sub = self.flow.def.tasks[a.template].subflow.clone();
+                        if let Some(sub) = sub {
+                            let run = super::subflow::run(
+                                self.runner.clone(),
+                                (child.clone(), sub),
+                                a,
+                                self.cancel.clone(),
+                            );
+                            let done = self.done_tx.clone();
+                            tokio::spawn(async move {
+                                let _ = done.send(run.await);
+                            });
+                        }
+                        continue;
+                    }
+                    let Some(component) = self.flow.components[a.template].task() else {
+                        continue;
+                    };
                     let job = Job {
                         run: self.run_id,
                         unit: a.unit,
-                        component: self.flow.components[a.template].clone(),
+                        component,
                         input: a.input,
                         ctx: a.ctx,
                         budget: self.flow.def.tasks[a.template].budget,

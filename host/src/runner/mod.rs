@@ -14,10 +14,13 @@ pub mod machine;
 mod mapping;
 pub mod record;
 pub mod resumable;
+mod subflow;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,7 +106,8 @@ pub enum PrepareError {
 #[derive(Clone)]
 pub struct PreparedFlow {
     def: Arc<FlowDef>,
-    components: Vec<TaskComponent>,
+    /// Per task: what its task runs run.
+    components: Vec<Runs>,
     /// Per task; `None` when the task has no handler components.
     hooks: Vec<Option<Arc<TaskHooks>>>,
     /// Per task: what its runs are granted, and the digests its cache key includes.
@@ -117,6 +121,32 @@ impl fmt::Debug for PreparedFlow {
         f.debug_struct("PreparedFlow")
             .field("flow", &self.def.name)
             .finish_non_exhaustive()
+    }
+}
+
+/// What a declared task's runs run: its component, or (a code flow's subflow) a child flow run
+/// of another prepared flow.
+#[derive(Clone)]
+enum Runs {
+    Task(TaskComponent),
+    Subflow(Arc<PreparedFlow>),
+}
+
+impl Runs {
+    /// A task's component.
+    fn task(&self) -> Option<TaskComponent> {
+        match self {
+            Runs::Task(c) => Some(c.clone()),
+            Runs::Subflow(_) => None,
+        }
+    }
+
+    /// The digest a cache key includes (a subflow's task runs are never cached).
+    fn digest(&self) -> String {
+        match self {
+            Runs::Task(c) => c.digest().to_owned(),
+            Runs::Subflow(_) => String::new(),
+        }
     }
 }
 
@@ -311,6 +341,15 @@ impl FlowRunner {
     /// Load every component of `def` (building those with a build command whose file is
     /// missing), in parallel, each distinct component once.
     pub async fn prepare(&self, def: FlowDef, dir: &Path) -> Result<PreparedFlow, PrepareError> {
+        // A code flow's subflows first, each prepared as a flow of its own (in its own directory).
+        let mut subflows = HashMap::new();
+        for t in &def.tasks {
+            if let Some(sub) = &t.subflow {
+                let child_dir = sub.manifest.parent().unwrap_or(Path::new(".")).to_owned();
+                let prepared = self.prepare_boxed(sub.def.clone(), child_dir).await?;
+                subflows.insert(t.name.clone(), Arc::new(prepared));
+            }
+        }
         // Grants first: a missing secret is reported before anything is built or compiled.
         let grants = def
             .tasks
@@ -323,7 +362,12 @@ impl FlowRunner {
             }
         }
         // Each distinct file is read and loaded once, however many tasks use it.
-        let task_paths: HashSet<&Path> = def.tasks.iter().map(|t| t.component.as_path()).collect();
+        let task_paths: HashSet<&Path> = def
+            .tasks
+            .iter()
+            .filter(|t| t.subflow.is_none())
+            .map(|t| t.component.as_path())
+            .collect();
         let handler_paths: HashSet<&Path> = def
             .tasks
             .iter()
@@ -399,8 +443,13 @@ impl FlowRunner {
                         LoadError::Sandbox(format!("`{}` did not load", path.display()))
                     }),
                 };
+            if let Some(sub) = subflows.remove(&t.name) {
+                components.push(Runs::Subflow(sub));
+                hooks.push(None);
+                continue;
+            }
             match tasks_by_path.get(&t.component) {
-                Some(c) => components.push(c.clone()),
+                Some(c) => components.push(Runs::Task(c.clone())),
                 None => return Err(fail(&t.component, &mut failures)),
             }
             let mut h = TaskHooks::default();
@@ -430,6 +479,15 @@ impl FlowRunner {
             grants,
             body,
         })
+    }
+
+    /// [`FlowRunner::prepare`], boxed: a flow prepares its subflows.
+    fn prepare_boxed(
+        &self,
+        def: FlowDef,
+        dir: PathBuf,
+    ) -> Pin<Box<dyn Future<Output = Result<PreparedFlow, PrepareError>> + Send + '_>> {
+        Box::pin(async move { self.prepare(def, &dir).await })
     }
 
     /// Run `flow` from the start.

@@ -154,6 +154,9 @@ pub enum JournalEntry {
         trigger: Option<String>,
         /// The index of the first task run made.
         first: usize,
+        /// `task` is a subflow (its task run a child flow run).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        subflow: bool,
     },
     /// A submission of `task` refused, with why.
     Refused {

@@ -53,6 +53,9 @@ pub trait Orchestrator: Send + Sync {
         wait_for: Vec<Submitted>,
     ) -> Answer<Result<Vec<Submitted>, String>>;
 
+    /// Run subflow `flow` as a child flow run with `parameters`: the task run standing for it.
+    fn subflow(&self, flow: String, parameters: Json) -> Answer<Result<Submitted, String>>;
+
     /// The task run's id.
     fn id(&self, of: Submitted) -> String;
 
@@ -283,6 +286,23 @@ impl Host for RunState {
                 .into_iter()
                 .map(|s| self.handle(s))
                 .collect::<wasmtime::Result<_>>()?)),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    async fn subflow(
+        &mut self,
+        flow: String,
+        parameters: String,
+    ) -> wasmtime::Result<Result<Resource<SubmissionHandle>, String>> {
+        let o = self.orchestrator()?;
+        self.check_host_call(flow.len() + parameters.len())?;
+        let parameters = match parse_json("the parameters", &parameters) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        match o.subflow(flow, parameters).await {
+            Ok(s) => Ok(Ok(self.handle(s)?)),
             Err(e) => Ok(Err(e)),
         }
     }

@@ -1,7 +1,8 @@
 // A flow body that uses every type of submission of seed 004 and returns what it observed (as
 // tests/guests/flow_body does in Rust, with the same keys). Parameter `scenario`: `types`, or
-// `released`: a future waited on after `dispose()` (the error it throws).
-import { call, FutureReleased, map, now, submit, SubmissionRefused, TaskRunFailed, waitAll, waitAny } from "sluice/flow";
+// `released`: a future waited on after `dispose()` (the error it throws), or `subflow`: the Rust
+// guest's (subflows `child` and `dag`, and the refusals).
+import { call, FutureReleased, map, now, submit, subflow, SubmissionRefused, TaskRunFailed, waitAll, waitAny } from "sluice/flow";
 
 export function run(parameters) {
   if (parameters.scenario === "released") {
@@ -14,6 +15,34 @@ export function run(parameters) {
     } catch (e) {
       return e instanceof FutureReleased ? { first, error: e.message, id: f.id } : `unexpected: ${e}`;
     }
+  }
+  if (parameters.scenario === "subflow") {
+    const child = subflow("child", { n: parameters.n });
+    const state = child.wait();
+    const result = child.result();
+    let failed;
+    try {
+      subflow("dag").result();
+      failed = "unexpected: no exception";
+    } catch (e) {
+      failed = e instanceof TaskRunFailed ? { name: e.state.name, message: e.state.message } : `unexpected: ${e}`;
+    }
+    const refused = [["nope", {}], ["child", 5], ["double", {}]].map(([name, p]) => {
+      try {
+        subflow(name, p);
+        return "unexpected: accepted";
+      } catch (e) {
+        return e instanceof SubmissionRefused ? e.message : `unexpected: ${e}`;
+      }
+    });
+    let asTask;
+    try {
+      submit("child", 1);
+      asTask = "unexpected: accepted";
+    } catch (e) {
+      asTask = e instanceof SubmissionRefused ? e.message : `unexpected: ${e}`;
+    }
+    return { state: state.name, result, failed, refused, as_task: asTask };
   }
   if (parameters.scenario !== "types") throw new Error(`unknown scenario ${parameters.scenario}`);
   // r1 = t1(): call and get the result.

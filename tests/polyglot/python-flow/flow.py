@@ -1,7 +1,7 @@
 """A flow body that uses every type of submission of seed 004 and returns what it observed (as
 tests/guests/flow_body does in Rust, with the same keys). Parameter ``scenario``: ``types``, or
 ``state`` (``get_state`` of a task run of ``slow`` right after submitting it, then waited for),
-``released``: a future waited on after its ``with`` block (the error it raises), or
+``subflow``: Rust's (subflows `child` and `dag`, and the refusals), ``released``: a future waited on after its ``with`` block (the error it raises), or
 ``durable``: Rust's with its first submission changed (``double`` before ``slow``), the body
 a resumed run of Rust's would find not deterministic."""
 
@@ -25,6 +25,29 @@ def run(parameters):
             return "unexpected: no exception"
         except flow.FutureReleased as e:
             return {"first": first, "error": str(e), "id": f.id}
+    if parameters.get("scenario") == "subflow":
+        child = flow.subflow("child", {"n": parameters.get("n")})
+        state = child.wait()
+        result = child.result()
+        try:
+            flow.subflow("dag").result()
+            failed = "unexpected: no exception"
+        except TaskRunFailed as e:
+            failed = {"name": e.state.name, "message": e.state.message}
+        refused = []
+        for name, params in [("nope", {}), ("child", 5), ("double", {})]:
+            try:
+                flow.subflow(name, params)
+                refused.append("unexpected: accepted")
+            except SubmissionRefused as e:
+                refused.append(str(e))
+        try:
+            flow.submit("child", 1)
+            as_task = "unexpected: accepted"
+        except SubmissionRefused as e:
+            as_task = str(e)
+        return {"state": state.name, "result": result, "failed": failed, "refused": refused,
+                "as_task": as_task}
     if parameters.get("scenario") == "state":
         slow = flow.submit("slow", {"do": "sleep", "ms": parameters.get("ms")})
         before = slow.get_state().name

@@ -154,6 +154,7 @@ fn journal_line(e: &JournalEntry) -> String {
             wait_for,
             trigger,
             first,
+            subflow,
             ..
         } => {
             let what = match (mapped, *count) {
@@ -161,6 +162,7 @@ fn journal_line(e: &JournalEntry) -> String {
                     "map {task} over {n} → #{first}..#{}",
                     first + n.saturating_sub(1)
                 ),
+                (false, _) if *subflow => format!("subflow {task} → #{first}"),
                 (false, _) => format!("submit {task} → #{first}"),
             };
             let waits = match wait_for.is_empty() {

@@ -88,6 +88,9 @@
 //! [tasks.add_one]                     # a template: the body gives each task run its input
 //! component = "tasks/add_one.wasm"    # (no `input`, `upstream_tasks`, `map` or
 //! retries = 2                         # `reference_tasks`); everything else as above
+//!
+//! [subflows]                          # other flows the body may run as child flow runs
+//! report = "../report/flow.toml"      # name = its manifest (relative to this one)
 //! ```
 
 mod grants;
@@ -108,7 +111,7 @@ use self::raw::RawFlow;
 use self::source::{Source, Spans, locate};
 use self::task::task_def;
 pub use self::values::normalize;
-use super::{BodyDef, DEFAULT_CONCURRENCY, FlowDef};
+use super::{BodyDef, DEFAULT_CONCURRENCY, FlowDef, SubflowDef, TaskDef};
 
 /// A problem in a manifest, with its position.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -229,6 +232,18 @@ pub fn parse_with_files(
     policy: Option<&Policy>,
     files: &dyn ComponentFiles,
 ) -> Result<FlowDef, ManifestError> {
+    parse_nested(file, text, policy, files, &mut Vec::new())
+}
+
+/// [`parse_with_files`] of a manifest that `ancestors` reach as a subflow (each of them the
+/// parent of the next).
+fn parse_nested(
+    file: &Path,
+    text: &str,
+    policy: Option<&Policy>,
+    files: &dyn ComponentFiles,
+    ancestors: &mut Vec<PathBuf>,
+) -> Result<FlowDef, ManifestError> {
     let src = Source { file, text };
     let dir = file.parent().unwrap_or(Path::new("."));
     let mut raw: RawFlow = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
@@ -262,6 +277,26 @@ pub fn parse_with_files(
         )?;
         spans.tasks.insert(name, task_spans);
         tasks.push(task);
+    }
+    let subflows = std::mem::take(&mut raw.subflows);
+    for (name, path) in subflows {
+        let sub = subflow_def(
+            &src,
+            dir,
+            (&name, &path),
+            body.is_some(),
+            (policy, files),
+            ancestors,
+        )?;
+        if tasks.iter().any(|t| t.name == name) {
+            return Err(src.error(
+                path.span(),
+                format!("subflow `{name}`: a task has that name; the body names each by it"),
+            ));
+        }
+        let mut template = TaskDef::new(name, sub.manifest.clone());
+        template.subflow = Some(std::sync::Arc::new(sub));
+        tasks.push(template);
     }
     spans.reference_tasks = raw
         .reference_tasks
@@ -330,6 +365,48 @@ pub fn parse_with_files(
     };
     def.validate().map_err(|e| locate(&src, &spans, e))?;
     Ok(def)
+}
+
+/// `[subflows] name = "path"`: another manifest, read and parsed (its own errors name its own
+/// file), run by the body as a child flow run. Only a code flow has subflows; a manifest that
+/// reaches itself through subflows is refused, naming the cycle.
+fn subflow_def(
+    src: &Source<'_>,
+    dir: &Path,
+    (name, path): (&str, &Spanned<String>),
+    code: bool,
+    (policy, files): (Option<&Policy>, &dyn ComponentFiles),
+    ancestors: &mut Vec<PathBuf>,
+) -> Result<SubflowDef, ManifestError> {
+    let err = |message: String| src.error(path.span(), format!("subflow `{name}`: {message}"));
+    if !code {
+        return Err(err(
+            "only a flow written as code (`code = …`) has subflows: its body runs them".into(),
+        ));
+    }
+    let manifest = normalize(&dir.join(path.get_ref()));
+    let text = std::fs::read_to_string(&manifest)
+        .map_err(|e| err(format!("cannot read `{}`: {e}", manifest.display())))?;
+    let me = normalize(src.file);
+    if ancestors.contains(&manifest) || manifest == me {
+        let chain: Vec<String> = ancestors
+            .iter()
+            .chain([&me, &manifest])
+            .map(|p| format!("`{}`", p.display()))
+            .collect();
+        return Err(err(format!(
+            "a flow cannot run itself: {} is a cycle",
+            chain.join(" → ")
+        )));
+    }
+    ancestors.push(me);
+    let def = parse_nested(&manifest, &text, policy, files, ancestors);
+    ancestors.pop();
+    Ok(SubflowDef {
+        def: def?,
+        manifest,
+        text,
+    })
 }
 
 /// `code`: the body of a flow written as code, a component like a task's (`path`, `build`,

@@ -30,6 +30,8 @@ pub(super) struct RawFlow {
     pub(super) schedule: Option<Spanned<super::schedule::RawSchedule>>,
     pub(super) code: Option<Spanned<toml::Value>>,
     pub(super) max_task_runs: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub(super) subflows: indexmap::IndexMap<String, Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -148,7 +148,7 @@ fn errors_name_file_line_and_column() {
         "DIR/flow.toml:2:1: unknown field `concurency`, expected one of `name`, `parameters`, \
              `context`, `reference_tasks`, `concurrency`, `tag_limits`, `tasks`, \
              `cache_namespace`, `max_mapped_children`, `max_log_bytes`, `grants`, `schedule`, \
-             `code`, `max_task_runs` (did you mean `concurrency`?)"
+             `code`, `max_task_runs`, `subflows` (did you mean `concurrency`?)"
     );
     let e = err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nretries = \"two\"\n");
     assert_eq!(
@@ -741,5 +741,81 @@ fn code_flow_errors_name_their_place() {
         "DIR/flow.toml:3:20: `reference_tasks` cannot be used with `code`: a flow written as \
          code ends as its body does (its return value, or what its task runs did when it \
          returns nothing)"
+    );
+}
+
+#[test]
+fn subflows_parse_as_templates_with_their_flows() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+    std::fs::write(dir.path().join("sub/t.wasm"), b"").expect("write");
+    let child = "name = \"child\"\n[parameters]\nx = 1\n[tasks.b]\ncomponent = \"t.wasm\"\n";
+    std::fs::write(dir.path().join("sub/child.toml"), child).expect("write");
+    let def = parse_in(
+        dir.path(),
+        "name = \"f\"\ncode = \"t.wasm\"\n[subflows]\nchild = \"sub/child.toml\"\n\
+         [tasks.a]\ncomponent = \"t.wasm\"\n",
+    )
+    .expect("parses");
+    assert_eq!(def.tasks.len(), 2, "a template per task and per subflow");
+    let t = &def.tasks[1];
+    assert_eq!(t.name, "child");
+    assert_eq!(t.component, dir.path().join("sub/child.toml"));
+    let sub = t.subflow.as_ref().expect("a subflow");
+    assert_eq!(sub.def.name, "child");
+    assert_eq!(sub.text, child);
+    assert_eq!(
+        sub.def.tasks[0].component,
+        dir.path().join("sub/t.wasm"),
+        "the child's paths are relative to its own manifest"
+    );
+    assert!(def.tasks[0].subflow.is_none());
+}
+
+#[test]
+fn subflow_errors_name_their_place() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path();
+    std::fs::write(path.join("t.wasm"), b"").expect("write");
+    let code = "name = \"f\"\ncode = \"t.wasm\"\n[tasks.a]\ncomponent = \"t.wasm\"\n[subflows]\n";
+    let fails = |text: &str| {
+        parse(&path.join("flow.toml"), text)
+            .expect_err("invalid")
+            .to_string()
+            .replace(&path.display().to_string(), "DIR")
+    };
+    std::fs::write(path.join("dag.toml"), "name = \"dag\"\n").expect("write");
+    assert_eq!(
+        fails("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\n[subflows]\nd = \"dag.toml\"\n"),
+        "DIR/flow.toml:5:5: subflow `d`: only a flow written as code (`code = …`) has \
+         subflows: its body runs them"
+    );
+    assert_eq!(
+        fails(&format!("{code}x = \"nope.toml\"\n")),
+        "DIR/flow.toml:6:5: subflow `x`: cannot read `DIR/nope.toml`: No such file or \
+         directory (os error 2)"
+    );
+    assert_eq!(
+        fails(&format!("{code}a = \"dag.toml\"\n")),
+        "DIR/flow.toml:6:5: subflow `a`: a task has that name; the body names each by it"
+    );
+    // A cycle through two manifests, named in order.
+    std::fs::write(
+        path.join("b.toml"),
+        "name = \"b\"\ncode = \"t.wasm\"\n[subflows]\nback = \"flow.toml\"\n",
+    )
+    .expect("write");
+    std::fs::write(path.join("flow.toml"), format!("{code}b = \"b.toml\"\n")).expect("write");
+    assert_eq!(
+        fails(&format!("{code}b = \"b.toml\"\n")),
+        "DIR/b.toml:4:8: subflow `back`: a flow cannot run itself: `DIR/flow.toml` → \
+         `DIR/b.toml` → `DIR/flow.toml` is a cycle"
+    );
+    // A child's own error names the child's file.
+    std::fs::write(path.join("bad.toml"), "name = \"bad\"\nconcurrency = 0\n").expect("write");
+    assert!(
+        fails(&format!("{code}bad = \"bad.toml\"\n")).starts_with("DIR/bad.toml:2:15: "),
+        "{}",
+        fails(&format!("{code}bad = \"bad.toml\"\n"))
     );
 }

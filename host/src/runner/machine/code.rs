@@ -32,6 +32,17 @@ pub enum SubmitError {
         /// A did-you-mean.
         hint: Hint,
     },
+    /// The flow declares no such subflow.
+    #[error("the flow declares no subflow `{name}`{hint}")]
+    UnknownSubflow {
+        /// The name the body gave.
+        name: String,
+        /// A did-you-mean.
+        hint: Hint,
+    },
+    /// A subflow's parameters are not a JSON object.
+    #[error("the parameters of subflow `{0}` must be a JSON object of parameter names and values")]
+    SubflowParameters(String),
     /// Not a trigger a submission can take.
     #[error(
         "unknown trigger `{0}`: a submission takes all_successful, all_failed, any_successful, \
@@ -150,6 +161,8 @@ pub struct Submission<'a> {
     pub wait_for: &'a [usize],
     /// Their trigger.
     pub trigger: Option<&'a str>,
+    /// `task` names a subflow (a child flow run, its input the parameters), not a task.
+    pub subflow: bool,
 }
 
 /// The most `wait_for` entries a code flow run's task runs may have, summed over all of them
@@ -184,6 +197,7 @@ impl FlowMachine {
             wait_for: s.wait_for.to_vec(),
             trigger: s.trigger.map(str::to_owned),
             first: self.nodes.len(),
+            subflow: s.subflow,
         };
         if let Some(why) = &self.replay.diverged {
             return Err(SubmitError::Diverged(why.clone()));
@@ -262,6 +276,7 @@ impl FlowMachine {
             mapped,
             wait_for,
             trigger,
+            subflow,
         } = s;
         if self.def.body.is_none() {
             return Err(SubmitError::NotCode(self.def.name.clone()));
@@ -272,12 +287,26 @@ impl FlowMachine {
         if self.body.is_some() {
             return Err(SubmitError::BodyEnded);
         }
-        let Some(&template) = self.index.get(task) else {
-            return Err(SubmitError::UnknownTask {
-                name: task.to_owned(),
-                hint: Hint::closest(task, self.def.tasks.iter().map(|t| t.name.as_str())),
-            });
+        let kind = |t: &&crate::flow::TaskDef| t.subflow.is_some() == subflow;
+        let template = match self.index.get(task) {
+            Some(&t) if kind(&&self.def.tasks[t]) => t,
+            _ => {
+                let name = task.to_owned();
+                let names = self.def.tasks.iter().filter(kind).map(|t| t.name.as_str());
+                let hint = Hint::closest(task, names);
+                return Err(match subflow {
+                    true => SubmitError::UnknownSubflow { name, hint },
+                    false => SubmitError::UnknownTask { name, hint },
+                });
+            }
         };
+        if subflow
+            && !inputs
+                .iter()
+                .all(|p| p.as_str().trim_start().starts_with('{'))
+        {
+            return Err(SubmitError::SubflowParameters(task.to_owned()));
+        }
         let trigger = match trigger {
             None => None,
             Some(name) => Some(

@@ -15,6 +15,10 @@
 //! - `map`: `add_one` mapped over 0..n, each result read and its handle dropped at once;
 //!   returns their sum.
 //! - `now`: `n` calls of `now()` (the benchmark's round trip to the driver);
+//! - `subflow`: runs subflow `child` (`n` passed on) and `dag` (which fails), and tries an
+//!   undeclared subflow, parameters that are not an object, a task as a subflow and a subflow
+//!   as a task;
+//! - `subflow_long`: waits for subflow `long`;
 //! - `flood`: submits ten million task runs of `double`, dropping each handle;
 //! - `flood_map`: maps `double` over 0..n, returning how many it submitted;
 //! - `dropped`, `forged`: wait on a raw handle after its submission was dropped, and on one
@@ -95,6 +99,39 @@ fn body(p: Value) -> Result<Value, Signal> {
             }
             Ok(json!(sum))
         }
+        Some("subflow") => {
+            // A code flow as a child (its result), a DAG child that fails, and refusals.
+            let child = flow::subflow("child", json!({"n": p["n"]}))?;
+            let state = child.wait();
+            let result: Value = child.result()?;
+            let failed = match flow::subflow("dag", json!({}))?.result::<Value>() {
+                Err(Error::Failed(s)) => json!({"name": s.name, "message": s.message}),
+                other => json!(format!("unexpected: {other:?}")),
+            };
+            let refused: Vec<String> = [
+                flow::subflow("nope", json!({})),
+                flow::subflow("child", 5),
+                flow::subflow("double", json!({})),
+            ]
+            .into_iter()
+            .map(|r| match r {
+                Err(Error::Refused(why)) => why,
+                other => format!("unexpected: {other:?}"),
+            })
+            .collect();
+            let as_task = match flow::submit("child", 1) {
+                Err(Error::Refused(why)) => why,
+                other => format!("unexpected: {other:?}"),
+            };
+            Ok(json!({
+                "state": state.name,
+                "result": result,
+                "failed": failed,
+                "refused": refused,
+                "as_task": as_task,
+            }))
+        }
+        Some("subflow_long") => Ok(json!(flow::subflow("long", json!({}))?.wait().name)),
         Some("flood") => {
             // Ten million submissions, each handle dropped at once: the run's task limit stops
             // it (the refusal, raised with `?`, fails the flow run).

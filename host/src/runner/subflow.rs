@@ -1,0 +1,138 @@
+//! A code flow's subflows: the task run standing for a subflow in its parent's flow run is
+//! carried out by running the subflow as a child flow run of its own (recorded like any run,
+//! its context naming the parent flow run and task run), on the same runner and store; the
+//! child's end becomes the standing task run's outcome (Completed: the child's result is its
+//! output; a failure fails it, naming the child run; a cancel cancels it; a crash crashes it).
+//! Cancelling the parent cancels the child.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use serde_json::Value;
+
+use super::executor::Finished;
+use super::machine::Attempt;
+use super::{FlowRun, FlowRunner, PreparedFlow, RunOptions};
+use crate::flow::SubflowDef;
+use crate::json::Json;
+use crate::sandbox::{
+    CancelToken, Ending, LogLevel, LogRecord, LogSource, RunOutcome, Signal, Usage,
+};
+use crate::state::StateType;
+
+/// The context key naming a child flow run's parent flow run.
+pub const PARENT_FLOW_RUN: &str = "parent_flow_run_id";
+/// The context key naming the task run that stands for a child flow run in its parent.
+pub const PARENT_TASK_RUN: &str = "parent_task_run_id";
+
+/// Run `attempt` (a task run of subflow `sub`, its input the parameters) as a child flow run of
+/// `child`; the parent's `cancel` cancels it. Boxed, so that a run may run runs.
+pub(super) fn run(
+    runner: FlowRunner,
+    (child, sub): (Arc<PreparedFlow>, Arc<SubflowDef>),
+    attempt: Attempt,
+    cancel: CancelToken,
+) -> Pin<Box<dyn Future<Output = Finished> + Send>> {
+    Box::pin(async move {
+        let began = Instant::now();
+        let unit = attempt.unit;
+        let name = attempt.ctx.task_name.clone();
+        let (ending, logs) = match parameters(&attempt.input) {
+            Err(why) => (fail(format!("subflow `{name}`: {why}")), Vec::new()),
+            Ok(parameters) => {
+                let own = CancelToken::new();
+                let options = RunOptions {
+                    parameters,
+                    context: BTreeMap::from([
+                        (
+                            PARENT_FLOW_RUN.to_owned(),
+                            attempt.ctx.flow_run_id.to_string(),
+                        ),
+                        (
+                            PARENT_TASK_RUN.to_owned(),
+                            attempt.ctx.task_run_id.to_string(),
+                        ),
+                    ]),
+                    cancel: own.clone(),
+                    manifest: Some((sub.manifest.clone(), sub.text.clone())),
+                    ..RunOptions::default()
+                };
+                let child_run = runner.run(&child, options);
+                tokio::pin!(child_run);
+                let ran = tokio::select! {
+                    ran = &mut child_run => ran,
+                    () = cancel.cancelled() => {
+                        own.cancel();
+                        child_run.await
+                    }
+                };
+                match ran {
+                    Ok(run) => ended(&name, &run),
+                    Err(e) => (
+                        fail(format!("subflow `{name}` could not run: {e}")),
+                        Vec::new(),
+                    ),
+                }
+            }
+        };
+        Finished {
+            unit,
+            outcome: RunOutcome {
+                ending,
+                logs,
+                logs_dropped_bytes: 0,
+                usage: Usage {
+                    duration: began.elapsed(),
+                    ..Usage::default()
+                },
+            },
+        }
+    })
+}
+
+/// The parameters a body gave: a JSON object.
+fn parameters(input: &Json) -> Result<BTreeMap<String, Value>, String> {
+    serde_json::from_str(input.as_str())
+        .map_err(|e| format!("its parameters are not a JSON object: {e}"))
+}
+
+fn fail(message: String) -> Ending {
+    Ending::Signal(Signal::Fail { message })
+}
+
+/// How the standing task run ends when child flow run `run` ended, and the line it logs.
+fn ended(name: &str, run: &FlowRun) -> (Ending, Vec<LogRecord>) {
+    let state = &run.state;
+    let said = match &state.message {
+        Some(m) => format!(
+            "subflow run {} of `{name}` ended {}: {m}",
+            run.id, state.name
+        ),
+        None => format!("subflow run {} of `{name}` ended {}", run.id, state.name),
+    };
+    let (ending, level) = match state.state_type() {
+        StateType::Completed => (
+            Ending::Output(state.result.clone().unwrap_or_else(Json::null)),
+            LogLevel::Info,
+        ),
+        StateType::Cancelled => (Ending::Cancelled, LogLevel::Warn),
+        StateType::Crashed => (
+            Ending::HostFault {
+                message: said.clone(),
+            },
+            LogLevel::Error,
+        ),
+        _ => (fail(said.clone()), LogLevel::Error),
+    };
+    let log = LogRecord {
+        time: Utc::now(),
+        source: LogSource::Sluice,
+        level,
+        message: said,
+    };
+    (ending, vec![log])
+}

@@ -516,6 +516,36 @@ fn subflows_of(body: &Path) {
     }
 }
 
+/// `sluice build` of a code flow builds its subflows' components too, each subflow's command
+/// run in its own manifest's directory.
+#[test]
+fn building_a_code_flow_builds_its_subflows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).expect("mkdir");
+    std::fs::write(
+        sub.join("child.toml"),
+        format!(
+            "name = \"child\"\n[tasks.a]\ncomponent = {{ path = \"built.wasm\", build = \
+             \"cp '{add_one}' built.wasm\" }}\n",
+            add_one = guest("add_one").display(),
+        ),
+    )
+    .expect("write the child");
+    let flow = manifest(
+        dir.path(),
+        &guest("flow_body"),
+        "",
+        "\n[subflows]\nchild = \"sub/child.toml\"\n",
+    );
+    let out = sluice(
+        &dir.path().join("home"),
+        &["build", flow.to_str().expect("utf-8")],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(sub.join("built.wasm").is_file(), "{out:?}");
+}
+
 /// `sluice cancel` of a code flow waiting for a subflow cancels the child flow run too: the
 /// child's task run is interrupted, and the child, the task run standing for it and the parent
 /// all end Cancelled.

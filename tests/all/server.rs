@@ -423,6 +423,28 @@ fn a_server_grants_nothing_without_a_policy_and_bad_manifests_name_their_place()
         "{}",
         stderr(&out)
     );
+    // A subflow's manifest is never read from the server's disk: a tenant names no file there.
+    let child = dir.path().join("child.toml");
+    let text = format!("name = \"child\"\n[tasks.a]\ncomponent = \"{add_one}\"\n");
+    std::fs::write(&child, text).expect("the child");
+    let flow = write_flow(
+        dir.path(),
+        &format!(
+            "name = \"f\"\ncode = \"{body}\"\n[tasks.a]\ncomponent = \"{add_one}\"\n\
+             [subflows]\nchild = \"{child}\"\n",
+            body = guest("flow_body").display(),
+            child = child.display(),
+        ),
+    );
+    let out = server.cli(&token, &["run", flow.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "subflow `child`: the server does not run subflows (nor flows written as code) yet"
+        ),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

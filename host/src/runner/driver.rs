@@ -249,13 +249,13 @@ impl Driver<'_> {
         while let Some(command) = self.machine.next_command() {
             match command {
                 Command::Run(a) => {
-                    if let super::Runs::Subflow(child) = &self.flow.components[a.template] {
-                        self.in_flight += 1;
-                        let sub = self.flow.def.tasks[a.template].subflow.clone();
-                        if let Some(sub) = sub {
+                    let component = match &self.flow.components[a.template] {
+                        super::Runs::Task(c) => c.clone(),
+                        super::Runs::Subflow(child, sub) => {
+                            self.in_flight += 1;
                             let run = super::subflow::run(
-                                self.runner.clone(),
-                                (child.clone(), sub),
+                                self.runner,
+                                (child.clone(), sub.clone()),
                                 a,
                                 self.cancel.clone(),
                             );
@@ -263,11 +263,8 @@ impl Driver<'_> {
                             tokio::spawn(async move {
                                 let _ = done.send(run.await);
                             });
+                            continue;
                         }
-                        continue;
-                    }
-                    let Some(component) = self.flow.components[a.template].task() else {
-                        continue;
                     };
                     let job = Job {
                         run: self.run_id,

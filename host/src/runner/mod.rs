@@ -129,23 +129,15 @@ impl fmt::Debug for PreparedFlow {
 #[derive(Clone)]
 enum Runs {
     Task(TaskComponent),
-    Subflow(Arc<PreparedFlow>),
+    Subflow(Arc<PreparedFlow>, Arc<crate::flow::SubflowDef>),
 }
 
 impl Runs {
-    /// A task's component.
-    fn task(&self) -> Option<TaskComponent> {
-        match self {
-            Runs::Task(c) => Some(c.clone()),
-            Runs::Subflow(_) => None,
-        }
-    }
-
     /// The digest a cache key includes (a subflow's task runs are never cached).
     fn digest(&self) -> String {
         match self {
             Runs::Task(c) => c.digest().to_owned(),
-            Runs::Subflow(_) => String::new(),
+            Runs::Subflow(..) => String::new(),
         }
     }
 }
@@ -341,7 +333,13 @@ impl FlowRunner {
     /// Load every component of `def` (building those with a build command whose file is
     /// missing), in parallel, each distinct component once.
     pub async fn prepare(&self, def: FlowDef, dir: &Path) -> Result<PreparedFlow, PrepareError> {
-        // A code flow's subflows first, each prepared as a flow of its own (in its own directory).
+        // Grants first: a missing secret is reported before anything is built or compiled.
+        let grants = def
+            .tasks
+            .iter()
+            .map(|t| t.grants.resolve(&t.name, &self.secrets, &self.sandbox))
+            .collect::<Result<Vec<_>, _>>()?;
+        // A code flow's subflows, each prepared as a flow of its own (in its own directory).
         let mut subflows = HashMap::new();
         for t in &def.tasks {
             if let Some(sub) = &t.subflow {
@@ -350,12 +348,6 @@ impl FlowRunner {
                 subflows.insert(t.name.clone(), Arc::new(prepared));
             }
         }
-        // Grants first: a missing secret is reported before anything is built or compiled.
-        let grants = def
-            .tasks
-            .iter()
-            .map(|t| t.grants.resolve(&t.name, &self.secrets, &self.sandbox))
-            .collect::<Result<Vec<_>, _>>()?;
         for step in crate::flow::build::plan(&def) {
             if step.outputs.iter().any(|o| !o.is_file()) {
                 step.run(dir).await?;
@@ -443,8 +435,8 @@ impl FlowRunner {
                         LoadError::Sandbox(format!("`{}` did not load", path.display()))
                     }),
                 };
-            if let Some(sub) = subflows.remove(&t.name) {
-                components.push(Runs::Subflow(sub));
+            if let (Some(prepared), Some(sub)) = (subflows.remove(&t.name), &t.subflow) {
+                components.push(Runs::Subflow(prepared, sub.clone()));
                 hooks.push(None);
                 continue;
             }

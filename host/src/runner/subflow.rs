@@ -7,11 +7,13 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use futures_util::FutureExt as _;
 use serde_json::Value;
 
 use super::executor::Finished;
@@ -32,66 +34,91 @@ pub const PARENT_TASK_RUN: &str = "parent_task_run_id";
 /// Run `attempt` (a task run of subflow `sub`, its input the parameters) as a child flow run of
 /// `child`; the parent's `cancel` cancels it. Boxed, so that a run may run runs.
 pub(super) fn run(
-    runner: FlowRunner,
+    parent: &FlowRunner,
     (child, sub): (Arc<PreparedFlow>, Arc<SubflowDef>),
     attempt: Attempt,
     cancel: CancelToken,
 ) -> Pin<Box<dyn Future<Output = Finished> + Send>> {
+    // The child's state changes are its own run's, not the parent's to report.
+    let mut runner = parent.clone();
+    runner.events = None;
+    let unit = attempt.unit;
+    let run = AssertUnwindSafe(run_child(runner, (child, sub), attempt, cancel));
     Box::pin(async move {
-        let began = Instant::now();
-        let unit = attempt.unit;
-        let name = attempt.ctx.task_name.clone();
-        let (ending, logs) = match parameters(&attempt.input) {
-            Err(why) => (fail(format!("subflow `{name}`: {why}")), Vec::new()),
-            Ok(parameters) => {
-                let own = CancelToken::new();
-                let options = RunOptions {
-                    parameters,
-                    context: BTreeMap::from([
-                        (
-                            PARENT_FLOW_RUN.to_owned(),
-                            attempt.ctx.flow_run_id.to_string(),
-                        ),
-                        (
-                            PARENT_TASK_RUN.to_owned(),
-                            attempt.ctx.task_run_id.to_string(),
-                        ),
-                    ]),
-                    cancel: own.clone(),
-                    manifest: Some((sub.manifest.clone(), sub.text.clone())),
-                    ..RunOptions::default()
-                };
-                let child_run = runner.run(&child, options);
-                tokio::pin!(child_run);
-                let ran = tokio::select! {
-                    ran = &mut child_run => ran,
-                    () = cancel.cancelled() => {
-                        own.cancel();
-                        child_run.await
-                    }
-                };
-                match ran {
-                    Ok(run) => ended(&name, &run),
-                    Err(e) => (
-                        fail(format!("subflow `{name}` could not run: {e}")),
-                        Vec::new(),
-                    ),
-                }
-            }
-        };
-        Finished {
+        // A panic in the child's run still answers for the task run standing for it.
+        run.catch_unwind().await.unwrap_or_else(|_| Finished {
             unit,
             outcome: RunOutcome {
-                ending,
-                logs,
-                logs_dropped_bytes: 0,
-                usage: Usage {
-                    duration: began.elapsed(),
-                    ..Usage::default()
+                ending: Ending::HostFault {
+                    message: "the subflow's run failed in the host: it panicked".into(),
                 },
+                logs: Vec::new(),
+                logs_dropped_bytes: 0,
+                usage: Usage::default(),
             },
-        }
+        })
     })
+}
+
+async fn run_child(
+    runner: FlowRunner,
+    (child, sub): (Arc<PreparedFlow>, Arc<SubflowDef>),
+    attempt: Attempt,
+    cancel: CancelToken,
+) -> Finished {
+    let began = Instant::now();
+    let unit = attempt.unit;
+    let name = attempt.ctx.task_name.clone();
+    let (ending, logs) = match parameters(&attempt.input) {
+        Err(why) => (fail(format!("subflow `{name}`: {why}")), Vec::new()),
+        Ok(parameters) => {
+            let own = CancelToken::new();
+            let options = RunOptions {
+                parameters,
+                context: BTreeMap::from([
+                    (
+                        PARENT_FLOW_RUN.to_owned(),
+                        attempt.ctx.flow_run_id.to_string(),
+                    ),
+                    (
+                        PARENT_TASK_RUN.to_owned(),
+                        attempt.ctx.task_run_id.to_string(),
+                    ),
+                ]),
+                cancel: own.clone(),
+                manifest: Some((sub.manifest.clone(), sub.text.clone())),
+                ..RunOptions::default()
+            };
+            let child_run = runner.run(&child, options);
+            tokio::pin!(child_run);
+            let ran = tokio::select! {
+                ran = &mut child_run => ran,
+                () = cancel.cancelled() => {
+                    own.cancel();
+                    child_run.await
+                }
+            };
+            match ran {
+                Ok(run) => ended(&name, &run, runner.clock.now()),
+                Err(e) => (
+                    fail(format!("subflow `{name}` could not run: {e}")),
+                    Vec::new(),
+                ),
+            }
+        }
+    };
+    Finished {
+        unit,
+        outcome: RunOutcome {
+            ending,
+            logs,
+            logs_dropped_bytes: 0,
+            usage: Usage {
+                duration: began.elapsed(),
+                ..Usage::default()
+            },
+        },
+    }
 }
 
 /// The parameters a body gave: a JSON object.
@@ -104,8 +131,9 @@ fn fail(message: String) -> Ending {
     Ending::Signal(Signal::Fail { message })
 }
 
-/// How the standing task run ends when child flow run `run` ended, and the line it logs.
-fn ended(name: &str, run: &FlowRun) -> (Ending, Vec<LogRecord>) {
+/// How the standing task run ends when child flow run `run` ended, and the line it logs (at
+/// `now`). A child that paused fails it: a code flow's task runs cannot pause.
+fn ended(name: &str, run: &FlowRun, now: DateTime<Utc>) -> (Ending, Vec<LogRecord>) {
     let state = &run.state;
     let said = match &state.message {
         Some(m) => format!(
@@ -129,7 +157,7 @@ fn ended(name: &str, run: &FlowRun) -> (Ending, Vec<LogRecord>) {
         _ => (fail(said.clone()), LogLevel::Error),
     };
     let log = LogRecord {
-        time: Utc::now(),
+        time: now,
         source: LogSource::Sluice,
         level,
         message: said,

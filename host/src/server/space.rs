@@ -680,6 +680,11 @@ struct Uploaded<'a> {
 }
 
 impl ComponentFiles for Uploaded<'_> {
+    /// Never read from the server's disk: a tenant names no file there.
+    fn subflow(&self, _local: &Path) -> Result<String, String> {
+        Err("the server does not run subflows (nor flows written as code) yet".into())
+    }
+
     fn file(&self, written: &Path, _local: &Path, _build: bool) -> Result<PathBuf, String> {
         let key = normalize(written).display().to_string();
         let Some(digest) = self.components.get(&key) else {

@@ -153,6 +153,10 @@ impl crate::flow::manifest::ComponentFiles for AnyFiles {
     ) -> Result<std::path::PathBuf, String> {
         Ok(local.to_owned())
     }
+
+    fn subflow(&self, _local: &std::path::Path) -> Result<String, String> {
+        Err("the server does not run subflows".into())
+    }
 }
 
 /// One line of `sluice runs` (`GET /api/v1/runs`).

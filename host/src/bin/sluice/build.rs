@@ -24,17 +24,23 @@ pub(crate) async fn build(args: &Args) -> Result<ExitCode, UsageError> {
     })
 }
 
-/// Build `def` (read from `manifest`), reporting each step on stderr. False when a step failed.
+/// Build `def` (read from `manifest`) and its subflows (each in its own directory), reporting
+/// each step on stderr. False when a step failed.
 pub(crate) async fn build_flow(def: &sluice::flow::FlowDef, manifest: &Path) -> bool {
     let dir = manifest
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_owned);
     let steps = plan(def);
+    let mut ok = true;
+    for sub in def.tasks.iter().filter_map(|t| t.subflow.as_ref()) {
+        let child: std::pin::Pin<Box<dyn std::future::Future<Output = bool> + '_>> =
+            Box::pin(build_flow(&sub.def, &sub.manifest));
+        ok &= child.await;
+    }
     if steps.is_empty() {
         eprintln!("build: no task of `{}` declares a build command", def.name);
-        return true;
+        return ok;
     }
-    let mut ok = true;
     for step in &steps {
         let tasks = step.tasks.join(", ");
         if !step.up_to_date() {

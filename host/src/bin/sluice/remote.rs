@@ -611,6 +611,10 @@ pub(crate) struct QuotaRefused(String);
 struct Recording(RefCell<BTreeMap<String, PathBuf>>);
 
 impl ComponentFiles for Recording {
+    fn subflow(&self, local: &Path) -> Result<String, String> {
+        LocalFiles.subflow(local)
+    }
+
     fn file(&self, written: &Path, local: &Path, build: bool) -> Result<PathBuf, String> {
         let file = LocalFiles.file(written, local, build)?;
         self.0

@@ -201,6 +201,10 @@ pub trait ComponentFiles {
     /// have none). An error says why it cannot be used (`does not exist (looked at …)`); it is
     /// reported at the value's position, after the task and the path.
     fn file(&self, written: &Path, local: &Path, build: bool) -> Result<PathBuf, String>;
+
+    /// The text of the manifest a `[subflows]` entry names (`local`: its path beside the
+    /// manifest), or why it cannot be read (reported at the entry, after the subflow's name).
+    fn subflow(&self, local: &Path) -> Result<String, String>;
 }
 
 /// Component files beside the manifest: `local`, which must be a file unless it is built.
@@ -208,6 +212,10 @@ pub trait ComponentFiles {
 pub struct LocalFiles;
 
 impl ComponentFiles for LocalFiles {
+    fn subflow(&self, local: &Path) -> Result<String, String> {
+        read(local).map_err(|e| format!("`{}`: {}", local.display(), e.message))
+    }
+
     fn file(&self, _written: &Path, local: &Path, build: bool) -> Result<PathBuf, String> {
         if build || local.is_file() {
             return Ok(local.to_owned());
@@ -385,8 +393,7 @@ fn subflow_def(
         ));
     }
     let manifest = normalize(&dir.join(path.get_ref()));
-    let text = std::fs::read_to_string(&manifest)
-        .map_err(|e| err(format!("cannot read `{}`: {e}", manifest.display())))?;
+    let text = files.subflow(&manifest).map_err(err)?;
     let me = normalize(src.file);
     if ancestors.contains(&manifest) || manifest == me {
         let chain: Vec<String> = ancestors

@@ -792,8 +792,13 @@ fn subflow_errors_name_their_place() {
     );
     assert_eq!(
         fails(&format!("{code}x = \"nope.toml\"\n")),
-        "DIR/flow.toml:6:5: subflow `x`: cannot read `DIR/nope.toml`: No such file or \
-         directory (os error 2)"
+        "DIR/flow.toml:6:5: subflow `x`: `DIR/nope.toml`: cannot read the manifest: No such \
+         file or directory (os error 2)"
+    );
+    assert_eq!(
+        fails(&format!("{code}z = \"/dev/zero\"\n")),
+        "DIR/flow.toml:6:5: subflow `z`: `/dev/zero`: cannot read the manifest: it is not a \
+         regular file"
     );
     assert_eq!(
         fails(&format!("{code}a = \"dag.toml\"\n")),

@@ -332,13 +332,66 @@ fn task_json(t: &TaskRun, tails: &HashMap<TaskRunId, LogTail>) -> Value {
 /// attempts, durations, cache status, history and its newest logs (`tails`, from
 /// [`log_tails`]; `logs_omitted` counts the older ones, which `sluice logs` prints).
 pub(crate) fn run_json(run: &FlowRun, tails: &HashMap<TaskRunId, LogTail>) -> Value {
+    let tasks = run.tasks.iter().map(|t| task_json(t, tails)).collect();
+    run_json_with(run, tails, tasks)
+}
+
+/// [`run_json`], written to `out` as it is made (pretty, ending with a newline): one task run's
+/// record at a time, never the whole record in memory at once (a run of 100,000 task runs).
+pub(crate) fn write_run_json(
+    out: &mut impl std::io::Write,
+    run: &FlowRun,
+    tails: &HashMap<TaskRunId, LogTail>,
+) -> std::io::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, &RunRecord { run, tails })?;
+    out.write_all(b"\n")?;
+    out.flush()
+}
+
+/// The flow run record, serialized with its task runs made one at a time.
+struct RunRecord<'a> {
+    run: &'a FlowRun,
+    tails: &'a HashMap<TaskRunId, LogTail>,
+}
+
+impl serde::Serialize for RunRecord<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap as _, SerializeSeq as _};
+        struct Tasks<'a>(&'a RunRecord<'a>);
+        impl serde::Serialize for Tasks<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut seq = s.serialize_seq(Some(self.0.run.tasks.len()))?;
+                for t in &self.0.run.tasks {
+                    seq.serialize_element(&task_json(t, self.0.tails))?;
+                }
+                seq.end()
+            }
+        }
+        // Everything else as `run_json` makes it, `tasks` in its place (the map's own order).
+        let head = run_json_with(self.run, self.tails, Value::Null);
+        let Some(head) = head.as_object() else {
+            return head.serialize(s);
+        };
+        let mut map = s.serialize_map(Some(head.len()))?;
+        for (k, v) in head {
+            match k.as_str() {
+                "tasks" => map.serialize_entry(k, &Tasks(self))?,
+                _ => map.serialize_entry(k, v)?,
+            }
+        }
+        map.end()
+    }
+}
+
+/// [`run_json`] with `tasks` as the task runs' records.
+fn run_json_with(run: &FlowRun, tails: &HashMap<TaskRunId, LogTail>, tasks: Value) -> Value {
     let mut v = state_json(&run.state);
     v["id"] = json!(run.id);
     v["flow"] = json!(run.flow);
     v["parameters"] = json!(run.parameters);
     v["context"] = json!(run.context);
     v["history"] = history_json(&run.history);
-    v["tasks"] = run.tasks.iter().map(|t| task_json(t, tails)).collect();
+    v["tasks"] = tasks;
     // A code flow's: what its body returned, its journal, and what it logged.
     if let Some(result) = &run.state.result {
         v["result"] = json!(result);

@@ -19,7 +19,7 @@ use sluice::state::StateName;
 use sluice::store::Store;
 use tokio::sync::mpsc;
 
-use crate::report::{log_tails, run_json, summary};
+use crate::report::{log_tails, summary, write_run_json};
 use crate::{UsageError, exit_code};
 
 #[derive(Debug, clap::Args)]
@@ -223,13 +223,14 @@ impl Session {
             Err(PrepareError::NotRecorded { run, source }) => (*run, Some(source)),
             Err(e) => return Err(UsageError(e.into())),
         };
-        let report = if json {
+        if json {
+            // Written as it is made: the record of a large run is never all in memory at once.
             let tails = log_tails(&*self.store, &run);
-            format!("{:#}\n", run_json(&run, &tails))
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let _ = write_run_json(&mut out, &run, &tails);
         } else {
-            summary(&run, false)
-        };
-        crate::print_stdout(&report);
+            crate::print_stdout(&summary(&run, false));
+        }
         if let Some(e) = not_recorded {
             let id = run.id;
             let marked = run.state.name == StateName::Crashed

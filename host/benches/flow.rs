@@ -263,7 +263,8 @@ fn main() {
 }
 
 /// A code flow whose body runs `scenario` over `n` (`chain`: `n` calls of `add_one`, each on
-/// the last result; `map`: `add_one` mapped over 0..n, each result read, its handle dropped):
+/// the last result; `map`: `add_one` mapped over 0..n, each result read, its handle dropped;
+/// `now`: `n` calls of `now()`, answering `n`):
 /// the run's wall time and its result, which must be `expect`.
 async fn code_flow(runner: &FlowRunner, scenario: &str, n: usize, expect: i64) -> Duration {
     let def = FlowBuilder::new("bench-code")
@@ -279,20 +280,6 @@ async fn code_flow(runner: &FlowRunner, scenario: &str, n: usize, expect: i64) -
         Some(json!(expect).into()),
         "{scenario} {n}"
     );
-    elapsed
-}
-
-/// [`code_flow`] without checking the result.
-async fn code_flow_any(runner: &FlowRunner, scenario: &str, n: usize) -> Duration {
-    let def = FlowBuilder::new("bench-code")
-        .body(BodyDef::new(guests::guest("flow_body")))
-        .parameter("scenario", json!(scenario))
-        .parameter("n", json!(n))
-        .task(TaskDef::new("add_one", guests::guest("add_one")))
-        .build()
-        .expect("flow");
-    let (elapsed, run) = timed_run(runner, def).await;
-    assert_eq!(run.state.name, StateName::Completed, "{scenario} {n}");
     elapsed
 }
 
@@ -317,8 +304,8 @@ async fn code_section(runner: &FlowRunner, add_one: &Path) {
     ratios.sort_by(f64::total_cmp);
     let mut call = Duration::MAX;
     for _ in 0..5 {
-        let one = code_flow_any(runner, "now", 1).await;
-        let all = code_flow_any(runner, "now", n).await;
+        let one = code_flow(runner, "now", 1, 1).await;
+        let all = code_flow(runner, "now", n, n as i64).await;
         call = call.min(all.saturating_sub(one) / (n as u32 - 1));
     }
     println!(

@@ -71,6 +71,15 @@ impl DriverOrchestrator {
     }
 }
 
+/// The one task run a submission of one input made.
+fn one(answer: Answer<Result<Vec<Submitted>, String>>) -> Answer<Result<Submitted, String>> {
+    Box::pin(async move {
+        let mut runs = answer.await?;
+        runs.pop()
+            .ok_or_else(|| "the submission made no task run".to_owned())
+    })
+}
+
 /// What a body waiting on a run that is over sees.
 fn over() -> State {
     State::new(StateName::Crashed, Utc::now()).with_message("the flow run is over")
@@ -88,12 +97,7 @@ impl Orchestrator for DriverOrchestrator {
         wait_for: Vec<Submitted>,
         trigger: Option<String>,
     ) -> Answer<Result<Submitted, String>> {
-        let answer = self.map_inner(task, vec![input], false, wait_for, trigger, false);
-        Box::pin(async move {
-            let mut runs = answer.await?;
-            runs.pop()
-                .ok_or_else(|| "the submission made no task run".to_owned())
-        })
+        one(self.map_inner(task, vec![input], false, wait_for, trigger, false))
     }
 
     fn map(
@@ -106,12 +110,7 @@ impl Orchestrator for DriverOrchestrator {
     }
 
     fn subflow(&self, flow: String, parameters: Json) -> Answer<Result<Submitted, String>> {
-        let answer = self.map_inner(flow, vec![parameters], false, Vec::new(), None, true);
-        Box::pin(async move {
-            let mut runs = answer.await?;
-            runs.pop()
-                .ok_or_else(|| "the submission made no task run".to_owned())
-        })
+        one(self.map_inner(flow, vec![parameters], false, Vec::new(), None, true))
     }
 
     fn id(&self, of: Submitted) -> String {

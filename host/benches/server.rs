@@ -70,6 +70,7 @@ impl Bench {
             manifest: manifest.to_owned(),
             manifest_path: "flow.toml".into(),
             components: t.components.clone(),
+            subflows: BTreeMap::new(),
             parameters: BTreeMap::new(),
             context: BTreeMap::new(),
         };

@@ -416,6 +416,25 @@ fn a_body_runs_subflows_as_child_flow_runs() {
     }
 }
 
+/// [`manifest`] of `body` in `dir` with subflows `child` (`child.toml`, written by the caller)
+/// and `dag` (`dag.toml`, written here: one failing task).
+fn with_subflows(dir: &Path, body: &Path) -> PathBuf {
+    std::fs::write(
+        dir.join("dag.toml"),
+        format!(
+            "name = \"dag\"\n[tasks.fail]\ncomponent = \"{fail}\"\n",
+            fail = guest("signal_fail").display(),
+        ),
+    )
+    .expect("write the dag");
+    manifest(
+        dir,
+        body,
+        "",
+        "\n[subflows]\nchild = \"child.toml\"\ndag = \"dag.toml\"\n",
+    )
+}
+
 /// The `subflow` scenario of `body`, checked.
 fn subflows_of(body: &Path) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -430,20 +449,7 @@ fn subflows_of(body: &Path) {
         ),
     )
     .expect("write the child");
-    std::fs::write(
-        dir.path().join("dag.toml"),
-        format!(
-            "name = \"dag\"\n[tasks.fail]\ncomponent = \"{fail}\"\n",
-            fail = guest("signal_fail").display(),
-        ),
-    )
-    .expect("write the dag");
-    let flow = manifest(
-        dir.path(),
-        body,
-        "",
-        "\n[subflows]\nchild = \"child.toml\"\ndag = \"dag.toml\"\n",
-    );
+    let flow = with_subflows(dir.path(), body);
     let (out, record) = run(
         dir.path(),
         &flow,
@@ -514,6 +520,79 @@ fn subflows_of(body: &Path) {
             "{logs}"
         );
     }
+}
+
+/// A code flow killed (SIGKILL) while its subflow (a code flow of four slow steps) runs its third
+/// step, then `sluice resume`d: the parent resumes the child run it had started instead of
+/// starting another; the child replays its journal, so no completed task run of either runs
+/// again, and both complete.
+#[test]
+fn a_resumed_parent_resumes_its_unfinished_subflow_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("child.toml"),
+        format!(
+            "name = \"child\"\ncode = \"{body}\"\n[parameters]\nscenario = \"durable\"\nn = 4\n\
+             ms = 1500\n[tasks.slow]\ncomponent = \"{slow}\"\n[tasks.double]\ncomponent = \"{double}\"\n",
+            body = guest("flow_body").display(),
+            slow = guest("hostile").display(),
+            double = guest("double").display(),
+        ),
+    )
+    .expect("write the child");
+    let flow = with_subflows(dir.path(), &guest("flow_body"));
+    let text = std::fs::read_to_string(&flow)
+        .expect("read")
+        .replace("scenario = \"types\"", "scenario = \"subflow\"")
+        .replace("n = 0", "n = 4");
+    std::fs::write(&flow, text).expect("write");
+    let home = dir.path().join("home");
+    let mut process = super::recovery::spawn_run(&home, &flow);
+    // The newest run is the child.
+    let child = super::recovery::wait_until(&home, &mut process, |v| {
+        let tasks = v["tasks"].as_array().map_or(&[][..], Vec::as_slice);
+        v["flow"] == "child" && tasks.len() == 6 && tasks[4]["state"] == "Running"
+    });
+    super::recovery::kill(process);
+    let runs = json_of(&sluice(&home, &["runs", "--json"]));
+    let parent = runs
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["flow"] == "code"))
+        .and_then(|r| r["id"].as_str())
+        .expect("the parent run")
+        .to_owned();
+
+    let out = sluice(&home, &["resume", &parent, "--json"]);
+    let record = json_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{record:#}");
+    assert_eq!(record["state"], "Completed", "{record:#}");
+    assert_eq!(record["result"]["result"]["x"], 16, "{record:#}");
+    let standing = &record["tasks"][0];
+    assert_eq!(standing["name"], "child");
+    assert_eq!(standing["attempts"], 2, "{standing:#}");
+
+    let runs = json_of(&sluice(&home, &["runs", "--json"]));
+    let runs = runs.as_array().expect("runs");
+    let children: Vec<&Value> = runs.iter().filter(|r| r["flow"] == "child").collect();
+    assert_eq!(children.len(), 1, "no second child run: {runs:#?}");
+    assert_eq!(children[0]["id"], child.as_str());
+    assert_eq!(children[0]["state"], "Completed");
+    let shown = json_of(&sluice(&home, &["show", &child, "--json"]));
+    let tasks = shown["tasks"].as_array().expect("tasks");
+    assert_eq!(tasks.len(), 8, "4 steps of 2 task runs: none made twice");
+    let again: Vec<&Value> = tasks.iter().filter(|t| t["attempts"] != 1).collect();
+    assert_eq!(
+        again.len(),
+        1,
+        "only the task run killed ran again: {shown:#}"
+    );
+    assert!(history(again[0]).contains(&"Crashed".to_owned()));
+    let logs = sluice(&home, &["logs", &parent, "child"]);
+    let logs = String::from_utf8_lossy(&logs.stdout);
+    assert!(
+        logs.contains(&format!("subflow run {child} of `child` ended Completed")),
+        "{logs}"
+    );
 }
 
 /// `sluice build` of a code flow builds its subflows' components too, each subflow's command

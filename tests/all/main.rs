@@ -24,6 +24,7 @@ mod recovery;
 mod scheduling;
 mod semantics;
 mod server;
+mod server_code;
 mod server_quotas;
 mod signals;
 mod store;

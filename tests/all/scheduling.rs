@@ -162,6 +162,9 @@ impl Store for PollRecorder {
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError> {
         self.inner.list_runs(filter)
     }
+    fn child_run(&self, parent: TaskRunId) -> Result<Option<FlowRunId>, StoreError> {
+        self.inner.child_run(parent)
+    }
     fn logs(
         &self,
         run: FlowRunId,

@@ -131,11 +131,11 @@ input = "$tasks.first"
     )
 }
 
-fn client() -> reqwest::Client {
+pub(crate) fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-async fn get(url: &str, token: Option<&str>) -> (u16, String, Value) {
+pub(crate) async fn get(url: &str, token: Option<&str>) -> (u16, String, Value) {
     let mut req = client().get(url);
     if let Some(t) = token {
         req = req.bearer_auth(t);
@@ -423,28 +423,6 @@ fn a_server_grants_nothing_without_a_policy_and_bad_manifests_name_their_place()
         "{}",
         stderr(&out)
     );
-    // A subflow's manifest is never read from the server's disk: a tenant names no file there.
-    let child = dir.path().join("child.toml");
-    let text = format!("name = \"child\"\n[tasks.a]\ncomponent = \"{add_one}\"\n");
-    std::fs::write(&child, text).expect("the child");
-    let flow = write_flow(
-        dir.path(),
-        &format!(
-            "name = \"f\"\ncode = \"{body}\"\n[tasks.a]\ncomponent = \"{add_one}\"\n\
-             [subflows]\nchild = \"{child}\"\n",
-            body = guest("flow_body").display(),
-            child = child.display(),
-        ),
-    );
-    let out = server.cli(&token, &["run", flow.to_str().expect("utf-8")]);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains(
-            "subflow `child`: the server does not run subflows (nor flows written as code) yet"
-        ),
-        "{}",
-        stderr(&out)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -507,12 +485,24 @@ fn a_run_on_the_server_is_cancelled_from_the_cli() {
 /// Start `flow` on `server` in the background and kill -9 the server once its task `b` runs
 /// (after `a` completed); the run's id and the server's home.
 fn kill_mid_run(server: ServerProcess, token: &str, flow: &Path) -> (String, PathBuf) {
+    kill_when(server, token, flow, |tasks| {
+        tasks["Running"] == 1 && tasks["Completed"] == 1
+    })
+}
+
+/// Start `flow` on `server` in the background and kill -9 the server once `ready` holds for the
+/// run's count of task runs by state (`sluice runs --json`); the run's id and the server's home.
+pub(crate) fn kill_when(
+    server: ServerProcess,
+    token: &str,
+    flow: &Path,
+    ready: impl Fn(&Value) -> bool,
+) -> (String, PathBuf) {
     let client = server.spawn_run(token, flow, true, false);
     let id = loop {
         let runs = json_of(&server.cli(token, &["runs", "--json"]));
         if let Some(r) = runs.as_array().and_then(|r| r.first())
-            && r["tasks"]["Running"] == 1
-            && r["tasks"]["Completed"] == 1
+            && ready(&r["tasks"])
         {
             break r["id"].as_str().expect("id").to_owned();
         }

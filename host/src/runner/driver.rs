@@ -345,7 +345,7 @@ impl Driver<'_> {
     }
 
     /// A code flow's body, polled on the driver's own task (its calls and their answers never
-    /// cross threads): deterministic (keyed by the run, its
+    /// cross threads) unless the shared executor runs it with its guests: deterministic (keyed by the run, its
     /// clock at the run's start), granted nothing, its calls sent to this driver, interrupted
     /// when the run is cancelled.
     fn start_body(
@@ -379,11 +379,15 @@ impl Driver<'_> {
             component.clone(),
             self.cancel.clone(),
         );
-        Box::pin(async move {
+        let body = Box::pin(async move {
             sandbox
                 .run_flow(&component, &parameters, &ctx, &budget, &body, Some(&cancel))
                 .await
-        })
+        });
+        match &self.shared {
+            Some(shared) => shared.body(run.id, body),
+            None => body,
+        }
     }
 
     /// The body ended: the flow run ends by how, once its task runs are final.

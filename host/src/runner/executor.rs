@@ -4,6 +4,7 @@
 //! queue and remote workers implement the same interface.
 
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::json::Json;
@@ -68,6 +69,9 @@ pub struct Finished {
     pub outcome: RunOutcome,
 }
 
+/// A code flow's body, running: how it ended, once it has.
+pub type BodyRun = Pin<Box<dyn Future<Output = RunOutcome> + Send>>;
+
 /// Runs jobs.
 pub trait Executor: Send + Sync {
     /// Run `job` and send its result to `done`, exactly once, whatever happens to the job (a run
@@ -96,6 +100,15 @@ pub trait Executor: Send + Sync {
             unit,
             slot: Slot(Box::new(())),
         });
+    }
+
+    /// Run `body`, the body of code flow run `run`. By default it runs where the returned
+    /// future is polled (the driver's own task, so its calls and their answers never cross
+    /// threads); an executor that shares the cores between tenants runs it with its guests,
+    /// paced and accounted as they are. It needs no slot: it mostly waits for its task runs.
+    fn body(&self, run: FlowRunId, body: BodyRun) -> BodyRun {
+        let _ = run;
+        body
     }
 }
 

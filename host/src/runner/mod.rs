@@ -40,6 +40,7 @@ use crate::state::{State, StateType};
 use crate::store::{Blob, RunHeader, RunLease, Store, StoreError, TaskWrite, Write};
 
 pub use record::{FlowEvent, FlowRun, JournalEntry, TaskRun, Transition};
+pub use subflow::{PARENT_FLOW_RUN, PARENT_TASK_RUN};
 
 /// A state handler: `(name, old, new) -> new`. Handlers are chained; each one's result is the
 /// next one's `new` (Prefect's state handlers).

@@ -3,7 +3,10 @@
 //! its context naming the parent flow run and task run), on the same runner and store; the
 //! child's end becomes the standing task run's outcome (Completed: the child's result is its
 //! output; a failure fails it, naming the child run; a cancel cancels it; a crash crashes it).
-//! Cancelling the parent cancels the child.
+//! Cancelling the parent cancels the child. When the parent is resumed and the standing task
+//! run runs again, the child run its earlier attempt started (the store finds it by the task
+//! run) is not started anew: a Completed one stands as it ended, another is resumed, its
+//! completed task runs kept.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -18,13 +21,15 @@ use serde_json::Value;
 
 use super::executor::Finished;
 use super::machine::Attempt;
-use super::{FlowRun, FlowRunner, PreparedFlow, RunOptions};
+use super::{FlowRun, FlowRunner, PrepareError, PreparedFlow, RunOptions};
 use crate::flow::SubflowDef;
+use crate::ids::TaskRunId;
 use crate::json::Json;
 use crate::sandbox::{
     CancelToken, Ending, LogLevel, LogRecord, LogSource, RunOutcome, Signal, Usage,
 };
 use crate::state::StateType;
+use crate::store::StoreError;
 
 /// The context key naming a child flow run's parent flow run.
 pub const PARENT_FLOW_RUN: &str = "parent_flow_run_id";
@@ -89,7 +94,14 @@ async fn run_child(
                 manifest: Some((sub.manifest.clone(), sub.text.clone())),
                 ..RunOptions::default()
             };
-            let child_run = runner.run(&child, options);
+            let standing = attempt.ctx.task_run_id;
+            let child_run = async {
+                match earlier_child(&runner, &child, standing).await? {
+                    Some(run) if run.state.state_type() == StateType::Completed => Ok(run),
+                    Some(run) => runner.resume(&child, run, &[], own.clone()).await,
+                    None => runner.run(&child, options).await,
+                }
+            };
             tokio::pin!(child_run);
             let ran = tokio::select! {
                 ran = &mut child_run => ran,
@@ -118,6 +130,46 @@ async fn run_child(
                 ..Usage::default()
             },
         },
+    }
+}
+
+/// The child flow run an earlier attempt of task run `standing` started (its parent resumed),
+/// ready to resume (a run recorded without its task runs gets them), if there is one.
+async fn earlier_child(
+    runner: &FlowRunner,
+    child: &PreparedFlow,
+    standing: TaskRunId,
+) -> Result<Option<FlowRun>, PrepareError> {
+    let Some(store) = runner.store.clone() else {
+        return Ok(None);
+    };
+    let read = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+        let Some(id) = store.child_run(standing)? else {
+            return Ok(None);
+        };
+        let stored = store.load_run(id)?;
+        let problems = (!stored.problems.is_empty()).then(|| {
+            let lines: Vec<String> = stored.problems.iter().map(ToString::to_string).collect();
+            lines.join("; ")
+        });
+        Ok(Some((stored.run, problems)))
+    });
+    let found = read
+        .await
+        .map_err(|e| StoreError::io("child run lookup", e))??;
+    match found {
+        None => Ok(None),
+        Some((run, Some(problems))) => Err(PrepareError::RecordMismatch {
+            flow: child.def.name.clone(),
+            detail: format!(
+                "its earlier child run {} cannot be resumed: the store lost part of it: {problems}",
+                run.id
+            ),
+        }),
+        Some((mut run, None)) => {
+            super::resumable::fill_missing_tasks(&mut run, &child.def, runner.clock.now());
+            Ok(Some(run))
+        }
     }
 }
 

@@ -111,6 +111,11 @@ impl CpuGate {
         }
     }
 
+    /// The epoch tick: how often a guest reaches a yield point.
+    pub(super) fn tick(&self) -> Duration {
+        self.tick
+    }
+
     /// The turns of one task run of `tenant` (of `weight`).
     pub(super) fn turn(&self, tenant: TenantId, weight: u32) -> Arc<Turn> {
         Arc::new(Turn {
@@ -247,6 +252,56 @@ impl Pacer for TurnPacer {
     }
 }
 
+/// A code flow body's [`Pacer`]. A body holds no turn: it mostly waits for its task runs in
+/// host calls, and a turn held there would be a core idle for everyone. At each yield point
+/// (it ran for a tick since the last) it charges its tenant the time it ran, at most a tick,
+/// and, when guests wait for turns, waits for one as they do and gives it straight back: a
+/// CPU-bound body takes its place in the fair order each tick.
+#[derive(Debug)]
+pub(super) struct BodyPacer {
+    turn: Arc<Turn>,
+    tick: Duration,
+    /// When it last resumed.
+    resumed: Arc<Mutex<Instant>>,
+}
+
+impl BodyPacer {
+    pub(super) fn new(turn: Arc<Turn>, tick: Duration) -> BodyPacer {
+        BodyPacer {
+            turn,
+            tick,
+            resumed: Arc::new(Mutex::new(Instant::now())),
+        }
+    }
+}
+
+impl Pacer for BodyPacer {
+    fn pause(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let ran = {
+            let resumed = self.resumed.lock().unwrap_or_else(|p| p.into_inner());
+            resumed.elapsed().min(self.tick)
+        };
+        let turn = self.turn.clone();
+        let waiters = {
+            let mut g = Gate::lock(&turn.gate.gate);
+            let cpu = g.tenants.entry(turn.tenant).or_default();
+            cpu.vtime += ran.as_secs_f64() / turn.weight;
+            g.waiters()
+        };
+        let resumed = self.resumed.clone();
+        Box::pin(async move {
+            match waiters {
+                true => {
+                    turn.acquire().await;
+                    turn.release();
+                }
+                false => tokio::task::yield_now().await,
+            }
+            *resumed.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,6 +365,53 @@ mod tests {
         b1.release();
         holder.release();
         assert_eq!(Gate::lock(&g.gate).running, 0);
+    }
+
+    /// A body holds no turn while it runs; at its yield point it is charged the tick it ran
+    /// (at most a tick), and it waits behind the guests already waiting for a turn, then gives
+    /// the turn straight back.
+    #[tokio::test]
+    async fn a_body_is_charged_its_tick_and_waits_behind_waiting_guests() {
+        // Guests never run anyway beyond the turns here (the gate's tick is an hour).
+        let g = gate(1);
+        let (a, b) = (TenantId::new(), TenantId::new());
+        let body = BodyPacer::new(g.turn(a, 1), Duration::from_millis(50));
+        // Nobody waits: the body goes on at once, charged what it ran.
+        std::thread::sleep(Duration::from_millis(80));
+        tokio::time::timeout(Duration::from_secs(10), body.pause())
+            .await
+            .expect("nothing to wait for");
+        let charged = Gate::lock(&g.gate).tenants[&a].vtime;
+        assert!(
+            (0.049..=0.051).contains(&charged),
+            "at most a tick: {charged}"
+        );
+        assert_eq!(Gate::lock(&g.gate).running, 0, "it holds no turn");
+        // B holds the one turn and C's guest waits for it.
+        let (b1, c1) = (g.turn(b, 1), g.turn(TenantId::new(), 1));
+        b1.acquire().await;
+        let c1_wait = tokio::spawn({
+            let c1 = c1.clone();
+            async move { c1.acquire().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(Gate::lock(&g.gate).waiters(), "C's guest waits");
+        let pause = tokio::spawn(body.pause());
+        tokio::task::yield_now().await;
+        assert!(!pause.is_finished(), "the body waits for a turn");
+        // The turn goes to C's waiting guest first (it was first, and less served).
+        b1.release();
+        tokio::time::timeout(Duration::from_secs(10), c1_wait)
+            .await
+            .expect("C's guest runs")
+            .expect("join");
+        assert!(!pause.is_finished(), "the body waits behind C's guest");
+        c1.release();
+        tokio::time::timeout(Duration::from_secs(10), pause)
+            .await
+            .expect("the body goes on once a turn is free")
+            .expect("join");
+        assert_eq!(Gate::lock(&g.gate).running, 0, "and gave its turn back");
     }
 
     impl Turn {

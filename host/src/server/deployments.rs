@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::problem::ApiError;
+use super::sources::RunFiles;
 use super::space::Space;
 use super::tenants::Tenant;
 use super::wire::{DeploymentRuns, DeploymentView, SlotView, StartRun};
@@ -76,7 +77,8 @@ struct Row {
     flow: String,
     manifest_path: String,
     manifest: String,
-    components: BTreeMap<String, String>,
+    /// Its components and subflows (stored in `components`).
+    files: RunFiles,
     paused: bool,
     anchor: DateTime<Utc>,
     planned_through: DateTime<Utc>,
@@ -133,7 +135,7 @@ impl Deployments {
                 flow: r.get(1)?,
                 manifest_path: r.get(2)?,
                 manifest: r.get(3)?,
-                components: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
+                files: RunFiles::from_stored(&r.get::<_, String>(4)?).unwrap_or_default(),
                 paused: r.get(5)?,
                 anchor: time(r.get(6)?),
                 planned_through: time(r.get(7)?),
@@ -209,7 +211,11 @@ impl Deployments {
                     flow,
                     req.manifest_path,
                     req.manifest,
-                    serde_json::to_string(&req.components).unwrap_or_default(),
+                    RunFiles {
+                        components: req.components.clone(),
+                        subflows: req.subflows.clone(),
+                    }
+                    .to_stored(),
                     micros(now)
                 ],
             )
@@ -597,7 +603,8 @@ fn request(row: &Row, parameters: BTreeMap<String, serde_json::Value>) -> StartR
     StartRun {
         manifest: row.manifest.clone(),
         manifest_path: row.manifest_path.clone(),
-        components: row.components.clone(),
+        components: row.files.components.clone(),
+        subflows: row.files.subflows.clone(),
         parameters,
         context: BTreeMap::new(),
     }

@@ -29,11 +29,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::cpu::{CpuGate, TurnPacer};
+use super::cpu::{BodyPacer, CpuGate, TurnPacer};
 use crate::ids::{FlowRunId, TenantId};
-use crate::runner::executor::{Executor, Finished, Grant, Job, LocalExecutor, Slot};
+use crate::runner::executor::{BodyRun, Executor, Finished, Grant, Job, LocalExecutor, Slot};
 use crate::runner::machine::Unit;
-use crate::sandbox::{CancelToken, Sandbox, paced};
+use crate::sandbox::{CancelToken, Ending, RunOutcome, Sandbox, paced};
 
 /// The window of the per-minute quotas.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -466,18 +466,8 @@ impl FairQueue {
             let finished = paced(Arc::new(TurnPacer(turn.clone())), run).await;
             turn.release();
             let usage = &finished.outcome.usage;
-            let (duration, fuel) = (usage.duration, usage.fuel_consumed);
-            {
-                let mut state = queue.state();
-                if let Some(q) = state.tenants.get_mut(&tenant) {
-                    let used = duration.as_secs_f64() - NOMINAL.as_secs_f64();
-                    q.vtime += used.max(0.0) / f64::from(q.share.weight);
-                    if fuel > 0 {
-                        q.fuel.push_back((Instant::now(), fuel));
-                        q.fuel_sum = q.fuel_sum.saturating_add(fuel);
-                    }
-                }
-            }
+            let used = usage.duration.saturating_sub(NOMINAL);
+            queue.charge(tenant, used, usage.fuel_consumed);
             // The slot goes back (and the next task run is dispatched) before the flow run
             // hears of the end.
             drop(guard);
@@ -487,6 +477,66 @@ impl FairQueue {
             Some(guests) => drop(guests.spawn(spawned)),
             None => drop(tokio::spawn(spawned)),
         }
+    }
+}
+
+impl FairQueue {
+    /// Charge `tenant` for `used` sandbox time (against its virtual time) and `fuel` (against
+    /// its minute).
+    fn charge(&self, tenant: TenantId, used: Duration, fuel: u64) {
+        let mut state = self.state();
+        if let Some(q) = state.tenants.get_mut(&tenant) {
+            q.vtime += used.as_secs_f64() / f64::from(q.share.weight);
+            if fuel > 0 {
+                q.fuel.push_back((Instant::now(), fuel));
+                q.fuel_sum = q.fuel_sum.saturating_add(fuel);
+            }
+        }
+    }
+
+    /// Run the body of one of `tenant`'s code flow runs with the guests: on their runtime (below
+    /// the control path), waiting at each tick for a turn when other guests wait for one
+    /// ([`BodyPacer`]), its fuel charged to the tenant's minute when it ends. It holds no slot
+    /// and no turn between ticks: it mostly waits for its own task runs.
+    fn spawn_body(&self, tenant: TenantId, body: BodyRun) -> BodyRun {
+        let weight = self
+            .state()
+            .tenants
+            .get(&tenant)
+            .map_or(1, |q| q.share.weight);
+        let pacer = BodyPacer::new(self.inner.cpu.turn(tenant, weight), self.inner.cpu.tick());
+        let queue = self.clone();
+        let spawned = async move {
+            let outcome = paced(Arc::new(pacer), body).await;
+            // Its time was charged tick by tick.
+            queue.charge(tenant, Duration::ZERO, outcome.usage.fuel_consumed);
+            queue.pump();
+            outcome
+        };
+        let task = AbortOnDrop(match &self.inner.guests {
+            Some(guests) => guests.spawn(spawned),
+            None => tokio::spawn(spawned),
+        });
+        Box::pin(async move {
+            let mut task = task;
+            (&mut task.0).await.unwrap_or_else(|e| RunOutcome {
+                ending: Ending::HostFault {
+                    message: format!("the flow body failed in the host: {e}"),
+                },
+                logs: Vec::new(),
+                logs_dropped_bytes: 0,
+                usage: Default::default(),
+            })
+        })
+    }
+}
+
+/// A spawned body, stopped when its flow run's driver no longer waits for it.
+struct AbortOnDrop(tokio::task::JoinHandle<RunOutcome>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -519,6 +569,10 @@ impl Executor for TenantExecutor {
             granted,
         };
         self.queue.enqueue(self.tenant, run, request);
+    }
+
+    fn body(&self, _run: FlowRunId, body: BodyRun) -> BodyRun {
+        self.queue.spawn_body(self.tenant, body)
     }
 }
 

@@ -1,13 +1,14 @@
-//! The components each run of a tenant was started with (the manifest's paths → uploaded
-//! digests), in `space.db` in the tenant's directory: with the manifest text the run store keeps,
-//! they rebuild the run's flow to resume it. Recorded before the run itself, so no run exists
-//! without them.
+//! The files each run of a tenant was started with besides its manifest (the paths it names →
+//! uploaded components' digests, and its subflows' manifests), in `space.db` in the tenant's
+//! directory: with the manifest text the run store keeps, they rebuild the run's flow to resume
+//! it. Recorded before the run itself, so no run exists without them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension as _, params};
+use serde::{Deserialize, Serialize};
 
 use super::problem::ApiError;
 use crate::ids::FlowRunId;
@@ -22,7 +23,42 @@ pub(super) fn open_db(path: &Path) -> Result<Connection, rusqlite::Error> {
     Ok(db)
 }
 
-/// The components of a tenant's runs.
+/// What a run request brings besides its manifest (see [`super::wire::StartRun`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RunFiles {
+    /// Component paths → digests.
+    pub(super) components: BTreeMap<String, String>,
+    /// Subflow manifest paths → texts.
+    #[serde(default)]
+    pub(super) subflows: BTreeMap<String, String>,
+}
+
+impl RunFiles {
+    /// As stored (JSON): this, or the components alone (as recorded before subflows).
+    pub(super) fn from_stored(text: &str) -> Option<RunFiles> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Stored {
+            Files(RunFiles),
+            Components(BTreeMap<String, String>),
+        }
+        Some(match serde_json::from_str(text).ok()? {
+            Stored::Files(files) => files,
+            Stored::Components(components) => RunFiles {
+                components,
+                subflows: BTreeMap::new(),
+            },
+        })
+    }
+
+    /// As stored.
+    pub(super) fn to_stored(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// The files of a tenant's runs.
 #[derive(Debug)]
 pub(super) struct RunSources {
     db: Mutex<Connection>,
@@ -42,26 +78,19 @@ impl RunSources {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Record the components of `run`.
-    pub(super) fn record(
-        &self,
-        run: FlowRunId,
-        components: &BTreeMap<String, String>,
-    ) -> Result<(), ApiError> {
+    /// Record the files of `run`.
+    pub(super) fn record(&self, run: FlowRunId, files: &RunFiles) -> Result<(), ApiError> {
         self.db()
             .execute(
                 "INSERT OR REPLACE INTO run_sources (run, components) VALUES (?1, ?2)",
-                params![
-                    run.to_string(),
-                    serde_json::to_string(components).unwrap_or_default()
-                ],
+                params![run.to_string(), files.to_stored()],
             )
             .map(drop)
             .map_err(|e| ApiError::internal("recording the run's components", &e))
     }
 
-    /// The components of `run`, when it was started here.
-    pub(super) fn get(&self, run: FlowRunId) -> Result<Option<BTreeMap<String, String>>, ApiError> {
+    /// The files of `run`, when it was started here.
+    pub(super) fn get(&self, run: FlowRunId) -> Result<Option<RunFiles>, ApiError> {
         let text: Option<String> = self
             .db()
             .query_row(
@@ -71,6 +100,30 @@ impl RunSources {
             )
             .optional()
             .map_err(|e| ApiError::internal("reading the run's components", &e))?;
-        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+        Ok(text.and_then(|t| RunFiles::from_stored(&t)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_recorded_before_subflows_still_read() {
+        let old = r#"{"a.wasm":"00ff"}"#;
+        let files = RunFiles::from_stored(old).expect("the old form");
+        assert_eq!(files.components["a.wasm"], "00ff");
+        assert!(files.subflows.is_empty());
+        let new = RunFiles {
+            components: BTreeMap::from([("components".into(), "00ff".into())]),
+            subflows: BTreeMap::from([("child.toml".into(), "name = \"c\"".into())]),
+        };
+        assert_eq!(RunFiles::from_stored(&new.to_stored()), Some(new));
+        // A component file named `components` in the old form is still a component.
+        let odd = r#"{"components":"00ff"}"#;
+        assert_eq!(
+            RunFiles::from_stored(odd).expect("read").components["components"],
+            "00ff"
+        );
     }
 }

@@ -18,11 +18,11 @@ use super::events::StreamCount;
 use super::fair::{FairQueue, WINDOW};
 use super::problem::ApiError;
 use super::secrets::{ServerKey, TenantSecrets};
-use super::sources::RunSources;
+use super::sources::{RunFiles, RunSources};
 use super::tenants::Tenant;
 use super::wire::{Cancelled, RunStarted, StartRun, Usage};
 use crate::clock::ClockRef;
-use crate::flow::manifest::{ComponentFiles, Policy, normalize};
+use crate::flow::manifest::{ComponentFiles, Policy};
 use crate::grants::SecretSource;
 use crate::ids::FlowRunId;
 use crate::runner::{
@@ -237,10 +237,7 @@ impl Space {
 
     /// Parse the manifest of `req` (its components uploaded), without checking its grants.
     pub(super) fn parse(&self, req: &StartRun) -> Result<crate::flow::FlowDef, ApiError> {
-        let files = Uploaded {
-            space: self,
-            components: &req.components,
-        };
+        let files = Uploaded { space: self, req };
         crate::flow::manifest::parse_with_files(
             Path::new(&req.manifest_path),
             &req.manifest,
@@ -265,10 +262,7 @@ impl Space {
         policy: &Policy,
     ) -> Result<crate::flow::FlowDef, ApiError> {
         let file = Path::new(&req.manifest_path);
-        let files = Uploaded {
-            space: self,
-            components: &req.components,
-        };
+        let files = Uploaded { space: self, req };
         let parse = |policy| {
             crate::flow::manifest::parse_with_files(file, &req.manifest, Some(policy), &files)
         };
@@ -286,17 +280,6 @@ impl Space {
             )
             .map_err(|e| ApiError::internal("reading the tenant's grant ceiling", &e))?;
             parse(&ceiling).map_err(|e| ApiError::quota(tenant, "grants", 0, e))?;
-        }
-        if def.body.is_some() {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "code-flow-not-served",
-                format!(
-                    "flow `{}` is written as code (`code`), which `sluice server` does not run \
-                     yet: run it embedded (`sluice run` without --server)",
-                    def.name
-                ),
-            ));
         }
         check_budgets(tenant, &def)?;
         Ok(def)
@@ -345,10 +328,7 @@ impl Space {
             }
         }
         // The server never runs a manifest's build commands: components come uploaded.
-        for t in &mut def.tasks {
-            t.build = None;
-            t.sources.clear();
-        }
+        unbuilt(&mut def);
         self.runner
             .prepare(def, &self.dir)
             .await
@@ -391,7 +371,13 @@ impl Space {
             None => (FlowRunId::new(), None),
         };
         // Before the run exists: a run is never without what resuming it needs.
-        self.sources.record(id, &req.components)?;
+        self.sources.record(
+            id,
+            &RunFiles {
+                components: req.components.clone(),
+                subflows: req.subflows.clone(),
+            },
+        )?;
         let options = RunOptions {
             parameters: req.parameters,
             context: req.context,
@@ -445,7 +431,7 @@ impl Space {
             .map_err(|e| ApiError::store("reading the run", e))?;
         let (path, text) =
             resumable::check(&stored, &start).map_err(|e| conflict(e.to_string()))?;
-        let components = self.sources.get(id)?.ok_or_else(|| {
+        let files = self.sources.get(id)?.ok_or_else(|| {
             conflict(format!(
                 "flow run {id} has no recorded components, so its flow cannot be rebuilt"
             ))
@@ -453,7 +439,8 @@ impl Space {
         let req = StartRun {
             manifest: text,
             manifest_path: path.display().to_string(),
-            components,
+            components: files.components,
+            subflows: files.subflows,
             parameters: BTreeMap::new(),
             context: BTreeMap::new(),
         };
@@ -586,60 +573,90 @@ fn over_stored(tenant: &Tenant, quota: u64, stored: u64) -> ApiError {
     )
 }
 
-/// Each task's fuel, memory and deadline within the tenant's ceilings.
+/// Each task's fuel, memory and deadline within the tenant's ceilings, and those of a code
+/// flow's body and of its subflows (and theirs).
 fn check_budgets(tenant: &Tenant, def: &crate::flow::FlowDef) -> Result<(), ApiError> {
-    let q = &tenant.quotas;
+    if let Some(body) = &def.body {
+        let what = format!("the body of flow `{}`", def.name);
+        check_budget(tenant, &what, "code.", &body.budget)?;
+    }
     for t in &def.tasks {
-        let b = &t.budget;
-        if let Some(max) = q.max_task_fuel {
-            match b.fuel {
-                Some(fuel) if fuel <= max => {}
-                fuel => {
-                    return Err(ApiError::quota(
-                        tenant,
-                        "max_task_fuel",
-                        max,
-                        format!(
-                            "task `{}` is given {}: set its `fuel` to at most {max}",
-                            t.name,
-                            fuel.map_or_else(
-                                || "unlimited fuel".to_owned(),
-                                |f| format!("{f} fuel")
-                            )
-                        ),
-                    ));
-                }
-            }
-        }
-        if let Some(max) = q.max_task_memory
-            && b.memory_bytes > max
-        {
-            return Err(ApiError::quota(
-                tenant,
-                "max_task_memory",
-                max,
-                format!(
-                    "task `{}` is given {} bytes of memory: set its `memory` to at most {max} bytes",
-                    t.name, b.memory_bytes
-                ),
-            ));
-        }
-        if let Some(max) = q.max_task_timeout_ms
-            && b.timeout > Duration::from_millis(max)
-        {
-            return Err(ApiError::quota(
-                tenant,
-                "max_task_timeout_ms",
-                max,
-                format!(
-                    "task `{}` is given a {} ms deadline: set its `timeout` to at most {max} ms",
-                    t.name,
-                    b.timeout.as_millis()
-                ),
-            ));
+        match &t.subflow {
+            Some(sub) => check_budgets(tenant, &sub.def)?,
+            None => check_budget(tenant, &format!("task `{}`", t.name), "", &t.budget)?,
         }
     }
     Ok(())
+}
+
+/// The fuel, memory and deadline of `what` (whose keys start with `key`) within the tenant's
+/// ceilings.
+fn check_budget(
+    tenant: &Tenant,
+    what: &str,
+    key: &str,
+    b: &crate::sandbox::RunBudget,
+) -> Result<(), ApiError> {
+    let q = &tenant.quotas;
+    if let Some(max) = q.max_task_fuel {
+        match b.fuel {
+            Some(fuel) if fuel <= max => {}
+            fuel => {
+                return Err(ApiError::quota(
+                    tenant,
+                    "max_task_fuel",
+                    max,
+                    format!(
+                        "{what} is given {}: set its `{key}fuel` to at most {max}",
+                        fuel.map_or_else(|| "unlimited fuel".to_owned(), |f| format!("{f} fuel"))
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(max) = q.max_task_memory
+        && b.memory_bytes > max
+    {
+        return Err(ApiError::quota(
+            tenant,
+            "max_task_memory",
+            max,
+            format!(
+                "{what} is given {} bytes of memory: set its `{key}memory` to at most {max} bytes",
+                b.memory_bytes
+            ),
+        ));
+    }
+    if let Some(max) = q.max_task_timeout_ms
+        && b.timeout > Duration::from_millis(max)
+    {
+        return Err(ApiError::quota(
+            tenant,
+            "max_task_timeout_ms",
+            max,
+            format!(
+                "{what} is given a {} ms deadline: set its `{key}timeout` to at most {max} ms",
+                b.timeout.as_millis()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `def` without build commands (and sources), its body's and its subflows' too: the server
+/// runs uploaded components and never builds.
+fn unbuilt(def: &mut crate::flow::FlowDef) {
+    if let Some(body) = &mut def.body {
+        body.build = None;
+        body.sources.clear();
+    }
+    for t in &mut def.tasks {
+        t.build = None;
+        t.sources.clear();
+        if let Some(sub) = &mut t.subflow {
+            unbuilt(&mut std::sync::Arc::make_mut(sub).def);
+        }
+    }
 }
 
 /// The answer to an upload over `max` bytes (declared or read).
@@ -673,21 +690,25 @@ pub(super) fn is_digest(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// A run request's components: each path the manifest names → an uploaded component.
+/// A run request's files: each component path the manifest and its subflows name → an
+/// uploaded component, and each subflow manifest path → its text.
 struct Uploaded<'a> {
     space: &'a Space,
-    components: &'a BTreeMap<String, String>,
+    req: &'a StartRun,
 }
 
 impl ComponentFiles for Uploaded<'_> {
     /// Never read from the server's disk: a tenant names no file there.
-    fn subflow(&self, _local: &Path) -> Result<String, String> {
-        Err("the server does not run subflows (nor flows written as code) yet".into())
+    fn subflow(&self, local: &Path) -> Result<String, String> {
+        let key = local.display().to_string();
+        self.req.subflows.get(&key).cloned().ok_or_else(|| {
+            format!("has no manifest in the request's `subflows` (expected the key `{key}`)")
+        })
     }
 
-    fn file(&self, written: &Path, _local: &Path, _build: bool) -> Result<PathBuf, String> {
-        let key = normalize(written).display().to_string();
-        let Some(digest) = self.components.get(&key) else {
+    fn file(&self, _written: &Path, local: &Path, _build: bool) -> Result<PathBuf, String> {
+        let key = local.display().to_string();
+        let Some(digest) = self.req.components.get(&key) else {
             return Err(format!(
                 "has no digest in the request's `components` (expected the key `{key}`)"
             ));

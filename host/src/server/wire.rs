@@ -19,12 +19,19 @@ use crate::store::{LogTail, RunSummary, Store, StoreError, StoredLog, TailLimits
 pub struct StartRun {
     /// The manifest's TOML text.
     pub manifest: String,
-    /// The manifest's file name as the client knows it: positions in errors name it.
+    /// The manifest's path as the client knows it: positions in errors name it, and the paths
+    /// the manifest names are resolved against its directory (lexically: the server reads no
+    /// file there).
     pub manifest_path: String,
-    /// Each component path the manifest names (tasks and handlers, lexically normalized, as
-    /// written: relative to the manifest's directory unless absolute) → the blake3 digest (64
+    /// Each component file the manifest and its subflows name (tasks, handlers, a code flow's
+    /// body), resolved against the directory of the manifest naming it and lexically
+    /// normalized (with a bare file name as `manifest_path`: as written) → the blake3 digest (64
     /// hex digits) of the component uploaded with `PUT /api/v1/components/{digest}`.
     pub components: BTreeMap<String, String>,
+    /// Each subflow manifest a code flow's `[subflows]` (and theirs) name, resolved as
+    /// `components` are → its TOML text.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub subflows: BTreeMap<String, String>,
     /// Parameter values (override the manifest's defaults).
     #[serde(default)]
     #[schema(value_type = Object)]

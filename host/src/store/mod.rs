@@ -652,6 +652,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Runs, newest first.
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunSummary>, StoreError>;
 
+    /// The newest flow run started as the child flow run of task run `parent` (one standing
+    /// for a subflow), if any.
+    fn child_run(&self, parent: TaskRunId) -> Result<Option<FlowRunId>, StoreError>;
+
     /// One page of the log lines of `run` (of one task, when given) after position `after`, in
     /// order: at most `limit` lines (and at most [`LOG_PAGE_LINES`]), ending early at the line
     /// that reaches [`LOG_PAGE_BYTES`]. Read the next page after the last line's `seq`; an empty

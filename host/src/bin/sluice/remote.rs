@@ -409,7 +409,8 @@ impl Remote {
         }
         let mut components = BTreeMap::new();
         let mut digests: BTreeMap<PathBuf, String> = BTreeMap::new();
-        for (written, local) in files.0.into_inner() {
+        let Recording { files, subflows } = files;
+        for (written, local) in files.into_inner() {
             let digest = match digests.get(&local) {
                 Some(d) => d.clone(),
                 None => {
@@ -420,12 +421,13 @@ impl Remote {
             };
             components.insert(written, digest);
         }
+        // Sent as parsed here: the server resolves the paths it names as this parse did, so the
+        // keys of `components` and `subflows` are what it looks for.
         Ok(Some(StartRun {
             manifest: text,
-            manifest_path: flow
-                .file_name()
-                .map_or_else(|| "flow.toml".into(), |n| n.to_string_lossy().into_owned()),
+            manifest_path: path.display().to_string(),
             components,
+            subflows: subflows.into_inner(),
             parameters,
             context,
         }))
@@ -606,20 +608,30 @@ impl Remote {
 #[error("{0}")]
 pub(crate) struct QuotaRefused(String);
 
-/// Component files beside the manifest, each recorded under the path the manifest gives it.
+/// Component files and subflow manifests beside the manifest, each recorded under its path as
+/// the parse resolved it (the key the server looks for).
 #[derive(Default)]
-struct Recording(RefCell<BTreeMap<String, PathBuf>>);
+struct Recording {
+    /// Each component path (as the parse resolved it) → its local file.
+    files: RefCell<BTreeMap<String, PathBuf>>,
+    /// Each subflow manifest path → its text.
+    subflows: RefCell<BTreeMap<String, String>>,
+}
 
 impl ComponentFiles for Recording {
     fn subflow(&self, local: &Path) -> Result<String, String> {
-        LocalFiles.subflow(local)
+        let text = LocalFiles.subflow(local)?;
+        self.subflows
+            .borrow_mut()
+            .insert(local.display().to_string(), text.clone());
+        Ok(text)
     }
 
     fn file(&self, written: &Path, local: &Path, build: bool) -> Result<PathBuf, String> {
         let file = LocalFiles.file(written, local, build)?;
-        self.0
+        self.files
             .borrow_mut()
-            .insert(written.display().to_string(), file.clone());
+            .insert(local.display().to_string(), file.clone());
         Ok(file)
     }
 }

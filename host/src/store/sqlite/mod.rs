@@ -358,6 +358,10 @@ impl Store for SqliteStore {
         self.list_runs_impl(filter)
     }
 
+    fn child_run(&self, parent: TaskRunId) -> Result<Option<FlowRunId>, StoreError> {
+        self.child_run_impl(parent)
+    }
+
     fn changes(
         &self,
         run: FlowRunId,

@@ -140,6 +140,20 @@ impl SqliteStore {
         }
     }
 
+    pub(super) fn child_run_impl(
+        &self,
+        parent: TaskRunId,
+    ) -> Result<Option<FlowRunId>, StoreError> {
+        let conn = self.read();
+        let id: Option<String> = conn
+            .prepare_cached(
+                "SELECT id FROM flow_runs WHERE parent_task_run = ?1 ORDER BY id DESC LIMIT 1",
+            )
+            .and_then(|mut s| s.query_row([parent.to_string()], |r| r.get(0)).optional())
+            .map_err(self.io_err("child run lookup"))?;
+        id.map(|id| parse_id(&id, &id)).transpose()
+    }
+
     pub(super) fn load_run_impl(&self, run: FlowRunId) -> Result<StoredRun, StoreError> {
         let conn = self.read();
         let id = run.to_string();

@@ -160,6 +160,15 @@ CREATE TABLE journal (
     PRIMARY KEY (flow_run, seq)
 ) WITHOUT ROWID;
 ",
+    // 10: a subflow's child flow run names the task run standing for it in its parent, so a
+    // resumed parent resumes that child instead of starting another (earlier children: from
+    // their context).
+    r"
+ALTER TABLE flow_runs ADD COLUMN parent_task_run TEXT;
+UPDATE flow_runs SET parent_task_run = json_extract(context, '$.parent_task_run_id')
+    WHERE json_valid(context) AND json_type(context, '$.parent_task_run_id') = 'text';
+CREATE INDEX flow_runs_parent ON flow_runs(parent_task_run) WHERE parent_task_run IS NOT NULL;
+",
 ];
 
 /// The number a transaction that writes runs marks its rows with: take it first in the

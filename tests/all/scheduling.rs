@@ -195,8 +195,8 @@ impl Store for PollRecorder {
     ) -> Result<HashMap<TaskRunId, LogTail>, StoreError> {
         self.inner.log_tails(run, limits)
     }
-    fn queued_log_bytes(&self) -> u64 {
-        self.inner.queued_log_bytes()
+    fn queued_write_bytes(&self) -> u64 {
+        self.inner.queued_write_bytes()
     }
     fn is_live(&self, run: FlowRunId) -> bool {
         self.inner.is_live(run)

@@ -97,6 +97,7 @@ async fn a_code_flow_and_its_subflows_run_on_the_server_as_embedded() {
     let out = server.cli(&a, &["show", &parent]);
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(shown.contains("subflow child → #0"), "the journal: {shown}");
+    assert!(!shown.contains("Grants: unknown"), "{shown}");
     let runs = json_of(&server.cli(&a, &["runs", "--json"]));
     let runs = runs.as_array().expect("runs");
     assert_eq!(runs.len(), 3, "{runs:#?}");
@@ -120,6 +121,16 @@ async fn a_code_flow_and_its_subflows_run_on_the_server_as_embedded() {
             logs.contains(&format!("subflow run {id} of `{name}` ended {state}")),
             "{logs}"
         );
+        // A child is resumed by resuming its parent.
+        let out = server.cli(&a, &["resume", &id]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!(
+                "flow run {id} is a subflow's run of flow run {parent}: resume that one"
+            )),
+            "{}",
+            stderr(&out)
+        );
         children.push(id);
     }
 
@@ -135,6 +146,50 @@ async fn a_code_flow_and_its_subflows_run_on_the_server_as_embedded() {
     assert_eq!(list, json!([]));
 }
 
+/// `args` of the CLI against `server`, or a panic when they have not ended within two minutes
+/// (a run that waits for ever).
+fn cli_within(server: &ServerProcess, token: &str, args: &[&str]) -> std::process::Output {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .args(["--server", &server.url, "--token", token])
+        .env("SLUICE_HOME", server.home.join("client-home"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sluice");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`sluice {}` did not end within 2 minutes", args.join(" "));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// A task run standing for a subflow holds no slot while its child runs: with one slot on the
+/// server and one running task run allowed to the tenant, a body running two subflows, one
+/// after the other, completes (held, the child's task run would wait for ever).
+#[test]
+fn a_subflow_holds_no_slot_while_its_child_runs() {
+    let server = ServerProcess::start(&["--task-slots", "1"]);
+    let a = server.add_tenant("a");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["tenant", "set", "a", "--max-running-tasks", "1"])
+        .env("SLUICE_HOME", &server.home)
+        .output()
+        .expect("tenant set");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = code_flow(dir.path(), "scenario = \"subflow\"\nn = 2", "");
+    let out = cli_within(&server, &a, &["run", utf8(&flow), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let record = json_of(&out);
+    assert_eq!(record["result"]["result"], 2, "{record:#}");
+    assert_eq!(record["result"]["failed"]["name"], "Failed", "{record:#}");
+}
+
 /// Over HTTP, a request naming a subflow it does not bring is refused at the subflow's line,
 /// naming the key it lacks; the server reads no file of a tenant's paths.
 #[tokio::test(flavor = "multi_thread")]
@@ -146,7 +201,8 @@ async fn a_run_request_without_its_subflows_manifest_is_refused_naming_it() {
     let flow = code_flow(dir.path(), "scenario = \"subflow\"\nn = 1", "");
     let mut components = serde_json::Map::new();
     let slow = guest("hostile").display().to_string();
-    for name in ["body.wasm", "task.wasm", &slow] {
+    let fail = guest("signal_fail").display().to_string();
+    for name in ["body.wasm", "task.wasm", &slow, "sub/task.wasm", &fail] {
         // Relative keys as written beside `flow.toml`; an absolute one as it is.
         let bytes = std::fs::read(dir.path().join(name)).expect("component");
         let digest = blake3::hash(&bytes).to_hex().to_string();
@@ -182,6 +238,32 @@ async fn a_run_request_without_its_subflows_manifest_is_refused_naming_it() {
                  `sub/child.toml`)"
             ),
         "{body:#}"
+    );
+    // With both manifests it runs; a manifest no manifest names is refused, not stored.
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).expect("manifest");
+    let mut subflows =
+        json!({"sub/child.toml": read("sub/child.toml"), "dag.toml": read("dag.toml")});
+    let post = |subflows: &Value| {
+        client()
+            .post(server.api("/runs"))
+            .bearer_auth(&a)
+            .json(&json!({
+                "manifest": read("flow.toml"),
+                "manifest_path": "flow.toml",
+                "components": components,
+                "subflows": subflows,
+            }))
+            .send()
+    };
+    let resp = post(&subflows).await.expect("post");
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    subflows["extra.toml"] = json!("name = \"extra\"\n");
+    let resp = post(&subflows).await.expect("post");
+    assert_eq!(resp.status().as_u16(), 422);
+    let body: Value = resp.json().await.expect("problem");
+    assert_eq!(
+        body["detail"],
+        "the request's `subflows` has `extra.toml`, which no manifest names as a subflow"
     );
 }
 

@@ -122,8 +122,8 @@ struct Driver<'a> {
     here: Option<Pin<Box<dyn Future<Output = Finished> + Send>>>,
     /// Attempts submitted and not answered.
     in_flight: usize,
-    /// Attempts decided while the store's log backlog was over [`LOG_BACKLOG`], in order: they
-    /// start as it drains.
+    /// Attempts decided while the store's backlog of writes was over [`WRITE_BACKLOG`], in
+    /// order: they start as it drains.
     deferred: VecDeque<Job>,
     timers: JoinSet<Unit>,
     hooks: JoinSet<HooksAnswer>,
@@ -252,6 +252,10 @@ impl Driver<'_> {
                     let component = match &self.flow.components[a.template] {
                         super::Runs::Task(c) => c.clone(),
                         super::Runs::Subflow(child, sub) => {
+                            // The child's own task runs take slots: this one holds none while
+                            // it waits for them (held, a body running as many subflows as
+                            // there are slots would wait for ever).
+                            drop(self.granted.remove(&a.unit));
                             self.in_flight += 1;
                             let run = super::subflow::run(
                                 self.runner,
@@ -418,7 +422,7 @@ impl Driver<'_> {
         let Some(store) = &self.runner.store else {
             return true;
         };
-        store.queued_log_bytes() <= LOG_BACKLOG
+        store.queued_write_bytes() <= WRITE_BACKLOG
             || self.cancel.is_cancelled()
             || store.write_error().is_some()
     }
@@ -529,12 +533,13 @@ async fn run_handlers(
     (state, logs)
 }
 
-/// The most log bytes (as [`LogRecord::cost`] counts them) a run lets wait in the store's queue:
-/// beyond it, new attempts wait until the store has written them, so a run's logs stream through
-/// memory instead of piling up in it when guests log faster than the store writes.
-const LOG_BACKLOG: u64 = 16 << 20;
+/// The most bytes of writes (as [`Store::queued_write_bytes`] counts them: logs, task runs'
+/// changes, journal entries) a run lets wait in the store's queue: beyond it, new attempts wait
+/// until the store has committed them, so what a run records streams through memory instead of
+/// piling up in it when its task runs end (or guests log) faster than the store writes.
+const WRITE_BACKLOG: u64 = 16 << 20;
 
-/// How often deferred attempts check the store's log backlog.
+/// How often deferred attempts check the store's backlog.
 const BACKLOG_POLL: Duration = Duration::from_millis(5);
 
 /// Most bytes of cached values a run preloads per task; the rest are read on a hit.

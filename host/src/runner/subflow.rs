@@ -23,7 +23,7 @@ use super::executor::Finished;
 use super::machine::Attempt;
 use super::{FlowRun, FlowRunner, PrepareError, PreparedFlow, RunOptions};
 use crate::flow::SubflowDef;
-use crate::ids::TaskRunId;
+use crate::ids::{FlowRunId, TaskRunId};
 use crate::json::Json;
 use crate::sandbox::{
     CancelToken, Ending, LogLevel, LogRecord, LogSource, RunOutcome, Signal, Usage,
@@ -94,7 +94,7 @@ async fn run_child(
                 manifest: Some((sub.manifest.clone(), sub.text.clone())),
                 ..RunOptions::default()
             };
-            let standing = attempt.ctx.task_run_id;
+            let standing = (attempt.ctx.flow_run_id, attempt.ctx.task_run_id);
             let child_run = async {
                 match earlier_child(&runner, &child, standing).await? {
                     Some(run) if run.state.state_type() == StateType::Completed => Ok(run),
@@ -133,12 +133,13 @@ async fn run_child(
     }
 }
 
-/// The child flow run an earlier attempt of task run `standing` started (its parent resumed),
-/// ready to resume (a run recorded without its task runs gets them), if there is one.
+/// The child flow run an earlier attempt of task run `standing` (of its flow run) started (its
+/// parent resumed), ready to resume (a run recorded without its task runs gets them), if there
+/// is one: a run of the subflow's flow whose context names both.
 async fn earlier_child(
     runner: &FlowRunner,
     child: &PreparedFlow,
-    standing: TaskRunId,
+    (parent, standing): (FlowRunId, TaskRunId),
 ) -> Result<Option<FlowRun>, PrepareError> {
     let Some(store) = runner.store.clone() else {
         return Ok(None);
@@ -157,8 +158,14 @@ async fn earlier_child(
     let found = read
         .await
         .map_err(|e| StoreError::io("child run lookup", e))??;
+    let parent = parent.to_string();
     match found {
         None => Ok(None),
+        Some((run, _))
+            if run.flow != child.def.name || run.context.get(PARENT_FLOW_RUN) != Some(&parent) =>
+        {
+            Ok(None)
+        }
         Some((run, Some(problems))) => Err(PrepareError::RecordMismatch {
             flow: child.def.name.clone(),
             detail: format!(

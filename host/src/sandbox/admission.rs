@@ -6,6 +6,11 @@
 //! pool and make another fail. A run that cannot be admitted yet waits. Reservations are taken in
 //! one fixed order from FIFO semaphores, so runs are admitted in arrival order and can never
 //! deadlock, and they are released only after the run's store (and with it every slot) is gone.
+//!
+//! A code flow's body waits for its task runs while it holds its reservation, so bodies are
+//! admitted within half of the run slots and half of the memory ceiling: however many bodies
+//! wait, task runs always have the other half, and a body never waits for a task run that
+//! bodies keep from being admitted.
 
 use std::sync::Arc;
 
@@ -30,12 +35,16 @@ pub(super) struct Admission {
     /// The host-wide memory ceiling, in MiB of run budgets.
     memory_mib: Arc<Semaphore>,
     ceiling_bytes: u64,
+    /// The share of the run slots code flows' bodies may hold.
+    body_slots: Arc<Semaphore>,
+    /// The share of the memory ceiling (MiB) their budgets may hold.
+    body_memory_mib: Arc<Semaphore>,
 }
 
 /// A run's reservation; dropping it gives everything back.
 #[derive(Debug)]
 pub(super) struct Admitted {
-    _permits: [OwnedSemaphorePermit; 4],
+    _permits: Vec<OwnedSemaphorePermit>,
 }
 
 const MIB: u64 = 1 << 20;
@@ -55,7 +64,14 @@ impl Admission {
             tables: Arc::new(Semaphore::new(permits(u64::from(tables)))),
             memory_mib: Arc::new(Semaphore::new(permits(ceiling_bytes / MIB))),
             ceiling_bytes: ceiling_bytes / MIB * MIB,
+            body_slots: Arc::new(Semaphore::new(permits(u64::from(slots / 2).max(1)))),
+            body_memory_mib: Arc::new(Semaphore::new(permits(ceiling_bytes / MIB / 2))),
         }
+    }
+
+    /// The part of the memory ceiling bodies may hold, in bytes (whole MiB).
+    fn body_ceiling_bytes(&self) -> u64 {
+        self.ceiling_bytes / MIB / 2 * MIB
     }
 
     /// The memory ceiling, in bytes (whole MiB).
@@ -63,38 +79,49 @@ impl Admission {
         self.ceiling_bytes
     }
 
-    /// Whether a run with this memory budget can ever be admitted.
-    pub(super) fn check(&self, memory_bytes: u64) -> Result<(), LimitExceeded> {
-        if memory_bytes > self.ceiling_bytes {
+    /// Whether a run with this memory budget (a code flow's body when `body`) can ever be
+    /// admitted.
+    pub(super) fn check(&self, memory_bytes: u64, body: bool) -> Result<(), LimitExceeded> {
+        let max = match body {
+            true => self.body_ceiling_bytes(),
+            false => self.ceiling_bytes,
+        };
+        if memory_bytes > max {
             return Err(LimitExceeded {
                 limit: Limit::HostMemory,
-                max: self.ceiling_bytes,
+                max,
                 requested: Some(memory_bytes),
             });
         }
         Ok(())
     }
 
-    /// Wait until a run of a component with `needs` and a memory budget of `memory_bytes` fits,
-    /// and reserve it. Refused at once when it could never fit the memory ceiling.
+    /// Wait until a run of a component with `needs` and a memory budget of `memory_bytes` fits
+    /// (a code flow's body when `body`: within the bodies' share too), and reserve it. Refused
+    /// at once when it could never fit the memory ceiling.
     pub(super) async fn admit(
         &self,
         needs: Needs,
         memory_bytes: u64,
+        body: bool,
     ) -> Result<Admitted, LimitExceeded> {
-        self.check(memory_bytes)?;
+        self.check(memory_bytes, body)?;
         let mib = u32::try_from(memory_bytes.div_ceil(MIB)).unwrap_or(u32::MAX);
-        // The order is fixed (slot, memories, tables, memory): a run holding a reservation only
-        // ever waits for one later in the order, so no cycle of waiting runs can form. The
-        // semaphores are never closed, so acquiring only waits.
+        // The order is fixed (the bodies' share, slot, memories, tables, memory): a run holding
+        // a reservation only ever waits for one later in the order, so no cycle of waiting runs
+        // can form. The semaphores are never closed, so acquiring only waits.
         let acquire = async |s: &Arc<Semaphore>, n: u32| s.clone().acquire_many_owned(n).await;
         let reserved = async {
-            Ok::<_, tokio::sync::AcquireError>([
-                acquire(&self.slots, 1).await?,
-                acquire(&self.memories, needs.memories).await?,
-                acquire(&self.tables, needs.tables).await?,
-                acquire(&self.memory_mib, mib).await?,
-            ])
+            let mut permits = Vec::with_capacity(6);
+            if body {
+                permits.push(acquire(&self.body_slots, 1).await?);
+                permits.push(acquire(&self.body_memory_mib, mib).await?);
+            }
+            permits.push(acquire(&self.slots, 1).await?);
+            permits.push(acquire(&self.memories, needs.memories).await?);
+            permits.push(acquire(&self.tables, needs.tables).await?);
+            permits.push(acquire(&self.memory_mib, mib).await?);
+            Ok::<_, tokio::sync::AcquireError>(permits)
         };
         match reserved.await {
             Ok(permits) => Ok(Admitted { _permits: permits }),
@@ -128,8 +155,11 @@ mod tests {
     #[tokio::test]
     async fn a_run_over_the_ceiling_is_refused_and_one_at_it_is_admitted() {
         let a = Admission::new(4, 4, 4, 64 * MIB);
-        let at = a.admit(Needs::default(), 64 * MIB).await.expect("fits");
-        let over = a.check(64 * MIB + 1).expect_err("over the ceiling");
+        let at = a
+            .admit(Needs::default(), 64 * MIB, false)
+            .await
+            .expect("fits");
+        let over = a.check(64 * MIB + 1, false).expect_err("over the ceiling");
         assert_eq!(over.limit, Limit::HostMemory);
         assert_eq!(over.max, 64 * MIB);
         drop(at);
@@ -145,6 +175,7 @@ mod tests {
                     tables: 0,
                 },
                 MIB,
+                false,
             )
             .await
             .expect("fits");
@@ -156,6 +187,7 @@ mod tests {
                     tables: 0,
                 },
                 MIB,
+                false,
             )
             .await
             .map(|_| ())
@@ -164,6 +196,43 @@ mod tests {
         assert!(!second.is_finished(), "only one memory is free");
         drop(first);
         second.await.expect("joined").expect("admitted once freed");
+    }
+
+    /// Bodies hold at most half the run slots and half the memory ceiling: at the share one
+    /// more body waits (a task run does not), and a body's budget over half the ceiling is
+    /// refused naming the half.
+    #[tokio::test]
+    async fn bodies_are_admitted_within_half_the_slots_and_memory() {
+        let a = Arc::new(Admission::new(4, 8, 8, 64 * MIB));
+        let none = Needs::default();
+        let b1 = a.admit(none, MIB, true).await.expect("first body");
+        let b2 = a
+            .admit(none, MIB, true)
+            .await
+            .expect("second body: at the share");
+        let a2 = a.clone();
+        let third = tokio::spawn(async move { a2.admit(none, MIB, true).await.map(drop) });
+        tokio::task::yield_now().await;
+        assert!(!third.is_finished(), "a third body waits");
+        let task = a
+            .admit(none, MIB, false)
+            .await
+            .expect("a task run is admitted");
+        drop(b1);
+        third
+            .await
+            .expect("joined")
+            .expect("admitted once a body ended");
+        drop((b2, task));
+        let at = a
+            .admit(none, 32 * MIB, true)
+            .await
+            .expect("at half the ceiling");
+        drop(at);
+        let over = a.check(32 * MIB + 1, true).expect_err("over half");
+        assert_eq!((over.limit, over.max), (Limit::HostMemory, 32 * MIB));
+        a.check(32 * MIB + 1, false)
+            .expect("a task run may have more");
     }
 
     #[test]

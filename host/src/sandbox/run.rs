@@ -311,7 +311,7 @@ impl Sandbox {
         let admitted = tokio::select! {
             biased;
             () = cancelled(cancel) => Err(Interruption::Cancelled),
-            a = self.0.admission.admit(needs, budget.memory_bytes) => a.map_err(Interruption::Refused),
+            a = self.0.admission.admit(needs, budget.memory_bytes, reach.body.is_some()) => a.map_err(Interruption::Refused),
         };
         let started = Instant::now();
         // A deadline too far away to represent is as good as none: about a century.

@@ -237,7 +237,7 @@ impl Space {
 
     /// Parse the manifest of `req` (its components uploaded), without checking its grants.
     pub(super) fn parse(&self, req: &StartRun) -> Result<crate::flow::FlowDef, ApiError> {
-        let files = Uploaded { space: self, req };
+        let files = Uploaded::new(self, req);
         crate::flow::manifest::parse_with_files(
             Path::new(&req.manifest_path),
             &req.manifest,
@@ -262,7 +262,7 @@ impl Space {
         policy: &Policy,
     ) -> Result<crate::flow::FlowDef, ApiError> {
         let file = Path::new(&req.manifest_path);
-        let files = Uploaded { space: self, req };
+        let files = Uploaded::new(self, req);
         let parse = |policy| {
             crate::flow::manifest::parse_with_files(file, &req.manifest, Some(policy), &files)
         };
@@ -273,6 +273,15 @@ impl Space {
                 e.to_string(),
             )
         })?;
+        if let Some(key) = files.unused_subflow() {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-manifest",
+                format!(
+                    "the request's `subflows` has `{key}`, which no manifest names as a subflow"
+                ),
+            ));
+        }
         if let Some(ceiling) = &tenant.grants {
             let ceiling = Policy::parse(
                 Path::new(&format!("grant ceiling of tenant `{}`", tenant.name)),
@@ -429,6 +438,12 @@ impl Space {
             .await
             .map_err(|e| ApiError::internal("reading the run", &e))?
             .map_err(|e| ApiError::store("reading the run", e))?;
+        if let Some(parent) = stored.run.context.get(crate::runner::PARENT_FLOW_RUN) {
+            return Err(conflict(format!(
+                "flow run {id} is a subflow's run of flow run {parent}: resume that one (`sluice \
+                 resume {parent}`), which resumes this run where it stopped"
+            )));
+        }
         let (path, text) =
             resumable::check(&stored, &start).map_err(|e| conflict(e.to_string()))?;
         let files = self.sources.get(id)?.ok_or_else(|| {
@@ -695,20 +710,51 @@ pub(super) fn is_digest(s: &str) -> bool {
 struct Uploaded<'a> {
     space: &'a Space,
     req: &'a StartRun,
+    /// The keys of `req.subflows` the parse looked up.
+    used: std::cell::RefCell<std::collections::BTreeSet<String>>,
+}
+
+impl<'a> Uploaded<'a> {
+    fn new(space: &'a Space, req: &'a StartRun) -> Self {
+        Uploaded {
+            space,
+            req,
+            used: Default::default(),
+        }
+    }
+
+    /// A subflow manifest the request brings that no manifest names: refused, not stored.
+    fn unused_subflow(&self) -> Option<&str> {
+        let used = self.used.borrow();
+        self.req
+            .subflows
+            .keys()
+            .find(|k| !used.contains(*k))
+            .map(String::as_str)
+    }
 }
 
 impl ComponentFiles for Uploaded<'_> {
     /// Never read from the server's disk: a tenant names no file there.
     fn subflow(&self, local: &Path) -> Result<String, String> {
         let key = local.display().to_string();
-        self.req.subflows.get(&key).cloned().ok_or_else(|| {
+        let text = self.req.subflows.get(&key).cloned().ok_or_else(|| {
             format!("has no manifest in the request's `subflows` (expected the key `{key}`)")
-        })
+        })?;
+        self.used.borrow_mut().insert(key);
+        Ok(text)
     }
 
-    fn file(&self, _written: &Path, local: &Path, _build: bool) -> Result<PathBuf, String> {
+    fn file(&self, written: &Path, local: &Path, _build: bool) -> Result<PathBuf, String> {
+        // As resolved beside the manifest naming it; else as written (a client that keys the
+        // top manifest's components so, with a `manifest_path` in a directory).
         let key = local.display().to_string();
-        let Some(digest) = self.req.components.get(&key) else {
+        let digest = self
+            .req
+            .components
+            .get(&key)
+            .or_else(|| self.req.components.get(&written.display().to_string()));
+        let Some(digest) = digest else {
             return Err(format!(
                 "has no digest in the request's `components` (expected the key `{key}`)"
             ));

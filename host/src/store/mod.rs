@@ -694,11 +694,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         limits: &TailLimits,
     ) -> Result<HashMap<TaskRunId, LogTail>, StoreError>;
 
-    /// What the log records submitted and not yet committed cost
-    /// ([`LogRecord::cost`](crate::sandbox::LogRecord::cost)). A runner starts no new attempt
-    /// while this is above its backlog limit, so logs never pile up in memory faster than the
-    /// store writes them. Default: 0 (a store that writes synchronously).
-    fn queued_log_bytes(&self) -> u64 {
+    /// What the writes submitted and not yet committed cost: about the memory they hold (log
+    /// records by their [`LogRecord::cost`](crate::sandbox::LogRecord::cost)). A runner starts
+    /// no new attempt while this is above its backlog limit, so writes (logs, task runs'
+    /// changes, journal entries) never pile up in memory faster than the store commits them.
+    /// Default: 0 (a store that writes synchronously).
+    fn queued_write_bytes(&self) -> u64 {
         0
     }
 

@@ -240,17 +240,33 @@ pub fn parse_with_files(
     policy: Option<&Policy>,
     files: &dyn ComponentFiles,
 ) -> Result<FlowDef, ManifestError> {
-    parse_nested(file, text, policy, files, &mut Vec::new())
+    parse_nested(file, text, policy, files, &mut Nesting::default())
 }
 
-/// [`parse_with_files`] of a manifest that `ancestors` reach as a subflow (each of them the
-/// parent of the next).
+/// How deep subflows may nest: a flow's subflow is at depth 1, its subflow's at 2.
+pub const MAX_SUBFLOW_DEPTH: usize = 8;
+
+/// How many subflows a flow and its subflows may name in all (each naming counts, so a
+/// manifest named twice counts twice).
+pub const MAX_SUBFLOWS: usize = 256;
+
+/// Where a parse is among subflows.
+#[derive(Debug, Default)]
+struct Nesting {
+    /// The manifests reaching the one parsed as subflows, each the parent of the next.
+    ancestors: Vec<PathBuf>,
+    /// Subflows parsed so far, in the whole tree.
+    parsed: usize,
+}
+
+/// [`parse_with_files`] of a manifest that `nest.ancestors` reach as a subflow (each of them
+/// the parent of the next).
 fn parse_nested(
     file: &Path,
     text: &str,
     policy: Option<&Policy>,
     files: &dyn ComponentFiles,
-    ancestors: &mut Vec<PathBuf>,
+    nest: &mut Nesting,
 ) -> Result<FlowDef, ManifestError> {
     let src = Source { file, text };
     let dir = file.parent().unwrap_or(Path::new("."));
@@ -294,7 +310,7 @@ fn parse_nested(
             (&name, &path),
             body.is_some(),
             (policy, files),
-            ancestors,
+            nest,
         )?;
         if tasks.iter().any(|t| t.name == name) {
             return Err(src.error(
@@ -384,7 +400,7 @@ fn subflow_def(
     (name, path): (&str, &Spanned<String>),
     code: bool,
     (policy, files): (Option<&Policy>, &dyn ComponentFiles),
-    ancestors: &mut Vec<PathBuf>,
+    nest: &mut Nesting,
 ) -> Result<SubflowDef, ManifestError> {
     let err = |message: String| src.error(path.span(), format!("subflow `{name}`: {message}"));
     if !code {
@@ -393,22 +409,38 @@ fn subflow_def(
         ));
     }
     let manifest = normalize(&dir.join(path.get_ref()));
-    let text = files.subflow(&manifest).map_err(err)?;
     let me = normalize(src.file);
-    if ancestors.contains(&manifest) || manifest == me {
-        let chain: Vec<String> = ancestors
+    let chain = |nest: &Nesting| {
+        let chain: Vec<String> = nest
+            .ancestors
             .iter()
             .chain([&me, &manifest])
             .map(|p| format!("`{}`", p.display()))
             .collect();
+        chain.join(" → ")
+    };
+    if nest.ancestors.contains(&manifest) || manifest == me {
         return Err(err(format!(
             "a flow cannot run itself: {} is a cycle",
-            chain.join(" → ")
+            chain(nest)
         )));
     }
-    ancestors.push(me);
-    let def = parse_nested(&manifest, &text, policy, files, ancestors);
-    ancestors.pop();
+    if nest.ancestors.len() + 1 > MAX_SUBFLOW_DEPTH {
+        return Err(err(format!(
+            "subflows nest at most {MAX_SUBFLOW_DEPTH} deep: {} is deeper",
+            chain(nest)
+        )));
+    }
+    nest.parsed += 1;
+    if nest.parsed > MAX_SUBFLOWS {
+        return Err(err(format!(
+            "a flow and its subflows name at most {MAX_SUBFLOWS} subflows in all"
+        )));
+    }
+    let text = files.subflow(&manifest).map_err(err)?;
+    nest.ancestors.push(me);
+    let def = parse_nested(&manifest, &text, policy, files, nest);
+    nest.ancestors.pop();
     Ok(SubflowDef {
         def: def?,
         manifest,

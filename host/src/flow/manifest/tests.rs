@@ -824,3 +824,70 @@ fn subflow_errors_name_their_place() {
         fails(&format!("{code}bad = \"bad.toml\"\n"))
     );
 }
+
+/// Subflows nest at most [`MAX_SUBFLOW_DEPTH`] deep, and a flow with its subflows names at
+/// most [`MAX_SUBFLOWS`] in all (a manifest named twice counts twice, so a diamond cannot make
+/// a small request cost exponentially many parses): at each limit a flow parses, one over is
+/// refused naming the limit.
+#[test]
+fn subflows_nest_and_count_within_their_limits() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path();
+    std::fs::write(path.join("t.wasm"), b"").expect("write");
+    std::fs::write(
+        path.join("dag.toml"),
+        "name = \"dag\"\n[tasks.a]\ncomponent = \"t.wasm\"\n",
+    )
+    .expect("write");
+    // c1 → c2 → … → c<depth> → dag: the dag at depth `depth + 1` below flow.toml.
+    let chain = |depth: usize| {
+        for i in 1..=depth {
+            let next = if i == depth {
+                "dag.toml".to_owned()
+            } else {
+                format!("c{}.toml", i + 1)
+            };
+            std::fs::write(
+                path.join(format!("c{i}.toml")),
+                format!("name = \"c{i}\"\ncode = \"t.wasm\"\n[subflows]\nnext = \"{next}\"\n"),
+            )
+            .expect("write");
+        }
+        parse(
+            &path.join("flow.toml"),
+            "name = \"f\"\ncode = \"t.wasm\"\n[subflows]\nc = \"c1.toml\"\n",
+        )
+    };
+    chain(MAX_SUBFLOW_DEPTH - 1).expect("at the depth limit");
+    let e = chain(MAX_SUBFLOW_DEPTH)
+        .expect_err("one deeper")
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "subflow `next`: subflows nest at most {MAX_SUBFLOW_DEPTH} deep: "
+        )) && e.contains("c8.toml` → ")
+            && e.ends_with("dag.toml` is deeper"),
+        "{e}"
+    );
+    let naming = |n: usize| {
+        let mut text = String::from("name = \"f\"\ncode = \"t.wasm\"\n[subflows]\n");
+        for i in 0..n {
+            text.push_str(&format!("s{i} = \"dag.toml\"\n"));
+        }
+        parse(&path.join("flow.toml"), &text)
+    };
+    assert_eq!(
+        naming(MAX_SUBFLOWS)
+            .expect("at the count limit")
+            .tasks
+            .len(),
+        MAX_SUBFLOWS
+    );
+    let e = naming(MAX_SUBFLOWS + 1).expect_err("one more").to_string();
+    assert!(
+        e.contains(&format!(
+            "a flow and its subflows name at most {MAX_SUBFLOWS} subflows in all"
+        )),
+        "{e}"
+    );
+}

@@ -273,8 +273,7 @@ fn classify(path: &Path, operation: &str, e: &rusqlite::Error) -> StoreError {
 
 impl Store for SqliteStore {
     fn submit(&self, write: Write) {
-        let logs = writer::log_cost(&write);
-        self.inner.health.logs_queued(logs);
+        self.inner.health.queued(writer::cost(&write));
         // The writer lives as long as the store; a send fails only if it panicked.
         if lock(&self.inner.tx).send(Msg::Write(write)).is_err() {
             self.inner
@@ -296,8 +295,8 @@ impl Store for SqliteStore {
         self.inner.health.error()
     }
 
-    fn queued_log_bytes(&self) -> u64 {
-        self.inner.health.queued_logs()
+    fn queued_write_bytes(&self) -> u64 {
+        self.inner.health.queued_bytes()
     }
 
     fn abandon(&self, run: FlowRunId, now: DateTime<Utc>) -> Result<Option<State>, StoreError> {

@@ -44,10 +44,9 @@ pub(super) struct Health {
     error: Mutex<Option<StoreError>>,
     /// SQLite reported the database damaged: nothing is written to it any more.
     damaged: AtomicBool,
-    /// What the log records submitted and not yet committed (or discarded) cost
-    /// ([`LogRecord::cost`](crate::sandbox::LogRecord::cost)): the backlog a runner waits on
-    /// before starting more attempts.
-    queued_logs: AtomicU64,
+    /// What the writes submitted and not yet committed (or discarded) cost ([`cost`]): the
+    /// backlog a runner waits on before starting more attempts.
+    queued: AtomicU64,
     /// Counts the transactions that changed runs, for readers waiting for changes
     /// ([`super::SqliteStore::watch_changes`]).
     changed: tokio::sync::watch::Sender<u64>,
@@ -59,7 +58,7 @@ impl Health {
             marker: damage_marker(path),
             error: Mutex::new(None),
             damaged: AtomicBool::new(false),
-            queued_logs: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
             changed: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -74,23 +73,23 @@ impl Health {
         self.changed.subscribe()
     }
 
-    /// Log records of `bytes` (their cost) were queued.
-    pub(super) fn logs_queued(&self, bytes: u64) {
-        self.queued_logs.fetch_add(bytes, Ordering::SeqCst);
+    /// Writes of `bytes` (their cost) were queued.
+    pub(super) fn queued(&self, bytes: u64) {
+        self.queued.fetch_add(bytes, Ordering::SeqCst);
     }
 
-    /// Log records of `bytes` left the queue: committed or discarded.
-    fn logs_done(&self, bytes: u64) {
+    /// Writes of `bytes` left the queue: committed or discarded.
+    fn done(&self, bytes: u64) {
         let _ = self
-            .queued_logs
+            .queued
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 Some(n.saturating_sub(bytes))
             });
     }
 
-    /// What the log records queued and not yet committed cost.
-    pub(super) fn queued_logs(&self) -> u64 {
-        self.queued_logs.load(Ordering::SeqCst)
+    /// What the writes queued and not yet committed cost.
+    pub(super) fn queued_bytes(&self) -> u64 {
+        self.queued.load(Ordering::SeqCst)
     }
 
     pub(super) fn error(&self) -> Option<StoreError> {
@@ -158,7 +157,7 @@ pub(super) fn writer(mut conn: Connection, rx: &mpsc::Receiver<Msg>, health: &He
             if held.is_empty() {
                 match commit(&mut conn, &batch, path) {
                     Ok(()) => {
-                        health.logs_done(batch.log_bytes);
+                        health.done(batch.bytes);
                         health.changed();
                     }
                     Err(e) => {
@@ -170,7 +169,7 @@ pub(super) fn writer(mut conn: Connection, rx: &mpsc::Receiver<Msg>, health: &He
                 held.push_back(batch);
             }
         } else {
-            health.logs_done(batch.log_bytes);
+            health.done(batch.bytes);
         }
         if health.is_damaged() {
             discard(&mut held, health);
@@ -182,9 +181,9 @@ pub(super) fn writer(mut conn: Connection, rx: &mpsc::Receiver<Msg>, health: &He
             }
             Some(Msg::Abandon { run, now, done }) => {
                 for b in &mut held {
-                    let before = b.log_bytes;
+                    let before = b.bytes;
                     b.drop_run(run);
-                    health.logs_done(before - b.log_bytes);
+                    health.done(before - b.bytes);
                 }
                 held.retain(|b| !b.is_empty());
                 let result = match health.error() {
@@ -235,7 +234,7 @@ fn retry(
             }
             return Err(e);
         }
-        health.logs_done(b.log_bytes);
+        health.done(b.bytes);
         health.changed();
         held.pop_front();
     }
@@ -246,7 +245,7 @@ fn retry(
 /// Drop the held batches (the database is damaged: nothing more is written).
 fn discard(held: &mut VecDeque<Batch>, health: &Health) {
     for b in held.drain(..) {
-        health.logs_done(b.log_bytes);
+        health.done(b.bytes);
     }
 }
 
@@ -258,21 +257,26 @@ fn discard(held: &mut VecDeque<Batch>, health: &Health) {
 struct Batch {
     others: Vec<Write>,
     /// Boxed: a batch holds up to [`MAX_BATCH`] of them, and growing the map moves its entries.
-    tasks: indexmap::IndexMap<TaskRunId, Box<TaskWrite>, foldhash::fast::RandomState>,
+    /// With each, what the writes merged into it cost.
+    tasks: indexmap::IndexMap<TaskRunId, (Box<TaskWrite>, u64), foldhash::fast::RandomState>,
     writes: usize,
-    /// What the batch's log records cost.
-    log_bytes: u64,
+    /// What the batch's writes cost ([`cost`]).
+    bytes: u64,
 }
 
 impl Batch {
     fn push(&mut self, w: Write) {
         self.writes += 1;
-        self.log_bytes += log_cost(&w);
+        let bytes = cost(&w);
+        self.bytes += bytes;
         match w {
             Write::Task(t) => match self.tasks.get_mut(&t.id) {
-                Some(existing) => merge(existing, *t),
+                Some((existing, cost)) => {
+                    merge(existing, *t);
+                    *cost += bytes;
+                }
                 None => {
-                    self.tasks.insert(t.id, t);
+                    self.tasks.insert(t.id, (t, bytes));
                 }
             },
             other => self.others.push(other),
@@ -286,16 +290,40 @@ impl Batch {
     /// Drop the writes of `run`.
     fn drop_run(&mut self, run: FlowRunId) {
         self.others.retain(|w| write_run(w) != run);
-        self.tasks.retain(|_, t| t.run != run);
-        self.log_bytes = self.others.iter().map(log_cost).sum();
+        self.tasks.retain(|_, (t, _)| t.run != run);
+        self.bytes = self.others.iter().map(cost).sum::<u64>()
+            + self.tasks.values().map(|(_, c)| c).sum::<u64>();
     }
 }
 
-/// What the log records of `w` cost ([`LogRecord::cost`](crate::sandbox::LogRecord::cost)).
-pub(super) fn log_cost(w: &Write) -> u64 {
+/// What write `w` costs while it is queued: about the memory it holds (log records by their
+/// [`LogRecord::cost`](crate::sandbox::LogRecord::cost)).
+pub(super) fn cost(w: &Write) -> u64 {
+    const HEADER: u64 = 256;
+    let blob = |b: &Option<Blob>| match b {
+        Some(Blob::Value(v)) => v.len() as u64,
+        Some(Blob::Stored(h)) => h.len() as u64,
+        None => 0,
+    };
     match w {
         Write::Logs { records, .. } => records.iter().map(|r| r.cost()).sum(),
-        _ => 0,
+        Write::Task(t) => {
+            size_of::<TaskWrite>() as u64
+                + (t.transitions.len() * size_of::<Transition>()) as u64
+                + t.transitions
+                    .iter()
+                    .map(|t| t.message.as_ref().map_or(0, String::len) as u64)
+                    .sum::<u64>()
+                + t.state.message.as_ref().map_or(0, String::len) as u64
+                + blob(&t.output)
+                + blob(&t.cached_input)
+        }
+        Write::RunCreated(h) => {
+            HEADER * 4 + h.manifest.as_ref().map_or(0, |(_, text)| text.len() as u64)
+        }
+        Write::Journal { entry, .. } => HEADER + entry.len() as u64,
+        Write::Cache(c) => HEADER + c.output.len() as u64,
+        Write::FlowState { .. } => HEADER,
     }
 }
 
@@ -340,7 +368,7 @@ fn commit(conn: &mut Connection, batch: &Batch, path: &Path) -> Result<(), Store
     for w in &batch.others {
         apply_one(&tx, w).map_err(io)?;
     }
-    for t in batch.tasks.values() {
+    for (t, _) in batch.tasks.values() {
         task_write(&tx, t).map_err(io)?;
     }
     tx.commit().map_err(io)

@@ -595,6 +595,45 @@ fn a_resumed_parent_resumes_its_unfinished_subflow_run() {
     );
 }
 
+/// The context keys naming a subflow's parent are Sluice's own: given on the command line or
+/// in the manifest's `[context]`, the run is refused naming the key (a run posing as a child
+/// could be taken for one by a resumed parent).
+#[test]
+fn the_context_keys_naming_a_parent_are_refused_from_users() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flow = manifest(dir.path(), &guest("flow_body"), "", "");
+    let home = dir.path().join("home");
+    let flow_arg = flow.to_str().expect("utf-8");
+    for key in ["parent_task_run_id", "parent_flow_run_id"] {
+        let given = format!("{key}=01M8V3ANQBWQYKY5502SBWBN54");
+        let out = sluice(&home, &["run", flow_arg, "--context", &given]);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("context key `{key}` is Sluice's own")),
+            "{err}"
+        );
+    }
+    let text = std::fs::read_to_string(&flow).expect("read");
+    std::fs::write(
+        &flow,
+        text.replace(
+            "[parameters]",
+            "[context]\nparent_task_run_id = \"x\"\n\n[parameters]",
+        ),
+    )
+    .expect("write");
+    let out = sluice(&home, &["run", flow_arg]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("context key `parent_task_run_id` is Sluice's own"),
+        "{out:?}"
+    );
+    let out = sluice(&home, &["runs", "--json"]);
+    assert_eq!(json_of(&out), json!([]), "no run was made");
+}
+
 /// `sluice build` of a code flow builds its subflows' components too, each subflow's command
 /// run in its own manifest's directory.
 #[test]

@@ -75,6 +75,11 @@ pub enum PrepareError {
     /// A start task that the flow does not have.
     #[error("unknown start task `{0}`")]
     UnknownStartTask(String),
+    /// A context value (given, or in the manifest's `[context]`) under a key Sluice sets itself.
+    #[error(
+        "context key `{0}` is Sluice's own (it names a subflow's parent run): choose another name"
+    )]
+    ReservedContext(String),
     /// Start tasks given to resume a flow written as code (its body decides what runs).
     #[error(
         "flow run {0} is of a flow written as code: it resumes by replaying its body, which \
@@ -232,6 +237,10 @@ pub struct RunOptions {
     pub id: Option<FlowRunId>,
     /// For a deployment's scheduled run: what it went through before Pending.
     pub scheduled: Option<ScheduledStart>,
+    /// For a subflow's child run: the parent flow run and the task run standing for it there
+    /// (recorded in the context as [`PARENT_FLOW_RUN`] and [`PARENT_TASK_RUN`], keys nothing
+    /// else may set, so a resumed parent finds this run again).
+    pub parent: Option<(FlowRunId, TaskRunId)>,
 }
 
 /// A deployment's run, recorded Scheduled before it starts (see [`crate::schedule`]).
@@ -505,6 +514,16 @@ impl FlowRunner {
         let parameters = merge_parameters(&flow.def, options.parameters)?;
         let mut context = flow.def.context.clone();
         context.extend(options.context);
+        if let Some(key) = [PARENT_FLOW_RUN, PARENT_TASK_RUN]
+            .into_iter()
+            .find(|k| context.contains_key(*k))
+        {
+            return Err(PrepareError::ReservedContext(key.to_owned()));
+        }
+        if let Some((flow_run, task_run)) = options.parent {
+            context.insert(PARENT_FLOW_RUN.to_owned(), flow_run.to_string());
+            context.insert(PARENT_TASK_RUN.to_owned(), task_run.to_string());
+        }
         let mut run = FlowRun::new(&flow.def, parameters, context, now);
         if let Some(id) = options.id {
             run.id = id;

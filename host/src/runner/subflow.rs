@@ -78,23 +78,14 @@ async fn run_child(
         Err(why) => (fail(format!("subflow `{name}`: {why}")), Vec::new()),
         Ok(parameters) => {
             let own = CancelToken::new();
+            let standing = (attempt.ctx.flow_run_id, attempt.ctx.task_run_id);
             let options = RunOptions {
                 parameters,
-                context: BTreeMap::from([
-                    (
-                        PARENT_FLOW_RUN.to_owned(),
-                        attempt.ctx.flow_run_id.to_string(),
-                    ),
-                    (
-                        PARENT_TASK_RUN.to_owned(),
-                        attempt.ctx.task_run_id.to_string(),
-                    ),
-                ]),
+                parent: Some(standing),
                 cancel: own.clone(),
                 manifest: Some((sub.manifest.clone(), sub.text.clone())),
                 ..RunOptions::default()
             };
-            let standing = (attempt.ctx.flow_run_id, attempt.ctx.task_run_id);
             let child_run = async {
                 match earlier_child(&runner, &child, standing).await? {
                     Some(run) if run.state.state_type() == StateType::Completed => Ok(run),

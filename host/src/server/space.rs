@@ -394,6 +394,7 @@ impl Space {
             manifest: Some((PathBuf::from(&req.manifest_path), req.manifest)),
             id: Some(id),
             scheduled,
+            parent: None,
         };
         let cancel = options.cancel.clone();
         let started = self.runner.start(&flow, options).map_err(prepare_error)?;

@@ -97,6 +97,7 @@ pub(crate) async fn run(
                     manifest: Some((path, text)),
                     id: None,
                     scheduled: None,
+                    parent: None,
                 };
                 runner.run(&flow, options).await
             },

@@ -77,7 +77,8 @@ pub enum PrepareError {
     UnknownStartTask(String),
     /// A context value (given, or in the manifest's `[context]`) under a key Sluice sets itself.
     #[error(
-        "context key `{0}` is Sluice's own (it names a subflow's parent run): choose another name"
+        "context key `{0}` is Sluice's own (it sets it for subflows' and deployments' runs): \
+         choose another name"
     )]
     ReservedContext(String),
     /// Start tasks given to resume a flow written as code (its body decides what runs).
@@ -514,9 +515,14 @@ impl FlowRunner {
         let parameters = merge_parameters(&flow.def, options.parameters)?;
         let mut context = flow.def.context.clone();
         context.extend(options.context);
-        if let Some(key) = [PARENT_FLOW_RUN, PARENT_TASK_RUN]
-            .into_iter()
-            .find(|k| context.contains_key(*k))
+        // A user's `scheduled_start` would also be left out of cache keys, as Sluice's is.
+        if let Some(key) = [
+            PARENT_FLOW_RUN,
+            PARENT_TASK_RUN,
+            crate::cache::SCHEDULED_START,
+        ]
+        .into_iter()
+        .find(|k| context.contains_key(*k))
         {
             return Err(PrepareError::ReservedContext(key.to_owned()));
         }

@@ -175,12 +175,7 @@ fn cli_within(server: &ServerProcess, token: &str, args: &[&str]) -> std::proces
 fn a_subflow_holds_no_slot_while_its_child_runs() {
     let server = ServerProcess::start(&["--task-slots", "1"]);
     let a = server.add_tenant("a");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["tenant", "set", "a", "--max-running-tasks", "1"])
-        .env("SLUICE_HOME", &server.home)
-        .output()
-        .expect("tenant set");
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    crate::server_quotas::set(&server, "a", &["--max-running-tasks", "1"]);
     let dir = tempfile::tempdir().expect("dir");
     let flow = code_flow(dir.path(), "scenario = \"subflow\"\nn = 2", "");
     let out = cli_within(&server, &a, &["run", utf8(&flow), "--json"]);
@@ -274,13 +269,18 @@ async fn a_run_request_without_its_subflows_manifest_is_refused_naming_it() {
 fn a_code_flows_body_and_subflows_are_held_to_the_tenants_ceilings() {
     let server = ServerProcess::start(&[]);
     let t = server.add_tenant("c");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["tenant", "set", "c", "--max-task-fuel", "100000000"])
-        .args(["--max-task-memory", "64MiB", "--max-task-timeout", "20s"])
-        .env("SLUICE_HOME", &server.home)
-        .output()
-        .expect("tenant set");
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    crate::server_quotas::set(
+        &server,
+        "c",
+        &[
+            "--max-task-fuel",
+            "100000000",
+            "--max-task-memory",
+            "64MiB",
+            "--max-task-timeout",
+            "20s",
+        ],
+    );
     let budget = |fuel: u64, memory: &str, timeout: &str| {
         format!("fuel = {fuel}\nmemory = {memory}\ntimeout = \"{timeout}\"\n")
     };

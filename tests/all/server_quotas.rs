@@ -11,7 +11,8 @@ use crate::server::{ServerProcess, stderr};
 use crate::store::{hostile_path, write_flow};
 use crate::support::{guest, json_of};
 
-fn set(server: &ServerProcess, name: &str, args: &[&str]) {
+/// `sluice tenant set NAME ARGS` against the server's home.
+pub(crate) fn set(server: &ServerProcess, name: &str, args: &[&str]) {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["tenant", "set", name])
         .args(args)

@@ -510,7 +510,6 @@ impl FairQueue {
             let outcome = paced(Arc::new(pacer), body).await;
             // Its time was charged tick by tick.
             queue.charge(tenant, Duration::ZERO, outcome.usage.fuel_consumed);
-            queue.pump();
             outcome
         };
         let task = AbortOnDrop(match &self.inner.guests {

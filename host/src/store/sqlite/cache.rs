@@ -329,4 +329,35 @@ mod tests {
             );
         }
     }
+
+    /// A cached lookup statement is planned once: used again with other values, it is not
+    /// prepared again (without the planner stability guarantee, every use re-prepared it,
+    /// and a first run of a 10,000-child cached map spent 2.7 s instead of 0.75 s).
+    #[test]
+    fn cached_lookup_statements_are_not_prepared_again_for_new_values() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path()).expect("store");
+        let conn = store.read();
+        let lookup = "SELECT c.blob FROM cache c LEFT JOIN blobs b ON b.hash = c.blob
+             WHERE c.key = ?1 AND c.expires_at > ?2 ORDER BY c.created_at DESC, c.seq DESC LIMIT 1";
+        let statements = [
+            (lookup.to_owned(), 2),
+            (newest_entry_sql(SAME_CONFIG), 2),
+            (newest_entry_sql(SAME_TASK), 1),
+        ];
+        for (sql, params) in &statements {
+            for i in 0..5_i64 {
+                let mut stmt = conn.prepare_cached(sql).expect("prepare");
+                let values: [&dyn rusqlite::ToSql; 2] = [&format!("k{i}"), &i];
+                let mut rows = stmt.query(&values[..*params]).expect("query");
+                while rows.next().expect("row").is_some() {}
+                drop(rows);
+                assert_eq!(
+                    stmt.get_status(rusqlite::StatementStatus::RePrepare),
+                    0,
+                    "use {i} of {sql}"
+                );
+            }
+        }
+    }
 }

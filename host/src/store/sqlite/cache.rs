@@ -19,6 +19,11 @@ fn newest_entry_sql(filter: &str) -> String {
     )
 }
 
+/// The newest valid entry of a key, with its blob.
+const LOOKUP_SQL: &str = "SELECT c.blob, c.created_at, c.expires_at, c.flow_run, c.task_run, c.task, c.validator, c.component, b.size, b.data
+     FROM cache c LEFT JOIN blobs b ON b.hash = c.blob
+     WHERE c.key = ?1 AND c.expires_at > ?2 ORDER BY c.created_at DESC, c.seq DESC LIMIT 1";
+
 const SAME_CONFIG: &str = "task = ?1 AND config = ?2";
 const SAME_TASK: &str = "task = ?1";
 
@@ -31,11 +36,7 @@ impl SqliteStore {
         let conn = self.read();
         let io = self.io_err("cache lookup");
         let found = conn
-            .prepare_cached(
-                "SELECT c.blob, c.created_at, c.expires_at, c.flow_run, c.task_run, c.task, c.validator, c.component, b.size, b.data
-                 FROM cache c LEFT JOIN blobs b ON b.hash = c.blob
-                 WHERE c.key = ?1 AND c.expires_at > ?2 ORDER BY c.created_at DESC, c.seq DESC LIMIT 1",
-            )
+            .prepare_cached(LOOKUP_SQL)
             .and_then(|mut s| {
                 s.query_row(params![key.key, micros(now)], |r| {
                     Ok((
@@ -338,10 +339,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(dir.path()).expect("store");
         let conn = store.read();
-        let lookup = "SELECT c.blob FROM cache c LEFT JOIN blobs b ON b.hash = c.blob
-             WHERE c.key = ?1 AND c.expires_at > ?2 ORDER BY c.created_at DESC, c.seq DESC LIMIT 1";
         let statements = [
-            (lookup.to_owned(), 2),
+            (LOOKUP_SQL.to_owned(), 2),
             (newest_entry_sql(SAME_CONFIG), 2),
             (newest_entry_sql(SAME_TASK), 1),
         ];

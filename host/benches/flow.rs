@@ -623,12 +623,15 @@ async fn store_sections(runner: &FlowRunner, add_one: &Path, n: usize) {
         let params = BTreeMap::new();
         let now = chrono::Utc::now();
         let began = Instant::now();
-        let index: std::collections::HashMap<String, sluice::store::CachedOutput> = store
-            .cache_preload("add_one", now, 64 << 20)
-            .expect("preload")
-            .into_iter()
-            .map(|c| (c.entry.key.clone(), c))
-            .collect();
+        let mut index = std::collections::HashMap::<String, sluice::store::CachedOutput>::new();
+        store
+            .cache_preload("add_one", now, 64 << 20, &mut |chunk| {
+                for c in chunk {
+                    index.entry(c.entry.key.clone()).or_insert(c);
+                }
+                true
+            })
+            .expect("preload");
         let preload = began.elapsed();
         // The run's scope: the flow's name, no context values.
         let scope = CacheScope::new("bench-map", None, &BTreeMap::new());

@@ -106,11 +106,28 @@ async fn the_last_consumer_takes_the_output_instead_of_copying_it() {
     );
 }
 
-/// A store that records when the runner asks it for cancel requests.
+/// A store that records when the runner asks it for cancel requests, and counts the cache
+/// lookups it is asked for.
 #[derive(Debug)]
-struct PollRecorder {
+pub(crate) struct PollRecorder {
     inner: SqliteStore,
     polls: Mutex<Vec<Instant>>,
+    lookups: std::sync::atomic::AtomicUsize,
+}
+
+impl PollRecorder {
+    pub(crate) fn new(inner: SqliteStore) -> Self {
+        Self {
+            inner,
+            polls: Mutex::new(Vec::new()),
+            lookups: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// How many cache lookups it was asked for.
+    pub(crate) fn lookups(&self) -> usize {
+        self.lookups.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl Store for PollRecorder {
@@ -130,6 +147,8 @@ impl Store for PollRecorder {
         self.inner.lease(run)
     }
     fn cache_lookup(&self, key: &CacheKey, now: DateTime<Utc>) -> Result<CacheLookup, StoreError> {
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.cache_lookup(key, now)
     }
     fn cache_preload(
@@ -137,8 +156,9 @@ impl Store for PollRecorder {
         task: &str,
         now: DateTime<Utc>,
         max_bytes: u64,
-    ) -> Result<Vec<CachedOutput>, StoreError> {
-        self.inner.cache_preload(task, now, max_bytes)
+        each: &mut dyn FnMut(Vec<CachedOutput>) -> bool,
+    ) -> Result<(), StoreError> {
+        self.inner.cache_preload(task, now, max_bytes, each)
     }
     fn cache_entries(&self, task: Option<&str>) -> Result<Vec<CacheEntry>, StoreError> {
         self.inner.cache_entries(task)
@@ -224,10 +244,9 @@ impl Store for PollRecorder {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_requested_through_the_store_is_noticed_at_the_next_poll() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Arc::new(PollRecorder {
-        inner: SqliteStore::open(dir.path()).expect("store"),
-        polls: Mutex::new(Vec::new()),
-    });
+    let store = Arc::new(PollRecorder::new(
+        SqliteStore::open(dir.path()).expect("store"),
+    ));
     let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let runner = FlowRunner::new(sandbox().clone())
         .store(store.clone() as Arc<dyn Store>)

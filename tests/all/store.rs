@@ -12,7 +12,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::{Value, json};
 use sluice::cache::{CachePolicy, CacheStatus, CacheValidator};
 use sluice::clock::SimClock;
-use sluice::flow::{FlowBuilder, Input, TaskDef};
+use sluice::flow::{FlowBuilder, Input, MapOver, TaskDef};
 use sluice::ids::FlowRunId;
 use sluice::runner::{FlowRunner, RunOptions, TaskRun};
 use sluice::sandbox::RunBudget;
@@ -266,6 +266,63 @@ async fn duration_only_hits_until_cache_for_expires() {
         .await;
     assert_miss(&t, "expired at 2030-01-01T00:01:00");
     assert_eq!(t.output, Some(json!({"a": 2, "b": 2}).into()));
+}
+
+/// A cached mapped task of more children than one preload chunk holds, and than the flow's
+/// concurrency: its second run answers every child from the entries preloaded as they stream
+/// in, without a single lookup in the store, each with its own output and source; its first
+/// run looked every miss up.
+#[tokio::test]
+async fn a_large_cached_map_hits_on_every_child_from_the_preload() {
+    let b = CacheBench::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(crate::scheduling::PollRecorder::new(
+        SqliteStore::open(dir.path()).expect("store"),
+    ));
+    let n = sluice::store::PRELOAD_CHUNK * 2 + 88;
+    let run = |b: &CacheBench| {
+        let mut t = TaskDef::new("add", guest("add_one"));
+        t.input = Input::Literal(json!((0..n as i64).collect::<Vec<_>>()).into());
+        t.map = MapOver::Input;
+        t.cache = Some(policy(CacheValidator::AllInputs));
+        let def = FlowBuilder::new("cached-map")
+            .task(t)
+            .build()
+            .expect("flow");
+        let runner = FlowRunner::new(sandbox().clone())
+            .clock(Arc::new(b.clock.clone()))
+            .store(store.clone() as Arc<dyn Store>);
+        async move {
+            let flow = runner.prepare(def, Path::new(".")).await.expect("prepare");
+            runner.run(&flow, RunOptions::default()).await.expect("run")
+        }
+    };
+    let first = run(&b).await;
+    assert_eq!(first.state.name, StateName::Completed);
+    let children = &first.tasks[0].children;
+    assert_eq!(children.len(), n);
+    assert!(
+        children
+            .iter()
+            .all(|c| c.state.name == StateName::Completed)
+    );
+    assert_eq!(store.lookups(), n, "each miss is looked up (and explained)");
+    b.clock.advance(TimeDelta::seconds(1));
+    let second = run(&b).await;
+    assert_eq!(store.lookups(), n, "a hit is answered from the preload");
+    assert_eq!(second.state.name, StateName::Completed);
+    let children = &second.tasks[0].children;
+    assert_eq!(children.len(), n);
+    for c in children {
+        assert_eq!(c.state.name, StateName::Cached, "{c:#?}");
+        assert_eq!(c.attempts, 0, "a hit must not run the component");
+        let cache = c.cache.as_ref().expect("cache info");
+        assert_eq!(cache.status, CacheStatus::Hit);
+        assert_eq!(cache.source_flow_run, Some(first.id.to_string()));
+    }
+    // Each child its own output, in order.
+    let expected = json!((1..=n as i64).collect::<Vec<_>>());
+    assert_eq!(second.tasks[0].output, Some(expected.into()));
 }
 
 #[tokio::test]

@@ -65,6 +65,7 @@ pub(super) async fn drive(
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let (grants_tx, grants_rx) = mpsc::unbounded_channel();
     let (calls_tx, calls_rx) = mpsc::unbounded_channel();
+    let (chunks_tx, chunks) = mpsc::unbounded_channel();
     let mut driver = Driver {
         machine,
         runner,
@@ -81,7 +82,11 @@ pub(super) async fn drive(
         here: None,
         in_flight: 0,
         deferred: VecDeque::new(),
-        cache: runner.store.clone().map(CacheReads::new),
+        cache: runner
+            .store
+            .clone()
+            .map(|store| CacheReads::new(store, chunks_tx)),
+        chunks,
         reads: JoinSet::new(),
         cancel,
         body: None,
@@ -130,6 +135,8 @@ struct Driver<'a> {
     /// What each handler task answers for, so a task that dies still gets an answer.
     hook_ids: HashMap<tokio::task::Id, (Unit, u64, State)>,
     cache: Option<CacheReads>,
+    /// Chunks of the cache's preloads, as they are read.
+    chunks: mpsc::UnboundedReceiver<Chunk>,
     reads: JoinSet<ReadDone>,
     cancel: CancelToken,
     /// A code flow's body, while it runs.
@@ -214,6 +221,10 @@ impl Driver<'_> {
                         },
                     },
                 },
+                Some(chunk) = self.chunks.recv() => {
+                    self.chunk_read(chunk);
+                    continue;
+                }
                 Some(joined) = self.reads.join_next_with_id() => {
                     self.read_done(joined);
                     continue;
@@ -436,12 +447,26 @@ impl Driver<'_> {
         }
     }
 
+    /// A read ended. A preload sent its chunks before it ended: they are taken in first.
     fn read_done(&mut self, read: Result<(tokio::task::Id, ReadDone), tokio::task::JoinError>) {
+        while let Ok(chunk) = self.chunks.try_recv() {
+            self.chunk_read(chunk);
+        }
+        let Some(cache) = &mut self.cache else {
+            return;
+        };
+        for (unit, answer) in cache.take(read) {
+            self.machine.handle(Event::CacheAnswered { unit, answer });
+        }
+    }
+
+    /// A chunk of a preload arrived: the hits it answers.
+    fn chunk_read(&mut self, chunk: Chunk) {
         let Some(cache) = &mut self.cache else {
             return;
         };
         let now = self.runner.clock.now();
-        for (unit, answer) in cache.take(read, now) {
+        for (unit, answer) in cache.chunk(chunk, now) {
             self.machine.handle(Event::CacheAnswered { unit, answer });
         }
     }
@@ -545,9 +570,10 @@ const BACKLOG_POLL: Duration = Duration::from_millis(5);
 /// Most bytes of cached values a run preloads per task; the rest are read on a hit.
 const CACHE_PRELOAD_BYTES: u64 = 64 << 20;
 
-/// The output cache as this run reads it: per cached task, its valid entries preloaded once
-/// (on a blocking thread), so a hit is answered without a store read; keys not found there are
-/// looked up in the store in batches, which also explains a miss.
+/// The output cache as this run reads it: per cached task, its valid entries preloaded once (on
+/// a blocking thread, in chunks that are taken in as they arrive), so a hit is answered without
+/// a store read, most of them before the preload has ended; keys not found there are looked up
+/// in the store in batches, which also explains a miss.
 struct CacheReads {
     store: Arc<dyn Store>,
     /// By task name (a code flow's task runs of one task share it).
@@ -556,8 +582,16 @@ struct CacheReads {
     misses: Vec<(Unit, CacheKey)>,
     /// Tasks whose preload is to start.
     preloads: Vec<String>,
+    /// Where preloads send their chunks (the driver's `chunks`).
+    chunks: mpsc::UnboundedSender<Chunk>,
     /// What each read in progress answers for.
     reading: HashMap<tokio::task::Id, Reading>,
+}
+
+/// Entries of a task's preload (each key once, in one chunk).
+struct Chunk {
+    task: String,
+    entries: Vec<CachedOutput>,
 }
 
 enum Reading {
@@ -565,26 +599,43 @@ enum Reading {
     Lookups(Vec<Unit>),
 }
 
-enum TaskIndex {
-    Loading(Vec<(Unit, CacheKey)>),
-    Ready(HashMap<String, CachedOutput>),
+/// A cached task's entries as this run has read them.
+#[derive(Default)]
+struct TaskIndex {
+    /// The newest valid entry of each key read so far; `None` once a unit took it (a second
+    /// lookup of a key goes to the store, which answers the same).
+    entries: HashMap<String, Option<CachedOutput>>,
+    /// While the preload is read: the keys asked for and not read yet.
+    waiting: Option<HashMap<String, Vec<(Unit, CacheKey)>>>,
 }
 
 enum ReadDone {
+    /// A preload has sent its last chunk.
     Preloaded {
         task: String,
-        entries: Result<Vec<CachedOutput>, StoreError>,
+        result: Result<(), StoreError>,
     },
     Looked(Vec<(Unit, Result<CacheLookup, String>)>),
 }
 
+/// A hit on preloaded entry `c` at `now`: none when it expired or its value was not preloaded.
+fn preloaded_hit(c: CachedOutput, now: DateTime<Utc>) -> Option<CacheLookup> {
+    let value = c.value?;
+    (c.entry.expires_at > now).then(|| CacheLookup::Hit {
+        output: value,
+        blob: c.entry.blob.clone(),
+        entry: Box::new(c.entry),
+    })
+}
+
 impl CacheReads {
-    fn new(store: Arc<dyn Store>) -> Self {
+    fn new(store: Arc<dyn Store>, chunks: mpsc::UnboundedSender<Chunk>) -> Self {
         Self {
             store,
             tasks: HashMap::new(),
             misses: Vec::new(),
             preloads: Vec::new(),
+            chunks,
             reading: HashMap::new(),
         }
     }
@@ -596,52 +647,46 @@ impl CacheReads {
         key: CacheKey,
         now: DateTime<Utc>,
     ) -> Option<Result<CacheLookup, String>> {
-        match self.tasks.get_mut(&key.task) {
-            None => {
-                self.preloads.push(key.task.clone());
-                self.tasks
-                    .insert(key.task.clone(), TaskIndex::Loading(vec![(unit, key)]));
-                None
-            }
-            Some(TaskIndex::Loading(waiting)) => {
-                waiting.push((unit, key));
-                None
-            }
-            Some(TaskIndex::Ready(index)) => {
-                // Taken, not copied: a key is looked up once per unit (a second lookup of it
-                // goes to the store, which answers the same).
-                let hit = index.remove(&key.key).and_then(|c| {
-                    let value = c.value?;
-                    (c.entry.expires_at > now).then(|| CacheLookup::Hit {
-                        output: value,
-                        blob: c.entry.blob.clone(),
-                        entry: Box::new(c.entry),
-                    })
-                });
-                match hit {
-                    Some(hit) => Some(Ok(hit)),
-                    // Not preloaded (or expired since): the store is authoritative, and explains
-                    // a miss.
-                    None => {
-                        self.misses.push((unit, key));
-                        None
-                    }
-                }
-            }
+        let Some(index) = self.tasks.get_mut(&key.task) else {
+            self.preloads.push(key.task.clone());
+            let waiting = HashMap::from_iter([(key.key.clone(), vec![(unit, key.clone())])]);
+            let index = TaskIndex {
+                entries: HashMap::new(),
+                waiting: Some(waiting),
+            };
+            self.tasks.insert(key.task, index);
+            return None;
+        };
+        match (index.entries.get_mut(&key.key), &mut index.waiting) {
+            // Taken, not copied: a key is looked up once per unit.
+            (Some(entry), _) => match entry.take().and_then(|c| preloaded_hit(c, now)) {
+                Some(hit) => return Some(Ok(hit)),
+                // Not preloaded (or expired since, or taken): the store is authoritative, and
+                // explains a miss.
+                None => self.misses.push((unit, key)),
+            },
+            (None, Some(waiting)) => waiting
+                .entry(key.key.clone())
+                .or_default()
+                .push((unit, key)),
+            (None, None) => self.misses.push((unit, key)),
         }
+        None
     }
 
     /// Start the reads asked for since the last call.
     fn start_reads(&mut self, reads: &mut JoinSet<ReadDone>, now: DateTime<Utc>) {
         for task in self.preloads.drain(..) {
             let store = self.store.clone();
+            let chunks = self.chunks.clone();
             let name = task.clone();
             let handle = reads.spawn_blocking(move || {
-                let entries = store.cache_preload(&name, now, CACHE_PRELOAD_BYTES);
-                ReadDone::Preloaded {
-                    task: name,
-                    entries,
-                }
+                let result = store.cache_preload(&name, now, CACHE_PRELOAD_BYTES, &mut |entries| {
+                    let task = name.clone();
+                    // The run ended: nobody reads the rest.
+                    chunks.send(Chunk { task, entries }).is_ok()
+                });
+                ReadDone::Preloaded { task: name, result }
             });
             self.reading.insert(handle.id(), Reading::Preload(task));
         }
@@ -664,12 +709,44 @@ impl CacheReads {
         }
     }
 
-    /// Take in a finished read; returns the answers it makes known. A read that died answers
-    /// its lookups with the error; a lost preload sends its waiting keys to the store one by one.
+    /// Take in a chunk of a preload; returns the hits it answers.
+    fn chunk(
+        &mut self,
+        chunk: Chunk,
+        now: DateTime<Utc>,
+    ) -> Vec<(Unit, Result<CacheLookup, String>)> {
+        let mut answers = Vec::new();
+        let Some(index) = self.tasks.get_mut(&chunk.task) else {
+            return answers;
+        };
+        for c in chunk.entries {
+            if index.entries.contains_key(&c.entry.key) {
+                continue;
+            }
+            let asked = index.waiting.as_mut().and_then(|w| w.remove(&c.entry.key));
+            let Some(asked) = asked else {
+                index.entries.insert(c.entry.key.clone(), Some(c));
+                continue;
+            };
+            index.entries.insert(c.entry.key.clone(), None);
+            let mut asked = asked.into_iter();
+            if let Some((unit, key)) = asked.next() {
+                match preloaded_hit(c, now) {
+                    Some(hit) => answers.push((unit, Ok(hit))),
+                    None => self.misses.push((unit, key)),
+                }
+            }
+            self.misses.extend(asked);
+        }
+        answers
+    }
+
+    /// Take in a finished read (every chunk of a preload taken in before); returns the answers
+    /// it makes known. A read that died answers its lookups with the error; after a preload, the
+    /// keys still waiting for it go to the store.
     fn take(
         &mut self,
         read: Result<(tokio::task::Id, ReadDone), tokio::task::JoinError>,
-        now: DateTime<Utc>,
     ) -> Vec<(Unit, Result<CacheLookup, String>)> {
         let (id, read) = match read {
             Ok((id, read)) => (id, Ok(read)),
@@ -678,18 +755,12 @@ impl CacheReads {
         let reading = self.reading.remove(&id);
         match (read, reading) {
             (Ok(ReadDone::Looked(answers)), _) => answers,
-            (Ok(ReadDone::Preloaded { task, entries }), _) => {
-                let index = match entries {
-                    Ok(entries) => entries
-                        .into_iter()
-                        .map(|c| (c.entry.key.clone(), c))
-                        .collect(),
-                    Err(e) => {
-                        tracing::warn!("cannot preload the cache: {e}");
-                        HashMap::new()
-                    }
-                };
-                self.ready(task, index, now)
+            (Ok(ReadDone::Preloaded { task, result }), _) => {
+                if let Err(e) = result {
+                    tracing::warn!("cannot preload the cache: {e}");
+                }
+                self.preloaded(&task);
+                Vec::new()
             }
             (Err(e), Some(Reading::Lookups(units))) => units
                 .into_iter()
@@ -697,27 +768,19 @@ impl CacheReads {
                 .collect(),
             (Err(e), Some(Reading::Preload(task))) => {
                 tracing::warn!("cannot preload the cache: {e}");
-                self.ready(task, HashMap::new(), now)
+                self.preloaded(&task);
+                Vec::new()
             }
             (Err(_), None) => Vec::new(),
         }
     }
 
-    /// The task's index is loaded: answer the keys that waited for it.
-    fn ready(
-        &mut self,
-        task: String,
-        index: HashMap<String, CachedOutput>,
-        now: DateTime<Utc>,
-    ) -> Vec<(Unit, Result<CacheLookup, String>)> {
-        let waiting = match self.tasks.insert(task, TaskIndex::Ready(index)) {
-            Some(TaskIndex::Loading(waiting)) => waiting,
-            _ => Vec::new(),
-        };
-        waiting
-            .into_iter()
-            .filter_map(|(unit, key)| self.answer(unit, key, now).map(|a| (unit, a)))
-            .collect()
+    /// The task's preload ended: the keys that waited for it and were not read are looked up in
+    /// the store.
+    fn preloaded(&mut self, task: &str) {
+        if let Some(waiting) = self.tasks.get_mut(task).and_then(|i| i.waiting.take()) {
+            self.misses.extend(waiting.into_values().flatten());
+        }
     }
 }
 

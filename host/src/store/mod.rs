@@ -325,6 +325,9 @@ pub struct CacheEntry {
     pub task_run: String,
 }
 
+/// Most entries one chunk of [`Store::cache_preload`] holds.
+pub const PRELOAD_CHUNK: usize = 256;
+
 /// A cache entry with its value, as preloaded.
 #[derive(Debug, Clone)]
 pub struct CachedOutput {
@@ -617,16 +620,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Look up a valid cached output for `key` at `now`.
     fn cache_lookup(&self, key: &CacheKey, now: DateTime<Utc>) -> Result<CacheLookup, StoreError>;
 
-    /// Every valid cache entry of `task` at `now`, newest last, with its value while the values
-    /// loaded stay under `max_bytes` in total (later entries carry none). A runner loads these
-    /// once per task so that a hit costs a hash-map lookup; anything not found here is still
-    /// looked up with [`Store::cache_lookup`].
+    /// The valid cache entries of `task` at `now`, each key once with the entry
+    /// [`Store::cache_lookup`] would find (its newest), oldest first, handed to `each` in chunks
+    /// of at most [`PRELOAD_CHUNK`] as they are read (a runner answers the hits of one chunk
+    /// while the rest are read), each with its value while the values loaded stay under
+    /// `max_bytes` in total (later entries carry none). `each` returns false to stop early. A
+    /// runner loads these once per task so that a hit costs a hash-map lookup; anything not
+    /// found here is still looked up with [`Store::cache_lookup`].
     fn cache_preload(
         &self,
         task: &str,
         now: DateTime<Utc>,
         max_bytes: u64,
-    ) -> Result<Vec<CachedOutput>, StoreError>;
+        each: &mut dyn FnMut(Vec<CachedOutput>) -> bool,
+    ) -> Result<(), StoreError>;
 
     /// Cache entries, newest first, optionally of one task only.
     fn cache_entries(&self, task: Option<&str>) -> Result<Vec<CacheEntry>, StoreError>;

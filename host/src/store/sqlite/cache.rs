@@ -8,7 +8,7 @@ use super::runs::get_blob;
 use super::{SqliteStore, from_micros, micros};
 use crate::cache::CacheKey;
 use crate::json::Json;
-use crate::store::{CacheEntry, CacheLookup, CachedOutput, Store, StoreError};
+use crate::store::{CacheEntry, CacheLookup, CachedOutput, PRELOAD_CHUNK, Store, StoreError};
 
 /// The newest cache entry matching `filter` (one of [`SAME_CONFIG`], [`SAME_TASK`]), for
 /// explaining a miss.
@@ -180,18 +180,25 @@ impl SqliteStore {
         task: &str,
         now: DateTime<Utc>,
         max_bytes: u64,
-    ) -> Result<Vec<CachedOutput>, StoreError> {
+        each: &mut dyn FnMut(Vec<CachedOutput>) -> bool,
+    ) -> Result<(), StoreError> {
         let conn = self.read();
         let io = self.io_err("cache preload");
+        // Oldest first, the order a mapped task's children were cached in and ask in. `versions`
+        // counts the key's valid entries from the key index alone: an entry with newer ones of
+        // its key is held back to the end, where only the newest of each such key is sent, so
+        // every key comes once, with the entry a lookup would find.
         let mut s = conn
             .prepare_cached(
-                "SELECT c.key, c.blob, c.created_at, c.expires_at, c.flow_run, c.task_run, c.validator, c.component, b.size, b.data
+                "SELECT c.key, c.blob, c.created_at, c.expires_at, c.flow_run, c.task_run, c.validator, c.component, b.size, b.data,
+                        (SELECT count(*) FROM cache d WHERE d.key = c.key AND d.expires_at > ?2) AS versions
                  FROM cache c LEFT JOIN blobs b ON b.hash = c.blob
                  WHERE c.task = ?1 AND c.expires_at > ?2 ORDER BY c.created_at, c.seq",
             )
             .map_err(&io)?;
         let mut rows = s.query(params![task, micros(now)]).map_err(&io)?;
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(PRELOAD_CHUNK);
+        let mut versioned: indexmap::IndexMap<String, CachedOutput> = indexmap::IndexMap::new();
         let mut loaded = 0u64;
         while let Some(r) = rows.next().map_err(&io)? {
             let size = r.get::<_, Option<i64>>(8).map_err(&io)?;
@@ -221,9 +228,27 @@ impl SqliteStore {
                 }
                 _ => None,
             };
-            out.push(CachedOutput { entry, value });
+            let output = CachedOutput { entry, value };
+            if r.get::<_, i64>(10).map_err(&io)? > 1 {
+                // A later one replaces it (rows come oldest first), and its value's bytes.
+                if let Some(older) = versioned.insert(output.entry.key.clone(), output) {
+                    loaded -= older.value.map_or(0, |v| v.len() as u64);
+                }
+                continue;
+            }
+            out.push(output);
+            if out.len() == PRELOAD_CHUNK {
+                let chunk = std::mem::replace(&mut out, Vec::with_capacity(PRELOAD_CHUNK));
+                if !each(chunk) {
+                    return Ok(());
+                }
+            }
         }
-        Ok(out)
+        out.extend(versioned.into_values());
+        if !out.is_empty() {
+            each(out);
+        }
+        Ok(())
     }
 
     pub(super) fn cache_entries_impl(
@@ -304,7 +329,7 @@ impl SqliteStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Explaining a miss reads one row through an index, never the task's other entries: the
@@ -329,6 +354,112 @@ mod tests {
                 "{filter}: {plan:?}"
             );
         }
+    }
+
+    pub(in crate::store::sqlite) fn key_of(key: &str) -> CacheKey {
+        CacheKey {
+            key: key.to_owned(),
+            task: "t".to_owned(),
+            component: "c".to_owned(),
+            config: "config".to_owned(),
+            grants: String::new(),
+            secrets: String::new(),
+            inputs: None,
+            parameters: None,
+            validator: "duration_only".to_owned(),
+        }
+    }
+
+    /// A cache entry of task `t` under `key`, with output `output`, made at `at`, valid for
+    /// an hour.
+    pub(in crate::store::sqlite) fn entry(
+        key: &str,
+        output: impl serde::Serialize,
+        at: DateTime<Utc>,
+    ) -> crate::store::Write {
+        crate::store::Write::Cache(Box::new(crate::store::CacheWrite {
+            key: key_of(key),
+            output: Json::from_value(&serde_json::json!(output)),
+            created_at: at,
+            expires_at: at + chrono::TimeDelta::hours(1),
+            flow_run: crate::ids::FlowRunId::new(),
+            task_run: crate::ids::TaskRunId::new(),
+        }))
+    }
+
+    /// The preload sends the task's valid keys oldest first in chunks, each key once with the
+    /// entry a lookup finds: a key cached again comes at the end with its newest entry.
+    #[test]
+    fn preload_streams_each_valid_key_once_with_the_entry_a_lookup_finds() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path()).expect("store");
+        let t0: DateTime<Utc> = "2030-01-01T00:00:00Z".parse().expect("time");
+        let ms = chrono::TimeDelta::milliseconds;
+        let n = PRELOAD_CHUNK * 2 + 10;
+        // Expired by `now` below: never sent.
+        store.submit(entry("gone", -1, t0 - chrono::TimeDelta::hours(2)));
+        for i in 0..n {
+            store.submit(entry(&format!("k{i}"), i as i64, t0 + ms(i as i64)));
+        }
+        store.submit(entry("k1", 1000, t0 + ms(n as i64)));
+        store.flush().expect("flush");
+        let now = t0 + ms(n as i64 + 1);
+        let mut chunks = Vec::new();
+        store
+            .cache_preload("t", now, u64::MAX, &mut |c| {
+                chunks.push(c);
+                true
+            })
+            .expect("preload");
+        let sizes: Vec<usize> = chunks.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [PRELOAD_CHUNK, PRELOAD_CHUNK, n - 2 * PRELOAD_CHUNK]);
+        let keys: Vec<&str> = chunks
+            .iter()
+            .flatten()
+            .map(|c| c.entry.key.as_str())
+            .collect();
+        let mut expected: Vec<String> = (0..n)
+            .filter(|&i| i != 1)
+            .map(|i| format!("k{i}"))
+            .collect();
+        expected.push("k1".to_owned());
+        assert_eq!(keys, expected);
+        let k1 = chunks
+            .iter()
+            .flatten()
+            .find(|c| c.entry.key == "k1")
+            .expect("k1");
+        assert_eq!(k1.value.as_ref().map(Json::as_str), Some("1000"));
+        let looked = store.cache_lookup(&key_of("k1"), now).expect("lookup");
+        assert!(
+            matches!(&looked, CacheLookup::Hit { entry, .. } if entry.task_run == k1.entry.task_run),
+            "{looked:?}"
+        );
+        // `each` stops it.
+        let mut calls = 0;
+        store
+            .cache_preload("t", now, u64::MAX, &mut |_| {
+                calls += 1;
+                false
+            })
+            .expect("preload");
+        assert_eq!(calls, 1);
+        // Values within the byte budget only, the oldest first.
+        let mut sent = Vec::new();
+        store
+            .cache_preload("t", now, 3, &mut |c| {
+                sent.extend(c);
+                true
+            })
+            .expect("preload");
+        let bytes: usize = sent
+            .iter()
+            .filter_map(|c| c.value.as_ref())
+            .map(Json::len)
+            .sum();
+        assert!((1..=3).contains(&bytes), "{bytes} bytes of values");
+        assert!(sent[0].value.is_some());
+        assert!(sent[n - 2].value.is_none());
     }
 
     /// A cached lookup statement is planned once: used again with other values, it is not

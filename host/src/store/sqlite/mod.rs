@@ -1,6 +1,6 @@
 //! The embedded store: one SQLite database (`<home>/sluice.db`, WAL, `synchronous=FULL`) with
 //! versioned migrations, blobs in a content-addressed table, and a writer thread that commits
-//! queued writes in batches (group commit). Liveness of a run is an advisory lock on
+//! queued writes in batches (group commit), checkpointed by a thread of its own. Liveness of a run is an advisory lock on
 //! `<home>/runs/<id>.lock`, held by the process executing it and released by the kernel when that
 //! process dies, however it dies; the run also records that process's pid and start time
 //! (Linux: `/proc/<pid>/stat` field 22), so a run whose lock file was deleted is still live while
@@ -12,6 +12,7 @@
 //! a run that ends first). An error SQLite reports as corruption stops all writing for good.
 
 mod cache;
+mod checkpoint;
 mod liveness;
 mod runs;
 mod schema;
@@ -33,6 +34,7 @@ use crate::cache::CacheKey;
 use crate::ids::{FlowRunId, TaskRunId};
 use crate::json::Json;
 use crate::state::State;
+use checkpoint::Checkpointer;
 use schema::{MIGRATIONS, classify_open, connect, connect_immutable, migrate};
 use writer::{Health, Msg, damage_marker, writer};
 
@@ -187,7 +189,7 @@ impl SqliteStore {
     fn start(
         home: &Path,
         path: PathBuf,
-        write: Connection,
+        mut write: Connection,
         read: Connection,
         read_only: bool,
     ) -> Result<SqliteStore, StoreError> {
@@ -199,9 +201,16 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel();
         let writer_health = health.clone();
         let writer_path = path.clone();
+        let checkpoints = (!read_only)
+            .then(|| Checkpointer::start(&path, &mut write, health.clone()))
+            .transpose()?;
         let writer = std::thread::Builder::new()
             .name("sluice-store".into())
-            .spawn(move || writer(write, &rx, &writer_health, &writer_path))
+            .spawn(move || {
+                writer(write, &rx, &writer_health, &writer_path);
+                // After the writer's connection (whose WAL hook wakes the checkpoints) closed.
+                drop(checkpoints);
+            })
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -325,8 +334,9 @@ impl Store for SqliteStore {
         task: &str,
         now: DateTime<Utc>,
         max_bytes: u64,
-    ) -> Result<Vec<CachedOutput>, StoreError> {
-        self.cache_preload_impl(task, now, max_bytes)
+        each: &mut dyn FnMut(Vec<CachedOutput>) -> bool,
+    ) -> Result<(), StoreError> {
+        self.cache_preload_impl(task, now, max_bytes, each)
     }
 
     fn cache_entries(&self, task: Option<&str>) -> Result<Vec<CacheEntry>, StoreError> {

@@ -1,0 +1,147 @@
+//! Checkpoints off the writer thread. The writer's commits only append to the WAL; a thread of
+//! its own (`sluice-checkpoint`, on a connection of its own) copies the WAL into the database
+//! once it holds [`CHECKPOINT_FRAMES`] pages (SQLite's own automatic threshold), passively, while
+//! the writer goes on committing. The WAL stays bounded: a commit that leaves more than
+//! [`WAL_LIMIT_FRAMES`] in it (the checkpoints fall behind) checkpoints on the writer itself.
+//! A damaged database is not checkpointed at all.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+use rusqlite::Connection;
+use rusqlite::config::DbConfig;
+use rusqlite::wal::CheckpointMode;
+
+use super::classify;
+use super::schema::connect;
+use super::writer::Health;
+use crate::store::StoreError;
+
+/// WAL pages after a commit that ask for a checkpoint.
+const CHECKPOINT_FRAMES: i32 = 1000;
+
+/// WAL pages after a commit beyond which the writer checkpoints itself (16 MiB of 4 KiB
+/// pages). While the writer commits without a pause, a checkpoint beside it never catches up
+/// with the WAL's end, so the WAL would never start again from its beginning: this one copies
+/// what the thread's last checkpoint did not (little when the thread keeps up) and lets it.
+const WAL_LIMIT_FRAMES: i32 = 4 * CHECKPOINT_FRAMES;
+
+/// The checkpoint thread; dropping it stops the thread (once the writer's connection, which
+/// also holds a way to wake it, is closed) and waits for it.
+pub(super) struct Checkpointer {
+    wake: Option<SyncSender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// Start the thread for the database at `path`, and hand the writer's connection `write`
+    /// its WAL hook (which replaces SQLite's automatic checkpoints on that connection).
+    pub(super) fn start(
+        path: &Path,
+        write: &mut Connection,
+        health: Arc<Health>,
+    ) -> Result<Checkpointer, StoreError> {
+        let conn = connect(path, false)?;
+        let (wake, rx) = sync_channel(1);
+        let hook = wake.clone();
+        // The WAL's length when a checkpoint was last asked for (it starts again from the
+        // beginning once a checkpoint has copied all of it).
+        let mut asked = 0;
+        write
+            .wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, frames: i32| {
+                if frames < asked {
+                    asked = 0;
+                }
+                if frames > WAL_LIMIT_FRAMES {
+                    // Behind: this commit waits for a checkpoint (busy when the thread is
+                    // running one, which is as good).
+                    let _ = wal.checkpoint_v2(CheckpointMode::PASSIVE);
+                } else if frames >= asked + CHECKPOINT_FRAMES {
+                    asked = frames;
+                    // Full: one is asked for already.
+                    let _ = hook.try_send(());
+                }
+                Ok(())
+            }))
+            .map_err(|e| StoreError::io("setting up checkpoints", &e))?;
+        let path = path.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("sluice-checkpoint".into())
+            .spawn(move || checkpoints(&conn, &rx, &health, &path))
+            .map_err(|e| StoreError::io("starting the checkpoint thread", &e))?;
+        Ok(Checkpointer {
+            wake: Some(wake),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.wake = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Checkpoint each time the writer asks, until it is gone.
+fn checkpoints(conn: &Connection, wake: &Receiver<()>, health: &Health, path: &Path) {
+    while wake.recv().is_ok() {
+        if health.is_damaged() {
+            break;
+        }
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            let e = classify(path, "checkpoint", &e);
+            if matches!(e, StoreError::Damaged { .. }) {
+                health.note(&e);
+                break;
+            }
+            // Nothing is lost: the pages stay in the WAL for the next checkpoint.
+            tracing::warn!("{e}");
+        }
+    }
+    if health.is_damaged() {
+        let _ = conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{SqliteStore, Store};
+
+    /// Commits one after another, never pausing for a checkpoint beside them to catch up, still
+    /// find the WAL started again from its beginning: it never holds much more than
+    /// `WAL_LIMIT_FRAMES`, and what it held is in the database file.
+    #[test]
+    fn the_wal_stays_bounded_under_commits_without_a_pause() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path()).expect("store");
+        let frame = 4096 + 24;
+        let mut largest = 0;
+        // 400 commits of a 100 KB entry (25 pages): 10,000 pages, 2.5 times the limit.
+        for i in 0..400 {
+            let value = format!("{i}{}", "x".repeat(100_000));
+            let entry =
+                super::super::cache::tests::entry(&format!("k{i}"), value, chrono::Utc::now());
+            store.submit(entry);
+            store.flush().expect("flush");
+            let wal = std::fs::metadata(dir.path().join("sluice.db-wal")).map_or(0, |m| m.len());
+            largest = largest.max(wal);
+        }
+        assert!(
+            largest <= 2 * WAL_LIMIT_FRAMES as u64 * frame,
+            "the WAL grew to {largest} bytes"
+        );
+        let db = std::fs::metadata(dir.path().join("sluice.db"))
+            .expect("db")
+            .len();
+        assert!(db > 20_000_000, "the database file holds {db} bytes");
+        drop(store);
+        let store = SqliteStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.cache_entries(Some("t")).expect("entries").len(), 400);
+    }
+}

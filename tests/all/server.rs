@@ -552,6 +552,44 @@ fn a_server_killed_mid_run_records_the_run_crashed_and_resume_continues_it() {
     );
 }
 
+/// A run recorded by a server before runs kept their files themselves (schema 11) has them in
+/// its tenant's `space.db` only: it still resumes from them.
+#[test]
+fn a_run_whose_files_are_only_in_space_db_still_resumes() {
+    let server = ServerProcess::start(&[]);
+    let token = server.add_tenant("t");
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = crate::store::slow_chain(dir.path(), "slow");
+    let (id, home) = kill_mid_run(server, &token, &flow);
+    let tenant = std::fs::read_dir(home.join("tenants"))
+        .expect("tenants")
+        .next()
+        .expect("a tenant")
+        .expect("entry")
+        .path();
+    let runs = rusqlite::Connection::open(tenant.join("sluice.db")).expect("run store");
+    let files: String = runs
+        .query_row("SELECT files FROM flow_runs WHERE id = ?1", [&id], |r| {
+            r.get(0)
+        })
+        .expect("the run's files, recorded with it");
+    runs.execute("UPDATE flow_runs SET files = NULL WHERE id = ?1", [&id])
+        .expect("forget them");
+    drop(runs);
+    let space = rusqlite::Connection::open(tenant.join("space.db")).expect("space.db");
+    space
+        .execute(
+            "INSERT INTO run_sources (run, components) VALUES (?1, ?2)",
+            [&id, &files],
+        )
+        .expect("the older server's record");
+    drop(space);
+    let server = ServerProcess::start_in(home, &[]);
+    let out = server.cli(&token, &["resume", &id, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(json_of(&out)["state"], "Completed");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_killed_mid_run_resumes_it_by_itself_when_the_crashed_task_has_retries_left() {
     let server = ServerProcess::start(&[]);

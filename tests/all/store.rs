@@ -622,6 +622,7 @@ fn a_run_that_died_before_its_first_state_write_is_not_left_running() {
         parameters: BTreeMap::new(),
         context: BTreeMap::new(),
         manifest: None,
+        files: None,
         pid: 999_999,
         tasks: Vec::new(),
     })));

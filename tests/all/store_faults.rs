@@ -67,6 +67,7 @@ fn header(
         parameters: BTreeMap::new(),
         context: BTreeMap::new(),
         manifest,
+        files: None,
         pid,
         tasks,
     }))

@@ -234,6 +234,10 @@ pub struct RunOptions {
     /// The manifest the flow came from (path and text), recorded so that `sluice resume` in
     /// another process can rebuild the flow.
     pub manifest: Option<(PathBuf, String)>,
+    /// What else rebuilding the flow needs, as the caller writes it (a server: the uploaded
+    /// components' digests and the subflows' texts): recorded with the run in the same write,
+    /// so a run is never recorded without it. Read back as [`StoredRun::files`].
+    pub files: Option<String>,
     /// The run's id (default: a new one).
     pub id: Option<FlowRunId>,
     /// For a deployment's scheduled run: what it went through before Pending.
@@ -570,6 +574,7 @@ impl FlowRunner {
                     parameters: run.parameters.clone(),
                     context: run.context.clone(),
                     manifest: options.manifest,
+                    files: options.files,
                     pid: std::process::id(),
                     tasks,
                 })));

@@ -1,13 +1,14 @@
 //! The files each run of a tenant was started with besides its manifest (the paths it names →
-//! uploaded components' digests, and its subflows' manifests), in `space.db` in the tenant's
-//! directory: with the manifest text the run store keeps, they rebuild the run's flow to resume
-//! it. Recorded before the run itself, so no run exists without them.
+//! uploaded components' digests, and its subflows' manifests): with the manifest text the run
+//! store keeps, they rebuild the run's flow to resume it. Recorded in the run's own first write
+//! (`RunOptions::files`, schema 11), so no run exists without them; a run recorded before that
+//! has them in `space.db` in the tenant's directory, read here.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OptionalExtension as _, params};
+use rusqlite::{Connection, OptionalExtension as _};
 use serde::{Deserialize, Serialize};
 
 use super::problem::ApiError;
@@ -58,7 +59,7 @@ impl RunFiles {
     }
 }
 
-/// The files of a tenant's runs.
+/// The files of a tenant's runs recorded before runs kept them themselves.
 #[derive(Debug)]
 pub(super) struct RunSources {
     db: Mutex<Connection>,
@@ -76,17 +77,6 @@ impl RunSources {
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Record the files of `run`.
-    pub(super) fn record(&self, run: FlowRunId, files: &RunFiles) -> Result<(), ApiError> {
-        self.db()
-            .execute(
-                "INSERT OR REPLACE INTO run_sources (run, components) VALUES (?1, ?2)",
-                params![run.to_string(), files.to_stored()],
-            )
-            .map(drop)
-            .map_err(|e| ApiError::internal("recording the run's components", &e))
     }
 
     /// The files of `run`, when it was started here.

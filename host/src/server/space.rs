@@ -379,19 +379,17 @@ impl Space {
             Some((id, s)) => (id, Some(s)),
             None => (FlowRunId::new(), None),
         };
-        // Before the run exists: a run is never without what resuming it needs.
-        self.sources.record(
-            id,
-            &RunFiles {
-                components: req.components.clone(),
-                subflows: req.subflows.clone(),
-            },
-        )?;
+        // In the run's first write: a run is never without what resuming it needs.
+        let files = RunFiles {
+            components: req.components,
+            subflows: req.subflows,
+        };
         let options = RunOptions {
             parameters: req.parameters,
             context: req.context,
             cancel: CancelToken::new(),
             manifest: Some((PathBuf::from(&req.manifest_path), req.manifest)),
+            files: Some(files.to_stored()),
             id: Some(id),
             scheduled,
             parent: None,
@@ -447,7 +445,12 @@ impl Space {
         }
         let (path, text) =
             resumable::check(&stored, &start).map_err(|e| conflict(e.to_string()))?;
-        let files = self.sources.get(id)?.ok_or_else(|| {
+        // Recorded with the run; a run recorded before that (schema 11) has them in `space.db`.
+        let files = match stored.files.as_deref() {
+            Some(text) => RunFiles::from_stored(text),
+            None => self.sources.get(id)?,
+        };
+        let files = files.ok_or_else(|| {
             conflict(format!(
                 "flow run {id} has no recorded components, so its flow cannot be rebuilt"
             ))

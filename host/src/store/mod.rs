@@ -216,6 +216,8 @@ pub struct RunHeader {
     pub context: BTreeMap<String, String>,
     /// The manifest it was defined by (path and text), so a new process can resume it.
     pub manifest: Option<(PathBuf, String)>,
+    /// What else rebuilding its flow needs ([`crate::runner::RunOptions::files`]).
+    pub files: Option<String>,
     /// The process running it (its start time is recorded with it, for liveness).
     pub pid: u32,
     /// The flow's task runs as they start (top-level tasks, in the flow's order).
@@ -372,6 +374,9 @@ pub struct StoredRun {
     pub run: FlowRun,
     /// The manifest it was defined by, when it came from one.
     pub manifest: Option<(PathBuf, String)>,
+    /// What else rebuilding its flow needs, as its starter recorded it
+    /// ([`crate::runner::RunOptions::files`]).
+    pub files: Option<String>,
     /// When the run was created.
     pub created_at: DateTime<Utc>,
     /// When cancellation was requested from outside, if it was.
@@ -624,9 +629,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// [`Store::cache_lookup`] would find (its newest), oldest first, handed to `each` in chunks
     /// of at most [`PRELOAD_CHUNK`] as they are read (a runner answers the hits of one chunk
     /// while the rest are read), each with its value while the values loaded stay under
-    /// `max_bytes` in total (later entries carry none). `each` returns false to stop early. A
-    /// runner loads these once per task so that a hit costs a hash-map lookup; anything not
-    /// found here is still looked up with [`Store::cache_lookup`].
+    /// `max_bytes` in total (later entries carry none). `each` returns false to stop early; it
+    /// runs inside the store's read (so it must not call the store, and should hand the chunk
+    /// on rather than work on it). A runner loads these once per task so that a hit costs a
+    /// hash-map lookup; anything not found here is still looked up with
+    /// [`Store::cache_lookup`].
     fn cache_preload(
         &self,
         task: &str,

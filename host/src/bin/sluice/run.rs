@@ -95,6 +95,7 @@ pub(crate) async fn run(
                     context,
                     cancel,
                     manifest: Some((path, text)),
+                    files: None,
                     id: None,
                     scheduled: None,
                     parent: None,

@@ -24,6 +24,16 @@ const LOOKUP_SQL: &str = "SELECT c.blob, c.created_at, c.expires_at, c.flow_run,
      FROM cache c LEFT JOIN blobs b ON b.hash = c.blob
      WHERE c.key = ?1 AND c.expires_at > ?2 ORDER BY c.created_at DESC, c.seq DESC LIMIT 1";
 
+/// A task's valid entries, oldest first, each key once: an entry with a newer valid one of its
+/// key is left out. The newer one is looked for in the key's index, where an entry's own row is
+/// told apart by its `seq` alone, so a key cached once costs no second read of a row.
+const PRELOAD_SQL: &str = "SELECT c.key, c.blob, c.created_at, c.expires_at, c.flow_run, c.task_run, c.validator, c.component, b.size, b.data
+     FROM cache c LEFT JOIN blobs b ON b.hash = c.blob
+     WHERE c.task = ?1 AND c.expires_at > ?2
+       AND NOT EXISTS (SELECT 1 FROM cache d WHERE d.key = c.key AND d.expires_at > ?2 AND d.seq != c.seq
+                       AND (d.created_at > c.created_at OR (d.created_at = c.created_at AND d.seq > c.seq)))
+     ORDER BY c.created_at, c.seq";
+
 const SAME_CONFIG: &str = "task = ?1 AND config = ?2";
 const SAME_TASK: &str = "task = ?1";
 
@@ -184,21 +194,11 @@ impl SqliteStore {
     ) -> Result<(), StoreError> {
         let conn = self.read();
         let io = self.io_err("cache preload");
-        // Oldest first, the order a mapped task's children were cached in and ask in. `versions`
-        // counts the key's valid entries from the key index alone: an entry with newer ones of
-        // its key is held back to the end, where only the newest of each such key is sent, so
-        // every key comes once, with the entry a lookup would find.
-        let mut s = conn
-            .prepare_cached(
-                "SELECT c.key, c.blob, c.created_at, c.expires_at, c.flow_run, c.task_run, c.validator, c.component, b.size, b.data,
-                        (SELECT count(*) FROM cache d WHERE d.key = c.key AND d.expires_at > ?2) AS versions
-                 FROM cache c LEFT JOIN blobs b ON b.hash = c.blob
-                 WHERE c.task = ?1 AND c.expires_at > ?2 ORDER BY c.created_at, c.seq",
-            )
-            .map_err(&io)?;
+        // Oldest first, the order a mapped task's children were cached in and ask in; each key
+        // with the entry a lookup finds.
+        let mut s = conn.prepare_cached(PRELOAD_SQL).map_err(&io)?;
         let mut rows = s.query(params![task, micros(now)]).map_err(&io)?;
         let mut out = Vec::with_capacity(PRELOAD_CHUNK);
-        let mut versioned: indexmap::IndexMap<String, CachedOutput> = indexmap::IndexMap::new();
         let mut loaded = 0u64;
         while let Some(r) = rows.next().map_err(&io)? {
             let size = r.get::<_, Option<i64>>(8).map_err(&io)?;
@@ -228,15 +228,7 @@ impl SqliteStore {
                 }
                 _ => None,
             };
-            let output = CachedOutput { entry, value };
-            if r.get::<_, i64>(10).map_err(&io)? > 1 {
-                // A later one replaces it (rows come oldest first), and its value's bytes.
-                if let Some(older) = versioned.insert(output.entry.key.clone(), output) {
-                    loaded -= older.value.map_or(0, |v| v.len() as u64);
-                }
-                continue;
-            }
-            out.push(output);
+            out.push(CachedOutput { entry, value });
             if out.len() == PRELOAD_CHUNK {
                 let chunk = std::mem::replace(&mut out, Vec::with_capacity(PRELOAD_CHUNK));
                 if !each(chunk) {
@@ -244,7 +236,6 @@ impl SqliteStore {
                 }
             }
         }
-        out.extend(versioned.into_values());
         if !out.is_empty() {
             each(out);
         }
@@ -334,14 +325,22 @@ pub(super) mod tests {
 
     /// Explaining a miss reads one row through an index, never the task's other entries: the
     /// first run of a cached mapped task explains each of its N misses in O(log N), not O(N).
+    /// The preload reads a task's entries in order through an index too (no sort before the
+    /// first row), each key's newer entries looked for through the key's index.
     #[test]
-    fn explaining_a_miss_looks_the_newest_entry_up_through_an_index() {
+    fn explaining_a_miss_and_the_preload_read_through_indexes() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(dir.path()).expect("store");
         let conn = store.read();
         let both: &[&dyn rusqlite::ToSql] = &[&"t", &"c"];
-        for (filter, args) in [(SAME_CONFIG, both), (SAME_TASK, &both[..1])] {
-            let sql = format!("EXPLAIN QUERY PLAN {}", newest_entry_sql(filter));
+        let preload: &[&dyn rusqlite::ToSql] = &[&"t", &0_i64];
+        for (sql, args) in [
+            (newest_entry_sql(SAME_CONFIG), both),
+            (newest_entry_sql(SAME_TASK), &both[..1]),
+            (PRELOAD_SQL.to_owned(), preload),
+        ] {
+            let filter = &sql;
+            let sql = format!("EXPLAIN QUERY PLAN {sql}");
             let mut stmt = conn.prepare(&sql).expect("plan");
             let plan: Vec<String> = stmt
                 .query_map(args, |r| r.get::<_, String>(3))
@@ -349,8 +348,10 @@ pub(super) mod tests {
                 .collect::<Result<_, _>>()
                 .expect("rows");
             assert!(
-                plan.iter()
-                    .all(|d| d.contains("USING INDEX") && !d.contains("TEMP B-TREE")),
+                plan.iter().all(|d| {
+                    (d.contains("USING INDEX") || d.contains("SUBQUERY"))
+                        && !d.contains("TEMP B-TREE")
+                }),
                 "{filter}: {plan:?}"
             );
         }
@@ -398,6 +399,13 @@ pub(super) mod tests {
         let n = PRELOAD_CHUNK * 2 + 10;
         // Expired by `now` below: never sent.
         store.submit(entry("gone", -1, t0 - chrono::TimeDelta::hours(2)));
+        // Valid, and a newer entry of its key expired: this one is the key's.
+        store.submit(entry("kept", 7, t0 - ms(2)));
+        let mut newer = entry("kept", 8, t0 - ms(1));
+        if let crate::store::Write::Cache(c) = &mut newer {
+            c.expires_at = t0;
+        }
+        store.submit(newer);
         for i in 0..n {
             store.submit(entry(&format!("k{i}"), i as i64, t0 + ms(i as i64)));
         }
@@ -412,29 +420,28 @@ pub(super) mod tests {
             })
             .expect("preload");
         let sizes: Vec<usize> = chunks.iter().map(Vec::len).collect();
-        assert_eq!(sizes, [PRELOAD_CHUNK, PRELOAD_CHUNK, n - 2 * PRELOAD_CHUNK]);
+        assert_eq!(
+            sizes,
+            [PRELOAD_CHUNK, PRELOAD_CHUNK, n + 1 - 2 * PRELOAD_CHUNK]
+        );
         let keys: Vec<&str> = chunks
             .iter()
             .flatten()
             .map(|c| c.entry.key.as_str())
             .collect();
-        let mut expected: Vec<String> = (0..n)
-            .filter(|&i| i != 1)
-            .map(|i| format!("k{i}"))
-            .collect();
+        let mut expected = vec!["kept".to_owned()];
+        expected.extend((0..n).filter(|&i| i != 1).map(|i| format!("k{i}")));
         expected.push("k1".to_owned());
         assert_eq!(keys, expected);
-        let k1 = chunks
-            .iter()
-            .flatten()
-            .find(|c| c.entry.key == "k1")
-            .expect("k1");
-        assert_eq!(k1.value.as_ref().map(Json::as_str), Some("1000"));
-        let looked = store.cache_lookup(&key_of("k1"), now).expect("lookup");
-        assert!(
-            matches!(&looked, CacheLookup::Hit { entry, .. } if entry.task_run == k1.entry.task_run),
-            "{looked:?}"
-        );
+        for key in ["kept", "k1"] {
+            let sent = chunks.iter().flatten().find(|c| c.entry.key == key);
+            let found = store.cache_lookup(&key_of(key), now).expect("lookup");
+            assert!(
+                matches!((&found, sent), (CacheLookup::Hit { entry, output, .. }, Some(c))
+                    if entry.task_run == c.entry.task_run && c.value.as_ref() == Some(output)),
+                "{key}: sent {sent:?}, found {found:?}"
+            );
+        }
         // `each` stops it.
         let mut calls = 0;
         store
@@ -452,14 +459,12 @@ pub(super) mod tests {
                 true
             })
             .expect("preload");
-        let bytes: usize = sent
+        let valued: Vec<&str> = sent
             .iter()
-            .filter_map(|c| c.value.as_ref())
-            .map(Json::len)
-            .sum();
-        assert!((1..=3).contains(&bytes), "{bytes} bytes of values");
-        assert!(sent[0].value.is_some());
-        assert!(sent[n - 2].value.is_none());
+            .filter(|c| c.value.is_some())
+            .map(|c| c.entry.key.as_str())
+            .collect();
+        assert_eq!(valued, ["kept", "k0", "k2"]);
     }
 
     /// A cached lookup statement is planned once: used again with other values, it is not
@@ -474,6 +479,7 @@ pub(super) mod tests {
             (LOOKUP_SQL.to_owned(), 2),
             (newest_entry_sql(SAME_CONFIG), 2),
             (newest_entry_sql(SAME_TASK), 1),
+            (PRELOAD_SQL.to_owned(), 2),
         ];
         for (sql, params) in &statements {
             for i in 0..5_i64 {

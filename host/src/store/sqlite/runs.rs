@@ -169,10 +169,11 @@ impl SqliteStore {
             Option<i64>,
             String,
             Option<String>,
+            Option<String>,
         );
         let head: Option<Head> = conn
             .query_row(
-                "SELECT flow, state_json, created_at, parameters, context, manifest_path, manifest, cancel_requested_at, history, result FROM flow_runs WHERE id = ?1",
+                "SELECT flow, state_json, created_at, parameters, context, manifest_path, manifest, cancel_requested_at, history, result, files FROM flow_runs WHERE id = ?1",
                 [&id],
                 |r| TryFrom::try_from(r),
             )
@@ -189,6 +190,7 @@ impl SqliteStore {
             cancel,
             history,
             result,
+            files,
         )) = head
         else {
             return Err(StoreError::UnknownRun(id));
@@ -331,6 +333,7 @@ impl SqliteStore {
         Ok(StoredRun {
             run: run_record,
             manifest: mpath.zip(mtext).map(|(p, t)| (PathBuf::from(p), t)),
+            files,
             created_at: from_micros(created),
             cancel_requested_at: cancel.map(from_micros),
             problems,

@@ -169,6 +169,12 @@ UPDATE flow_runs SET parent_task_run = json_extract(context, '$.parent_task_run_
     WHERE json_valid(context) AND json_type(context, '$.parent_task_run_id') = 'text';
 CREATE INDEX flow_runs_parent ON flow_runs(parent_task_run) WHERE parent_task_run IS NOT NULL;
 ",
+    // 11: what else rebuilding a run's flow needs besides its manifest, as its starter wrote it
+    // (a server: the uploaded components' digests and the subflows' texts), in the run's own
+    // first write.
+    r"
+ALTER TABLE flow_runs ADD COLUMN files TEXT;
+",
 ];
 
 /// The number a transaction that writes runs marks its rows with: take it first in the

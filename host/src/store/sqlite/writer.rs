@@ -466,8 +466,8 @@ fn run_created(tx: &Transaction<'_>, h: &RunHeader) -> rusqlite::Result<()> {
         None => (None, None),
     };
     tx.prepare_cached(
-        "INSERT INTO flow_runs (id, flow, state, state_json, created_at, updated_at, parameters, context, manifest_path, manifest, pid, history, pid_start, parent_task_run, changed)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, (SELECT seq FROM changes WHERE id = 0))",
+        "INSERT INTO flow_runs (id, flow, state, state_json, created_at, updated_at, parameters, context, manifest_path, manifest, pid, history, pid_start, parent_task_run, files, changed)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, (SELECT seq FROM changes WHERE id = 0))",
     )?
     .execute(params![
         h.id.to_string(),
@@ -483,7 +483,8 @@ fn run_created(tx: &Transaction<'_>, h: &RunHeader) -> rusqlite::Result<()> {
         h.pid,
         history_lines(&h.history),
         process_start(h.pid).and_then(|s| i64::try_from(s).ok()),
-        h.context.get(crate::runner::PARENT_TASK_RUN)
+        h.context.get(crate::runner::PARENT_TASK_RUN),
+        h.files
     ])?;
     Ok(())
 }

@@ -64,8 +64,13 @@ impl Checkpointer {
                 if frames > WAL_LIMIT_FRAMES {
                     // Behind: this commit waits for a checkpoint (busy when the thread is
                     // running one, which is as good).
-                    if let Err(e) = wal.checkpoint_v2(CheckpointMode::PASSIVE) {
-                        noted(&writer_health, &writer_path, &e);
+                    match wal.checkpoint_v2(CheckpointMode::PASSIVE) {
+                        Err(e)
+                            if e.sqlite_error_code() != Some(rusqlite::ErrorCode::DatabaseBusy) =>
+                        {
+                            noted(&writer_health, &writer_path, &e);
+                        }
+                        _ => {}
                     }
                 } else if frames >= asked + CHECKPOINT_FRAMES {
                     asked = frames;

@@ -319,7 +319,9 @@ pub(super) fn cost(w: &Write) -> u64 {
                 + blob(&t.cached_input)
         }
         Write::RunCreated(h) => {
-            HEADER * 4 + h.manifest.as_ref().map_or(0, |(_, text)| text.len() as u64)
+            HEADER * 4
+                + h.manifest.as_ref().map_or(0, |(_, text)| text.len() as u64)
+                + h.files.as_ref().map_or(0, |f| f.len() as u64)
         }
         Write::Journal { entry, .. } => HEADER + entry.len() as u64,
         Write::Cache(c) => HEADER + c.output.len() as u64,

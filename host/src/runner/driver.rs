@@ -588,7 +588,7 @@ struct CacheReads {
     reading: HashMap<tokio::task::Id, Reading>,
 }
 
-/// Entries of a task's preload (each key once, in one chunk).
+/// Entries of a task's preload, in the order read (each key in one chunk only).
 struct Chunk {
     task: String,
     entries: Vec<CachedOutput>,
@@ -600,7 +600,6 @@ enum Reading {
 }
 
 /// A cached task's entries as this run has read them.
-#[derive(Default)]
 struct TaskIndex {
     /// The newest valid entry of each key read so far; `None` once a unit took it (a second
     /// lookup of a key goes to the store, which answers the same).
@@ -720,15 +719,18 @@ impl CacheReads {
             return answers;
         };
         for c in chunk.entries {
-            if index.entries.contains_key(&c.entry.key) {
-                continue;
-            }
-            let asked = index.waiting.as_mut().and_then(|w| w.remove(&c.entry.key));
-            let Some(asked) = asked else {
-                index.entries.insert(c.entry.key.clone(), Some(c));
+            let std::collections::hash_map::Entry::Vacant(slot) =
+                index.entries.entry(c.entry.key.clone())
+            else {
                 continue;
             };
-            index.entries.insert(c.entry.key.clone(), None);
+            let asked = index.waiting.as_mut().and_then(|w| w.remove(&c.entry.key));
+            let Some(asked) = asked else {
+                slot.insert(Some(c));
+                continue;
+            };
+            // Taken by the unit that asked first.
+            slot.insert(None);
             let mut asked = asked.into_iter();
             if let Some((unit, key)) = asked.next() {
                 match preloaded_hit(c, now) {
@@ -815,5 +817,103 @@ async fn watch_store(
             Ok(Err(e)) => tracing::warn!("flow run {run}: cannot check for cancellation: {e}"),
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{CacheEntry, SqliteStore};
+
+    fn key(k: &str) -> CacheKey {
+        CacheKey {
+            key: k.to_owned(),
+            task: "t".to_owned(),
+            component: String::new(),
+            config: String::new(),
+            grants: String::new(),
+            secrets: String::new(),
+            inputs: None,
+            parameters: None,
+            validator: "duration_only".to_owned(),
+        }
+    }
+
+    fn preloaded(k: &str, value: i64, expires_at: DateTime<Utc>) -> CachedOutput {
+        CachedOutput {
+            entry: CacheEntry {
+                key: k.to_owned(),
+                task: "t".to_owned(),
+                validator: "duration_only".to_owned(),
+                component: String::new(),
+                blob: String::new(),
+                size: 1,
+                created_at: expires_at - chrono::TimeDelta::hours(1),
+                expires_at,
+                flow_run: "r".to_owned(),
+                task_run: format!("tr-{k}"),
+            },
+            value: Some(Json::from_value(&serde_json::json!(value))),
+        }
+    }
+
+    /// Keys asked for while their task's preload is read are answered by the chunk that brings
+    /// them, before the preload ends; a key asked twice is taken once (the second asks the
+    /// store); keys the preload never brought go to the store when it ends.
+    #[test]
+    fn a_chunk_answers_the_keys_that_wait_for_it_before_the_preload_ends() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).expect("store"));
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut reads = CacheReads::new(store, tx);
+        let now: DateTime<Utc> = "2030-01-01T00:00:00Z".parse().expect("time");
+        let later = now + chrono::TimeDelta::hours(1);
+        let unit = |i: u32| Unit {
+            task: 0,
+            child: Some(i),
+        };
+        // The first ask starts the preload; nothing is known yet.
+        for (i, k) in ["a", "b", "a", "missing"].iter().enumerate() {
+            assert!(reads.answer(unit(i as u32), key(k), now).is_none());
+        }
+        assert_eq!(reads.preloads, ["t"]);
+        let answers = reads.chunk(
+            Chunk {
+                task: "t".to_owned(),
+                entries: vec![preloaded("a", 1, later), preloaded("c", 3, later)],
+            },
+            now,
+        );
+        // `a`'s first asker has its hit now; its second goes to the store.
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].0, unit(0));
+        assert!(
+            matches!(&answers[0].1, Ok(CacheLookup::Hit { output, .. }) if output.as_str() == "1")
+        );
+        assert_eq!(
+            reads.misses.iter().map(|(u, _)| *u).collect::<Vec<_>>(),
+            [unit(2)]
+        );
+        // A key read before it is asked for is answered at once.
+        assert!(matches!(
+            reads.answer(unit(9), key("c"), now),
+            Some(Ok(CacheLookup::Hit { .. }))
+        ));
+        // `b` in the next chunk; `missing` never comes: it goes to the store at the end.
+        let answers = reads.chunk(
+            Chunk {
+                task: "t".to_owned(),
+                entries: vec![preloaded("b", 2, later)],
+            },
+            now,
+        );
+        assert_eq!(
+            answers.iter().map(|(u, _)| *u).collect::<Vec<_>>(),
+            [unit(1)]
+        );
+        reads.preloaded("t");
+        let mut to_store: Vec<Unit> = reads.misses.iter().map(|(u, _)| *u).collect();
+        to_store.sort_by_key(|u| u.child);
+        assert_eq!(to_store, [unit(2), unit(3)]);
     }
 }

@@ -29,8 +29,7 @@ const CHECKPOINT_FRAMES: i32 = 1000;
 /// what the thread's last checkpoint did not (little when the thread keeps up) and lets it.
 const WAL_LIMIT_FRAMES: i32 = 4 * CHECKPOINT_FRAMES;
 
-/// The checkpoint thread; dropping it stops the thread (once the writer's connection, which
-/// also holds a way to wake it, is closed) and waits for it.
+/// The checkpoint thread; dropping it stops the thread and waits for it.
 pub(super) struct Checkpointer {
     wake: SyncSender<()>,
     /// Tells the thread to stop, whatever becomes of the writer's connection.

@@ -137,6 +137,10 @@ impl Store for PollRecorder {
     fn flush(&self) -> Result<(), StoreError> {
         self.inner.flush()
     }
+
+    fn flush_async(&self) -> sluice::store::Flushing {
+        self.inner.flush_async()
+    }
     fn write_error(&self) -> Option<StoreError> {
         self.inner.write_error()
     }

@@ -612,11 +612,7 @@ impl FlowRunner {
         let Some(store) = self.store.clone() else {
             return Ok(run);
         };
-        let flusher = store.clone();
-        let flushed = tokio::task::spawn_blocking(move || flusher.flush())
-            .await
-            .unwrap_or_else(|e| Err(StoreError::io("flush", e)));
-        let result = match flushed {
+        let result = match store.flush_async().await {
             Ok(()) => Ok(run),
             Err(source) => {
                 let (id, now) = (run.id, self.clock.now());

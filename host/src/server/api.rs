@@ -95,6 +95,19 @@ pub(super) fn router(server: Server) -> axum::Router {
     .with_state(server)
 }
 
+/// Run `f`, a blocking read of a store, for a request. On a multi-threaded runtime (the
+/// server's) it runs on this thread, whose other tasks move to another worker meanwhile
+/// (`block_in_place`): the answer then waits for no thread hand-off, two with `spawn_blocking`,
+/// each of which may wait for a core while guests fill them. Elsewhere on the blocking pool.
+async fn read<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => Ok(tokio::task::block_in_place(f)),
+        _ => tokio::task::spawn_blocking(f).await,
+    }
+}
+
 /// The caller: the tenant whose token the request carries (as the registry has it now: its
 /// quotas as they are), and its space.
 struct Caller(Arc<Space>, Tenant);
@@ -117,7 +130,7 @@ impl FromRequestParts<Server> for Caller {
             .trim();
         let tenants = server.inner.clone();
         let token = token.to_owned();
-        let tenant = tokio::task::spawn_blocking(move || tenants.tenants.authenticate(&token))
+        let tenant = read(move || tenants.tenants.authenticate(&token))
             .await
             .map_err(|e| ApiError::internal("checking the token", &e))?
             .map_err(|e| ApiError::internal("checking the token", &e))?
@@ -302,7 +315,7 @@ async fn show_run(
             .await;
     }
     let store = space.store().clone();
-    let view = tokio::task::spawn_blocking(move || RunView::load(&*store, id))
+    let view = read(move || RunView::load(&*store, id))
         .await
         .map_err(|e| ApiError::internal("reading the run", &e))?
         .map_err(|e| ApiError::store("reading the run", e))?;

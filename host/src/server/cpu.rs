@@ -219,6 +219,7 @@ impl Turn {
     /// At a yield point: keep the turn when nobody waits for one, else give it back and wait
     /// for the next.
     async fn pause(&self) {
+        super::priority::give_way();
         let handed_over = {
             let mut g = Gate::lock(&self.gate.gate);
             if g.waiters() {
@@ -277,6 +278,7 @@ impl BodyPacer {
 
 impl Pacer for BodyPacer {
     fn pause(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        super::priority::give_way();
         let ran = {
             let resumed = self.resumed.lock().unwrap_or_else(|p| p.into_inner());
             resumed.elapsed().min(self.tick)

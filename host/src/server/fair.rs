@@ -14,9 +14,10 @@
 //! Guests run in a runtime of their own (one worker thread per core), apart from the one that
 //! serves requests and drives flow runs: a request or a driver never waits behind a guest's
 //! time slice on a shared worker thread (a noisy neighbour's B p99 went from 14.6× to 6.6× its
-//! solo latency with this). Its threads run at a lower priority ([`GUEST_NICE`]), so the kernel
-//! gives the cores to serving requests, driving runs and writing the store first, and to guests
-//! what those leave: the control path of every tenant stays fast however busy the guests are.
+//! solo latency with this). Its threads run below the server's own ([`super::priority`]), so the
+//! kernel gives the cores to serving requests, driving runs and writing the store first, and to
+//! guests what those leave: the control path of every tenant stays fast however busy the guests
+//! are.
 //!
 //! A tenant is eligible while it runs fewer task runs than its `max_running_tasks` quota and
 //! the fuel its task runs used over the last minute is below its `fuel_per_minute` quota; its
@@ -41,32 +42,6 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 /// The virtual time charged when a task run is dispatched; corrected by what it used when it
 /// ends. Dispatching many at once so costs something before any ends.
 const NOMINAL: Duration = Duration::from_millis(1);
-
-/// How much nicer the guest threads are than the server's own: the kernel weighs a thread 10
-/// nice levels up at about a tenth, so guests yield to the control path when both want a core,
-/// and still use every idle cycle.
-pub const GUEST_NICE: i32 = 10;
-
-/// The nice value of a guest thread of a server running at `ours`.
-pub fn guest_nice(ours: i32) -> i32 {
-    (ours + GUEST_NICE).min(19)
-}
-
-/// Lower the calling thread's priority by [`GUEST_NICE`] (on Linux a nice value is per thread).
-/// A failure is logged, never fatal: guests then share the cores as equals.
-#[cfg(target_os = "linux")]
-fn lower_priority() {
-    let tid = rustix::thread::gettid();
-    let lowered = rustix::process::getpriority_process(Some(tid))
-        .and_then(|ours| rustix::process::setpriority_process(Some(tid), guest_nice(ours)));
-    if let Err(e) = lowered {
-        tracing::warn!("cannot lower the guest thread's priority: {e}");
-    }
-}
-
-/// Elsewhere the nice value is per process: the guests share the cores as equals.
-#[cfg(not(target_os = "linux"))]
-fn lower_priority() {}
 
 /// What a tenant may use of the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,7 +227,7 @@ impl FairQueue {
         let guests = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("sluice-guest")
-            .on_thread_start(lower_priority)
+            .on_thread_start(super::priority::lower_priority)
             .enable_all()
             .build()?;
         Ok(FairQueue {
@@ -610,11 +585,11 @@ mod tests {
         let blocking = guests.spawn_blocking(nice);
         assert_eq!(
             worker.await.expect("worker").expect("nice"),
-            guest_nice(ours)
+            super::super::priority::guest_nice(ours)
         );
         assert_eq!(
             blocking.await.expect("blocking").expect("nice"),
-            guest_nice(ours)
+            super::super::priority::guest_nice(ours)
         );
         assert_eq!(
             nice().expect("our nice value"),

@@ -16,6 +16,7 @@ mod cpu;
 pub mod deployments;
 pub mod events;
 pub mod fair;
+mod priority;
 mod problem;
 pub mod secrets;
 mod sources;

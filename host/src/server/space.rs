@@ -401,10 +401,9 @@ impl Space {
         self.spawn_live(id, cancel, async move {
             space.runner.finish(&flow, started).await
         });
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.flush())
+        self.store
+            .flush_async()
             .await
-            .map_err(|e| ApiError::internal("recording the run", &e))?
             .map_err(|e| ApiError::internal("recording the run", &e))?;
         Ok(RunStarted {
             id,

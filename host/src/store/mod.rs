@@ -597,6 +597,10 @@ pub enum CancelOutcome {
 /// (or the process dies).
 pub trait RunLease: Send + Sync + std::fmt::Debug {}
 
+/// The future of [`Store::flush_async`].
+pub type Flushing =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
 /// Durable storage of flow runs and the output cache.
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Queue a write. Writes are applied in order and committed in batches; a failure is kept
@@ -605,6 +609,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Wait until everything submitted so far is durable.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// [`Store::flush`] for async callers: everything submitted before the call is durable
+    /// when the future ends. No thread waits for the commit; the writer wakes the caller's
+    /// task (one hand-off fewer each way than a flush on a blocking thread).
+    fn flush_async(&self) -> Flushing;
 
     /// Why writes are held back, if they are: the error of the first write that could not be
     /// committed since the store last committed everything (or that it is damaged).

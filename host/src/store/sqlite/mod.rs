@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
@@ -36,7 +37,7 @@ use crate::json::Json;
 use crate::state::State;
 use checkpoint::Checkpointer;
 use schema::{MIGRATIONS, classify_open, connect, connect_immutable, migrate};
-use writer::{Health, Msg, damage_marker, writer};
+use writer::{GROUP_WINDOW, Health, Msg, Reply, damage_marker, writer};
 
 /// The embedded SQLite store. Cheap to clone; clones share the database and the writer.
 #[derive(Clone)]
@@ -104,6 +105,11 @@ impl SqliteStore {
     /// A home (or database) that cannot be written is [`StoreError::ReadOnly`]; see
     /// [`SqliteStore::open_read_only`] to read its history anyway.
     pub fn open(home: &Path) -> Result<SqliteStore, StoreError> {
+        Self::open_with(home, GROUP_WINDOW)
+    }
+
+    /// [`SqliteStore::open`], committing writes nobody waits for at most every `window`.
+    fn open_with(home: &Path, window: Duration) -> Result<SqliteStore, StoreError> {
         let path = home.join("sluice.db");
         // Damage found earlier (by any process): nothing is written to it again.
         if let Ok(detail) = std::fs::read_to_string(damage_marker(&path)) {
@@ -143,7 +149,7 @@ impl SqliteStore {
         }
         migrate(&write, &path)?;
         let read = connect(&path, false)?;
-        Self::start(home, path, write, read, false)
+        Self::start(home, path, write, read, false, window)
     }
 
     /// Open an existing store only to read it (history of a read-only home). Writes fail.
@@ -183,7 +189,7 @@ impl SqliteStore {
             Ok(c) => c,
             Err(e) => connect_immutable(&path).map_err(|_| e)?,
         };
-        Self::start(home, path, conn, read, true)
+        Self::start(home, path, conn, read, true, GROUP_WINDOW)
     }
 
     fn start(
@@ -192,6 +198,7 @@ impl SqliteStore {
         mut write: Connection,
         read: Connection,
         read_only: bool,
+        window: Duration,
     ) -> Result<SqliteStore, StoreError> {
         let open_err = |detail: String| StoreError::Open {
             path: path.clone(),
@@ -207,7 +214,7 @@ impl SqliteStore {
         let writer = std::thread::Builder::new()
             .name("sluice-store".into())
             .spawn(move || {
-                writer(write, &rx, &writer_health, &writer_path);
+                writer(write, &rx, &writer_health, &writer_path, window);
                 // After the writer's connection (whose WAL hook wakes the checkpoints) closed.
                 drop(checkpoints);
             })
@@ -294,10 +301,20 @@ impl Store for SqliteStore {
     fn flush(&self) -> Result<(), StoreError> {
         let (done, wait) = mpsc::sync_channel(1);
         lock(&self.inner.tx)
-            .send(Msg::Flush(done))
+            .send(Msg::Flush(Reply::Thread(done)))
             .map_err(|_| StoreError::io("flush", "the writer thread stopped"))?;
         wait.recv()
             .map_err(|_| StoreError::io("flush", "the writer thread stopped"))?
+    }
+
+    fn flush_async(&self) -> crate::store::Flushing {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let sent = lock(&self.inner.tx).send(Msg::Flush(Reply::Task(done)));
+        Box::pin(async move {
+            sent.map_err(|_| StoreError::io("flush", "the writer thread stopped"))?;
+            wait.await
+                .map_err(|_| StoreError::io("flush", "the writer thread stopped"))?
+        })
     }
 
     fn write_error(&self) -> Option<StoreError> {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, Transaction, params};
@@ -25,14 +26,37 @@ use crate::store::{Blob, CacheWrite, RunHeader, StoreError, TaskWrite, Write};
 /// Most writes one batch (one transaction) applies.
 const MAX_BATCH: usize = 20_000;
 
+/// Group commit: a commit starts at most this long after the previous one started, unless a
+/// flush (or an abandon) waits for it. Every commit costs an fsync, and the disk is shared: a
+/// run that ends a task every few hundred µs would otherwise fsync as often, and another
+/// tenant's flush (the answer to starting a run, the end of a run) would queue behind those.
+/// Writes nobody waits for become durable up to this much later; flushes are not delayed.
+pub(super) const GROUP_WINDOW: Duration = Duration::from_millis(5);
+
 pub(super) enum Msg {
     Write(Write),
-    Flush(mpsc::SyncSender<Result<(), StoreError>>),
+    Flush(Reply),
     Abandon {
         run: FlowRunId,
         now: DateTime<Utc>,
         done: mpsc::SyncSender<Result<Option<State>, StoreError>>,
     },
+}
+
+/// Where a flush's answer goes: a thread waiting for it, or a task's future.
+pub(super) enum Reply {
+    Thread(mpsc::SyncSender<Result<(), StoreError>>),
+    Task(tokio::sync::oneshot::Sender<Result<(), StoreError>>),
+}
+
+impl Reply {
+    /// Answer; a caller that stopped waiting is not an error.
+    fn send(self, result: Result<(), StoreError>) {
+        match self {
+            Reply::Thread(tx) => drop(tx.send(result)),
+            Reply::Task(tx) => drop(tx.send(result)),
+        }
+    }
 }
 
 /// The store's health, shared by the writer thread and readers.
@@ -130,11 +154,20 @@ pub(super) fn damage_marker(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// The writer thread: commits queued writes in batches, one transaction each. A batch that
+/// The writer thread: commits queued writes in batches, one transaction each, at most one per
+/// `window` ([`GROUP_WINDOW`]) unless a flush waits. A batch that
 /// cannot be committed is held, with every later one, in order, until a flush commits them all;
 /// nothing is committed past it. Damage stops writing for good.
-pub(super) fn writer(mut conn: Connection, rx: &mpsc::Receiver<Msg>, health: &Health, path: &Path) {
+pub(super) fn writer(
+    mut conn: Connection,
+    rx: &mpsc::Receiver<Msg>,
+    health: &Health,
+    path: &Path,
+    window: Duration,
+) {
     let mut held: VecDeque<Batch> = VecDeque::new();
+    // When the last commit started.
+    let mut last: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
         let mut batch = Batch::default();
         let mut control = None;
@@ -148,13 +181,18 @@ pub(super) fn writer(mut conn: Connection, rx: &mpsc::Receiver<Msg>, health: &He
                 }
             }
             next = if batch.writes < MAX_BATCH {
-                rx.try_recv().ok()
+                // What is queued now; then what comes before the window ends.
+                rx.try_recv().ok().or_else(|| {
+                    let left = window.checked_sub(last?.elapsed())?;
+                    rx.recv_timeout(left).ok()
+                })
             } else {
                 None
             };
         }
         if !batch.is_empty() && !health.is_damaged() {
             if held.is_empty() {
+                last = Some(Instant::now());
                 match commit(&mut conn, &batch, path) {
                     Ok(()) => {
                         health.done(batch.bytes);
@@ -177,7 +215,7 @@ pub(super) fn writer(mut conn: Connection, rx: &mpsc::Receiver<Msg>, health: &He
         match control {
             None | Some(Msg::Write(_)) => {}
             Some(Msg::Flush(done)) => {
-                let _ = done.send(retry(&mut conn, &mut held, health, path));
+                done.send(retry(&mut conn, &mut held, health, path));
             }
             Some(Msg::Abandon { run, now, done }) => {
                 for b in &mut held {
@@ -603,4 +641,70 @@ fn cache_write(tx: &Transaction<'_>, c: &CacheWrite) -> rusqlite::Result<()> {
         c.task_run.to_string()
     ])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::sqlite::cache::tests::entry;
+    use crate::store::{Store, Write};
+
+    fn cached(i: usize) -> Write {
+        entry(&format!("k{i}"), format!("v{i}"), chrono::Utc::now())
+    }
+
+    /// Writes nobody waits for, arriving within the window after a commit, wait for the window
+    /// (or a flush) and are committed together, in one transaction; a flush is not held back by
+    /// the window.
+    #[test]
+    fn writes_within_the_window_commit_together_and_a_flush_does_not_wait_for_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open_with(dir.path(), Duration::from_secs(3600)).expect("store");
+        let commits = store.watch_changes();
+        store.submit(cached(0));
+        store.flush().expect("flush");
+        let first = *commits.borrow();
+        assert_eq!(first, 1, "the first write after idle commits at once");
+        for i in 1..=3 {
+            store.submit(cached(i));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(*commits.borrow(), first, "committed inside the window");
+        let (done, flushed) = std::sync::mpsc::channel();
+        let flusher = store.clone();
+        std::thread::spawn(move || done.send(flusher.flush()));
+        flushed
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the flush waited for the window")
+            .expect("flush");
+        assert_eq!(
+            *commits.borrow(),
+            first + 1,
+            "one transaction for the three"
+        );
+        assert_eq!(store.cache_entries(None).expect("entries").len(), 4);
+    }
+
+    /// An async flush makes what was submitted before it durable, as a flush does: a store
+    /// opened afresh reads it.
+    #[tokio::test]
+    async fn an_async_flush_makes_earlier_writes_durable() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open_with(dir.path(), Duration::from_secs(3600)).expect("store");
+        let flush = async |store: &SqliteStore| {
+            tokio::time::timeout(Duration::from_secs(60), store.flush_async())
+                .await
+                .expect("the flush waited for the window")
+                .expect("flush");
+        };
+        store.submit(cached(0));
+        flush(&store).await;
+        // Within the window of the first commit.
+        store.submit(cached(1));
+        flush(&store).await;
+        let other = SqliteStore::open_read_only(dir.path()).expect("reader");
+        assert_eq!(other.cache_entries(None).expect("entries").len(), 2);
+    }
 }

@@ -26,8 +26,8 @@ use crate::store::{Blob, CacheWrite, RunHeader, StoreError, TaskWrite, Write};
 /// Most writes one batch (one transaction) applies.
 const MAX_BATCH: usize = 20_000;
 
-/// Group commit: a commit starts at most this long after the previous one started, unless a
-/// flush (or an abandon) waits for it. Every commit costs an fsync, and the disk is shared: a
+/// Group commit: a commit starts no sooner than this after the previous one started, unless a
+/// flush (or an abandon) waits for it or the batch is full ([`MAX_BATCH`]). Every commit costs an fsync, and the disk is shared: a
 /// run that ends a task every few hundred µs would otherwise fsync as often, and another
 /// tenant's flush (the answer to starting a run, the end of a run) would queue behind those.
 /// Writes nobody waits for become durable up to this much later; flushes are not delayed.
@@ -155,7 +155,7 @@ pub(super) fn damage_marker(path: &Path) -> PathBuf {
 }
 
 /// The writer thread: commits queued writes in batches, one transaction each, at most one per
-/// `window` ([`GROUP_WINDOW`]) unless a flush waits. A batch that
+/// `window` ([`GROUP_WINDOW`]) unless a flush or an abandon waits or the batch is full. A batch that
 /// cannot be committed is held, with every later one, in order, until a flush commits them all;
 /// nothing is committed past it. Damage stops writing for good.
 pub(super) fn writer(

@@ -17,6 +17,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,7 +34,16 @@ pub const MAX_WAIT_TICKS: u32 = 4;
 pub(super) struct CpuGate {
     gate: Arc<Mutex<Gate>>,
     tick: Duration,
+    /// Until when tenants share the server (µs since `since`; `u64::MAX`: while more than one
+    /// has flow runs in flight, then [`SHARED_LINGER`] more): guests give way at each tick
+    /// ([`super::priority::at_tick`]).
+    shared_until: Arc<AtomicU64>,
+    since: Instant,
 }
+
+/// How long guests go on giving way after tenants stopped sharing the server: a tenant running
+/// one short flow run after another is not alone between them, nor is its next request.
+pub const SHARED_LINGER: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct Gate {
@@ -108,7 +118,41 @@ impl CpuGate {
                 tenants: HashMap::new(),
             })),
             tick,
+            shared_until: Arc::new(AtomicU64::new(0)),
+            since: Instant::now(),
         }
+    }
+
+    /// Whether more than one tenant has flow runs in flight: guests give way at each tick from
+    /// now while they do, and for [`SHARED_LINGER`] after.
+    pub(super) fn set_shared(&self, shared: bool) {
+        match shared {
+            true => self.shared_until.store(u64::MAX, Ordering::Relaxed),
+            // Sharing ends now: it lingers. (Not sharing already: it stays as it is.)
+            false => {
+                let until = self.micros(Instant::now() + SHARED_LINGER);
+                let _ = self.shared_until.compare_exchange(
+                    u64::MAX,
+                    until,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+        }
+    }
+
+    fn micros(&self, at: Instant) -> u64 {
+        u64::try_from(at.duration_since(self.since).as_micros()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Whether guests give way at `now`.
+    pub(super) fn is_shared(&self, now: Instant) -> bool {
+        self.micros(now) < self.shared_until.load(Ordering::Relaxed)
+    }
+
+    /// At a yield point: give way to the server's threads while tenants share the server.
+    fn give_way(&self) {
+        super::priority::at_tick(self.is_shared(Instant::now()));
     }
 
     /// The epoch tick: how often a guest reaches a yield point.
@@ -219,7 +263,7 @@ impl Turn {
     /// At a yield point: keep the turn when nobody waits for one, else give it back and wait
     /// for the next.
     async fn pause(&self) {
-        super::priority::give_way();
+        self.gate.give_way();
         let handed_over = {
             let mut g = Gate::lock(&self.gate.gate);
             if g.waiters() {
@@ -278,7 +322,7 @@ impl BodyPacer {
 
 impl Pacer for BodyPacer {
     fn pause(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        super::priority::give_way();
+        self.turn.gate.give_way();
         let ran = {
             let resumed = self.resumed.lock().unwrap_or_else(|p| p.into_inner());
             resumed.elapsed().min(self.tick)

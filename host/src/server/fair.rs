@@ -111,6 +111,8 @@ struct State {
     ticket: u64,
     /// A wake-up is scheduled for when a fuel window frees (at this instant).
     wake_at: Option<Instant>,
+    /// Flow runs in flight, by tenant (only tenants with some).
+    live: HashMap<TenantId, usize>,
 }
 
 #[derive(Debug, Default)]
@@ -127,6 +129,26 @@ struct TenantQueue {
     /// Fuel of task runs that ended, by when they ended.
     fuel: VecDeque<(Instant, u64)>,
     fuel_sum: u64,
+}
+
+/// A flow run in flight ([`FairQueue::run_in_flight`]), until dropped.
+#[derive(Debug)]
+pub struct InFlight {
+    queue: FairQueue,
+    tenant: TenantId,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut state = self.queue.state();
+        if let Some(n) = state.live.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                state.live.remove(&self.tenant);
+            }
+        }
+        self.queue.inner.cpu.set_shared(state.live.len() > 1);
+    }
 }
 
 /// A task run waiting for a slot (Pending).
@@ -241,6 +263,7 @@ impl FairQueue {
                     tenants: HashMap::new(),
                     ticket: 0,
                     wake_at: None,
+                    live: HashMap::new(),
                 }),
             }),
         })
@@ -264,6 +287,21 @@ impl FairQueue {
         };
         if changed {
             self.pump();
+        }
+    }
+
+    /// One of `tenant`'s flow runs is in flight until the returned guard drops. While more than
+    /// one tenant has flow runs in flight, guests give way to the server's threads at each tick
+    /// ([`super::priority::at_tick`]).
+    pub fn run_in_flight(&self, tenant: TenantId) -> InFlight {
+        {
+            let mut state = self.state();
+            *state.live.entry(tenant).or_default() += 1;
+            self.inner.cpu.set_shared(state.live.len() > 1);
+        }
+        InFlight {
+            queue: self.clone(),
+            tenant,
         }
     }
 
@@ -569,6 +607,35 @@ mod tests {
             .executor(tenant)
             .acquire(run, unit, cancel.clone(), tx);
         rx
+    }
+
+    /// Guests give way to the server's threads at each tick only while more than one tenant has
+    /// flow runs in flight.
+    #[test]
+    fn guests_give_way_only_while_tenants_share_the_server() {
+        let sandbox = Sandbox::builder().build().expect("sandbox");
+        let queue = FairQueue::new(sandbox, 1, 1).expect("queue");
+        let cpu = &queue.inner.cpu;
+        let later = |by: Duration| cpu.is_shared(Instant::now() + by);
+        let (now, after) = (Duration::ZERO, super::super::cpu::SHARED_LINGER * 2);
+        let (a, b) = (TenantId::new(), TenantId::new());
+        let (a1, a2) = (queue.run_in_flight(a), queue.run_in_flight(a));
+        assert!(!later(now), "one tenant alone, with two runs");
+        let b1 = queue.run_in_flight(b);
+        assert!(
+            later(now) && later(after),
+            "two tenants, for as long as they are"
+        );
+        drop(a1);
+        assert!(later(after), "A still has a run in flight");
+        drop(b1);
+        assert!(later(now), "A alone again: for a while still shared");
+        assert!(!later(after), "and then not");
+        let b2 = queue.run_in_flight(b);
+        drop(a2);
+        assert!(!later(after), "B alone");
+        drop(b2);
+        assert!(!later(after));
     }
 
     /// Guests run at a lower priority than the control path; the server's own threads keep

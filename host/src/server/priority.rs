@@ -1,27 +1,32 @@
 //! Where guest threads stand in the kernel's scheduler against the server's own threads (those
-//! that serve requests, drive flow runs and write the store): below them, so a guest never holds
-//! a core a control-path thread wants.
+//! that serve requests, drive flow runs and write the store): below them, so a guest holds a
+//! core a control-path thread wants as little as the kernel allows.
 //!
-//! Two settings, both per thread on Linux, both asked for on each guest thread as it starts:
+//! - Each guest thread runs [`GUEST_NICE`] nice levels above the server (per thread on Linux):
+//!   when both want a core, the kernel gives a guest about a tenth of the time.
+//! - While more than one tenant has flow runs in flight (kept by [`super::fair`]), a guest,
+//!   at each epoch tick ([`at_tick`]), asks for a long time slice and yields its core.
 //!
-//! - a nice value [`GUEST_NICE`] levels above the server's: when both want a core, the kernel
-//!   gives a guest about a tenth of the time;
-//! - a long time slice ([`GUEST_SLICE`]). Linux's EEVDF scheduler (6.6 on) lets a running
-//!   thread finish its slice before a thread that wakes takes its core ("run to parity"); a
-//!   control-path thread woken by a commit or a request then waits for the guest's slice to end,
-//!   which the kernel notices at its next tick (4 ms here): a few ms on every hand-off between
-//!   threads. From 6.12 a waking thread whose slice is shorter than the running one's may
-//!   preempt it, when it is owed time (eligible): the server's threads keep the default slice
-//!   (about 1.5 ms), so a guest with a longer one gives way to them when they wake, if they have
-//!   not just run. Guests rarely compete with each other for a core (one guest thread per core,
-//!   turns shared by [`super::cpu`]). Older kernels take the request and ignore the slice. The
-//!   thread keeps its scheduling policy (`SCHED_FLAG_KEEP_POLICY`), as a nice value alone would.
+//! Why both: Linux's EEVDF scheduler (6.6 on) lets a running thread finish its slice before a
+//! thread that wakes takes its core ("run to parity"), and gives a waking thread the core only
+//! when it is owed time (eligible); a control-path thread woken by a commit or a request then
+//! waits for the kernel's next look at the running guest, its tick (4 ms here): a few ms on
+//! every hand-off between threads. From 6.12 a waking thread whose slice is shorter than the
+//! running one's preempts it when eligible: the server's threads keep the default slice (about
+//! 1.5 ms), a guest asks for [`GUEST_SLICE`]. A yield at each epoch tick (1 ms) gives the core
+//! to a waiting thread that was not eligible when it woke. Measured beside a noisy neighbour
+//! (`cargo bench --bench server -- noisy`, 300 runs, interleaved), B's p99: 5.2, 6.1, 5.8 ms
+//! with the long slice alone; 3.0, 4.4, 5.4 ms yielding alone; 2.9, 3.9, 3.0, 3.0, 3.4, 3.2 ms
+//! with both.
 //!
-//! And at every epoch tick a guest yields its core ([`give_way`]), for a server thread that was
-//! not owed time when it woke.
+//! Not while one tenant is alone: kernels that make a yielding thread forfeit the rest of its
+//! slice put it behind every thread that wants its core, another process's too, and a long slice
+//! lets any other process's waking thread preempt it. A 10,000-task run beside a compiler took
+//! 3.1 s with both at every tick, 0.7 s with neither.
 //!
 //! A failure is logged, never fatal: guests then share the cores with the server as equals.
 
+use std::cell::Cell;
 use std::time::Duration;
 
 /// How much nicer the guest threads are than the server's own: the kernel weighs a thread 10
@@ -29,9 +34,8 @@ use std::time::Duration;
 /// and still use every idle cycle.
 pub const GUEST_NICE: i32 = 10;
 
-/// The time slice a guest thread asks for: longer than the kernel's default (which the server's
-/// threads keep), so a waking server thread preempts a guest at once. The kernel takes 0.1 to
-/// 100 ms.
+/// The time slice a guest thread asks for while tenants share the server: longer than the
+/// kernel's default (which the server's threads keep). The kernel takes 0.1 to 100 ms.
 pub const GUEST_SLICE: Duration = Duration::from_millis(20);
 
 /// The nice value of a guest thread of a server running at `ours`.
@@ -39,41 +43,52 @@ pub fn guest_nice(ours: i32) -> i32 {
     (ours + GUEST_NICE).min(19)
 }
 
-/// Lower the calling thread below the server's: [`GUEST_NICE`] and [`GUEST_SLICE`].
+/// Lower the calling thread's priority by [`GUEST_NICE`].
 #[cfg(target_os = "linux")]
 pub fn lower_priority() {
     let tid = rustix::thread::gettid();
-    let nice = match rustix::process::getpriority_process(Some(tid)) {
-        Ok(ours) => guest_nice(ours),
-        Err(e) => {
-            tracing::warn!("cannot read the guest thread's priority: {e}");
-            return;
-        }
-    };
-    if let Err(e) = linux::set_fair(nice, GUEST_SLICE) {
-        tracing::debug!("cannot set the guest thread's time slice ({e}); setting its nice value");
-        if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
-            tracing::warn!("cannot lower the guest thread's priority: {e}");
-        }
+    let lowered = rustix::process::getpriority_process(Some(tid))
+        .and_then(|ours| rustix::process::setpriority_process(Some(tid), guest_nice(ours)));
+    if let Err(e) = lowered {
+        tracing::warn!("cannot lower the guest thread's priority: {e}");
     }
-}
-
-/// At a guest's yield point (every epoch tick): let a server thread that waits for this core
-/// have it now. The kernel gives a waking thread the core at once only when it is owed time
-/// (EEVDF's eligibility); one that ran a moment before waits for the kernel's next look, its tick
-/// (4 ms here), unless the running thread yields. With this it waits about an epoch tick.
-/// The cost: kernels that make a yielding thread forfeit the rest of its slice put a guest behind
-/// every other thread that wants its core at that moment (its own process's or another's); it
-/// runs again as soon as they sleep. Measured beside a noisy neighbour (`cargo bench --bench
-/// server -- noisy`, 300 runs, three pairs): B's p99 5.2, 6.1, 5.8 ms without; 2.8, 2.8,
-/// 6.2 ms with.
-pub fn give_way() {
-    rustix::thread::sched_yield();
 }
 
 /// Elsewhere the nice value is per process: the guests share the cores as equals.
 #[cfg(not(target_os = "linux"))]
 pub fn lower_priority() {}
+
+thread_local! {
+    /// Whether this guest thread last asked for the shared setting (the long slice).
+    static SHARED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// At a guest's yield point (an epoch tick): while tenants share the server (`shared`), ask
+/// for [`GUEST_SLICE`] (once, when that changes) and yield the core to a waiting server thread;
+/// while one tenant is alone, keep the kernel's default slice and go on.
+pub fn at_tick(shared: bool) {
+    if SHARED.with(|s| s.replace(shared)) != shared {
+        set_slice(shared.then_some(GUEST_SLICE));
+    }
+    if shared {
+        rustix::thread::sched_yield();
+    }
+}
+
+/// Ask for `slice` (`None`: the kernel's default) on the calling thread, keeping its nice value.
+#[cfg(target_os = "linux")]
+fn set_slice(slice: Option<Duration>) {
+    let tid = rustix::thread::gettid();
+    let set = rustix::process::getpriority_process(Some(tid))
+        .map_err(std::io::Error::from)
+        .and_then(|nice| linux::set_fair(nice, slice.unwrap_or(Duration::ZERO)));
+    if let Err(e) = set {
+        tracing::debug!("cannot set the guest thread's time slice: {e}");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_slice(_: Option<Duration>) {}
 
 #[cfg(target_os = "linux")]
 mod linux {
@@ -147,30 +162,6 @@ mod tests {
             .ok()
     }
 
-    /// A lowered thread has the guest's nice value, and its long slice where the kernel keeps
-    /// slices per thread (6.12 on); the thread that spawned it keeps both of its own.
-    #[test]
-    fn a_lowered_thread_is_nicer_and_asks_for_a_long_slice() {
-        let nice = || rustix::process::getpriority_process(Some(rustix::thread::gettid()));
-        let (ours, our_slice) = (nice().expect("our nice value"), slice());
-        let (theirs, their_slice) = std::thread::spawn(move || {
-            lower_priority();
-            (nice().expect("the guest's nice value"), slice())
-        })
-        .join()
-        .expect("thread");
-        assert_eq!(theirs, guest_nice(ours));
-        assert_eq!(nice().expect("our nice value"), ours);
-        assert_eq!(slice(), our_slice, "the caller's own slice");
-        // Where the kernel keeps slices per thread and lets this process ask for one.
-        let allowed = std::thread::spawn(|| linux::set_fair(19, GUEST_SLICE).is_ok())
-            .join()
-            .expect("probe");
-        if kernel() >= (6, 12) && allowed && our_slice.is_some() {
-            assert_eq!(their_slice, Some(GUEST_SLICE.as_nanos() as u64));
-        }
-    }
-
     /// The running kernel's version (major, minor).
     fn kernel() -> (u32, u32) {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
@@ -179,5 +170,40 @@ mod tests {
             .split(['.', '-'])
             .map(|p| p.parse().unwrap_or(0));
         (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    }
+
+    /// A guest thread asks for the long slice while tenants share the server and goes back to
+    /// the default when one is alone again, keeping its nice value; where the kernel keeps
+    /// slices per thread (6.12 on) and lets this process ask for one.
+    #[test]
+    fn a_guest_asks_for_the_long_slice_only_while_tenants_share_the_server() {
+        let nice = || rustix::process::getpriority_process(Some(rustix::thread::gettid()));
+        let (ours, default) = (nice().expect("our nice value"), slice());
+        let seen = std::thread::spawn(move || {
+            lower_priority();
+            at_tick(false);
+            let alone = slice();
+            at_tick(true);
+            let shared = (slice(), nice().expect("nice"));
+            at_tick(true);
+            at_tick(false);
+            (alone, shared, slice())
+        })
+        .join()
+        .expect("thread");
+        let (alone, (shared, shared_nice), again) = seen;
+        assert_eq!(shared_nice, guest_nice(ours), "the nice value is kept");
+        let allowed = std::thread::spawn(|| linux::set_fair(19, GUEST_SLICE).is_ok())
+            .join()
+            .expect("probe");
+        if kernel() >= (6, 12) && allowed && default.is_some() {
+            assert_eq!(alone, default, "alone: the default slice");
+            assert_eq!(
+                shared,
+                Some(GUEST_SLICE.as_nanos() as u64),
+                "shared: the long slice"
+            );
+            assert_eq!(again, default, "alone again: the default slice");
+        }
     }
 }

@@ -355,7 +355,9 @@ impl Space {
         let (done_tx, done) = watch::channel(false);
         self.live().insert(id, LiveRun { cancel, done });
         let space = self.clone();
+        let in_flight = self.queue.run_in_flight(self.tenant.id);
         tokio::spawn(async move {
+            let _in_flight = in_flight;
             if let Err(e) = run.await {
                 tracing::warn!("tenant `{}`: flow run {id}: {e}", space.tenant.name);
             }

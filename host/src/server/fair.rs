@@ -632,6 +632,7 @@ mod tests {
         assert!(later(now), "A alone again: for a while still shared");
         assert!(!later(after), "and then not");
         let b2 = queue.run_in_flight(b);
+        assert!(later(after), "two tenants again");
         drop(a2);
         assert!(!later(after), "B alone");
         drop(b2);

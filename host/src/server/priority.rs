@@ -1,6 +1,6 @@
 //! Where guest threads stand in the kernel's scheduler against the server's own threads (those
-//! that serve requests, drive flow runs and write the store): below them, so a guest holds a
-//! core a control-path thread wants as little as the kernel allows.
+//! that serve requests, drive flow runs and write the store): below them, and, while tenants
+//! share the server, out of the way of a control-path thread that wakes.
 //!
 //! - Each guest thread runs [`GUEST_NICE`] nice levels above the server (per thread on Linux):
 //!   when both want a core, the kernel gives a guest about a tenth of the time.
@@ -16,13 +16,16 @@
 //! 1.5 ms), a guest asks for [`GUEST_SLICE`]. A yield at each epoch tick (1 ms) gives the core
 //! to a waiting thread that was not eligible when it woke. Measured beside a noisy neighbour
 //! (`cargo bench --bench server -- noisy`, 300 runs, interleaved), B's p99: 5.2, 6.1, 5.8 ms
-//! with the long slice alone; 3.0, 4.4, 5.4 ms yielding alone; 2.9, 3.9, 3.0, 3.0, 3.4, 3.2 ms
-//! with both.
+//! with the long slice alone; 3.0, 4.4, 5.4 ms yielding alone; 2.2–3.9 ms with both at every
+//! tick; 3.0 and 4.6 ms with both only while shared (B's request before its run is in flight,
+//! after more than 10 s alone, gets no help).
 //!
 //! Not while one tenant is alone: kernels that make a yielding thread forfeit the rest of its
 //! slice put it behind every thread that wants its core, another process's too, and a long slice
 //! lets any other process's waking thread preempt it. A 10,000-task run beside a compiler took
-//! 3.1 s with both at every tick, 0.7 s with neither.
+//! 3.1 s with both at every tick, 0.7 s with neither; beside two busy shell loops 2.56 s with
+//! both at every tick, 0.37 s with them only while shared. "Flow runs in flight" stands for
+//! "tenants competing": a run waiting for hours (a retry delay, a body in a host call) counts.
 //!
 //! A failure is logged, never fatal: guests then share the cores with the server as equals.
 

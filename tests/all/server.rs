@@ -482,12 +482,18 @@ fn a_run_on_the_server_is_cancelled_from_the_cli() {
     assert_eq!(json_of(&out)["state"], "Cancelled");
 }
 
-/// Start `flow` on `server` in the background and kill -9 the server once its task `b` runs
-/// (after `a` completed); the run's id and the server's home.
-fn kill_mid_run(server: ServerProcess, token: &str, flow: &Path) -> (String, PathBuf) {
-    kill_when(server, token, flow, |tasks| {
+/// Start a slow chain `name` (tasks `a`, `b`, `c`, `retries` each) on a new server for tenant
+/// `t` and kill -9 the server once `b` runs (after `a` completed): the tenant's token, the run's
+/// id, the server's home and the flow's directory.
+fn kill_mid_run(name: &str, retries: u32) -> (String, String, PathBuf, tempfile::TempDir) {
+    let server = ServerProcess::start(&[]);
+    let token = server.add_tenant("t");
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = crate::store::slow_chain_with_retries(dir.path(), name, retries);
+    let (id, home) = kill_when(server, &token, &flow, |tasks| {
         tasks["Running"] == 1 && tasks["Completed"] == 1
-    })
+    });
+    (token, id, home, dir)
 }
 
 /// Start `flow` on `server` in the background and kill -9 the server once `ready` holds for the
@@ -518,11 +524,7 @@ pub(crate) fn kill_when(
 
 #[test]
 fn a_server_killed_mid_run_records_the_run_crashed_and_resume_continues_it() {
-    let server = ServerProcess::start(&[]);
-    let token = server.add_tenant("t");
-    let dir = tempfile::tempdir().expect("dir");
-    let flow = crate::store::slow_chain(dir.path(), "slow");
-    let (id, home) = kill_mid_run(server, &token, &flow);
+    let (token, id, home, _dir) = kill_mid_run("slow", 0);
     // `b` has no retries: the server does not resume the run by itself (it decided before it
     // printed its address).
     let server = ServerProcess::start_in(home, &[]);
@@ -556,11 +558,7 @@ fn a_server_killed_mid_run_records_the_run_crashed_and_resume_continues_it() {
 /// its tenant's `space.db` only: it still resumes from them.
 #[test]
 fn a_run_whose_files_are_only_in_space_db_still_resumes() {
-    let server = ServerProcess::start(&[]);
-    let token = server.add_tenant("t");
-    let dir = tempfile::tempdir().expect("dir");
-    let flow = crate::store::slow_chain(dir.path(), "slow");
-    let (id, home) = kill_mid_run(server, &token, &flow);
+    let (token, id, home, _dir) = kill_mid_run("slow", 0);
     let tenant = std::fs::read_dir(home.join("tenants"))
         .expect("tenants")
         .next()
@@ -592,11 +590,7 @@ fn a_run_whose_files_are_only_in_space_db_still_resumes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_killed_mid_run_resumes_it_by_itself_when_the_crashed_task_has_retries_left() {
-    let server = ServerProcess::start(&[]);
-    let token = server.add_tenant("t");
-    let dir = tempfile::tempdir().expect("dir");
-    let flow = crate::store::slow_chain_with_retries(dir.path(), "slow-retried", 1);
-    let (id, home) = kill_mid_run(server, &token, &flow);
+    let (token, id, home, _dir) = kill_mid_run("slow-retried", 1);
     let server = ServerProcess::start_in(home, &[]);
     let (status, _, view) = get(&server.api(&format!("/runs/{id}?wait=60")), Some(&token)).await;
     assert_eq!(status, 200, "{view}");

@@ -591,6 +591,7 @@ impl Executor for TenantExecutor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::priority::guest_nice;
 
     fn ask(
         queue: &FairQueue,
@@ -653,11 +654,11 @@ mod tests {
         let blocking = guests.spawn_blocking(nice);
         assert_eq!(
             worker.await.expect("worker").expect("nice"),
-            super::super::priority::guest_nice(ours)
+            guest_nice(ours)
         );
         assert_eq!(
             blocking.await.expect("blocking").expect("nice"),
-            super::super::priority::guest_nice(ours)
+            guest_nice(ours)
         );
         assert_eq!(
             nice().expect("our nice value"),

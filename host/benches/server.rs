@@ -180,11 +180,11 @@ fn main() {
             .epoch_tick(Duration::from_millis(tick))
             .build()
             .expect("sandbox");
-        // The server's default (twice the cores), or `BENCH_SLOTS`.
+        // The server's default (`DEFAULT_TASK_SLOTS`), or `BENCH_SLOTS`.
         let slots = std::env::var("BENCH_SLOTS")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(2 * std::thread::available_parallelism().map_or(1, |n| n.get()));
+            .unwrap_or(sluice::server::fair::DEFAULT_TASK_SLOTS);
         let server = Server::open(home.path(), sandbox.clone(), slots).expect("server");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -15,8 +15,8 @@ pub(crate) struct ServerArgs {
     #[arg(long, default_value = "127.0.0.1:7311")]
     listen: SocketAddr,
 
-    /// How many task runs run at once, over all tenants (the rest wait in the fair queue).
-    /// Default: twice the number of cores.
+    /// How many task runs run at once, over all tenants (the rest wait in the fair queue);
+    /// the guests of those runs share the cores by turns. Default: 64.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     task_slots: Option<u64>,
 }
@@ -166,10 +166,11 @@ pub(crate) async fn serve(
         .epoch_tick(std::time::Duration::from_millis(1))
         .build()
         .map_err(|e| UsageError(anyhow!("cannot start the sandbox: {e}")))?;
-    let slots = args.task_slots.map_or_else(
-        || 2 * std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
-        |n| usize::try_from(n).unwrap_or(usize::MAX),
-    );
+    let slots = args
+        .task_slots
+        .map_or(sluice::server::fair::DEFAULT_TASK_SLOTS, |n| {
+            usize::try_from(n).unwrap_or(usize::MAX)
+        });
     let server = Server::open(home, sandbox, slots).map_err(usage)?;
     // Before it listens: the runs the previous process died executing resume (those with
     // retries left) or stay Crashed.

@@ -20,6 +20,7 @@ mod polyglot;
 mod polyglot_grants;
 mod polyglot_rebuild;
 mod pool;
+mod postgres;
 mod recovery;
 mod scheduling;
 mod semantics;

@@ -1,7 +1,7 @@
 //! Durable storage of flow runs: runs, task runs, every state transition, logs, parameters and
 //! context, results in a content-addressed blob store, and the output cache. Everything goes
-//! through the [`Store`] trait; [`SqliteStore`] is the embedded implementation (a PostgreSQL one
-//! can implement the same trait).
+//! through the [`Store`] trait; [`SqliteStore`] is the embedded implementation; a PostgreSQL one
+//! is being built on [`PgDatabase`] (issue 14: connecting and each store's schema so far).
 //!
 //! Writes are queued ([`Store::submit`]) and committed in batches by the store (group commit), so
 //! recording a run costs the runner a channel send per transition. Reads are synchronous.
@@ -19,6 +19,7 @@
 //! used by processes of one machine (advisory locks on network file systems are unreliable, and
 //! a pid means nothing on another machine).
 
+mod postgres;
 mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,6 +31,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use postgres::PgDatabase;
 pub use sqlite::SqliteStore;
 
 use crate::cache::{CacheInfo, CacheKey};
@@ -86,6 +88,17 @@ pub enum StoreError {
         operation: String,
         /// Why.
         detail: String,
+    },
+    /// The PostgreSQL database could not be reached or refused a statement.
+    #[error("the PostgreSQL database {database}: {detail}")]
+    Database {
+        /// The database, as `postgres://user@host:port/name` (never its password).
+        database: String,
+        /// What failed.
+        detail: String,
+        /// Whether it may succeed later (the connection failed or broke), as opposed to an
+        /// error the server answered with.
+        retriable: bool,
     },
     /// No flow run has this id (or id prefix).
     #[error("no flow run `{0}` in the store")]
@@ -151,7 +164,11 @@ impl StoreError {
     /// opposed to a problem that needs the user (a foreign file, a missing blob, a damaged
     /// database).
     pub fn is_retriable(&self) -> bool {
-        matches!(self, StoreError::Io { .. } | StoreError::Live { .. })
+        match self {
+            StoreError::Io { .. } | StoreError::Live { .. } => true,
+            StoreError::Database { retriable, .. } => *retriable,
+            _ => false,
+        }
     }
 }
 

@@ -1,0 +1,181 @@
+//! The PostgreSQL schema of a store. Each store is a PostgreSQL schema of its own (`sluice` for
+//! a server's own records, one per tenant: a tenant's data is a schema of its own as it is a
+//! directory of its own with SQLite, so no query can forget a tenant condition), holding the
+//! tables below and `migrations`, the numbers of the migrations applied (and when); the
+//! statements are written against `{s}`, the schema's name. A database shared with other
+//! applications is never touched outside Sluice's schemas. Migrations run under a
+//! transaction-scoped advisory lock on the schema's name, so servers starting together against
+//! one database apply each exactly once.
+//!
+//! Times are microseconds since the Unix epoch (`bigint`), ids ULID text, JSON canonical text, as
+//! in the SQLite store, so the two backends read and write the same values.
+
+use tokio_postgres::Client;
+
+/// Migrations; `{s}.migrations` holds the numbers of those applied. The PostgreSQL store is
+/// not released yet (issue 14): until it is, migration 1 is still the schema being built; after,
+/// never edit one: add the next.
+pub(super) const STORE_MIGRATIONS: &[&str] = &[
+    // 1: runs, task runs, logs, blobs, the output cache, code flows' journals, the change
+    // counter.
+    r"
+CREATE TABLE {s}.flow_runs (
+    id text NOT NULL,
+    flow text NOT NULL,
+    state text NOT NULL,
+    state_json text NOT NULL,
+    history text NOT NULL,
+    created_at bigint NOT NULL,
+    updated_at bigint NOT NULL,
+    parameters text NOT NULL,
+    context text NOT NULL,
+    manifest_path text,
+    manifest text,
+    files text,
+    result text,
+    parent_task_run text,
+    cancel_requested_at bigint,
+    changed bigint NOT NULL,
+    PRIMARY KEY (id)
+);
+CREATE INDEX flow_runs_created ON {s}.flow_runs (created_at);
+CREATE INDEX flow_runs_state ON {s}.flow_runs (state);
+CREATE INDEX flow_runs_parent ON {s}.flow_runs (parent_task_run)
+    WHERE parent_task_run IS NOT NULL;
+CREATE TABLE {s}.task_runs (
+    id text NOT NULL,
+    flow_run text NOT NULL,
+    task_index integer NOT NULL,
+    name text NOT NULL,
+    parent text,
+    map_index integer,
+    state text NOT NULL,
+    state_json text NOT NULL,
+    history text NOT NULL,
+    attempts integer NOT NULL,
+    run_time_us bigint NOT NULL,
+    fuel bigint NOT NULL,
+    output text,
+    cached_input text,
+    cache text,
+    changed bigint NOT NULL,
+    PRIMARY KEY (id)
+);
+CREATE INDEX task_runs_run ON {s}.task_runs (flow_run, task_index, map_index);
+CREATE INDEX task_runs_changed ON {s}.task_runs (flow_run, changed);
+CREATE TABLE {s}.logs (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    flow_run text NOT NULL,
+    task_run text NOT NULL,
+    task text NOT NULL,
+    map_index integer,
+    record text NOT NULL
+);
+CREATE INDEX logs_run ON {s}.logs (flow_run, seq);
+CREATE TABLE {s}.blobs (
+    hash text NOT NULL,
+    size bigint NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (hash)
+);
+CREATE TABLE {s}.cache (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    key text NOT NULL,
+    task text NOT NULL,
+    validator text NOT NULL,
+    component text NOT NULL,
+    config text NOT NULL,
+    grants text NOT NULL,
+    secrets text NOT NULL,
+    inputs text,
+    parameters text,
+    blob text NOT NULL,
+    created_at bigint NOT NULL,
+    expires_at bigint NOT NULL,
+    flow_run text NOT NULL,
+    task_run text NOT NULL
+);
+CREATE INDEX cache_key ON {s}.cache (key, expires_at);
+CREATE INDEX cache_task_config ON {s}.cache (task, config, created_at, seq);
+CREATE INDEX cache_task_newest ON {s}.cache (task, created_at, seq);
+CREATE TABLE {s}.journal (
+    flow_run text NOT NULL,
+    seq bigint NOT NULL,
+    entry text NOT NULL,
+    PRIMARY KEY (flow_run, seq)
+);
+CREATE SEQUENCE {s}.changes;
+",
+];
+
+/// Whether `name` may name a store's schema: 1 to 63 lowercase ASCII letters, digits and `_`,
+/// starting with a letter, and not a schema every database has (`public`, `information_schema`,
+/// `pg_…`): a store's schema is Sluice's alone. (It is written into statements, so nothing else
+/// is.)
+pub(super) fn valid_schema_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with("pg_")
+        && name != "public"
+        && name != "information_schema"
+}
+
+/// Bring store schema `schema` (a [`valid_schema_name`]) up to date: create it and its
+/// migrations table when missing, then apply, in one transaction under an advisory lock on its
+/// name, every migration not yet applied. A schema migrated by a newer Sluice (a migration this
+/// build does not know) is refused, untouched.
+pub(super) async fn migrate(
+    client: &mut Client,
+    schema: &str,
+) -> Result<Migrated, tokio_postgres::Error> {
+    let s = |sql: &str| sql.replace("{s}", schema);
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('sluice:' || $1))",
+        &[&schema],
+    )
+    .await?;
+    tx.batch_execute(&s("CREATE SCHEMA IF NOT EXISTS {s};
+         CREATE TABLE IF NOT EXISTS {s}.migrations (
+             version integer PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         );"))
+        .await?;
+    let found: i32 = tx
+        .query_one(
+            &s("SELECT coalesce(max(version), 0) FROM {s}.migrations"),
+            &[],
+        )
+        .await?
+        .get(0);
+    let known = i32::try_from(STORE_MIGRATIONS.len()).unwrap_or(i32::MAX);
+    if found > known {
+        return Ok(Migrated::TooNew { found, known });
+    }
+    let insert = s("INSERT INTO {s}.migrations (version) VALUES ($1)");
+    for (version, sql) in
+        (found + 1..).zip(&STORE_MIGRATIONS[usize::try_from(found).unwrap_or(0)..])
+    {
+        tx.batch_execute(&s(sql)).await?;
+        tx.execute(&insert, &[&version]).await?;
+    }
+    tx.commit().await?;
+    Ok(Migrated::Current(known))
+}
+
+/// What [`migrate`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Migrated {
+    /// The schema is at this version.
+    Current(i32),
+    /// The database was migrated by a newer Sluice.
+    TooNew {
+        /// Its version.
+        found: i32,
+        /// The newest this build knows.
+        known: i32,
+    },
+}

@@ -20,6 +20,7 @@
 //! a pid means nothing on another machine).
 
 mod postgres;
+mod rows;
 mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};

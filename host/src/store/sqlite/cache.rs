@@ -4,8 +4,9 @@
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
+use super::super::rows::{from_micros, micros};
+use super::SqliteStore;
 use super::runs::get_blob;
-use super::{SqliteStore, from_micros, micros};
 use crate::cache::CacheKey;
 use crate::json::Json;
 use crate::store::{CacheEntry, CacheLookup, CachedOutput, PRELOAD_CHUNK, Store, StoreError};

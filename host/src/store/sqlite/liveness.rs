@@ -10,10 +10,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use super::runs::{parse_id, parse_name};
+use super::super::rows::{from_micros, micros, parse_id, parse_name, state_json};
 use super::schema::next_change;
-use super::writer::{insert_transition, state_json};
-use super::{SqliteStore, classify, from_micros, micros};
+use super::writer::insert_transition;
+use super::{SqliteStore, classify};
 use crate::ids::FlowRunId;
 use crate::runner::Transition;
 use crate::state::{State, StateName};

@@ -86,18 +86,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn micros(t: DateTime<Utc>) -> i64 {
-    t.timestamp_micros()
-}
-
-fn from_micros(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or_default()
-}
-
-fn i64_of(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
 impl SqliteStore {
     /// Open (creating when absent) the store in `home`: the database `home/sluice.db`.
     /// Refuses a file that is not a Sluice database, or one from a newer Sluice, and leaves it
@@ -289,7 +277,7 @@ fn classify(path: &Path, operation: &str, e: &rusqlite::Error) -> StoreError {
 
 impl Store for SqliteStore {
     fn submit(&self, write: Write) {
-        self.inner.health.queued(writer::cost(&write));
+        self.inner.health.queued(super::rows::cost(&write));
         // The writer lives as long as the store; a send fails only if it panicked.
         if lock(&self.inner.tx).send(Msg::Write(write)).is_err() {
             self.inner

@@ -8,64 +8,18 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
-use super::{SqliteStore, from_micros};
+use super::super::rows::{from_micros, parse_history, parse_id, parse_state, task_state};
+use super::SqliteStore;
 use crate::cache::CacheInfo;
 use crate::ids::{FlowRunId, TaskRunId};
 use crate::json::Json;
-use crate::runner::{FlowRun, TaskRun, Transition};
+use crate::runner::{FlowRun, TaskRun};
 use crate::sandbox::LogRecord;
-use crate::state::{State, StateName};
+use crate::state::StateName;
 use crate::store::{
     CHANGE_PAGE_TASKS, ChangeCursor, FlowChange, LOG_PAGE_BYTES, LOG_PAGE_LINES, LogTail,
     RunChanges, RunFilter, RunSummary, StoreError, StoredLog, StoredRun, TailLimits, TaskChange,
 };
-
-pub(super) fn parse_state(run: &str, json: &str) -> Result<State, StoreError> {
-    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
-        run: run.to_owned(),
-        detail: format!("state {json:?}: {e}"),
-    })
-}
-
-fn parse_history(run: &str, text: &str) -> Result<Vec<Transition>, StoreError> {
-    text.lines()
-        .map(|l| {
-            serde_json::from_str(l).map_err(|e| StoreError::Corrupt {
-                run: run.to_owned(),
-                detail: format!("history line {l:?}: {e}"),
-            })
-        })
-        .collect()
-}
-
-pub(super) fn parse_name(run: &str, s: &str) -> Result<StateName, StoreError> {
-    s.parse().map_err(|_| StoreError::Corrupt {
-        run: run.to_owned(),
-        detail: format!("unknown state name {s:?}"),
-    })
-}
-
-pub(super) fn parse_id<T: std::str::FromStr>(run: &str, s: &str) -> Result<T, StoreError> {
-    s.parse().map_err(|_| StoreError::Corrupt {
-        run: run.to_owned(),
-        detail: format!("bad id {s:?}"),
-    })
-}
-
-/// A task run's state from its row: its `state_json`, or, written compactly (empty), its last
-/// transition.
-fn task_state(run: &str, json: &str, history: &[Transition]) -> Result<State, StoreError> {
-    match (json.is_empty(), history.last()) {
-        (true, Some(t)) => Ok(State {
-            name: t.to,
-            message: t.message.clone(),
-            timestamp: t.time,
-            result: None,
-            scheduled_for: None,
-        }),
-        _ => parse_state(run, json),
-    }
-}
 
 /// Read blob `hash`, checking it against its hash.
 pub(super) fn get_blob(

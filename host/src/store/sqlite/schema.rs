@@ -363,12 +363,12 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> 
 mod tests {
     use rusqlite::params;
 
-    use super::super::writer::state_json;
-    use super::super::{SqliteStore, from_micros};
+    use super::super::SqliteStore;
     use super::*;
     use crate::ids::{FlowRunId, TaskRunId};
     use crate::state::{State, StateName};
     use crate::store::Store;
+    use crate::store::rows::{from_micros, state_json};
 
     /// A store written by schema 1 (transitions in their own table) opens with its history
     /// intact after migration 2.

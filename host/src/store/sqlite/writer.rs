@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, Transaction, params};
 
+use super::super::rows::{Batch, history_lines, i64_of, micros, state_json, task_state_json};
 use super::liveness::{not_recorded, process_start};
 use super::schema::next_change;
-use super::{classify, i64_of, lock, micros};
+use super::{classify, lock};
 use crate::cache::CacheInfo;
-use crate::ids::{FlowRunId, TaskRunId};
+use crate::ids::FlowRunId;
 use crate::json::Json;
 use crate::runner::Transition;
 use crate::state::State;
@@ -287,119 +288,6 @@ fn discard(held: &mut VecDeque<Batch>, health: &Health) {
     }
 }
 
-/// Writes ready to commit as one transaction: writes other than task-run changes, in order, then
-/// each task run's changes merged into one write (a task that went Pending → Running → Completed
-/// within a batch costs one row write). Kept as it is when it cannot be committed, to be
-/// committed later in order.
-#[derive(Default)]
-struct Batch {
-    others: Vec<Write>,
-    /// Boxed: a batch holds up to [`MAX_BATCH`] of them, and growing the map moves its entries.
-    /// With each, what the writes merged into it cost.
-    tasks: indexmap::IndexMap<TaskRunId, (Box<TaskWrite>, u64), foldhash::fast::RandomState>,
-    writes: usize,
-    /// What the batch's writes cost ([`cost`]).
-    bytes: u64,
-}
-
-impl Batch {
-    fn push(&mut self, w: Write) {
-        self.writes += 1;
-        let bytes = cost(&w);
-        self.bytes += bytes;
-        match w {
-            Write::Task(t) => match self.tasks.get_mut(&t.id) {
-                Some((existing, cost)) => {
-                    merge(existing, *t);
-                    *cost += bytes;
-                }
-                None => {
-                    self.tasks.insert(t.id, (t, bytes));
-                }
-            },
-            other => self.others.push(other),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.others.is_empty() && self.tasks.is_empty()
-    }
-
-    /// Drop the writes of `run`.
-    fn drop_run(&mut self, run: FlowRunId) {
-        self.others.retain(|w| write_run(w) != run);
-        self.tasks.retain(|_, (t, _)| t.run != run);
-        self.bytes = self.others.iter().map(cost).sum::<u64>()
-            + self.tasks.values().map(|(_, c)| c).sum::<u64>();
-    }
-}
-
-/// What write `w` costs while it is queued: about the memory it holds (log records by their
-/// [`LogRecord::cost`](crate::sandbox::LogRecord::cost)).
-pub(super) fn cost(w: &Write) -> u64 {
-    const HEADER: u64 = 256;
-    let blob = |b: &Option<Blob>| match b {
-        Some(Blob::Value(v)) => v.len() as u64,
-        Some(Blob::Stored(h)) => h.len() as u64,
-        None => 0,
-    };
-    match w {
-        Write::Logs { records, .. } => records.iter().map(|r| r.cost()).sum(),
-        Write::Task(t) => {
-            size_of::<TaskWrite>() as u64
-                + (t.transitions.len() * size_of::<Transition>()) as u64
-                + t.transitions
-                    .iter()
-                    .map(|t| t.message.as_ref().map_or(0, String::len) as u64)
-                    .sum::<u64>()
-                + t.state.message.as_ref().map_or(0, String::len) as u64
-                + blob(&t.output)
-                + blob(&t.cached_input)
-        }
-        Write::RunCreated(h) => {
-            HEADER * 4
-                + h.manifest.as_ref().map_or(0, |(_, text)| text.len() as u64)
-                + h.files.as_ref().map_or(0, |f| f.len() as u64)
-        }
-        Write::Journal { entry, .. } => HEADER + entry.len() as u64,
-        Write::Cache(c) => HEADER + c.output.len() as u64,
-        Write::FlowState { .. } => HEADER,
-    }
-}
-
-/// The flow run a write belongs to.
-fn write_run(w: &Write) -> FlowRunId {
-    match w {
-        Write::RunCreated(h) => h.id,
-        Write::FlowState { run, .. } | Write::Logs { run, .. } | Write::Journal { run, .. } => *run,
-        Write::Task(t) => t.run,
-        Write::Cache(c) => c.flow_run,
-    }
-}
-
-/// Merge `next` (a later write of the same task run) into `into`: the latest state and counters,
-/// every transition in order, the latest output, input and cache information.
-fn merge(into: &mut TaskWrite, next: TaskWrite) {
-    into.state = next.state;
-    into.transitions.extend(next.transitions);
-    into.attempts = next.attempts;
-    into.run_time = next.run_time;
-    into.fuel_consumed = next.fuel_consumed;
-    if next.output.is_some() {
-        into.output = next.output;
-    }
-    if next.clear_input {
-        into.cached_input = None;
-        into.clear_input = true;
-    } else if next.cached_input.is_some() {
-        into.cached_input = next.cached_input;
-        into.clear_input = false;
-    }
-    if next.cache.is_some() {
-        into.cache = next.cache;
-    }
-}
-
 /// Commit one batch in one transaction.
 fn commit(conn: &mut Connection, batch: &Batch, path: &Path) -> Result<(), StoreError> {
     let io = |e: rusqlite::Error| classify(path, "write", &e);
@@ -477,29 +365,6 @@ fn apply_one(tx: &Transaction<'_>, w: &Write) -> rusqlite::Result<()> {
     Ok(())
 }
 
-pub(super) fn state_json(s: &State) -> String {
-    let mut s = s.clone();
-    s.result = None;
-    serde_json::to_string(&s).unwrap_or_default()
-}
-
-/// A task run's `state_json`: empty when the state says no more than `last`, the transition
-/// into it (its name, time and message; a reader takes the state from the last history line),
-/// else the state as JSON.
-fn task_state_json(s: &State, last: Option<&Transition>) -> String {
-    match last {
-        Some(t)
-            if t.to == s.name
-                && t.time == s.timestamp
-                && t.message == s.message
-                && s.scheduled_for.is_none() =>
-        {
-            String::new()
-        }
-        _ => state_json(s),
-    }
-}
-
 fn run_created(tx: &Transaction<'_>, h: &RunHeader) -> rusqlite::Result<()> {
     let (path, text) = match &h.manifest {
         Some((p, t)) => (Some(p.to_string_lossy().into_owned()), Some(t.as_str())),
@@ -527,17 +392,6 @@ fn run_created(tx: &Transaction<'_>, h: &RunHeader) -> rusqlite::Result<()> {
         h.files
     ])?;
     Ok(())
-}
-
-/// Transitions as history lines: one JSON object per line, appended to a run's `history`.
-fn history_lines(ts: &[Transition]) -> String {
-    let mut out = Vec::with_capacity(ts.len() * 128);
-    for t in ts {
-        // A transition is strings and a timestamp: writing it to memory cannot fail.
-        let _ = serde_json::to_writer(&mut out, t);
-        out.push(b'\n');
-    }
-    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Append `t` to the history of the flow run (`task_run` none) or of the task run.

@@ -1,0 +1,225 @@
+//! The rows every store backend writes and reads, in their backend-neutral form: times as
+//! microseconds, states and histories as JSON text (a task run's state left out when its last
+//! history line says it all), ids parsed back with the run they belong to named in any error,
+//! and a batch of queued writes with each task run's writes merged into one (group commit).
+//! The SQLite store uses them, and the PostgreSQL store will, so both read and write the same
+//! values.
+
+use chrono::{DateTime, Utc};
+
+use crate::ids::{FlowRunId, TaskRunId};
+use crate::runner::Transition;
+use crate::state::{State, StateName};
+use crate::store::{Blob, StoreError, TaskWrite, Write};
+
+pub(super) fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+pub(super) fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+pub(super) fn i64_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+pub(super) fn parse_state(run: &str, json: &str) -> Result<State, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+        run: run.to_owned(),
+        detail: format!("state {json:?}: {e}"),
+    })
+}
+
+pub(super) fn parse_history(run: &str, text: &str) -> Result<Vec<Transition>, StoreError> {
+    text.lines()
+        .map(|l| {
+            serde_json::from_str(l).map_err(|e| StoreError::Corrupt {
+                run: run.to_owned(),
+                detail: format!("history line {l:?}: {e}"),
+            })
+        })
+        .collect()
+}
+
+pub(super) fn parse_name(run: &str, s: &str) -> Result<StateName, StoreError> {
+    s.parse().map_err(|_| StoreError::Corrupt {
+        run: run.to_owned(),
+        detail: format!("unknown state name {s:?}"),
+    })
+}
+
+pub(super) fn parse_id<T: std::str::FromStr>(run: &str, s: &str) -> Result<T, StoreError> {
+    s.parse().map_err(|_| StoreError::Corrupt {
+        run: run.to_owned(),
+        detail: format!("bad id {s:?}"),
+    })
+}
+
+/// A task run's state from its row: its `state_json`, or, written compactly (empty), its last
+/// transition.
+pub(super) fn task_state(
+    run: &str,
+    json: &str,
+    history: &[Transition],
+) -> Result<State, StoreError> {
+    match (json.is_empty(), history.last()) {
+        (true, Some(t)) => Ok(State {
+            name: t.to,
+            message: t.message.clone(),
+            timestamp: t.time,
+            result: None,
+            scheduled_for: None,
+        }),
+        _ => parse_state(run, json),
+    }
+}
+
+/// Writes ready to commit as one transaction: writes other than task-run changes, in order, then
+/// each task run's changes merged into one write (a task that went Pending → Running → Completed
+/// within a batch costs one row write). Kept as it is when it cannot be committed, to be
+/// committed later in order.
+#[derive(Default)]
+pub(super) struct Batch {
+    pub(super) others: Vec<Write>,
+    /// Boxed: a batch holds up to its writer's most (20,000 for SQLite's), and growing the map
+    /// moves its entries.
+    /// With each, what the writes merged into it cost.
+    pub(super) tasks:
+        indexmap::IndexMap<TaskRunId, (Box<TaskWrite>, u64), foldhash::fast::RandomState>,
+    pub(super) writes: usize,
+    /// What the batch's writes cost ([`cost`]).
+    pub(super) bytes: u64,
+}
+
+impl Batch {
+    pub(super) fn push(&mut self, w: Write) {
+        self.writes += 1;
+        let bytes = cost(&w);
+        self.bytes += bytes;
+        match w {
+            Write::Task(t) => match self.tasks.get_mut(&t.id) {
+                Some((existing, cost)) => {
+                    merge(existing, *t);
+                    *cost += bytes;
+                }
+                None => {
+                    self.tasks.insert(t.id, (t, bytes));
+                }
+            },
+            other => self.others.push(other),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.others.is_empty() && self.tasks.is_empty()
+    }
+
+    /// Drop the writes of `run`.
+    pub(super) fn drop_run(&mut self, run: FlowRunId) {
+        self.others.retain(|w| write_run(w) != run);
+        self.tasks.retain(|_, (t, _)| t.run != run);
+        self.bytes = self.others.iter().map(cost).sum::<u64>()
+            + self.tasks.values().map(|(_, c)| c).sum::<u64>();
+    }
+}
+
+/// What write `w` costs while it is queued: about the memory it holds (log records by their
+/// [`LogRecord::cost`](crate::sandbox::LogRecord::cost)).
+pub(super) fn cost(w: &Write) -> u64 {
+    const HEADER: u64 = 256;
+    let blob = |b: &Option<Blob>| match b {
+        Some(Blob::Value(v)) => v.len() as u64,
+        Some(Blob::Stored(h)) => h.len() as u64,
+        None => 0,
+    };
+    match w {
+        Write::Logs { records, .. } => records.iter().map(|r| r.cost()).sum(),
+        Write::Task(t) => {
+            size_of::<TaskWrite>() as u64
+                + (t.transitions.len() * size_of::<Transition>()) as u64
+                + t.transitions
+                    .iter()
+                    .map(|t| t.message.as_ref().map_or(0, String::len) as u64)
+                    .sum::<u64>()
+                + t.state.message.as_ref().map_or(0, String::len) as u64
+                + blob(&t.output)
+                + blob(&t.cached_input)
+        }
+        Write::RunCreated(h) => {
+            HEADER * 4
+                + h.manifest.as_ref().map_or(0, |(_, text)| text.len() as u64)
+                + h.files.as_ref().map_or(0, |f| f.len() as u64)
+        }
+        Write::Journal { entry, .. } => HEADER + entry.len() as u64,
+        Write::Cache(c) => HEADER + c.output.len() as u64,
+        Write::FlowState { .. } => HEADER,
+    }
+}
+
+/// The flow run a write belongs to.
+pub(super) fn write_run(w: &Write) -> FlowRunId {
+    match w {
+        Write::RunCreated(h) => h.id,
+        Write::FlowState { run, .. } | Write::Logs { run, .. } | Write::Journal { run, .. } => *run,
+        Write::Task(t) => t.run,
+        Write::Cache(c) => c.flow_run,
+    }
+}
+
+/// Merge `next` (a later write of the same task run) into `into`: the latest state and counters,
+/// every transition in order, the latest output, input and cache information.
+pub(super) fn merge(into: &mut TaskWrite, next: TaskWrite) {
+    into.state = next.state;
+    into.transitions.extend(next.transitions);
+    into.attempts = next.attempts;
+    into.run_time = next.run_time;
+    into.fuel_consumed = next.fuel_consumed;
+    if next.output.is_some() {
+        into.output = next.output;
+    }
+    if next.clear_input {
+        into.cached_input = None;
+        into.clear_input = true;
+    } else if next.cached_input.is_some() {
+        into.cached_input = next.cached_input;
+        into.clear_input = false;
+    }
+    if next.cache.is_some() {
+        into.cache = next.cache;
+    }
+}
+
+pub(super) fn state_json(s: &State) -> String {
+    let mut s = s.clone();
+    s.result = None;
+    serde_json::to_string(&s).unwrap_or_default()
+}
+
+/// A task run's `state_json`: empty when the state says no more than `last`, the transition
+/// into it (its name, time and message; a reader takes the state from the last history line),
+/// else the state as JSON.
+pub(super) fn task_state_json(s: &State, last: Option<&Transition>) -> String {
+    match last {
+        Some(t)
+            if t.to == s.name
+                && t.time == s.timestamp
+                && t.message == s.message
+                && s.scheduled_for.is_none() =>
+        {
+            String::new()
+        }
+        _ => state_json(s),
+    }
+}
+
+/// Transitions as history lines: one JSON object per line, appended to a run's `history`.
+pub(super) fn history_lines(ts: &[Transition]) -> String {
+    let mut out = Vec::with_capacity(ts.len() * 128);
+    for t in ts {
+        // A transition is strings and a timestamp: writing it to memory cannot fail.
+        let _ = serde_json::to_writer(&mut out, t);
+        out.push(b'\n');
+    }
+    String::from_utf8(out).unwrap_or_default()
+}

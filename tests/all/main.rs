@@ -30,5 +30,6 @@ mod server_quotas;
 mod signals;
 mod store;
 mod store_faults;
+mod store_suite;
 mod support;
 mod time;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use sluice::flow::{FlowBuilder, FlowDef, Input, TaskDef};
-use sluice::ids::{FlowRunId, TaskRunId};
+use sluice::ids::FlowRunId;
 use sluice::runner::{FlowRunner, PrepareError, RunOptions, Transition};
 use sluice::state::{State, StateName, StateType};
 use sluice::store::{RunHeader, SqliteStore, Store, StoreError, TaskWrite, Write};
@@ -76,21 +76,9 @@ fn header(
 fn pending_task(run: FlowRunId, index: u32, name: &str) -> TaskWrite {
     let (state, transition) = pending(start());
     TaskWrite {
-        run,
-        id: TaskRunId::new(),
-        index,
-        name: Arc::from(name),
-        parent: None,
-        map_index: None,
         state,
         transitions: vec![transition],
-        attempts: 0,
-        run_time: Duration::ZERO,
-        fuel_consumed: 0,
-        output: None,
-        cached_input: None,
-        clear_input: false,
-        cache: None,
+        ..crate::store_suite::task(run, index, name)
     }
 }
 

@@ -5,7 +5,8 @@
 mod pg;
 
 use pg::PgCluster;
-use sluice::store::{PgDatabase, StoreError};
+use sluice::ids::{FlowRunId, TaskRunId};
+use sluice::store::{Claimed, Lease, NewAttempt, PgDatabase, PgQueue, StoreError};
 
 /// What migration 1 creates.
 const TABLES: &[&str] = &[
@@ -22,19 +23,19 @@ const TABLES: &[&str] = &[
 fn a_fresh_database_is_migrated_once_and_reopened_as_it_is() {
     let url = PgCluster::shared().database("fresh");
     let db = PgDatabase::connect(&url).expect("connect");
-    assert_eq!(db.migrate_store("sluice").expect("migrate"), 1);
-    assert_eq!(db.tables("sluice").expect("tables"), TABLES);
+    assert_eq!(db.migrate_store("store_a").expect("migrate"), 1);
+    assert_eq!(db.tables("store_a").expect("tables"), TABLES);
     assert!(db.name().starts_with("postgres://sluice@"), "{}", db.name());
     assert!(db.name().contains("/fresh_"), "{}", db.name());
     drop(db);
     // Again: nothing to apply, nothing applied twice.
     let again = PgDatabase::connect(&url).expect("connect again");
-    assert_eq!(again.migrate_store("sluice").expect("migrate again"), 1);
-    assert_eq!(migrations(&url, "sluice"), vec![1]);
+    assert_eq!(again.migrate_store("store_a").expect("migrate again"), 1);
+    assert_eq!(migrations(&url, "store_a"), vec![1]);
     // Another store (a tenant's) is a schema of its own, the first untouched.
     assert_eq!(again.migrate_store("tenant_b").expect("migrate b"), 1);
     assert_eq!(again.tables("tenant_b").expect("tables"), TABLES);
-    assert_eq!(migrations(&url, "sluice"), vec![1]);
+    assert_eq!(migrations(&url, "store_a"), vec![1]);
 }
 
 #[test]
@@ -42,7 +43,7 @@ fn servers_starting_together_apply_each_migration_once() {
     let url = PgCluster::shared().database("together");
     let versions: Vec<Result<i64, StoreError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..6)
-            .map(|_| s.spawn(|| PgDatabase::connect(&url).and_then(|d| d.migrate_store("sluice"))))
+            .map(|_| s.spawn(|| PgDatabase::connect(&url).and_then(|d| d.migrate_store("store_a"))))
             .collect();
         handles
             .into_iter()
@@ -52,19 +53,19 @@ fn servers_starting_together_apply_each_migration_once() {
     for v in versions {
         assert_eq!(v.expect("each connects"), 1);
     }
-    assert_eq!(migrations(&url, "sluice"), vec![1]);
+    assert_eq!(migrations(&url, "store_a"), vec![1]);
 }
 
 #[test]
 fn a_database_migrated_by_a_newer_sluice_is_refused_and_left_as_it_is() {
     let url = PgCluster::shared().database("newer");
     let db = PgDatabase::connect(&url).expect("connect");
-    db.migrate_store("sluice").expect("migrate");
+    db.migrate_store("store_a").expect("migrate");
     sql(
         &url,
-        "INSERT INTO sluice.migrations (version) VALUES (2), (3)",
+        "INSERT INTO store_a.migrations (version) VALUES (2), (3)",
     );
-    let err = db.migrate_store("sluice").expect_err("refused");
+    let err = db.migrate_store("store_a").expect_err("refused");
     assert!(
         matches!(
             err,
@@ -78,10 +79,10 @@ fn a_database_migrated_by_a_newer_sluice_is_refused_and_left_as_it_is() {
     );
     let text = err.to_string();
     assert!(
-        text.contains("(schema sluice) has schema version 3") && text.contains("upgrade Sluice"),
+        text.contains("(schema store_a) has schema version 3") && text.contains("upgrade Sluice"),
         "{text}"
     );
-    assert_eq!(migrations(&url, "sluice"), vec![1, 2, 3]);
+    assert_eq!(migrations(&url, "store_a"), vec![1, 2, 3]);
 }
 
 #[test]
@@ -92,10 +93,11 @@ fn a_database_shared_with_another_application_is_touched_only_in_its_schema() {
         "CREATE TABLE flow_runs (theirs integer); INSERT INTO flow_runs VALUES (7)",
     );
     let db = PgDatabase::connect(&url).expect("connect");
-    db.migrate_store("sluice").expect("migrate");
+    db.migrate_store("store_a").expect("migrate");
     // Names that are not a schema of Sluice's own are refused before any statement.
     let long = "a".repeat(64);
     for bad in [
+        "sluice",
         "public",
         "information_schema",
         "pg_temp",
@@ -192,4 +194,161 @@ fn with_client<T, F: Future<Output = T>>(
         tokio::spawn(conn);
         work(client).await
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The queue of attempts given to workers
+
+fn attempt(tags: &[&str], n: u32) -> NewAttempt {
+    NewAttempt {
+        tenant: "t".into(),
+        flow_run: FlowRunId::new(),
+        task_run: TaskRunId::new(),
+        attempt: 1,
+        tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        payload: n.to_le_bytes().to_vec(),
+    }
+}
+
+fn queue(hint: &str) -> PgQueue {
+    let url = PgCluster::shared().database(hint);
+    PgDatabase::connect(&url)
+        .and_then(|db| db.queue())
+        .expect("queue")
+}
+
+const SECOND: i64 = 1_000_000;
+
+#[test]
+fn concurrent_claimers_take_every_attempt_once() {
+    let q = queue("claimers");
+    let all: Vec<NewAttempt> = (0..1000).map(|n| attempt(&[], n)).collect();
+    let ids = q.enqueue(&all, 0).expect("enqueue");
+    assert_eq!(ids.len(), 1000);
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "rows in the order given"
+    );
+    let claimed: Vec<Vec<Claimed>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|w| {
+                let q = q.clone();
+                s.spawn(move || {
+                    let mut mine = Vec::new();
+                    loop {
+                        let batch = q
+                            .claim(&format!("w{w}"), &[], 32, 0, 30 * SECOND)
+                            .expect("claim");
+                        if batch.is_empty() {
+                            return mine;
+                        }
+                        mine.extend(batch);
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("claimer"))
+            .collect()
+    });
+    let mut seen: Vec<i64> = claimed.iter().flatten().map(|c| c.lease.id).collect();
+    assert_eq!(seen.len(), 1000, "every attempt claimed");
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), 1000, "none claimed twice");
+    // What a worker claims is what was enqueued.
+    let c = &claimed
+        .iter()
+        .flatten()
+        .find(|c| c.lease.id == ids[7])
+        .expect("row 7")
+        .attempt;
+    assert_eq!(c, &all[7]);
+    assert_eq!(q.ready().expect("ready"), 0);
+}
+
+#[test]
+fn a_worker_whose_lease_lapsed_cannot_finish_or_extend() {
+    let q = queue("fence");
+    let first = attempt(&[], 1);
+    q.enqueue(std::slice::from_ref(&first), 0).expect("enqueue");
+    let stale = q
+        .claim("a", &[], 10, 0, 30 * SECOND)
+        .expect("claim")
+        .remove(0);
+    // Extended while it runs: held at 40 s.
+    assert_eq!(
+        q.extend("a", &[stale.lease], 20 * SECOND, 30 * SECOND)
+            .expect("extend"),
+        [true]
+    );
+    assert!(q.expire(40 * SECOND).expect("expire").is_empty());
+    // Then silent past its lease: taken back, once.
+    let lapsed = q.expire(51 * SECOND).expect("expire");
+    assert_eq!(lapsed.len(), 1);
+    assert_eq!(
+        (lapsed[0].worker.as_str(), lapsed[0].task_run),
+        ("a", first.task_run)
+    );
+    assert!(q.expire(52 * SECOND).expect("again").is_empty());
+    // The attempt runs again (the server enqueues the retry) and another worker claims it.
+    let retry = NewAttempt {
+        attempt: 2,
+        ..first.clone()
+    };
+    q.enqueue(std::slice::from_ref(&retry), 52 * SECOND)
+        .expect("enqueue retry");
+    let fresh = q
+        .claim("b", &[], 10, 52 * SECOND, 30 * SECOND)
+        .expect("claim")
+        .remove(0);
+    assert_eq!(fresh.attempt.attempt, 2);
+    // The stale worker comes back: nothing it says counts.
+    assert_eq!(
+        q.extend("a", &[stale.lease], 53 * SECOND, 30 * SECOND)
+            .expect("extend"),
+        [false]
+    );
+    assert!(!q.finish("a", stale.lease).expect("finish"));
+    // Not even with the new row: the fence and the worker are the claim's.
+    assert!(!q.finish("a", fresh.lease).expect("finish"));
+    let forged = Lease {
+        fence: fresh.lease.fence + 1,
+        ..fresh.lease
+    };
+    assert!(!q.finish("b", forged).expect("finish"));
+    assert!(q.finish("b", fresh.lease).expect("finish"));
+    assert!(!q.finish("b", fresh.lease).expect("once"));
+    // The same attempt twice is refused, the queue left as it was.
+    q.enqueue(std::slice::from_ref(&first), 60 * SECOND)
+        .expect("attempt 1 again: its row is gone");
+    let err = q
+        .enqueue(&[attempt(&[], 9), first.clone()], 61 * SECOND)
+        .expect_err("twice");
+    assert!(err.to_string().contains("duplicate key"), "{err}");
+    assert_eq!(q.ready().expect("ready"), 1);
+}
+
+#[test]
+fn tags_route_attempts_to_workers_carrying_them() {
+    let q = queue("tags");
+    let gpu = attempt(&["gpu"], 1);
+    let both = attempt(&["gpu", "eu"], 2);
+    let any = attempt(&[], 3);
+    q.enqueue(&[gpu.clone(), both.clone(), any.clone()], 0)
+        .expect("enqueue");
+    let plain = q.claim("plain", &[], 10, 0, SECOND).expect("claim");
+    assert_eq!(plain.iter().map(|c| &c.attempt).collect::<Vec<_>>(), [&any]);
+    let eu = q
+        .claim("eu", &["eu".to_owned()], 10, 0, SECOND)
+        .expect("claim");
+    assert!(eu.is_empty(), "{eu:?}");
+    let g = q
+        .claim("g", &["eu".to_owned(), "gpu".to_owned()], 10, 0, SECOND)
+        .expect("claim");
+    assert_eq!(
+        g.iter().map(|c| &c.attempt).collect::<Vec<_>>(),
+        [&gpu, &both]
+    );
 }

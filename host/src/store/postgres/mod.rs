@@ -4,7 +4,10 @@
 //! own that drives its connections, so callers without one (the CLI, a blocking thread of the
 //! server) wait on its answers as on SQLite's.
 
+mod queue;
 mod schema;
+
+pub use queue::{Claimed, Lapsed, Lease, NewAttempt, PgQueue};
 
 use std::sync::Arc;
 
@@ -95,18 +98,27 @@ impl PgDatabase {
 
     /// Bring store schema `schema` up to date (created when missing); its version (how many
     /// migrations are applied). Refused, untouched, when a newer Sluice migrated it. `schema`
-    /// is 1 to 63 lowercase letters, digits and `_`, starting with a letter, and Sluice's alone
-    /// (not `public`, `information_schema` or `pg_…`).
+    /// is 1 to 63 lowercase letters, digits and `_`, starting with a letter, and the store's alone
+    /// (not `sluice`, the control schema, nor `public`, `information_schema` or `pg_…`).
     pub fn migrate_store(&self, schema: &str) -> Result<i64, StoreError> {
         if !schema::valid_schema_name(schema) {
             return Err(StoreError::Database {
                 database: self.inner.name.clone(),
                 detail: format!(
-                    "`{schema}` cannot name a store's schema (1 to 63 lowercase letters, digits and `_`, starting with a letter, not `public`, `information_schema` or `pg_…`)"
+                    "`{schema}` cannot name a store's schema (1 to 63 lowercase letters, digits and `_`, starting with a letter, not `sluice`, `public`, `information_schema` or `pg_…`)"
                 ),
                 retriable: false,
             });
         }
+        self.migrate(schema, schema::STORE_MIGRATIONS)
+    }
+
+    /// Bring `schema` up to date with `migrations`; its version.
+    fn migrate(
+        &self,
+        schema: &str,
+        migrations: &'static [&'static str],
+    ) -> Result<i64, StoreError> {
         let (config, name, schema) = (
             self.inner.config.clone(),
             self.inner.name.clone(),
@@ -116,7 +128,7 @@ impl PgDatabase {
         // callers' statements.
         self.call(|_| async move {
             let mut client = connect(&config, &name).await?;
-            match schema::migrate(&mut client, &schema).await {
+            match schema::migrate(&mut client, &schema, migrations).await {
                 Ok(Migrated::Current(v)) => Ok(i64::from(v)),
                 Ok(Migrated::TooNew { found, known }) => Err(StoreError::TooNew {
                     path: format!("{name} (schema {schema})").into(),

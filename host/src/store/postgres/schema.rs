@@ -108,9 +108,41 @@ CREATE SEQUENCE {s}.changes;
 ",
 ];
 
+/// The control schema: what the server and its workers share (the queue of task runs given to
+/// workers, with their leases). Not a store's.
+pub(super) const CONTROL: &str = "sluice";
+
+/// The control schema's migrations, as [`STORE_MIGRATIONS`] are a store's.
+pub(super) const CONTROL_MIGRATIONS: &[&str] = &[
+    // 1: the queue. A row is a task run's attempt given to workers: ready while `worker` is
+    // null, else claimed until `lease_until` (µs), which its worker extends while it runs.
+    // `fence` grows with every claim: a worker's later calls carry the row and the fence it
+    // claimed, and count only while both still match, so a worker whose lease lapsed (and whose
+    // attempt was taken back) changes nothing. `tags`: only a worker carrying every one of
+    // them claims it.
+    r"
+CREATE TABLE {s}.queue (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant text NOT NULL,
+    flow_run text NOT NULL,
+    task_run text NOT NULL,
+    attempt integer NOT NULL,
+    tags text[] NOT NULL,
+    payload bytea NOT NULL,
+    enqueued_at bigint NOT NULL,
+    worker text,
+    lease_until bigint,
+    fence bigint NOT NULL DEFAULT 0,
+    UNIQUE (task_run, attempt)
+);
+CREATE INDEX queue_ready ON {s}.queue (id) WHERE worker IS NULL;
+CREATE INDEX queue_leases ON {s}.queue (lease_until) WHERE worker IS NOT NULL;
+",
+];
+
 /// Whether `name` may name a store's schema: 1 to 63 lowercase ASCII letters, digits and `_`,
-/// starting with a letter, and not a schema every database has (`public`, `information_schema`,
-/// `pg_…`): a store's schema is Sluice's alone. (It is written into statements, so nothing else
+/// starting with a letter, and neither the control schema ([`CONTROL`]) nor a schema every
+/// database has (`public`, `information_schema`, `pg_…`): a store's schema is its own. (It is written into statements, so nothing else
 /// is.)
 pub(super) fn valid_schema_name(name: &str) -> bool {
     (1..=63).contains(&name.len())
@@ -119,17 +151,20 @@ pub(super) fn valid_schema_name(name: &str) -> bool {
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && !name.starts_with("pg_")
+        && name != CONTROL
         && name != "public"
         && name != "information_schema"
 }
 
-/// Bring store schema `schema` (a [`valid_schema_name`]) up to date: create it and its
-/// migrations table when missing, then apply, in one transaction under an advisory lock on its
-/// name, every migration not yet applied. A schema migrated by a newer Sluice (a migration this
+/// Bring schema `schema` (a [`valid_schema_name`], or [`CONTROL`]) up to date with `migrations`
+/// (a store's, or the control schema's): create it and its migrations table when missing, then
+/// apply, in one transaction under an advisory lock on its name, every migration not yet
+/// applied. A schema migrated by a newer Sluice (a migration this
 /// build does not know) is refused, untouched.
 pub(super) async fn migrate(
     client: &mut Client,
     schema: &str,
+    migrations: &[&str],
 ) -> Result<Migrated, tokio_postgres::Error> {
     let s = |sql: &str| sql.replace("{s}", schema);
     let tx = client.transaction().await?;
@@ -151,14 +186,12 @@ pub(super) async fn migrate(
         )
         .await?
         .get(0);
-    let known = i32::try_from(STORE_MIGRATIONS.len()).unwrap_or(i32::MAX);
+    let known = i32::try_from(migrations.len()).unwrap_or(i32::MAX);
     if found > known {
         return Ok(Migrated::TooNew { found, known });
     }
     let insert = s("INSERT INTO {s}.migrations (version) VALUES ($1)");
-    for (version, sql) in
-        (found + 1..).zip(&STORE_MIGRATIONS[usize::try_from(found).unwrap_or(0)..])
-    {
+    for (version, sql) in (found + 1..).zip(&migrations[usize::try_from(found).unwrap_or(0)..]) {
         tx.batch_execute(&s(sql)).await?;
         tx.execute(&insert, &[&version]).await?;
     }

@@ -1,0 +1,268 @@
+//! The queue of task-run attempts given to workers (`sluice.queue`, the control schema): the
+//! server enqueues an attempt once the fair queue has given it a slot (fairness and quotas are
+//! decided before, in one place); workers claim ready rows in batches (`FOR UPDATE SKIP
+//! LOCKED`: claimers never wait on each other, and never take the same row), each under a lease
+//! they extend while the attempt runs; `NOTIFY sluice_queue` wakes claimers when rows arrive.
+//! Every call a worker makes after its claim carries the row and the fence it was given, and
+//! counts only while both match, so a worker whose lease lapsed (its attempt taken back,
+//! Crashed, maybe run again by another) changes nothing. Times are the caller's (µs), so
+//! leases are tested on a simulated clock.
+
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+
+use super::{PgDatabase, database_error, schema};
+use crate::ids::{FlowRunId, TaskRunId};
+use crate::store::StoreError;
+
+/// The channel `NOTIFY`ed when rows are enqueued.
+pub const CHANNEL: &str = "sluice_queue";
+
+/// An attempt to enqueue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAttempt {
+    /// The tenant whose run it is.
+    pub tenant: String,
+    /// The flow run.
+    pub flow_run: FlowRunId,
+    /// The task run.
+    pub task_run: TaskRunId,
+    /// Its attempt (from 1).
+    pub attempt: u32,
+    /// Only a worker carrying every one of these claims it.
+    pub tags: Vec<String>,
+    /// What the worker needs to run it (the job, serialized by the server).
+    pub payload: Vec<u8>,
+}
+
+/// A claimed attempt: the row, its fence, and what to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// The row and the fence of this claim: every later call carries both.
+    pub lease: Lease,
+    /// The attempt.
+    pub attempt: NewAttempt,
+}
+
+/// A claim's token: the row and its fence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Lease {
+    /// The queue row.
+    pub id: i64,
+    /// The fence of the claim.
+    pub fence: i64,
+}
+
+/// An attempt whose lease lapsed, taken back from its worker ([`PgQueue::expire`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lapsed {
+    /// The worker that held it.
+    pub worker: String,
+    /// The tenant, flow run, task run and attempt.
+    pub tenant: String,
+    /// The flow run.
+    pub flow_run: FlowRunId,
+    /// The task run.
+    pub task_run: TaskRunId,
+    /// The attempt.
+    pub attempt: u32,
+}
+
+/// The queue, in the control schema of a [`PgDatabase`].
+#[derive(Debug, Clone)]
+pub struct PgQueue {
+    db: PgDatabase,
+}
+
+impl PgDatabase {
+    /// The queue of attempts given to workers (the control schema brought up to date first).
+    pub fn queue(&self) -> Result<PgQueue, StoreError> {
+        self.migrate(schema::CONTROL, schema::CONTROL_MIGRATIONS)?;
+        Ok(PgQueue { db: self.clone() })
+    }
+}
+
+impl PgQueue {
+    /// Enqueue `attempts` (ready at once) and wake claimers; their rows, in order. An attempt
+    /// already enqueued (same task run and attempt) is refused with the rest.
+    pub fn enqueue(&self, attempts: &[NewAttempt], now: i64) -> Result<Vec<i64>, StoreError> {
+        let mut cols = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for a in attempts {
+            cols.0.push(a.tenant.clone());
+            cols.1.push(a.flow_run.to_string());
+            cols.2.push(a.task_run.to_string());
+            cols.3.push(i32::try_from(a.attempt).unwrap_or(i32::MAX));
+            // One text per row (arrays of arrays must be rectangular): the tags, `\n`-joined.
+            cols.4.push(a.tags.join("\n"));
+            cols.5.push(a.payload.clone());
+        }
+        self.run(move |client| async move {
+            // One statement (atomic: all or none), rows in the order given.
+            let rows = client
+                .query(
+                    "INSERT INTO sluice.queue (tenant, flow_run, task_run, attempt, tags, payload, enqueued_at)
+                     SELECT t, f, r, a, CASE WHEN g = '' THEN '{}'::text[] ELSE string_to_array(g, E'\\n') END, p, $7
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[])
+                         WITH ORDINALITY AS x(t, f, r, a, g, p, n)
+                     ORDER BY n
+                     RETURNING id",
+                    &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &now],
+                )
+                .await?;
+            client.execute(&format!("NOTIFY {CHANNEL}"), &[]).await?;
+            let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+            // Identity values follow the insertion order.
+            ids.sort_unstable();
+            Ok(ids)
+        })
+    }
+
+    /// Claim at most `max` ready attempts for `worker`, which carries `tags`, oldest first, each
+    /// leased until `now + lease_us`.
+    pub fn claim(
+        &self,
+        worker: &str,
+        tags: &[String],
+        max: usize,
+        now: i64,
+        lease_us: i64,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let (worker, tags) = (worker.to_owned(), tags.to_vec());
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        self.run(move |client| async move {
+            let rows = client
+                .query(
+                    "UPDATE sluice.queue q SET worker = $1, lease_until = $2, fence = q.fence + 1
+                     WHERE q.id IN (
+                         SELECT id FROM sluice.queue
+                         WHERE worker IS NULL AND tags <@ $3
+                         ORDER BY id LIMIT $4
+                         FOR UPDATE SKIP LOCKED)
+                     RETURNING q.id, q.fence, q.tenant, q.flow_run, q.task_run, q.attempt, q.tags, q.payload",
+                    &[&worker, &now.saturating_add(lease_us), &tags, &max],
+                )
+                .await?;
+            let mut claimed: Vec<Claimed> = rows
+                .iter()
+                .filter_map(|r| {
+                    Some(Claimed {
+                        lease: Lease {
+                            id: r.get(0),
+                            fence: r.get(1),
+                        },
+                        attempt: NewAttempt {
+                            tenant: r.get(2),
+                            flow_run: r.get::<_, String>(3).parse().ok()?,
+                            task_run: r.get::<_, String>(4).parse().ok()?,
+                            attempt: u32::try_from(r.get::<_, i32>(5)).ok()?,
+                            tags: r.get(6),
+                            payload: r.get(7),
+                        },
+                    })
+                })
+                .collect();
+            claimed.sort_by_key(|c| c.lease.id);
+            Ok(claimed)
+        })
+    }
+
+    /// Extend `worker`'s leases to `now + lease_us`; for each, whether it is still held (false:
+    /// it lapsed and was taken back, or was claimed again).
+    pub fn extend(
+        &self,
+        worker: &str,
+        leases: &[Lease],
+        now: i64,
+        lease_us: i64,
+    ) -> Result<Vec<bool>, StoreError> {
+        let worker = worker.to_owned();
+        let (ids, fences): (Vec<i64>, Vec<i64>) = leases.iter().map(|l| (l.id, l.fence)).unzip();
+        let asked = ids.clone();
+        let held: Vec<i64> = self.run(move |client| async move {
+            let rows = client
+                .query(
+                    "UPDATE sluice.queue q SET lease_until = $2
+                     FROM unnest($3::bigint[], $4::bigint[]) AS l(id, fence)
+                     WHERE q.id = l.id AND q.fence = l.fence AND q.worker = $1
+                     RETURNING q.id",
+                    &[&worker, &now.saturating_add(lease_us), &ids, &fences],
+                )
+                .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })?;
+        Ok(asked.iter().map(|id| held.contains(id)).collect())
+    }
+
+    /// `worker` finished the attempt of `lease`: its row leaves the queue. False when the lease
+    /// is no longer `worker`'s (it lapsed and was taken back): the result must not be recorded.
+    pub fn finish(&self, worker: &str, lease: Lease) -> Result<bool, StoreError> {
+        let worker = worker.to_owned();
+        self.run(move |client| async move {
+            let n = client
+                .execute(
+                    "DELETE FROM sluice.queue WHERE id = $1 AND fence = $2 AND worker = $3",
+                    &[&lease.id, &lease.fence, &worker],
+                )
+                .await?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Take back every attempt whose lease lapsed before `now`: their rows leave the queue (their
+    /// workers' later calls change nothing), and the server records them Crashed.
+    pub fn expire(&self, now: i64) -> Result<Vec<Lapsed>, StoreError> {
+        self.run(move |client| async move {
+            let rows = client
+                .query(
+                    "DELETE FROM sluice.queue WHERE worker IS NOT NULL AND lease_until < $1
+                     RETURNING worker, tenant, flow_run, task_run, attempt",
+                    &[&now],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .filter_map(|r| {
+                    Some(Lapsed {
+                        worker: r.get(0),
+                        tenant: r.get(1),
+                        flow_run: r.get::<_, String>(2).parse().ok()?,
+                        task_run: r.get::<_, String>(3).parse().ok()?,
+                        attempt: u32::try_from(r.get::<_, i32>(4)).ok()?,
+                    })
+                })
+                .collect())
+        })
+    }
+
+    /// How many attempts are ready (not claimed).
+    pub fn ready(&self) -> Result<u64, StoreError> {
+        self.run(|client| async move {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM sluice.queue WHERE worker IS NULL",
+                    &[],
+                )
+                .await?
+                .get(0);
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+
+    /// Run `work` with the database's client and name the database in its error.
+    fn run<T, F>(&self, work: impl FnOnce(Arc<Client>) -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, tokio_postgres::Error>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let name = self.db.name().to_owned();
+        self.db.call(work)?.map_err(|e| database_error(&name, &e))
+    }
+}

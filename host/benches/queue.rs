@@ -1,9 +1,9 @@
 //! The PostgreSQL queue of attempts given to workers (`PgQueue`), on a throwaway cluster of its
 //! own (tests/common/pg.rs: a Unix socket, `fsync=off`, so the numbers are the queue's, not the
 //! disk's): 20,000 attempts enqueued (1,000 per statement), then taken by 1, 2 and 4 claimers at
-//! once, each claiming batches of 64 and finishing every attempt it claimed (one `finish` per
-//! attempt, as a worker reports each result): attempts claimed and finished per second, and the
-//! latency of one claim (p50, p99). What the scale plan in ARCHITECTURE.md takes from here.
+//! once, each claiming batches of 64 and finishing what it claimed (one `finish` per attempt, and
+//! one `finish_many` per batch): attempts claimed and finished per second, and the latency of
+//! one claim (p50, p99). What the scale plan in ARCHITECTURE.md takes from here.
 //!
 //! Run: `cargo bench --bench queue`.
 
@@ -21,7 +21,7 @@ const LEASE_US: i64 = 30_000_000;
 
 fn main() {
     let cluster = pg::PgCluster::start();
-    for claimers in [1, 2, 4] {
+    for (claimers, by_batch) in [(1, false), (1, true), (2, true), (4, true)] {
         let url = cluster.database("queue_bench");
         let queue = PgDatabase::connect(&url)
             .and_then(|db| db.queue())
@@ -59,9 +59,16 @@ fn main() {
                             if batch.is_empty() {
                                 return latencies;
                             }
-                            for c in batch {
-                                assert!(queue.finish(&worker, c.lease).expect("finish"));
-                            }
+                            let leases: Vec<_> = batch.iter().map(|c| c.lease).collect();
+                            let done = if by_batch {
+                                queue.finish_many(&worker, &leases).expect("finish")
+                            } else {
+                                leases
+                                    .iter()
+                                    .map(|&l| queue.finish(&worker, l).expect("finish"))
+                                    .collect()
+                            };
+                            assert!(done.iter().all(|&d| d));
                         }
                     })
                 })
@@ -77,9 +84,10 @@ fn main() {
         latencies.sort_unstable();
         let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
         println!(
-            "{claimers} claimer(s): {ATTEMPTS} attempts enqueued in {:.0} ms ({:.0}/s); claimed (batches of {BATCH}) and finished one by one in {:.0} ms: {:.0} attempts/s; a claim p50 {:.2} ms, p99 {:.2} ms",
+            "{claimers} claimer(s): {ATTEMPTS} attempts enqueued in {:.0} ms ({:.0}/s); claimed (batches of {BATCH}) and finished {} in {:.0} ms: {:.0} attempts/s; a claim p50 {:.2} ms, p99 {:.2} ms",
             enqueued.as_secs_f64() * 1e3,
             ATTEMPTS as f64 / enqueued.as_secs_f64(),
+            if by_batch { "by batch" } else { "one by one" },
             took.as_secs_f64() * 1e3,
             ATTEMPTS as f64 / took.as_secs_f64(),
             pct(0.5).as_secs_f64() * 1e3,

@@ -266,6 +266,19 @@ fn concurrent_claimers_take_every_attempt_once() {
         .attempt;
     assert_eq!(c, &all[7]);
     assert_eq!(q.ready().expect("ready"), 0);
+    // Finished by batch: each lease counted once, and only the claimer's.
+    let leases: Vec<Lease> = claimed[0].iter().map(|c| c.lease).collect();
+    assert!(!leases.is_empty());
+    let foreign = q.finish_many("nobody", &leases).expect("finish");
+    assert!(foreign.iter().all(|&d| !d));
+    let mine = q.finish_many("w0", &leases).expect("finish");
+    assert!(mine.iter().all(|&d| d));
+    assert!(
+        q.finish_many("w0", &leases)
+            .expect("again")
+            .iter()
+            .all(|&d| !d)
+    );
 }
 
 #[test]

@@ -204,16 +204,28 @@ impl PgQueue {
     /// `worker` finished the attempt of `lease`: its row leaves the queue. False when the lease
     /// is no longer `worker`'s (it lapsed and was taken back): the result must not be recorded.
     pub fn finish(&self, worker: &str, lease: Lease) -> Result<bool, StoreError> {
+        Ok(self.finish_many(worker, &[lease])?.first() == Some(&true))
+    }
+
+    /// [`PgQueue::finish`] for many attempts in one statement (a worker reports its results in
+    /// batches, as it claims them): for each lease, whether it was still `worker`'s.
+    pub fn finish_many(&self, worker: &str, leases: &[Lease]) -> Result<Vec<bool>, StoreError> {
         let worker = worker.to_owned();
-        self.run(move |client| async move {
-            let n = client
-                .execute(
-                    "DELETE FROM sluice.queue WHERE id = $1 AND fence = $2 AND worker = $3",
-                    &[&lease.id, &lease.fence, &worker],
+        let (ids, fences): (Vec<i64>, Vec<i64>) = leases.iter().map(|l| (l.id, l.fence)).unzip();
+        let asked = ids.clone();
+        let done: Vec<i64> = self.run(move |client| async move {
+            let rows = client
+                .query(
+                    "DELETE FROM sluice.queue q
+                     USING unnest($2::bigint[], $3::bigint[]) AS l(id, fence)
+                     WHERE q.id = l.id AND q.fence = l.fence AND q.worker = $1
+                     RETURNING q.id",
+                    &[&worker, &ids, &fences],
                 )
                 .await?;
-            Ok(n == 1)
-        })
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })?;
+        Ok(asked.iter().map(|id| done.contains(id)).collect())
     }
 
     /// Take back every attempt whose lease lapsed before `now`: their rows leave the queue (their

@@ -138,15 +138,11 @@ impl PgQueue {
         let (worker, tags) = (worker.to_owned(), tags.to_vec());
         let max = i64::try_from(max).unwrap_or(i64::MAX);
         self.run(move |client| async move {
+            // `sluice.claim` (the control schema's migration 1) says how and why.
             let rows = client
                 .query(
-                    "UPDATE sluice.queue q SET worker = $1, lease_until = $2, fence = q.fence + 1
-                     WHERE q.id IN (
-                         SELECT id FROM sluice.queue
-                         WHERE worker IS NULL AND tags <@ $3
-                         ORDER BY id LIMIT $4
-                         FOR UPDATE SKIP LOCKED)
-                     RETURNING q.id, q.fence, q.tenant, q.flow_run, q.task_run, q.attempt, q.tags, q.payload",
+                    "SELECT id, fence, tenant, flow_run, task_run, attempt, tags, payload
+                     FROM sluice.claim($1, $2, $3, $4)",
                     &[&worker, &now.saturating_add(lease_us), &tags, &max],
                 )
                 .await?;

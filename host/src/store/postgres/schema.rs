@@ -137,6 +137,23 @@ CREATE TABLE {s}.queue (
 );
 CREATE INDEX queue_ready ON {s}.queue (id) WHERE worker IS NULL;
 CREATE INDEX queue_leases ON {s}.queue (lease_until) WHERE worker IS NOT NULL;
+-- A claim: the oldest ready rows the worker's tags allow, locked past any other claimer's
+-- (SKIP LOCKED). A function so that it may plan without sorting: the queue's statistics are
+-- always behind (a table that fills and empties in seconds), and with them the planner takes
+-- 20,000 ready rows for a few dozen and sorts them all (4 ms a claim) instead of walking the
+-- ready index in order (0.1 ms).
+CREATE FUNCTION {s}.claim(claimer text, until bigint, carried text[], most bigint)
+RETURNS TABLE (id bigint, fence bigint, tenant text, flow_run text, task_run text,
+               attempt integer, tags text[], payload bytea)
+LANGUAGE sql SET enable_sort = off AS $$
+    UPDATE {s}.queue q SET worker = claimer, lease_until = until, fence = q.fence + 1
+    WHERE q.id IN (
+        SELECT r.id FROM {s}.queue r
+        WHERE r.worker IS NULL AND (r.tags = '{}' OR r.tags <@ carried)
+        ORDER BY r.id LIMIT most
+        FOR UPDATE SKIP LOCKED)
+    RETURNING q.id, q.fence, q.tenant, q.flow_run, q.task_run, q.attempt, q.tags, q.payload
+$$;
 ",
 ];
 

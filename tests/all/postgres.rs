@@ -4,6 +4,8 @@
 #[path = "../common/pg.rs"]
 mod pg;
 
+use std::time::Duration;
+
 use pg::PgCluster;
 use sluice::ids::{FlowRunId, TaskRunId};
 use sluice::store::{Claimed, Lease, NewAttempt, PgDatabase, PgQueue, StoreError};
@@ -363,5 +365,33 @@ fn tags_route_attempts_to_workers_carrying_them() {
     assert_eq!(
         g.iter().map(|c| &c.attempt).collect::<Vec<_>>(),
         [&gpu, &both]
+    );
+}
+
+#[test]
+fn claimers_are_woken_when_attempts_are_enqueued() {
+    let q = queue("wake");
+    let wakeups = q.listen().expect("listen");
+    assert!(
+        !wakeups.wait(Duration::from_millis(50)),
+        "nothing enqueued yet"
+    );
+    let other = q.clone();
+    let enqueuer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        other
+            .enqueue(&[attempt(&[], 1), attempt(&[], 2)], 0)
+            .expect("enqueue");
+    });
+    // Woken, well before the fallback a claimer would poll at.
+    assert!(
+        wakeups.wait(Duration::from_secs(30)),
+        "woken by the enqueue"
+    );
+    enqueuer.join().expect("enqueuer");
+    assert_eq!(q.claim("w", &[], 10, 0, SECOND).expect("claim").len(), 2);
+    assert!(
+        !wakeups.wait(Duration::from_millis(50)),
+        "one enqueue, one wake-up"
     );
 }

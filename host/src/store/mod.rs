@@ -32,7 +32,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use postgres::{Claimed, Lapsed, Lease, NewAttempt, PgDatabase, PgQueue};
+pub use postgres::{Claimed, Lapsed, Lease, NewAttempt, PgDatabase, PgQueue, Wakeups};
 pub use sqlite::SqliteStore;
 
 use crate::cache::{CacheInfo, CacheKey};

@@ -7,7 +7,7 @@
 mod queue;
 mod schema;
 
-pub use queue::{Claimed, Lapsed, Lease, NewAttempt, PgQueue};
+pub use queue::{Claimed, Lapsed, Lease, NewAttempt, PgQueue, Wakeups};
 
 use std::sync::Arc;
 

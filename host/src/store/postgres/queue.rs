@@ -69,6 +69,28 @@ pub struct Lapsed {
     pub attempt: u32,
 }
 
+/// Notifications that attempts were enqueued ([`PgQueue::listen`]).
+#[derive(Debug)]
+pub struct Wakeups {
+    rx: std::sync::mpsc::Receiver<()>,
+    /// Keeps the listening connection open.
+    _client: Client,
+}
+
+impl Wakeups {
+    /// Wait until attempts are enqueued (true; every notification that came meanwhile taken
+    /// with it) or `timeout` passes (false).
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        match self.rx.recv_timeout(timeout) {
+            Ok(()) => {
+                while self.rx.try_recv().is_ok() {}
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
 /// The queue, in the control schema of a [`PgDatabase`].
 #[derive(Debug, Clone)]
 pub struct PgQueue {
@@ -247,6 +269,48 @@ impl PgQueue {
                     })
                 })
                 .collect())
+        })
+    }
+
+    /// Wake-ups when attempts are enqueued: a connection of its own `LISTEN`ing on
+    /// [`CHANNEL`]. A claimer waits on it between claims that found nothing, and claims again
+    /// after a timeout however it ends (a notification is lost while the connection is down).
+    pub fn listen(&self) -> Result<Wakeups, StoreError> {
+        let (config, name) = (self.db.inner.config.clone(), self.db.name().to_owned());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let listening = self.db.call(move |_| async move {
+            let (client, mut connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| database_error(&name, &e))?;
+            // The connection's messages: notifications forwarded, the rest drive the client.
+            tokio::spawn(async move {
+                let mut messages =
+                    futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
+                    match message {
+                        Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                            if tx.send(()).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!("the queue's listening connection ended: {e}");
+                            return;
+                        }
+                    }
+                }
+            });
+            client
+                .batch_execute(&format!("LISTEN {CHANNEL}"))
+                .await
+                .map_err(|e| database_error(&name, &e))?;
+            Ok(client)
+        })?;
+        Ok(Wakeups {
+            rx,
+            _client: listening?,
         })
     }
 

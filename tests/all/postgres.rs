@@ -97,6 +97,8 @@ fn a_database_shared_with_another_application_is_touched_only_in_its_schema() {
     let db = PgDatabase::connect(&url).expect("connect");
     db.migrate_store("store_a").expect("migrate");
     // Names that are not a schema of Sluice's own are refused before any statement.
+    // A reserved word is a valid name: quoted in every statement.
+    assert_eq!(db.migrate_store("user").expect("user"), 1);
     let long = "a".repeat(64);
     for bad in [
         "sluice",
@@ -117,6 +119,27 @@ fn a_database_shared_with_another_application_is_touched_only_in_its_schema() {
     }
     let theirs: i32 = query(&url, "SELECT theirs FROM public.flow_runs")[0];
     assert_eq!(theirs, 7);
+}
+
+#[test]
+fn a_restarted_postgresql_is_connected_to_again() {
+    let cluster = PgCluster::start();
+    let db = PgDatabase::connect(&cluster.database("restart")).expect("connect");
+    db.migrate_store("store_a").expect("migrate");
+    cluster.restart();
+    // The call that finds the connection gone may fail (retriable); the next connects again.
+    let mut tries = Vec::new();
+    let tables = loop {
+        match db.tables("store_a") {
+            Ok(t) => break t,
+            Err(e) => {
+                assert!(e.is_retriable(), "{e}");
+                tries.push(e);
+                assert!(tries.len() < 3, "not connected again: {tries:?}");
+            }
+        }
+    };
+    assert_eq!(tables, TABLES);
 }
 
 #[test]
@@ -241,6 +264,7 @@ fn concurrent_claimers_take_every_attempt_once() {
                         let batch = q
                             .claim(&format!("w{w}"), &[], 32, 0, 30 * SECOND)
                             .expect("claim");
+                        assert!(batch.len() <= 32, "at most the batch asked for");
                         if batch.is_empty() {
                             return mine;
                         }
@@ -299,14 +323,19 @@ fn a_worker_whose_lease_lapsed_cannot_finish_or_extend() {
         [true]
     );
     assert!(q.expire(40 * SECOND).expect("expire").is_empty());
-    // Then silent past its lease: taken back, once.
+    // Then silent past its lease: taken back, and reported until the server settles it (a
+    // server dying between the two finds it again).
     let lapsed = q.expire(51 * SECOND).expect("expire");
     assert_eq!(lapsed.len(), 1);
-    assert_eq!(
-        (lapsed[0].worker.as_str(), lapsed[0].task_run),
-        ("a", first.task_run)
+    let (lease, who) = &lapsed[0];
+    assert_eq!((who.worker.as_str(), who.task_run), ("a", first.task_run));
+    assert_eq!(q.expire(52 * SECOND).expect("again"), lapsed);
+    assert!(
+        !q.finish("a", stale.lease).expect("finish"),
+        "lapsed: the fence moved on"
     );
-    assert!(q.expire(52 * SECOND).expect("again").is_empty());
+    assert_eq!(q.settle(&[*lease]).expect("settle"), 1);
+    assert!(q.expire(52 * SECOND).expect("settled").is_empty());
     // The attempt runs again (the server enqueues the retry) and another worker claims it.
     let retry = NewAttempt {
         attempt: 2,
@@ -353,6 +382,11 @@ fn tags_route_attempts_to_workers_carrying_them() {
     let any = attempt(&[], 3);
     q.enqueue(&[gpu.clone(), both.clone(), any.clone()], 0)
         .expect("enqueue");
+    // A tag is a word: an empty one would let every worker claim it.
+    for bad in ["", "a\nb"] {
+        let err = q.enqueue(&[attempt(&[bad], 9)], 0).expect_err("refused");
+        assert!(err.to_string().contains("a tag is not empty"), "{err}");
+    }
     let plain = q.claim("plain", &[], 10, 0, SECOND).expect("claim");
     assert_eq!(plain.iter().map(|c| &c.attempt).collect::<Vec<_>>(), [&any]);
     let eu = q

@@ -71,8 +71,8 @@ fn transition(from: Option<StateName>, to: StateName, time: DateTime<Utc>) -> Tr
     }
 }
 
-/// A dead process's pid (above the kernel's `pid_max` on any machine here).
-const DEAD_PID: u32 = 4_000_000;
+/// A dead process's pid (above the largest `pid_max` Linux allows, 2^22).
+const DEAD_PID: u32 = 1_000_000_000;
 
 fn header(id: FlowRunId, flow: &str, state: StateName, tasks: Vec<TaskWrite>) -> RunHeader {
     RunHeader {

@@ -6,6 +6,7 @@
 //! Needs Debian's `postgresql` package (`scripts/setup` installs it).
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -49,9 +50,9 @@ impl PgCluster {
                 Command::new("sh")
                     .arg("-c")
                     .arg(if as_postgres {
-                        r#"read _; runuser -u postgres -- "$1" -D "$2/data" -m immediate stop >/dev/null 2>&1; rm -rf "$2""#
+                        r#"trap '' INT TERM HUP; read _; runuser -u postgres -- "$1" -D "$2/data" -m immediate stop >/dev/null 2>&1; rm -rf "$2""#
                     } else {
-                        r#"read _; "$1" -D "$2/data" -m immediate stop >/dev/null 2>&1; rm -rf "$2""#
+                        r#"trap '' INT TERM HUP; read _; "$1" -D "$2/data" -m immediate stop >/dev/null 2>&1; rm -rf "$2""#
                     })
                     .arg("watchdog")
                     .arg(bin.join("pg_ctl"))
@@ -59,6 +60,9 @@ impl PgCluster {
                     .stdin(Stdio::piped())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
+                    // Its own process group, signals ignored: a Ctrl-C of the tests does not
+                    // kill it before it cleans up.
+                    .process_group(0)
                     .spawn()
                     .expect("the cluster's watchdog"),
             ),

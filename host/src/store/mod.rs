@@ -1,7 +1,8 @@
 //! Durable storage of flow runs: runs, task runs, every state transition, logs, parameters and
 //! context, results in a content-addressed blob store, and the output cache. Everything goes
 //! through the [`Store`] trait; [`SqliteStore`] is the embedded implementation; a PostgreSQL one
-//! is being built on [`PgDatabase`] (issue 14: connecting and each store's schema so far).
+//! is being built on [`PgDatabase`] (issue 14: connecting, each store's schema, and the queue of
+//! attempts given to workers, [`PgQueue`], so far).
 //!
 //! Writes are queued ([`Store::submit`]) and committed in batches by the store (group commit), so
 //! recording a run costs the runner a channel send per transition. Reads are synchronous.

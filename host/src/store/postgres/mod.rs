@@ -31,7 +31,9 @@ pub struct PgDatabase {
 struct Inner {
     /// Drives the connections; its own, so no caller needs a runtime (or blocks one).
     runtime: Option<tokio::runtime::Runtime>,
-    client: Arc<Client>,
+    /// The shared client; replaced by a new connection when found closed (the server
+    /// restarted, the link broke).
+    client: Arc<std::sync::Mutex<Arc<Client>>>,
     /// The database as errors name it: `postgres://user@host:port/name`, no password.
     name: String,
     /// Where it is, for connections of their own (migrations).
@@ -89,7 +91,7 @@ impl PgDatabase {
         Ok(PgDatabase {
             inner: Arc::new(Inner {
                 runtime: Some(runtime),
-                client: Arc::new(client),
+                client: Arc::new(std::sync::Mutex::new(Arc::new(client))),
                 name,
                 config,
             }),
@@ -126,7 +128,7 @@ impl PgDatabase {
         );
         // A connection of its own: a transaction on the shared client would take in other
         // callers' statements.
-        self.call(|_| async move {
+        self.call(move |_| async move {
             let mut client = connect(&config, &name).await?;
             match schema::migrate(&mut client, &schema, migrations).await {
                 Ok(Migrated::Current(v)) => Ok(i64::from(v)),
@@ -162,8 +164,13 @@ impl PgDatabase {
 
     /// Run `work` with the shared client on the database's runtime and wait for its answer:
     /// from any thread but the runtime's own (an async caller does so from a blocking thread,
-    /// as with any store read).
-    fn call<T, F>(&self, work: impl FnOnce(Arc<Client>) -> F) -> Result<T, StoreError>
+    /// as with any store read). A client found closed is replaced by a new connection first: a
+    /// call that failed because the server went away (retriable) is followed by one that
+    /// reconnects.
+    fn call<T, F>(
+        &self,
+        work: impl FnOnce(Arc<Client>) -> F + Send + 'static,
+    ) -> Result<T, StoreError>
     where
         F: Future<Output = T> + Send + 'static,
         T: Send + 'static,
@@ -172,12 +179,29 @@ impl PgDatabase {
             return Err(StoreError::io("a PostgreSQL query", "the store is closing"));
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let fut = work(self.inner.client.clone());
+        let shared = self.inner.client.clone();
+        let (config, name) = (self.inner.config.clone(), self.inner.name.clone());
         rt.spawn(async move {
-            let _ = tx.send(fut.await);
+            let current = shared.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let client = if current.is_closed() {
+                match connect(&config, &name).await {
+                    Ok(c) => {
+                        let c = Arc::new(c);
+                        *shared.lock().unwrap_or_else(|p| p.into_inner()) = c.clone();
+                        c
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            } else {
+                current
+            };
+            let _ = tx.send(Ok(work(client).await));
         });
         rx.recv()
-            .map_err(|_| StoreError::io("a PostgreSQL query", "the store's runtime stopped"))
+            .map_err(|_| StoreError::io("a PostgreSQL query", "the store's runtime stopped"))?
     }
 }
 

@@ -2,7 +2,8 @@
 //! server enqueues an attempt once the fair queue has given it a slot (fairness and quotas are
 //! decided before, in one place); workers claim ready rows in batches (`FOR UPDATE SKIP
 //! LOCKED`: claimers never wait on each other, and never take the same row), each under a lease
-//! they extend while the attempt runs; `NOTIFY sluice_queue` wakes claimers when rows arrive.
+//! they extend while the attempt runs; `NOTIFY sluice_queue`, sent by the insert's trigger,
+//! wakes claimers when rows arrive.
 //! Every call a worker makes after its claim carries the row and the fence it was given, and
 //! counts only while both match, so a worker whose lease lapsed (its attempt taken back,
 //! Crashed, maybe run again by another) changes nothing. Times are the caller's (µs), so
@@ -54,7 +55,8 @@ pub struct Lease {
     pub fence: i64,
 }
 
-/// An attempt whose lease lapsed, taken back from its worker ([`PgQueue::expire`]).
+/// An attempt whose lease lapsed, taken back from its worker ([`PgQueue::expire`]) and not yet
+/// settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lapsed {
     /// The worker that held it.
@@ -79,16 +81,33 @@ pub struct Wakeups {
 
 impl Wakeups {
     /// Wait until attempts are enqueued (true; every notification that came meanwhile taken
-    /// with it) or `timeout` passes (false).
+    /// with it) or `timeout` passes (false; also when the listening connection is gone: listen
+    /// again).
     pub fn wait(&self, timeout: std::time::Duration) -> bool {
         match self.rx.recv_timeout(timeout) {
             Ok(()) => {
                 while self.rx.try_recv().is_ok() {}
                 true
             }
-            Err(_) => false,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
+            // The listening connection is gone: the caller falls back to claiming every
+            // `timeout`, not in a loop that never waits.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(timeout);
+                false
+            }
         }
     }
+}
+
+/// The leases of rows returned as `(id, fence)`.
+fn leases_of(rows: &[tokio_postgres::Row]) -> std::collections::HashSet<Lease> {
+    rows.iter()
+        .map(|r| Lease {
+            id: r.get(0),
+            fence: r.get(1),
+        })
+        .collect()
 }
 
 /// The queue, in the control schema of a [`PgDatabase`].
@@ -109,6 +128,21 @@ impl PgQueue {
     /// Enqueue `attempts` (ready at once) and wake claimers; their rows, in order. An attempt
     /// already enqueued (same task run and attempt) is refused with the rest.
     pub fn enqueue(&self, attempts: &[NewAttempt], now: i64) -> Result<Vec<i64>, StoreError> {
+        if let Some((a, tag)) = attempts.iter().find_map(|a| {
+            a.tags
+                .iter()
+                .find(|t| t.is_empty() || t.contains('\n'))
+                .map(|t| (a, t))
+        }) {
+            return Err(StoreError::Database {
+                database: self.db.name().to_owned(),
+                detail: format!(
+                    "task run {} has the tag {tag:?}: a tag is not empty and has no line break",
+                    a.task_run
+                ),
+                retriable: false,
+            });
+        }
         let mut cols = (
             Vec::new(),
             Vec::new(),
@@ -127,7 +161,8 @@ impl PgQueue {
             cols.5.push(a.payload.clone());
         }
         self.run(move |client| async move {
-            // One statement (atomic: all or none), rows in the order given.
+            // One statement (atomic: all or none; its trigger notifies claimers on commit), rows
+            // in the order given.
             let rows = client
                 .query(
                     "INSERT INTO sluice.queue (tenant, flow_run, task_run, attempt, tags, payload, enqueued_at)
@@ -139,7 +174,6 @@ impl PgQueue {
                     &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &now],
                 )
                 .await?;
-            client.execute(&format!("NOTIFY {CHANNEL}"), &[]).await?;
             let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
             // Identity values follow the insertion order.
             ids.sort_unstable();
@@ -171,20 +205,28 @@ impl PgQueue {
             let mut claimed: Vec<Claimed> = rows
                 .iter()
                 .filter_map(|r| {
-                    Some(Claimed {
-                        lease: Lease {
-                            id: r.get(0),
-                            fence: r.get(1),
-                        },
-                        attempt: NewAttempt {
-                            tenant: r.get(2),
-                            flow_run: r.get::<_, String>(3).parse().ok()?,
-                            task_run: r.get::<_, String>(4).parse().ok()?,
-                            attempt: u32::try_from(r.get::<_, i32>(5)).ok()?,
-                            tags: r.get(6),
-                            payload: r.get(7),
-                        },
-                    })
+                    let parsed = (|| {
+                        Some(Claimed {
+                            lease: Lease {
+                                id: r.get(0),
+                                fence: r.get(1),
+                            },
+                            attempt: NewAttempt {
+                                tenant: r.get(2),
+                                flow_run: r.get::<_, String>(3).parse().ok()?,
+                                task_run: r.get::<_, String>(4).parse().ok()?,
+                                attempt: u32::try_from(r.get::<_, i32>(5)).ok()?,
+                                tags: r.get(6),
+                                payload: r.get(7),
+                            },
+                        })
+                    })();
+                    if parsed.is_none() {
+                        // Only Sluice writes the queue: a row it cannot read is damage. Left
+                        // leased, it lapses and is reported by `expire`.
+                        tracing::warn!(row = r.get::<_, i64>(0), "an unreadable queue row");
+                    }
+                    parsed
                 })
                 .collect();
             claimed.sort_by_key(|c| c.lease.id);
@@ -203,20 +245,19 @@ impl PgQueue {
     ) -> Result<Vec<bool>, StoreError> {
         let worker = worker.to_owned();
         let (ids, fences): (Vec<i64>, Vec<i64>) = leases.iter().map(|l| (l.id, l.fence)).unzip();
-        let asked = ids.clone();
-        let held: Vec<i64> = self.run(move |client| async move {
+        let held = self.run(move |client| async move {
             let rows = client
                 .query(
                     "UPDATE sluice.queue q SET lease_until = $2
                      FROM unnest($3::bigint[], $4::bigint[]) AS l(id, fence)
-                     WHERE q.id = l.id AND q.fence = l.fence AND q.worker = $1
-                     RETURNING q.id",
+                     WHERE q.id = l.id AND q.fence = l.fence AND q.worker = $1 AND NOT q.lapsed
+                     RETURNING q.id, q.fence",
                     &[&worker, &now.saturating_add(lease_us), &ids, &fences],
                 )
                 .await?;
-            Ok(rows.iter().map(|r| r.get(0)).collect())
+            Ok(leases_of(&rows))
         })?;
-        Ok(asked.iter().map(|id| held.contains(id)).collect())
+        Ok(leases.iter().map(|l| held.contains(l)).collect())
     }
 
     /// `worker` finished the attempt of `lease`: its row leaves the queue. False when the lease
@@ -230,45 +271,75 @@ impl PgQueue {
     pub fn finish_many(&self, worker: &str, leases: &[Lease]) -> Result<Vec<bool>, StoreError> {
         let worker = worker.to_owned();
         let (ids, fences): (Vec<i64>, Vec<i64>) = leases.iter().map(|l| (l.id, l.fence)).unzip();
-        let asked = ids.clone();
-        let done: Vec<i64> = self.run(move |client| async move {
+        let done = self.run(move |client| async move {
             let rows = client
                 .query(
                     "DELETE FROM sluice.queue q
                      USING unnest($2::bigint[], $3::bigint[]) AS l(id, fence)
-                     WHERE q.id = l.id AND q.fence = l.fence AND q.worker = $1
-                     RETURNING q.id",
+                     WHERE q.id = l.id AND q.fence = l.fence AND q.worker = $1 AND NOT q.lapsed
+                     RETURNING q.id, q.fence",
                     &[&worker, &ids, &fences],
                 )
                 .await?;
-            Ok(rows.iter().map(|r| r.get(0)).collect())
+            Ok(leases_of(&rows))
         })?;
-        Ok(asked.iter().map(|id| done.contains(id)).collect())
+        Ok(leases.iter().map(|l| done.contains(l)).collect())
     }
 
-    /// Take back every attempt whose lease lapsed before `now`: their rows leave the queue (their
-    /// workers' later calls change nothing), and the server records them Crashed.
-    pub fn expire(&self, now: i64) -> Result<Vec<Lapsed>, StoreError> {
+    /// Take back every attempt whose lease lapsed before `now` (its fence moves on: its worker's
+    /// later calls change nothing) and return every attempt taken back and not yet settled,
+    /// earlier ones included: the server records each Crashed, then [`PgQueue::settle`]s it,
+    /// so a server that dies in between finds them again.
+    pub fn expire(&self, now: i64) -> Result<Vec<(Lease, Lapsed)>, StoreError> {
         self.run(move |client| async move {
+            client
+                .execute(
+                    "UPDATE sluice.queue SET lapsed = true, fence = fence + 1
+                     WHERE worker IS NOT NULL AND NOT lapsed AND lease_until < $1",
+                    &[&now],
+                )
+                .await?;
             let rows = client
                 .query(
-                    "DELETE FROM sluice.queue WHERE worker IS NOT NULL AND lease_until < $1
-                     RETURNING worker, tenant, flow_run, task_run, attempt",
-                    &[&now],
+                    "SELECT id, fence, worker, tenant, flow_run, task_run, attempt
+                     FROM sluice.queue WHERE lapsed ORDER BY id",
+                    &[],
                 )
                 .await?;
             Ok(rows
                 .iter()
                 .filter_map(|r| {
-                    Some(Lapsed {
-                        worker: r.get(0),
-                        tenant: r.get(1),
-                        flow_run: r.get::<_, String>(2).parse().ok()?,
-                        task_run: r.get::<_, String>(3).parse().ok()?,
-                        attempt: u32::try_from(r.get::<_, i32>(4)).ok()?,
-                    })
+                    Some((
+                        Lease {
+                            id: r.get(0),
+                            fence: r.get(1),
+                        },
+                        Lapsed {
+                            worker: r.get(2),
+                            tenant: r.get(3),
+                            flow_run: r.get::<_, String>(4).parse().ok()?,
+                            task_run: r.get::<_, String>(5).parse().ok()?,
+                            attempt: u32::try_from(r.get::<_, i32>(6)).ok()?,
+                        },
+                    ))
                 })
                 .collect())
+        })
+    }
+
+    /// The attempts of `leases` (from [`PgQueue::expire`]) are recorded Crashed: they leave the
+    /// queue. Returns how many did.
+    pub fn settle(&self, leases: &[Lease]) -> Result<u64, StoreError> {
+        let (ids, fences): (Vec<i64>, Vec<i64>) = leases.iter().map(|l| (l.id, l.fence)).unzip();
+        self.run(move |client| async move {
+            client
+                .execute(
+                    "DELETE FROM sluice.queue q
+                     USING unnest($1::bigint[], $2::bigint[]) AS l(id, fence)
+                     WHERE q.id = l.id AND q.fence = l.fence AND q.lapsed",
+                    &[&ids, &fences],
+                )
+                .await
         })
     }
 
@@ -329,7 +400,10 @@ impl PgQueue {
     }
 
     /// Run `work` with the database's client and name the database in its error.
-    fn run<T, F>(&self, work: impl FnOnce(Arc<Client>) -> F) -> Result<T, StoreError>
+    fn run<T, F>(
+        &self,
+        work: impl FnOnce(Arc<Client>) -> F + Send + 'static,
+    ) -> Result<T, StoreError>
     where
         F: Future<Output = Result<T, tokio_postgres::Error>> + Send + 'static,
         T: Send + 'static,

@@ -116,9 +116,10 @@ pub(super) const CONTROL: &str = "sluice";
 pub(super) const CONTROL_MIGRATIONS: &[&str] = &[
     // 1: the queue. A row is a task run's attempt given to workers: ready while `worker` is
     // null, else claimed until `lease_until` (µs), which its worker extends while it runs.
-    // `fence` grows with every claim: a worker's later calls carry the row and the fence it
-    // claimed, and count only while both still match, so a worker whose lease lapsed (and whose
-    // attempt was taken back) changes nothing. `tags`: only a worker carrying every one of
+    // `fence` grows with every claim and when a lease lapses: a worker's later calls carry the
+    // row and the fence it claimed, and count only while both still match, so a worker whose
+    // lease lapsed changes nothing. A lapsed row (`lapsed`) stays until the server has recorded
+    // its attempt Crashed (`settle`): a server that dies in between finds it again. `tags`: only a worker carrying every one of
     // them claims it.
     r"
 CREATE TABLE {s}.queue (
@@ -133,6 +134,7 @@ CREATE TABLE {s}.queue (
     worker text,
     lease_until bigint,
     fence bigint NOT NULL DEFAULT 0,
+    lapsed boolean NOT NULL DEFAULT false,
     UNIQUE (task_run, attempt)
 );
 CREATE INDEX queue_ready ON {s}.queue (id) WHERE worker IS NULL;
@@ -146,14 +148,26 @@ CREATE FUNCTION {s}.claim(claimer text, until bigint, carried text[], most bigin
 RETURNS TABLE (id bigint, fence bigint, tenant text, flow_run text, task_run text,
                attempt integer, tags text[], payload bytea)
 LANGUAGE sql SET enable_sort = off AS $$
-    UPDATE {s}.queue q SET worker = claimer, lease_until = until, fence = q.fence + 1
-    WHERE q.id IN (
+    -- Picked once (materialized): a subquery in `IN` may be run again by the join, and under
+    -- SKIP LOCKED pick other rows, more than `most` in all.
+    WITH picked AS MATERIALIZED (
         SELECT r.id FROM {s}.queue r
         WHERE r.worker IS NULL AND (r.tags = '{}' OR r.tags <@ carried)
         ORDER BY r.id LIMIT most
         FOR UPDATE SKIP LOCKED)
+    UPDATE {s}.queue q SET worker = claimer, lease_until = until, fence = q.fence + 1
+    FROM picked WHERE q.id = picked.id
     RETURNING q.id, q.fence, q.tenant, q.flow_run, q.task_run, q.attempt, q.tags, q.payload
 $$;
+-- Claimers are woken by the insert's own transaction: a notification is sent if and only if
+-- the rows are committed.
+CREATE FUNCTION {s}.queue_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('sluice_queue', '');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER queue_notify AFTER INSERT ON {s}.queue
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.queue_notify();
 ",
 ];
 
@@ -183,7 +197,9 @@ pub(super) async fn migrate(
     schema: &str,
     migrations: &[&str],
 ) -> Result<Migrated, tokio_postgres::Error> {
-    let s = |sql: &str| sql.replace("{s}", schema);
+    // Quoted: a valid name may still be a reserved word (`user`, `order`).
+    let quoted = format!("\"{schema}\"");
+    let s = |sql: &str| sql.replace("{s}", &quoted);
     let tx = client.transaction().await?;
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext('sluice:' || $1))",

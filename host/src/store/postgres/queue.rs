@@ -100,6 +100,16 @@ impl Wakeups {
     }
 }
 
+/// `leases` as two columns (ids, fences), as statements take them (`unnest`).
+fn columns(leases: &[Lease]) -> (Vec<i64>, Vec<i64>) {
+    leases.iter().map(|l| (l.id, l.fence)).unzip()
+}
+
+/// Column `i` of `row`, text parsed as an id (`None`: the row is unreadable).
+fn column<T: std::str::FromStr>(row: &tokio_postgres::Row, i: usize) -> Option<T> {
+    row.get::<_, String>(i).parse().ok()
+}
+
 /// The leases of rows returned as `(id, fence)`.
 fn leases_of(rows: &[tokio_postgres::Row]) -> std::collections::HashSet<Lease> {
     rows.iter()
@@ -213,8 +223,8 @@ impl PgQueue {
                             },
                             attempt: NewAttempt {
                                 tenant: r.get(2),
-                                flow_run: r.get::<_, String>(3).parse().ok()?,
-                                task_run: r.get::<_, String>(4).parse().ok()?,
+                                flow_run: column(r, 3)?,
+                                task_run: column(r, 4)?,
                                 attempt: u32::try_from(r.get::<_, i32>(5)).ok()?,
                                 tags: r.get(6),
                                 payload: r.get(7),
@@ -244,7 +254,7 @@ impl PgQueue {
         lease_us: i64,
     ) -> Result<Vec<bool>, StoreError> {
         let worker = worker.to_owned();
-        let (ids, fences): (Vec<i64>, Vec<i64>) = leases.iter().map(|l| (l.id, l.fence)).unzip();
+        let (ids, fences) = columns(leases);
         let held = self.run(move |client| async move {
             let rows = client
                 .query(
@@ -270,7 +280,7 @@ impl PgQueue {
     /// batches, as it claims them): for each lease, whether it was still `worker`'s.
     pub fn finish_many(&self, worker: &str, leases: &[Lease]) -> Result<Vec<bool>, StoreError> {
         let worker = worker.to_owned();
-        let (ids, fences): (Vec<i64>, Vec<i64>) = leases.iter().map(|l| (l.id, l.fence)).unzip();
+        let (ids, fences) = columns(leases);
         let done = self.run(move |client| async move {
             let rows = client
                 .query(
@@ -317,8 +327,8 @@ impl PgQueue {
                         Lapsed {
                             worker: r.get(2),
                             tenant: r.get(3),
-                            flow_run: r.get::<_, String>(4).parse().ok()?,
-                            task_run: r.get::<_, String>(5).parse().ok()?,
+                            flow_run: column(r, 4)?,
+                            task_run: column(r, 5)?,
                             attempt: u32::try_from(r.get::<_, i32>(6)).ok()?,
                         },
                     ))
@@ -330,7 +340,7 @@ impl PgQueue {
     /// The attempts of `leases` (from [`PgQueue::expire`]) are recorded Crashed: they leave the
     /// queue. Returns how many did.
     pub fn settle(&self, leases: &[Lease]) -> Result<u64, StoreError> {
-        let (ids, fences): (Vec<i64>, Vec<i64>) = leases.iter().map(|l| (l.id, l.fence)).unzip();
+        let (ids, fences) = columns(leases);
         self.run(move |client| async move {
             client
                 .execute(

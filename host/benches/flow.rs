@@ -21,15 +21,20 @@
 //!    10,000-task map from the body, each result read and its handle dropped (tasks/s); and
 //!    the peak memory of the same with 100,000 task runs.
 //!
+//! 7. (only with `-- postgres`) 4 and 5 with the PostgreSQL store, on a throwaway cluster of
+//!    this process (a Unix socket, `fsync=off`).
+//!
 //! Run: `cargo bench --bench flow` (`cargo bench --bench flow -- store` runs only 4 and 5,
 //! `-- hits` only the all-cache-hit run, ten times, `-- chain` only the chain, `-- code` only
-//! 6).
+//! 6, `-- postgres` only 7).
 
 /// The allocator of the `sluice` binary, set up as it sets it up.
 #[path = "../src/bin/sluice/alloc.rs"]
 mod alloc;
 #[path = "../../tests/common/guests.rs"]
 mod guests;
+#[path = "../../tests/common/pg.rs"]
+mod pg;
 #[path = "support/raw_floor.rs"]
 mod raw_floor;
 
@@ -45,7 +50,7 @@ use sluice::flow::{BodyDef, FlowBuilder, Input, MapOver, TaskDef};
 use sluice::runner::{FlowRun, FlowRunner, RunOptions};
 use sluice::sandbox::{RunBudget, Sandbox};
 use sluice::state::StateName;
-use sluice::store::{CacheLookup, SqliteStore, Store};
+use sluice::store::{CacheLookup, PgDatabase, PgStore, SqliteStore, Store};
 
 fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -240,6 +245,7 @@ fn main() {
     let only_chain = std::env::args().any(|a| a == "chain");
     let only_hits = std::env::args().any(|a| a == "hits");
     let only_code = std::env::args().any(|a| a == "code");
+    let only_postgres = std::env::args().any(|a| a == "postgres");
     runtime.block_on(async {
         let runner = FlowRunner::new(Sandbox::builder().build().expect("sandbox"));
         let n = 10_000;
@@ -251,6 +257,9 @@ fn main() {
         }
         if only_code {
             return code_section(&runner, &add_one).await;
+        }
+        if only_postgres {
+            return postgres_section(&runner, n).await;
         }
         if !only_store {
             engine_sections(&runner, &add_one, n).await;
@@ -513,6 +522,48 @@ async fn engine_sections(runner: &FlowRunner, add_one: &Path, n: usize) {
             outputs_kib >> 10
         );
     }
+}
+
+/// The 10,000-task flow with the PostgreSQL store (section 7), against the store off; then
+/// all cache hits.
+async fn postgres_section(runner: &FlowRunner, n: usize) {
+    let cluster = pg::PgCluster::start();
+    let db = PgDatabase::connect(&cluster.database("bench")).expect("connect");
+    let store = Arc::new(PgStore::open(&db, "bench").expect("store"));
+    let stored = FlowRunner::new(runner.sandbox().clone()).store(store.clone() as Arc<dyn Store>);
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        off.push(mapped_flow(runner, n).await);
+        on.push(mapped_flow(&stored, n).await);
+    }
+    let (off, on) = (best_of(off), best_of(on));
+    let per = |d: Duration| raw_floor::us(d / n as u32);
+    println!(
+        "10,000-task flow, store off:        {:.0} ms  →  {:.1} µs per task",
+        raw_floor::ms(off),
+        per(off)
+    );
+    println!(
+        "10,000-task flow, PostgreSQL store: {:.0} ms  →  {:.1} µs per task amortized (+{:.1} µs)",
+        raw_floor::ms(on),
+        per(on),
+        per(on) - per(off)
+    );
+    let policy = CachePolicy {
+        cache_for: Duration::from_secs(3600),
+        validator: CacheValidator::AllInputs,
+    };
+    let first = mapped_flow_with(&stored, n, Some(policy.clone()), StateName::Completed).await;
+    let mut hits = Vec::new();
+    for _ in 0..3 {
+        hits.push(mapped_flow_with(&stored, n, Some(policy.clone()), StateName::Cached).await);
+    }
+    println!(
+        "10,000-task flow, PostgreSQL store, cached: first run {:.0} ms (each child a miss), all hits {:.0} ms  →  {:.1} µs per hit",
+        raw_floor::ms(first),
+        raw_floor::ms(best_of(hits.clone())),
+        per(best_of(hits))
+    );
 }
 
 async fn store_sections(runner: &FlowRunner, add_one: &Path, n: usize) {

@@ -21,6 +21,7 @@ mod polyglot_grants;
 mod polyglot_rebuild;
 mod pool;
 mod postgres;
+mod postgres_store;
 mod recovery;
 mod scheduling;
 mod semantics;

@@ -2,7 +2,7 @@
 //! migrations, against a throwaway cluster of this test binary ([`PgCluster`]).
 
 #[path = "../common/pg.rs"]
-mod pg;
+pub(crate) mod pg;
 
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ const TABLES: &[&str] = &[
     "cache",
     "flow_runs",
     "journal",
+    "leases",
     "logs",
     "migrations",
     "task_runs",
@@ -196,7 +197,7 @@ fn query(url: &str, statement: &str) -> Vec<i32> {
     })
 }
 
-fn sql(url: &str, statements: &str) {
+pub(crate) fn sql(url: &str, statements: &str) {
     let statements = statements.to_owned();
     with_client(url, |client| async move {
         client.batch_execute(&statements).await.expect("statements");
@@ -204,7 +205,7 @@ fn sql(url: &str, statements: &str) {
 }
 
 /// Run `work` with a client of its own connected to `url`.
-fn with_client<T, F: Future<Output = T>>(
+pub(crate) fn with_client<T, F: Future<Output = T>>(
     url: &str,
     work: impl FnOnce(tokio_postgres::Client) -> F,
 ) -> T {

@@ -1,7 +1,7 @@
 //! The store suite: what every [`Store`] backend must do, through the trait alone (writes
 //! submitted, flushed, read back), so one set of cases holds each backend to the same meaning.
-//! Each case takes a fresh store; [`backends!`] runs every case on each backend (SQLite here; the
-//! PostgreSQL store of issue 14 joins it).
+//! Each case takes a fresh store; [`backends!`] runs every case on each backend: SQLite, and
+//! PostgreSQL (a database of its own per case on the binary's throwaway cluster).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,21 +17,33 @@ use sluice::runner::Transition;
 use sluice::sandbox::{LogLevel, LogRecord, LogSource};
 use sluice::state::{State, StateName};
 use sluice::store::{
-    Blob, CacheLookup, CacheWrite, CancelOutcome, ChangeCursor, RunFilter, RunHeader, SqliteStore,
-    Store, StoreError, TailLimits, TaskWrite, Write,
+    Blob, CacheLookup, CacheWrite, CancelOutcome, ChangeCursor, PgDatabase, PgStore, RunFilter,
+    RunHeader, SqliteStore, Store, StoreError, TailLimits, TaskWrite, Write,
 };
+
+use crate::postgres::pg::PgCluster;
 
 /// A fresh store of one backend, with what keeps it alive.
 struct Fixture {
     store: Arc<dyn Store>,
-    _home: tempfile::TempDir,
+    _home: Option<tempfile::TempDir>,
 }
 
 impl Fixture {
     fn sqlite() -> Fixture {
         let home = tempfile::tempdir().expect("home");
         let store = Arc::new(SqliteStore::open(home.path()).expect("store"));
-        Fixture { store, _home: home }
+        Fixture {
+            store,
+            _home: Some(home),
+        }
+    }
+
+    fn postgres(case: &str) -> Fixture {
+        let url = PgCluster::shared().database(case);
+        let db = PgDatabase::connect(&url).expect("connect");
+        let store = Arc::new(PgStore::open(&db, "store").expect("store"));
+        Fixture { store, _home: None }
     }
 }
 
@@ -40,6 +52,11 @@ macro_rules! backends {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
             $(#[test] fn $case() { super::$case(&*super::Fixture::sqlite().store) })*
+        }
+        mod postgres {
+            $(#[test] fn $case() {
+                super::$case(&*super::Fixture::postgres(stringify!($case)).store)
+            })*
         }
     };
 }
@@ -407,11 +424,60 @@ fn the_cache_hits_until_expiry_and_explains_misses(store: &dyn Store) {
         panic!("expired: a miss")
     };
     assert!(expired.contains("expired"), "{expired}");
+    // Misses explained against the newest entry of the same configuration, else of the task.
     let other = cache_key("k2", "a", "cfg2");
-    let CacheLookup::Miss(why) = store.cache_lookup(&other, at(1)).expect("lookup") else {
-        panic!("another key: a miss")
+    let same_config = CacheKey {
+        inputs: Some("{\"x\":2}".into()),
+        ..cache_key("k3", "a", "cfg1")
     };
-    assert!(!why.is_empty());
+    let unknown = cache_key("k4", "b", "cfg1");
+    let reason = |key: &CacheKey| match store.cache_lookup(key, at(1)).expect("lookup") {
+        CacheLookup::Miss(why) => why,
+        hit => panic!("{}: expected a miss, got {hit:?}", key.key),
+    };
+    assert!(
+        reason(&other).contains("limits or map index"),
+        "{}",
+        reason(&other)
+    );
+    assert!(
+        reason(&same_config).contains("inputs differ"),
+        "{}",
+        reason(&same_config)
+    );
+    assert!(
+        reason(&unknown).contains("no cached output of task `b`"),
+        "{}",
+        reason(&unknown)
+    );
+    // Looked up together: the same answers, in order.
+    let many = store
+        .cache_lookup_many(
+            &[
+                other.clone(),
+                key.clone(),
+                unknown.clone(),
+                same_config.clone(),
+            ],
+            at(1),
+        )
+        .expect("lookups");
+    let seen: Vec<String> = many
+        .iter()
+        .map(|l| match l {
+            CacheLookup::Hit { output, .. } => format!("hit {}", output.as_str()),
+            CacheLookup::Miss(why) => why.clone(),
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            reason(&other),
+            "hit [1,2,3]".into(),
+            reason(&unknown),
+            reason(&same_config)
+        ]
+    );
 
     let mut preloaded = Vec::new();
     store

@@ -119,6 +119,16 @@ impl PgCluster {
         self.pg_ctl("restart");
     }
 
+    /// Stop it (fast shutdown: connections are closed) until [`PgCluster::resume`].
+    pub fn stop(&self) {
+        self.pg_ctl("stop");
+    }
+
+    /// Start it again after [`PgCluster::stop`].
+    pub fn resume(&self) {
+        self.pg_ctl("start");
+    }
+
     fn pg_ctl(&self, action: &str) {
         let options = format!(
             "-k {} -c listen_addresses= -c fsync=off",

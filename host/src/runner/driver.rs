@@ -570,6 +570,9 @@ const BACKLOG_POLL: Duration = Duration::from_millis(5);
 /// Most bytes of cached values a run preloads per task; the rest are read on a hit.
 const CACHE_PRELOAD_BYTES: u64 = 64 << 20;
 
+/// Most batches of cache lookups read at once (per flow run); later misses wait for one.
+const LOOKUP_READS: usize = 2;
+
 /// The output cache as this run reads it: per cached task, its valid entries preloaded once (on
 /// a blocking thread, in chunks that are taken in as they arrive), so a hit is answered without
 /// a store read, most of them before the preload has ended; keys not found there are looked up
@@ -689,20 +692,34 @@ impl CacheReads {
             });
             self.reading.insert(handle.id(), Reading::Preload(task));
         }
-        if !self.misses.is_empty() {
+        let looking = self
+            .reading
+            .values()
+            .filter(|r| matches!(r, Reading::Lookups(_)))
+            .count();
+        // Misses found while lookups are read wait for one to end and go together: a store
+        // whose reads are round trips answers a batch in about the time of one key.
+        if !self.misses.is_empty() && looking < LOOKUP_READS {
             let misses = std::mem::take(&mut self.misses);
             let units = misses.iter().map(|(u, _)| *u).collect();
             let store = self.store.clone();
             let handle = reads.spawn_blocking(move || {
-                ReadDone::Looked(
-                    misses
-                        .into_iter()
-                        .map(|(unit, key)| {
-                            let answer = store.cache_lookup(&key, now).map_err(|e| e.to_string());
-                            (unit, answer)
-                        })
-                        .collect(),
-                )
+                let (units, keys): (Vec<Unit>, Vec<CacheKey>) = misses.into_iter().unzip();
+                let answers = match store.cache_lookup_many(&keys, now) {
+                    Ok(answers) if answers.len() == units.len() => {
+                        answers.into_iter().map(Ok).collect()
+                    }
+                    Ok(answers) => {
+                        let e = format!(
+                            "the store answered {} of {} cache lookups",
+                            answers.len(),
+                            units.len()
+                        );
+                        vec![Err(e); units.len()]
+                    }
+                    Err(e) => vec![Err(e.to_string()); units.len()],
+                };
+                ReadDone::Looked(units.into_iter().zip(answers).collect())
             });
             self.reading.insert(handle.id(), Reading::Lookups(units));
         }

@@ -1,8 +1,8 @@
 //! Durable storage of flow runs: runs, task runs, every state transition, logs, parameters and
 //! context, results in a content-addressed blob store, and the output cache. Everything goes
-//! through the [`Store`] trait; [`SqliteStore`] is the embedded implementation; a PostgreSQL one
-//! is being built on [`PgDatabase`] (issue 14: connecting, each store's schema, and the queue of
-//! attempts given to workers, [`PgQueue`], so far).
+//! through the [`Store`] trait; [`SqliteStore`] is the embedded implementation, [`PgStore`] the
+//! one in a schema of a PostgreSQL database ([`PgDatabase`], which also holds the queue of
+//! attempts given to workers, [`PgQueue`]).
 //!
 //! Writes are queued ([`Store::submit`]) and committed in batches by the store (group commit), so
 //! recording a run costs the runner a channel send per transition. Reads are synchronous.
@@ -15,14 +15,16 @@
 //! resumable from the last write that succeeded. A damaged database (SQLite reports corruption)
 //! stops all writing at once, for good: [`StoreError::Damaged`] names the file and what to do.
 //!
-//! Liveness (is a process executing this run?) rests on an advisory lock, backed by the pid and
-//! start time of the process recorded with the run: the home must be on a local file system,
-//! used by processes of one machine (advisory locks on network file systems are unreliable, and
-//! a pid means nothing on another machine).
+//! Liveness (is a process executing this run?) rests, with SQLite, on an advisory lock, backed by
+//! the pid and start time of the process recorded with the run: the home must be on a local file
+//! system, used by processes of one machine (advisory locks on network file systems are
+//! unreliable, and a pid means nothing on another machine). With PostgreSQL it is a lease row
+//! its holder renews, seen from any machine.
 
 mod postgres;
 mod rows;
 mod sqlite;
+mod writer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -33,7 +35,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use postgres::{Claimed, Lapsed, Lease, NewAttempt, PgDatabase, PgQueue, Wakeups};
+pub use postgres::{
+    Claimed, LEASE_TTL, Lapsed, Lease, NewAttempt, PgDatabase, PgQueue, PgStore, RENEW_EVERY,
+    Wakeups,
+};
 pub use sqlite::SqliteStore;
 
 use crate::cache::{CacheInfo, CacheKey};
@@ -652,6 +657,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Look up a valid cached output for `key` at `now`.
     fn cache_lookup(&self, key: &CacheKey, now: DateTime<Utc>) -> Result<CacheLookup, StoreError>;
+
+    /// [`Store::cache_lookup`] of each of `keys`, answered in their order. A store whose reads
+    /// are round trips (PostgreSQL) answers them all in a few; the default looks each up in turn.
+    fn cache_lookup_many(
+        &self,
+        keys: &[CacheKey],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<CacheLookup>, StoreError> {
+        keys.iter().map(|k| self.cache_lookup(k, now)).collect()
+    }
 
     /// The valid cache entries of `task` at `now`, each key once with the entry
     /// [`Store::cache_lookup`] would find (its newest), oldest first, handed to `each` in chunks

@@ -7,10 +7,12 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::cache::CacheKey;
 use crate::ids::{FlowRunId, TaskRunId};
+use crate::json::Json;
 use crate::runner::Transition;
 use crate::state::{State, StateName};
-use crate::store::{Blob, StoreError, TaskWrite, Write};
+use crate::store::{Blob, CacheEntry, CacheLookup, StoreError, TailLimits, TaskWrite, Write};
 
 pub(super) fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
@@ -222,4 +224,193 @@ pub(super) fn history_lines(ts: &[Transition]) -> String {
         out.push(b'\n');
     }
     String::from_utf8(out).unwrap_or_default()
+}
+
+/// A blob's bytes as read (`None`: no such blob), checked against its hash: the value, or why
+/// it cannot be read (`what` says what it holds, e.g. "output of task `a`").
+pub(super) fn checked_blob(
+    hash: &str,
+    what: &str,
+    data: Option<&[u8]>,
+) -> Result<Json, StoreError> {
+    let blob_err = |problem: String| StoreError::Blob {
+        hash: hash.to_owned(),
+        what: what.to_owned(),
+        problem,
+    };
+    let data = data.ok_or_else(|| blob_err("missing from the store".into()))?;
+    if blake3::hash(data).to_hex().as_str() != hash {
+        return Err(blob_err(
+            "corrupt: its content does not match its hash".into(),
+        ));
+    }
+    // Blobs are written in canonical form and the hash matched: the text is that form.
+    std::str::from_utf8(data)
+        .map(Json::from_canonical)
+        .map_err(|e| blob_err(format!("not valid UTF-8: {e}")))
+}
+
+/// A valid cache entry found, with its blob's bytes as read: a hit, or a miss saying why the
+/// blob cannot be used (missing, not matching its hash, not UTF-8).
+pub(super) fn cached(entry: CacheEntry, data: Option<&[u8]>) -> CacheLookup {
+    let Some(data) = data else {
+        return CacheLookup::Miss(format!(
+            "the entry from flow run {} refers to blob {} which is missing from the store",
+            entry.flow_run, entry.blob
+        ));
+    };
+    if blake3::hash(data).to_hex().as_str() != entry.blob {
+        return CacheLookup::Miss(format!(
+            "the entry from flow run {} refers to blob {} whose content does not match its hash",
+            entry.flow_run, entry.blob
+        ));
+    }
+    match std::str::from_utf8(data) {
+        Ok(v) => CacheLookup::Hit {
+            output: Json::from_canonical(v),
+            blob: entry.blob.clone(),
+            entry: Box::new(entry),
+        },
+        Err(e) => CacheLookup::Miss(format!(
+            "the entry from flow run {} has an unreadable blob {}: {e}",
+            entry.flow_run, entry.blob
+        )),
+    }
+}
+
+/// The newest cache entry of a task (of the same configuration when there is one), which a
+/// miss is explained against.
+#[derive(Clone)]
+pub(super) struct NewestEntry {
+    pub(super) key: String,
+    pub(super) component: String,
+    pub(super) config: String,
+    pub(super) inputs: Option<String>,
+    pub(super) parameters: Option<String>,
+    pub(super) validator: String,
+    pub(super) expires_at: i64,
+    pub(super) flow_run: String,
+    pub(super) grants: String,
+    pub(super) secrets: String,
+}
+
+/// Why `key` missed, against the newest entry of its task (`None`: the task has none): the
+/// first part of the key that differs, or that the entry expired.
+pub(super) fn explain_miss(key: &CacheKey, newest: Option<&NewestEntry>) -> String {
+    let Some(n) = newest else {
+        return format!("no cached output of task `{}` yet", key.task);
+    };
+    let short = |h: &str| h.chars().take(12).collect::<String>();
+    let run = &n.flow_run;
+    if n.key == key.key {
+        format!(
+            "the entry from flow run {run} expired at {}",
+            from_micros(n.expires_at).to_rfc3339()
+        )
+    } else if n.component != key.component {
+        format!(
+            "the component changed (cached from {}…, now {}…)",
+            short(&n.component),
+            short(&key.component)
+        )
+    } else if n.validator != key.validator {
+        format!(
+            "the validator changed (cached under {}, now {})",
+            n.validator, key.validator
+        )
+    } else if n.config != key.config {
+        "the task's limits or map index, the flow (or cache namespace) or the context values \
+         changed"
+            .to_owned()
+    } else if n.grants != key.grants {
+        "the grants changed (files, env or secrets granted to the task)".to_owned()
+    } else if n.secrets != key.secrets {
+        "the value of a granted secret changed".to_owned()
+    } else if n.inputs != key.inputs {
+        format!(
+            "the inputs differ from the newest entry's (flow run {run}; {})",
+            key.validator
+        )
+    } else if n.parameters != key.parameters {
+        format!(
+            "the parameters differ from the newest entry's (flow run {run}; {})",
+            key.validator
+        )
+    } else {
+        "no valid entry for this key".to_owned()
+    }
+}
+
+/// The entry of `entries` (newest first) whose key starts with `prefix` (lowercase): one key,
+/// or an error saying none or how many match.
+pub(super) fn entry_by_prefix(
+    entries: Vec<CacheEntry>,
+    prefix: &str,
+) -> Result<CacheEntry, StoreError> {
+    let mut matching = entries.into_iter().filter(|e| e.key.starts_with(prefix));
+    let Some(first) = matching.next() else {
+        return Err(StoreError::CacheKey(format!(
+            "no cache entry with key `{prefix}` (see `sluice cache ls`)"
+        )));
+    };
+    let mut others: Vec<String> = matching
+        .filter(|e| e.key != first.key)
+        .map(|e| e.key)
+        .collect();
+    others.sort_unstable();
+    others.dedup();
+    match others.len() {
+        0 => Ok(first),
+        n => Err(StoreError::CacheKey(format!(
+            "`{prefix}` matches {} cache keys; give more of the key",
+            n + 1
+        ))),
+    }
+}
+
+/// Chooses each task run's log tail from a run's records offered newest first (by position and
+/// size): a record is kept while its task run's tail and the run's total stay within the
+/// limits; the first that does not fit ends its task run's tail (a tail is never a selection).
+pub(super) struct TailPicker {
+    limits: TailLimits,
+    total: u64,
+    /// By task run: the positions kept (newest first), their bytes, and how many were left out.
+    tails: std::collections::HashMap<String, (Vec<i64>, u64, u64)>,
+}
+
+impl TailPicker {
+    pub(super) fn new(limits: TailLimits) -> TailPicker {
+        TailPicker {
+            limits,
+            total: 0,
+            tails: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The next record, older than every one offered before.
+    pub(super) fn offer(&mut self, seq: i64, task_run: String, len: u64) {
+        let (seqs, bytes, omitted) = self.tails.entry(task_run).or_default();
+        let fits = *omitted == 0
+            && seqs.len() < self.limits.records
+            && *bytes + len <= self.limits.bytes
+            && self.total + len <= self.limits.total_bytes;
+        if fits {
+            seqs.push(seq);
+            *bytes += len;
+            self.total += len;
+        } else {
+            *omitted += 1;
+        }
+    }
+
+    /// By task run: the positions to read, oldest first, and how many older records were left
+    /// out.
+    pub(super) fn tails(self) -> impl Iterator<Item = (String, Vec<i64>, u64)> {
+        self.tails
+            .into_iter()
+            .map(|(task_run, (mut seqs, _, omitted))| {
+                seqs.reverse();
+                (task_run, seqs, omitted)
+            })
+    }
 }

@@ -1,16 +1,26 @@
 //! Sluice's PostgreSQL database (`sluice server --database postgres://…`): connecting (the
-//! address named in every error, never its password), each store's schema brought up to date
-//! ([`schema`]: a store is a PostgreSQL schema of its own), and the runtime of the database's
-//! own that drives its connections, so callers without one (the CLI, a blocking thread of the
-//! server) wait on its answers as on SQLite's.
+//! address named in every error, never its password), its pool of connections (a closed one
+//! replaced on the next call: a restarted PostgreSQL is connected to again), each store's schema
+//! brought up to date ([`schema`]: a store is a PostgreSQL schema of its own), and the runtime of
+//! the database's own that drives its connections, so callers without one (the CLI, a blocking
+//! thread of the server, a store's writer thread) wait on its answers as on SQLite's.
 
+mod cache;
+mod commit;
+mod liveness;
 mod queue;
+mod read;
 mod schema;
+mod store;
 
+pub use liveness::RENEW_EVERY;
 pub use queue::{Claimed, Lapsed, Lease, NewAttempt, PgQueue, Wakeups};
+pub use store::{LEASE_TTL, PgStore};
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Config, NoTls};
 
@@ -19,7 +29,18 @@ use schema::Migrated;
 
 /// How long connecting waits for the server when the address does not say
 /// (`connect_timeout`).
-pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most connections one [`PgDatabase`] opens (its store's writer, readers, the queue).
+pub const POOL_SIZE: usize = 16;
+
+/// Most statements a connection keeps prepared (`prepare_cached`: each parsed once, and
+/// planned once it has run a few times); past this its cache is emptied. Statements name their
+/// store's schema, so a server of many tenants prepares many.
+const MAX_PREPARED: usize = 512;
+
+/// How long a call waits for a free connection of the pool before it fails (retriable).
+const POOL_WAIT: Duration = Duration::from_secs(30);
 
 /// A connection to a PostgreSQL database holding Sluice's stores. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -31,9 +52,9 @@ pub struct PgDatabase {
 struct Inner {
     /// Drives the connections; its own, so no caller needs a runtime (or blocks one).
     runtime: Option<tokio::runtime::Runtime>,
-    /// The shared client; replaced by a new connection when found closed (the server
-    /// restarted, the link broke).
-    client: Arc<std::sync::Mutex<Arc<Client>>>,
+    /// The connections; one found closed (the server restarted, the link broke) is replaced
+    /// by a new one when next taken.
+    pool: Pool,
     /// The database as errors name it: `postgres://user@host:port/name`, no password.
     name: String,
     /// Where it is, for connections of their own (migrations).
@@ -68,34 +89,36 @@ impl PgDatabase {
             .enable_all()
             .build()
             .map_err(|e| StoreError::io("starting the PostgreSQL client's runtime", e))?;
-        // Spawned, not `block_on`: the caller may be in an async context of its own.
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let (for_connect, for_name) = (config.clone(), name.clone());
-        runtime.spawn(async move {
-            let _ = tx.send(connect(&for_connect, &for_name).await);
-        });
-        let connected = rx.recv().unwrap_or_else(|_| {
-            Err(StoreError::io(
-                "connecting to PostgreSQL",
-                "the client's runtime stopped",
-            ))
-        });
-        let client = match connected {
-            Ok(c) => c,
-            Err(e) => {
-                // Not dropped in place: the caller may be async, where that panics.
-                runtime.shutdown_background();
-                return Err(e);
-            }
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = {
+            // Building the pool takes the runtime its timeouts run on.
+            let _entered = runtime.enter();
+            Pool::builder(manager)
+                .max_size(POOL_SIZE)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(POOL_WAIT))
+                .create_timeout(config.get_connect_timeout().copied())
+                .recycle_timeout(Some(CONNECT_TIMEOUT))
+                .build()
+                .map_err(|e| StoreError::io("making the PostgreSQL connection pool", e))?
         };
-        Ok(PgDatabase {
+        let db = PgDatabase {
             inner: Arc::new(Inner {
                 runtime: Some(runtime),
-                client: Arc::new(std::sync::Mutex::new(Arc::new(client))),
+                pool,
                 name,
                 config,
             }),
-        })
+        };
+        // Connect once now: a wrong address or a server that is down is reported here.
+        db.call(|_| async {})?;
+        Ok(db)
     }
 
     /// Bring store schema `schema` up to date (created when missing); its version (how many
@@ -162,15 +185,12 @@ impl PgDatabase {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// Run `work` with the shared client on the database's runtime and wait for its answer:
-    /// from any thread but the runtime's own (an async caller does so from a blocking thread,
-    /// as with any store read). A client found closed is replaced by a new connection first: a
-    /// call that failed because the server went away (retriable) is followed by one that
-    /// reconnects.
-    fn call<T, F>(
-        &self,
-        work: impl FnOnce(Arc<Client>) -> F + Send + 'static,
-    ) -> Result<T, StoreError>
+    /// Run `work` with a connection of the pool on the database's runtime and wait for its
+    /// answer: from any thread but the runtime's own (an async caller does so from a blocking
+    /// thread, as with any store read). A connection found closed is replaced by a new one
+    /// first: a call that failed because the server went away (retriable) is followed by one
+    /// that reconnects.
+    fn call<T, F>(&self, work: impl FnOnce(Object) -> F + Send + 'static) -> Result<T, StoreError>
     where
         F: Future<Output = T> + Send + 'static,
         T: Send + 'static,
@@ -179,29 +199,70 @@ impl PgDatabase {
             return Err(StoreError::io("a PostgreSQL query", "the store is closing"));
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let shared = self.inner.client.clone();
-        let (config, name) = (self.inner.config.clone(), self.inner.name.clone());
+        let (pool, name) = (self.inner.pool.clone(), self.inner.name.clone());
         rt.spawn(async move {
-            let current = shared.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let client = if current.is_closed() {
-                match connect(&config, &name).await {
-                    Ok(c) => {
-                        let c = Arc::new(c);
-                        *shared.lock().unwrap_or_else(|p| p.into_inner()) = c.clone();
-                        c
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                }
-            } else {
-                current
-            };
-            let _ = tx.send(Ok(work(client).await));
+            let _ = tx.send(match pool.get().await {
+                Ok(client) => Ok(work(bounded(client)).await),
+                Err(e) => Err(pool_error(&name, e)),
+            });
         });
         rx.recv()
             .map_err(|_| StoreError::io("a PostgreSQL query", "the store's runtime stopped"))?
+    }
+
+    /// Run `work` on the database's runtime without waiting for it (a lease given back as it is
+    /// dropped, perhaps in async code).
+    fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        if let Some(rt) = &self.inner.runtime {
+            rt.spawn(work);
+        }
+    }
+
+    /// Wait for `work`, which may borrow the caller's data, on this thread, its I/O driven by
+    /// the database's runtime. Only from a thread of its own outside any runtime (a store's
+    /// writer thread): anywhere else, [`PgDatabase::call`].
+    fn block_on<T>(&self, work: impl Future<Output = T>) -> Result<T, StoreError> {
+        match &self.inner.runtime {
+            Some(rt) => Ok(rt.block_on(work)),
+            None => Err(StoreError::io("a PostgreSQL query", "the store is closing")),
+        }
+    }
+
+    /// A connection of the pool, for [`PgDatabase::block_on`].
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.inner
+            .pool
+            .get()
+            .await
+            .map(bounded)
+            .map_err(|e| pool_error(&self.inner.name, e))
+    }
+}
+
+/// `client`, its prepared statements at most [`MAX_PREPARED`].
+fn bounded(client: Object) -> Object {
+    if client.statement_cache.size() > MAX_PREPARED {
+        client.statement_cache.clear();
+    }
+    client
+}
+
+/// The pool's error as a store error naming the database: retriable unless PostgreSQL answered
+/// with an error.
+fn pool_error(name: &str, e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => database_error(name, &e),
+        other => StoreError::Database {
+            database: name.to_owned(),
+            detail: match other {
+                PoolError::Timeout(_) => format!(
+                    "no connection within {}s ({other}): the database is unreachable or all {POOL_SIZE} connections are busy",
+                    POOL_WAIT.as_secs()
+                ),
+                _ => other.to_string(),
+            },
+            retriable: true,
+        },
     }
 }
 
@@ -235,21 +296,34 @@ fn display_name(config: &Config) -> String {
 }
 
 /// A PostgreSQL error as a store error naming the database: retriable when the server may come
-/// back (the connection failed or was closed), not when it answered with an error.
+/// back or the statement may succeed next time (the connection failed, was closed or timed out;
+/// PostgreSQL shutting down or starting, out of connections or resources, a serialization
+/// failure or a deadlock), not when it refused the statement itself.
 fn database_error(name: &str, e: &tokio_postgres::Error) -> StoreError {
     let (detail, retriable) = match e.as_db_error() {
-        Some(db) => (
-            format!("{} ({}: {})", db.message(), db.severity(), db.code().code()),
-            false,
-        ),
+        Some(db) => {
+            let code = db.code().code();
+            let retriable = code.starts_with("08")
+                || code.starts_with("53")
+                || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01");
+            (
+                format!("{} ({}: {code})", db.message(), db.severity()),
+                retriable,
+            )
+        }
         None => {
             let mut detail = e.to_string();
+            // The client's own kinds: only a connection's troubles pass.
+            let retriable = e.is_closed()
+                || ["error communicating", "error connecting", "timeout waiting"]
+                    .iter()
+                    .any(|k| detail.starts_with(k));
             let mut source = std::error::Error::source(e);
             while let Some(s) = source {
                 detail = format!("{detail}: {s}");
                 source = s.source();
             }
-            (detail, true)
+            (detail, retriable)
         }
     };
     StoreError::Database {

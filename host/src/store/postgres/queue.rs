@@ -9,8 +9,6 @@
 //! Crashed, maybe run again by another) changes nothing. Times are the caller's (µs), so
 //! leases are tested on a simulated clock.
 
-use std::sync::Arc;
-
 use tokio_postgres::Client;
 
 use super::{PgDatabase, database_error, schema};
@@ -412,7 +410,7 @@ impl PgQueue {
     /// Run `work` with the database's client and name the database in its error.
     fn run<T, F>(
         &self,
-        work: impl FnOnce(Arc<Client>) -> F + Send + 'static,
+        work: impl FnOnce(deadpool_postgres::Object) -> F + Send + 'static,
     ) -> Result<T, StoreError>
     where
         F: Future<Output = Result<T, tokio_postgres::Error>> + Send + 'static,

@@ -17,10 +17,11 @@ use tokio_postgres::Client;
 /// never edit one: add the next.
 pub(super) const STORE_MIGRATIONS: &[&str] = &[
     // 1: runs, task runs, logs, blobs, the output cache, code flows' journals, the change
-    // counter.
-    r"
+    // counter, runs' leases. Ids are compared byte by byte (`COLLATE "C"`): a prefix is a range
+    // of the primary key whatever the database's collation.
+    r#"
 CREATE TABLE {s}.flow_runs (
-    id text NOT NULL,
+    id text COLLATE "C" NOT NULL,
     flow text NOT NULL,
     state text NOT NULL,
     state_json text NOT NULL,
@@ -43,6 +44,7 @@ CREATE INDEX flow_runs_state ON {s}.flow_runs (state);
 CREATE INDEX flow_runs_parent ON {s}.flow_runs (parent_task_run)
     WHERE parent_task_run IS NOT NULL;
 CREATE TABLE {s}.task_runs (
+    seq bigint GENERATED ALWAYS AS IDENTITY,
     id text NOT NULL,
     flow_run text NOT NULL,
     task_index integer NOT NULL,
@@ -62,7 +64,7 @@ CREATE TABLE {s}.task_runs (
     PRIMARY KEY (id)
 );
 CREATE INDEX task_runs_run ON {s}.task_runs (flow_run, task_index, map_index);
-CREATE INDEX task_runs_changed ON {s}.task_runs (flow_run, changed);
+CREATE INDEX task_runs_changed ON {s}.task_runs (flow_run, changed, seq);
 CREATE TABLE {s}.logs (
     seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     flow_run text NOT NULL,
@@ -105,7 +107,15 @@ CREATE TABLE {s}.journal (
     PRIMARY KEY (flow_run, seq)
 );
 CREATE SEQUENCE {s}.changes;
-",
+-- The process executing a run holds its lease: `holder` renews `until` (µs, the database's
+-- clock) while it runs; a run whose lease lapsed is not live.
+CREATE TABLE {s}.leases (
+    flow_run text NOT NULL,
+    holder text NOT NULL,
+    until bigint NOT NULL,
+    PRIMARY KEY (flow_run)
+);
+"#,
 ];
 
 /// The control schema: what the server and its workers share (the queue of task runs given to

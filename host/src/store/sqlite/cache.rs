@@ -4,12 +4,28 @@
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
-use super::super::rows::{from_micros, micros};
+use super::super::rows::{self, NewestEntry, from_micros, micros};
 use super::SqliteStore;
 use super::runs::get_blob;
 use crate::cache::CacheKey;
 use crate::json::Json;
 use crate::store::{CacheEntry, CacheLookup, CachedOutput, PRELOAD_CHUNK, Store, StoreError};
+
+/// A row of [`newest_entry_sql`].
+fn newest(r: &rusqlite::Row<'_>) -> rusqlite::Result<NewestEntry> {
+    Ok(NewestEntry {
+        key: r.get(0)?,
+        component: r.get(1)?,
+        config: r.get(2)?,
+        inputs: r.get(3)?,
+        parameters: r.get(4)?,
+        validator: r.get(5)?,
+        expires_at: r.get(6)?,
+        flow_run: r.get(7)?,
+        grants: r.get(8)?,
+        secrets: r.get(9)?,
+    })
+}
 
 /// The newest cache entry matching `filter` (one of [`SAME_CONFIG`], [`SAME_TASK`]), for
 /// explaining a miss.
@@ -70,120 +86,30 @@ impl SqliteStore {
             })
             .map_err(io)?;
         if let Some((entry, data)) = found {
-            let Some(data) = data else {
-                return Ok(CacheLookup::Miss(format!(
-                    "the entry from flow run {} refers to blob {} which is missing from the store",
-                    entry.flow_run, entry.blob
-                )));
-            };
-            if blake3::hash(&data).to_hex().as_str() != entry.blob {
-                return Ok(CacheLookup::Miss(format!(
-                    "the entry from flow run {} refers to blob {} whose content does not match its hash",
-                    entry.flow_run, entry.blob
-                )));
-            }
-            return match std::str::from_utf8(&data) {
-                Ok(v) => Ok(CacheLookup::Hit {
-                    output: Json::from_canonical(v),
-                    blob: entry.blob.clone(),
-                    entry: Box::new(entry),
-                }),
-                Err(e) => Ok(CacheLookup::Miss(format!(
-                    "the entry from flow run {} has an unreadable blob {}: {e}",
-                    entry.flow_run, entry.blob
-                ))),
-            };
+            return Ok(rows::cached(entry, data.as_deref()));
         }
         // Explain the miss against the newest entry of the task.
-        type Newest = (
-            String,
-            String,
-            String,
-            Option<String>,
-            Option<String>,
-            String,
-            i64,
-            String,
-            String,
-            String,
-        );
         // The newest entry of the same configuration (the same child of a mapped task), else the
         // newest of the task: two index lookups (migration 4), so explaining every miss of a
         // first run of a large mapped task stays linear in its children.
-        let same_config: Option<Newest> = conn
+        let same_config: Option<NewestEntry> = conn
             .prepare_cached(&newest_entry_sql(SAME_CONFIG))
             .and_then(|mut s| {
-                s.query_row(params![key.task, key.config], |r| TryFrom::try_from(r))
+                s.query_row(params![key.task, key.config], newest)
                     .optional()
             })
             .map_err(self.io_err("cache lookup"))?;
-        let newest: Option<Newest> = match same_config {
+        let newest_entry = match same_config {
             Some(n) => Some(n),
             None => conn
                 .prepare_cached(&newest_entry_sql(SAME_TASK))
-                .and_then(|mut s| {
-                    s.query_row(params![key.task], |r| TryFrom::try_from(r))
-                        .optional()
-                })
+                .and_then(|mut s| s.query_row(params![key.task], newest).optional())
                 .map_err(self.io_err("cache lookup"))?,
         };
-        let Some((
-            k,
-            component,
-            config,
-            inputs,
-            parameters,
-            validator,
-            expires,
-            run,
-            grants,
-            secrets,
-        )) = newest
-        else {
-            return Ok(CacheLookup::Miss(format!(
-                "no cached output of task `{}` yet",
-                key.task
-            )));
-        };
-        let short = |h: &str| h.chars().take(12).collect::<String>();
-        let reason = if k == key.key {
-            format!(
-                "the entry from flow run {run} expired at {}",
-                from_micros(expires).to_rfc3339()
-            )
-        } else if component != key.component {
-            format!(
-                "the component changed (cached from {}…, now {}…)",
-                short(&component),
-                short(&key.component)
-            )
-        } else if validator != key.validator {
-            format!(
-                "the validator changed (cached under {validator}, now {})",
-                key.validator
-            )
-        } else if config != key.config {
-            "the task's limits or map index, the flow (or cache namespace) or the context values \
-             changed"
-                .to_owned()
-        } else if grants != key.grants {
-            "the grants changed (files, env or secrets granted to the task)".to_owned()
-        } else if secrets != key.secrets {
-            "the value of a granted secret changed".to_owned()
-        } else if inputs != key.inputs {
-            format!(
-                "the inputs differ from the newest entry's (flow run {run}; {})",
-                key.validator
-            )
-        } else if parameters != key.parameters {
-            format!(
-                "the parameters differ from the newest entry's (flow run {run}; {})",
-                key.validator
-            )
-        } else {
-            "no valid entry for this key".to_owned()
-        };
-        Ok(CacheLookup::Miss(reason))
+        Ok(CacheLookup::Miss(rows::explain_miss(
+            key,
+            newest_entry.as_ref(),
+        )))
     }
 
     pub(super) fn cache_preload_impl(
@@ -276,33 +202,14 @@ impl SqliteStore {
     }
 
     pub(super) fn cache_entry_impl(&self, prefix: &str) -> Result<(CacheEntry, Json), StoreError> {
-        let prefix = prefix.to_ascii_lowercase();
-        let entries: Vec<CacheEntry> = self
-            .cache_entries(None)?
-            .into_iter()
-            .filter(|e| e.key.starts_with(&prefix))
-            .collect();
-        let mut keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        match keys.len() {
-            0 => Err(StoreError::CacheKey(format!(
-                "no cache entry with key `{prefix}` (see `sluice cache ls`)"
-            ))),
-            1 => {
-                let entry = entries[0].clone();
-                let value = get_blob(
-                    self,
-                    &self.read(),
-                    &entry.blob,
-                    &format!("cached output of task `{}`", entry.task),
-                )?;
-                Ok((entry, value))
-            }
-            n => Err(StoreError::CacheKey(format!(
-                "`{prefix}` matches {n} cache keys; give more of the key"
-            ))),
-        }
+        let entry = rows::entry_by_prefix(self.cache_entries(None)?, &prefix.to_ascii_lowercase())?;
+        let value = get_blob(
+            self,
+            &self.read(),
+            &entry.blob,
+            &format!("cached output of task `{}`", entry.task),
+        )?;
+        Ok((entry, value))
     }
 
     pub(super) fn clear_cache_impl(

@@ -17,8 +17,8 @@ use rusqlite::wal::CheckpointMode;
 
 use super::classify;
 use super::schema::connect;
-use super::writer::Health;
 use crate::store::StoreError;
+use crate::store::writer::Health;
 
 /// WAL pages after a commit that ask for a checkpoint.
 const CHECKPOINT_FRAMES: i32 = 1000;

@@ -304,7 +304,7 @@ impl SqliteStore {
                 continue;
             }
             tx.commit().map_err(self.io_err("recovery"))?;
-            self.inner.health.changed();
+            self.inner.writer.health().changed();
             marked.push(run);
         }
         Ok(marked)
@@ -398,7 +398,7 @@ impl SqliteStore {
             set_task_state(&tx, run, &tid, name, &st).map_err(self.io_err("cancel"))?;
         }
         tx.commit().map_err(self.io_err("cancel"))?;
-        self.inner.health.changed();
+        self.inner.writer.health().changed();
         Ok(CancelOutcome::Cancelled)
     }
 

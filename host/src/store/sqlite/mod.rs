@@ -20,13 +20,13 @@ mod writer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 
+use super::writer::{GROUP_WINDOW, Health, Writer};
 use super::{
     CacheEntry, CacheLookup, CachedOutput, CancelOutcome, ChangeCursor, LogTail, RunChanges,
     RunFilter, RunLease, RunSummary, Store, StoreError, StoredLog, StoredRun, TailLimits, Write,
@@ -37,7 +37,7 @@ use crate::json::Json;
 use crate::state::State;
 use checkpoint::Checkpointer;
 use schema::{MIGRATIONS, classify_open, connect, connect_immutable, migrate};
-use writer::{GROUP_WINDOW, Health, Msg, Reply, damage_marker, writer};
+use writer::{SqliteCommit, damage_marker};
 
 /// The embedded SQLite store. Cheap to clone; clones share the database and the writer.
 #[derive(Clone)]
@@ -50,9 +50,7 @@ struct Inner {
     path: PathBuf,
     read_only: bool,
     read: Mutex<Connection>,
-    tx: Mutex<mpsc::Sender<Msg>>,
-    health: Arc<Health>,
-    writer: Option<std::thread::JoinHandle<()>>,
+    writer: Writer,
 }
 
 impl Drop for Inner {
@@ -60,11 +58,8 @@ impl Drop for Inner {
     /// removed by the last connection) before the process can exit, so a clean exit never leaves
     /// a `-wal` without its `-shm` (which a read-only home could not open).
     fn drop(&mut self) {
-        *lock(&self.tx) = mpsc::channel().0;
-        if let Some(w) = self.writer.take() {
-            let _ = w.join();
-        }
-        if self.health.is_damaged() {
+        self.writer.stop();
+        if self.writer.health().is_damaged() {
             // Not even a checkpoint goes into a damaged file.
             let _ = lock(&self.read).set_db_config(
                 rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
@@ -192,20 +187,16 @@ impl SqliteStore {
             path: path.clone(),
             detail,
         };
-        let health = Arc::new(Health::new(&path));
-        let (tx, rx) = mpsc::channel();
-        let writer_health = health.clone();
-        let writer_path = path.clone();
+        let health = Arc::new(Health::new(Some(damage_marker(&path))));
         let checkpoints = (!read_only)
             .then(|| Checkpointer::start(&path, &mut write, health.clone()))
             .transpose()?;
-        let writer = std::thread::Builder::new()
-            .name("sluice-store".into())
-            .spawn(move || {
-                writer(write, &rx, &writer_health, &writer_path, window);
-                // After the writer's connection (whose WAL hook wakes the checkpoints) closed.
-                drop(checkpoints);
-            })
+        let db = SqliteCommit {
+            conn: write,
+            path: path.clone(),
+            checkpoints,
+        };
+        let writer = Writer::start("sluice-store", db, health.clone(), window)
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -213,9 +204,7 @@ impl SqliteStore {
                 path,
                 read_only,
                 read: Mutex::new(read),
-                tx: Mutex::new(tx),
-                health,
-                writer: Some(writer),
+                writer,
             }),
         })
     }
@@ -224,7 +213,7 @@ impl SqliteStore {
     /// logs): a reader of [`Store::changes`] waits for it to move instead of polling. Changes
     /// other processes commit to the same home are not counted: poll for those too.
     pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.health.watch_changes()
+        self.inner.writer.health().watch_changes()
     }
 
     /// The database file.
@@ -246,7 +235,7 @@ impl SqliteStore {
         move |e| {
             let e = classify(&self.inner.path, operation, &e);
             if matches!(e, StoreError::Damaged { .. }) {
-                self.inner.health.note(&e);
+                self.inner.writer.health().note(&e);
             }
             e
         }
@@ -254,7 +243,7 @@ impl SqliteStore {
 
     /// Refuse to write when the database is damaged.
     fn writable(&self) -> Result<(), StoreError> {
-        match self.inner.health.error() {
+        match self.inner.writer.health().error() {
             Some(e @ StoreError::Damaged { .. }) => Err(e),
             _ => Ok(()),
         }
@@ -277,49 +266,27 @@ fn classify(path: &Path, operation: &str, e: &rusqlite::Error) -> StoreError {
 
 impl Store for SqliteStore {
     fn submit(&self, write: Write) {
-        self.inner.health.queued(super::rows::cost(&write));
-        // The writer lives as long as the store; a send fails only if it panicked.
-        if lock(&self.inner.tx).send(Msg::Write(write)).is_err() {
-            self.inner
-                .health
-                .note(&StoreError::io("write", "the writer thread stopped"));
-        }
+        self.inner.writer.submit(write);
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        let (done, wait) = mpsc::sync_channel(1);
-        lock(&self.inner.tx)
-            .send(Msg::Flush(Reply::Thread(done)))
-            .map_err(|_| StoreError::io("flush", "the writer thread stopped"))?;
-        wait.recv()
-            .map_err(|_| StoreError::io("flush", "the writer thread stopped"))?
+        self.inner.writer.flush()
     }
 
     fn flush_async(&self) -> crate::store::Flushing {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        let sent = lock(&self.inner.tx).send(Msg::Flush(Reply::Task(done)));
-        Box::pin(async move {
-            sent.map_err(|_| StoreError::io("flush", "the writer thread stopped"))?;
-            wait.await
-                .map_err(|_| StoreError::io("flush", "the writer thread stopped"))?
-        })
+        self.inner.writer.flush_async()
     }
 
     fn write_error(&self) -> Option<StoreError> {
-        self.inner.health.error()
+        self.inner.writer.health().error()
     }
 
     fn queued_write_bytes(&self) -> u64 {
-        self.inner.health.queued_bytes()
+        self.inner.writer.health().queued_bytes()
     }
 
     fn abandon(&self, run: FlowRunId, now: DateTime<Utc>) -> Result<Option<State>, StoreError> {
-        let (done, wait) = mpsc::sync_channel(1);
-        lock(&self.inner.tx)
-            .send(Msg::Abandon { run, now, done })
-            .map_err(|_| StoreError::io("write", "the writer thread stopped"))?;
-        wait.recv()
-            .map_err(|_| StoreError::io("write", "the writer thread stopped"))?
+        self.inner.writer.abandon(run, now)
     }
 
     fn lease(&self, run: FlowRunId) -> Result<Box<dyn RunLease>, StoreError> {

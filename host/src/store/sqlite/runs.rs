@@ -8,7 +8,9 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
-use super::super::rows::{from_micros, parse_history, parse_id, parse_state, task_state};
+use super::super::rows::{
+    TailPicker, from_micros, parse_history, parse_id, parse_state, task_state,
+};
 use super::SqliteStore;
 use crate::cache::CacheInfo;
 use crate::ids::{FlowRunId, TaskRunId};
@@ -32,21 +34,7 @@ pub(super) fn get_blob(
         .prepare_cached("SELECT data FROM blobs WHERE hash = ?1")
         .and_then(|mut s| s.query_row([hash], |r| r.get(0)).optional())
         .map_err(store.io_err("blob read"))?;
-    let blob_err = |problem: String| StoreError::Blob {
-        hash: hash.to_owned(),
-        what: what.to_owned(),
-        problem,
-    };
-    let data = data.ok_or_else(|| blob_err("missing from the store".into()))?;
-    if blake3::hash(&data).to_hex().as_str() != hash {
-        return Err(blob_err(
-            "corrupt: its content does not match its hash".into(),
-        ));
-    }
-    // Blobs are written in canonical form and the hash matched: the text is that form.
-    std::str::from_utf8(&data)
-        .map(Json::from_canonical)
-        .map_err(|e| blob_err(format!("not valid UTF-8: {e}")))
+    super::super::rows::checked_blob(hash, what, data.as_deref())
 }
 
 /// Run `read` (which scans logs) on `conn` with its memory map off: pages read through the map
@@ -526,14 +514,7 @@ impl SqliteStore {
     ) -> Result<HashMap<TaskRunId, LogTail>, StoreError> {
         let io = self.io_err("log read");
         let id = run.to_string();
-        #[derive(Default)]
-        struct Tail {
-            seqs: Vec<i64>,
-            bytes: u64,
-            omitted: u64,
-        }
-        let mut tails: HashMap<String, Tail> = HashMap::new();
-        let mut total = 0u64;
+        let mut picker = TailPicker::new(*limits);
         {
             let mut s = conn
                 .prepare_cached(
@@ -544,28 +525,16 @@ impl SqliteStore {
             while let Some(row) = rows.next().map_err(&io)? {
                 let (seq, task_run, len): (i64, String, i64) =
                     TryFrom::try_from(row).map_err(&io)?;
-                let len = u64::try_from(len).unwrap_or(0);
-                let tail = tails.entry(task_run).or_default();
-                let fits = tail.omitted == 0
-                    && tail.seqs.len() < limits.records
-                    && tail.bytes + len <= limits.bytes
-                    && total + len <= limits.total_bytes;
-                if fits {
-                    tail.seqs.push(seq);
-                    tail.bytes += len;
-                    total += len;
-                } else {
-                    tail.omitted += 1;
-                }
+                picker.offer(seq, task_run, u64::try_from(len).unwrap_or(0));
             }
         }
         let mut read = conn
             .prepare_cached("SELECT record FROM logs WHERE seq = ?1")
             .map_err(&io)?;
-        let mut out = HashMap::with_capacity(tails.len());
-        for (task_run, tail) in tails {
-            let mut records = Vec::with_capacity(tail.seqs.len());
-            for &seq in tail.seqs.iter().rev() {
+        let mut out = HashMap::new();
+        for (task_run, seqs, omitted) in picker.tails() {
+            let mut records = Vec::with_capacity(seqs.len());
+            for seq in seqs {
                 let text: String = read.query_row([seq], |r| r.get(0)).map_err(&io)?;
                 records.push(
                     serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
@@ -574,13 +543,7 @@ impl SqliteStore {
                     })?,
                 );
             }
-            out.insert(
-                parse_id(&id, &task_run)?,
-                LogTail {
-                    records,
-                    omitted: tail.omitted,
-                },
-            );
+            out.insert(parse_id(&id, &task_run)?, LogTail { records, omitted });
         }
         Ok(out)
     }

@@ -1,152 +1,24 @@
-//! The writer thread and its health: queued writes are committed in batches, one transaction
-//! each (group commit), a task run's changes within a batch merged into one row write, values
-//! stored as content-addressed blobs. Writes fail stop: a batch that cannot be committed is
-//! held, with every later one, until a flush commits them all; damage stops writing for good.
+//! How the SQLite store commits: a batch of writes in one transaction (the shared writer thread,
+//! [`crate::store::writer`], decides when), values stored as content-addressed blobs; the
+//! writer's connection closed without a checkpoint when the database was found damaged.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, Transaction, params};
 
-use super::super::rows::{Batch, history_lines, i64_of, micros, state_json, task_state_json};
+use super::checkpoint::Checkpointer;
+use super::classify;
 use super::liveness::{not_recorded, process_start};
 use super::schema::next_change;
-use super::{classify, lock};
 use crate::cache::CacheInfo;
 use crate::ids::FlowRunId;
 use crate::json::Json;
 use crate::runner::Transition;
 use crate::state::State;
+use crate::store::rows::{Batch, history_lines, i64_of, micros, state_json, task_state_json};
+use crate::store::writer::Commit;
 use crate::store::{Blob, CacheWrite, RunHeader, StoreError, TaskWrite, Write};
-
-/// Most writes one batch (one transaction) applies.
-const MAX_BATCH: usize = 20_000;
-
-/// Group commit: a commit starts no sooner than this after the previous one started, unless a
-/// flush (or an abandon) waits for it or the batch is full ([`MAX_BATCH`]). Every commit costs an fsync, and the disk is shared: a
-/// run that ends a task every few hundred µs would otherwise fsync as often, and another
-/// tenant's flush (the answer to starting a run, the end of a run) would queue behind those.
-/// Writes nobody waits for become durable up to this much later; flushes are not delayed.
-pub(super) const GROUP_WINDOW: Duration = Duration::from_millis(5);
-
-pub(super) enum Msg {
-    Write(Write),
-    Flush(Reply),
-    Abandon {
-        run: FlowRunId,
-        now: DateTime<Utc>,
-        done: mpsc::SyncSender<Result<Option<State>, StoreError>>,
-    },
-}
-
-/// Where a flush's answer goes: a thread waiting for it, or a task's future.
-pub(super) enum Reply {
-    Thread(mpsc::SyncSender<Result<(), StoreError>>),
-    Task(tokio::sync::oneshot::Sender<Result<(), StoreError>>),
-}
-
-impl Reply {
-    /// Answer; a caller that stopped waiting is not an error.
-    fn send(self, result: Result<(), StoreError>) {
-        match self {
-            Reply::Thread(tx) => drop(tx.send(result)),
-            Reply::Task(tx) => drop(tx.send(result)),
-        }
-    }
-}
-
-/// The store's health, shared by the writer thread and readers.
-pub(super) struct Health {
-    /// Notes damage for other processes: `<database>.damaged`.
-    marker: PathBuf,
-    /// Why writes are held back: the first failure since everything was last committed (or the
-    /// damage).
-    error: Mutex<Option<StoreError>>,
-    /// SQLite reported the database damaged: nothing is written to it any more.
-    damaged: AtomicBool,
-    /// What the writes submitted and not yet committed (or discarded) cost ([`cost`]): the
-    /// backlog a runner waits on before starting more attempts.
-    queued: AtomicU64,
-    /// Counts the transactions that changed runs, for readers waiting for changes
-    /// ([`super::SqliteStore::watch_changes`]).
-    changed: tokio::sync::watch::Sender<u64>,
-}
-
-impl Health {
-    pub(super) fn new(path: &Path) -> Health {
-        Health {
-            marker: damage_marker(path),
-            error: Mutex::new(None),
-            damaged: AtomicBool::new(false),
-            queued: AtomicU64::new(0),
-            changed: tokio::sync::watch::Sender::new(0),
-        }
-    }
-
-    /// A transaction that changed runs was committed.
-    pub(super) fn changed(&self) {
-        self.changed.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    /// Counts the transactions that changed runs committed by this process.
-    pub(super) fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
-
-    /// Writes of `bytes` (their cost) were queued.
-    pub(super) fn queued(&self, bytes: u64) {
-        self.queued.fetch_add(bytes, Ordering::SeqCst);
-    }
-
-    /// Writes of `bytes` left the queue: committed or discarded.
-    fn done(&self, bytes: u64) {
-        let _ = self
-            .queued
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                Some(n.saturating_sub(bytes))
-            });
-    }
-
-    /// What the writes queued and not yet committed cost.
-    pub(super) fn queued_bytes(&self) -> u64 {
-        self.queued.load(Ordering::SeqCst)
-    }
-
-    pub(super) fn error(&self) -> Option<StoreError> {
-        lock(&self.error).clone()
-    }
-
-    pub(super) fn is_damaged(&self) -> bool {
-        self.damaged.load(Ordering::SeqCst)
-    }
-
-    /// Note a failure: damage replaces any other reason, for good; another failure is kept
-    /// unless one is already.
-    pub(super) fn note(&self, e: &StoreError) {
-        let mut error = lock(&self.error);
-        if let StoreError::Damaged { detail, .. } = e {
-            if !self.damaged.swap(true, Ordering::SeqCst) {
-                *error = Some(e.clone());
-                // Best effort: other processes refuse to open the store while this exists.
-                let _ = std::fs::write(&self.marker, format!("{detail}\n"));
-            }
-        } else if error.is_none() {
-            *error = Some(e.clone());
-        }
-    }
-
-    /// Everything was committed.
-    pub(super) fn clear(&self) {
-        if !self.is_damaged() {
-            *lock(&self.error) = None;
-        }
-    }
-}
 
 /// The file noting that the database at `path` was found damaged.
 pub(super) fn damage_marker(path: &Path) -> PathBuf {
@@ -155,136 +27,38 @@ pub(super) fn damage_marker(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// The writer thread: commits queued writes in batches, one transaction each, at most one per
-/// `window` ([`GROUP_WINDOW`]) unless a flush or an abandon waits or the batch is full. A batch that
-/// cannot be committed is held, with every later one, in order, until a flush commits them all;
-/// nothing is committed past it. Damage stops writing for good.
-pub(super) fn writer(
-    mut conn: Connection,
-    rx: &mpsc::Receiver<Msg>,
-    health: &Health,
-    path: &Path,
-    window: Duration,
-) {
-    let mut held: VecDeque<Batch> = VecDeque::new();
-    // When the last commit started.
-    let mut last: Option<Instant> = None;
-    while let Ok(first) = rx.recv() {
-        let mut batch = Batch::default();
-        let mut control = None;
-        let mut next = Some(first);
-        while let Some(msg) = next {
-            match msg {
-                Msg::Write(w) => batch.push(w),
-                other => {
-                    control = Some(other);
-                    break;
-                }
-            }
-            next = if batch.writes < MAX_BATCH {
-                // What is queued now; then what comes before the window ends.
-                rx.try_recv().ok().or_else(|| {
-                    let left = window.checked_sub(last?.elapsed())?;
-                    rx.recv_timeout(left).ok()
-                })
-            } else {
-                None
-            };
-        }
-        if !batch.is_empty() && !health.is_damaged() {
-            if held.is_empty() {
-                last = Some(Instant::now());
-                match commit(&mut conn, &batch, path) {
-                    Ok(()) => {
-                        health.done(batch.bytes);
-                        health.changed();
-                    }
-                    Err(e) => {
-                        health.note(&e);
-                        held.push_back(batch);
-                    }
-                }
-            } else {
-                held.push_back(batch);
-            }
-        } else {
-            health.done(batch.bytes);
-        }
-        if health.is_damaged() {
-            discard(&mut held, health);
-        }
-        match control {
-            None | Some(Msg::Write(_)) => {}
-            Some(Msg::Flush(done)) => {
-                done.send(retry(&mut conn, &mut held, health, path));
-            }
-            Some(Msg::Abandon { run, now, done }) => {
-                for b in &mut held {
-                    let before = b.bytes;
-                    b.drop_run(run);
-                    health.done(before - b.bytes);
-                }
-                held.retain(|b| !b.is_empty());
-                let result = match health.error() {
-                    Some(e @ StoreError::Damaged { .. }) => Err(e),
-                    reason => {
-                        let reason = reason.map_or_else(
-                            || "the store could not commit its last writes".to_owned(),
-                            |e| e.to_string(),
-                        );
-                        not_recorded(&mut conn, run, now, &reason, path)
-                    }
-                };
-                if result.is_ok() {
-                    health.changed();
-                }
-                match &result {
-                    Ok(_) if held.is_empty() => health.clear(),
-                    Ok(_) => {}
-                    Err(e) => health.note(e),
-                }
-                let _ = done.send(result);
-            }
-        }
-    }
-    if health.is_damaged() {
-        let _ = conn.set_db_config(
-            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-            true,
-        );
-    }
+/// The writer thread's side of the SQLite store: its connection, and the checkpoint thread its
+/// WAL hook wakes (stopped after the connection closed).
+pub(super) struct SqliteCommit {
+    pub(super) conn: Connection,
+    pub(super) path: PathBuf,
+    pub(super) checkpoints: Option<Checkpointer>,
 }
 
-/// Commit the held batches in order; the store is healthy again once all are committed.
-fn retry(
-    conn: &mut Connection,
-    held: &mut VecDeque<Batch>,
-    health: &Health,
-    path: &Path,
-) -> Result<(), StoreError> {
-    if let Some(e @ StoreError::Damaged { .. }) = health.error() {
-        return Err(e);
+impl Commit for SqliteCommit {
+    fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        commit(&mut self.conn, batch, &self.path)
     }
-    while let Some(b) = held.front() {
-        if let Err(e) = commit(conn, b, path) {
-            health.note(&e);
-            if health.is_damaged() {
-                discard(held, health);
-            }
-            return Err(e);
-        }
-        health.done(b.bytes);
-        health.changed();
-        held.pop_front();
-    }
-    health.clear();
-    Ok(())
-}
 
-/// Drop the held batches (the database is damaged: nothing more is written).
-fn discard(held: &mut VecDeque<Batch>, health: &Health) {
-    for b in held.drain(..) {
-        health.done(b.bytes);
+    fn not_recorded(
+        &mut self,
+        run: FlowRunId,
+        now: DateTime<Utc>,
+        reason: &str,
+    ) -> Result<Option<State>, StoreError> {
+        not_recorded(&mut self.conn, run, now, reason, &self.path)
+    }
+
+    fn close(self, damaged: bool) {
+        if damaged {
+            let _ = self.conn.set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+                true,
+            );
+        }
+        // The connection (whose WAL hook wakes the checkpoints) closes first.
+        drop(self.conn);
+        drop(self.checkpoints);
     }
 }
 

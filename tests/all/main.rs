@@ -27,6 +27,7 @@ mod scheduling;
 mod semantics;
 mod server;
 mod server_code;
+mod server_postgres;
 mod server_quotas;
 mod signals;
 mod store;

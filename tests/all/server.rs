@@ -110,7 +110,7 @@ pub(crate) fn stderr(out: &Output) -> String {
 }
 
 /// A two-task flow (add_one twice) with a cached first task, in a directory of its own.
-fn chain_flow(dir: &Path) -> PathBuf {
+pub(crate) fn chain_flow(dir: &Path) -> PathBuf {
     let add_one = guest("add_one").display().to_string();
     write_flow(
         dir,

@@ -25,7 +25,7 @@ use crate::ids::FlowRunId;
 use crate::runner::{ScheduledStart, Transition};
 use crate::schedule::{OpenSlot, PlanInput, Schedule, plan};
 use crate::state::StateName;
-use crate::store::{ChangeCursor, Store as _};
+use crate::store::ChangeCursor;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS deployments (

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use super::problem::ApiError;
 use super::{Space, Tenant};
 use crate::ids::FlowRunId;
-use crate::store::{ChangeCursor, RunChanges, SqliteStore, Store};
+use crate::store::{ChangeCursor, RunChanges, Store};
 
 /// At most this many event streams are open per tenant (`max_event_streams`).
 pub const MAX_EVENT_STREAMS: usize = 16;
@@ -97,7 +97,7 @@ pub(super) fn stream(
 }
 
 struct Reader {
-    store: Arc<SqliteStore>,
+    store: Arc<dyn Store>,
     changed: watch::Receiver<u64>,
     id: FlowRunId,
     task: Option<String>,

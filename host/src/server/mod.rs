@@ -32,7 +32,7 @@ use crate::clock::{ClockRef, SystemClock};
 use crate::flow::manifest::{ManifestError, Policy};
 use crate::ids::TenantId;
 use crate::sandbox::Sandbox;
-use crate::store::StoreError;
+use crate::store::{PgDatabase, StoreError};
 use fair::{FairQueue, Share};
 
 pub use space::Space;
@@ -67,6 +67,33 @@ pub enum ServerError {
     },
 }
 
+/// Where tenants' run stores are.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// Each tenant's directory holds its SQLite store (`sluice.db`): one machine.
+    Sqlite,
+    /// Each tenant's store is a schema of this PostgreSQL database ([`tenant_schema`]).
+    Postgres(PgDatabase),
+}
+
+/// The PostgreSQL schema of tenant `id`'s store: `t_` and its id in lowercase.
+pub fn tenant_schema(id: TenantId) -> String {
+    format!("t_{}", id.to_string().to_ascii_lowercase())
+}
+
+/// Who holds a server's run leases on PostgreSQL, the same each time it starts over this
+/// directory on this machine: `server-` and a hash of the host's name and the directory's path,
+/// so a server started again gives up at once the leases its killed predecessor left.
+fn lease_owner(dir: &Path) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let path = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    let mut h = blake3::Hasher::new();
+    h.update(host.trim().as_bytes());
+    h.update(b"\0");
+    h.update(path.as_os_str().as_encoded_bytes());
+    format!("server-{}", &h.finalize().to_hex()[..16])
+}
+
 /// A server over a home directory. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Server {
@@ -83,6 +110,7 @@ struct Inner {
     queue: FairQueue,
     clock: ClockRef,
     key: secrets::ServerKey,
+    backend: Backend,
 }
 
 impl Server {
@@ -101,6 +129,17 @@ impl Server {
         sandbox: Sandbox,
         slots: usize,
         clock: ClockRef,
+    ) -> Result<Server, ServerError> {
+        Self::open_on(home, sandbox, slots, clock, Backend::Sqlite)
+    }
+
+    /// [`Server::open_with_clock`], tenants' run stores on `backend`.
+    pub fn open_on(
+        home: &Path,
+        sandbox: Sandbox,
+        slots: usize,
+        clock: ClockRef,
+        backend: Backend,
     ) -> Result<Server, ServerError> {
         let tenants = Tenants::open(home)?;
         let key = secrets::ServerKey::load_or_create(home)?;
@@ -127,6 +166,7 @@ impl Server {
                 sandbox,
                 clock,
                 key,
+                backend,
             }),
         };
         for tenant in server.inner.tenants.list()? {
@@ -168,6 +208,7 @@ impl Server {
             &self.inner.queue,
             &self.inner.clock,
             &self.inner.key,
+            &self.inner.backend,
         )?);
         spaces.insert(tenant.id, space.clone());
         Ok(space)

@@ -29,14 +29,14 @@ use crate::runner::{
     FlowRunner, PrepareError, PreparedFlow, RunOptions, ScheduledStart, resumable,
 };
 use crate::sandbox::{CancelToken, Sandbox};
-use crate::store::{CancelOutcome, SqliteStore, Store};
+use crate::store::{CancelOutcome, PgStore, SqliteStore, Store};
 
 /// A tenant's space.
 #[derive(Debug)]
 pub struct Space {
     tenant: Tenant,
     dir: PathBuf,
-    store: Arc<SqliteStore>,
+    store: Arc<dyn Store>,
     runner: FlowRunner,
     live: Mutex<HashMap<FlowRunId, LiveRun>>,
     /// When its flow runs started, over the last minute (`runs_per_minute`).
@@ -74,6 +74,7 @@ impl Space {
         queue: &FairQueue,
         clock: &ClockRef,
         key: &ServerKey,
+        backend: &super::Backend,
     ) -> Result<Space, ServerError> {
         let io = |what: &str, source| ServerError::Io {
             what: format!("tenant `{}`: {what} {}", tenant.name, dir.display()),
@@ -91,7 +92,17 @@ impl Space {
             tenant: tenant.name.clone(),
             source,
         };
-        let store = Arc::new(SqliteStore::open(dir).map_err(store_err)?);
+        let store: Arc<dyn Store> = match backend {
+            super::Backend::Sqlite => Arc::new(SqliteStore::open(dir).map_err(store_err)?),
+            super::Backend::Postgres(db) => Arc::new(
+                PgStore::open_as(
+                    db,
+                    &super::tenant_schema(tenant.id),
+                    Some(&super::lease_owner(dir)),
+                )
+                .map_err(store_err)?,
+            ),
+        };
         let crashed = store.recover_dead(clock.now()).map_err(store_err)?;
         let secrets = Arc::new(
             TenantSecrets::open(&dir.join("space.db"), key.clone(), tenant.id)
@@ -125,7 +136,7 @@ impl Space {
     }
 
     /// Its run store.
-    pub fn store(&self) -> &Arc<SqliteStore> {
+    pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 
@@ -520,13 +531,15 @@ impl Space {
         starts.len() as u64
     }
 
-    /// Bytes stored for the tenant: its components and its run store's files.
+    /// Bytes stored for the tenant: its components, its space's files (deployments, secrets)
+    /// and its run store (its files, or its schema's tables).
     pub fn stored_bytes(&self) -> u64 {
-        let size = |dir: &Path| -> u64 {
+        let size = |dir: &Path, only: &dyn Fn(&str) -> bool| -> u64 {
             std::fs::read_dir(dir)
                 .map(|entries| {
                     entries
                         .filter_map(Result::ok)
+                        .filter(|e| e.file_name().to_str().is_some_and(only))
                         .filter_map(|e| e.metadata().ok())
                         .filter(std::fs::Metadata::is_file)
                         .map(|m| m.len())
@@ -534,7 +547,13 @@ impl Space {
                 })
                 .unwrap_or(0)
         };
-        size(&self.dir) + size(&self.dir.join("components"))
+        let store = self.store.stored_bytes().unwrap_or_else(|e| {
+            tracing::warn!("tenant `{}`: the size of its store: {e}", self.tenant.name);
+            0
+        });
+        size(&self.dir.join("components"), &|_| true)
+            + size(&self.dir, &|name| name.starts_with("space.db"))
+            + store
     }
 
     /// What the tenant uses now, against its quotas.

@@ -760,6 +760,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         0
     }
 
+    /// Counts the transactions this store committed that changed runs: a reader of
+    /// [`Store::changes`] waits for it to move instead of polling. What other processes (or
+    /// other stores on the same database) commit is not counted: poll for those too. Default:
+    /// never moves.
+    fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        tokio::sync::watch::Sender::new(0).subscribe()
+    }
+
+    /// About how many bytes the store holds (its database files, or its schema's tables with
+    /// their indexes), for the server's `max_stored_bytes`. Default: 0.
+    fn stored_bytes(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
     /// Whether a process is executing `run` now.
     fn is_live(&self, run: FlowRunId) -> bool;
 

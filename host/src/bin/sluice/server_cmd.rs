@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::anyhow;
-use sluice::server::{Server, Tenant, TenantError, Tenants};
+use sluice::server::{Backend, Server, Tenant, TenantError, Tenants};
+use sluice::store::PgDatabase;
 
 use crate::{UsageError, usage};
 
@@ -19,6 +20,19 @@ pub(crate) struct ServerArgs {
     /// the guests of those runs share the cores by turns. Default: 64.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     task_slots: Option<u64>,
+
+    /// Keep tenants' runs in this PostgreSQL database (`postgres://user[:password]@host[:port]/name`,
+    /// or `host=… user=… dbname=…`; a password is better given in `PGPASSWORD` or `~/.pgpass`
+    /// than on a command line), each tenant's store a schema of its own, instead of SQLite in
+    /// each tenant's directory. The home still holds the tenant registry, the server key, the
+    /// policy and the uploaded components.
+    #[arg(
+        long,
+        env = "SLUICE_DATABASE",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    database: Option<String>,
 }
 
 /// A tenant's weight, quotas and grant ceiling. A quota given as `none` is unlimited.
@@ -171,7 +185,32 @@ pub(crate) async fn serve(
         .map_or(sluice::server::fair::DEFAULT_TASK_SLOTS, |n| {
             usize::try_from(n).unwrap_or(usize::MAX)
         });
-    let server = Server::open(home, sandbox, slots).map_err(usage)?;
+    let backend = match &args.database {
+        None => Backend::Sqlite,
+        Some(url) => Backend::Postgres(
+            tokio::task::spawn_blocking({
+                let url = url.clone();
+                move || PgDatabase::connect(&url)
+            })
+            .await
+            .map_err(|e| UsageError(anyhow!("connecting to PostgreSQL: {e}")))?
+            .map_err(usage)?,
+        ),
+    };
+    let database = match &backend {
+        Backend::Sqlite => "SQLite in each tenant's directory".to_owned(),
+        Backend::Postgres(db) => db.name().to_owned(),
+    };
+    let server = tokio::task::block_in_place(|| {
+        Server::open_on(
+            home,
+            sandbox,
+            slots,
+            std::sync::Arc::new(sluice::clock::SystemClock),
+            backend,
+        )
+    })
+    .map_err(usage)?;
     // Before it listens: the runs the previous process died executing resume (those with
     // retries left) or stay Crashed.
     server.resume_crashed().await;
@@ -183,7 +222,7 @@ pub(crate) async fn serve(
         .map_err(|e| UsageError(anyhow!("cannot listen on {}: {e}", args.listen)))?;
     crate::print_stdout(&format!("sluice server listening on http://{addr}\n"));
     eprintln!(
-        "serving {} ({} tenants); stop with Ctrl-C",
+        "serving {} ({} tenants; runs in {database}); stop with Ctrl-C",
         home.display(),
         server.tenants().list().map_err(usage)?.len()
     );

@@ -25,12 +25,13 @@ use crate::store::{CancelOutcome, RunLease, StoreError};
 /// How often a store renews its leases.
 pub const RENEW_EVERY: Duration = Duration::from_secs(10);
 
-/// This store's name as a lease holder: `host/pid/nonce`.
-pub(super) fn holder_name() -> String {
+/// This store's name as a lease holder: `[owner/]host/pid/nonce`.
+pub(super) fn holder_name(owner: Option<&str>) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "localhost".into());
-    format!("{host}/{}/{}", std::process::id(), ulid::Ulid::new())
+    let owner = owner.map(|o| format!("{o}/")).unwrap_or_default();
+    format!("{owner}{host}/{}/{}", std::process::id(), ulid::Ulid::new())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -110,6 +111,24 @@ impl Drop for PgLease {
 }
 
 impl PgStore {
+    /// Delete the leases held by earlier processes of `owner` (this store holds none yet).
+    pub(super) fn give_up_leases_of(&self, owner: &str) -> Result<(), StoreError> {
+        let (prefix, me) = (format!("{owner}/"), self.inner.holder.to_string());
+        self.read(move |mut client, sql| async move {
+            let (tx, _) = begin_write(&mut client, &sql).await?;
+            tx.execute(
+                &tx.prepare_cached(
+                    &sql.q("DELETE FROM {s}.leases WHERE starts_with(holder, $1) AND holder <> $2"),
+                )
+                .await?,
+                &[&prefix, &me],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
     pub(super) fn lease_impl(&self, run: FlowRunId) -> Result<Box<dyn RunLease>, StoreError> {
         if !lock(&self.inner.held).insert(run) {
             return Err(StoreError::Live { run, pid: None });

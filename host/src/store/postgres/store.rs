@@ -136,6 +136,18 @@ impl PgStore {
     /// Open the store in schema `schema` of `db`, bringing it up to date (created when
     /// missing). `schema` follows [`PgDatabase::migrate_store`]'s rule.
     pub fn open(db: &PgDatabase, schema: &str) -> Result<PgStore, StoreError> {
+        Self::open_as(db, schema, None)
+    }
+
+    /// [`PgStore::open`] for `owner`, a name that stays the same when its process starts again
+    /// (a server's, from its home): the leases an earlier process of that owner left are given
+    /// up at once, so its runs are dead (and recovered) now rather than when those leases
+    /// lapse. Two processes must never run as one owner at once.
+    pub fn open_as(
+        db: &PgDatabase,
+        schema: &str,
+        owner: Option<&str>,
+    ) -> Result<PgStore, StoreError> {
         db.migrate_store(schema)?;
         let sql = Sql::new(schema);
         let health = Arc::new(Health::new(None));
@@ -145,10 +157,10 @@ impl PgStore {
         };
         let writer = Writer::start("sluice-pg-store", commit, health, GROUP_WINDOW)
             .map_err(|e| StoreError::io("starting the store's writer thread", e))?;
-        let holder: Arc<str> = super::liveness::holder_name().into();
+        let holder: Arc<str> = super::liveness::holder_name(owner).into();
         let held = Arc::new(Mutex::new(HashSet::new()));
         let renewal = super::liveness::renew_leases(db, &sql, holder.clone(), held.clone());
-        Ok(PgStore {
+        let store = PgStore {
             inner: Arc::new(Inner {
                 db: db.clone(),
                 sql,
@@ -157,7 +169,11 @@ impl PgStore {
                 held,
                 renewal,
             }),
-        })
+        };
+        if let Some(owner) = owner {
+            store.give_up_leases_of(owner)?;
+        }
+        Ok(store)
     }
 
     /// The database.
@@ -223,6 +239,27 @@ impl Store for PgStore {
 
     fn is_live(&self, run: FlowRunId) -> bool {
         self.is_live_impl(run)
+    }
+
+    fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.writer.health().watch_changes()
+    }
+
+    /// The schema's tables with their indexes and TOAST.
+    fn stored_bytes(&self) -> Result<u64, StoreError> {
+        let schema = self.inner.sql.schema.to_string();
+        self.read(move |client, _| async move {
+            let row = client
+                .query_one(
+                    "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::int8
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = $1 AND c.relkind = 'r'",
+                    &[&schema],
+                )
+                .await?;
+            let bytes: i64 = col(&schema, &row, 0)?;
+            Ok(u64::try_from(bytes).unwrap_or(0))
+        })
     }
 
     fn cache_lookup(&self, key: &CacheKey, now: DateTime<Utc>) -> Result<CacheLookup, StoreError> {

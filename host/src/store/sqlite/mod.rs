@@ -209,13 +209,6 @@ impl SqliteStore {
         })
     }
 
-    /// Counts the transactions this process committed that changed runs (states, histories,
-    /// logs): a reader of [`Store::changes`] waits for it to move instead of polling. Changes
-    /// other processes commit to the same home are not counted: poll for those too.
-    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.writer.health().watch_changes()
-    }
-
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
@@ -295,6 +288,23 @@ impl Store for SqliteStore {
 
     fn is_live(&self, run: FlowRunId) -> bool {
         self.live_in(&self.read(), run)
+    }
+
+    fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.writer.health().watch_changes()
+    }
+
+    /// The database, its WAL and shared-memory index.
+    fn stored_bytes(&self) -> Result<u64, StoreError> {
+        Ok(["", "-wal", "-shm"]
+            .iter()
+            .filter_map(|suffix| {
+                let mut p = self.inner.path.as_os_str().to_owned();
+                p.push(suffix);
+                std::fs::metadata(p).ok()
+            })
+            .map(|m| m.len())
+            .sum())
     }
 
     fn cache_lookup(&self, key: &CacheKey, now: DateTime<Utc>) -> Result<CacheLookup, StoreError> {

@@ -584,7 +584,13 @@ fn a_run_whose_files_are_only_in_space_db_still_resumes() {
     drop(space);
     let server = ServerProcess::start_in(home, &[]);
     let out = server.cli(&token, &["resume", &id, "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        stderr(&out),
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(json_of(&out)["state"], "Completed");
 }
 

@@ -141,7 +141,10 @@ impl Server {
         clock: ClockRef,
         backend: Backend,
     ) -> Result<Server, ServerError> {
-        let tenants = Tenants::open(home)?;
+        let tenants = match &backend {
+            Backend::Sqlite => Tenants::open(home)?,
+            Backend::Postgres(db) => Tenants::open_database(db)?,
+        };
         let key = secrets::ServerKey::load_or_create(home)?;
         let policy_file = home.join("policy.toml");
         let policy = match policy_file.exists() {

@@ -1,8 +1,9 @@
 //! The server's tenants: who may call the API. Each tenant has a name, an id (which names its
 //! directory under the home) and a bearer token. Tokens are random (256 bits), shown once when
 //! made, and stored only as their blake3 hash, so reading `server.db` gives no token. The
-//! registry is `<home>/server.db` (SQLite); `sluice tenant` edits it while the server runs,
-//! and the server reads it on every request, so a removed tenant's token stops working at once.
+//! registry is `<home>/server.db` (SQLite), or, for a server on PostgreSQL, the table
+//! `sluice.tenants` of its database; `sluice tenant` edits it while the server runs, and the
+//! server reads it on every request, so a removed tenant's token stops working at once.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -12,6 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::TenantId;
+use crate::store::{PgDatabase, PgRegistry};
 
 /// Why the tenant registry could not do something.
 #[derive(Debug, thiserror::Error)]
@@ -19,7 +21,7 @@ pub enum TenantError {
     /// The registry could not be opened or written.
     #[error("tenant registry {}: {detail}", path.display())]
     Registry {
-        /// `server.db`.
+        /// `server.db`, or the PostgreSQL database (without its password).
         path: PathBuf,
         /// Why.
         detail: String,
@@ -84,11 +86,18 @@ pub struct Quotas {
     pub max_stored_bytes: Option<u64>,
 }
 
-/// The tenant registry of a server home.
+/// The tenant registry of a server home, or of its PostgreSQL database.
 #[derive(Debug)]
 pub struct Tenants {
+    /// `server.db`, or the database's name: what errors name.
     path: PathBuf,
-    conn: Mutex<Connection>,
+    registry: Registry,
+}
+
+#[derive(Debug)]
+enum Registry {
+    Sqlite(Mutex<Connection>),
+    Postgres(PgRegistry),
 }
 
 /// The schema of `server.db`.
@@ -154,8 +163,27 @@ impl Tenants {
         }
         Ok(Tenants {
             path,
-            conn: Mutex::new(conn),
+            registry: Registry::Sqlite(Mutex::new(conn)),
         })
+    }
+
+    /// The registry of the PostgreSQL database `db` (`sluice.tenants`).
+    pub fn open_database(db: &PgDatabase) -> Result<Tenants, TenantError> {
+        let path = PathBuf::from(db.name());
+        let registry = db.registry().map_err(|e| TenantError::Registry {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        Ok(Tenants {
+            path,
+            registry: Registry::Postgres(registry),
+        })
+    }
+
+    /// A row of the PostgreSQL registry as the SQLite registry reads it.
+    fn pg_row((id, name, created, weight, quotas, grants): crate::store::TenantRow) -> Row {
+        let weight = u32::try_from(weight).unwrap_or(1);
+        (id, name, created, weight, quotas, grants)
     }
 
     fn err(&self, e: &dyn std::fmt::Display) -> TenantError {
@@ -165,10 +193,14 @@ impl Tenants {
         }
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding it cannot leave the connection half-changed: every statement
-        // is its own transaction.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    /// The SQLite registry's connection, or the PostgreSQL registry.
+    fn sqlite(&self) -> Result<std::sync::MutexGuard<'_, Connection>, &PgRegistry> {
+        match &self.registry {
+            // A panic while holding it cannot leave the connection half-changed: every
+            // statement is its own transaction.
+            Registry::Sqlite(conn) => Ok(conn.lock().unwrap_or_else(|p| p.into_inner())),
+            Registry::Postgres(pg) => Err(pg),
+        }
     }
 
     /// Add a tenant named `name`; returns it and its token (shown only now).
@@ -183,35 +215,41 @@ impl Tenants {
             grants: None,
         };
         let token = new_token().map_err(|e| self.err(&e))?;
-        let inserted = self.conn().execute(
-            "INSERT INTO tenants (id, name, token_hash, created_at) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (name) DO NOTHING",
-            params![
-                tenant.id.to_string(),
-                name,
-                token_hash(&token),
-                now.to_rfc3339()
-            ],
-        );
-        match inserted {
-            Ok(0) => Err(TenantError::Exists(name.to_owned())),
-            Ok(_) => Ok((tenant, token)),
-            Err(e) => Err(self.err(&e)),
+        let (id, hash, created) = (tenant.id.to_string(), token_hash(&token), now.to_rfc3339());
+        let inserted = match self.sqlite() {
+            Ok(conn) => conn
+                .execute(
+                    "INSERT INTO tenants (id, name, token_hash, created_at) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (name) DO NOTHING",
+                    params![id, name, hash, created],
+                )
+                .map(|n| n == 1)
+                .map_err(|e| self.err(&e)),
+            Err(pg) => pg
+                .add_tenant(&id, name, &hash, &created)
+                .map_err(|e| self.err(&e)),
+        };
+        match inserted? {
+            false => Err(TenantError::Exists(name.to_owned())),
+            true => Ok((tenant, token)),
         }
     }
 
     /// Every tenant, by name.
     pub fn list(&self) -> Result<Vec<Tenant>, TenantError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare(&format!("SELECT {COLUMNS} FROM tenants ORDER BY name"))
-            .map_err(|e| self.err(&e))?;
-        let rows = stmt.query_map([], row).map_err(|e| self.err(&e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(self.tenant(row.map_err(|e| self.err(&e))?)?);
-        }
-        Ok(out)
+        let rows: Vec<Row> = match self.sqlite() {
+            Ok(conn) => conn
+                .prepare(&format!("SELECT {COLUMNS} FROM tenants ORDER BY name"))
+                .and_then(|mut stmt| stmt.query_map([], row)?.collect())
+                .map_err(|e| self.err(&e))?,
+            Err(pg) => pg
+                .tenants()
+                .map_err(|e| self.err(&e))?
+                .into_iter()
+                .map(Self::pg_row)
+                .collect(),
+        };
+        rows.into_iter().map(|r| self.tenant(r)).collect()
     }
 
     fn tenant(
@@ -235,15 +273,17 @@ impl Tenants {
 
     /// The tenant named `name`.
     pub fn get(&self, name: &str) -> Result<Tenant, TenantError> {
-        let row = self
-            .conn()
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM tenants WHERE name = ?1"),
-                [name],
-                row,
-            )
-            .optional()
-            .map_err(|e| self.err(&e))?;
+        let row = match self.sqlite() {
+            Ok(conn) => conn
+                .query_row(
+                    &format!("SELECT {COLUMNS} FROM tenants WHERE name = ?1"),
+                    [name],
+                    row,
+                )
+                .optional()
+                .map_err(|e| self.err(&e))?,
+            Err(pg) => pg.tenant(name).map_err(|e| self.err(&e))?.map(Self::pg_row),
+        };
         match row {
             Some(row) => self.tenant(row),
             None => Err(TenantError::Unknown(name.to_owned())),
@@ -260,55 +300,85 @@ impl Tenants {
         let mut tenant = self.get(name)?;
         change(&mut tenant)?;
         let quotas = serde_json::to_string(&tenant.quotas).map_err(|e| self.err(&e))?;
-        self.conn()
-            .execute(
-                "UPDATE tenants SET weight = ?2, quotas = ?3, grants = ?4 WHERE name = ?1",
-                params![name, tenant.weight.max(1), quotas, tenant.grants],
-            )
-            .map_err(|e| self.err(&e))?;
-        Ok(tenant)
+        let weight = tenant.weight.max(1);
+        let updated = match self.sqlite() {
+            Ok(conn) => conn
+                .execute(
+                    "UPDATE tenants SET weight = ?2, quotas = ?3, grants = ?4 WHERE name = ?1",
+                    params![name, weight, quotas, tenant.grants],
+                )
+                .map(|n| n == 1)
+                .map_err(|e| self.err(&e))?,
+            Err(pg) => pg
+                .update_tenant(
+                    name,
+                    i32::try_from(weight).unwrap_or(i32::MAX),
+                    &quotas,
+                    tenant.grants.as_deref(),
+                )
+                .map_err(|e| self.err(&e))?,
+        };
+        match updated {
+            true => Ok(tenant),
+            // Removed meanwhile.
+            false => Err(TenantError::Unknown(name.to_owned())),
+        }
     }
 
     /// Remove the tenant named `name`: its token stops working. Its data is left in its
     /// directory.
     pub fn remove(&self, name: &str) -> Result<Tenant, TenantError> {
         let tenant = self.get(name)?;
-        self.conn()
-            .execute("DELETE FROM tenants WHERE name = ?1", [name])
-            .map_err(|e| self.err(&e))?;
+        match self.sqlite() {
+            Ok(conn) => conn
+                .execute("DELETE FROM tenants WHERE name = ?1", [name])
+                .map(drop)
+                .map_err(|e| self.err(&e))?,
+            Err(pg) => pg.remove_tenant(name).map(drop).map_err(|e| self.err(&e))?,
+        }
         Ok(tenant)
     }
 
     /// The tenant whose token is `token`, if any.
     pub fn authenticate(&self, token: &str) -> Result<Option<Tenant>, TenantError> {
-        let row = self
-            .conn()
-            .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM tenants WHERE token_hash = ?1"
-            ))
-            .and_then(|mut s| s.query_row([token_hash(token)], row).optional())
-            .map_err(|e| self.err(&e))?;
+        let row = match self.sqlite() {
+            Ok(conn) => conn
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM tenants WHERE token_hash = ?1"
+                ))
+                .and_then(|mut s| s.query_row([token_hash(token)], row).optional())
+                .map_err(|e| self.err(&e))?,
+            Err(pg) => pg
+                .tenant_by_token(&token_hash(token))
+                .map_err(|e| self.err(&e))?
+                .map(Self::pg_row),
+        };
         row.map(|row| self.tenant(row)).transpose()
     }
 }
 
 fn check_name(name: &str) -> Result<(), TenantError> {
-    let ok = (1..=64).contains(&name.len())
+    match valid_name(name) {
+        true => Ok(()),
+        false => Err(TenantError::BadName(name.to_owned())),
+    }
+}
+
+/// Whether `name` may name a tenant (or a worker token): 1 to 64 lowercase letters, digits,
+/// `-` and `_`, starting with a letter or digit.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         && name
             .bytes()
             .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    match ok {
-        true => Ok(()),
-        false => Err(TenantError::BadName(name.to_owned())),
-    }
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 /// A new token: `sluice_` and 256 random bits in hex.
-fn new_token() -> Result<String, getrandom::Error> {
+pub fn new_token() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes)?;
     let mut token = String::from("sluice_");
@@ -320,6 +390,6 @@ fn new_token() -> Result<String, getrandom::Error> {
 
 /// What the registry keeps of a token. Tokens are 256 random bits, so a fast hash is enough:
 /// nothing can be guessed from it.
-fn token_hash(token: &str) -> String {
+pub fn token_hash(token: &str) -> String {
     blake3::hash(token.as_bytes()).to_hex().to_string()
 }

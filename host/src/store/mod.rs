@@ -36,8 +36,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use postgres::{
-    Claimed, LEASE_TTL, Lapsed, Lease, NewAttempt, PgDatabase, PgQueue, PgStore, RENEW_EVERY,
-    Wakeups,
+    Claimed, LEASE_TTL, Lapsed, Lease, NewAttempt, PgDatabase, PgQueue, PgRegistry, PgStore,
+    RENEW_EVERY, TenantRow, Wakeups, WorkerRow,
 };
 pub use sqlite::SqliteStore;
 

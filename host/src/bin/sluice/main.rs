@@ -226,9 +226,11 @@ enum Command {
     Secret(secret_cmd::SecretCommand),
     /// Serve the HTTP API of this home to its tenants.
     Server(server_cmd::ServerArgs),
-    /// Add, list or remove the tenants of this home's server.
-    #[command(subcommand)]
-    Tenant(server_cmd::TenantCommand),
+    /// Add, list or remove the tenants of this home's server (or of its `--database`).
+    Tenant(server_cmd::TenantArgs),
+    /// Add, list or remove the tokens `sluice worker` processes authenticate with, in the
+    /// server's `--database`.
+    WorkerToken(server_cmd::WorkerTokenArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -359,11 +361,18 @@ fn main() -> ExitCode {
             }
             Command::Deployments(cmd) => deploy_cmd::deployments(remote, cmd).await,
             Command::Secret(cmd) => secret_cmd::secret(remote, cmd).await,
-            Command::Server(_) | Command::Tenant(_) if remote.is_some() => {
-                Err(local_only("server/tenant"))
+            Command::Server(_) | Command::Tenant(_) | Command::WorkerToken(_)
+                if remote.is_some() =>
+            {
+                Err(local_only("server/tenant/worker-token"))
             }
             Command::Server(args) => server_cmd::serve(&cli.home, &cli.sandbox, &args).await,
-            Command::Tenant(cmd) => server_cmd::tenant(&cli.home, &cmd),
+            Command::Tenant(args) => {
+                tokio::task::block_in_place(|| server_cmd::tenant(&cli.home, &args))
+            }
+            Command::WorkerToken(args) => {
+                tokio::task::block_in_place(|| server_cmd::worker_token(&args))
+            }
         }
     });
     match result {

@@ -138,6 +138,56 @@ impl QuotaArgs {
     }
 }
 
+/// The `--database` of the admin commands.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DatabaseArg {
+    /// The server's PostgreSQL database, as `sluice server --database` takes it (for `tenant`:
+    /// its registry instead of the home's).
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_DATABASE",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    database: Option<String>,
+}
+
+/// `sluice tenant`: the registry of the home's server, or of a PostgreSQL database.
+#[derive(Debug, clap::Args)]
+pub(crate) struct TenantArgs {
+    #[command(flatten)]
+    database: DatabaseArg,
+    #[command(subcommand)]
+    command: TenantCommand,
+}
+
+/// `sluice worker-token`: the tokens of `sluice worker` processes, in a server's PostgreSQL
+/// database.
+#[derive(Debug, clap::Args)]
+pub(crate) struct WorkerTokenArgs {
+    #[command(flatten)]
+    database: DatabaseArg,
+    #[command(subcommand)]
+    command: WorkerTokenCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum WorkerTokenCommand {
+    /// Add a worker token; it is printed once, on the last line of stdout.
+    Add {
+        /// A name for the workers that will use it: lowercase letters, digits, `-` and `_`.
+        name: String,
+    },
+    /// List worker tokens (names and when they were made; never the tokens).
+    Ls,
+    /// Remove a worker token: workers using it are refused from their next call.
+    Rm {
+        /// Its name.
+        name: String,
+    },
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum TenantCommand {
     /// Add a tenant; its token is printed once, on the last line of stdout.
@@ -234,9 +284,24 @@ pub(crate) async fn serve(
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) fn tenant(home: &Path, cmd: &TenantCommand) -> Result<ExitCode, UsageError> {
-    let tenants = Tenants::open(home).map_err(usage)?;
-    match cmd {
+/// Connect to the database at `url`.
+fn database(url: &str) -> Result<PgDatabase, UsageError> {
+    PgDatabase::connect(url).map_err(usage)
+}
+
+pub(crate) fn tenant(home: &Path, args: &TenantArgs) -> Result<ExitCode, UsageError> {
+    let (tenants, place) = match &args.database.database {
+        None => (
+            Tenants::open(home).map_err(usage)?,
+            home.display().to_string(),
+        ),
+        Some(url) => {
+            let db = database(url)?;
+            let place = db.name().to_owned();
+            (Tenants::open_database(&db).map_err(usage)?, place)
+        }
+    };
+    match &args.command {
         TenantCommand::Add { name, quotas } => {
             // The settings are checked before the tenant exists.
             let mut probe = Tenant {
@@ -288,7 +353,7 @@ pub(crate) fn tenant(home: &Path, cmd: &TenantCommand) -> Result<ExitCode, Usage
                 ));
             }
             if list.is_empty() {
-                out.push_str(&format!("(no tenants in {})\n", home.display()));
+                out.push_str(&format!("(no tenants in {place})\n"));
             }
             crate::print_stdout(&out);
         }
@@ -333,4 +398,64 @@ fn settings(t: &Tenant) -> String {
         parts.push("no quotas".into());
     }
     parts.join(", ")
+}
+
+pub(crate) fn worker_token(args: &WorkerTokenArgs) -> Result<ExitCode, UsageError> {
+    let Some(url) = &args.database.database else {
+        return Err(UsageError(anyhow!(
+            "worker tokens live in the server's PostgreSQL database: give --database URL (or SLUICE_DATABASE)"
+        )));
+    };
+    let db = database(url)?;
+    let registry = db.registry().map_err(usage)?;
+    match &args.command {
+        WorkerTokenCommand::Add { name } => {
+            if !sluice::server::tenants::valid_name(name) {
+                return Err(UsageError(anyhow!(
+                    "worker name `{name}` is not allowed: use 1 to 64 lowercase letters, digits, `-` and `_`, starting with a letter or digit"
+                )));
+            }
+            let token = sluice::server::tenants::new_token()
+                .map_err(|e| UsageError(anyhow!("cannot make a token: {e}")))?;
+            let added = registry
+                .add_worker(
+                    name,
+                    &sluice::server::tenants::token_hash(&token),
+                    &chrono::Utc::now().to_rfc3339(),
+                )
+                .map_err(usage)?;
+            if !added {
+                return Err(UsageError(anyhow!(
+                    "worker token `{name}` already exists in {}",
+                    db.name()
+                )));
+            }
+            crate::print_stdout(&format!(
+                "added worker token `{name}` in {}\nthe token, shown only now:\n{token}\n",
+                db.name()
+            ));
+        }
+        WorkerTokenCommand::Ls => {
+            let rows = registry.workers().map_err(usage)?;
+            let width = crate::report::column_width(rows.iter().map(|(n, _)| n.as_str()));
+            let mut out = format!("{:<width$}  CREATED\n", "NAME");
+            for (name, created) in &rows {
+                out.push_str(&format!("{name:<width$}  {created}\n"));
+            }
+            if rows.is_empty() {
+                out.push_str(&format!("(no worker tokens in {})\n", db.name()));
+            }
+            crate::print_stdout(&out);
+        }
+        WorkerTokenCommand::Rm { name } => {
+            if !registry.remove_worker(name).map_err(usage)? {
+                return Err(UsageError(anyhow!(
+                    "no worker token `{name}` in {}",
+                    db.name()
+                )));
+            }
+            crate::print_stdout(&format!("removed worker token `{name}`\n"));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -10,11 +10,13 @@ mod commit;
 mod liveness;
 mod queue;
 mod read;
+mod registry;
 mod schema;
 mod store;
 
 pub use liveness::RENEW_EVERY;
 pub use queue::{Claimed, Lapsed, Lease, NewAttempt, PgQueue, Wakeups};
+pub use registry::{PgRegistry, TenantRow, WorkerRow};
 pub use store::{LEASE_TTL, PgStore};
 
 use std::sync::Arc;
@@ -208,6 +210,16 @@ impl PgDatabase {
         });
         rx.recv()
             .map_err(|_| StoreError::io("a PostgreSQL query", "the store's runtime stopped"))?
+    }
+
+    /// [`PgDatabase::call`] of `work`, whose PostgreSQL error names the database.
+    fn run<T, F>(&self, work: impl FnOnce(Object) -> F + Send + 'static) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, tokio_postgres::Error>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let name = self.inner.name.clone();
+        self.call(work)?.map_err(|e| database_error(&name, &e))
     }
 
     /// Run `work` on the database's runtime without waiting for it (a lease given back as it is

@@ -168,7 +168,7 @@ impl PgQueue {
             cols.4.push(a.tags.join("\n"));
             cols.5.push(a.payload.clone());
         }
-        self.run(move |client| async move {
+        self.db.run(move |client| async move {
             // One statement (atomic: all or none; its trigger notifies claimers on commit), rows
             // in the order given.
             let rows = client
@@ -201,7 +201,7 @@ impl PgQueue {
     ) -> Result<Vec<Claimed>, StoreError> {
         let (worker, tags) = (worker.to_owned(), tags.to_vec());
         let max = i64::try_from(max).unwrap_or(i64::MAX);
-        self.run(move |client| async move {
+        self.db.run(move |client| async move {
             // `sluice.claim` (the control schema's migration 1) says how and why.
             let rows = client
                 .query(
@@ -253,7 +253,7 @@ impl PgQueue {
     ) -> Result<Vec<bool>, StoreError> {
         let worker = worker.to_owned();
         let (ids, fences) = columns(leases);
-        let held = self.run(move |client| async move {
+        let held = self.db.run(move |client| async move {
             let rows = client
                 .query(
                     "UPDATE sluice.queue q SET lease_until = $2
@@ -279,7 +279,7 @@ impl PgQueue {
     pub fn finish_many(&self, worker: &str, leases: &[Lease]) -> Result<Vec<bool>, StoreError> {
         let worker = worker.to_owned();
         let (ids, fences) = columns(leases);
-        let done = self.run(move |client| async move {
+        let done = self.db.run(move |client| async move {
             let rows = client
                 .query(
                     "DELETE FROM sluice.queue q
@@ -299,7 +299,7 @@ impl PgQueue {
     /// earlier ones included: the server records each Crashed, then [`PgQueue::settle`]s it,
     /// so a server that dies in between finds them again.
     pub fn expire(&self, now: i64) -> Result<Vec<(Lease, Lapsed)>, StoreError> {
-        self.run(move |client| async move {
+        self.db.run(move |client| async move {
             client
                 .execute(
                     "UPDATE sluice.queue SET lapsed = true, fence = fence + 1
@@ -339,7 +339,7 @@ impl PgQueue {
     /// queue. Returns how many did.
     pub fn settle(&self, leases: &[Lease]) -> Result<u64, StoreError> {
         let (ids, fences) = columns(leases);
-        self.run(move |client| async move {
+        self.db.run(move |client| async move {
             client
                 .execute(
                     "DELETE FROM sluice.queue q
@@ -395,7 +395,7 @@ impl PgQueue {
 
     /// How many attempts are ready (not claimed).
     pub fn ready(&self) -> Result<u64, StoreError> {
-        self.run(|client| async move {
+        self.db.run(|client| async move {
             let n: i64 = client
                 .query_one(
                     "SELECT count(*) FROM sluice.queue WHERE worker IS NULL",
@@ -405,18 +405,5 @@ impl PgQueue {
                 .get(0);
             Ok(u64::try_from(n).unwrap_or(0))
         })
-    }
-
-    /// Run `work` with the database's client and name the database in its error.
-    fn run<T, F>(
-        &self,
-        work: impl FnOnce(deadpool_postgres::Object) -> F + Send + 'static,
-    ) -> Result<T, StoreError>
-    where
-        F: Future<Output = Result<T, tokio_postgres::Error>> + Send + 'static,
-        T: Send + 'static,
-    {
-        let name = self.db.name().to_owned();
-        self.db.call(work)?.map_err(|e| database_error(&name, &e))
     }
 }

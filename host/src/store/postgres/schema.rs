@@ -179,6 +179,25 @@ END $$;
 CREATE TRIGGER queue_notify AFTER INSERT ON {s}.queue
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.queue_notify();
 ",
+    // 2: the tenant registry (as a server home's `server.db` holds it: tokens as their blake3
+    // hash, times as RFC 3339 text) and the worker tokens, so a server and the admin commands
+    // on any machine read the same ones.
+    r"
+CREATE TABLE {s}.tenants (
+    id text NOT NULL PRIMARY KEY,
+    name text NOT NULL UNIQUE,
+    token_hash text NOT NULL UNIQUE,
+    created_at text NOT NULL,
+    weight integer NOT NULL DEFAULT 1,
+    quotas text NOT NULL DEFAULT '{}',
+    grants text
+);
+CREATE TABLE {s}.worker_tokens (
+    name text NOT NULL PRIMARY KEY,
+    token_hash text NOT NULL UNIQUE,
+    created_at text NOT NULL
+);
+",
 ];
 
 /// Whether `name` may name a store's schema: 1 to 63 lowercase ASCII letters, digits and `_`,

@@ -14,6 +14,7 @@ use sluice::store::{Claimed, Lease, NewAttempt, PgDatabase, PgQueue, StoreError}
 const TABLES: &[&str] = &[
     "blobs",
     "cache",
+    "commits",
     "flow_runs",
     "journal",
     "leases",
@@ -233,6 +234,38 @@ fn attempt(tags: &[&str], n: u32) -> NewAttempt {
         attempt: 1,
         tags: tags.iter().map(|t| (*t).to_owned()).collect(),
         payload: n.to_le_bytes().to_vec(),
+    }
+}
+
+/// The queue churns (every attempt inserted, claimed, deleted): it is vacuumed and analyzed
+/// after a fixed number of dead rows, not a fraction of its size.
+#[test]
+fn the_queue_is_vacuumed_as_it_churns() {
+    let url = PgCluster::shared().database("vacuum");
+    PgDatabase::connect(&url)
+        .and_then(|db| db.queue())
+        .expect("queue");
+    let options = with_client(&url, |client| async move {
+        let row = client
+            .query_one(
+                "SELECT array_to_string(reloptions, ',') FROM pg_class
+                 WHERE oid = 'sluice.queue'::regclass",
+                &[],
+            )
+            .await
+            .expect("reloptions");
+        row.get::<_, String>(0)
+    });
+    for setting in [
+        "autovacuum_vacuum_scale_factor=0",
+        "autovacuum_vacuum_threshold=1000",
+        "autovacuum_analyze_scale_factor=0",
+        "autovacuum_vacuum_cost_delay=0",
+    ] {
+        assert!(
+            options.split(',').any(|o| o == setting),
+            "{setting}: {options}"
+        );
     }
 }
 

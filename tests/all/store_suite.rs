@@ -304,7 +304,8 @@ fn logs_page_in_order_by_task_and_tail(store: &dyn Store) {
     let (a, b) = (task(id, 0, "a"), task(id, 1, "b"));
     create(store, id, StateName::Running, &[&a, &b]);
     store.submit(logs(&a, (0..1500).map(|i| format!("a {i}"))));
-    store.submit(logs(&b, (0..700).map(|i| format!("b {i}"))));
+    // A guest's line may hold any character, NUL and multi-byte ones too.
+    store.submit(logs(&b, (0..700).map(|i| format!("b {i}\u{0}é"))));
     store.submit(logs(&a, (1500..1600).map(|i| format!("a {i}"))));
     store.flush().expect("flush");
 
@@ -321,7 +322,7 @@ fn logs_page_in_order_by_task_and_tail(store: &dyn Store) {
     assert_eq!(all.len(), 2300);
     assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
     assert_eq!(all[0].record.message, "a 0");
-    assert_eq!(all[1500].record.message, "b 0");
+    assert_eq!(all[1500].record.message, "b 0\u{0}é");
     assert_eq!(all[2299].record.message, "a 1599");
     let only_b = store.logs(id, Some("b"), 0, 10).expect("logs of b");
     assert_eq!(only_b.len(), 10);

@@ -81,8 +81,11 @@ pub(super) fn task_state(
 /// each task run's changes merged into one write (a task that went Pending → Running → Completed
 /// within a batch costs one row write). Kept as it is when it cannot be committed, to be
 /// committed later in order.
-#[derive(Default)]
 pub(super) struct Batch {
+    /// Tells this batch from every other (random): a backend whose commit can end without
+    /// saying whether it happened (PostgreSQL's connection lost during the `COMMIT`) records
+    /// it, so committing the batch again does nothing.
+    pub(super) id: String,
     pub(super) others: Vec<Write>,
     /// Boxed: a batch holds up to its writer's most (20,000 for SQLite's), and growing the map
     /// moves its entries.
@@ -92,6 +95,26 @@ pub(super) struct Batch {
     pub(super) writes: usize,
     /// What the batch's writes cost ([`cost`]).
     pub(super) bytes: u64,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        let mut id = [0u8; 16];
+        // Without randomness, the time and a counter still tell batches apart.
+        if getrandom::fill(&mut id).is_err() {
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            id[..8].copy_from_slice(&Utc::now().timestamp_micros().to_le_bytes());
+            id[8..].copy_from_slice(&n.to_le_bytes());
+        }
+        Batch {
+            id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            others: Vec::new(),
+            tasks: Default::default(),
+            writes: 0,
+            bytes: 0,
+        }
+    }
 }
 
 impl Batch {

@@ -24,8 +24,9 @@ pub(crate) struct ServerArgs {
     /// Keep tenants' runs in this PostgreSQL database (`postgres://user[:password]@host[:port]/name`,
     /// or `host=… user=… dbname=…`; a password is better given in `PGPASSWORD` or `~/.pgpass`
     /// than on a command line), each tenant's store a schema of its own, instead of SQLite in
-    /// each tenant's directory. The home still holds the tenant registry, the server key, the
-    /// policy and the uploaded components.
+    /// each tenant's directory; the tenant registry is then the database's too (give `sluice
+    /// tenant` the same `--database`). The home still holds the server key, the policy,
+    /// deployments, secrets and the uploaded components.
     #[arg(
         long,
         env = "SLUICE_DATABASE",

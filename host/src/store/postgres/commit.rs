@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::{Object, Transaction};
 
 use super::PgDatabase;
-use super::store::{Failure, Sql, col};
+use super::store::{Failure, NOW_US, Sql, col};
 use crate::cache::CacheInfo;
 use crate::ids::FlowRunId;
 use crate::json::Json;
@@ -24,20 +24,34 @@ use crate::store::rows::{
 use crate::store::writer::Commit;
 use crate::store::{Blob, RunHeader, StoreError, TaskWrite, Write};
 
-/// The writer thread's side of a PostgreSQL store.
+/// The writer thread's side of a PostgreSQL store. It keeps a connection of its own while it
+/// works (readers filling the pool never hold a commit back), taking a new one when it closed.
 pub(super) struct PgCommit {
     pub(super) db: PgDatabase,
     pub(super) sql: Sql,
+    pub(super) client: Option<Object>,
+}
+
+impl PgCommit {
+    /// The writer's connection.
+    async fn client(&mut self) -> Result<Object, StoreError> {
+        match self.client.take() {
+            Some(c) if !c.is_closed() => Ok(c),
+            _ => self.db.client().await,
+        }
+    }
 }
 
 impl Commit for PgCommit {
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let name = self.db.name().to_owned();
-        self.db.block_on(async {
-            let mut client = self.db.client().await?;
-            commit(&mut client, &self.sql, batch)
+        let (name, db) = (self.db.name().to_owned(), self.db.clone());
+        db.block_on(async {
+            let mut client = self.client().await?;
+            let done = commit(&mut client, &self.sql, batch)
                 .await
-                .map_err(|f| f.store(&name))
+                .map_err(|f| f.store(&name));
+            self.client = Some(client);
+            done
         })?
     }
 
@@ -47,12 +61,14 @@ impl Commit for PgCommit {
         now: DateTime<Utc>,
         reason: &str,
     ) -> Result<Option<State>, StoreError> {
-        let name = self.db.name().to_owned();
-        self.db.block_on(async {
-            let mut client = self.db.client().await?;
-            not_recorded(&mut client, &self.sql, run, now, reason)
+        let (name, db) = (self.db.name().to_owned(), self.db.clone());
+        db.block_on(async {
+            let mut client = self.client().await?;
+            let done = not_recorded(&mut client, &self.sql, run, now, reason)
                 .await
-                .map_err(|f| f.store(&name))
+                .map_err(|f| f.store(&name));
+            self.client = Some(client);
+            done
         })?
     }
 }
@@ -203,9 +219,32 @@ WHEN NOT MATCHED THEN INSERT
             u.state_json, u.history, u.attempts, u.run_time_us, u.fuel, u.output,
             u.cached_input, u.cache, $17)";
 
-/// Commit `batch` in one transaction.
+/// Commit `batch` in one transaction, unless it already was (its id recorded: an earlier
+/// commit's outcome was lost with its connection).
 async fn commit(client: &mut Object, sql: &Sql, batch: &Batch) -> Result<(), Failure> {
     let (tx, change) = begin_write(client, sql).await?;
+    let first = tx
+        .execute(
+            &tx.prepare_cached(&sql.q(&format!(
+                "INSERT INTO {{s}}.commits (id, at) VALUES ($1, {NOW_US}) ON CONFLICT DO NOTHING"
+            )))
+            .await?,
+            &[&batch.id],
+        )
+        .await?;
+    if first == 0 {
+        return Ok(());
+    }
+    if change % 1000 == 0 {
+        tx.execute(
+            &tx.prepare_cached(&sql.q(&format!(
+                "DELETE FROM {{s}}.commits WHERE at < {NOW_US} - 86400000000"
+            )))
+            .await?,
+            &[],
+        )
+        .await?;
+    }
     let mut blobs = Blobs::default();
     let mut created = TaskRows::default();
     let mut runs: Vec<&RunHeader> = Vec::new();
@@ -248,6 +287,7 @@ async fn commit(client: &mut Object, sql: &Sql, batch: &Batch) -> Result<(), Fai
                     logs.map_index.push(map_index.map(int));
                     logs.record
                         .push(serde_json::to_string(r).unwrap_or_default());
+                    logs.cost.push(i64_of(r.cost()));
                 }
             }
             Write::Cache(c) => {
@@ -367,6 +407,8 @@ struct LogRows {
     task: Vec<String>,
     map_index: Vec<Option<i32>>,
     record: Vec<String>,
+    /// What each record costs ([`LogRecord::cost`](crate::sandbox::LogRecord::cost)).
+    cost: Vec<i64>,
 }
 
 impl LogRows {
@@ -376,10 +418,10 @@ impl LogRows {
         }
         tx.execute(
             &tx.prepare_cached(&sql.q(
-                "INSERT INTO {s}.logs (flow_run, task_run, task, map_index, record)
-                    SELECT flow_run, task_run, task, map_index, record
-                    FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[])
-                        WITH ORDINALITY AS u(flow_run, task_run, task, map_index, record, n)
+                "INSERT INTO {s}.logs (flow_run, task_run, task, map_index, record, cost)
+                    SELECT flow_run, task_run, task, map_index, record, cost
+                    FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::int8[])
+                        WITH ORDINALITY AS u(flow_run, task_run, task, map_index, record, cost, n)
                     ORDER BY n",
             ))
             .await?,
@@ -389,6 +431,7 @@ impl LogRows {
                 &self.task,
                 &self.map_index,
                 &self.record,
+                &self.cost,
             ],
         )
         .await?;

@@ -7,7 +7,7 @@
 //! recovery and cancellation take the schema's write lock, so a run is never recorded Crashed or
 //! Cancelled by one process just after another took it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,17 +38,36 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Renew the leases `held` by `holder` every [`RENEW_EVERY`], on the database's runtime, until
-/// aborted.
+/// Where each lease this store took stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Held {
+    /// Held and renewed.
+    Live,
+    /// Found lapsed (or taken over) at a renewal: no longer renewed, never brought back; its
+    /// run may be executed elsewhere now.
+    Lost,
+    /// Dropped: its row is deleted, and the deletion tried again at each renewal until it is.
+    Releasing,
+}
+
+/// The leases of one store, by run.
+pub(super) type Leases = Arc<Mutex<HashMap<FlowRunId, Held>>>;
+
+/// Every [`RENEW_EVERY`], on the database's runtime, until aborted: renew the leases of
+/// `holder` that are held and still valid (a lapsed one is never brought back: it is marked
+/// lost), and delete the rows of those given back whose deletion failed.
 pub(super) fn renew_leases(
     db: &PgDatabase,
     sql: &Sql,
     holder: Arc<str>,
-    held: Arc<Mutex<HashSet<FlowRunId>>>,
+    leases: Leases,
 ) -> Option<tokio::task::AbortHandle> {
-    let statement = sql.q(&format!(
-        "UPDATE {{s}}.leases SET until = {NOW_US} + $2 WHERE holder = $1"
+    let renew = sql.q(&format!(
+        "UPDATE {{s}}.leases SET until = {NOW_US} + $3
+         WHERE holder = $1 AND flow_run = ANY($2) AND until > {NOW_US}
+         RETURNING flow_run"
     ));
+    let release = sql.q("DELETE FROM {s}.leases WHERE holder = $1 AND flow_run = ANY($2)");
     let pool = db.inner.pool.clone();
     let ttl = i64::try_from(LEASE_TTL.as_micros()).unwrap_or(i64::MAX);
     let rt = db.inner.runtime.as_ref()?;
@@ -57,31 +76,65 @@ pub(super) fn renew_leases(
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            let count = lock(&held).len();
-            if count == 0 {
+            let in_state = |state: Held| -> Vec<String> {
+                lock(&leases)
+                    .iter()
+                    .filter(|(_, s)| **s == state)
+                    .map(|(r, _)| r.to_string())
+                    .collect()
+            };
+            let (live, releasing) = (in_state(Held::Live), in_state(Held::Releasing));
+            if live.is_empty() && releasing.is_empty() {
                 continue;
             }
-            let renewed = match pool.get().await {
-                Ok(c) => c.execute(&statement, &[&&*holder, &ttl]).await,
+            let client = match pool.get().await {
+                Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!("cannot renew {count} run leases: {e}");
+                    tracing::warn!("cannot renew {} run leases: {e}", live.len());
                     continue;
                 }
             };
-            match renewed {
-                Ok(n) if usize::try_from(n).unwrap_or(0) < count => tracing::warn!(
-                    "{} of {count} run leases had lapsed and were taken by other processes",
-                    count - usize::try_from(n).unwrap_or(0)
-                ),
-                Ok(_) => {}
-                Err(e) => tracing::warn!("cannot renew {count} run leases: {e}"),
+            if !live.is_empty() {
+                match client.query(&renew, &[&&*holder, &live, &ttl]).await {
+                    Ok(rows) => {
+                        let renewed: HashSet<String> =
+                            rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
+                        let mut leases = lock(&leases);
+                        for run in live.iter().filter(|r| !renewed.contains(*r)) {
+                            tracing::error!(
+                                "the lease of flow run {run} lapsed before it was renewed: another process may execute it now"
+                            );
+                            if let Ok(id) = run.parse()
+                                && let Some(state) = leases.get_mut(&id)
+                                && *state == Held::Live
+                            {
+                                *state = Held::Lost;
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!("cannot renew {} run leases: {e}", live.len()),
+                }
+            }
+            if !releasing.is_empty()
+                && client
+                    .execute(&release, &[&&*holder, &releasing])
+                    .await
+                    .is_ok()
+            {
+                let mut leases = lock(&leases);
+                for run in releasing.iter().filter_map(|r| r.parse().ok()) {
+                    if leases.get(&run) == Some(&Held::Releasing) {
+                        leases.remove(&run);
+                    }
+                }
             }
         }
     });
     Some(task.abort_handle())
 }
 
-/// The lease of a run in a PostgreSQL store; dropping it deletes its row (without waiting).
+/// The lease of a run in a PostgreSQL store; dropping it deletes its row (without waiting; until
+/// the row is gone, this store neither renews it nor takes the run again).
 #[derive(Debug)]
 struct PgLease {
     run: FlowRunId,
@@ -97,15 +150,22 @@ impl Drop for PgLease {
             .sql
             .q("DELETE FROM {s}.leases WHERE flow_run = $1 AND holder = $2");
         let (pool, holder, run) = (inner.db.inner.pool.clone(), inner.holder.clone(), self.run);
-        let held = inner.held.clone();
+        let leases = inner.leases.clone();
+        lock(&leases).insert(run, Held::Releasing);
         inner.db.spawn(async move {
-            if let Ok(c) = pool.get().await
-                && let Err(e) = c.execute(&statement, &[&run.to_string(), &&*holder]).await
-            {
-                tracing::warn!("cannot give back the lease of run {run}: {e}");
+            match pool.get().await {
+                Ok(c) => match c.execute(&statement, &[&run.to_string(), &&*holder]).await {
+                    Ok(_) => {
+                        lock(&leases).remove(&run);
+                    }
+                    Err(e) => tracing::warn!(
+                        "cannot give back the lease of run {run} yet (tried again at the next renewal): {e}"
+                    ),
+                },
+                Err(e) => tracing::warn!(
+                    "cannot give back the lease of run {run} yet (tried again at the next renewal): {e}"
+                ),
             }
-            // Only now: until the row is gone, this store refuses to lease the run again.
-            lock(&held).remove(&run);
         });
     }
 }
@@ -130,8 +190,12 @@ impl PgStore {
     }
 
     pub(super) fn lease_impl(&self, run: FlowRunId) -> Result<Box<dyn RunLease>, StoreError> {
-        if !lock(&self.inner.held).insert(run) {
-            return Err(StoreError::Live { run, pid: None });
+        {
+            let mut leases = lock(&self.inner.leases);
+            if leases.contains_key(&run) {
+                return Err(StoreError::Live { run, pid: None });
+            }
+            leases.insert(run, Held::Live);
         }
         let holder = self.inner.holder.clone();
         let ttl = i64::try_from(LEASE_TTL.as_micros()).unwrap_or(i64::MAX);
@@ -160,11 +224,11 @@ impl PgStore {
                 store: self.clone(),
             })),
             Ok(false) => {
-                lock(&self.inner.held).remove(&run);
+                lock(&self.inner.leases).remove(&run);
                 Err(StoreError::Live { run, pid: None })
             }
             Err(e) => {
-                lock(&self.inner.held).remove(&run);
+                lock(&self.inner.leases).remove(&run);
                 Err(e)
             }
         }
@@ -173,7 +237,7 @@ impl PgStore {
     /// A run whose lease cannot be read is reported live: nothing takes it for dead on a
     /// database it cannot reach.
     pub(super) fn is_live_impl(&self, run: FlowRunId) -> bool {
-        if lock(&self.inner.held).contains(&run) {
+        if lock(&self.inner.leases).get(&run) == Some(&Held::Live) {
             return true;
         }
         self.read(move |client, sql| async move {
@@ -232,6 +296,11 @@ impl PgStore {
             }
             tx.commit().await?;
             Ok(marked)
+        })
+        .inspect(|marked| {
+            if !marked.is_empty() {
+                self.inner.writer.health().changed();
+            }
         })
     }
 
@@ -320,6 +389,11 @@ impl PgStore {
             .await?;
             tx.commit().await?;
             Ok(CancelOutcome::Cancelled)
+        })
+        .inspect(|outcome| {
+            if *outcome == CancelOutcome::Cancelled {
+                self.inner.writer.health().changed();
+            }
         })
     }
 

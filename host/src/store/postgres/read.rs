@@ -316,9 +316,12 @@ impl PgStore {
         self.read(move |client, sql| async move {
             let row = client
                 .query_one(
-                    &client.prepare_cached(&sql.q("SELECT coalesce(sum(octet_length(record::json ->> 'message') + $2::int8), 0)::int8
-                            FROM {s}.logs WHERE flow_run = $1")).await?,
-                    &[&run.to_string(), &(LogRecord::OVERHEAD as i64)],
+                    &client
+                        .prepare_cached(&sql.q(
+                            "SELECT coalesce(sum(cost), 0)::int8 FROM {s}.logs WHERE flow_run = $1",
+                        ))
+                        .await?,
+                    &[&run.to_string()],
                 )
                 .await?;
             Ok(u64_of(col("", &row, 0)?))

@@ -71,7 +71,8 @@ CREATE TABLE {s}.logs (
     task_run text NOT NULL,
     task text NOT NULL,
     map_index integer,
-    record text NOT NULL
+    record text NOT NULL,
+    cost bigint NOT NULL
 );
 CREATE INDEX logs_run ON {s}.logs (flow_run, seq);
 CREATE TABLE {s}.blobs (
@@ -107,6 +108,12 @@ CREATE TABLE {s}.journal (
     PRIMARY KEY (flow_run, seq)
 );
 CREATE SEQUENCE {s}.changes;
+-- The batches committed lately (their ids), so a batch whose commit's outcome was lost with
+-- its connection is not applied twice when committed again; pruned after a day.
+CREATE TABLE {s}.commits (
+    id text NOT NULL PRIMARY KEY,
+    at bigint NOT NULL
+);
 -- The process executing a run holds its lease: `holder` renews `until` (µs, the database's
 -- clock) while it runs; a run whose lease lapsed is not live.
 CREATE TABLE {s}.leases (
@@ -196,6 +203,20 @@ CREATE TABLE {s}.worker_tokens (
     name text NOT NULL PRIMARY KEY,
     token_hash text NOT NULL UNIQUE,
     created_at text NOT NULL
+);
+",
+    // 3: the queue is a high-churn table (every attempt inserted, updated by its claim, deleted
+    // when finished): vacuumed and analyzed after every 1,000 dead rows whatever its size, at
+    // full speed, so claims do not walk past dead index entries and plans keep up with it.
+    r"
+ALTER TABLE {s}.queue SET (
+    autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_insert_scale_factor = 0,
+    autovacuum_vacuum_insert_threshold = 1000,
+    autovacuum_analyze_scale_factor = 0,
+    autovacuum_analyze_threshold = 1000,
+    autovacuum_vacuum_cost_delay = 0
 );
 ",
 ];

@@ -6,8 +6,8 @@
 //! [`Store::changes`] never skip one). Reads take a connection of the pool each. Liveness is a
 //! lease row per run that its holder renews ([`super::liveness`]).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -40,8 +40,9 @@ pub(super) struct Inner {
     pub(super) writer: Writer,
     /// Who holds this store's leases: host, pid and a nonce, unique to this store.
     pub(super) holder: Arc<str>,
-    /// The runs leased through this store (renewed together; one taken again is refused).
-    pub(super) held: Arc<Mutex<HashSet<FlowRunId>>>,
+    /// The leases taken through this store (renewed together; a run whose lease this store
+    /// still has a row of is not taken again).
+    pub(super) leases: super::liveness::Leases,
     /// Renews the leases.
     pub(super) renewal: Option<tokio::task::AbortHandle>,
 }
@@ -154,19 +155,20 @@ impl PgStore {
         let commit = super::commit::PgCommit {
             db: db.clone(),
             sql: sql.clone(),
+            client: None,
         };
         let writer = Writer::start("sluice-pg-store", commit, health, GROUP_WINDOW)
             .map_err(|e| StoreError::io("starting the store's writer thread", e))?;
         let holder: Arc<str> = super::liveness::holder_name(owner).into();
-        let held = Arc::new(Mutex::new(HashSet::new()));
-        let renewal = super::liveness::renew_leases(db, &sql, holder.clone(), held.clone());
+        let leases = super::liveness::Leases::default();
+        let renewal = super::liveness::renew_leases(db, &sql, holder.clone(), leases.clone());
         let store = PgStore {
             inner: Arc::new(Inner {
                 db: db.clone(),
                 sql,
                 writer,
                 holder,
-                held,
+                leases,
                 renewal,
             }),
         };

@@ -386,6 +386,15 @@ pub enum FlowError {
     /// Two tasks share a name.
     #[error("task `{0}` is defined twice")]
     DuplicateTask(String),
+    /// A flow's or task's name holds a control character (NUL, a line break, …): names are
+    /// printed, and stored as text.
+    #[error("{what} name {name:?} holds a control character; names are printed and stored as text")]
+    BadName {
+        /// `flow` or `task`.
+        what: &'static str,
+        /// The name.
+        name: String,
+    },
     /// A reference to a task that does not exist.
     #[error("task `{task}` refers to unknown task `{unknown}`{hint}")]
     UnknownTask {
@@ -468,6 +477,19 @@ impl fmt::Display for Hint {
 impl FlowDef {
     /// Check references and acyclicity.
     pub fn validate(&self) -> Result<(), FlowError> {
+        let bad = |name: &str| name.chars().any(char::is_control);
+        if bad(&self.name) {
+            return Err(FlowError::BadName {
+                what: "flow",
+                name: self.name.clone(),
+            });
+        }
+        if let Some(t) = self.tasks.iter().find(|t| bad(&t.name)) {
+            return Err(FlowError::BadName {
+                what: "task",
+                name: t.name.clone(),
+            });
+        }
         if self.body.is_some() {
             if !self.reference_tasks.is_empty() {
                 return Err(FlowError::CodeReferenceTasks);

@@ -89,6 +89,8 @@ pub(super) fn locate(src: &Source<'_>, spans: &Spans, e: FlowError) -> ManifestE
             .unwrap_or_else(|| task_span(task)),
         FlowError::UnknownMapField { task, .. } => task_span(task),
         FlowError::DuplicateTask(task) => task_span(task),
+        FlowError::BadName { what: "task", name } => task_span(name),
+        FlowError::BadName { .. } => 0..0,
         FlowError::Cycle(path) => path.first().map_or(0..0, |t| task_span(t)),
         FlowError::NotATemplate { task, key } => {
             let t = spans.tasks.get(task.as_str());

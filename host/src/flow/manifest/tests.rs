@@ -891,3 +891,18 @@ fn subflows_nest_and_count_within_their_limits() {
         "{e}"
     );
 }
+
+/// A name with a control character (NUL, a line break) is refused where it is written: names
+/// are printed and stored as text (PostgreSQL's text holds no NUL).
+#[test]
+fn names_with_control_characters_are_refused_at_their_place() {
+    assert_eq!(
+        err("name = \"f\"\n[tasks.\"a\\u0000b\"]\ncomponent = \"t.wasm\"\n"),
+        "DIR/flow.toml:2:1: task name \"a\\0b\" holds a control character; names are printed and stored as text"
+    );
+    let e = err("name = \"f\\nx\"\n[tasks.a]\ncomponent = \"t.wasm\"\n");
+    assert!(
+        e.starts_with("DIR/flow.toml:1:1: flow name \"f\\nx\" holds a control character"),
+        "{e}"
+    );
+}

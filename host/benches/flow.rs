@@ -524,6 +524,17 @@ async fn engine_sections(runner: &FlowRunner, add_one: &Path, n: usize) {
     }
 }
 
+/// The mapped flow of `n` tasks with the store off (`runner`) and on (`stored`), interleaved,
+/// best of three each.
+async fn off_and_on(runner: &FlowRunner, stored: &FlowRunner, n: usize) -> (Duration, Duration) {
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        off.push(mapped_flow(runner, n).await);
+        on.push(mapped_flow(stored, n).await);
+    }
+    (best_of(off), best_of(on))
+}
+
 /// The 10,000-task flow with the PostgreSQL store (section 7), against the store off; then
 /// all cache hits.
 async fn postgres_section(runner: &FlowRunner, n: usize) {
@@ -531,12 +542,7 @@ async fn postgres_section(runner: &FlowRunner, n: usize) {
     let db = PgDatabase::connect(&cluster.database("bench")).expect("connect");
     let store = Arc::new(PgStore::open(&db, "bench").expect("store"));
     let stored = FlowRunner::new(runner.sandbox().clone()).store(store.clone() as Arc<dyn Store>);
-    let (mut off, mut on) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        off.push(mapped_flow(runner, n).await);
-        on.push(mapped_flow(&stored, n).await);
-    }
-    let (off, on) = (best_of(off), best_of(on));
+    let (off, on) = off_and_on(runner, &stored, n).await;
     let per = |d: Duration| raw_floor::us(d / n as u32);
     println!(
         "10,000-task flow, store off:        {:.0} ms  →  {:.1} µs per task",
@@ -573,13 +579,7 @@ async fn store_sections(runner: &FlowRunner, add_one: &Path, n: usize) {
         let store = Arc::new(SqliteStore::open(dir.path()).expect("store"));
         let stored =
             FlowRunner::new(runner.sandbox().clone()).store(store.clone() as Arc<dyn Store>);
-        let mut off = Vec::new();
-        let mut on = Vec::new();
-        for _ in 0..3 {
-            off.push(mapped_flow(runner, n).await);
-            on.push(mapped_flow(&stored, n).await);
-        }
-        let (off, on) = (best_of(off), best_of(on));
+        let (off, on) = off_and_on(runner, &stored, n).await;
         let per = |d: Duration| raw_floor::us(d / n as u32);
         println!(
             "10,000-task flow, store off:      {:.0} ms  →  {:.1} µs per task",

@@ -27,3 +27,4 @@ pub mod server;
 pub mod state;
 pub mod store;
 mod timestamp;
+pub mod worker;

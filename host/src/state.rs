@@ -253,6 +253,7 @@ impl State {
     /// | fuel or deadline | TimedOut naming the budget, or AwaitingRetry with retries left |
     /// | cancelled | Cancelled |
     /// | host fault | Crashed |
+    /// | lost (its worker stopped answering) | Crashed, or AwaitingRetry with retries left (the machine records the Crashed state first) |
     pub fn after_run(ending: &Ending, retry: Retry, now: DateTime<Utc>) -> State {
         let failed_or_retry = |name: StateName, message: String| match retry {
             Retry::Remaining { delay, .. } => State::awaiting_retry(now, delay, message),
@@ -311,6 +312,14 @@ impl State {
             Ending::HostFault { message } => {
                 State::new(StateName::Crashed, now).with_message(message.clone())
             }
+            Ending::Lost { message } => match retry {
+                Retry::Remaining { delay, .. } => {
+                    State::awaiting_retry(now, delay, message.clone())
+                }
+                Retry::Exhausted | Retry::OnSignal { .. } => {
+                    State::new(StateName::Crashed, now).with_message(message.clone())
+                }
+            },
         }
     }
 
@@ -554,6 +563,34 @@ mod tests {
                 "{m}"
             );
         }
+    }
+
+    /// A lost attempt (its worker gone) is retried while retries remain, and Crashed after;
+    /// a host fault is Crashed at once.
+    #[test]
+    fn a_lost_attempt_is_retried_then_crashed() {
+        let lost = Ending::Lost {
+            message: "worker gone".into(),
+        };
+        let retry = Retry::Remaining {
+            delay: TimeDelta::seconds(3),
+            max_delay: TimeDelta::minutes(1),
+        };
+        let s = State::after_run(&lost, retry, now());
+        assert_eq!(s.name, StateName::AwaitingRetry);
+        assert_eq!(s.scheduled_for, Some(now() + TimeDelta::seconds(3)));
+        let s = State::after_run(&lost, Retry::Exhausted, now());
+        assert_eq!(
+            (s.name, s.message.as_deref()),
+            (StateName::Crashed, Some("worker gone"))
+        );
+        let fault = Ending::HostFault {
+            message: "host".into(),
+        };
+        assert_eq!(
+            State::after_run(&fault, retry, now()).name,
+            StateName::Crashed
+        );
     }
 
     #[test]

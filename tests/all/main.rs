@@ -35,3 +35,4 @@ mod store_faults;
 mod store_suite;
 mod support;
 mod time;
+mod workers;

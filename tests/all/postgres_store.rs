@@ -163,12 +163,15 @@ fn a_lease_is_seen_by_every_store_and_a_lapsed_one_is_recovered() {
     assert!(a.is_live(dead));
 }
 
-/// While PostgreSQL is down, writes are held (a flush fails, retriable, and says why); once it
-/// is back, a flush commits them all, in order, and nothing is lost.
+/// While PostgreSQL is down past the store's patience (none here), writes are held (a flush
+/// fails, retriable, and says why); once it is back, a flush commits them all, in order, and
+/// nothing is lost.
 #[test]
 fn writes_are_held_while_postgresql_is_down_and_committed_once_it_is_back() {
     let cluster = PgCluster::start();
-    let store = open(&cluster.database("outage"), "tenant");
+    let db = PgDatabase::connect(&cluster.database("outage")).expect("connect");
+    db.set_outage_patience(std::time::Duration::ZERO);
+    let store = Arc::new(PgStore::open(&db, "tenant").expect("store"));
     let (run, a) = running(&*store);
     cluster.stop();
     let moved = |t: &TaskWrite, to: StateName| TaskWrite {
@@ -200,4 +203,37 @@ fn writes_are_held_while_postgresql_is_down_and_committed_once_it_is_back() {
         states,
         [StateName::Pending, StateName::Running, StateName::Completed]
     );
+}
+
+/// Within the store's patience, an outage passes unnoticed: a flush while PostgreSQL is down
+/// waits for it to come back and commits (without patience it fails, as above).
+#[test]
+fn a_commit_waits_out_a_short_outage() {
+    let cluster = PgCluster::start();
+    let store = open(&cluster.database("patience"), "tenant");
+    let (run, a) = running(&*store);
+    cluster.stop();
+    let done = TaskWrite {
+        state: State::new(StateName::Completed, chrono::Utc::now()),
+        transitions: vec![sluice::runner::Transition {
+            from: Some(a.state.name),
+            to: StateName::Completed,
+            time: chrono::Utc::now(),
+            message: None,
+        }],
+        ..a.clone()
+    };
+    store.submit(Write::Task(Box::new(done)));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            cluster.resume();
+        });
+        store
+            .flush()
+            .expect("the flush waits for PostgreSQL to come back");
+    });
+    assert!(store.write_error().is_none());
+    let stored = store.load_run(run).expect("load").run;
+    assert_eq!(stored.tasks[0].state.name, StateName::Completed);
 }

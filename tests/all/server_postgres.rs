@@ -29,7 +29,7 @@ fn tenant_schemas(url: &str) -> Vec<String> {
 }
 
 /// `sluice <args> --database URL`, from a home of its own (nothing in it is used).
-fn admin(url: &str, args: &[&str]) -> Output {
+pub(crate) fn admin(url: &str, args: &[&str]) -> Output {
     let home = tempfile::tempdir().expect("home");
     Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(args)

@@ -162,7 +162,9 @@ impl RunGrants {
                     *ending = redacted;
                 }
             }
-            Ending::GuestFault { message } | Ending::HostFault { message } => {
+            Ending::GuestFault { message }
+            | Ending::HostFault { message }
+            | Ending::Lost { message } => {
                 self.redact_text(message);
             }
             Ending::LimitExceeded(_) | Ending::TimedOut(_) | Ending::Cancelled => {}
@@ -211,5 +213,125 @@ impl RunGrants {
                     .into(),
             }),
         }
+    }
+}
+
+/// [`RunGrants`] as a worker receives them with its job: plain data, every grant spelled out.
+/// Directories are opened on the worker, at the paths the server granted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WireGrants {
+    /// HTTP grants.
+    #[serde(default)]
+    pub http: Vec<WireHttpGrant>,
+    /// TCP grants, as `host:port` entries.
+    #[serde(default)]
+    pub tcp: Vec<String>,
+    /// Directories: host path, guest path, writable.
+    #[serde(default)]
+    pub preopens: Vec<(PathBuf, String, bool)>,
+    /// Environment variables.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Secrets, with their values.
+    #[serde(default)]
+    pub secrets: Vec<(String, String)>,
+}
+
+/// An [`HttpGrant`] as plain data.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WireHttpGrant {
+    /// `http` or `https`.
+    pub scheme: String,
+    /// `name`, `*.name` (subdomains) or an address.
+    pub host: String,
+    /// Whether `host` is an address.
+    pub ip: bool,
+    /// The port; `None` for any.
+    pub port: Option<u16>,
+    /// A path prefix.
+    pub path: Option<String>,
+    /// The methods allowed; `None` for any.
+    pub methods: Option<Vec<String>>,
+}
+
+impl RunGrants {
+    /// These grants as plain data, to send to a worker.
+    pub fn to_wire(&self) -> WireGrants {
+        use crate::grants::HostPattern;
+        WireGrants {
+            http: self
+                .http
+                .iter()
+                .map(|g| {
+                    let (host, ip) = match &g.host {
+                        HostPattern::Name(n) => (n.clone(), false),
+                        HostPattern::Subdomains(n) => (format!("*.{n}"), false),
+                        HostPattern::Ip(a) => (a.to_string(), true),
+                    };
+                    WireHttpGrant {
+                        scheme: g.scheme.clone(),
+                        host,
+                        ip,
+                        port: g.port,
+                        path: g.path.clone(),
+                        methods: g.methods.as_ref().map(|m| m.iter().cloned().collect()),
+                    }
+                })
+                .collect(),
+            tcp: self.tcp.iter().map(ToString::to_string).collect(),
+            preopens: self.preopens.clone(),
+            env: self.env.clone(),
+            secrets: self
+                .secrets
+                .iter()
+                .map(|(n, v)| (n.clone(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// Grants received as plain data ([`RunGrants::to_wire`]); `Err` names the grant that is
+    /// not valid.
+    pub fn from_wire(wire: WireGrants) -> Result<RunGrants, String> {
+        use crate::grants::{HostPattern, TcpGrant};
+        let http = wire
+            .http
+            .into_iter()
+            .map(|g| {
+                let host = if g.ip {
+                    HostPattern::Ip(
+                        g.host
+                            .parse()
+                            .map_err(|e| format!("HTTP grant host {:?}: {e}", g.host))?,
+                    )
+                } else if let Some(n) = g.host.strip_prefix("*.") {
+                    HostPattern::Subdomains(n.to_owned())
+                } else {
+                    HostPattern::Name(g.host)
+                };
+                Ok(HttpGrant {
+                    scheme: g.scheme,
+                    host,
+                    port: g.port,
+                    path: g.path,
+                    methods: g.methods.map(|m| m.into_iter().collect()),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let tcp = wire
+            .tcp
+            .iter()
+            .map(|t| TcpGrant::parse(t).map_err(|e| format!("TCP grant {t:?}: {e}")))
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(RunGrants {
+            http: http.into(),
+            tcp: tcp.into(),
+            preopens: wire.preopens,
+            env: wire.env,
+            secrets: wire
+                .secrets
+                .into_iter()
+                .map(|(n, v)| (n, Arc::from(v)))
+                .collect(),
+        })
     }
 }

@@ -65,7 +65,7 @@ pub use self::component::{FlowComponent, HandlerComponent, TaskComponent};
 pub use self::component_file::DEFAULT_MAX_COMPONENT_BYTES;
 use self::file_index::FileIndex;
 pub use self::flow_body::{Answer, FlowBody, Orchestrator, Submitted};
-pub use self::grants::{REDACTED, RunGrants};
+pub use self::grants::{REDACTED, RunGrants, WireGrants, WireHttpGrant};
 pub use self::loading::{LoadError, LoadEvent, LoadInfo, LoadSource};
 pub use self::outcome::{
     Ending, Limit, LimitExceeded, LogLevel, LogRecord, LogSource, RunOutcome, Signal, TimeLimit,

@@ -58,6 +58,13 @@ pub enum Ending {
         /// What happened, for people.
         message: String,
     },
+    /// The attempt was lost with what ran it: the worker holding it stopped renewing its lease
+    /// (killed, stopped, cut off), so nobody knows how it ended. Crashed, and retried while
+    /// retries remain (at least once: a lost attempt may have had effects).
+    Lost {
+        /// What happened, for people.
+        message: String,
+    },
 }
 
 /// A signal raised by a task (Prefect's signals).

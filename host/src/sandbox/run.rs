@@ -530,7 +530,9 @@ impl<R> Execution<R> {
 /// A sentence for an ending that is not a normal return.
 fn describe(ending: &Ending) -> String {
     match ending {
-        Ending::GuestFault { message } | Ending::HostFault { message } => message.clone(),
+        Ending::GuestFault { message }
+        | Ending::HostFault { message }
+        | Ending::Lost { message } => message.clone(),
         Ending::LimitExceeded(l) => l.to_string(),
         Ending::TimedOut(t) => t.to_string(),
         Ending::Cancelled => "cancelled".into(),

@@ -88,8 +88,9 @@ pub(super) fn router(server: Server) -> axum::Router {
             async move { Json(doc.as_ref().clone()) }
         }),
     )
+    .merge(super::worker_api::routes())
     // Uploads stream to disk under their own limit; other bodies (a run request with its
-    // manifest) are small.
+    // manifest, a worker's results) are small.
     .layer(DefaultBodyLimit::max(32 << 20))
     .fallback(|| async { ApiError::not_found("no such API route") })
     .with_state(server)
@@ -133,7 +134,8 @@ impl FromRequestParts<Server> for Caller {
         let tenant = read(move || tenants.tenants.authenticate(&token))
             .await
             .map_err(|e| ApiError::internal("checking the token", &e))?
-            .map_err(|e| ApiError::internal("checking the token", &e))?
+            // The registry unreachable (its database restarting): the caller tries again.
+            .map_err(|e| ApiError::unavailable("checking the token", &e))?
             .ok_or_else(|| unauthorized("the token is not valid"))?;
         let space = server
             .space(&tenant)
@@ -200,10 +202,16 @@ async fn get_component(
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::not_found(format!("no component {digest}"));
     let path = space.component_file(&digest).ok_or_else(not_found)?;
-    // Streamed: a component may be hundreds of megabytes.
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|_| not_found())?;
+    component_body(&path, not_found).await
+}
+
+/// The component file at `path`, streamed (a component may be hundreds of megabytes);
+/// `not_found` when it cannot be read.
+pub(super) async fn component_body(
+    path: &std::path::Path,
+    not_found: impl Fn() -> ApiError,
+) -> Result<Response, ApiError> {
+    let file = tokio::fs::File::open(path).await.map_err(|_| not_found())?;
     let len = file.metadata().await.map_err(|_| not_found())?.len();
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
     Ok((

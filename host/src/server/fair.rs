@@ -96,6 +96,8 @@ pub struct FairQueue {
 #[derive(Debug)]
 struct Inner {
     local: LocalExecutor,
+    /// Workers that run the attempts instead of this process (`sluice server --workers`).
+    remote: std::sync::OnceLock<Arc<super::workers::Remote>>,
     /// The guest threads' turns, shared fairly between the running guests ([`super::cpu`]).
     cpu: CpuGate,
     state: Mutex<State>,
@@ -269,6 +271,7 @@ impl FairQueue {
                 guests: Some(guests),
                 cpu: CpuGate::new(threads.max(1), sandbox.epoch_tick()),
                 local: LocalExecutor::new(sandbox),
+                remote: std::sync::OnceLock::new(),
                 state: Mutex::new(State {
                     slots: slots.max(1),
                     running: 0,
@@ -315,6 +318,25 @@ impl FairQueue {
             queue: self.clone(),
             tenant,
         }
+    }
+
+    /// From now on, attempts given a slot run on `remote`'s workers, not here (once: a later
+    /// call changes nothing).
+    pub fn use_workers(&self, remote: Arc<super::workers::Remote>) {
+        let _ = self.inner.remote.set(remote);
+    }
+
+    /// Sets this queue's slots (the workers' capacity), as long as the queue exists; dispatches
+    /// at once into new ones.
+    pub fn slot_setter(&self) -> Box<dyn Fn(usize) + Send + Sync> {
+        let weak = Arc::downgrade(&self.inner);
+        Box::new(move |n| {
+            if let Some(inner) = weak.upgrade() {
+                let queue = FairQueue { inner };
+                queue.state().slots = n.max(1);
+                queue.pump();
+            }
+        })
     }
 
     /// What `tenant` uses now.
@@ -484,6 +506,23 @@ impl FairQueue {
         debug_assert!(guard.is_some(), "an attempt without a slot of the queue");
         let weight = guard.as_ref().map_or(1, |g| g.weight);
         let queue = self.clone();
+        if let Some(remote) = self.inner.remote.get() {
+            remote.submit(
+                tenant,
+                job,
+                Box::new(move |finished: Finished| {
+                    let usage = &finished.outcome.usage;
+                    queue.charge(
+                        tenant,
+                        usage.duration.saturating_sub(NOMINAL),
+                        usage.fuel_consumed,
+                    );
+                    drop(guard);
+                    let _ = done.send(finished);
+                }),
+            );
+            return;
+        }
         let run = self.inner.local.run_here(job);
         let turn = self.inner.cpu.turn(tenant, weight);
         let spawned = async move {

@@ -23,6 +23,8 @@ mod sources;
 mod space;
 pub mod tenants;
 pub mod wire;
+mod worker_api;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -111,6 +113,9 @@ struct Inner {
     clock: ClockRef,
     key: secrets::ServerKey,
     backend: Backend,
+    /// The workers that run task runs, when they do ([`Server::use_workers`]).
+    remote: std::sync::OnceLock<Arc<workers::Remote>>,
+    worker_tokens: worker_api::TokenCache,
 }
 
 impl Server {
@@ -170,12 +175,44 @@ impl Server {
                 clock,
                 key,
                 backend,
+                remote: std::sync::OnceLock::new(),
+                worker_tokens: worker_api::TokenCache::default(),
             }),
         };
         for tenant in server.inner.tenants.list()? {
             server.space(&tenant)?;
         }
         Ok(server)
+    }
+
+    /// From now on, task runs are run by `sluice worker` processes, each claim of theirs leased
+    /// for `lease` ([`workers`]); only on PostgreSQL. Call it before
+    /// [`Server::resume_crashed`], from within the server's runtime: the attempts a previous
+    /// server left in the database's queue are taken back first.
+    pub fn use_workers(&self, lease: std::time::Duration) -> Result<(), ServerError> {
+        let Backend::Postgres(db) = &self.inner.backend else {
+            return Err(ServerError::Io {
+                what: "giving task runs to workers".into(),
+                source: std::io::Error::other(
+                    "workers need the server's runs in PostgreSQL: give --database URL",
+                ),
+            });
+        };
+        let store = |source| ServerError::Store {
+            tenant: "(the worker queue)".into(),
+            source,
+        };
+        let queue = db.queue().map_err(store)?;
+        let remote = workers::Remote::start(
+            queue,
+            lease,
+            self.inner.queue.slot_setter(),
+            tokio::runtime::Handle::current(),
+        )
+        .map_err(store)?;
+        self.inner.queue.use_workers(remote.clone());
+        let _ = self.inner.remote.set(remote);
+        Ok(())
     }
 
     /// The tenant registry.

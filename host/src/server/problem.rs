@@ -65,11 +65,24 @@ impl ApiError {
         )
     }
 
-    /// A store error: unknown or ambiguous runs are the caller's; anything else the server's.
+    /// Something the server needs is unreachable for now (its database): 503, logged; the
+    /// caller tries again.
+    pub(crate) fn unavailable(what: &str, e: &dyn std::fmt::Display) -> Self {
+        tracing::warn!("{what}: {e}");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("{what}: the server's database is unreachable for now; try again"),
+        )
+    }
+
+    /// A store error: unknown or ambiguous runs are the caller's; one that may pass (the
+    /// database unreachable) is 503; anything else the server's.
     pub(crate) fn store(what: &str, e: StoreError) -> Self {
         match e {
             StoreError::UnknownRun(_) | StoreError::CacheKey(_) => Self::not_found(e.to_string()),
             StoreError::AmbiguousRun { .. } => Self::bad_request(e.to_string()),
+            e if e.is_retriable() => Self::unavailable(what, &e),
             e => Self::internal(what, &e),
         }
     }

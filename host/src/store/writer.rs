@@ -33,6 +33,12 @@ pub(crate) trait Commit: Send + 'static {
         reason: &str,
     ) -> Result<Option<State>, StoreError>;
 
+    /// How long a commit that failed retriably is tried again before its writes are held (a
+    /// database server restarting). Default: not at all.
+    fn patience(&self) -> Duration {
+        Duration::ZERO
+    }
+
     /// The writer is stopping (`damaged`: the database was found damaged).
     fn close(self, damaged: bool)
     where
@@ -300,7 +306,7 @@ fn writer(mut db: impl Commit, rx: &mpsc::Receiver<Msg>, health: &Health, window
         if !batch.is_empty() && !health.is_damaged() {
             if held.is_empty() {
                 last = Some(Instant::now());
-                match db.commit(&batch) {
+                match commit_patiently(&mut db, &batch) {
                     Ok(()) => {
                         health.done(batch.bytes);
                         health.changed();
@@ -356,6 +362,25 @@ fn writer(mut db: impl Commit, rx: &mpsc::Receiver<Msg>, health: &Health, window
     db.close(health.is_damaged());
 }
 
+/// Commit `batch`, trying again while it fails retriably, for the store's patience
+/// ([`Commit::patience`]), pausing 50 ms, doubling to 1 s.
+fn commit_patiently(db: &mut impl Commit, batch: &Batch) -> Result<(), StoreError> {
+    let (patience, started) = (db.patience(), Instant::now());
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match db.commit(batch) {
+            Err(e) if e.is_retriable() && started.elapsed() + pause <= patience => {
+                if pause == Duration::from_millis(50) {
+                    tracing::warn!("a commit failed, trying again for up to {patience:?}: {e}");
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Commit the held batches in order; the store is healthy again once all are committed.
 fn retry(
     db: &mut impl Commit,
@@ -366,7 +391,7 @@ fn retry(
         return Err(e);
     }
     while let Some(b) = held.front() {
-        if let Err(e) = db.commit(b) {
+        if let Err(e) = commit_patiently(db, b) {
             health.note(&e);
             if health.is_damaged() {
                 discard(held, health);

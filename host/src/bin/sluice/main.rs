@@ -22,6 +22,7 @@ mod run;
 mod secret_cmd;
 mod server_cmd;
 mod task_run;
+mod worker_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -231,6 +232,9 @@ enum Command {
     /// Add, list or remove the tokens `sluice worker` processes authenticate with, in the
     /// server's `--database`.
     WorkerToken(server_cmd::WorkerTokenArgs),
+    /// Run task runs for a server that gives them to workers (`sluice server --database URL
+    /// --workers`), authenticated with a worker token: `sluice worker --server URL --token T`.
+    Worker(worker_cmd::WorkerArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -314,6 +318,15 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        if let Command::Worker(args) = &cli.command {
+            return worker_cmd::work(
+                cli.server.as_deref(),
+                cli.token.as_deref(),
+                &cli.sandbox,
+                args,
+            )
+            .await;
+        }
         let remote = match &cli.server {
             Some(url) => match remote::Remote::new(url, cli.token.as_deref()) {
                 Ok(r) => Some(r),
@@ -373,6 +386,7 @@ fn main() -> ExitCode {
             Command::WorkerToken(args) => {
                 tokio::task::block_in_place(|| server_cmd::worker_token(&args))
             }
+            Command::Worker(_) => Err(UsageError(anyhow::anyhow!("`sluice worker` ran above"))),
         }
     });
     match result {

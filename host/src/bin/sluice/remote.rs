@@ -25,6 +25,9 @@ use sluice::store::{ChangeCursor, RunFilter, TaskChange};
 
 use crate::UsageError;
 
+/// How long a read is tried again while the server is unreachable or says so (503).
+const RETRY_READS_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// A server and the tenant token to call it with.
 #[derive(Debug)]
 pub(crate) struct Remote {
@@ -92,26 +95,46 @@ impl Remote {
         body: Option<reqwest::Body>,
         json: Option<&impl serde::Serialize>,
     ) -> Result<reqwest::Response, UsageError> {
-        let mut req = self
-            .http
-            .request(method, self.url(path))
-            .bearer_auth(&self.token);
-        if let Some(body) = body {
-            req = req
-                .header(reqwest::header::CONTENT_TYPE, "application/wasm")
-                .body(body);
+        // A read is tried again while the server is unreachable or says it is (503: its
+        // database restarting), for up to [`RETRY_READS_FOR`]; a write is not (it may have
+        // been done).
+        let retry = method == Method::GET && body.is_none();
+        let mut body = body;
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(100);
+        loop {
+            let mut req = self
+                .http
+                .request(method.clone(), self.url(path))
+                .bearer_auth(&self.token);
+            if let Some(body) = body.take() {
+                req = req
+                    .header(reqwest::header::CONTENT_TYPE, "application/wasm")
+                    .body(body);
+            }
+            if let Some(json) = json {
+                req = req.json(json);
+            }
+            let again = retry && started.elapsed() < RETRY_READS_FOR;
+            let response = match req.send().await {
+                Ok(r) => r,
+                Err(e) if again && (e.is_connect() || e.is_timeout()) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                    continue;
+                }
+                Err(e) => return Err(UsageError(anyhow!("server {}: {e}", self.base))),
+            };
+            if response.status().is_success() || response.status() == StatusCode::NOT_FOUND {
+                return Ok(response);
+            }
+            if again && response.status() == StatusCode::SERVICE_UNAVAILABLE {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                continue;
+            }
+            return Err(self.problem(response).await);
         }
-        if let Some(json) = json {
-            req = req.json(json);
-        }
-        let response = req
-            .send()
-            .await
-            .map_err(|e| UsageError(anyhow!("server {}: {e}", self.base)))?;
-        if response.status().is_success() || response.status() == StatusCode::NOT_FOUND {
-            return Ok(response);
-        }
-        Err(self.problem(response).await)
     }
 
     /// A request answered without a body (204).

@@ -34,6 +34,18 @@ pub(crate) struct ServerArgs {
         hide_env_values = true
     )]
     database: Option<String>,
+
+    /// Give task runs to `sluice worker` processes (any number, on any machine, authenticated
+    /// with `sluice worker-token add`) instead of running them here; needs --database. The
+    /// fair queue then holds as many running as the workers seen run at once.
+    #[arg(long, requires = "database")]
+    workers: bool,
+
+    /// How long a worker's claim on a task run lasts unless it extends it (workers extend every
+    /// third of it): a worker silent for this long is taken to be gone, and its task runs are
+    /// recorded Crashed and retried while they have retries left, e.g. `10s`. Default: 30s.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "workers")]
+    worker_lease: Option<std::time::Duration>,
 }
 
 /// A tenant's weight, quotas and grant ceiling. A quota given as `none` is unlimited.
@@ -262,6 +274,13 @@ pub(crate) async fn serve(
         )
     })
     .map_err(usage)?;
+    if args.workers {
+        let lease = args
+            .worker_lease
+            .unwrap_or(sluice::server::workers::DEFAULT_LEASE)
+            .max(std::time::Duration::from_millis(100));
+        tokio::task::block_in_place(|| server.use_workers(lease)).map_err(usage)?;
+    }
     // Before it listens: the runs the previous process died executing resume (those with
     // retries left) or stay Crashed.
     server.resume_crashed().await;
@@ -273,9 +292,13 @@ pub(crate) async fn serve(
         .map_err(|e| UsageError(anyhow!("cannot listen on {}: {e}", args.listen)))?;
     crate::print_stdout(&format!("sluice server listening on http://{addr}\n"));
     eprintln!(
-        "serving {} ({} tenants; runs in {database}); stop with Ctrl-C",
+        "serving {} ({} tenants; runs in {database}{}); stop with Ctrl-C",
         home.display(),
-        server.tenants().list().map_err(usage)?.len()
+        server.tenants().list().map_err(usage)?.len(),
+        match args.workers {
+            true => "; task runs given to `sluice worker` processes",
+            false => "",
+        }
     );
     let shutdown = async {
         let name = crate::run::interrupt_signals().await;

@@ -253,6 +253,11 @@ impl FlowMachine {
         };
         let guest_cancelled = matches!(outcome.ending, Ending::Cancelled);
         let mut state = State::after_run(&outcome.ending, retry, self.now());
+        if let Ending::Lost { message } = &outcome.ending
+            && state.state_type() == StateType::Scheduled
+        {
+            self.record_crashed(unit, message);
+        }
         let output = (state.state_type() == StateType::Completed)
             .then(|| state.result.take().unwrap_or_else(Json::null));
         let record = self.record(unit);
@@ -265,6 +270,29 @@ impl FlowMachine {
             guest_cancelled,
         };
         self.transition_after_attempt(unit, state, output.map(Blob::Value), then);
+    }
+
+    /// The unit's attempt was lost with its worker and will be retried: the Crashed state is
+    /// recorded first, so its history says what happened to the attempt before its retry.
+    fn record_crashed(&mut self, unit: Unit, message: &str) {
+        let crashed = State::new(StateName::Crashed, self.now()).with_message(message);
+        let record = self.record(unit);
+        record.history.push(Transition {
+            from: Some(record.state.name),
+            to: crashed.name,
+            time: crashed.timestamp,
+            message: crashed.message.clone(),
+        });
+        record.state = crashed;
+        self.persist(unit, None);
+        if self.settings.events {
+            let event = FlowEvent::Task {
+                name: self.name_of(unit.task).to_string(),
+                map_index: self.map_index(unit),
+                state: StateName::Crashed,
+            };
+            self.commands.push_back(Command::Event(event));
+        }
     }
 
     /// Take in log records of the unit (`None`: of a code flow's body), within the flow run's

@@ -43,6 +43,10 @@ impl PgCommit {
 }
 
 impl Commit for PgCommit {
+    fn patience(&self) -> std::time::Duration {
+        self.db.outage_patience()
+    }
+
     fn commit(&mut self, batch: &Batch) -> Result<(), StoreError> {
         let (name, db) = (self.db.name().to_owned(), self.db.clone());
         db.block_on(async {

@@ -44,6 +44,11 @@ const MAX_PREPARED: usize = 512;
 /// How long a call waits for a free connection of the pool before it fails (retriable).
 const POOL_WAIT: Duration = Duration::from_secs(30);
 
+/// How long a store's writer retries a commit while the database is unreachable, by default:
+/// a restart of PostgreSQL (seconds) passes unnoticed by runs; a longer outage stops them, their
+/// writes held until a flush commits them.
+pub const OUTAGE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A connection to a PostgreSQL database holding Sluice's stores. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct PgDatabase {
@@ -61,6 +66,9 @@ struct Inner {
     name: String,
     /// Where it is, for connections of their own (migrations).
     config: Config,
+    /// How long a store's writer retries a commit while the database is unreachable, in ms
+    /// ([`PgDatabase::set_outage_patience`]).
+    patience_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for Inner {
@@ -124,6 +132,9 @@ impl PgDatabase {
                 pool,
                 name,
                 config,
+                patience_ms: std::sync::atomic::AtomicU64::new(
+                    u64::try_from(OUTAGE_PATIENCE.as_millis()).unwrap_or(u64::MAX),
+                ),
             }),
         };
         // Connect once now: a wrong address or a server that is down is reported here.
@@ -173,6 +184,25 @@ impl PgDatabase {
                 Err(e) => Err(database_error(&name, &e)),
             }
         })?
+    }
+
+    /// How long the writers of this database's stores retry a commit while it is unreachable
+    /// (restarting, the link broken) before they hold their writes and the runs stop. Default:
+    /// [`OUTAGE_PATIENCE`]; zero holds them at the first failure.
+    pub fn set_outage_patience(&self, patience: std::time::Duration) {
+        self.inner.patience_ms.store(
+            u64::try_from(patience.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// [`PgDatabase::set_outage_patience`].
+    pub fn outage_patience(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.inner
+                .patience_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// The database as errors name it (`postgres://user@host:port/name`, without a password).

@@ -42,6 +42,8 @@ pub struct Claimed {
     pub lease: Lease,
     /// The attempt.
     pub attempt: NewAttempt,
+    /// When it was enqueued (the caller's µs).
+    pub enqueued_at: i64,
 }
 
 /// A claim's token: the row and its fence.
@@ -73,11 +75,18 @@ pub struct Lapsed {
 #[derive(Debug)]
 pub struct Wakeups {
     rx: std::sync::mpsc::Receiver<()>,
+    /// Set when the listening connection ended.
+    closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Keeps the listening connection open.
     _client: Client,
 }
 
 impl Wakeups {
+    /// Whether the listening connection ended (listen again: notifications are lost meanwhile).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Wait until attempts are enqueued (true; every notification that came meanwhile taken
     /// with it) or `timeout` passes (false; also when the listening connection is gone: listen
     /// again).
@@ -205,7 +214,7 @@ impl PgQueue {
             // `sluice.claim` (the control schema's migration 1) says how and why.
             let rows = client
                 .query(
-                    "SELECT id, fence, tenant, flow_run, task_run, attempt, tags, payload
+                    "SELECT id, fence, tenant, flow_run, task_run, attempt, tags, payload, enqueued_at
                      FROM sluice.claim($1, $2, $3, $4)",
                     &[&worker, &now.saturating_add(lease_us), &tags, &max],
                 )
@@ -227,6 +236,7 @@ impl PgQueue {
                                 tags: r.get(6),
                                 payload: r.get(7),
                             },
+                            enqueued_at: r.get(8),
                         })
                     })();
                     if parsed.is_none() {
@@ -351,12 +361,38 @@ impl PgQueue {
         })
     }
 
+    /// Extend every claim that is not lapsed to at least `now + lease_us`: after the database
+    /// was unreachable, workers could not extend their claims, and a server must not take
+    /// back for that what they still run. Returns how many were extended.
+    pub fn extend_all(&self, now: i64, lease_us: i64) -> Result<u64, StoreError> {
+        let until = now.saturating_add(lease_us);
+        self.db.run(move |client| async move {
+            client
+                .execute(
+                    "UPDATE sluice.queue SET lease_until = $1
+                     WHERE worker IS NOT NULL AND NOT lapsed AND lease_until < $1",
+                    &[&until],
+                )
+                .await
+        })
+    }
+
+    /// Empty the queue: a server starting over the database takes back every attempt its
+    /// predecessor enqueued (it records their runs Crashed and resumes them itself; a worker
+    /// still running one is refused when it reports). Returns how many rows there were.
+    pub fn reset(&self) -> Result<u64, StoreError> {
+        self.db
+            .run(|client| async move { client.execute("DELETE FROM sluice.queue", &[]).await })
+    }
+
     /// Wake-ups when attempts are enqueued: a connection of its own `LISTEN`ing on
     /// [`CHANNEL`]. A claimer waits on it between claims that found nothing, and claims again
     /// after a timeout however it ends (a notification is lost while the connection is down).
     pub fn listen(&self) -> Result<Wakeups, StoreError> {
         let (config, name) = (self.db.inner.config.clone(), self.db.name().to_owned());
         let (tx, rx) = std::sync::mpsc::channel();
+        let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closing = closed.clone();
         let listening = self.db.call(move |_| async move {
             let (client, mut connection) = config
                 .connect(tokio_postgres::NoTls)
@@ -376,10 +412,11 @@ impl PgQueue {
                         Ok(_) => {}
                         Err(e) => {
                             tracing::warn!("the queue's listening connection ended: {e}");
-                            return;
+                            break;
                         }
                     }
                 }
+                closing.store(true, std::sync::atomic::Ordering::Relaxed);
             });
             client
                 .batch_execute(&format!("LISTEN {CHANNEL}"))
@@ -389,6 +426,7 @@ impl PgQueue {
         })?;
         Ok(Wakeups {
             rx,
+            closed,
             _client: listening?,
         })
     }

@@ -163,7 +163,7 @@ CREATE INDEX queue_leases ON {s}.queue (lease_until) WHERE worker IS NOT NULL;
 -- ready index in order (0.1 ms).
 CREATE FUNCTION {s}.claim(claimer text, until bigint, carried text[], most bigint)
 RETURNS TABLE (id bigint, fence bigint, tenant text, flow_run text, task_run text,
-               attempt integer, tags text[], payload bytea)
+               attempt integer, tags text[], payload bytea, enqueued_at bigint)
 LANGUAGE sql SET enable_sort = off AS $$
     -- Picked once (materialized): a subquery in `IN` may be run again by the join, and under
     -- SKIP LOCKED pick other rows, more than `most` in all.
@@ -174,7 +174,8 @@ LANGUAGE sql SET enable_sort = off AS $$
         FOR UPDATE SKIP LOCKED)
     UPDATE {s}.queue q SET worker = claimer, lease_until = until, fence = q.fence + 1
     FROM picked WHERE q.id = picked.id
-    RETURNING q.id, q.fence, q.tenant, q.flow_run, q.task_run, q.attempt, q.tags, q.payload
+    RETURNING q.id, q.fence, q.tenant, q.flow_run, q.task_run, q.attempt, q.tags, q.payload,
+              q.enqueued_at
 $$;
 -- Claimers are woken by the insert's own transaction: a notification is sent if and only if
 -- the rows are committed.

@@ -1,0 +1,201 @@
+//! The worker API under `/api/v1/worker` (`sluice server --workers`): `sluice worker`
+//! processes claim attempts, extend their claims, report results ([`super::workers`]) and fetch
+//! the components they run by digest. Every route needs a worker token (`sluice worker-token
+//! add`), checked against the database's, never a tenant's; a worker is the operator's and sees
+//! every tenant's attempts. Not part of the tenants' OpenAPI document.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::Response;
+
+use super::problem::ApiError;
+use super::workers::Remote;
+use super::{Backend, Server};
+use crate::ids::TenantId;
+use crate::store::StoreError;
+use crate::worker::wire::{
+    ClaimRequest, ClaimResponse, ExtendRequest, ExtendResponse, FinishRequest, FinishResponse,
+    QueueStats,
+};
+
+/// How long a checked worker token is trusted before it is read again (a removed token stops
+/// working within this).
+const TOKEN_TTL: Duration = Duration::from_secs(5);
+
+/// Worker tokens checked lately: hash → (worker name, when checked).
+#[derive(Debug, Default)]
+pub(super) struct TokenCache(Mutex<HashMap<String, (String, Instant)>>);
+
+/// The routes, merged into the server's router.
+pub(super) fn routes() -> axum::Router<Server> {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/api/v1/worker/claim", post(claim))
+        .route("/api/v1/worker/extend", post(extend))
+        .route("/api/v1/worker/finish", post(finish))
+        .route("/api/v1/worker/stats", get(stats))
+        .route(
+            "/api/v1/worker/components/{tenant}/{digest}",
+            get(component),
+        )
+}
+
+/// The calling worker: its token's name, and the server's queue of worker attempts.
+struct Worker(String, Arc<Remote>);
+
+impl FromRequestParts<Server> for Worker {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, server: &Server) -> Result<Self, ApiError> {
+        let unauthorized = |detail: &str| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail.to_owned())
+        };
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| unauthorized("no `Authorization: Bearer <worker token>` header"))?
+            .trim()
+            .to_owned();
+        let (Some(remote), Backend::Postgres(db)) =
+            (server.inner.remote.get(), &server.inner.backend)
+        else {
+            return Err(ApiError::not_found(
+                "this server runs its task runs itself: start it with --database URL --workers \
+                 to give them to workers",
+            ));
+        };
+        let hash = super::tenants::token_hash(&token);
+        let cache = &server.inner.worker_tokens;
+        let cached = {
+            let seen = cache.0.lock().unwrap_or_else(|p| p.into_inner());
+            seen.get(&hash)
+                .filter(|(_, at)| at.elapsed() < TOKEN_TTL)
+                .map(|(name, _)| name.clone())
+        };
+        let name = match cached {
+            Some(name) => name,
+            None => {
+                let db = db.clone();
+                let h = hash.clone();
+                let found = super::workers::blocking(move || db.registry()?.worker_by_token(&h))
+                    .await
+                    .map_err(|e| unavailable("checking the worker token", &e))?
+                    .ok_or_else(|| unauthorized("the worker token is not valid"))?;
+                cache
+                    .0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(hash, (found.clone(), Instant::now()));
+                found
+            }
+        };
+        Ok(Worker(name, remote.clone()))
+    }
+}
+
+/// A database failure: 503 when it may pass (the worker tries again), else the server's fault.
+fn unavailable(what: &str, e: &StoreError) -> ApiError {
+    match e.is_retriable() {
+        true => ApiError::unavailable(what, e),
+        false => ApiError::internal(what, e),
+    }
+}
+
+/// The worker process `instance` of token `name`: the holder of its claims. Only printable,
+/// and short, so it can be named in messages.
+fn holder(name: &str, instance: &str) -> Result<String, ApiError> {
+    if instance.is_empty() || instance.len() > 200 || instance.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "`instance` names the worker process: 1 to 200 printable characters",
+        ));
+    }
+    Ok(format!("{name}/{instance}"))
+}
+
+/// Claim attempts, waiting up to `wait_ms` for some.
+async fn claim(
+    Worker(name, remote): Worker,
+    Json(req): Json<ClaimRequest>,
+) -> Result<Json<ClaimResponse>, ApiError> {
+    let worker = holder(&name, &req.instance)?;
+    if let Some(tag) = req
+        .tags
+        .iter()
+        .find(|t| t.is_empty() || t.chars().any(char::is_control))
+    {
+        return Err(ApiError::bad_request(format!(
+            "tag {tag:?}: a tag is not empty and has no control character"
+        )));
+    }
+    remote
+        .claim(worker, req)
+        .await
+        .map(Json)
+        .map_err(|e| unavailable("claiming attempts", &e))
+}
+
+/// Extend claims.
+async fn extend(
+    Worker(name, remote): Worker,
+    Json(req): Json<ExtendRequest>,
+) -> Result<Json<ExtendResponse>, ApiError> {
+    let worker = holder(&name, &req.instance)?;
+    remote
+        .extend(worker, req.claims)
+        .await
+        .map(Json)
+        .map_err(|e| unavailable("extending claims", &e))
+}
+
+/// Report results.
+async fn finish(
+    Worker(name, remote): Worker,
+    Json(req): Json<FinishRequest>,
+) -> Result<Json<FinishResponse>, ApiError> {
+    let worker = holder(&name, &req.instance)?;
+    remote
+        .finish(worker, req.results)
+        .await
+        .map(|accepted| Json(FinishResponse { accepted }))
+        .map_err(|e| unavailable("reporting results", &e))
+}
+
+/// What the queue of worker attempts has done.
+async fn stats(Worker(_, remote): Worker) -> Json<QueueStats> {
+    Json(remote.queue_stats())
+}
+
+/// A component a claimed attempt runs, by its tenant and digest.
+async fn component(
+    State(server): State<Server>,
+    Worker(..): Worker,
+    Path((tenant, digest)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::not_found(format!("no component {digest} of tenant {tenant}"));
+    let id: TenantId = tenant.parse().map_err(|_| not_found())?;
+    let tenants = server.inner.clone();
+    let found = super::workers::blocking(move || {
+        tenants
+            .tenants
+            .list()
+            .map_err(|e| StoreError::io("reading the tenants", e))
+    })
+    .await
+    .map_err(|e| unavailable("reading the tenants", &e))?
+    .into_iter()
+    .find(|t| t.id == id)
+    .ok_or_else(not_found)?;
+    let space = server
+        .space(&found)
+        .map_err(|e| ApiError::internal("opening the tenant's store", &e))?;
+    let path = space.component_file(&digest).ok_or_else(not_found)?;
+    super::api::component_body(&path, not_found).await
+}

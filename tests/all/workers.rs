@@ -1,0 +1,374 @@
+//! `sluice worker`: task runs of a server on PostgreSQL (`--database URL --workers`) run by
+//! worker processes, through the CLI as users start them. A 2,000-task map on three workers
+//! with one SIGKILLed mid-run; a worker stopped (SIGSTOP) past its lease whose late result is
+//! refused; PostgreSQL restarted mid-run; a cancel reaching a running worker; a bad worker
+//! token.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::postgres::pg::PgCluster;
+use crate::server::{ServerProcess, stderr};
+use crate::server_postgres::admin;
+use crate::store::write_flow;
+use crate::support::{guest, history, json_of, task};
+
+/// The last line of a successful admin command: a token.
+fn token_of(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .expect("a token line")
+        .to_owned()
+}
+
+/// A server on a new database of `cluster` giving task runs to workers (claims leased for
+/// `lease`), a tenant's token, and a worker token.
+fn setup(cluster: &PgCluster, hint: &str, lease: &str) -> (ServerProcess, String, String) {
+    let url = cluster.database(hint);
+    let tenant = token_of(&admin(&url, &["tenant", "add", "acme"]));
+    let worker = token_of(&admin(&url, &["worker-token", "add", "rack-1"]));
+    let server = ServerProcess::start(&["--database", &url, "--workers", "--worker-lease", lease]);
+    (server, tenant, worker)
+}
+
+/// A `sluice worker` process, killed when dropped; its log in `<dir>/worker.log`.
+struct WorkerProcess {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl WorkerProcess {
+    fn start(server: &ServerProcess, token: &str, concurrency: u32) -> WorkerProcess {
+        let dir = tempfile::tempdir().expect("worker dir").keep();
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["worker", "--server", &server.url, "--token", token])
+            .args(["--concurrency", &concurrency.to_string()])
+            .arg("--dir")
+            .arg(dir.join("components"))
+            .env("SLUICE_HOME", dir.join("home"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("worker.log")).expect("worker.log"))
+            .spawn()
+            .expect("start sluice worker");
+        WorkerProcess { child, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("worker.log")).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, signal).expect("signal the worker");
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The server's worker queue statistics (worker token `token`).
+fn stats(server: &ServerProcess, token: &str) -> Value {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        crate::server::client()
+            .get(server.api("/worker/stats"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("stats")
+            .json::<Value>()
+            .await
+            .expect("stats JSON")
+    })
+}
+
+/// Wait for `child` (at most `limit`), its output (read as it comes: a large run's JSON fills
+/// a pipe); a run that does not end is a failure that says what the server and the workers
+/// logged.
+fn finish(
+    child: Child,
+    limit: Duration,
+    server: &ServerProcess,
+    workers: &[&WorkerProcess],
+) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("output"),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            let logs: Vec<String> = workers.iter().map(|w| w.log()).collect();
+            panic!(
+                "the run did not end within {limit:?}\nserver: {}\nworkers: {logs:#?}",
+                std::fs::read_to_string(server.home.join("server.log")).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// A flow mapping the hostile guest's sleep over `n` inputs (child `i` sleeps `ms + i % 5` ms
+/// and outputs that), retried twice.
+fn sleep_map(dir: &Path, n: usize, ms: u64) -> PathBuf {
+    let hostile = guest("hostile").display().to_string();
+    let items: Vec<String> = (0..n)
+        .map(|i| format!("{{ do = \"sleep\", ms = {} }}", ms + (i % 5) as u64))
+        .collect();
+    write_flow(
+        dir,
+        &format!(
+            r#"
+name = "worker-map"
+[parameters]
+items = [{}]
+[tasks.nap]
+component = "{hostile}"
+input = "$params.items"
+map = true
+retries = 2
+"#,
+            items.join(", ")
+        ),
+    )
+}
+
+/// Child `i` of `run`'s mapped task `nap`, its output what it slept; for each child, its
+/// history.
+fn check_children(run: &Value, n: usize, ms: u64) -> Vec<Vec<String>> {
+    let children = task(run, "nap")["children"]
+        .as_array()
+        .expect("children")
+        .clone();
+    assert_eq!(children.len(), n);
+    children
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            assert_eq!(c["state"], "Completed", "child {i}: {c:#}");
+            assert_eq!(c["output"], ms + (i % 5) as u64, "child {i}: {c:#}");
+            let h = history(c);
+            assert_eq!(
+                h.iter().filter(|s| *s == "Completed").count(),
+                1,
+                "child {i} completed once: {h:?}"
+            );
+            h
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_worker_s_task_runs_crash_and_run_again_on_the_others() {
+    let (server, tenant, worker) = setup(PgCluster::shared(), "workers_kill", "2s");
+    let workers: Vec<WorkerProcess> = (0..3)
+        .map(|_| WorkerProcess::start(&server, &worker, 4))
+        .collect();
+    let dir = tempfile::tempdir().expect("dir");
+    let (n, ms) = (2000, 10);
+    let flow = sleep_map(dir.path(), n, ms);
+    let client = server.spawn_run(&tenant, &flow, true, true);
+    // Mid-run: a few hundred results in, then one worker is killed holding its claims.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stats(&server, &worker)["finished"].as_u64().unwrap_or(0) < 300 {
+        assert!(
+            Instant::now() < deadline,
+            "no progress: {}",
+            stats(&server, &worker)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut workers = workers.into_iter();
+    let mut killed = workers.next().expect("a worker");
+    killed.child.kill().expect("SIGKILL");
+    let _ = killed.child.wait();
+    let rest: Vec<WorkerProcess> = workers.collect();
+    let out = finish(
+        client,
+        Duration::from_secs(300),
+        &server,
+        &rest.iter().collect::<Vec<_>>(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let run = json_of(&out);
+    assert_eq!(run["state"], "Completed");
+    let histories = check_children(&run, n, ms);
+    // The killed worker's attempts: Crashed, then run again (and completed once).
+    let crashed: Vec<&Vec<String>> = histories
+        .iter()
+        .filter(|h| h.iter().any(|s| s == "Crashed"))
+        .collect();
+    assert!(!crashed.is_empty(), "the killed worker held claims");
+    assert!(
+        crashed.len() <= 4,
+        "at most its concurrency: {}",
+        crashed.len()
+    );
+    for h in &crashed {
+        let at = h.iter().position(|s| s == "Crashed").expect("crashed");
+        assert_eq!(
+            &h[at..],
+            ["Crashed", "AwaitingRetry", "Retrying", "Completed"],
+            "{h:?}"
+        );
+    }
+    let s = stats(&server, &worker);
+    assert_eq!(s["lapsed"].as_u64(), Some(crashed.len() as u64), "{s}");
+    assert_eq!(s["finished"].as_u64(), Some(n as u64), "{s}");
+}
+
+#[test]
+fn a_stopped_worker_s_late_result_is_refused() {
+    let (server, tenant, worker) = setup(PgCluster::shared(), "workers_stop", "1s");
+    let stale = WorkerProcess::start(&server, &worker, 1);
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = sleep_map(dir.path(), 1, 1500);
+    let client = server.spawn_run(&tenant, &flow, true, true);
+    // The stale worker claims the only attempt, then is stopped past its lease.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats(&server, &worker)["claimed"].as_u64().unwrap_or(0) < 1 {
+        assert!(Instant::now() < deadline, "never claimed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stale.signal(nix::sys::signal::Signal::SIGSTOP);
+    // Taken back and recorded Crashed; the retry goes to a fresh worker and completes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats(&server, &worker)["lapsed"].as_u64().unwrap_or(0) < 1 {
+        assert!(Instant::now() < deadline, "the claim never lapsed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fresh = WorkerProcess::start(&server, &worker, 1);
+    let out = finish(client, Duration::from_secs(60), &server, &[&fresh]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let run = json_of(&out);
+    let h = &check_children(&run, 1, 1500)[0];
+    assert_eq!(
+        h,
+        &[
+            "Pending",
+            "Running",
+            "Crashed",
+            "AwaitingRetry",
+            "Retrying",
+            "Completed"
+        ],
+        "{run:#}"
+    );
+    // Resumed, the stale worker finishes its attempt and reports it: refused, nothing changes.
+    stale.signal(nix::sys::signal::Signal::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats(&server, &worker)["refused"].as_u64().unwrap_or(0) < 1
+        && !stale.log().contains("lapsed")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stale worker never reported: {}",
+            stale.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let id = run["id"].as_str().expect("id");
+    let again = json_of(&server.cli(&tenant, &["show", id, "--json"]));
+    assert_eq!(
+        history(&task(&again, "nap")["children"][0]),
+        *h,
+        "the late result changed nothing"
+    );
+    let child = &task(&again, "nap")["children"][0];
+    assert_eq!(child["attempts"], 2, "{child:#}");
+}
+
+#[test]
+fn postgresql_restarted_mid_run_the_run_completes() {
+    let cluster = PgCluster::start();
+    let (server, tenant, worker) = setup(&cluster, "workers_restart", "5s");
+    let workers: Vec<WorkerProcess> = (0..2)
+        .map(|_| WorkerProcess::start(&server, &worker, 4))
+        .collect();
+    let dir = tempfile::tempdir().expect("dir");
+    let (n, ms) = (300, 20);
+    let flow = sleep_map(dir.path(), n, ms);
+    let client = server.spawn_run(&tenant, &flow, true, true);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stats(&server, &worker)["finished"].as_u64().unwrap_or(0) < 50 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cluster.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.resume();
+    let out = finish(
+        client,
+        Duration::from_secs(180),
+        &server,
+        &workers.iter().collect::<Vec<_>>(),
+    );
+    let run = json_of(&out);
+    assert_eq!(run["state"], "Completed", "{run:#}\n{}", stderr(&out));
+    check_children(&run, n, ms);
+}
+
+#[test]
+fn a_cancel_reaches_the_worker_running_the_task() {
+    let (server, tenant, worker) = setup(PgCluster::shared(), "workers_cancel", "5s");
+    let w = WorkerProcess::start(&server, &worker, 2);
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = sleep_map(dir.path(), 2, 60_000);
+    let client = server.spawn_run(&tenant, &flow, true, true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats(&server, &worker)["claimed"].as_u64().unwrap_or(0) < 2 {
+        assert!(Instant::now() < deadline, "never claimed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let runs = json_of(&server.cli(&tenant, &["runs", "--json"]));
+    let id = runs[0]["id"].as_str().expect("id").to_owned();
+    let out = server.cli(&tenant, &["cancel", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Stopped on the worker (within a second's extension), not after its minute of sleep.
+    let out = finish(client, Duration::from_secs(30), &server, &[&w]);
+    let run = json_of(&out);
+    assert_eq!(run["state"], "Cancelled", "{run:#}");
+    for c in task(&run, "nap")["children"].as_array().expect("children") {
+        assert_eq!(c["state"], "Cancelled", "{c:#}");
+    }
+}
+
+#[test]
+fn a_worker_with_a_bad_token_or_no_worker_server_stops_saying_why() {
+    let (server, _tenant, _worker) = setup(PgCluster::shared(), "workers_token", "5s");
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["worker", "--server", &server.url, "--token", "sluice_nope"])
+        .output()
+        .expect("worker");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refused the worker token"),
+        "{}",
+        stderr(&out)
+    );
+    // A server that runs its task runs itself has no worker API.
+    let local = ServerProcess::start(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["worker", "--server", &local.url, "--token", "sluice_nope"])
+        .output()
+        .expect("worker");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not give task runs to workers"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -77,20 +77,28 @@ impl Drop for WorkerProcess {
 
 /// The server's worker queue statistics (worker token `token`).
 fn stats(server: &ServerProcess, token: &str) -> Value {
+    call(server, token, "/worker/stats", None)
+}
+
+/// A call of the worker API as a worker makes it: GET, or POST with `body`.
+fn call(server: &ServerProcess, token: &str, path: &str, body: Option<Value>) -> Value {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
-        crate::server::client()
-            .get(server.api("/worker/stats"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("stats")
-            .json::<Value>()
-            .await
-            .expect("stats JSON")
+        let client = crate::server::client();
+        let request = match body {
+            Some(b) => client.post(server.api(path)).json(&b),
+            None => client.get(server.api(path)),
+        };
+        let response = request.bearer_auth(token).send().await.expect("call");
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
+        response.json::<Value>().await.expect("JSON")
     })
 }
 
@@ -118,6 +126,20 @@ fn finish(
                 std::fs::read_to_string(server.home.join("server.log")).unwrap_or_default()
             );
         }
+    }
+}
+
+/// The id of the tenant's first run, once the list shows it (its record is written in the
+/// store's next group commit).
+fn first_run(server: &ServerProcess, tenant: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let runs = json_of(&server.cli(tenant, &["runs", "--json"]));
+        if let Some(id) = runs[0]["id"].as_str() {
+            return id.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no run listed: {runs}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -173,7 +195,7 @@ fn check_children(run: &Value, n: usize, ms: u64) -> Vec<Vec<String>> {
 
 #[test]
 fn a_killed_worker_s_task_runs_crash_and_run_again_on_the_others() {
-    let (server, tenant, worker) = setup(PgCluster::shared(), "workers_kill", "2s");
+    let (server, tenant, worker) = setup(PgCluster::shared(), "workers_kill", "3s");
     let workers: Vec<WorkerProcess> = (0..3)
         .map(|_| WorkerProcess::start(&server, &worker, 4))
         .collect();
@@ -232,7 +254,7 @@ fn a_killed_worker_s_task_runs_crash_and_run_again_on_the_others() {
 
 #[test]
 fn a_stopped_worker_s_late_result_is_refused() {
-    let (server, tenant, worker) = setup(PgCluster::shared(), "workers_stop", "1s");
+    let (server, tenant, worker) = setup(PgCluster::shared(), "workers_stop", "3s");
     let stale = WorkerProcess::start(&server, &worker, 1);
     let dir = tempfile::tempdir().expect("dir");
     let flow = sleep_map(dir.path(), 1, 1500);
@@ -291,6 +313,91 @@ fn a_stopped_worker_s_late_result_is_refused() {
     assert_eq!(child["attempts"], 2, "{child:#}");
 }
 
+/// The fence, through the API itself: a claim taken and never extended lapses; the retry runs
+/// on a worker and completes; the stale claim's report (another output) and extension are
+/// refused, and the recorded run does not change.
+#[test]
+fn a_lapsed_claim_cannot_overwrite_the_newer_attempt() {
+    let (server, tenant, worker) = setup(PgCluster::shared(), "workers_fence", "3s");
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = sleep_map(dir.path(), 1, 10);
+    let client = server.spawn_run(&tenant, &flow, true, true);
+    let claimed = call(
+        &server,
+        &worker,
+        "/worker/claim",
+        Some(serde_json::json!({
+            "instance": "stale", "max": 1, "concurrency": 1, "wait_ms": 20000
+        })),
+    );
+    let claim = claimed["jobs"][0]["claim"].clone();
+    assert_eq!(claim["attempt"], 1, "{claimed}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats(&server, &worker)["lapsed"].as_u64().unwrap_or(0) < 1 {
+        assert!(Instant::now() < deadline, "the claim never lapsed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let fresh = WorkerProcess::start(&server, &worker, 1);
+    let out = finish(client, Duration::from_secs(60), &server, &[&fresh]);
+    let run = json_of(&out);
+    let h = check_children(&run, 1, 10).remove(0);
+    let late = serde_json::json!({
+        "instance": "stale",
+        "results": [{
+            "claim": claim,
+            "outcome": {
+                "ending": {"kind": "output", "json": "999"},
+                "logs": [],
+                "logs_dropped_bytes": 0,
+                "usage": {
+                    "fuel_consumed": 0,
+                    "duration": {"secs": 0, "nanos": 0},
+                    "memory_peak_bytes": 0
+                }
+            }
+        }]
+    });
+    let answer = call(&server, &worker, "/worker/finish", Some(late));
+    assert_eq!(answer["accepted"], serde_json::json!([false]), "{answer}");
+    let answer = call(
+        &server,
+        &worker,
+        "/worker/extend",
+        Some(serde_json::json!({"instance": "stale", "claims": [claim]})),
+    );
+    assert_eq!(answer["held"], serde_json::json!([false]), "{answer}");
+    let id = run["id"].as_str().expect("id");
+    let again = json_of(&server.cli(&tenant, &["show", id, "--json"]));
+    let child = &task(&again, "nap")["children"][0];
+    assert_eq!(child["output"], 10, "{child:#}");
+    assert_eq!(child["attempts"], 2, "{child:#}");
+    assert_eq!(history(child), h);
+}
+
+/// A cancel with no worker to hear it: the attempts waiting in the queue leave it Cancelled.
+#[test]
+fn a_cancel_takes_back_attempts_no_worker_claimed() {
+    let (server, tenant, worker) = setup(PgCluster::shared(), "workers_unclaimed", "5s");
+    let dir = tempfile::tempdir().expect("dir");
+    let flow = sleep_map(dir.path(), 3, 10);
+    let client = server.spawn_run(&tenant, &flow, true, true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats(&server, &worker)["enqueued"].as_u64().unwrap_or(0) < 1 {
+        assert!(Instant::now() < deadline, "nothing enqueued");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let id = first_run(&server, &tenant);
+    let out = server.cli(&tenant, &["cancel", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = finish(client, Duration::from_secs(30), &server, &[]);
+    let run = json_of(&out);
+    assert_eq!(run["state"], "Cancelled", "{run:#}");
+    for c in task(&run, "nap")["children"].as_array().expect("children") {
+        assert_eq!(c["state"], "Cancelled", "{c:#}");
+    }
+    assert_eq!(stats(&server, &worker)["claimed"], 0);
+}
+
 #[test]
 fn postgresql_restarted_mid_run_the_run_completes() {
     let cluster = PgCluster::start();
@@ -318,7 +425,13 @@ fn postgresql_restarted_mid_run_the_run_completes() {
     );
     let run = json_of(&out);
     assert_eq!(run["state"], "Completed", "{run:#}\n{}", stderr(&out));
-    check_children(&run, n, ms);
+    // Unnoticed by the runs: no claim lapsed, no attempt crashed.
+    let histories = check_children(&run, n, ms);
+    assert!(
+        histories.iter().all(|h| !h.iter().any(|s| s == "Crashed")),
+        "{histories:?}"
+    );
+    assert_eq!(stats(&server, &worker)["lapsed"], 0);
 }
 
 #[test]
@@ -333,8 +446,7 @@ fn a_cancel_reaches_the_worker_running_the_task() {
         assert!(Instant::now() < deadline, "never claimed");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let runs = json_of(&server.cli(&tenant, &["runs", "--json"]));
-    let id = runs[0]["id"].as_str().expect("id").to_owned();
+    let id = first_run(&server, &tenant);
     let out = server.cli(&tenant, &["cancel", &id]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     // Stopped on the worker (within a second's extension), not after its minute of sleep.
@@ -371,4 +483,86 @@ fn a_worker_with_a_bad_token_or_no_worker_server_stops_saying_why() {
         "{}",
         stderr(&out)
     );
+}
+
+/// `--worker-lease` at its least (3s, as the other tests use) serves; one second less is refused
+/// naming the flag; a second server giving the same database's task runs to workers is refused.
+#[test]
+fn a_lease_under_three_seconds_and_a_second_worker_server_are_refused() {
+    let url = PgCluster::shared().database("workers_refused");
+    let _first = ServerProcess::start(&["--database", &url, "--workers", "--worker-lease", "3s"]);
+    let serve = |lease: &str| {
+        let home = tempfile::tempdir().expect("home");
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["server", "--listen", "127.0.0.1:0", "--database", &url])
+            .args(["--workers", "--worker-lease", lease])
+            .env("SLUICE_HOME", home.path())
+            .output()
+            .expect("sluice server")
+    };
+    let out = serve("2s");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--worker-lease 2s: at least 3s"),
+        "{}",
+        stderr(&out)
+    );
+    let out = serve("3s");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("another server already gives this database's task runs to workers"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A task run on a worker sees its whole context: the flow run's parameters (sent once per
+/// claim), its names and ids, its map index and the flow's `[context]` keys.
+#[test]
+fn a_task_on_a_worker_sees_its_context() {
+    let (server, tenant, worker) = setup(PgCluster::shared(), "workers_context", "5s");
+    let _w = WorkerProcess::start(&server, &worker, 2);
+    let dir = tempfile::tempdir().expect("dir");
+    let hostile = guest("hostile").display().to_string();
+    let flow = write_flow(
+        dir.path(),
+        &format!(
+            r#"
+name = "worker-context"
+[parameters]
+items = [{{ do = "context", keys = ["team"] }}, {{ do = "context", keys = ["team"] }}]
+label = "ünïcode ✓"
+[context]
+team = "data"
+[tasks.look]
+component = "{hostile}"
+input = "$params.items"
+map = true
+"#
+        ),
+    );
+    let client = server.spawn_run(&tenant, &flow, true, true);
+    let out = finish(client, Duration::from_secs(60), &server, &[]);
+    let run = json_of(&out);
+    assert_eq!(run["state"], "Completed", "{run:#}");
+    for (i, c) in task(&run, "look")["children"]
+        .as_array()
+        .expect("children")
+        .iter()
+        .enumerate()
+    {
+        let seen = &c["output"];
+        assert_eq!(seen["parameters"]["Ok"]["label"], "ünïcode ✓", "{seen:#}");
+        assert_eq!(
+            seen["parameters"]["Ok"]["items"].as_array().map(Vec::len),
+            Some(2),
+            "{seen:#}"
+        );
+        assert_eq!(seen["map_index"], i, "{seen:#}");
+        assert_eq!(seen["task_name"], "look", "{seen:#}");
+        assert_eq!(seen["flow_run_id"], run["id"], "{seen:#}");
+        assert_eq!(seen["task_run_id"], c["id"], "{seen:#}");
+        assert_eq!(seen["attempt"], 1, "{seen:#}");
+        assert_eq!(seen["get"]["team"], "data", "{seen:#}");
+    }
 }

@@ -59,8 +59,9 @@ pub enum Ending {
         message: String,
     },
     /// The attempt was lost with what ran it: the worker holding it stopped renewing its lease
-    /// (killed, stopped, cut off), so nobody knows how it ended. Crashed, and retried while
-    /// retries remain (at least once: a lost attempt may have had effects).
+    /// (killed, stopped, cut off), or could not get its component, so nobody knows how it
+    /// ended. Crashed; retried while the task has retries left (so run at least once, maybe
+    /// more: a lost attempt may have had effects).
     Lost {
         /// What happened, for people.
         message: String,

@@ -115,7 +115,6 @@ struct Inner {
     backend: Backend,
     /// The workers that run task runs, when they do ([`Server::use_workers`]).
     remote: std::sync::OnceLock<Arc<workers::Remote>>,
-    worker_tokens: worker_api::TokenCache,
 }
 
 impl Server {
@@ -176,7 +175,6 @@ impl Server {
                 key,
                 backend,
                 remote: std::sync::OnceLock::new(),
-                worker_tokens: worker_api::TokenCache::default(),
             }),
         };
         for tenant in server.inner.tenants.list()? {
@@ -186,7 +184,8 @@ impl Server {
     }
 
     /// From now on, task runs are run by `sluice worker` processes, each claim of theirs leased
-    /// for `lease` ([`workers`]); only on PostgreSQL. Call it before
+    /// for `lease` (at least [`workers::MIN_LEASE`]; see [`workers`]); only on PostgreSQL, and
+    /// one server per database. Call it before
     /// [`Server::resume_crashed`], from within the server's runtime: the attempts a previous
     /// server left in the database's queue are taken back first.
     pub fn use_workers(&self, lease: std::time::Duration) -> Result<(), ServerError> {
@@ -203,9 +202,11 @@ impl Server {
             source,
         };
         let queue = db.queue().map_err(store)?;
+        let registry = db.registry().map_err(store)?;
         let remote = workers::Remote::start(
             queue,
-            lease,
+            registry,
+            lease.max(workers::MIN_LEASE),
             self.inner.queue.slot_setter(),
             tokio::runtime::Handle::current(),
         )

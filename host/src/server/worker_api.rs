@@ -4,9 +4,7 @@
 //! add`), checked against the database's, never a tenant's; a worker is the operator's and sees
 //! every tenant's attempts. Not part of the tenants' OpenAPI document.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, State};
@@ -14,23 +12,15 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::Response;
 
+use super::Server;
 use super::problem::ApiError;
 use super::workers::Remote;
-use super::{Backend, Server};
 use crate::ids::TenantId;
 use crate::store::StoreError;
 use crate::worker::wire::{
     ClaimRequest, ClaimResponse, ExtendRequest, ExtendResponse, FinishRequest, FinishResponse,
     QueueStats,
 };
-
-/// How long a checked worker token is trusted before it is read again (a removed token stops
-/// working within this).
-const TOKEN_TTL: Duration = Duration::from_secs(5);
-
-/// Worker tokens checked lately: hash → (worker name, when checked).
-#[derive(Debug, Default)]
-pub(super) struct TokenCache(Mutex<HashMap<String, (String, Instant)>>);
 
 /// The routes, merged into the server's router.
 pub(super) fn routes() -> axum::Router<Server> {
@@ -44,6 +34,9 @@ pub(super) fn routes() -> axum::Router<Server> {
             "/api/v1/worker/components/{tenant}/{digest}",
             get(component),
         )
+        // Results carry outputs and logs as large as budgets allow (a worker batches them at
+        // 8 MiB, a larger one alone); workers are the operator's.
+        .layer(axum::extract::DefaultBodyLimit::max(1 << 30))
 }
 
 /// The calling worker: its token's name, and the server's queue of worker attempts.
@@ -64,39 +57,17 @@ impl FromRequestParts<Server> for Worker {
             .ok_or_else(|| unauthorized("no `Authorization: Bearer <worker token>` header"))?
             .trim()
             .to_owned();
-        let (Some(remote), Backend::Postgres(db)) =
-            (server.inner.remote.get(), &server.inner.backend)
-        else {
+        let Some(remote) = server.inner.remote.get() else {
             return Err(ApiError::not_found(
                 "this server runs its task runs itself: start it with --database URL --workers \
                  to give them to workers",
             ));
         };
-        let hash = super::tenants::token_hash(&token);
-        let cache = &server.inner.worker_tokens;
-        let cached = {
-            let seen = cache.0.lock().unwrap_or_else(|p| p.into_inner());
-            seen.get(&hash)
-                .filter(|(_, at)| at.elapsed() < TOKEN_TTL)
-                .map(|(name, _)| name.clone())
-        };
-        let name = match cached {
-            Some(name) => name,
-            None => {
-                let db = db.clone();
-                let h = hash.clone();
-                let found = super::workers::blocking(move || db.registry()?.worker_by_token(&h))
-                    .await
-                    .map_err(|e| unavailable("checking the worker token", &e))?
-                    .ok_or_else(|| unauthorized("the worker token is not valid"))?;
-                cache
-                    .0
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(hash, (found.clone(), Instant::now()));
-                found
-            }
-        };
+        let name = remote
+            .worker_for(&super::tenants::token_hash(&token))
+            .await
+            .map_err(|e| unavailable("checking the worker token", &e))?
+            .ok_or_else(|| unauthorized("the worker token is not valid"))?;
         Ok(Worker(name, remote.clone()))
     }
 }

@@ -9,8 +9,11 @@
 //! thread of its own), wakes waiting claims on the database's `NOTIFY` (a `LISTEN` connection,
 //! re-opened when it drops; claims poll every [`POLL`] as a fallback), and takes back lapsed
 //! claims: the attempt is recorded Crashed and retried while its task has retries left
-//! ([`Ending::Lost`]). The fair queue's slots follow the workers: the concurrency of every worker
-//! seen within a lease, summed.
+//! ([`Ending::Lost`]). Attempts of a cancelled flow run that no worker claimed leave the queue
+//! Cancelled. The fair queue's slots follow the workers: the concurrency of every worker heard
+//! from within two leases, summed. Secrets granted to a job travel with its claim, never in the
+//! queue's rows. One server per database gives task runs to workers: its `LISTEN` connection
+//! holds the queue's owner lock, and a server that starts takes back what a predecessor left.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -21,7 +24,7 @@ use crate::ids::{TaskRunId, TenantId};
 use crate::runner::executor::{Finished, Job};
 use crate::runner::machine::Unit;
 use crate::sandbox::{CancelToken, Ending, RunOutcome};
-use crate::store::{Lease, NewAttempt, PgQueue, StoreError};
+use crate::store::{Lease, NewAttempt, PgQueue, PgRegistry, StoreError};
 use crate::worker::wire::{
     ClaimRef, ClaimRequest, ClaimResponse, ClaimedJob, ExtendResponse, FinishedJob, QueueStats,
     WireContext, WireJob,
@@ -38,8 +41,11 @@ pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
 pub const MAX_CLAIM: u32 = 256;
 
 /// The default lease of a claim (`sluice server --worker-lease`): a worker extends its claims
-/// every third of it; one that has not for this long is taken to be gone.
+/// every third of it, at most every second; one that has not for this long is taken to be gone.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
+/// The shortest lease: a worker's first extension of a claim may come a second after it.
+pub const MIN_LEASE: Duration = Duration::from_secs(3);
 
 /// What to do with an attempt's result: account for it, hand its slot back, tell its flow run.
 pub type Done = Box<dyn FnOnce(Finished) + Send>;
@@ -49,11 +55,18 @@ struct Pending {
     unit: Unit,
     cancel: CancelToken,
     done: Done,
+    /// The secrets its job is given: sent with its claim, never written to the queue's rows.
+    secrets: Vec<(String, String)>,
+    /// Its flow run's parameters: sent once per claim, not in every row.
+    parameters: std::sync::Arc<str>,
 }
 
 /// The attempts executed by workers. See the module documentation.
 pub struct Remote {
     queue: PgQueue,
+    registry: PgRegistry,
+    /// Worker tokens checked lately: hash → (its name, or none: not valid; when checked).
+    tokens: Mutex<HashMap<String, (Option<String>, Instant)>>,
     lease: Duration,
     pending: Mutex<HashMap<(TaskRunId, u32), Pending>>,
     to_enqueue: Mutex<std_mpsc::Sender<NewAttempt>>,
@@ -74,6 +87,10 @@ impl std::fmt::Debug for Remote {
             .finish_non_exhaustive()
     }
 }
+
+/// How long a checked worker token is trusted before it is read again (a removed token stops
+/// working within this).
+const TOKEN_TTL: Duration = Duration::from_secs(5);
 
 /// Samples kept for the percentiles of [`QueueStats`].
 const SAMPLES: usize = 100_000;
@@ -115,13 +132,17 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-fn lost(message: String) -> RunOutcome {
+fn ended(ending: Ending) -> RunOutcome {
     RunOutcome {
-        ending: Ending::Lost { message },
+        ending,
         logs: Vec::new(),
         logs_dropped_bytes: 0,
         usage: Default::default(),
     }
+}
+
+fn lost(message: String) -> RunOutcome {
+    ended(Ending::Lost { message })
 }
 
 fn host_fault(message: String) -> RunOutcome {
@@ -140,10 +161,22 @@ impl Remote {
     /// `runtime` entered.
     pub fn start(
         queue: PgQueue,
+        registry: PgRegistry,
         lease: Duration,
         set_slots: Box<dyn Fn(usize) + Send + Sync>,
         runtime: tokio::runtime::Handle,
     ) -> Result<std::sync::Arc<Remote>, StoreError> {
+        let (wakeups, owned) = queue.listen_owning(true)?;
+        if !owned {
+            return Err(StoreError::Database {
+                database: registry.name().to_owned(),
+                detail: "another server already gives this database's task runs to workers \
+                         (one server per database may: a second would take back the first's \
+                         attempts)"
+                    .into(),
+                retriable: false,
+            });
+        }
         let left = queue.reset()?;
         if left > 0 {
             tracing::info!("took back {left} attempts a previous server left to workers");
@@ -151,6 +184,8 @@ impl Remote {
         let (tx, rx) = std_mpsc::channel();
         let remote = std::sync::Arc::new(Remote {
             queue,
+            registry,
+            tokens: Mutex::default(),
             lease,
             pending: Mutex::default(),
             to_enqueue: Mutex::new(tx),
@@ -171,7 +206,7 @@ impl Remote {
         let r = remote.clone();
         spawn("sluice-enqueue", Box::new(move || r.enqueue_loop(rx)))?;
         let r = remote.clone();
-        spawn("sluice-listen", Box::new(move || r.listen_loop()))?;
+        spawn("sluice-listen", Box::new(move || r.listen_loop(wakeups)))?;
         let r = remote.clone();
         spawn("sluice-expire", Box::new(move || r.expire_loop()))?;
         Ok(remote)
@@ -204,14 +239,18 @@ impl Remote {
             run,
             ..
         } = job;
+        let mut grants = grants.to_wire();
+        let secrets = std::mem::take(&mut grants.secrets);
+        let mut wire_ctx = WireContext::from(&ctx);
+        wire_ctx.parameters = String::new();
         let wire = WireJob {
             tenant,
             component: component.digest(),
             name: component.name().to_owned(),
             input: input.as_str().to_owned(),
-            ctx: WireContext::from(&ctx),
+            ctx: wire_ctx,
             budget,
-            grants: grants.to_wire(),
+            grants,
         };
         let payload = match serde_json::to_vec(&wire) {
             Ok(p) => p,
@@ -224,7 +263,24 @@ impl Remote {
             }
         };
         let key = (ctx.task_run_id, ctx.attempt);
-        self.pending().insert(key, Pending { unit, cancel, done });
+        let earlier = self.pending().insert(
+            key,
+            Pending {
+                unit,
+                cancel,
+                done,
+                secrets,
+                parameters: ctx.parameters.clone(),
+            },
+        );
+        if let Some(p) = earlier {
+            // Never: a task run's attempt is submitted once. Answered rather than lost.
+            tracing::error!("task run {} attempt {} submitted twice", key.0, key.1);
+            (p.done)(Finished {
+                unit: p.unit,
+                outcome: host_fault("the attempt was submitted twice".into()),
+            });
+        }
         let attempt = NewAttempt {
             tenant: tenant.to_string(),
             flow_run: run,
@@ -277,15 +333,7 @@ impl Remote {
                     .get(&key)
                     .is_some_and(|p| p.cancel.is_cancelled());
                 if cancelled {
-                    self.settle(
-                        key,
-                        RunOutcome {
-                            ending: Ending::Cancelled,
-                            logs: Vec::new(),
-                            logs_dropped_bytes: 0,
-                            usage: Default::default(),
-                        },
-                    );
+                    self.settle(key, ended(Ending::Cancelled));
                 }
                 !cancelled
             });
@@ -316,22 +364,57 @@ impl Remote {
         }
     }
 
-    /// Wake waiting claims on every `NOTIFY` of the queue (another server's enqueues too),
-    /// listening again whenever the connection drops.
-    fn listen_loop(&self) {
+    /// Wake waiting claims on every `NOTIFY` of the queue, listening again whenever the
+    /// connection drops.
+    /// The connection also holds the queue's owner lock; when it drops (PostgreSQL restarted)
+    /// the lock is taken again with the new one.
+    fn listen_loop(&self, first: crate::store::Wakeups) {
+        let mut wakeups = Some(first);
         loop {
-            match self.queue.listen() {
-                Ok(wakeups) => {
-                    while !wakeups.is_closed() {
-                        if wakeups.wait(POLL) {
-                            self.wakeup.notify_waiters();
-                        }
+            if let Some(w) = wakeups.take() {
+                while !w.is_closed() {
+                    if w.wait(POLL) {
+                        self.wakeup.notify_waiters();
                     }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            match self.queue.listen_owning(true) {
+                Ok((w, owned)) => {
+                    if !owned {
+                        tracing::error!(
+                            "another server took this database's queue of worker attempts while \
+                             the connection was down: this server's attempts may be taken back"
+                        );
+                    }
+                    wakeups = Some(w);
                 }
                 Err(e) => tracing::warn!("listening for the queue's notifications: {e}"),
             }
-            std::thread::sleep(Duration::from_millis(500));
         }
+    }
+
+    /// The name of the worker token whose hash is `hash`, if it is one (trusted for
+    /// [`TOKEN_TTL`] once checked, either way).
+    pub async fn worker_for(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        if let Some((name, at)) = self
+            .tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(hash)
+            && at.elapsed() < TOKEN_TTL
+        {
+            return Ok(name.clone());
+        }
+        let (registry, h) = (self.registry.clone(), hash.to_owned());
+        let found = blocking(move || registry.worker_by_token(&h)).await?;
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if tokens.len() >= 10_000 {
+            // Bounded: bad tokens sent in a loop cost one lookup each, not memory.
+            tokens.retain(|_, (name, at)| name.is_some() && at.elapsed() < TOKEN_TTL);
+        }
+        tokens.insert(hash.to_owned(), (found.clone(), Instant::now()));
+        Ok(found)
     }
 
     /// Every quarter of a lease (at most every second): take back the claims that lapsed and
@@ -345,6 +428,7 @@ impl Remote {
         loop {
             std::thread::sleep(every);
             self.forget_gone_workers();
+            self.withdraw_cancelled();
             if !reachable {
                 match self.queue.extend_all(now_us(), micros(self.lease)) {
                     Ok(_) => reachable = true,
@@ -382,6 +466,40 @@ impl Remote {
                 // Found again at the next round (they stay lapsed): settled then.
                 tracing::warn!("settling lapsed claims: {e}");
             }
+        }
+    }
+
+    /// Attempts of cancelled flow runs that no worker claimed yet leave the queue and end
+    /// Cancelled (with no worker free, they would wait for one to hear of the cancel).
+    fn withdraw_cancelled(&self) {
+        let cancelled: Vec<(TaskRunId, u32)> = self
+            .pending()
+            .iter()
+            .filter(|(_, p)| p.cancel.is_cancelled())
+            .map(|(k, _)| *k)
+            .collect();
+        if cancelled.is_empty() {
+            return;
+        }
+        match self.queue.withdraw(&cancelled) {
+            Ok(taken) => {
+                for key in taken {
+                    self.settle(key, ended(Ending::Cancelled));
+                }
+            }
+            Err(e) => tracing::warn!("taking back cancelled attempts: {e}"),
+        }
+    }
+
+    /// `worker` was heard from: it is not gone, whatever it is busy with.
+    fn touch(&self, worker: &str) {
+        if let Some((at, _)) = self
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(worker)
+        {
+            *at = Instant::now();
         }
     }
 
@@ -443,16 +561,27 @@ impl Remote {
             }
             if !claimed.is_empty() {
                 let mut jobs = Vec::with_capacity(claimed.len());
+                let mut parameters = std::collections::BTreeMap::new();
                 for c in claimed {
                     match serde_json::from_slice::<WireJob>(&c.attempt.payload) {
-                        Ok(job) => jobs.push(ClaimedJob {
+                        Ok(mut job) => jobs.push(ClaimedJob {
                             claim: ClaimRef {
                                 id: c.lease.id,
                                 fence: c.lease.fence,
                                 task_run: c.attempt.task_run,
                                 attempt: c.attempt.attempt,
                             },
-                            job,
+                            job: {
+                                if let Some(p) =
+                                    self.pending().get(&(c.attempt.task_run, c.attempt.attempt))
+                                {
+                                    job.grants.secrets = p.secrets.clone();
+                                    parameters
+                                        .entry(job.ctx.flow_run_id)
+                                        .or_insert_with(|| p.parameters.to_string());
+                                }
+                                job
+                            },
                         }),
                         // Only this server writes payloads: left claimed, it lapses and is
                         // recorded lost (and retried while retries remain).
@@ -466,6 +595,7 @@ impl Remote {
                 return Ok(ClaimResponse {
                     jobs,
                     lease_ms: u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX),
+                    parameters,
                 });
             }
             tokio::select! {
@@ -474,6 +604,7 @@ impl Remote {
                     return Ok(ClaimResponse {
                         jobs: Vec::new(),
                         lease_ms: u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX),
+                        parameters: Default::default(),
                     });
                 }
                 () = tokio::time::sleep(POLL) => {}
@@ -494,6 +625,7 @@ impl Remote {
                 fence: c.fence,
             })
             .collect();
+        self.touch(&worker);
         let (queue, lease) = (self.queue.clone(), micros(self.lease));
         let held = blocking(move || queue.extend(&worker, &leases, now_us(), lease)).await?;
         let pending = self.pending();
@@ -522,8 +654,33 @@ impl Remote {
                 fence: r.claim.fence,
             })
             .collect();
+        self.touch(&worker);
         let queue = self.queue.clone();
-        let accepted = blocking(move || queue.finish_many(&worker, &leases)).await?;
+        let mut accepted = blocking(move || queue.finish_many(&worker, &leases)).await?;
+        // A result refused whose row is gone while its attempt is still awaited was taken by
+        // an earlier report whose answer was lost (the worker reports again): taking back a
+        // lapsed claim ends the wait before its row goes, and a row is never claimed twice.
+        let gone: Vec<i64> = {
+            let pending = self.pending();
+            results
+                .iter()
+                .zip(&accepted)
+                .filter(|(r, ok)| {
+                    !**ok && pending.contains_key(&(r.claim.task_run, r.claim.attempt))
+                })
+                .map(|(r, _)| r.claim.id)
+                .collect()
+        };
+        if !gone.is_empty() {
+            let queue = self.queue.clone();
+            let ids = gone.clone();
+            let present = blocking(move || queue.present(&ids)).await?;
+            for (r, ok) in results.iter().zip(accepted.iter_mut()) {
+                if !*ok && gone.contains(&r.claim.id) && !present.contains(&r.claim.id) {
+                    *ok = true;
+                }
+            }
+        }
         let (mut taken, mut refused) = (0, 0);
         for (r, ok) in results.into_iter().zip(&accepted) {
             if !ok {
@@ -532,9 +689,13 @@ impl Remote {
             }
             taken += 1;
             let key = (r.claim.task_run, r.claim.attempt);
-            let outcome = r.outcome.into_outcome().unwrap_or_else(|e| {
+            let mut outcome = r.outcome.into_outcome().unwrap_or_else(|e| {
                 host_fault(format!("the worker's result could not be read: {e}"))
             });
+            // What a worker says it used is summed into the run's totals: kept within sense.
+            let usage = &mut outcome.usage;
+            usage.duration = usage.duration.min(Duration::from_secs(7 * 24 * 3600));
+            usage.fuel_consumed = usage.fuel_consumed.min(1 << 50);
             if !self.settle(key, outcome) {
                 tracing::warn!(
                     "task run {} attempt {}: a result nobody waits for",

@@ -390,8 +390,9 @@ fn retry(
     if let Some(e @ StoreError::Damaged { .. }) = health.error() {
         return Err(e);
     }
+    // Tried once each: the batch that failed first had its patience already.
     while let Some(b) = held.front() {
-        if let Err(e) = commit_patiently(db, b) {
+        if let Err(e) = db.commit(b) {
             health.note(&e);
             if health.is_damaged() {
                 discard(held, health);

@@ -2,8 +2,9 @@
 //! --database URL --workers`). It claims attempts in batches through the server's worker API
 //! (long polls: the server answers as soon as attempts are enqueued), runs each in its own
 //! sandbox, extends its claims while they run (every third of the lease, at most every
-//! second), and reports results in batches. A claim the server no longer gives it (it lapsed:
-//! the worker was stopped or cut off for a lease) is stopped and its result not counted; an
+//! second), and reports results in batches. A claim the server says it no longer gives it (it
+//! lapsed: the worker was stopped or cut off for a lease) is stopped when the worker hears so,
+//! and its result not counted (until then it may run beside its retry on another worker); an
 //! attempt whose flow run was cancelled is stopped and reported Cancelled. A component is
 //! fetched by digest once and kept under the worker's directory; the sandbox keeps its
 //! precompiled form in the per-user artifact cache, so nothing is compiled twice on one machine.
@@ -35,6 +36,9 @@ const CLAIM_WAIT: Duration = Duration::from_secs(20);
 /// The most results reported in one call.
 const REPORT_BATCH: usize = 512;
 
+/// The most bytes of results reported in one call (a larger result goes alone).
+const REPORT_BYTES: usize = 8 << 20;
+
 /// Why a worker stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -49,6 +53,15 @@ pub enum WorkerError {
     /// The server does not give task runs to workers.
     #[error("the server {server} does not give task runs to workers: {detail}")]
     NoWorkers {
+        /// The server.
+        server: String,
+        /// What it said.
+        detail: String,
+    },
+    /// The server refused a request as not valid (a bug of one side, or versions that do not
+    /// match).
+    #[error("the server {server} refused a request: {detail}")]
+    Refused {
         /// The server.
         server: String,
         /// What it said.
@@ -88,7 +101,9 @@ struct Shared {
     sandbox: Sandbox,
     local: LocalExecutor,
     held: Mutex<HashMap<ClaimRef, Held>>,
-    components: tokio::sync::Mutex<HashMap<String, TaskComponent>>,
+    /// Components by digest, each loaded once (concurrent jobs of one digest wait for the
+    /// first; a failed load is tried again by the next job).
+    components: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<TaskComponent>>>>,
     /// The lease the server gives claims.
     lease: Mutex<Duration>,
 }
@@ -132,7 +147,7 @@ pub async fn run(
         instance,
         http,
         held: Mutex::default(),
-        components: tokio::sync::Mutex::default(),
+        components: Mutex::default(),
         lease: Mutex::new(Duration::from_secs(30)),
     });
     let slots = Arc::new(Semaphore::new(concurrency as usize));
@@ -141,7 +156,11 @@ pub async fn run(
     let extender = tokio::spawn(extend_loop(shared.clone()));
     tokio::pin!(shutdown);
     let mut backoff = Backoff::default();
+    let mut stopping = false;
     let outcome = loop {
+        if stopping {
+            break Ok(());
+        }
         // A slot first: nothing is claimed that could not start at once.
         let first = tokio::select! {
             () = &mut shutdown => break Ok(()),
@@ -161,9 +180,16 @@ pub async fn run(
             concurrency,
             wait_ms: u64::try_from(CLAIM_WAIT.as_millis()).unwrap_or(u64::MAX),
         };
+        // A claim in flight when the worker is told to stop is waited for (its attempts run):
+        // dropped, what the server claimed for it would lapse and count as lost.
+        let claim = shared.post::<_, ClaimResponse>("claim", &req, None);
+        tokio::pin!(claim);
         let claimed = tokio::select! {
-            () = &mut shutdown => break Ok(()),
-            claimed = shared.post::<_, ClaimResponse>("claim", &req) => claimed,
+            () = &mut shutdown => {
+                stopping = true;
+                (&mut claim).await
+            }
+            claimed = &mut claim => claimed,
         };
         let response = match claimed {
             Ok(r) => {
@@ -171,6 +197,7 @@ pub async fn run(
                 r
             }
             Err(Call::Fatal(e)) => break Err(e),
+            Err(Call::Retry(_)) if stopping => break Ok(()),
             Err(Call::Retry(e)) => {
                 backoff.wait("claiming", &e).await;
                 continue;
@@ -178,7 +205,13 @@ pub async fn run(
         };
         *shared.lease.lock().unwrap_or_else(|p| p.into_inner()) =
             Duration::from_millis(response.lease_ms.max(1));
+        let parameters: HashMap<_, Arc<str>> = response
+            .parameters
+            .into_iter()
+            .map(|(run, p)| (run, Arc::from(p)))
+            .collect();
         for (job, permit) in response.jobs.into_iter().zip(permits.drain(..)) {
+            let params = parameters.get(&job.job.ctx.flow_run_id).cloned();
             let cancel = CancelToken::new();
             shared
                 .held
@@ -194,7 +227,7 @@ pub async fn run(
             let (shared, reports) = (shared.clone(), reports.clone());
             tokio::spawn(async move {
                 let claim = job.claim;
-                let outcome = shared.run_job(job, cancel).await;
+                let outcome = shared.run_job(job, params, cancel).await;
                 let lost = shared
                     .held
                     .lock()
@@ -281,12 +314,17 @@ impl Shared {
         &self,
         path: &str,
         body: &B,
+        within: Option<Duration>,
     ) -> Result<R, Call> {
-        let response = self
+        let mut request = self
             .http
             .post(self.url(path))
             .bearer_auth(&self.config.token)
-            .json(body)
+            .json(body);
+        if let Some(d) = within {
+            request = request.timeout(d);
+        }
+        let response = request
             .send()
             .await
             .map_err(|e| Call::Retry(format!("{}: {e}", self.config.server)))?;
@@ -313,13 +351,20 @@ impl Shared {
         Err(match status.as_u16() {
             401 => Call::Fatal(WorkerError::Unauthorized { server, detail }),
             404 => Call::Fatal(WorkerError::NoWorkers { server, detail }),
+            408 | 429 => Call::Retry(format!("{server}: {status}: {detail}")),
+            400..=499 => Call::Fatal(WorkerError::Refused { server, detail }),
             _ => Call::Retry(format!("{server}: {status}: {detail}")),
         })
     }
 
     /// Run one claimed attempt; a setup failure (its component cannot be fetched or loaded,
     /// its job is not valid) is a host fault.
-    async fn run_job(&self, claimed: ClaimedJob, cancel: CancelToken) -> RunOutcome {
+    async fn run_job(
+        &self,
+        claimed: ClaimedJob,
+        parameters: Option<Arc<str>>,
+        cancel: CancelToken,
+    ) -> RunOutcome {
         let ClaimedJob { job, .. } = claimed;
         let fault = |message: String| RunOutcome {
             ending: Ending::HostFault { message },
@@ -332,7 +377,21 @@ impl Shared {
             .await
         {
             Ok(c) => c,
-            Err(e) => return fault(format!("worker {}: {e}", self.instance)),
+            // Maybe passing (the server restarting) and maybe this machine's: retried, as an
+            // attempt lost with its worker is, while retries remain.
+            Err(e) => {
+                return RunOutcome {
+                    ending: Ending::Lost {
+                        message: format!(
+                            "worker {} could not get the task's component: {e}",
+                            self.instance
+                        ),
+                    },
+                    logs: Vec::new(),
+                    logs_dropped_bytes: 0,
+                    usage: Default::default(),
+                };
+            }
         };
         let input = match Json::parse(&job.input) {
             Ok(i) => i,
@@ -342,7 +401,8 @@ impl Shared {
             Ok(g) => g,
             Err(e) => return fault(format!("the job's grants: {e}")),
         };
-        let ctx = crate::context::TaskContext::from(job.ctx);
+        let mut ctx = crate::context::TaskContext::from(job.ctx);
+        ctx.parameters = parameters.unwrap_or_else(|| Arc::from("{}"));
         let run = ctx.flow_run_id;
         self.local
             .run_here(Job {
@@ -369,26 +429,30 @@ impl Shared {
         if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(format!("{digest:?} is not a component digest"));
         }
-        // One fetch and load per digest at a time; the others wait for it.
-        let mut loaded = self.components.lock().await;
-        if let Some(c) = loaded.get(digest) {
-            return Ok(c.clone());
-        }
-        let path = self
-            .config
-            .dir
-            .join("components")
-            .join(format!("{digest}.wasm"));
-        if !path.is_file() {
-            self.fetch(tenant, digest, &path).await?;
-        }
-        let component = self
-            .sandbox
-            .load_file(&path)
-            .await
-            .map_err(|e| format!("component {digest}: {e}"))?;
-        loaded.insert(digest.to_owned(), component.clone());
-        Ok(component)
+        // One fetch and load per digest at a time; jobs of other digests do not wait for it.
+        let cell = self
+            .components
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(digest.to_owned())
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| async {
+            let path = self
+                .config
+                .dir
+                .join("components")
+                .join(format!("{digest}.wasm"));
+            if !path.is_file() {
+                self.fetch(tenant, digest, &path).await?;
+            }
+            self.sandbox
+                .load_file(&path)
+                .await
+                .map_err(|e| format!("component {digest}: {e}"))
+        })
+        .await
+        .cloned()
     }
 
     async fn fetch(&self, tenant: &str, digest: &str, path: &Path) -> Result<(), String> {
@@ -452,11 +516,28 @@ impl Shared {
 /// until it is (its slots stay taken meanwhile).
 async fn report_loop(shared: Arc<Shared>, mut reported: mpsc::UnboundedReceiver<Report>) {
     let mut backoff = Backoff::default();
-    while let Some(first) = reported.recv().await {
+    let mut carried: Option<Report> = None;
+    loop {
+        let first = match carried.take() {
+            Some(r) => r,
+            None => match reported.recv().await {
+                Some(r) => r,
+                None => return,
+            },
+        };
+        // At most REPORT_BATCH results and REPORT_BYTES of them (one larger result alone).
+        let size = |r: &Report| serde_json::to_vec(&r.result).map_or(0, |v| v.len());
+        let mut bytes = size(&first);
         let mut batch = vec![first];
         while batch.len() < REPORT_BATCH
             && let Ok(more) = reported.try_recv()
         {
+            let more_bytes = size(&more);
+            if bytes + more_bytes > REPORT_BYTES {
+                carried = Some(more);
+                break;
+            }
+            bytes += more_bytes;
             batch.push(more);
         }
         let req = FinishRequest {
@@ -464,13 +545,17 @@ async fn report_loop(shared: Arc<Shared>, mut reported: mpsc::UnboundedReceiver<
             results: batch.iter().map(|r| r.result.clone()).collect(),
         };
         let answer = loop {
-            match shared.post::<_, FinishResponse>("finish", &req).await {
+            match shared.post::<_, FinishResponse>("finish", &req, None).await {
                 Ok(a) => {
                     backoff.reset(&shared.config.server);
                     break Some(a);
                 }
+                // Dropped: their claims lapse at the server, which retries the attempts.
                 Err(Call::Fatal(e)) => {
-                    tracing::error!("reporting results: {e}");
+                    tracing::error!(
+                        "reporting {} results: {e}; they are dropped",
+                        req.results.len()
+                    );
                     break None;
                 }
                 Err(Call::Retry(e)) => backoff.wait("reporting results", &e).await,
@@ -516,9 +601,14 @@ async fn extend_loop(shared: Arc<Shared>) {
             instance: shared.instance.clone(),
             claims,
         };
-        let answer = match shared.post::<_, ExtendResponse>("extend", &req).await {
+        // Within a third of the lease: a call that hangs must not outlast the claims.
+        let within = (lease / 3).max(Duration::from_millis(500));
+        let answer = match shared
+            .post::<_, ExtendResponse>("extend", &req, Some(within))
+            .await
+        {
             Ok(a) => a,
-            Err(Call::Retry(e) | Call::Fatal(WorkerError::Setup(e))) => {
+            Err(Call::Retry(e)) => {
                 tracing::warn!("extending claims: {e}");
                 continue;
             }

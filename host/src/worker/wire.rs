@@ -48,7 +48,9 @@ pub struct WireContext {
     pub attempt: u32,
     /// The index of a mapped child.
     pub map_index: Option<u32>,
-    /// The flow run's parameters, a JSON object in text.
+    /// The flow run's parameters, a JSON object in text; empty in a claimed job, whose flow
+    /// run's parameters come once per claim ([`ClaimResponse::parameters`]).
+    #[serde(default)]
     pub parameters: String,
     /// User keys.
     pub values: BTreeMap<String, String>,
@@ -293,6 +295,10 @@ pub struct ClaimResponse {
     pub jobs: Vec<ClaimedJob>,
     /// How long a claim lasts unless extended, in milliseconds.
     pub lease_ms: u64,
+    /// The parameters of the flow runs of these jobs (a JSON object in text each): sent once per
+    /// claim, not with every job (a mapped flow's parameters hold the list it maps over).
+    #[serde(default)]
+    pub parameters: BTreeMap<FlowRunId, String>,
 }
 
 /// One claimed attempt.
@@ -372,7 +378,7 @@ pub struct QueueStats {
     pub claim_p50_us: u64,
     /// … 99th percentile.
     pub claim_p99_us: u64,
-    /// Workers seen within a lease, and their concurrency summed.
+    /// Workers heard from within two leases.
     pub workers: u64,
     /// Their concurrency, summed.
     pub capacity: u64,

@@ -37,6 +37,9 @@ pub(crate) struct Remote {
     /// For event streams: no limit on a request's whole time (a stream lasts as long as its
     /// run), only on silence (the server sends a keep-alive every second).
     streams: reqwest::Client,
+    /// The server answered once: a read that cannot connect later is tried again (it is
+    /// restarting), where a first one fails at once (a wrong address).
+    reached: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Display for Remote {
@@ -81,6 +84,7 @@ impl Remote {
             token: token.to_owned(),
             http,
             streams,
+            reached: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -118,13 +122,19 @@ impl Remote {
             let again = retry && started.elapsed() < RETRY_READS_FOR;
             let response = match req.send().await {
                 Ok(r) => r,
-                Err(e) if again && (e.is_connect() || e.is_timeout()) => {
+                Err(e)
+                    if again
+                        && (e.is_connect() || e.is_timeout())
+                        && self.reached.load(std::sync::atomic::Ordering::Relaxed) =>
+                {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(std::time::Duration::from_secs(2));
                     continue;
                 }
                 Err(e) => return Err(UsageError(anyhow!("server {}: {e}", self.base))),
             };
+            self.reached
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             if response.status().is_success() || response.status() == StatusCode::NOT_FOUND {
                 return Ok(response);
             }

@@ -36,14 +36,17 @@ pub(crate) struct ServerArgs {
     database: Option<String>,
 
     /// Give task runs to `sluice worker` processes (any number, on any machine, authenticated
-    /// with `sluice worker-token add`) instead of running them here; needs --database. The
-    /// fair queue then holds as many running as the workers seen run at once.
+    /// with `sluice worker-token add`) instead of running them here (code-flow bodies and
+    /// handler components still run here); needs --database, and one such server per
+    /// database. The fair queue then holds as many running as the workers seen lately run at
+    /// once.
     #[arg(long, requires = "database")]
     workers: bool,
 
     /// How long a worker's claim on a task run lasts unless it extends it (workers extend every
-    /// third of it): a worker silent for this long is taken to be gone, and its task runs are
-    /// recorded Crashed and retried while they have retries left, e.g. `10s`. Default: 30s.
+    /// third of it, at most every second): a worker silent for this long is taken to be gone,
+    /// and its task runs are recorded Crashed and retried while they have retries left, e.g.
+    /// `10s`. At least 3s. Default: 30s.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "workers")]
     worker_lease: Option<std::time::Duration>,
 }
@@ -277,8 +280,15 @@ pub(crate) async fn serve(
     if args.workers {
         let lease = args
             .worker_lease
-            .unwrap_or(sluice::server::workers::DEFAULT_LEASE)
-            .max(std::time::Duration::from_millis(100));
+            .unwrap_or(sluice::server::workers::DEFAULT_LEASE);
+        if lease < sluice::server::workers::MIN_LEASE {
+            return Err(UsageError(anyhow!(
+                "--worker-lease {}: at least {} (a worker's first extension of a claim may come \
+                 a second after it)",
+                humantime::format_duration(lease),
+                humantime::format_duration(sluice::server::workers::MIN_LEASE)
+            )));
+        }
         tokio::task::block_in_place(|| server.use_workers(lease)).map_err(usage)?;
     }
     // Before it listens: the runs the previous process died executing resume (those with

@@ -142,8 +142,9 @@ impl PgDatabase {
 }
 
 impl PgQueue {
-    /// Enqueue `attempts` (ready at once) and wake claimers; their rows, in order. An attempt
-    /// already enqueued (same task run and attempt) is refused with the rest.
+    /// Enqueue `attempts` (ready at once) and wake claimers; the rows made, in order. An
+    /// attempt already enqueued (same task run and attempt) is left as it is: enqueuing again
+    /// after a commit whose answer was lost changes nothing.
     pub fn enqueue(&self, attempts: &[NewAttempt], now: i64) -> Result<Vec<i64>, StoreError> {
         if let Some((a, tag)) = attempts.iter().find_map(|a| {
             a.tags
@@ -187,6 +188,7 @@ impl PgQueue {
                      FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[])
                          WITH ORDINALITY AS x(t, f, r, a, g, p, n)
                      ORDER BY n
+                     ON CONFLICT (task_run, attempt) DO NOTHING
                      RETURNING id",
                     &[&cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &now],
                 )
@@ -385,10 +387,56 @@ impl PgQueue {
             .run(|client| async move { client.execute("DELETE FROM sluice.queue", &[]).await })
     }
 
+    /// Take back `attempts` (task run, attempt) that no worker claimed yet (their flow run was
+    /// cancelled); those taken back.
+    pub fn withdraw(
+        &self,
+        attempts: &[(TaskRunId, u32)],
+    ) -> Result<Vec<(TaskRunId, u32)>, StoreError> {
+        let runs: Vec<String> = attempts.iter().map(|(r, _)| r.to_string()).collect();
+        let numbers: Vec<i32> = attempts
+            .iter()
+            .map(|(_, a)| i32::try_from(*a).unwrap_or(i32::MAX))
+            .collect();
+        self.db.run(move |client| async move {
+            let rows = client
+                .query(
+                    "DELETE FROM sluice.queue q
+                     USING unnest($1::text[], $2::int[]) AS w(r, a)
+                     WHERE q.task_run = w.r AND q.attempt = w.a AND q.worker IS NULL
+                     RETURNING q.task_run, q.attempt",
+                    &[&runs, &numbers],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .filter_map(|r| Some((column(r, 0)?, u32::try_from(r.get::<_, i32>(1)).ok()?)))
+                .collect())
+        })
+    }
+
+    /// Which of the rows `ids` are in the queue.
+    pub fn present(&self, ids: &[i64]) -> Result<std::collections::HashSet<i64>, StoreError> {
+        let ids = ids.to_vec();
+        self.db.run(move |client| async move {
+            let rows = client
+                .query("SELECT id FROM sluice.queue WHERE id = ANY($1)", &[&ids])
+                .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
     /// Wake-ups when attempts are enqueued: a connection of its own `LISTEN`ing on
     /// [`CHANNEL`]. A claimer waits on it between claims that found nothing, and claims again
     /// after a timeout however it ends (a notification is lost while the connection is down).
     pub fn listen(&self) -> Result<Wakeups, StoreError> {
+        Ok(self.listen_owning(false)?.0)
+    }
+
+    /// [`PgQueue::listen`], the connection also trying to take the queue's owner lock (a
+    /// session advisory lock, held while the connection lives): whether it has it. One server
+    /// gives a database's task runs to workers; a second would take back the first's attempts.
+    pub fn listen_owning(&self, own: bool) -> Result<(Wakeups, bool), StoreError> {
         let (config, name) = (self.db.inner.config.clone(), self.db.name().to_owned());
         let (tx, rx) = std::sync::mpsc::channel();
         let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -418,17 +466,32 @@ impl PgQueue {
                 }
                 closing.store(true, std::sync::atomic::Ordering::Relaxed);
             });
+            let owned = match own {
+                true => client
+                    .query_one(
+                        "SELECT pg_try_advisory_lock(hashtext('sluice:queue-owner'))",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| database_error(&name, &e))?
+                    .get::<_, bool>(0),
+                false => false,
+            };
             client
                 .batch_execute(&format!("LISTEN {CHANNEL}"))
                 .await
                 .map_err(|e| database_error(&name, &e))?;
-            Ok(client)
+            Ok((client, owned))
         })?;
-        Ok(Wakeups {
-            rx,
-            closed,
-            _client: listening?,
-        })
+        let (client, owned) = listening?;
+        Ok((
+            Wakeups {
+                rx,
+                closed,
+                _client: client,
+            },
+            owned,
+        ))
     }
 
     /// How many attempts are ready (not claimed).

@@ -44,10 +44,20 @@ struct WorkerProcess {
 
 impl WorkerProcess {
     fn start(server: &ServerProcess, token: &str, concurrency: u32) -> WorkerProcess {
+        Self::start_with(server, token, concurrency, &[])
+    }
+
+    fn start_with(
+        server: &ServerProcess,
+        token: &str,
+        concurrency: u32,
+        args: &[&str],
+    ) -> WorkerProcess {
         let dir = tempfile::tempdir().expect("worker dir").keep();
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["worker", "--server", &server.url, "--token", token])
             .args(["--concurrency", &concurrency.to_string()])
+            .args(args)
             .arg("--dir")
             .arg(dir.join("components"))
             .env("SLUICE_HOME", dir.join("home"))
@@ -565,4 +575,84 @@ map = true
         assert_eq!(seen["attempt"], 1, "{seen:#}");
         assert_eq!(seen["get"]["team"], "data", "{seen:#}");
     }
+}
+
+/// A tenant's `max_running_tasks` holds across workers (decided by the server's fair queue
+/// before anything is enqueued): six 500 ms task runs under a quota of 2, on a worker that
+/// could run all six at once, take three waves. (A lower bound on time: a slower machine
+/// cannot make it pass wrongly.)
+#[test]
+fn a_tenant_s_running_quota_holds_across_workers() {
+    let url = PgCluster::shared().database("workers_quota");
+    let tenant = token_of(&admin(
+        &url,
+        &["tenant", "add", "acme", "--max-running-tasks", "2"],
+    ));
+    let worker = token_of(&admin(&url, &["worker-token", "add", "rack-1"]));
+    let server = ServerProcess::start(&["--database", &url, "--workers", "--worker-lease", "5s"]);
+    let w = WorkerProcess::start(&server, &worker, 6);
+    let dir = tempfile::tempdir().expect("dir");
+    let (n, ms) = (6, 500);
+    let flow = sleep_map(dir.path(), n, ms);
+    let client = server.spawn_run(&tenant, &flow, true, true);
+    let out = finish(client, Duration::from_secs(60), &server, &[&w]);
+    let run = json_of(&out);
+    assert_eq!(run["state"], "Completed", "{run:#}");
+    check_children(&run, n, ms);
+    let times: Vec<chrono::DateTime<chrono::Utc>> = task(&run, "nap")["children"]
+        .as_array()
+        .expect("children")
+        .iter()
+        .flat_map(|c| c["history"].as_array().expect("history").clone())
+        .filter_map(|t| t["time"].as_str().and_then(|s| s.parse().ok()))
+        .collect();
+    let span = *times.iter().max().expect("times") - *times.iter().min().expect("times");
+    assert!(
+        span >= chrono::TimeDelta::milliseconds(3 * 500 - 50),
+        "six 500 ms task runs, two at a time, took {span}"
+    );
+}
+
+/// `worker_tags` route: a task asking for `gpu` waits while only an untagged worker runs (which
+/// runs the untagged task), and runs once a worker carrying `gpu` comes.
+#[test]
+fn worker_tags_route_task_runs_to_workers_carrying_them() {
+    let (server, tenant, worker) = setup(PgCluster::shared(), "workers_tags", "5s");
+    let plain = WorkerProcess::start(&server, &worker, 4);
+    let dir = tempfile::tempdir().expect("dir");
+    let hostile = guest("hostile").display().to_string();
+    let flow = write_flow(
+        dir.path(),
+        &format!(
+            r#"
+name = "worker-tags"
+[tasks.anywhere]
+component = "{hostile}"
+input = {{ do = "sleep", ms = 1 }}
+[tasks.gpu]
+component = "{hostile}"
+input = {{ do = "sleep", ms = 2 }}
+worker_tags = ["gpu"]
+"#
+        ),
+    );
+    let client = server.spawn_run(&tenant, &flow, true, true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats(&server, &worker)["finished"].as_u64().unwrap_or(0) < 1 {
+        assert!(Instant::now() < deadline, "the untagged task never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Offered for a while (each claim of the plain worker passes it by): never claimed.
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = stats(&server, &worker);
+    assert_eq!(
+        (s["enqueued"].as_u64(), s["claimed"].as_u64()),
+        (Some(2), Some(1)),
+        "{s}"
+    );
+    let gpu = WorkerProcess::start_with(&server, &worker, 1, &["--tags", "gpu,cuda"]);
+    let out = finish(client, Duration::from_secs(60), &server, &[&plain, &gpu]);
+    let run = json_of(&out);
+    assert_eq!(run["state"], "Completed", "{run:#}");
+    assert_eq!(task(&run, "gpu")["output"], 2);
 }

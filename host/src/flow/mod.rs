@@ -216,6 +216,10 @@ pub struct TaskDef {
     pub skip_on_upstream_skip: bool,
     /// Tags, for per-tag concurrency limits.
     pub tags: Vec<String>,
+    /// Only workers carrying every one of these run it (`sluice worker --tags`), on a server
+    /// that gives task runs to workers; elsewhere they are ignored. Not part of the cache key:
+    /// where a task runs does not change its output.
+    pub worker_tags: Vec<String>,
     /// Handler components.
     pub hooks: Hooks,
     /// Output caching (`cache_for` and `cache_validator`); `None` caches nothing.
@@ -259,6 +263,7 @@ impl TaskDef {
             map: MapOver::No,
             skip_on_upstream_skip: true,
             tags: Vec::new(),
+            worker_tags: Vec::new(),
             hooks: Hooks::default(),
             cache: None,
             grants: crate::grants::Grants::default(),

@@ -291,6 +291,7 @@ impl Driver<'_> {
                         grants: self.flow.grants[a.template].run.clone(),
                         cancel: self.cancel.clone(),
                         slot: self.granted.remove(&a.unit),
+                        tags: self.flow.def.tasks[a.template].worker_tags.clone(),
                     };
                     self.in_flight += 1;
                     if !self.deferred.is_empty() || !self.store_has_room() {

@@ -39,6 +39,9 @@ pub struct Job {
     pub cancel: CancelToken,
     /// The executor's slot it was granted ([`Executor::acquire`]), for an executor that queues.
     pub slot: Option<Slot>,
+    /// Only workers carrying every one of these may run it (an executor of workers routes by
+    /// them; others ignore them).
+    pub tags: Vec<String>,
 }
 
 /// One of an executor's slots, granted to a unit by [`Executor::acquire`] and handed back with

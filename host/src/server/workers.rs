@@ -237,6 +237,7 @@ impl Remote {
             grants,
             cancel,
             run,
+            tags,
             ..
         } = job;
         let mut grants = grants.to_wire();
@@ -286,7 +287,7 @@ impl Remote {
             flow_run: run,
             task_run: ctx.task_run_id,
             attempt: ctx.attempt,
-            tags: Vec::new(),
+            tags,
             payload,
         };
         let sent = self

@@ -418,6 +418,7 @@ impl Shared {
                 grants: Arc::new(grants),
                 cancel,
                 slot: None,
+                tags: Vec::new(),
             })
             .await
             .outcome

@@ -14,9 +14,9 @@ pub(crate) struct WorkerArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     concurrency: Option<u32>,
 
-    /// Tags this worker carries, comma-separated: it also claims queued task runs that need
-    /// them (the queue routes by tag; manifests cannot ask for worker tags yet, so today every
-    /// task run is untagged and any worker claims it).
+    /// Tags this worker carries, comma-separated: it also claims task runs whose task asks for
+    /// them (`worker_tags` in the manifest; it must carry every one); untagged task runs go to
+    /// any worker.
     #[arg(long, value_delimiter = ',', value_name = "TAGS")]
     tags: Vec<String>,
 

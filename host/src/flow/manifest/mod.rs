@@ -36,6 +36,7 @@
 //! map = true                          # or ["field", …]
 //! skip_on_upstream_skip = true
 //! tags = ["db"]
+//! worker_tags = ["gpu"]               # only workers started with --tags gpu run it
 //! on_completion = ["handlers/notify.wasm"]   # also on_failure, on_retry, on_state
 //! cache_for = "1h"                    # output caching ("time travel")
 //! cache_validator = "all_inputs"      # duration_only (default), all_parameters, never_use,

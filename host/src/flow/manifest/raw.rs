@@ -55,6 +55,8 @@ pub(super) struct RawTask {
     #[serde(default)]
     pub(super) tags: Vec<String>,
     #[serde(default)]
+    pub(super) worker_tags: Vec<Spanned<String>>,
+    #[serde(default)]
     pub(super) on_completion: Vec<Spanned<String>>,
     #[serde(default)]
     pub(super) on_failure: Vec<Spanned<String>>,

@@ -170,6 +170,24 @@ pub(super) fn task_def(
     };
     task.skip_on_upstream_skip = raw.skip_on_upstream_skip;
     task.tags = raw.tags;
+    if let Some(bad) = raw.worker_tags.iter().find(|t| {
+        let t = t.get_ref();
+        t.is_empty() || t.chars().any(char::is_control) || t.contains(',')
+    }) {
+        return Err(src.error(
+            bad.span(),
+            format!(
+                "task `{name}`: `worker_tags` entry {:?} is not a tag: tags are not empty and \
+                 hold no comma or control character",
+                bad.get_ref()
+            ),
+        ));
+    }
+    task.worker_tags = raw
+        .worker_tags
+        .into_iter()
+        .map(Spanned::into_inner)
+        .collect();
     let hooks = |list: Vec<Spanned<String>>| -> Result<Vec<PathBuf>, ManifestError> {
         list.into_iter()
             .map(|h| {

@@ -21,6 +21,19 @@ fn err(text: &str) -> String {
 }
 
 #[test]
+fn a_worker_tag_that_is_not_one_is_refused_at_its_line() {
+    for bad in ["\"\"", "\"a,b\"", "\"a\\nb\""] {
+        let e = err(&format!(
+            "name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nworker_tags = [\"gpu\", {bad}]\n"
+        ));
+        assert!(
+            e.starts_with("DIR/flow.toml:4:") && e.contains("task `a`: `worker_tags` entry"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn a_full_manifest_parses() {
     let dir = tempfile::tempdir().expect("temp dir");
     let def = parse_in(
@@ -138,7 +151,7 @@ fn errors_name_file_line_and_column() {
         err("name = \"f\"\n[tasks.a]\ncomponent = \"t.wasm\"\nretires = 2\n"),
         "DIR/flow.toml:4:1: unknown field `retires`, expected one of `component`, \
              `input`, `upstream_tasks`, `trigger`, `retries`, `retry_delay`, `backoff`, `fuel`, \
-             `timeout`, `memory`, `map`, `skip_on_upstream_skip`, `tags`, `on_completion`, \
+             `timeout`, `memory`, `map`, `skip_on_upstream_skip`, `tags`, `worker_tags`, `on_completion`, \
              `on_failure`, `on_retry`, `on_state`, `cache_for`, `cache_validator`, \
              `max_retry_delay`, `http_requests`, `http_response_bytes`, `http_connect_timeout`, \
              `http_read_timeout`, `grants` (did you mean `retries`?)"
@@ -272,6 +285,7 @@ memory = "64MiB"
 map = ["n"]
 skip_on_upstream_skip = false
 tags = ["db", "slow"]
+worker_tags = ["gpu", "eu"]
 on_completion = ["h.wasm"]
 on_failure = ["h.wasm", "h.wasm"]
 on_retry = ["h.wasm"]
@@ -326,6 +340,7 @@ component = { path = "t.wasm", build = "make t.wasm", sources = ["src"] }
     assert_eq!(a.map, MapOver::Fields(vec!["n".into()]));
     assert!(!a.skip_on_upstream_skip);
     assert_eq!(a.tags, ["db", "slow"]);
+    assert_eq!(a.worker_tags, ["gpu", "eu"]);
     let h = dir.path().join("h.wasm");
     assert_eq!(
         a.hooks,

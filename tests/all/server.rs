@@ -26,8 +26,13 @@ impl ServerProcess {
     }
 
     pub(crate) fn start_in(home: PathBuf, args: &[&str]) -> ServerProcess {
+        Self::start_on(home, "127.0.0.1:0", args)
+    }
+
+    /// [`ServerProcess::start_in`], listening on `listen`.
+    pub(crate) fn start_on(home: PathBuf, listen: &str, args: &[&str]) -> ServerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["server", "--listen", "127.0.0.1:0"])
+            .args(["server", "--listen", listen])
             .args(args)
             .env("SLUICE_HOME", &home)
             .stdout(Stdio::piped())

@@ -656,3 +656,71 @@ worker_tags = ["gpu"]
     assert_eq!(run["state"], "Completed", "{run:#}");
     assert_eq!(task(&run, "gpu")["output"], 2);
 }
+
+/// The server killed with `kill -9` while a worker runs its attempts, and started again over the
+/// same home, database and address: the worker keeps running and reports once the server is
+/// back; the new server took back its predecessor's attempts (those reports are refused) and
+/// resumed the run (its task runs have a retry left), which the same worker completes.
+#[test]
+fn a_worker_outlives_a_server_restart_and_the_resumed_run_completes() {
+    let url = PgCluster::shared().database("workers_server_restart");
+    let tenant = token_of(&admin(&url, &["tenant", "add", "acme"]));
+    let worker = token_of(&admin(&url, &["worker-token", "add", "rack-1"]));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let home = tempfile::tempdir().expect("home").keep();
+    let args = [
+        "--database",
+        url.as_str(),
+        "--workers",
+        "--worker-lease",
+        "5s",
+    ];
+    let server = ServerProcess::start_on(home.clone(), &listen, &args);
+    let w = WorkerProcess::start(&server, &worker, 4);
+    let dir = tempfile::tempdir().expect("dir");
+    let (n, ms) = (4, 2000);
+    let flow = sleep_map(dir.path(), n, ms);
+    let client = server.spawn_run(&tenant, &flow, false, false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats(&server, &worker)["claimed"].as_u64().unwrap_or(0) < n as u64 {
+        assert!(Instant::now() < deadline, "never claimed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let id = first_run(&server, &tenant);
+    drop(server); // SIGKILL
+    let mut client = client;
+    let _ = client.kill();
+    let _ = client.wait();
+    let server = ServerProcess::start_on(home, &listen, &args);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let run = loop {
+        let out = server.cli(&tenant, &["show", &id, "--json"]);
+        let run = json_of(&out);
+        if run["state"] == "Completed" {
+            break run;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not completed: {run:#}\nworker: {}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for c in task(&run, "nap")["children"].as_array().expect("children") {
+        assert_eq!(c["state"], "Completed", "{c:#}");
+        assert_eq!(c["attempts"], 2, "{c:#}");
+    }
+    // The same worker process ran the resumed attempts; the attempts it held across the
+    // restart were not taken from it: their results refused, or (heard first at an extension)
+    // stopped and dropped.
+    let log = w.log();
+    assert!(
+        log.contains("the server refused its result")
+            || log.contains("its claim lapsed while it ran"),
+        "{log}"
+    );
+}

@@ -304,14 +304,24 @@ impl Remote {
     }
 
     /// The attempt `key` ended with `outcome`: tell whoever waits (once).
+    /// Called from the queue's own threads (enqueue, expire) as from requests: a panic in
+    /// what waits is contained here, so it never stops a thread every other attempt needs.
     fn settle(&self, key: (TaskRunId, u32), outcome: RunOutcome) -> bool {
         let Some(p) = self.pending().remove(&key) else {
             return false;
         };
-        (p.done)(Finished {
+        let finished = Finished {
             unit: p.unit,
             outcome,
-        });
+        };
+        let done = p.done;
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || done(finished))).is_err() {
+            tracing::error!(
+                "task run {} attempt {}: handing its result on panicked",
+                key.0,
+                key.1
+            );
+        }
         true
     }
 

@@ -139,6 +139,20 @@ fn finish(
     }
 }
 
+/// Wait (at most `secs`) until the server's queue statistic `key` reaches `n`; `what` says
+/// what did not happen when it does not.
+fn wait_for(server: &ServerProcess, worker: &str, key: &str, n: u64, what: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = stats(server, worker);
+        if s[key].as_u64().unwrap_or(0) >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The id of the tenant's first run, once the list shows it (its record is written in the
 /// store's next group commit).
 fn first_run(server: &ServerProcess, tenant: &str) -> String {
@@ -214,15 +228,7 @@ fn a_killed_worker_s_task_runs_crash_and_run_again_on_the_others() {
     let flow = sleep_map(dir.path(), n, ms);
     let client = server.spawn_run(&tenant, &flow, true, true);
     // Mid-run: a few hundred results in, then one worker is killed holding its claims.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while stats(&server, &worker)["finished"].as_u64().unwrap_or(0) < 300 {
-        assert!(
-            Instant::now() < deadline,
-            "no progress: {}",
-            stats(&server, &worker)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&server, &worker, "finished", 300, "no progress", 120);
     let mut workers = workers.into_iter();
     let mut killed = workers.next().expect("a worker");
     killed.child.kill().expect("SIGKILL");
@@ -270,18 +276,10 @@ fn a_stopped_worker_s_late_result_is_refused() {
     let flow = sleep_map(dir.path(), 1, 1500);
     let client = server.spawn_run(&tenant, &flow, true, true);
     // The stale worker claims the only attempt, then is stopped past its lease.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stats(&server, &worker)["claimed"].as_u64().unwrap_or(0) < 1 {
-        assert!(Instant::now() < deadline, "never claimed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(&server, &worker, "claimed", 1, "never claimed", 60);
     stale.signal(nix::sys::signal::Signal::SIGSTOP);
     // Taken back and recorded Crashed; the retry goes to a fresh worker and completes.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stats(&server, &worker)["lapsed"].as_u64().unwrap_or(0) < 1 {
-        assert!(Instant::now() < deadline, "the claim never lapsed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&server, &worker, "lapsed", 1, "the claim never lapsed", 60);
     let fresh = WorkerProcess::start(&server, &worker, 1);
     let out = finish(client, Duration::from_secs(60), &server, &[&fresh]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -342,11 +340,7 @@ fn a_lapsed_claim_cannot_overwrite_the_newer_attempt() {
     );
     let claim = claimed["jobs"][0]["claim"].clone();
     assert_eq!(claim["attempt"], 1, "{claimed}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stats(&server, &worker)["lapsed"].as_u64().unwrap_or(0) < 1 {
-        assert!(Instant::now() < deadline, "the claim never lapsed");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(&server, &worker, "lapsed", 1, "the claim never lapsed", 60);
     let fresh = WorkerProcess::start(&server, &worker, 1);
     let out = finish(client, Duration::from_secs(60), &server, &[&fresh]);
     let run = json_of(&out);
@@ -391,11 +385,7 @@ fn a_cancel_takes_back_attempts_no_worker_claimed() {
     let dir = tempfile::tempdir().expect("dir");
     let flow = sleep_map(dir.path(), 3, 10);
     let client = server.spawn_run(&tenant, &flow, true, true);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stats(&server, &worker)["enqueued"].as_u64().unwrap_or(0) < 1 {
-        assert!(Instant::now() < deadline, "nothing enqueued");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(&server, &worker, "enqueued", 1, "nothing enqueued", 60);
     let id = first_run(&server, &tenant);
     let out = server.cli(&tenant, &["cancel", &id]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -419,11 +409,7 @@ fn postgresql_restarted_mid_run_the_run_completes() {
     let (n, ms) = (300, 20);
     let flow = sleep_map(dir.path(), n, ms);
     let client = server.spawn_run(&tenant, &flow, true, true);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while stats(&server, &worker)["finished"].as_u64().unwrap_or(0) < 50 {
-        assert!(Instant::now() < deadline, "no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&server, &worker, "finished", 50, "no progress", 120);
     cluster.stop();
     std::thread::sleep(Duration::from_secs(2));
     cluster.resume();
@@ -451,11 +437,7 @@ fn a_cancel_reaches_the_worker_running_the_task() {
     let dir = tempfile::tempdir().expect("dir");
     let flow = sleep_map(dir.path(), 2, 60_000);
     let client = server.spawn_run(&tenant, &flow, true, true);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stats(&server, &worker)["claimed"].as_u64().unwrap_or(0) < 2 {
-        assert!(Instant::now() < deadline, "never claimed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for(&server, &worker, "claimed", 2, "never claimed", 60);
     let id = first_run(&server, &tenant);
     let out = server.cli(&tenant, &["cancel", &id]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -637,11 +619,14 @@ worker_tags = ["gpu"]
         ),
     );
     let client = server.spawn_run(&tenant, &flow, true, true);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stats(&server, &worker)["finished"].as_u64().unwrap_or(0) < 1 {
-        assert!(Instant::now() < deadline, "the untagged task never ran");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        &server,
+        &worker,
+        "finished",
+        1,
+        "the untagged task never ran",
+        60,
+    );
     // Offered for a while (each claim of the plain worker passes it by): never claimed.
     std::thread::sleep(Duration::from_millis(1500));
     let s = stats(&server, &worker);
@@ -685,11 +670,7 @@ fn a_worker_outlives_a_server_restart_and_the_resumed_run_completes() {
     let (n, ms) = (4, 2000);
     let flow = sleep_map(dir.path(), n, ms);
     let client = server.spawn_run(&tenant, &flow, false, false);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stats(&server, &worker)["claimed"].as_u64().unwrap_or(0) < n as u64 {
-        assert!(Instant::now() < deadline, "never claimed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&server, &worker, "claimed", n as u64, "never claimed", 60);
     let id = first_run(&server, &tenant);
     drop(server); // SIGKILL
     let mut client = client;

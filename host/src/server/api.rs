@@ -109,6 +109,29 @@ async fn read<T: Send + 'static>(
     }
 }
 
+/// 401, saying why.
+pub(super) fn unauthorized(detail: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+}
+
+/// The request's `Authorization: Bearer <token>` (a `kind` of token), or 401 saying what is
+/// wrong with it.
+pub(super) fn bearer<'p>(parts: &'p Parts, kind: &str) -> Result<&'p str, ApiError> {
+    Ok(parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized(format!("no `Authorization: Bearer <{kind}>` header")))?
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            unauthorized(format!(
+                "the `Authorization` header is not `Bearer <{kind}>`"
+            ))
+        })?
+        .trim())
+}
+
 /// The caller: the tenant whose token the request carries (as the registry has it now: its
 /// quotas as they are), and its space.
 struct Caller(Arc<Space>, Tenant);
@@ -117,18 +140,7 @@ impl FromRequestParts<Server> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, server: &Server) -> Result<Self, ApiError> {
-        let unauthorized = |detail: &str| {
-            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail.to_owned())
-        };
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| unauthorized("no `Authorization: Bearer <token>` header"))?
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| unauthorized("the `Authorization` header is not `Bearer <token>`"))?
-            .trim();
+        let token = bearer(parts, "token")?;
         let tenants = server.inner.clone();
         let token = token.to_owned();
         let tenant = read(move || tenants.tenants.authenticate(&token))

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
 use axum::response::Response;
 
 use super::Server;
@@ -46,17 +45,7 @@ impl FromRequestParts<Server> for Worker {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, server: &Server) -> Result<Self, ApiError> {
-        let unauthorized = |detail: &str| {
-            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail.to_owned())
-        };
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| unauthorized("no `Authorization: Bearer <worker token>` header"))?
-            .trim()
-            .to_owned();
+        let token = super::api::bearer(parts, "worker token")?.to_owned();
         let Some(remote) = server.inner.remote.get() else {
             return Err(ApiError::not_found(
                 "this server runs its task runs itself: start it with --database URL --workers \
@@ -67,7 +56,7 @@ impl FromRequestParts<Server> for Worker {
             .worker_for(&super::tenants::token_hash(&token))
             .await
             .map_err(|e| unavailable("checking the worker token", &e))?
-            .ok_or_else(|| unauthorized("the worker token is not valid"))?;
+            .ok_or_else(|| super::api::unauthorized("the worker token is not valid"))?;
         Ok(Worker(name, remote.clone()))
     }
 }

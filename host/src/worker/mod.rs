@@ -527,7 +527,7 @@ async fn report_loop(shared: Arc<Shared>, mut reported: mpsc::UnboundedReceiver<
             },
         };
         // At most REPORT_BATCH results and REPORT_BYTES of them (one larger result alone).
-        let size = |r: &Report| serde_json::to_vec(&r.result).map_or(0, |v| v.len());
+        let size = |r: &Report| r.result.outcome.size_hint();
         let mut bytes = size(&first);
         let mut batch = vec![first];
         while batch.len() < REPORT_BATCH

@@ -201,6 +201,29 @@ impl From<&RunOutcome> for WireOutcome {
 }
 
 impl WireOutcome {
+    /// About how many bytes this is as JSON (its texts and a margin per part), without
+    /// serializing it: to batch results by size.
+    pub fn size_hint(&self) -> usize {
+        let ending = match &self.ending {
+            WireEnding::Output { json } => json.len(),
+            WireEnding::Signal {
+                message, output, ..
+            } => message.len() + output.as_ref().map_or(0, String::len),
+            WireEnding::GuestFault { message }
+            | WireEnding::HostFault { message }
+            | WireEnding::Lost { message } => message.len(),
+            _ => 0,
+        };
+        // Escaping may double a text; 128 bytes for each record's other fields.
+        2 * ending
+            + self
+                .logs
+                .iter()
+                .map(|r| 2 * r.message.len() + 128)
+                .sum::<usize>()
+            + 256
+    }
+
     /// The outcome, or why it is not one (a value that is not JSON, an unknown signal or limit).
     pub fn into_outcome(self) -> Result<RunOutcome, String> {
         let json = |text: &str| Json::parse(text).map_err(|e| format!("not JSON: {e}"));

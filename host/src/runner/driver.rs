@@ -235,12 +235,37 @@ impl Driver<'_> {
                     continue;
                 }
             };
-            // A cancel is taken in before anything that happened after it.
-            if self.cancel.is_cancelled() && !self.machine.is_cancelled() {
-                self.machine.handle(Event::CancelRequested);
+            self.take(event);
+            // Every other end and grant already here is taken in too before the commands are
+            // carried out: one pump (and one wait) for a batch of them, not one each.
+            loop {
+                let event = match done.try_recv() {
+                    Ok(f) => {
+                        self.in_flight -= 1;
+                        Event::AttemptEnded {
+                            unit: f.unit,
+                            outcome: f.outcome,
+                        }
+                    }
+                    Err(_) => match grants.try_recv() {
+                        Ok(g) => {
+                            self.granted.insert(g.unit, g.slot);
+                            Event::SlotGranted(g.unit)
+                        }
+                        Err(_) => break,
+                    },
+                };
+                self.take(event);
             }
-            self.machine.handle(event);
         }
+    }
+
+    /// Hand `event` to the machine; a cancel is taken in before anything that happened after it.
+    fn take(&mut self, event: Event) {
+        if self.cancel.is_cancelled() && !self.machine.is_cancelled() {
+            self.machine.handle(Event::CancelRequested);
+        }
+        self.machine.handle(event);
     }
 
     fn error_record(&self, message: String) -> LogRecord {

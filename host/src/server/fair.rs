@@ -11,13 +11,15 @@
 //! tick, where [`super::cpu`] gives its core to the guest of the least-served tenant waiting for
 //! one, so a CPU-bound guest never holds a core against another tenant.
 //!
-//! Guests run in a runtime of their own (one worker thread per core), apart from the one that
-//! serves requests and drives flow runs: a request or a driver never waits behind a guest's
-//! time slice on a shared worker thread (a noisy neighbour's B p99 went from 14.6× to 6.6× its
-//! solo latency with this). Its threads run below the server's own ([`super::priority`]), so the
-//! kernel gives the cores to serving requests, driving runs and writing the store first, and to
-//! guests what those leave: the control path of every tenant stays fast however busy the guests
-//! are.
+//! While tenants share the server, guests run in a runtime of their own (one worker thread per
+//! core), apart from the one that serves requests and drives flow runs: a request or a driver
+//! never waits behind a guest's time slice on a shared worker thread (a noisy neighbour's B p99
+//! went from 14.6× to 6.6× its solo latency with this). Its threads run below the server's own
+//! ([`super::priority`]), so the kernel gives the cores to serving requests, driving runs and
+//! writing the store first, and to guests what those leave: the control path of every tenant
+//! stays fast however busy the guests are. While one tenant is alone, its guests run beside
+//! their drivers, without the hand-overs between runtimes, and move at their next yield point
+//! once another tenant comes ([`super::placement`]).
 //!
 //! A tenant is eligible while it runs fewer task runs than its `max_running_tasks` quota and
 //! the fuel its task runs used over the last minute is below its `fuel_per_minute` quota; its
@@ -45,7 +47,8 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 /// instance). Each slot handed back goes to a driver on the server's runtime and comes back as
 /// the next job on the guests' (two wake-ups across threads): with few slots, short tasks leave
 /// the guest threads idle while that happens (a 10,000-task map of trivial tasks on 2 cores:
-/// 2.2× its embedded time with 4 slots, 1.6× with 16, 1.35× with 64, no better past it), and
+/// 2.2× its embedded time with 4 slots, 1.6× with 16, 1.35× with 64, no better past it, before a
+/// tenant alone had its attempts start beside their drivers, [`super::placement`]), and
 /// a tenant's backlog beside another's short runs is as fair with 64 as with 4 (the turns decide
 /// who executes). At most half the sandbox's default run slots (128), as embedded runs may
 /// take them all.
@@ -101,10 +104,13 @@ struct Inner {
     /// The guest threads' turns, shared fairly between the running guests ([`super::cpu`]).
     cpu: CpuGate,
     state: Mutex<State>,
-    /// Where guests run: a runtime of their own, so the server's control plane (requests,
-    /// drivers, timers) never waits behind a guest's time slice on a shared worker thread; the
-    /// kernel shares the cores between the two.
+    /// Where guests run while tenants share the server: a runtime of their own, so the
+    /// server's control plane (requests, drivers, timers) never waits behind a guest's time
+    /// slice on a shared worker thread; the kernel shares the cores between the two. While one
+    /// tenant is alone its guests run beside their drivers ([`super::placement`]).
     guests: Option<tokio::runtime::Runtime>,
+    /// Where each attempt starts: beside its driver or with the guests.
+    placement: super::placement::Placement,
 }
 
 impl Drop for Inner {
@@ -268,6 +274,7 @@ impl FairQueue {
             .build()?;
         Ok(FairQueue {
             inner: Arc::new(Inner {
+                placement: super::placement::Placement::new(guests.handle().clone()),
                 guests: Some(guests),
                 cpu: CpuGate::new(threads.max(1), sandbox.epoch_tick()),
                 local: LocalExecutor::new(sandbox),
@@ -538,7 +545,11 @@ impl FairQueue {
             let _ = done.send(finished);
         };
         match &self.inner.guests {
-            Some(guests) => drop(guests.spawn(spawned)),
+            Some(_) => self.inner.placement.spawn(
+                tenant,
+                self.inner.cpu.is_shared(Instant::now()),
+                spawned,
+            ),
             None => drop(tokio::spawn(spawned)),
         }
     }

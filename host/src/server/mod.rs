@@ -16,6 +16,8 @@ mod cpu;
 pub mod deployments;
 pub mod events;
 pub mod fair;
+mod placement;
+pub use cpu::SHARED_LINGER;
 mod priority;
 mod problem;
 pub mod secrets;

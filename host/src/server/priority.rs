@@ -46,9 +46,10 @@ pub fn guest_nice(ours: i32) -> i32 {
     (ours + GUEST_NICE).min(19)
 }
 
-/// Lower the calling thread's priority by [`GUEST_NICE`].
+/// Lower the calling thread's priority by [`GUEST_NICE`], and mark it a guest thread.
 #[cfg(target_os = "linux")]
 pub fn lower_priority() {
+    GUEST_THREAD.with(|g| g.set(true));
     let tid = rustix::thread::gettid();
     let lowered = rustix::process::getpriority_process(Some(tid))
         .and_then(|ours| rustix::process::setpriority_process(Some(tid), guest_nice(ours)));
@@ -59,17 +60,25 @@ pub fn lower_priority() {
 
 /// Elsewhere the nice value is per process: the guests share the cores as equals.
 #[cfg(not(target_os = "linux"))]
-pub fn lower_priority() {}
+pub fn lower_priority() {
+    GUEST_THREAD.with(|g| g.set(true));
+}
 
 thread_local! {
+    /// Whether this is a guest thread ([`lower_priority`]); a guest running beside its driver
+    /// ([`super::placement`]) leaves the server's thread as it is.
+    static GUEST_THREAD: Cell<bool> = const { Cell::new(false) };
     /// Whether this guest thread last asked for the shared setting (the long slice).
     static SHARED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// At a guest's yield point (an epoch tick): while tenants share the server (`shared`), ask
+/// At a guest's yield point (an epoch tick), on a guest thread: while tenants share the server (`shared`), ask
 /// for [`GUEST_SLICE`] (once, when that changes) and yield the core to a waiting server thread;
 /// while one tenant is alone, keep the kernel's default slice and go on.
 pub fn at_tick(shared: bool) {
+    if !GUEST_THREAD.with(Cell::get) {
+        return;
+    }
     if SHARED.with(|s| s.replace(shared)) != shared {
         set_slice(shared.then_some(GUEST_SLICE));
     }

@@ -100,6 +100,12 @@ impl RunGrants {
         self
     }
 
+    /// Whether a run may open connections (HTTP or TCP): its I/O then lives on the runtime
+    /// that first polls it.
+    pub fn reaches_network(&self) -> bool {
+        !self.http.is_empty() || !self.tcp.is_empty()
+    }
+
     /// Whether nothing is granted.
     pub fn is_empty(&self) -> bool {
         self.http.is_empty()

@@ -17,9 +17,9 @@
 //! went from 14.6× to 6.6× its solo latency with this). Its threads run below the server's own
 //! ([`super::priority`]), so the kernel gives the cores to serving requests, driving runs and
 //! writing the store first, and to guests what those leave: the control path of every tenant
-//! stays fast however busy the guests are. While one tenant is alone, its guests run beside
-//! their drivers, without the hand-overs between runtimes, and move at their next yield point
-//! once another tenant comes ([`super::placement`]).
+//! stays fast however busy the guests are. While one tenant is alone, its attempts start
+//! beside their drivers, without the hand-overs between runtimes, and go on on the guests'
+//! runtime from their second pause ([`super::placement`]).
 //!
 //! A tenant is eligible while it runs fewer task runs than its `max_running_tasks` quota and
 //! the fuel its task runs used over the last minute is below its `fuel_per_minute` quota; its
@@ -530,6 +530,7 @@ impl FairQueue {
             );
             return;
         }
+        let network = job.grants.reaches_network();
         let run = self.inner.local.run_here(job);
         let turn = self.inner.cpu.turn(tenant, weight);
         let spawned = async move {
@@ -545,11 +546,10 @@ impl FairQueue {
             let _ = done.send(finished);
         };
         match &self.inner.guests {
-            Some(_) => self.inner.placement.spawn(
-                tenant,
-                self.inner.cpu.is_shared(Instant::now()),
-                spawned,
-            ),
+            Some(_) => {
+                let shared = self.inner.cpu.is_shared(Instant::now());
+                self.inner.placement.spawn(tenant, shared, network, spawned);
+            }
             None => drop(tokio::spawn(spawned)),
         }
     }

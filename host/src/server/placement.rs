@@ -5,14 +5,19 @@
 //! took 1.4× its embedded time that way, with 160,000 context switches for 11 such runs against
 //! 17,000 on one runtime. Those crossings matter only for short attempts. So while one tenant
 //! is alone (no neighbour to protect) an attempt starts beside its driver, as an embedded run's
-//! does, until its second pause there: a short one ends there; one that reaches a second yield
-//! point (one every epoch tick, so it ran for a tick at least) or waits in a host call goes on
-//! on the guests' runtime (a future may be polled on any thread between polls). A guest so holds
-//! a control-path thread for about two ticks at most. (Timing its polls instead moved a trivial
-//! attempt now and then: a poll's clock runs on while its thread is preempted.) And once one of a tenant's attempts went on, the tenant's next attempts start with the
-//! guests for [`APART`]: a tenant running long tasks (5 ms each: a tick each beside the drivers) would
-//! otherwise keep the control-path threads busy, and another tenant's first request, before its
-//! run is in flight, waited behind those ticks (B's p99 82× solo, against 0.4× without this).
+//! does, until its second pause there: a short one ends there; at the second pause (a guest
+//! pauses at every epoch tick and every million units of fuel; a host call that waits pauses
+//! too) it goes on on the guests' runtime (a future may be polled on any thread between polls).
+//! A CPU-bound guest so holds a control-path thread for a few milliseconds at most, at the
+//! server's own priority, even if another tenant arrives meanwhile. (Timing its polls instead
+//! moved a trivial attempt now and then: a poll's clock runs on while its thread is preempted.)
+//!
+//! Not beside: an attempt that may open connections (an HTTP or TCP grant), whose sockets and
+//! the tasks serving them would stay on the runtime that first polled it; and, for [`APART`]
+//! after one of a tenant's attempts went on, the tenant's next attempts: a tenant running long
+//! tasks (5 ms each) would otherwise keep the control-path threads busy with their starts, and
+//! another tenant's first request, before its run is in flight, waited behind them (B's p99
+//! 82× solo, against 0.4× without this).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,7 +27,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
-use tokio::task::JoinHandle;
 
 use crate::ids::TenantId;
 
@@ -34,6 +38,8 @@ pub const APART: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub(super) struct Placement {
     guests: Handle,
+    /// [`APART`], but for tests.
+    apart: Duration,
     /// By tenant: until when its attempts start on the guests' runtime.
     apart_until: Arc<Mutex<HashMap<TenantId, Instant>>>,
 }
@@ -43,6 +49,7 @@ impl Placement {
     pub(super) fn new(guests: Handle) -> Placement {
         Placement {
             guests,
+            apart: APART,
             apart_until: Arc::default(),
         }
     }
@@ -51,16 +58,16 @@ impl Placement {
         self.apart_until.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Spawn `tenant`'s `attempt`: beside its caller while the tenant is alone (not `shared`)
-    /// and none of its attempts paused twice there in the last [`APART`]; on the
-    /// guests' runtime otherwise (or when the caller is on no runtime, or on the guests' one).
-    /// Detached: it reports its own end.
-    pub(super) fn spawn<F>(&self, tenant: TenantId, shared: bool, attempt: F)
+    /// Spawn `tenant`'s `attempt`: beside its caller while the tenant is alone (not `shared`),
+    /// the attempt opens no connections (not `network`) and none of the tenant's attempts
+    /// paused twice there in the last [`APART`]; on the guests' runtime otherwise (or when the
+    /// caller is on no runtime, or on the guests' one). Detached: it reports its own end.
+    pub(super) fn spawn<F>(&self, tenant: TenantId, shared: bool, network: bool, attempt: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
         let beside = match Handle::try_current() {
-            Ok(here) if !shared && here.id() != self.guests.id() => {
+            Ok(here) if !shared && !network && here.id() != self.guests.id() => {
                 let now = Instant::now();
                 let mut apart = self.apart_until();
                 match apart.get(&tenant) {
@@ -98,10 +105,8 @@ struct Placed<F> {
 enum At<F> {
     /// Polled here.
     Here(Pin<Box<F>>),
-    /// Moved to the guests' runtime: this waits for it there.
-    Moved(JoinHandle<()>),
-    /// Between the two, for the moment of the move.
-    Moving,
+    /// Moved to the guests' runtime.
+    Moved,
 }
 
 impl<F: Future<Output = ()> + Send + 'static> Future for Placed<F> {
@@ -122,20 +127,20 @@ impl<F: Future<Output = ()> + Send + 'static> Future for Placed<F> {
                 return Poll::Pending;
             }
             // It goes on on the guests' runtime (polled there anew, so its wake-ups go there),
-            // and so do its tenant's next attempts for a while.
+            // detached: it reports its own end. Its tenant's next attempts start there too for
+            // a while.
             let placement = &this.placement;
-            placement
-                .apart_until()
-                .insert(this.tenant, Instant::now() + APART);
-            if let At::Here(attempt) = std::mem::replace(&mut this.at, At::Moving) {
-                this.at = At::Moved(placement.guests.spawn(attempt));
+            {
+                let now = Instant::now();
+                let mut apart = placement.apart_until();
+                apart.retain(|_, until| *until > now);
+                apart.insert(this.tenant, now + placement.apart);
+            }
+            if let At::Here(attempt) = std::mem::replace(&mut this.at, At::Moved) {
+                drop(placement.guests.spawn(attempt));
             }
         }
-        match &mut this.at {
-            // The attempt reports its own end, a panic included (it is caught inside).
-            At::Moved(there) => Pin::new(there).poll(cx).map(drop),
-            At::Here(_) | At::Moving => Poll::Ready(()),
-        }
+        Poll::Ready(())
     }
 }
 
@@ -155,7 +160,7 @@ mod tests {
     }
 
     /// Alone, an attempt runs where it was submitted until its second pause there, then on the
-    /// guests' runtime, and its tenant's next attempts start there for a while (another
+    /// guests' runtime (one that may open connections starts there), and its tenant's next attempts start there for a while (another
     /// tenant's do not); one submitted while tenants share runs there from its first poll.
     #[test]
     fn an_attempt_starts_beside_its_driver_while_alone_and_goes_on_with_the_guests() {
@@ -168,13 +173,15 @@ mod tests {
             .build()
             .expect("server");
         let main = std::thread::current().name().unwrap_or("").to_owned();
-        let placement = Placement::new(guests.handle().clone());
-        let run = |tenant: TenantId, shared: bool, polls: usize| {
+        let mut placement = Placement::new(guests.handle().clone());
+        // Long enough for the test on any machine.
+        placement.apart = Duration::from_secs(600);
+        let run = |tenant: TenantId, (shared, network): (bool, bool), polls: usize| {
             let seen = Arc::new(Mutex::new(Vec::new()));
             let (tx, rx) = std::sync::mpsc::channel();
             let (p, s) = (placement.clone(), seen.clone());
             server.block_on(async move {
-                p.spawn(tenant, shared, async move {
+                p.spawn(tenant, shared, network, async move {
                     recorder(polls, s).await;
                     let _ = tx.send(());
                 });
@@ -188,22 +195,24 @@ mod tests {
         let (a, b) = (TenantId::new(), TenantId::new());
         let here = |n: usize| vec![main.clone(); n];
         // Short attempts end beside their driver, one after another, even when they pause once.
-        assert_eq!(run(a, false, 1), here(1));
-        assert_eq!(run(a, false, 2), here(2));
+        assert_eq!(run(a, (false, false), 1), here(1));
+        assert_eq!(run(a, (false, false), 2), here(2));
         // A longer one: its first two polls there, the others with the guests.
-        let seen = run(a, false, 4);
+        let seen = run(a, (false, false), 4);
         assert_eq!(seen[..2], here(2), "{seen:?}");
         assert!(seen[2..].iter().all(|t| t == "test-guest"), "{seen:?}");
         assert_eq!(seen.len(), 4);
         // Then the same tenant's next attempts start with the guests; another's do not.
-        assert_eq!(run(a, false, 1), ["test-guest"]);
-        assert_eq!(run(b, false, 1), here(1));
+        assert_eq!(run(a, (false, false), 1), ["test-guest"]);
+        assert_eq!(run(b, (false, false), 1), here(1));
         // Until `APART` has passed.
         placement
             .apart_until()
             .insert(a, Instant::now() - Duration::from_millis(1));
-        assert_eq!(run(a, false, 1), here(1));
-        // While tenants share: with the guests from the start.
-        assert_eq!(run(b, true, 1), ["test-guest"]);
+        assert_eq!(run(a, (false, false), 1), here(1));
+        // While tenants share, or when it may open connections: with the guests from the start.
+        assert_eq!(run(b, (true, false), 1), ["test-guest"]);
+        assert_eq!(run(b, (false, true), 1), ["test-guest"]);
+        assert_eq!(run(b, (false, false), 1), here(1));
     }
 }

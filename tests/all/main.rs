@@ -35,4 +35,5 @@ mod store_faults;
 mod store_suite;
 mod support;
 mod time;
+mod ui;
 mod workers;

@@ -282,6 +282,7 @@ async fn a_cancel_requested_through_the_store_is_noticed_at_the_next_poll() {
             state: None,
             flow: Some("polled".into()),
             limit: 1,
+            before: None,
         })
         .expect("runs")[0]
         .id;

@@ -89,6 +89,7 @@ pub(super) fn router(server: Server) -> axum::Router {
         }),
     )
     .merge(super::worker_api::routes())
+    .merge(super::ui::routes())
     // Uploads stream to disk under their own limit; other bodies (a run request with its
     // manifest, a worker's results) are small.
     .layer(DefaultBodyLimit::max(32 << 20))
@@ -100,7 +101,7 @@ pub(super) fn router(server: Server) -> axum::Router {
 /// server's) it runs on this thread, whose other tasks move to another worker meanwhile
 /// (`block_in_place`): the answer then waits for no thread hand-off, two with `spawn_blocking`,
 /// each of which may wait for a core while guests fill them. Elsewhere on the blocking pool.
-async fn read<T: Send + 'static>(
+pub(super) async fn read<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, tokio::task::JoinError> {
     match tokio::runtime::Handle::current().runtime_flavor() {
@@ -141,19 +142,29 @@ impl FromRequestParts<Server> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, server: &Server) -> Result<Self, ApiError> {
         let token = bearer(parts, "token")?;
-        let tenants = server.inner.clone();
-        let token = token.to_owned();
-        let tenant = read(move || tenants.tenants.authenticate(&token))
-            .await
-            .map_err(|e| ApiError::internal("checking the token", &e))?
-            // The registry unreachable (its database restarting): the caller tries again.
-            .map_err(|e| ApiError::unavailable("checking the token", &e))?
-            .ok_or_else(|| unauthorized("the token is not valid"))?;
-        let space = server
-            .space(&tenant)
-            .map_err(|e| ApiError::internal("opening the tenant's store", &e))?;
+        let (space, tenant) = authenticate(server, token).await?;
         Ok(Caller(space, tenant))
     }
+}
+
+/// The tenant whose token `token` is (as the registry has it now: its quotas as they are), and
+/// its space; 401 when it is no tenant's.
+pub(super) async fn authenticate(
+    server: &Server,
+    token: &str,
+) -> Result<(Arc<Space>, Tenant), ApiError> {
+    let tenants = server.inner.clone();
+    let token = token.to_owned();
+    let tenant = read(move || tenants.tenants.authenticate(&token))
+        .await
+        .map_err(|e| ApiError::internal("checking the token", &e))?
+        // The registry unreachable (its database restarting): the caller tries again.
+        .map_err(|e| ApiError::unavailable("checking the token", &e))?
+        .ok_or_else(|| unauthorized("the token is not valid"))?;
+    let space = server
+        .space(&tenant)
+        .map_err(|e| ApiError::internal("opening the tenant's store", &e))?;
+    Ok((space, tenant))
 }
 
 /// Upload a component (content-addressed: idempotent).
@@ -289,6 +300,7 @@ async fn list_runs(
         state,
         flow: q.flow,
         limit: q.limit.unwrap_or(20).max(1),
+        before: None,
     };
     let store = space.store().clone();
     let items = tokio::task::spawn_blocking(move || {

@@ -24,6 +24,7 @@ pub mod secrets;
 mod sources;
 mod space;
 pub mod tenants;
+mod ui;
 pub mod wire;
 mod worker_api;
 pub mod workers;

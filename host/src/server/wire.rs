@@ -64,6 +64,15 @@ pub struct TaskGrants {
     pub lines: Vec<String>,
 }
 
+/// One task of a flow and the tasks it depends on: an edge list of the flow's graph.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskUpstream {
+    /// The task.
+    pub task: String,
+    /// Its upstream tasks: data dependencies first, then state-only ones.
+    pub upstream: Vec<String>,
+}
+
 /// A flow run as `sluice show` prints it (and `GET /api/v1/runs/{id}` returns it).
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunView {
@@ -85,6 +94,9 @@ pub struct RunView {
     pub grants: Option<Vec<TaskGrants>>,
     /// Why the grants are not known, when they are not.
     pub grants_unknown: Option<String>,
+    /// The flow's graph, from the recorded manifest (in its order), when it parses.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub graph: Option<Vec<TaskUpstream>>,
     /// The newest log records of each task run (see [`TailLimits::default`]).
     #[schema(value_type = Object)]
     pub log_tails: HashMap<TaskRunId, LogTail>,
@@ -97,29 +109,40 @@ impl RunView {
         let stored = store.load_run(id)?;
         let live = store.is_live(id);
         let mut problems: Vec<String> = stored.problems.iter().map(ToString::to_string).collect();
-        let (grants, grants_unknown) = match &stored.manifest {
+        let (grants, grants_unknown, graph) = match &stored.manifest {
             None => (
                 None,
                 Some("the run was not started from a manifest".to_owned()),
+                None,
             ),
             Some((path, text)) => {
                 match crate::flow::manifest::parse_with_files(path, text, None, &AnyFiles) {
                     Ok(def) => (
                         Some(
                             def.tasks
-                                .into_iter()
+                                .iter()
                                 .map(|t| TaskGrants {
                                     grants: serde_json::to_value(&t.grants).unwrap_or(Value::Null),
                                     lines: t.grants.lines(),
-                                    task: t.name,
+                                    task: t.name.clone(),
                                 })
                                 .collect(),
                         ),
                         None,
+                        Some(
+                            def.tasks
+                                .iter()
+                                .map(|t| TaskUpstream {
+                                    task: t.name.clone(),
+                                    upstream: t.upstream().into_iter().map(str::to_owned).collect(),
+                                })
+                                .collect(),
+                        ),
                     ),
                     Err(e) => (
                         None,
                         Some(format!("the recorded manifest no longer parses: {e}")),
+                        None,
                     ),
                 }
             }
@@ -142,6 +165,7 @@ impl RunView {
             problems,
             grants,
             grants_unknown,
+            graph,
             log_tails,
         })
     }

@@ -372,6 +372,9 @@ pub struct RunFilter {
     pub flow: Option<String>,
     /// At most this many (newest first).
     pub limit: usize,
+    /// Only runs older than this one (created before it; at the same microsecond, of a smaller
+    /// id): the next page after a page that ended with it.
+    pub before: Option<(DateTime<Utc>, FlowRunId)>,
 }
 
 /// One line of `sluice runs`.

@@ -79,6 +79,7 @@ pub(crate) async fn runs(
         state: args.state,
         flow: args.flow.clone(),
         limit: usize::try_from(args.limit).unwrap_or(usize::MAX),
+        before: None,
     };
     let (items, place) = match remote {
         Some(remote) => (remote.runs(&filter).await?, remote.to_string()),

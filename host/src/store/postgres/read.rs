@@ -148,6 +148,10 @@ impl PgStore {
             i64::try_from(filter.limit).unwrap_or(i64::MAX)
         };
         let (state, flow) = (filter.state.map(StateName::as_str), filter.flow.clone());
+        let (before, before_id) = match &filter.before {
+            Some((at, id)) => (Some(at.timestamp_micros()), Some(id.to_string())),
+            None => (None, None),
+        };
         self.read(move |client, sql| async move {
             let rows = client
                 .query(
@@ -156,10 +160,12 @@ impl PgStore {
                             "SELECT id, flow, state_json, created_at, updated_at FROM {s}.flow_runs
                             WHERE ($1::text IS NULL OR state = $1)
                               AND ($2::text IS NULL OR flow = $2)
+                              AND ($4::bigint IS NULL OR created_at < $4
+                                   OR (created_at = $4 AND id < $5))
                             ORDER BY created_at DESC, id DESC LIMIT $3",
                         ))
                         .await?,
-                    &[&state, &flow, &limit],
+                    &[&state, &flow, &limit, &before, &before_id],
                 )
                 .await?;
             let ids: Vec<String> = rows

@@ -295,11 +295,22 @@ impl SqliteStore {
                 .prepare_cached(
                     "SELECT id, flow, state_json, created_at, updated_at FROM flow_runs
                      WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR flow = ?2)
+                       AND (?4 IS NULL OR created_at < ?4 OR (created_at = ?4 AND id < ?5))
                      ORDER BY created_at DESC, id DESC LIMIT ?3",
                 )
                 .map_err(&io)?;
+            let (before, before_id) = match &filter.before {
+                Some((at, id)) => (Some(at.timestamp_micros()), Some(id.to_string())),
+                None => (None, None),
+            };
             s.query_map(
-                params![filter.state.map(StateName::as_str), filter.flow, limit],
+                params![
+                    filter.state.map(StateName::as_str),
+                    filter.flow,
+                    limit,
+                    before,
+                    before_id
+                ],
                 |r| TryFrom::try_from(r),
             )
             .and_then(|rows| rows.collect())

@@ -28,6 +28,8 @@ enum Behaviour {
     Print { lines: usize },
     /// Record `lines` log lines of `bytes` bytes each through the log import.
     Log { lines: usize, bytes: usize },
+    /// Log `log`, then fail with `message`.
+    LogThenFail { log: String, message: String },
     /// Call `log` once with a message of `bytes` bytes.
     LogBytes { bytes: usize },
     /// Return a string of `bytes` bytes.
@@ -138,6 +140,10 @@ fn run(behaviour: Behaviour) -> Result<serde_json::Value, Signal> {
                 info!("{i}:{}", "x".repeat(bytes.saturating_sub(2)));
             }
             json!(lines)
+        }
+        Behaviour::LogThenFail { log, message } => {
+            info!("{log}");
+            return Err(Signal::fail(message));
         }
         Behaviour::LogBytes { bytes } => {
             sluice_guest::log::log(sluice_guest::log::Level::Info, &"y".repeat(bytes));

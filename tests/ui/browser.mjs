@@ -87,7 +87,7 @@ try {
   await accessible(page, "task");
   await shot(page, "task");
 
-  // A running run: cancel it, and watch it turn Cancelled (live, no reload).
+  // A running run: cancel it, and watch it turn Cancelled (the page follows the live run).
   await page.goto(`${url}/ui/runs/${running}`);
   check((await page.locator(".run-state .badge").textContent()) === "Running", "the other run is Running");
   await page.getByRole("button", { name: "Cancel run" }).click();

@@ -264,7 +264,11 @@ async fn run_events(
     Path(id): Path<String>,
 ) -> Result<Response, Refused> {
     let id = space.resolve(&id)?;
-    Ok(super::events::stream(&space, &tenant, id, None, ChangeCursor::START)?.into_response())
+    // States only: the page shows no log lines live, and a reconnect reads the run as it is.
+    Ok(
+        super::events::stream(&space, &tenant, id, None, ChangeCursor::STATES_ONLY)?
+            .into_response(),
+    )
 }
 
 async fn cancel(
@@ -308,20 +312,9 @@ async fn task(
             .find(|c| c.map_index == Some(i))
             .ok_or_else(|| ApiError::not_found(format!("task `{name}` has no child {i}")))?,
     };
-    // Its logs: the newest lines the store keeps for it.
-    let store = space.store().clone();
-    let (run_id, task_name) = (view.run.id, name.clone());
-    let logs = super::api::read(move || {
-        store.logs(run_id, Some(&task_name), 0, crate::store::LOG_PAGE_LINES)
-    })
-    .await
-    .map_err(|e| ApiError::internal("reading the logs", &e))?
-    .map_err(|e| ApiError::store("reading the logs", e))?;
-    let logs: Vec<_> = logs
-        .into_iter()
-        .filter(|l| l.map_index == shown.map_index)
-        .collect();
-    Ok(pages::task(&tenant.name, &view, task, shown, &logs, q.page.unwrap_or(0)).into_response())
+    // Its logs: the newest lines of this task run (`RunView::log_tails`).
+    let logs = view.log_tails.get(&shown.id);
+    Ok(pages::task(&tenant.name, &view, task, shown, logs, q.page.unwrap_or(0)).into_response())
 }
 
 async fn script() -> Response {

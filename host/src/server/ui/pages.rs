@@ -9,7 +9,7 @@ use super::graph::{self, Node};
 use crate::runner::record::TaskRun;
 use crate::server::wire::RunView;
 use crate::state::StateName;
-use crate::store::{RunSummary, StoredLog};
+use crate::store::{LogTail, RunSummary};
 
 /// Values longer than this are cut on a page (the API has them whole).
 const SHOWN_BYTES: usize = 4096;
@@ -163,19 +163,21 @@ pub fn runs(tenant: &str, items: &[(bool, RunSummary)], filters: &RunsFilters) -
                         }
                     }
                 }
-            }
-            nav aria-label="Pages" class="pages" {
-                @if filters.paged { a href={"/ui/runs?" (filters.query(None))} { "Newest runs" } }
-                @if let Some(next) = &filters.next {
-                    a href={"/ui/runs?" (filters.query(Some(next)))} { "Older runs" }
+                nav aria-label="Pages" class="pages" {
+                    @if filters.paged { a href={"/ui/runs?" (filters.query(None))} { "Newest runs" } }
+                    @if let Some(next) = &filters.next {
+                        a href={"/ui/runs?" (filters.query(Some(next)))} { "Older runs" }
+                    }
                 }
             }
         },
     )
 }
 
+/// A run id as pages show it: whole (its first characters are its creation time, shared by
+/// runs started in the same second).
 fn short(id: &str) -> &str {
-    id.get(..8).unwrap_or(id)
+    id
 }
 
 fn counts<'a>(counts: impl Iterator<Item = (&'a str, u64)>) -> Markup {
@@ -278,8 +280,9 @@ fn children(t: &TaskRun) -> Markup {
     counts(by.into_iter())
 }
 
+/// `s` as one segment of a URL's path (a task's name may hold spaces, slashes, anything).
 fn enc(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 /// `text` cut to [`SHOWN_BYTES`] at a character boundary, and whether it was.
@@ -315,7 +318,7 @@ pub fn task(
     view: &RunView,
     task: &TaskRun,
     shown: &TaskRun,
-    logs: &[StoredLog],
+    logs: Option<&LogTail>,
     page_no: usize,
 ) -> Markup {
     let id = view.run.id;
@@ -367,14 +370,19 @@ pub fn task(
             }
             section aria-labelledby="logs-h" {
                 h2 id="logs-h" { "Logs" }
-                @if logs.is_empty() { p { "No log lines." } }
-                @else {
-                    pre class="logs" {
-                        @for l in logs {
-                            span class={"log " (format!("{:?}", l.record.level).to_ascii_lowercase())} {
-                                (l.record.time.format("%H:%M:%S%.3f")) " " (format!("{:?}", l.record.level).to_ascii_uppercase()) " " (l.record.message)
+                @match logs {
+                    None => p { "No log lines." },
+                    Some(tail) => {
+                        @if tail.omitted > 0 {
+                            p { "The newest " (tail.records.len()) " lines; " (tail.omitted) " before them are left out (the API pages them all)." }
+                        }
+                        pre class="logs" {
+                            @for l in &tail.records {
+                                span class={"log " (format!("{:?}", l.level).to_ascii_lowercase())} {
+                                    (l.time.format("%H:%M:%S%.3f")) " " (format!("{:?}", l.level).to_ascii_uppercase()) " " (l.message)
+                                }
+                                "\n"
                             }
-                            "\n"
                         }
                     }
                 }
@@ -433,4 +441,17 @@ pub fn task(
             }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A task's name is one path segment in its links, whatever it holds (a path decodes only
+    /// percent escapes: a `+` for a space would name another task).
+    #[test]
+    fn task_names_are_percent_encoded_as_one_path_segment() {
+        assert_eq!(enc("a b/c+d?é"), "a%20b%2Fc%2Bd%3F%C3%A9");
+        assert_eq!(enc("add_one"), "add%5Fone");
+    }
 }

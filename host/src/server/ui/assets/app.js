@@ -1,34 +1,51 @@
-// Sluice UI: live updates, nothing else. A run page listens to its run's server-sent events
-// and fetches the page's live part again (at most every 250 ms) while the run changes; the
-// newest page of the runs list fetches itself again every 3 s. Pages work without it.
+// Sluice UI: live updates, nothing else. A live run's page listens to its run's server-sent
+// events (states only) and fetches the page's live part again while the run changes (one
+// fetch at a time, 250 ms after a change); the newest page of the runs list fetches itself
+// again every 3 s while it is visible. Pages work without it.
 "use strict";
 
+// A page's fresh HTML from `url`; to the sign-in page when the session is gone (the server
+// answers with a redirect there).
+function fetchPage(url) {
+  return fetch(url, { credentials: "same-origin" }).then((r) => {
+    if (r.redirected && new URL(r.url).pathname === "/ui/login") {
+      window.location.assign("/ui/login");
+      return Promise.reject("signed out");
+    }
+    return r.ok ? r.text() : Promise.reject(r.status);
+  });
+}
+
 function replaceFrom(url, id) {
-  return fetch(url, { credentials: "same-origin" })
-    .then((r) => (r.ok ? r.text() : Promise.reject(r.status)))
-    .then((text) => {
-      const doc = new DOMParser().parseFromString(text, "text/html");
-      const fresh = doc.getElementById(id);
-      const here = document.getElementById(id);
-      if (fresh && here) here.replaceWith(fresh);
-    });
+  return fetchPage(url).then((text) => {
+    const doc = new DOMParser().parseFromString(text, "text/html");
+    const fresh = doc.getElementById(id);
+    const here = document.getElementById(id);
+    if (fresh && here) here.replaceWith(fresh);
+  });
 }
 
 function followRun(live) {
   const run = live.dataset.run;
-  let pending = false;
+  // One fetch at a time; a change during it fetches once more after it.
+  let fetching = false;
+  let again = false;
   const refresh = () => {
-    if (pending) return;
-    pending = true;
+    if (fetching) {
+      again = true;
+      return;
+    }
+    fetching = true;
+    again = false;
     setTimeout(() => {
-      fetch("/ui/runs/" + run + "/live", { credentials: "same-origin" })
-        .then((r) => (r.ok ? r.text() : Promise.reject(r.status)))
+      fetchPage("/ui/runs/" + run + "/live")
         .then((html) => {
           document.getElementById("live").innerHTML = html;
         })
         .catch(() => {})
         .finally(() => {
-          pending = false;
+          fetching = false;
+          if (again) refresh();
         });
     }, 250);
   };
@@ -43,9 +60,12 @@ function followRun(live) {
 
 document.addEventListener("DOMContentLoaded", () => {
   const live = document.getElementById("live");
-  if (live && live.dataset.run) followRun(live);
+  // A run that has ended does not change: nothing to follow.
+  if (live && live.dataset.run && live.dataset.live === "true") followRun(live);
   const runs = document.getElementById("runs");
   if (runs && runs.dataset.refresh) {
-    setInterval(() => replaceFrom(runs.dataset.refresh, "runs").catch(() => {}), 3000);
+    setInterval(() => {
+      if (!document.hidden) replaceFrom(runs.dataset.refresh, "runs").catch(() => {});
+    }, 3000);
   }
 });

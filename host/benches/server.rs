@@ -7,7 +7,8 @@
 //!    flow embedded (a `FlowRunner` over a store in a temporary home): from submitting (POST, or
 //!    parsing the manifest) to the run's last transition as recorded, in pairs (server then
 //!    embedded, `BENCH_PAIRS`, 7 by default, after one to warm up): the medians and the median
-//!    of the pairs' ratios;
+//!    of the pairs' ratios; then the web UI's page of the last server run (request to last
+//!    byte, signed in by the cookie);
 //! 3. a noisy neighbour: tenant A keeps 4 infinite loops and 5,000 CPU-bound tasks queued while
 //!    tenant B starts 50 one-task runs one after another: B's p50, p90 and p99 submit → Completed
 //!    latency, against B alone on the same server just before; A's loops must end TimedOut.
@@ -294,9 +295,11 @@ fn main() {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(7);
             let (mut served, mut embedded, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            let mut last_run = None;
             for i in 0..=pairs {
                 let submitted = chrono::Utc::now();
                 let started = bench.start(&t, &manifest).await;
+                last_run = Some(started.id);
                 let view = bench.wait(&t, &started.id.to_string()).await;
                 assert_eq!(view.run.state.name, StateName::Completed);
                 let end = view.run.history.last().expect("history").time;
@@ -330,6 +333,33 @@ fn main() {
                 ratios[0],
                 ratios[ratios.len() - 1],
             );
+            // The web UI's page of that run (signed in by the cookie): the server's part of
+            // loading it, request to the last byte, 10 times after one to warm up.
+            if let Some(id) = last_run {
+                let mut times = Vec::new();
+                for i in 0..11 {
+                    let began = Instant::now();
+                    let resp = bench
+                        .http
+                        .get(format!("{}/ui/runs/{id}", bench.url))
+                        .header("cookie", format!("sluice_token={}", t.token))
+                        .send()
+                        .await
+                        .expect("run page");
+                    assert_eq!(resp.status().as_u16(), 200);
+                    let page = resp.text().await.expect("page");
+                    assert!(page.contains("data-task=\"add\""), "the page shows the task");
+                    if i > 0 {
+                        times.push(began.elapsed());
+                    }
+                }
+                times.sort();
+                println!(
+                    "its web UI page (the server's part, 10 loads): p50 {}, max {}",
+                    ms(percentile(&times, 0.5)),
+                    ms(percentile(&times, 1.0))
+                );
+            }
         }
 
         if only("noisy") {

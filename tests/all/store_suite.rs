@@ -240,10 +240,15 @@ fn a_run_reads_back_as_written(store: &dyn Store) {
 /// The runs list pages from the newest by the cursor of a page's last run, each run once,
 /// also among runs created at the same moment (ordered by id), and with a filter.
 fn runs_list_in_pages_by_a_cursor(store: &dyn Store) {
+    // Created at 0, 0, 1, 1, 2 s: pages cross both a change of time and a tie.
     let ids: Vec<FlowRunId> = (0..5).map(|_| FlowRunId::new()).collect();
-    for id in &ids {
+    let created = |i: usize| at(i as i64 / 2);
+    for (i, id) in ids.iter().enumerate() {
         let a = task(*id, 0, "a");
-        create(store, *id, StateName::Completed, &[&a]);
+        let mut h = header(*id, "f", StateName::Completed, vec![a]);
+        h.history[0].time = created(i);
+        h.state.timestamp = created(i);
+        store.submit(Write::RunCreated(Box::new(h)));
     }
     store.flush().expect("flush");
     let page = |before: Option<&RunSummary>, state: Option<StateName>| {
@@ -268,8 +273,9 @@ fn runs_list_in_pages_by_a_cursor(store: &dyn Store) {
         seen.extend(got.iter().map(|s| s.id));
         last = got.last().cloned();
     }
-    let mut newest_first = ids.clone();
-    newest_first.sort_by_key(|id| std::cmp::Reverse(id.to_string()));
+    let mut newest_first: Vec<(usize, FlowRunId)> = ids.iter().copied().enumerate().collect();
+    newest_first.sort_by_key(|(i, id)| std::cmp::Reverse((created(*i), id.to_string())));
+    let newest_first: Vec<FlowRunId> = newest_first.into_iter().map(|(_, id)| id).collect();
     assert_eq!(
         seen, newest_first,
         "every run once, newest (then greatest id) first"

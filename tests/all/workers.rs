@@ -457,24 +457,14 @@ fn a_worker_with_a_bad_token_or_no_worker_server_stops_saying_why() {
         .args(["worker", "--server", &server.url, "--token", "sluice_nope"])
         .output()
         .expect("worker");
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("refused the worker token"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "refused the worker token");
     // A server that runs its task runs itself has no worker API.
     let local = ServerProcess::start(&[]);
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["worker", "--server", &local.url, "--token", "sluice_nope"])
         .output()
         .expect("worker");
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("does not give task runs to workers"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "does not give task runs to workers");
 }
 
 /// `--worker-lease` at its least (3s, as the other tests use) serves; one second less is refused
@@ -493,18 +483,11 @@ fn a_lease_under_three_seconds_and_a_second_worker_server_are_refused() {
             .expect("sluice server")
     };
     let out = serve("2s");
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("--worker-lease 2s: at least 3s"),
-        "{}",
-        stderr(&out)
-    );
+    refused(&out, "--worker-lease 2s: at least 3s");
     let out = serve("3s");
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("another server already gives this database's task runs to workers"),
-        "{}",
-        stderr(&out)
+    refused(
+        &out,
+        "another server already gives this database's task runs to workers",
     );
 }
 
@@ -704,4 +687,10 @@ fn a_worker_outlives_a_server_restart_and_the_resumed_run_completes() {
             || log.contains("its claim lapsed while it ran"),
         "{log}"
     );
+}
+
+/// `out` is a refusal: exit code 2, and stderr says `says`.
+fn refused(out: &std::process::Output, says: &str) {
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(out));
+    assert!(stderr(out).contains(says), "{}", stderr(out));
 }

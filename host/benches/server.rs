@@ -8,7 +8,9 @@
 //!    parsing the manifest) to the run's last transition as recorded, in pairs (server then
 //!    embedded, `BENCH_PAIRS`, 7 by default, after one to warm up): the medians and the median
 //!    of the pairs' ratios; then the web UI's page of the last server run (request to last
-//!    byte, signed in by the cookie);
+//!    byte, signed in by the cookie), and that page, the mapped task's and the runs list in
+//!    Chromium (`tests/ui/bench.mjs`: navigation to interactive and to `load`; skipped, saying
+//!    so, where `scripts/setup` has not installed Chromium and the test's packages);
 //! 3. a noisy neighbour: tenant A keeps 4 infinite loops and 5,000 CPU-bound tasks queued while
 //!    tenant B starts 50 one-task runs one after another: B's p50, p90 and p99 submit → Completed
 //!    latency, against B alone on the same server just before; A's loops must end TimedOut.
@@ -148,6 +150,41 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+/// The web UI's pages of run `run` in Chromium (`tests/ui/bench.mjs`), printing its lines.
+fn browser(url: &str, token: &str, run: &str) {
+    let ui = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/ui");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() || !ui.join("node_modules/playwright-core").exists() {
+        println!(
+            "its web UI in Chromium: skipped (run scripts/setup for Chromium and tests/ui's packages)"
+        );
+        return;
+    }
+    let out = match std::process::Command::new("node")
+        .arg(ui.join("bench.mjs"))
+        .current_dir(&ui)
+        .env("SLUICE_URL", url)
+        .env("TOKEN", token)
+        .env("RUN", run)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            println!("its web UI in Chromium: skipped (node: {e}; run scripts/setup)");
+            return;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "tests/ui/bench.mjs failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("its web UI in Chromium, {line}");
+    }
 }
 
 fn one_task(add_one: &Path) -> String {
@@ -359,6 +396,10 @@ fn main() {
                     ms(percentile(&times, 0.5)),
                     ms(percentile(&times, 1.0))
                 );
+                let (url, token) = (bench.url.clone(), t.token.clone());
+                tokio::task::spawn_blocking(move || browser(&url, &token, &id.to_string()))
+                    .await
+                    .expect("the browser's part");
             }
         }
 

@@ -27,19 +27,19 @@ const TABLES: &[&str] = &[
 fn a_fresh_database_is_migrated_once_and_reopened_as_it_is() {
     let url = PgCluster::shared().database("fresh");
     let db = PgDatabase::connect(&url).expect("connect");
-    assert_eq!(db.migrate_store("store_a").expect("migrate"), 1);
+    assert_eq!(db.migrate_store("store_a").expect("migrate"), 2);
     assert_eq!(db.tables("store_a").expect("tables"), TABLES);
     assert!(db.name().starts_with("postgres://sluice@"), "{}", db.name());
     assert!(db.name().contains("/fresh_"), "{}", db.name());
     drop(db);
     // Again: nothing to apply, nothing applied twice.
     let again = PgDatabase::connect(&url).expect("connect again");
-    assert_eq!(again.migrate_store("store_a").expect("migrate again"), 1);
-    assert_eq!(migrations(&url, "store_a"), vec![1]);
+    assert_eq!(again.migrate_store("store_a").expect("migrate again"), 2);
+    assert_eq!(migrations(&url, "store_a"), vec![1, 2]);
     // Another store (a tenant's) is a schema of its own, the first untouched.
-    assert_eq!(again.migrate_store("tenant_b").expect("migrate b"), 1);
+    assert_eq!(again.migrate_store("tenant_b").expect("migrate b"), 2);
     assert_eq!(again.tables("tenant_b").expect("tables"), TABLES);
-    assert_eq!(migrations(&url, "store_a"), vec![1]);
+    assert_eq!(migrations(&url, "store_a"), vec![1, 2]);
 }
 
 #[test]
@@ -55,9 +55,9 @@ fn servers_starting_together_apply_each_migration_once() {
             .collect()
     });
     for v in versions {
-        assert_eq!(v.expect("each connects"), 1);
+        assert_eq!(v.expect("each connects"), 2);
     }
-    assert_eq!(migrations(&url, "store_a"), vec![1]);
+    assert_eq!(migrations(&url, "store_a"), vec![1, 2]);
 }
 
 #[test]
@@ -67,15 +67,15 @@ fn a_database_migrated_by_a_newer_sluice_is_refused_and_left_as_it_is() {
     db.migrate_store("store_a").expect("migrate");
     sql(
         &url,
-        "INSERT INTO store_a.migrations (version) VALUES (2), (3)",
+        "INSERT INTO store_a.migrations (version) VALUES (3), (4)",
     );
     let err = db.migrate_store("store_a").expect_err("refused");
     assert!(
         matches!(
             err,
             StoreError::TooNew {
-                found: 3,
-                supported: 1,
+                found: 4,
+                supported: 2,
                 ..
             }
         ),
@@ -83,10 +83,10 @@ fn a_database_migrated_by_a_newer_sluice_is_refused_and_left_as_it_is() {
     );
     let text = err.to_string();
     assert!(
-        text.contains("(schema store_a) has schema version 3") && text.contains("upgrade Sluice"),
+        text.contains("(schema store_a) has schema version 4") && text.contains("upgrade Sluice"),
         "{text}"
     );
-    assert_eq!(migrations(&url, "store_a"), vec![1, 2, 3]);
+    assert_eq!(migrations(&url, "store_a"), vec![1, 2, 3, 4]);
 }
 
 #[test]
@@ -100,7 +100,7 @@ fn a_database_shared_with_another_application_is_touched_only_in_its_schema() {
     db.migrate_store("store_a").expect("migrate");
     // Names that are not a schema of Sluice's own are refused before any statement.
     // A reserved word is a valid name: quoted in every statement.
-    assert_eq!(db.migrate_store("user").expect("user"), 1);
+    assert_eq!(db.migrate_store("user").expect("user"), 2);
     let long = "a".repeat(64);
     for bad in [
         "sluice",

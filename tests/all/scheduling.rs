@@ -198,6 +198,18 @@ impl Store for PollRecorder {
     ) -> Result<Vec<StoredLog>, StoreError> {
         self.inner.logs(run, task, after, limit)
     }
+    fn task_run_logs(
+        &self,
+        run: FlowRunId,
+        task_run: sluice::ids::TaskRunId,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredLog>, StoreError> {
+        self.inner.task_run_logs(run, task_run, after, limit)
+    }
+    fn newest_log_seq(&self, run: FlowRunId) -> Result<i64, StoreError> {
+        self.inner.newest_log_seq(run)
+    }
     fn changes(
         &self,
         run: FlowRunId,
@@ -283,6 +295,8 @@ async fn a_cancel_requested_through_the_store_is_noticed_at_the_next_poll() {
             flow: Some("polled".into()),
             limit: 1,
             before: None,
+            since: None,
+            until: None,
         })
         .expect("runs")[0]
         .id;

@@ -70,6 +70,18 @@ impl ServerProcess {
         token
     }
 
+    /// `sluice tenant <args>` against this server's home, which must succeed.
+    pub(crate) fn tenant(&self, args: &[&str]) -> Output {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("tenant")
+            .args(args)
+            .env("SLUICE_HOME", &self.home)
+            .output()
+            .expect("sluice tenant");
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        out
+    }
+
     /// `sluice <args> --server URL --token TOKEN`, from a home of its own (nothing local).
     pub(crate) fn cli(&self, token: &str, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_sluice"))

@@ -126,6 +126,7 @@ pub(crate) fn task(run: FlowRunId, index: u32, name: &str) -> TaskWrite {
         attempts: 0,
         run_time: Duration::ZERO,
         fuel_consumed: 0,
+        memory_peak_bytes: 0,
         output: None,
         cached_input: None,
         clear_input: false,
@@ -180,6 +181,7 @@ fn a_run_reads_back_as_written(store: &dyn Store) {
         ))),
         run_time: Duration::from_micros(1_500),
         fuel_consumed: 42,
+        memory_peak_bytes: 3 << 20,
         ..moved(&running, StateName::Completed, 2)
     };
     store.submit(Write::Task(Box::new(done)));
@@ -209,6 +211,7 @@ fn a_run_reads_back_as_written(store: &dyn Store) {
         [StateName::Pending, StateName::Running, StateName::Completed]
     );
     assert_eq!((ta.attempts, ta.fuel_consumed), (1, 42));
+    assert_eq!(ta.memory_peak_bytes, 3 << 20);
     assert_eq!(ta.run_time, Duration::from_micros(1_500));
     assert_eq!(
         ta.output.as_ref().map(Json::as_str),
@@ -284,6 +287,54 @@ fn runs_list_in_pages_by_a_cursor(store: &dyn Store) {
     let rest = page(first.last(), Some(StateName::Completed));
     assert_eq!(rest.len(), 2);
     assert!(page(None, Some(StateName::Failed)).is_empty());
+
+    // A time window: created at or after `since`, before `until`; with a cursor, both hold.
+    let window = |since: Option<i64>, until: Option<i64>, before: Option<&RunSummary>| {
+        store
+            .list_runs(&RunFilter {
+                limit: 10,
+                since: since.map(at),
+                until: until.map(at),
+                before: before.map(|s| (s.created_at, s.id)),
+                ..RunFilter::default()
+            })
+            .expect("list")
+            .into_iter()
+            .map(|s| s.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        window(Some(1), None, None),
+        newest_first[..3],
+        "created at 1 s or later"
+    );
+    assert_eq!(
+        window(None, Some(1), None),
+        newest_first[3..],
+        "created before 1 s"
+    );
+    assert_eq!(
+        window(Some(1), Some(2), None),
+        newest_first[1..3],
+        "created in [1 s, 2 s)"
+    );
+    let top = page(None, None);
+    assert_eq!(
+        window(None, Some(2), top.first()),
+        newest_first[1..],
+        "the cursor and `until` together: the tighter holds"
+    );
+    assert_eq!(
+        window(None, Some(1), top.first()),
+        newest_first[3..],
+        "the cursor and `until` together: the tighter holds"
+    );
+    let second = page(top.first(), None);
+    assert_eq!(
+        window(None, Some(2), second.first()),
+        newest_first[2..],
+        "the cursor tighter than `until`"
+    );
 }
 
 fn a_task_runs_writes_merge_and_keep_every_transition(store: &dyn Store) {

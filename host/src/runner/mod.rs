@@ -775,6 +775,7 @@ pub(crate) fn task_write(
         attempts: rec.attempts,
         run_time: rec.run_time,
         fuel_consumed: rec.fuel_consumed,
+        memory_peak_bytes: rec.memory_peak_bytes,
         output: None,
         cached_input: match ty {
             StateType::Scheduled | StateType::Paused if parent.is_none() => {

@@ -60,6 +60,9 @@ pub struct TaskRun {
     pub run_time: Duration,
     /// Fuel consumed, over all attempts.
     pub fuel_consumed: u64,
+    /// The most linear memory any one attempt held at once, in bytes.
+    #[serde(default)]
+    pub memory_peak_bytes: u64,
     /// Logs of every attempt, and of the state handlers, in order, when the run has no store
     /// (within the flow's `max_log_bytes`). A run with a store hands its logs to the store as
     /// they come and keeps none here: read them with `Store::logs` (paged) or
@@ -95,6 +98,7 @@ impl TaskRun {
             cached_input: None,
             run_time: Duration::ZERO,
             fuel_consumed: 0,
+            memory_peak_bytes: 0,
             logs: Vec::new(),
             cache: None,
             children: Vec::new(),

@@ -301,6 +301,8 @@ async fn list_runs(
         flow: q.flow,
         limit: q.limit.unwrap_or(20).max(1),
         before: None,
+        since: None,
+        until: None,
     };
     let store = space.store().clone();
     let items = tokio::task::spawn_blocking(move || {

@@ -22,8 +22,8 @@ use tokio::sync::watch;
 
 use super::problem::ApiError;
 use super::{Space, Tenant};
-use crate::ids::FlowRunId;
-use crate::store::{ChangeCursor, RunChanges, Store};
+use crate::ids::{FlowRunId, TaskRunId};
+use crate::store::{ChangeCursor, LOG_PAGE_LINES, RunChanges, Store};
 
 /// At most this many event streams are open per tenant (`max_event_streams`).
 pub const MAX_EVENT_STREAMS: usize = 16;
@@ -67,6 +67,15 @@ impl StreamCount {
     }
 }
 
+/// What a stream follows of its run.
+#[derive(Debug, Clone)]
+pub(super) enum Scope {
+    /// The run's changes and lines (of one task's, when set).
+    Changes(Option<String>),
+    /// The log lines of one task run (the web UI's tail of a task's page), `log` events only.
+    Lines(TaskRunId),
+}
+
 /// The event stream of run `id` (of one task's changes and lines when `task` is set), from
 /// `after`.
 pub(super) fn stream(
@@ -76,12 +85,23 @@ pub(super) fn stream(
     task: Option<String>,
     after: ChangeCursor,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>> + use<>>, ApiError> {
+    scoped(space, tenant, id, Scope::Changes(task), after)
+}
+
+/// The event stream of run `id`'s `scope`, from `after`.
+pub(super) fn scoped(
+    space: &Space,
+    tenant: &Tenant,
+    id: FlowRunId,
+    scope: Scope,
+    after: ChangeCursor,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>> + use<>>, ApiError> {
     let slot = space.streams().open(tenant)?;
     let reader = Reader {
         store: space.store().clone(),
         changed: space.store().watch_changes(),
         id,
-        task,
+        scope,
         cursor: after,
         ready: VecDeque::new(),
         ended: false,
@@ -100,7 +120,7 @@ struct Reader {
     store: Arc<dyn Store>,
     changed: watch::Receiver<u64>,
     id: FlowRunId,
-    task: Option<String>,
+    scope: Scope,
     cursor: ChangeCursor,
     ready: VecDeque<Event>,
     ended: bool,
@@ -120,15 +140,27 @@ impl Reader {
             }
             // Marked seen before reading: a commit after this wakes the wait below.
             self.changed.borrow_and_update();
-            let (store, id, task, cursor) =
-                (self.store.clone(), self.id, self.task.clone(), self.cursor);
+            let (store, id, scope, cursor) =
+                (self.store.clone(), self.id, self.scope.clone(), self.cursor);
             let read = tokio::task::spawn_blocking(move || {
                 // Whether the run was live before reading: what it wrote before it ended is in
                 // this read.
                 let live = store.is_live(id);
-                store
-                    .changes(id, task.as_deref(), cursor)
-                    .map(|c| (live, c))
+                let changes = match scope {
+                    Scope::Changes(task) => store.changes(id, task.as_deref(), cursor),
+                    Scope::Lines(task_run) => store
+                        .task_run_logs(id, task_run, cursor.log, LOG_PAGE_LINES)
+                        .map(|logs| RunChanges {
+                            flow: None,
+                            tasks: Vec::new(),
+                            cursor: ChangeCursor {
+                                log: logs.last().map_or(cursor.log, |l| l.seq),
+                                ..cursor
+                            },
+                            logs,
+                        }),
+                };
+                changes.map(|c| (live, c))
             })
             .await;
             let (live, changes) = match read {

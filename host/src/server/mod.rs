@@ -41,7 +41,7 @@ use crate::store::{PgDatabase, StoreError};
 use fair::{FairQueue, Share};
 
 pub use space::Space;
-pub use tenants::{Quotas, Tenant, TenantError, Tenants};
+pub use tenants::{Operator, Quotas, Tenant, TenantError, Tenants};
 
 /// Why the server could not start or serve.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,6 @@
 //! The server's tenants: who may call the API. Each tenant has a name, an id (which names its
-//! directory under the home) and a bearer token. Tokens are random (256 bits), shown once when
+//! directory under the home) and a bearer token. Operators (`sluice operator`) have a name and
+//! a token too: they sign in to the web UI and see every tenant. Tokens are random (256 bits), shown once when
 //! made, and stored only as their blake3 hash, so reading `server.db` gives no token. The
 //! registry is `<home>/server.db` (SQLite), or, for a server on PostgreSQL, the table
 //! `sluice.tenants` of its database; `sluice tenant` edits it while the server runs, and the
@@ -13,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::TenantId;
-use crate::store::{PgDatabase, PgRegistry};
+use crate::store::{PgDatabase, PgRegistry, TokenKind};
 
 /// Why the tenant registry could not do something.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,18 @@ pub enum TenantError {
     /// No tenant of that name.
     #[error("no tenant `{0}`")]
     Unknown(String),
+    /// An operator name that is not allowed.
+    #[error(
+        "operator name `{0}` is not allowed: use 1 to 64 lowercase letters, digits, `-` and `_`, \
+         starting with a letter or digit"
+    )]
+    BadOperatorName(String),
+    /// An operator of that name exists.
+    #[error("operator `{0}` already exists")]
+    OperatorExists(String),
+    /// No operator of that name.
+    #[error("no operator `{0}`")]
+    UnknownOperator(String),
     /// A grant ceiling that is not a valid policy.
     #[error("grant ceiling: {0}")]
     Ceiling(String),
@@ -86,6 +99,15 @@ pub struct Quotas {
     pub max_stored_bytes: Option<u64>,
 }
 
+/// An operator: signs in to the web UI with its token and sees every tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operator {
+    /// Its name.
+    pub name: String,
+    /// When it was added.
+    pub created_at: DateTime<Utc>,
+}
+
 /// The tenant registry of a server home, or of its PostgreSQL database.
 #[derive(Debug)]
 pub struct Tenants {
@@ -110,6 +132,11 @@ CREATE TABLE IF NOT EXISTS tenants (
     weight INTEGER NOT NULL DEFAULT 1,
     quotas TEXT NOT NULL DEFAULT '{}',
     grants TEXT
+);
+CREATE TABLE IF NOT EXISTS operators (
+    name TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL
 );
 ";
 
@@ -354,6 +381,93 @@ impl Tenants {
                 .map(Self::pg_row),
         };
         row.map(|row| self.tenant(row)).transpose()
+    }
+}
+
+impl Tenants {
+    /// Add an operator named `name`; returns it and its token (shown only now).
+    pub fn add_operator(
+        &self,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(Operator, String), TenantError> {
+        if !valid_name(name) {
+            return Err(TenantError::BadOperatorName(name.to_owned()));
+        }
+        let token = new_token().map_err(|e| self.err(&e))?;
+        let (hash, created) = (token_hash(&token), now.to_rfc3339());
+        let inserted = match self.sqlite() {
+            Ok(conn) => conn
+                .execute(
+                    "INSERT INTO operators (name, token_hash, created_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (name) DO NOTHING",
+                    params![name, hash, created],
+                )
+                .map(|n| n == 1)
+                .map_err(|e| self.err(&e))?,
+            Err(pg) => pg
+                .add_token(TokenKind::Operator, name, &hash, &created)
+                .map_err(|e| self.err(&e))?,
+        };
+        match inserted {
+            false => Err(TenantError::OperatorExists(name.to_owned())),
+            true => Ok((
+                Operator {
+                    name: name.to_owned(),
+                    created_at: now,
+                },
+                token,
+            )),
+        }
+    }
+
+    /// Every operator, by name.
+    pub fn operators(&self) -> Result<Vec<Operator>, TenantError> {
+        let rows: Vec<(String, String)> = match self.sqlite() {
+            Ok(conn) => conn
+                .prepare("SELECT name, created_at FROM operators ORDER BY name")
+                .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(|e| self.err(&e))?,
+            Err(pg) => pg.tokens(TokenKind::Operator).map_err(|e| self.err(&e))?,
+        };
+        rows.into_iter()
+            .map(|(name, created)| {
+                let created_at = DateTime::parse_from_rfc3339(&created)
+                    .map_err(|e| self.err(&format!("operator `{name}` has a bad time: {e}")))?
+                    .with_timezone(&Utc);
+                Ok(Operator { name, created_at })
+            })
+            .collect()
+    }
+
+    /// Remove the operator named `name`: its token stops working at once.
+    pub fn remove_operator(&self, name: &str) -> Result<(), TenantError> {
+        let removed = match self.sqlite() {
+            Ok(conn) => conn
+                .execute("DELETE FROM operators WHERE name = ?1", [name])
+                .map(|n| n == 1)
+                .map_err(|e| self.err(&e))?,
+            Err(pg) => pg
+                .remove_token(TokenKind::Operator, name)
+                .map_err(|e| self.err(&e))?,
+        };
+        match removed {
+            true => Ok(()),
+            false => Err(TenantError::UnknownOperator(name.to_owned())),
+        }
+    }
+
+    /// The name of the operator whose token is `token`, if any.
+    pub fn authenticate_operator(&self, token: &str) -> Result<Option<String>, TenantError> {
+        match self.sqlite() {
+            Ok(conn) => conn
+                .prepare_cached("SELECT name FROM operators WHERE token_hash = ?1")
+                .and_then(|mut s| s.query_row([token_hash(token)], |r| r.get(0)).optional())
+                .map_err(|e| self.err(&e)),
+            Err(pg) => pg
+                .token_name(TokenKind::Operator, &token_hash(token))
+                .map_err(|e| self.err(&e)),
+        }
     }
 }
 

@@ -37,7 +37,7 @@ use serde_json::Value;
 
 pub use postgres::{
     Claimed, LEASE_TTL, Lapsed, Lease, NewAttempt, PgDatabase, PgQueue, PgRegistry, PgStore,
-    RENEW_EVERY, TenantRow, Wakeups, WorkerRow,
+    RENEW_EVERY, TenantRow, TokenKind, Wakeups, WorkerRow,
 };
 pub use sqlite::SqliteStore;
 
@@ -274,6 +274,8 @@ pub struct TaskWrite {
     pub run_time: Duration,
     /// Fuel consumed, over all attempts.
     pub fuel_consumed: u64,
+    /// The most memory one attempt held, in bytes.
+    pub memory_peak_bytes: u64,
     /// The output, when the task completed.
     pub output: Option<Blob>,
     /// The resolved input (input caching): `Some` to store it, `None` to keep what is stored.
@@ -375,6 +377,27 @@ pub struct RunFilter {
     /// Only runs older than this one (created before it; at the same microsecond, of a smaller
     /// id): the next page after a page that ended with it.
     pub before: Option<(DateTime<Utc>, FlowRunId)>,
+    /// Only runs created at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only runs created before this time.
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl RunFilter {
+    /// Where the runs listed stop, newest first, as (created_at µs, id): before the cursor and
+    /// before `until` (a run created at `until` has an id after the empty one). A range of the
+    /// `(created_at, id)` index in both stores.
+    pub(crate) fn upper(&self) -> Option<(i64, String)> {
+        let cursor = self
+            .before
+            .as_ref()
+            .map(|(at, id)| (at.timestamp_micros(), id.to_string()));
+        let until = self.until.map(|t| (t.timestamp_micros(), String::new()));
+        match (cursor, until) {
+            (Some(c), Some(u)) => Some(c.min(u)),
+            (c, u) => c.or(u),
+        }
+    }
 }
 
 /// One line of `sluice runs`.
@@ -459,6 +482,9 @@ pub struct LogTail {
     pub records: Vec<LogRecord>,
     /// How many older records of the task run were left out.
     pub omitted: u64,
+    /// The store's position (`seq`) of the newest record: lines after it follow the tail.
+    #[serde(default)]
+    pub last_seq: i64,
 }
 
 /// Where a reader of a run's changes ([`Store::changes`]) is. Start at [`ChangeCursor::START`];
@@ -727,6 +753,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         after: i64,
         limit: usize,
     ) -> Result<Vec<StoredLog>, StoreError>;
+
+    /// A page of task run `task_run`'s log lines in `run` after position `after`, as
+    /// [`Store::logs`] pages a task's (one mapped child's, one of a code flow's runs of a task).
+    fn task_run_logs(
+        &self,
+        run: FlowRunId,
+        task_run: TaskRunId,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredLog>, StoreError>;
+
+    /// The position (`seq`) of `run`'s newest log line, 0 without one: lines stored later come
+    /// after it.
+    fn newest_log_seq(&self, run: FlowRunId) -> Result<i64, StoreError>;
 
     /// What changed in `run` after `after` (of one task, when given): the flow run's state when
     /// it changed, the task runs that changed (each as it is now), and a page of new log lines.

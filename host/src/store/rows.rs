@@ -200,6 +200,7 @@ pub(super) fn merge(into: &mut TaskWrite, next: TaskWrite) {
     into.attempts = next.attempts;
     into.run_time = next.run_time;
     into.fuel_consumed = next.fuel_consumed;
+    into.memory_peak_bytes = next.memory_peak_bytes;
     if next.output.is_some() {
         into.output = next.output;
     }

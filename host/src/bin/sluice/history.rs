@@ -80,6 +80,8 @@ pub(crate) async fn runs(
         flow: args.flow.clone(),
         limit: usize::try_from(args.limit).unwrap_or(usize::MAX),
         before: None,
+        since: None,
+        until: None,
     };
     let (items, place) = match remote {
         Some(remote) => (remote.runs(&filter).await?, remote.to_string()),

@@ -232,6 +232,9 @@ enum Command {
     /// Add, list or remove the tokens `sluice worker` processes authenticate with, in the
     /// server's `--database`.
     WorkerToken(server_cmd::WorkerTokenArgs),
+    /// Add, list or remove the operators of this home's server (or of its `--database`): they
+    /// sign in to the web UI with their token and see every tenant.
+    Operator(server_cmd::OperatorArgs),
     /// Run task runs for a server that gives them to workers (`sluice server --database URL
     /// --workers`), authenticated with a worker token: `sluice worker --server URL --token T`.
     Worker(worker_cmd::WorkerArgs),
@@ -374,10 +377,13 @@ fn main() -> ExitCode {
             }
             Command::Deployments(cmd) => deploy_cmd::deployments(remote, cmd).await,
             Command::Secret(cmd) => secret_cmd::secret(remote, cmd).await,
-            Command::Server(_) | Command::Tenant(_) | Command::WorkerToken(_)
+            Command::Server(_)
+            | Command::Tenant(_)
+            | Command::WorkerToken(_)
+            | Command::Operator(_)
                 if remote.is_some() =>
             {
-                Err(local_only("server/tenant/worker-token"))
+                Err(local_only("server/tenant/worker-token/operator"))
             }
             Command::Server(args) => server_cmd::serve(&cli.home, &cli.sandbox, &args).await,
             Command::Tenant(args) => {
@@ -385,6 +391,9 @@ fn main() -> ExitCode {
             }
             Command::WorkerToken(args) => {
                 tokio::task::block_in_place(|| server_cmd::worker_token(&args))
+            }
+            Command::Operator(args) => {
+                tokio::task::block_in_place(|| server_cmd::operator(&cli.home, &args))
             }
             Command::Worker(_) => Err(UsageError(anyhow::anyhow!("`sluice worker` ran above"))),
         }

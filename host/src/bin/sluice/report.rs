@@ -314,6 +314,7 @@ fn task_json(t: &TaskRun, tails: &HashMap<TaskRunId, LogTail>) -> Value {
         "run_time_ms": t.run_time.as_secs_f64() * 1e3,
         "wall_time_ms": wall_time(&t.history).map(|d| d.as_secs_f64() * 1e3),
         "fuel_consumed": t.fuel_consumed,
+        "memory_peak_bytes": t.memory_peak_bytes,
         "cache": t.cache,
         "history": history_json(&t.history),
         "logs": logs,

@@ -178,6 +178,81 @@ pub(crate) struct TenantArgs {
     command: TenantCommand,
 }
 
+/// `sluice operator`: who signs in to the web UI to see every tenant.
+#[derive(Debug, clap::Args)]
+pub(crate) struct OperatorArgs {
+    #[command(flatten)]
+    database: DatabaseArg,
+    #[command(subcommand)]
+    command: OperatorCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum OperatorCommand {
+    /// Add an operator; its token is printed once, on the last line of stdout.
+    Add {
+        /// Its name: lowercase letters, digits, `-` and `_`.
+        name: String,
+    },
+    /// List operators (names and when they were added; never the tokens).
+    Ls,
+    /// Remove an operator: its token stops working at once.
+    Rm {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// The registry of this home's server, or of its `--database`, and where it is (for messages).
+fn registry(home: &Path, arg: &DatabaseArg) -> Result<(Tenants, String), UsageError> {
+    Ok(match &arg.database {
+        None => (
+            Tenants::open(home).map_err(usage)?,
+            home.display().to_string(),
+        ),
+        Some(url) => {
+            let db = database(url)?;
+            let place = db.name().to_owned();
+            (Tenants::open_database(&db).map_err(usage)?, place)
+        }
+    })
+}
+
+pub(crate) fn operator(home: &Path, args: &OperatorArgs) -> Result<ExitCode, UsageError> {
+    let (registry, place) = registry(home, &args.database)?;
+    match &args.command {
+        OperatorCommand::Add { name } => {
+            let (_, token) = registry
+                .add_operator(name, chrono::Utc::now())
+                .map_err(usage)?;
+            crate::print_stdout(&format!(
+                "added operator `{name}` in {place}\nits token, shown only now:\n{token}\n"
+            ));
+        }
+        OperatorCommand::Ls => {
+            let list = registry.operators().map_err(usage)?;
+            let width = crate::report::column_width(list.iter().map(|o| o.name.as_str()));
+            let mut out = format!("{:<width$}  CREATED\n", "NAME");
+            for o in &list {
+                out.push_str(&format!(
+                    "{:<width$}  {}\n",
+                    o.name,
+                    crate::report::when(o.created_at)
+                ));
+            }
+            if list.is_empty() {
+                out.push_str(&format!("(no operators in {place})\n"));
+            }
+            crate::print_stdout(&out);
+        }
+        OperatorCommand::Rm { name } => {
+            registry.remove_operator(name).map_err(usage)?;
+            crate::print_stdout(&format!("removed operator `{name}`\n"));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `sluice worker-token`: the tokens of `sluice worker` processes, in a server's PostgreSQL
 /// database.
 #[derive(Debug, clap::Args)]
@@ -324,17 +399,7 @@ fn database(url: &str) -> Result<PgDatabase, UsageError> {
 }
 
 pub(crate) fn tenant(home: &Path, args: &TenantArgs) -> Result<ExitCode, UsageError> {
-    let (tenants, place) = match &args.database.database {
-        None => (
-            Tenants::open(home).map_err(usage)?,
-            home.display().to_string(),
-        ),
-        Some(url) => {
-            let db = database(url)?;
-            let place = db.name().to_owned();
-            (Tenants::open_database(&db).map_err(usage)?, place)
-        }
-    };
+    let (tenants, place) = registry(home, &args.database)?;
     match &args.command {
         TenantCommand::Add { name, quotas } => {
             // The settings are checked before the tenant exists.

@@ -263,6 +263,9 @@ impl FlowMachine {
         let record = self.record(unit);
         record.run_time += outcome.usage.duration;
         record.fuel_consumed += outcome.usage.fuel_consumed;
+        record.memory_peak_bytes = record
+            .memory_peak_bytes
+            .max(outcome.usage.memory_peak_bytes);
         self.add_logs(Some(unit), outcome.logs);
         let then = Then::Proceed {
             output: output.clone(),

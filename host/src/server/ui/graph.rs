@@ -42,6 +42,23 @@ impl Node {
     }
 }
 
+impl Node {
+    /// The node of a task a code flow's body ran more than once: its runs counted by state as
+    /// a mapped task's children are, its state its newest run's.
+    pub fn repeated(name: &str, upstream: Vec<String>, runs: &[&TaskRun]) -> Node {
+        let mut children = BTreeMap::new();
+        for r in runs {
+            *children.entry(r.state.name.as_str()).or_insert(0) += 1;
+        }
+        Node {
+            name: name.to_owned(),
+            state: runs.last().map(|r| r.state.name),
+            children,
+            upstream,
+        }
+    }
+}
+
 const W: i64 = 190;
 const H: i64 = 52;
 const GAP_X: i64 = 70;
@@ -192,7 +209,8 @@ fn short_counts(children: &BTreeMap<&'static str, usize>) -> String {
         .join(" · ")
 }
 
-fn truncate(s: &str, n: usize) -> String {
+/// `s` cut to `n` characters, with an ellipsis when it was.
+pub(super) fn truncate(s: &str, n: usize) -> String {
     match s.char_indices().nth(n) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_owned(),

@@ -135,6 +135,7 @@ struct TaskRows {
     attempts: Vec<i32>,
     run_time: Vec<i64>,
     fuel: Vec<i64>,
+    memory_peak: Vec<i64>,
     output: Vec<Option<String>>,
     cached_input: Vec<Option<String>>,
     clear_input: Vec<bool>,
@@ -161,6 +162,7 @@ impl TaskRows {
         self.run_time
             .push(i64::try_from(t.run_time.as_micros()).unwrap_or(i64::MAX));
         self.fuel.push(i64_of(t.fuel_consumed));
+        self.memory_peak.push(i64_of(t.memory_peak_bytes));
         self.output.push(t.output.as_ref().map(|b| blobs.blob(b)));
         self.cached_input
             .push(t.cached_input.as_ref().map(|b| blobs.blob(b)));
@@ -193,6 +195,7 @@ impl TaskRows {
                 &self.cache,
                 &self.history,
                 &change,
+                &self.memory_peak,
             ],
         )
         .await?;
@@ -205,23 +208,23 @@ impl TaskRows {
 const MERGE_TASKS: &str = "MERGE INTO {s}.task_runs t
 USING unnest($1::text[], $2::text[], $3::int4[], $4::text[], $5::text[], $6::int4[], $7::text[],
              $8::text[], $9::int4[], $10::int8[], $11::int8[], $12::text[], $13::text[],
-             $14::bool[], $15::text[], $16::text[])
+             $14::bool[], $15::text[], $16::text[], $18::int8[])
     AS u(id, flow_run, task_index, name, parent, map_index, state, state_json, attempts,
-         run_time_us, fuel, output, cached_input, clear_input, cache, history)
+         run_time_us, fuel, output, cached_input, clear_input, cache, history, memory_peak)
 ON t.id = u.id
 WHEN MATCHED THEN UPDATE SET
     history = t.history || u.history, changed = $17, state = u.state,
     state_json = u.state_json, attempts = u.attempts, run_time_us = u.run_time_us,
-    fuel = u.fuel, output = coalesce(u.output, t.output),
+    fuel = u.fuel, memory_peak = u.memory_peak, output = coalesce(u.output, t.output),
     cached_input = CASE WHEN u.clear_input THEN NULL
                         ELSE coalesce(u.cached_input, t.cached_input) END,
     cache = coalesce(u.cache, t.cache)
 WHEN NOT MATCHED THEN INSERT
     (id, flow_run, task_index, name, parent, map_index, state, state_json, history, attempts,
-     run_time_us, fuel, output, cached_input, cache, changed)
+     run_time_us, fuel, memory_peak, output, cached_input, cache, changed)
     VALUES (u.id, u.flow_run, u.task_index, u.name, u.parent, u.map_index, u.state,
-            u.state_json, u.history, u.attempts, u.run_time_us, u.fuel, u.output,
-            u.cached_input, u.cache, $17)";
+            u.state_json, u.history, u.attempts, u.run_time_us, u.fuel, u.memory_peak,
+            u.output, u.cached_input, u.cache, $17)";
 
 /// Commit `batch` in one transaction, unless it already was (its id recorded: an earlier
 /// commit's outcome was lost with its connection).

@@ -16,7 +16,7 @@ mod store;
 
 pub use liveness::RENEW_EVERY;
 pub use queue::{Claimed, Lapsed, Lease, NewAttempt, PgQueue, Wakeups};
-pub use registry::{PgRegistry, TenantRow, WorkerRow};
+pub use registry::{PgRegistry, TenantRow, TokenKind, WorkerRow};
 pub use store::{LEASE_TTL, PgStore};
 
 use std::sync::Arc;

@@ -148,24 +148,30 @@ impl PgStore {
             i64::try_from(filter.limit).unwrap_or(i64::MAX)
         };
         let (state, flow) = (filter.state.map(StateName::as_str), filter.flow.clone());
-        let (before, before_id) = match &filter.before {
-            Some((at, id)) => (Some(at.timestamp_micros()), Some(id.to_string())),
-            None => (None, None),
-        };
+        // The bounds on creation (a cursor, a time window) as a range of the (created_at, id)
+        // index, however deep the page: written into the statement only when given.
+        let upper = filter.upper();
+        let since = filter.since.map(|t| t.timestamp_micros());
+        let query = format!(
+            "SELECT id, flow, state_json, created_at, updated_at FROM {{s}}.flow_runs
+            WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR flow = $2)
+              AND {} AND {}
+            ORDER BY created_at DESC, id DESC LIMIT $3",
+            match upper {
+                Some(_) => "(created_at, id) < ($4::bigint, $5::text)",
+                None => "$4::bigint IS NULL AND $5::text IS NULL",
+            },
+            match since {
+                Some(_) => "created_at >= $6::bigint",
+                None => "$6::bigint IS NULL",
+            },
+        );
+        let (before, before_id) = upper.unzip();
         self.read(move |client, sql| async move {
             let rows = client
                 .query(
-                    &client
-                        .prepare_cached(&sql.q(
-                            "SELECT id, flow, state_json, created_at, updated_at FROM {s}.flow_runs
-                            WHERE ($1::text IS NULL OR state = $1)
-                              AND ($2::text IS NULL OR flow = $2)
-                              AND ($4::bigint IS NULL OR created_at < $4
-                                   OR (created_at = $4 AND id < $5))
-                            ORDER BY created_at DESC, id DESC LIMIT $3",
-                        ))
-                        .await?,
-                    &[&state, &flow, &limit, &before, &before_id],
+                    &client.prepare_cached(&sql.q(&query)).await?,
+                    &[&state, &flow, &limit, &before, &before_id, &since],
                 )
                 .await?;
             let ids: Vec<String> = rows
@@ -293,6 +299,7 @@ impl PgStore {
                 &sql,
                 run,
                 task.as_deref(),
+                None,
                 after.log,
                 LOG_PAGE_LINES,
             )
@@ -313,7 +320,36 @@ impl PgStore {
     ) -> Result<Vec<StoredLog>, StoreError> {
         let task = task.map(str::to_owned);
         self.read(move |client, sql| async move {
-            log_page(&client, &sql, run, task.as_deref(), after, limit).await
+            log_page(&client, &sql, run, task.as_deref(), None, after, limit).await
+        })
+    }
+
+    pub(super) fn task_run_logs_impl(
+        &self,
+        run: FlowRunId,
+        task_run: TaskRunId,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredLog>, StoreError> {
+        self.read(move |client, sql| async move {
+            log_page(&client, &sql, run, None, Some(task_run), after, limit).await
+        })
+    }
+
+    pub(super) fn newest_log_seq_impl(&self, run: FlowRunId) -> Result<i64, StoreError> {
+        self.read(move |client, sql| async move {
+            let row =
+                client
+                    .query_one(
+                        &client
+                            .prepare_cached(&sql.q(
+                                "SELECT coalesce(max(seq), 0) FROM {s}.logs WHERE flow_run = $1",
+                            ))
+                            .await?,
+                        &[&run.to_string()],
+                    )
+                    .await?;
+            col("", &row, 0)
         })
     }
 
@@ -403,8 +439,14 @@ impl PgStore {
             }
             let mut out = HashMap::with_capacity(tails.len());
             for (task_run, seqs, omitted) in tails {
+                let last_seq = seqs.last().copied().unwrap_or(0);
                 let records = seqs.iter().filter_map(|seq| records.remove(seq)).collect();
-                out.insert(parse_id(&id, &task_run)?, LogTail { records, omitted });
+                let tail = LogTail {
+                    records,
+                    omitted,
+                    last_seq,
+                };
+                out.insert(parse_id(&id, &task_run)?, tail);
             }
             Ok(out)
         })
@@ -418,15 +460,19 @@ async fn log_page(
     sql: &Sql,
     run: FlowRunId,
     task: Option<&str>,
+    task_run: Option<TaskRunId>,
     after: i64,
     limit: usize,
 ) -> Result<Vec<StoredLog>, Failure> {
     let limit = limit.clamp(1, LOG_PAGE_LINES) as i64;
     let id = run.to_string();
+    let task_run = task_run.map(|t| t.to_string());
     let statement = sql.q("SELECT seq, task, map_index, record FROM {s}.logs
                            WHERE flow_run = $1 AND seq > $2 AND ($3::text IS NULL OR task = $3)
+                             AND ($5::text IS NULL OR task_run = $5)
                            ORDER BY seq LIMIT $4");
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&id, &after, &task, &limit];
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&id, &after, &task, &limit, &task_run];
     let rows = client.query_raw(&statement, params).await?;
     pin_mut!(rows);
     let mut page = Vec::new();
@@ -507,7 +553,7 @@ async fn load_run(
                 .prepare_cached(&sql.q(
                     "SELECT t.id, t.name, t.parent, t.map_index, t.state_json, t.attempts,
                            t.run_time_us, t.fuel, t.history, t.cached_input, t.cache,
-                           t.output, o.data, i.data
+                           t.output, o.data, i.data, t.memory_peak
                     FROM {s}.task_runs t
                     LEFT JOIN {s}.blobs o ON o.hash = t.output AND t.state = ANY($2)
                     LEFT JOIN {s}.blobs i ON i.hash = t.cached_input
@@ -565,6 +611,7 @@ async fn load_run(
             cached_input,
             run_time: Duration::from_micros(u64_of(col(&id, r, 6)?)),
             fuel_consumed: u64_of(col(&id, r, 7)?),
+            memory_peak_bytes: u64_of(col(&id, r, 14)?),
             cache,
             children: Vec::new(),
             name,

@@ -1,7 +1,7 @@
 //! The registries a server and its admin commands share in the control schema: tenants (as a
 //! server home's `server.db` holds them, so `sluice tenant --database` on any machine edits
-//! what the server reads on every request) and worker tokens. Rows only: what they mean (names
-//! allowed, tokens made and hashed) is the server's.
+//! what the server reads on every request), worker tokens and operator tokens. Rows only: what
+//! they mean (names allowed, tokens made and hashed) is the server's.
 
 use super::{PgDatabase, schema};
 use crate::store::StoreError;
@@ -9,8 +9,26 @@ use crate::store::StoreError;
 /// A tenant's row: id, name, creation time (RFC 3339), weight, quotas (JSON), grant ceiling.
 pub type TenantRow = (String, String, String, i32, String, Option<String>);
 
-/// A worker token's row: name and creation time (RFC 3339).
+/// A worker or operator token's row: name and creation time (RFC 3339).
 pub type WorkerRow = (String, String);
+
+/// Which named tokens: the table holding them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// `sluice worker` processes' (`sluice.worker_tokens`).
+    Worker,
+    /// The web UI's operators' (`sluice.operator_tokens`).
+    Operator,
+}
+
+impl TokenKind {
+    fn table(self) -> &'static str {
+        match self {
+            TokenKind::Worker => "sluice.worker_tokens",
+            TokenKind::Operator => "sluice.operator_tokens",
+        }
+    }
+}
 
 /// The control schema's registries of one database.
 #[derive(Debug, Clone)]
@@ -155,12 +173,41 @@ impl PgRegistry {
         token_hash: &str,
         created_at: &str,
     ) -> Result<bool, StoreError> {
+        self.add_token(TokenKind::Worker, name, token_hash, created_at)
+    }
+
+    /// Every worker token's name and creation time, by name.
+    pub fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        self.tokens(TokenKind::Worker)
+    }
+
+    /// The name of the worker whose token hashes to `token_hash`.
+    pub fn worker_by_token(&self, token_hash: &str) -> Result<Option<String>, StoreError> {
+        self.token_name(TokenKind::Worker, token_hash)
+    }
+
+    /// Remove the worker token `name`; false when there is none.
+    pub fn remove_worker(&self, name: &str) -> Result<bool, StoreError> {
+        self.remove_token(TokenKind::Worker, name)
+    }
+
+    /// Add a named token of `kind`; false when one of that name exists.
+    pub fn add_token(
+        &self,
+        kind: TokenKind,
+        name: &str,
+        token_hash: &str,
+        created_at: &str,
+    ) -> Result<bool, StoreError> {
         let row = [name, token_hash, created_at].map(str::to_owned);
         self.db.run(move |c| async move {
             let n = c
                 .execute(
-                    "INSERT INTO sluice.worker_tokens (name, token_hash, created_at)
-                     VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+                    &format!(
+                        "INSERT INTO {} (name, token_hash, created_at)
+                         VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+                        kind.table()
+                    ),
                     &[&row[0], &row[1], &row[2]],
                 )
                 .await?;
@@ -168,11 +215,14 @@ impl PgRegistry {
         })
     }
 
-    /// Every worker token's name and creation time, by name.
-    pub fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
-        self.db.run(|c| async move {
+    /// Every token of `kind`: name and creation time, by name.
+    pub fn tokens(&self, kind: TokenKind) -> Result<Vec<WorkerRow>, StoreError> {
+        self.db.run(move |c| async move {
             c.query(
-                "SELECT name, created_at FROM sluice.worker_tokens ORDER BY name",
+                &format!(
+                    "SELECT name, created_at FROM {} ORDER BY name",
+                    kind.table()
+                ),
                 &[],
             )
             .await?
@@ -182,12 +232,19 @@ impl PgRegistry {
         })
     }
 
-    /// The name of the worker whose token hashes to `token_hash`.
-    pub fn worker_by_token(&self, token_hash: &str) -> Result<Option<String>, StoreError> {
+    /// The name of the token of `kind` that hashes to `token_hash`.
+    pub fn token_name(
+        &self,
+        kind: TokenKind,
+        token_hash: &str,
+    ) -> Result<Option<String>, StoreError> {
         let hash = token_hash.to_owned();
         self.db.run(move |c| async move {
             let statement = c
-                .prepare_cached("SELECT name FROM sluice.worker_tokens WHERE token_hash = $1")
+                .prepare_cached(&format!(
+                    "SELECT name FROM {} WHERE token_hash = $1",
+                    kind.table()
+                ))
                 .await?;
             c.query_opt(&statement, &[&hash])
                 .await?
@@ -196,12 +253,15 @@ impl PgRegistry {
         })
     }
 
-    /// Remove the worker token `name`; false when there is none.
-    pub fn remove_worker(&self, name: &str) -> Result<bool, StoreError> {
+    /// Remove the token of `kind` named `name`; false when there is none.
+    pub fn remove_token(&self, kind: TokenKind, name: &str) -> Result<bool, StoreError> {
         let name = name.to_owned();
         self.db.run(move |c| async move {
             let n = c
-                .execute("DELETE FROM sluice.worker_tokens WHERE name = $1", &[&name])
+                .execute(
+                    &format!("DELETE FROM {} WHERE name = $1", kind.table()),
+                    &[&name],
+                )
                 .await?;
             Ok(n == 1)
         })

@@ -123,6 +123,13 @@ CREATE TABLE {s}.leases (
     PRIMARY KEY (flow_run)
 );
 "#,
+    // 2: a task run's peak memory (the most one attempt held), and the runs list's order as an
+    // index: newest first by (created_at, id), so a page after a cursor is a range of it.
+    r#"
+ALTER TABLE {s}.task_runs ADD COLUMN memory_peak bigint NOT NULL DEFAULT 0;
+CREATE INDEX flow_runs_created_id ON {s}.flow_runs (created_at, id);
+DROP INDEX {s}.flow_runs_created;
+"#,
 ];
 
 /// The control schema: what the server and its workers share (the queue of task runs given to
@@ -218,6 +225,14 @@ ALTER TABLE {s}.queue SET (
     autovacuum_analyze_scale_factor = 0,
     autovacuum_analyze_threshold = 1000,
     autovacuum_vacuum_cost_delay = 0
+);
+",
+    // 4: operator tokens: who signs in to the web UI to see every tenant (as worker tokens).
+    r"
+CREATE TABLE {s}.operator_tokens (
+    name text NOT NULL PRIMARY KEY,
+    token_hash text NOT NULL UNIQUE,
+    created_at text NOT NULL
 );
 ",
 ];

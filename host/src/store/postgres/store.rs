@@ -330,6 +330,20 @@ impl Store for PgStore {
         self.logs_impl(run, task, after, limit)
     }
 
+    fn task_run_logs(
+        &self,
+        run: FlowRunId,
+        task_run: TaskRunId,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredLog>, StoreError> {
+        self.task_run_logs_impl(run, task_run, after, limit)
+    }
+
+    fn newest_log_seq(&self, run: FlowRunId) -> Result<i64, StoreError> {
+        self.newest_log_seq_impl(run)
+    }
+
     fn changes(
         &self,
         run: FlowRunId,

@@ -169,11 +169,12 @@ impl SqliteStore {
             Option<String>,
             Option<String>,
             String,
+            i64,
         );
         let rows: Vec<Row> = {
             let mut s = conn
                 .prepare_cached(
-                    "SELECT id, task_index, name, parent, map_index, state_json, attempts, run_time_us, fuel, output, cached_input, cache, history
+                    "SELECT id, task_index, name, parent, map_index, state_json, attempts, run_time_us, fuel, output, cached_input, cache, history, memory_peak
                      FROM task_runs WHERE flow_run = ?1 ORDER BY task_index, parent IS NOT NULL, map_index",
                 )
                 .map_err(&io)?;
@@ -197,6 +198,7 @@ impl SqliteStore {
             input,
             cache,
             hist,
+            memory_peak,
         ) in rows
         {
             let history = parse_history(&id, &hist)?;
@@ -233,6 +235,7 @@ impl SqliteStore {
                 cached_input,
                 run_time: Duration::from_micros(u64::try_from(rt).unwrap_or(0)),
                 fuel_consumed: u64::try_from(fuel).unwrap_or(0),
+                memory_peak_bytes: u64::try_from(memory_peak).unwrap_or(0),
                 cache,
                 children: Vec::new(),
             };
@@ -291,25 +294,34 @@ impl SqliteStore {
             filter.limit as i64
         };
         let rows: Vec<(String, String, String, i64, i64)> = {
-            let mut s = conn
-                .prepare_cached(
-                    "SELECT id, flow, state_json, created_at, updated_at FROM flow_runs
-                     WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR flow = ?2)
-                       AND (?4 IS NULL OR created_at < ?4 OR (created_at = ?4 AND id < ?5))
-                     ORDER BY created_at DESC, id DESC LIMIT ?3",
-                )
-                .map_err(&io)?;
-            let (before, before_id) = match &filter.before {
-                Some((at, id)) => (Some(at.timestamp_micros()), Some(id.to_string())),
-                None => (None, None),
-            };
+            // The bounds on creation (a cursor, a time window) as a range of the
+            // (created_at, id) index, however deep the page: written into the statement only
+            // when given (an unused parameter is bound to a test of its absence).
+            let upper = filter.upper();
+            let since = filter.since.map(|t| t.timestamp_micros());
+            let sql = format!(
+                "SELECT id, flow, state_json, created_at, updated_at FROM flow_runs
+                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR flow = ?2) AND {} AND {}
+                 ORDER BY created_at DESC, id DESC LIMIT ?3",
+                match upper {
+                    Some(_) => "(created_at, id) < (?4, ?5)",
+                    None => "?4 IS NULL AND ?5 IS NULL",
+                },
+                match since {
+                    Some(_) => "created_at >= ?6",
+                    None => "?6 IS NULL",
+                },
+            );
+            let mut s = conn.prepare_cached(&sql).map_err(&io)?;
+            let (before, before_id) = upper.unzip();
             s.query_map(
                 params![
                     filter.state.map(StateName::as_str),
                     filter.flow,
                     limit,
                     before,
-                    before_id
+                    before_id,
+                    since
                 ],
                 |r| TryFrom::try_from(r),
             )
@@ -418,7 +430,7 @@ impl SqliteStore {
         let mut out = result?;
         // Logs are only ever appended, each with the next `seq`: they need no snapshot.
         out.logs = unmapped(&conn, || {
-            self.log_page(&conn, run, task, after.log, LOG_PAGE_LINES)
+            self.log_page(&conn, run, task, None, after.log, LOG_PAGE_LINES)
         })?;
         if let Some(last) = out.logs.last() {
             out.cursor.log = last.seq;
@@ -434,14 +446,39 @@ impl SqliteStore {
         limit: usize,
     ) -> Result<Vec<StoredLog>, StoreError> {
         let conn = self.read();
-        unmapped(&conn, || self.log_page(&conn, run, task, after, limit))
+        unmapped(&conn, || {
+            self.log_page(&conn, run, task, None, after, limit)
+        })
     }
 
+    pub(super) fn task_run_logs_impl(
+        &self,
+        run: FlowRunId,
+        task_run: TaskRunId,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredLog>, StoreError> {
+        let conn = self.read();
+        unmapped(&conn, || {
+            self.log_page(&conn, run, None, Some(task_run), after, limit)
+        })
+    }
+
+    pub(super) fn newest_log_seq_impl(&self, run: FlowRunId) -> Result<i64, StoreError> {
+        let conn = self.read();
+        conn.prepare_cached("SELECT coalesce(max(seq), 0) FROM logs WHERE flow_run = ?1")
+            .and_then(|mut s| s.query_row([run.to_string()], |r| r.get(0)))
+            .map_err(self.io_err("log read"))
+    }
+
+    /// A page of `run`'s lines after `after`: of one task (`task`), of one task run
+    /// (`task_run`), or all.
     fn log_page(
         &self,
         conn: &Connection,
         run: FlowRunId,
         task: Option<&str>,
+        task_run: Option<TaskRunId>,
         after: i64,
         limit: usize,
     ) -> Result<Vec<StoredLog>, StoreError> {
@@ -449,11 +486,17 @@ impl SqliteStore {
         let limit = limit.clamp(1, LOG_PAGE_LINES);
         let mut s = conn
             .prepare_cached(
-                "SELECT seq, task, map_index, record FROM logs WHERE flow_run = ?1 AND seq > ?2 AND (?3 IS NULL OR task = ?3) ORDER BY seq LIMIT ?4",
+                "SELECT seq, task, map_index, record FROM logs WHERE flow_run = ?1 AND seq > ?2 AND (?3 IS NULL OR task = ?3) AND (?5 IS NULL OR task_run = ?5) ORDER BY seq LIMIT ?4",
             )
             .map_err(&io)?;
         let mut rows = s
-            .query(params![run.to_string(), after, task, limit as i64])
+            .query(params![
+                run.to_string(),
+                after,
+                task,
+                limit as i64,
+                task_run.map(|t| t.to_string())
+            ])
             .map_err(&io)?;
         let mut page = Vec::new();
         let mut bytes = 0u64;
@@ -544,6 +587,7 @@ impl SqliteStore {
             .map_err(&io)?;
         let mut out = HashMap::new();
         for (task_run, seqs, omitted) in picker.tails() {
+            let last_seq = seqs.last().copied().unwrap_or(0);
             let mut records = Vec::with_capacity(seqs.len());
             for seq in seqs {
                 let text: String = read.query_row([seq], |r| r.get(0)).map_err(&io)?;
@@ -554,7 +598,12 @@ impl SqliteStore {
                     })?,
                 );
             }
-            out.insert(parse_id(&id, &task_run)?, LogTail { records, omitted });
+            let tail = LogTail {
+                records,
+                omitted,
+                last_seq,
+            };
+            out.insert(parse_id(&id, &task_run)?, tail);
         }
         Ok(out)
     }

@@ -214,12 +214,13 @@ fn task_write(tx: &Transaction<'_>, t: &TaskWrite) -> rusqlite::Result<()> {
         .transpose()?;
     let cache = t.cache.as_ref().map(CacheInfo::to_stored);
     tx.prepare_cached(
-        "INSERT INTO task_runs (id, flow_run, task_index, name, parent, map_index, state, state_json, attempts, run_time_us, fuel, output, cached_input, cache, history, changed)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?16, (SELECT seq FROM changes WHERE id = 0))
+        "INSERT INTO task_runs (id, flow_run, task_index, name, parent, map_index, state, state_json, attempts, run_time_us, fuel, output, cached_input, cache, history, memory_peak, changed)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?16, ?17, (SELECT seq FROM changes WHERE id = 0))
          ON CONFLICT (id) DO UPDATE SET
             history = history || excluded.history, changed = excluded.changed,
             state = excluded.state, state_json = excluded.state_json, attempts = excluded.attempts,
             run_time_us = excluded.run_time_us, fuel = excluded.fuel,
+            memory_peak = excluded.memory_peak,
             output = coalesce(excluded.output, output),
             cached_input = CASE WHEN ?15 THEN NULL ELSE coalesce(excluded.cached_input, cached_input) END,
             cache = coalesce(excluded.cache, cache)",
@@ -240,7 +241,8 @@ fn task_write(tx: &Transaction<'_>, t: &TaskWrite) -> rusqlite::Result<()> {
         input,
         cache,
         t.clear_input,
-        history_lines(&t.transitions)
+        history_lines(&t.transitions),
+        i64_of(t.memory_peak_bytes)
     ])?;
     Ok(())
 }

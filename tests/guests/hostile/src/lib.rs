@@ -75,6 +75,9 @@ enum Behaviour {
     RetryBefore { attempt: u32, first_ms: u64 },
     /// Write `lines` rounds of a log-import line, a stdout line and a stderr line.
     Chatter { lines: usize },
+    /// Log `{log} {attempt}`; on the first attempt, then raise RETRY with a delay of `ms`
+    /// milliseconds; return the attempt number on later ones.
+    LogEachAttempt { log: String, ms: u64 },
 }
 
 #[allow(unconditional_recursion)] // recursing without bound is the point
@@ -201,6 +204,16 @@ fn run(behaviour: Behaviour) -> Result<serde_json::Value, Signal> {
                 return Err(Signal::pause("paused by the task"));
             }
             value
+        }
+        Behaviour::LogEachAttempt { log, ms } => {
+            info!("{log} {}", context::attempt());
+            if context::attempt() == 1 {
+                return Err(Signal::retry_after(
+                    "first attempt",
+                    std::time::Duration::from_millis(ms),
+                ));
+            }
+            json!(context::attempt())
         }
         Behaviour::RetryOnFirstAttempt { ms } => {
             if context::attempt() == 1 {

@@ -16,7 +16,13 @@
 //!    latency, against B alone on the same server just before; A's loops must end TimedOut.
 //!    Twice: A arriving while B is active, then A alone for a while before B comes.
 //!
-//! Run: `cargo bench --bench server` (`-- latency`, `-- mapped` or `-- noisy` for one part).
+//! 4. the web UI's runs list over 100,000 runs of one tenant (written to its store directly, a
+//!    second apart, a tenth of them Failed): the newest page, a page 50,000 runs deep (its
+//!    cursor), the same filtered by state, and a day's window by creation time; request to last
+//!    byte, 10 loads each after one to warm up.
+//!
+//! Run: `cargo bench --bench server` (`-- latency`, `-- mapped`, `-- noisy` or `-- runs` for
+//! one part).
 
 #[path = "../src/bin/sluice/alloc.rs"]
 mod alloc;
@@ -187,6 +193,100 @@ fn browser(url: &str, token: &str, run: &str) {
     }
 }
 
+/// The runs list's pages over 100,000 runs (part 4).
+async fn runs_list(bench: &Bench, server: &Server) {
+    use sluice::ids::FlowRunId;
+    use sluice::runner::Transition;
+    use sluice::state::State;
+    use sluice::store::{RunHeader, Write};
+    let n: i64 = 100_000;
+    let t = bench.tenant(server, "many", &[]).await;
+    let tenant = server.tenants().get("many").expect("tenant");
+    let store = server.space(&tenant).expect("space").store().clone();
+    let t0 = chrono::Utc::now() - chrono::Duration::seconds(n + 60);
+    let mut ids = Vec::with_capacity(n as usize);
+    let began = Instant::now();
+    for i in 0..n {
+        let at = t0 + chrono::Duration::seconds(i);
+        let name = if i % 10 == 0 {
+            StateName::Failed
+        } else {
+            StateName::Completed
+        };
+        let id = FlowRunId::new();
+        ids.push((id, at));
+        store.submit(Write::RunCreated(Box::new(RunHeader {
+            id,
+            flow: format!("flow-{}", i % 7),
+            state: State::new(name, at),
+            history: vec![Transition {
+                from: None,
+                to: name,
+                time: at,
+                message: None,
+            }],
+            parameters: BTreeMap::new(),
+            context: BTreeMap::new(),
+            manifest: None,
+            files: None,
+            // Not this process: no run is live.
+            pid: 1_000_000_000,
+            tasks: Vec::new(),
+        })));
+    }
+    store.flush().expect("flush");
+    println!(
+        "100,000 runs written to the tenant's store in {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
+    let (mid, mid_at) = ids[(n / 2) as usize];
+    let day = |from: i64| (t0 + chrono::Duration::seconds(from)).format("%Y-%m-%dT%H:%M:%S");
+    let pages = [
+        ("newest page", String::new()),
+        (
+            "50,000 runs deep",
+            format!("before={}.{mid}", mid_at.timestamp_micros()),
+        ),
+        (
+            "50,000 deep, Failed only",
+            format!("state=Failed&before={}.{mid}", mid_at.timestamp_micros()),
+        ),
+        (
+            "a day's window, ending 20,000 runs deep",
+            format!("since={}&until={}", day(80_000 - 86_400), day(80_000)),
+        ),
+    ];
+    for (what, query) in pages {
+        let mut times = Vec::new();
+        for i in 0..11 {
+            let began = Instant::now();
+            let resp = bench
+                .http
+                .get(format!("{}/ui/runs?{query}", bench.url))
+                .header("cookie", format!("sluice_token={}", t.token))
+                .send()
+                .await
+                .expect("runs page");
+            assert_eq!(resp.status().as_u16(), 200, "{what}");
+            let page = resp.text().await.expect("page");
+            assert_eq!(
+                page.matches("<tr><td><a href=\"/ui/runs/").count(),
+                50,
+                "{what}: a full page (50 runs)"
+            );
+            if i > 0 {
+                times.push(began.elapsed());
+            }
+        }
+        times.sort();
+        println!(
+            "runs list of 100,000 runs, {what}: p50 {}, max {}",
+            ms(percentile(&times, 0.5)),
+            ms(percentile(&times, 1.0))
+        );
+    }
+}
+
 fn one_task(add_one: &Path) -> String {
     format!(
         "name = \"one\"\n[tasks.a]\ncomponent = {:?}\ninput = 41\n",
@@ -265,7 +365,7 @@ fn main() {
         .expect("runtime");
     let only = |name: &str| {
         let args: Vec<String> = std::env::args().collect();
-        let parts = ["latency", "mapped", "noisy"];
+        let parts = ["latency", "mapped", "noisy", "runs"];
         !args.iter().any(|a| parts.contains(&a.as_str())) || args.iter().any(|a| a == name)
     };
     let add_one = guests::guest("add_one");
@@ -401,6 +501,10 @@ fn main() {
                     .await
                     .expect("the browser's part");
             }
+        }
+
+        if only("runs") {
+            runs_list(&bench, &server).await;
         }
 
         if only("noisy") {

@@ -20,7 +20,8 @@
 //!   task that reads `context::get("key")` never gets an output computed under another `key`,
 //!   and a task of another flow with the same name never gets this one's. The built-in context
 //!   keys are left out: `flow_run_id`, `task_run_id`, `attempt` and `scheduled_start` differ in
-//!   every run (with them nothing would ever hit), `task_name` and `map_index` are already part
+//!   every run (with them nothing would ever hit), `deployment` would keep a deployment's runs
+//!   from a hand-started run's outputs, `task_name` and `map_index` are already part
 //!   of the identity, and `parameters` are what the validator chooses to look at (as in
 //!   Prefect, `duration_only` ignores them).
 //!
@@ -133,6 +134,9 @@ pub struct CacheScope {
 /// was created).
 pub const SCHEDULED_START: &str = "scheduled_start";
 
+/// The context key naming the deployment that started a run (a server's deployment's runs).
+pub const DEPLOYMENT: &str = "deployment";
+
 impl CacheScope {
     /// The scope of a run of flow `flow`, whose manifest may name a cache `namespace`, with the
     /// user context values `context` (the flow's `[context]` and `--context`, without the keys
@@ -155,8 +159,14 @@ impl CacheScope {
                 field(&mut h, flow);
             }
         }
-        // `scheduled_start` is a deployment run's slot: per run, like the other built-in keys.
-        let user = || context.iter().filter(|(k, _)| *k != SCHEDULED_START);
+        // `scheduled_start` is a deployment run's slot and `deployment` its deployment: per
+        // run, like the other built-in keys (a deployment's runs and a hand-started run share
+        // a cache).
+        let user = || {
+            context
+                .iter()
+                .filter(|(k, _)| *k != SCHEDULED_START && *k != DEPLOYMENT)
+        };
         h.update(&(user().count() as u64).to_le_bytes());
         for (k, v) in user() {
             field(&mut h, k);

@@ -595,8 +595,8 @@ fn a_resumed_parent_resumes_its_unfinished_subflow_run() {
     );
 }
 
-/// The context keys naming a subflow's parent, and a scheduled run's `scheduled_start`, are
-/// Sluice's own: given on the command line or in the manifest's `[context]`, the run is refused
+/// The context keys naming a subflow's parent, and a scheduled run's `scheduled_start` and
+/// `deployment`, are Sluice's own: given on the command line or in the manifest's `[context]`, the run is refused
 /// naming the key (a run posing as a child could be taken for one by a resumed parent, and a
 /// user's `scheduled_start` would be left out of cache keys).
 #[test]
@@ -609,6 +609,7 @@ fn the_context_keys_naming_a_parent_are_refused_from_users() {
         "parent_task_run_id",
         "parent_flow_run_id",
         "scheduled_start",
+        "deployment",
     ] {
         let given = format!("{key}=01M8V3ANQBWQYKY5502SBWBN54");
         let out = sluice(&home, &["run", flow_arg, "--context", &given]);

@@ -361,6 +361,29 @@ async fn catchup_all_starts_every_missed_slot_after_a_restart() {
         ]
     );
     assert_eq!(s.run_count().await, 4);
+    // Each run's context names its deployment and its slot's time; the runs list finds them
+    // by deployment, newest first.
+    let (status, runs) = s
+        .call(reqwest::Method::GET, "/runs?deployment=etl&limit=10", None)
+        .await;
+    assert_eq!(status, 200, "{runs}");
+    let ids: Vec<&str> = runs
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| r["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids.len(), 4, "{runs}");
+    let newest = s.finished(ids[0]).await;
+    assert_eq!(newest["run"]["context"]["deployment"], "etl", "{newest}");
+    assert_eq!(
+        newest["run"]["context"]["scheduled_start"], "2026-12-01T10:40:00+00:00",
+        "{newest}"
+    );
+    let (_, none) = s
+        .call(reqwest::Method::GET, "/runs?deployment=other", None)
+        .await;
+    assert_eq!(none, serde_json::json!([]));
 }
 
 #[tokio::test(flavor = "multi_thread")]

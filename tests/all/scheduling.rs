@@ -297,6 +297,7 @@ async fn a_cancel_requested_through_the_store_is_noticed_at_the_next_poll() {
             before: None,
             since: None,
             until: None,
+            deployment: None,
         })
         .expect("runs")[0]
         .id;

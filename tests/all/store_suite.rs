@@ -329,6 +329,42 @@ fn runs_list_in_pages_by_a_cursor(store: &dyn Store) {
         newest_first[3..],
         "the cursor and `until` together: the tighter holds"
     );
+    // A deployment's runs: by their context's `deployment`, newest first, paged too.
+    let deployed: Vec<FlowRunId> = (0..3).map(|_| FlowRunId::new()).collect();
+    for (i, id) in deployed.iter().enumerate() {
+        let mut h = header(*id, "f", StateName::Completed, vec![task(*id, 0, "a")]);
+        h.context.insert("deployment".into(), "nightly".into());
+        h.history[0].time = at(10 + i as i64);
+        h.state.timestamp = at(10 + i as i64);
+        store.submit(Write::RunCreated(Box::new(h)));
+    }
+    store.flush().expect("flush");
+    let by_deployment = |before: Option<&FlowRunId>| {
+        store
+            .list_runs(&RunFilter {
+                limit: 2,
+                deployment: Some("nightly".into()),
+                before: before.map(|id| {
+                    let i = deployed.iter().position(|d| d == id).expect("deployed");
+                    (at(10 + i as i64), *id)
+                }),
+                ..RunFilter::default()
+            })
+            .expect("list")
+            .into_iter()
+            .map(|s| s.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(by_deployment(None), [deployed[2], deployed[1]]);
+    assert_eq!(by_deployment(Some(&deployed[1])), [deployed[0]]);
+    let other = store
+        .list_runs(&RunFilter {
+            limit: 10,
+            deployment: Some("other".into()),
+            ..RunFilter::default()
+        })
+        .expect("list");
+    assert!(other.is_empty(), "{other:?}");
     let second = page(top.first(), None);
     assert_eq!(
         window(None, Some(2), second.first()),

@@ -255,6 +255,9 @@ pub struct ScheduledStart {
     pub at: DateTime<Utc>,
     /// Its transitions before Pending: Scheduled, and Late when it was.
     pub history: Vec<Transition>,
+    /// The deployment whose slot it is: the run's `deployment` context value (per run, as
+    /// `scheduled_start` is: no part of a cache key).
+    pub deployment: Option<String>,
 }
 
 impl FlowRunner {
@@ -524,6 +527,7 @@ impl FlowRunner {
             PARENT_FLOW_RUN,
             PARENT_TASK_RUN,
             crate::cache::SCHEDULED_START,
+            crate::cache::DEPLOYMENT,
         ]
         .into_iter()
         .find(|k| context.contains_key(*k))
@@ -543,6 +547,10 @@ impl FlowRunner {
                 crate::cache::SCHEDULED_START.into(),
                 scheduled.at.to_rfc3339(),
             );
+            if let Some(deployment) = &scheduled.deployment {
+                run.context
+                    .insert(crate::cache::DEPLOYMENT.into(), deployment.clone());
+            }
             if let Some(last) = scheduled.history.last() {
                 run.history[0].from = Some(last.to);
                 run.history.splice(0..0, scheduled.history);

@@ -275,6 +275,8 @@ struct ListQuery {
     state: Option<String>,
     /// Only runs of this flow.
     flow: Option<String>,
+    /// Only runs this deployment started.
+    deployment: Option<String>,
     /// At most this many runs (default 20).
     limit: Option<usize>,
 }
@@ -303,6 +305,7 @@ async fn list_runs(
         before: None,
         since: None,
         until: None,
+        deployment: q.deployment,
     };
     let store = space.store().clone();
     let items = tokio::task::spawn_blocking(move || {

@@ -572,7 +572,14 @@ impl Deployments {
                         tenant,
                         request(row, schedule.parameters.clone()),
                         policy,
-                        Some((id, ScheduledStart { at, history })),
+                        Some((
+                            id,
+                            ScheduledStart {
+                                at,
+                                history,
+                                deployment: Some(row.name.clone()),
+                            },
+                        )),
                     )
                     .await
                     .map(drop),

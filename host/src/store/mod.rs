@@ -381,6 +381,8 @@ pub struct RunFilter {
     pub since: Option<DateTime<Utc>>,
     /// Only runs created before this time.
     pub until: Option<DateTime<Utc>>,
+    /// Only runs a server's deployment of this name started (their context's `deployment`).
+    pub deployment: Option<String>,
 }
 
 impl RunFilter {

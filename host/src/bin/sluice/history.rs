@@ -82,6 +82,7 @@ pub(crate) async fn runs(
         before: None,
         since: None,
         until: None,
+        deployment: None,
     };
     let (items, place) = match remote {
         Some(remote) => (remote.runs(&filter).await?, remote.to_string()),

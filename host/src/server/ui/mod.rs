@@ -338,6 +338,8 @@ struct RunsQuery {
     since: Option<String>,
     /// Only runs created before this time.
     until: Option<String>,
+    /// Only runs this deployment started.
+    deployment: Option<String>,
 }
 
 /// A time from the runs filter: a form's `datetime-local` value (taken as UTC), or RFC 3339.
@@ -384,6 +386,7 @@ async fn runs(
         })?),
     };
     let flow = q.flow.clone().filter(|f| !f.is_empty());
+    let deployment = q.deployment.clone().filter(|d| !d.is_empty());
     let before = match q.before.as_deref().filter(|s| !s.is_empty()) {
         None => None,
         Some(c) => Some(parse_cursor(c)?),
@@ -403,6 +406,7 @@ async fn runs(
         before,
         since,
         until,
+        deployment: deployment.clone(),
     };
     let store = space.store().clone();
     let mut items = super::api::read(move || {
@@ -424,6 +428,7 @@ async fn runs(
     let filters = pages::RunsFilters {
         state,
         flow,
+        deployment,
         since,
         until,
         next: next.flatten(),

@@ -181,6 +181,8 @@ fn time(t: DateTime<Utc>) -> Markup {
 pub struct RunsFilters {
     pub state: Option<StateName>,
     pub flow: Option<String>,
+    /// Started by this deployment.
+    pub deployment: Option<String>,
     /// Created at or after.
     pub since: Option<DateTime<Utc>>,
     /// Created before.
@@ -199,6 +201,9 @@ impl RunsFilters {
         }
         if let Some(f) = &self.flow {
             q.append_pair("flow", f);
+        }
+        if let Some(d) = &self.deployment {
+            q.append_pair("deployment", d);
         }
         if let Some(t) = self.since {
             q.append_pair("since", &t.to_rfc3339());
@@ -230,6 +235,8 @@ pub fn runs(who: &Who, items: &[(bool, RunSummary)], filters: &RunsFilters) -> M
                 }
                 label for="flow" { "Flow" }
                 input id="flow" name="flow" type="text" value=(filters.flow.as_deref().unwrap_or(""));
+                label for="deployment" { "Deployment" }
+                input id="deployment" name="deployment" type="text" value=(filters.deployment.as_deref().unwrap_or(""));
                 label for="since" { "Created from (UTC)" }
                 input id="since" name="since" type="datetime-local" step="1" value=(local(filters.since));
                 label for="until" { "to (UTC)" }
@@ -928,6 +935,7 @@ pub fn deployment(who: &Who, d: &DeploymentView, runs: &DeploymentRuns) -> Marku
             }
             (slots("Upcoming runs, soonest first", &runs.upcoming))
             (slots("Past runs, newest first", &runs.past))
+            p { a href={"/ui/runs?deployment=" (enc(&d.name))} { "All runs of " (d.name) " in the runs list" } }
         },
     )
 }

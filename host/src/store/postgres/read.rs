@@ -155,7 +155,7 @@ impl PgStore {
         let query = format!(
             "SELECT id, flow, state_json, created_at, updated_at FROM {{s}}.flow_runs
             WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR flow = $2)
-              AND {} AND {}
+              AND {} AND {} AND {}
             ORDER BY created_at DESC, id DESC LIMIT $3",
             match upper {
                 Some(_) => "(created_at, id) < ($4::bigint, $5::text)",
@@ -165,13 +165,27 @@ impl PgStore {
                 Some(_) => "created_at >= $6::bigint",
                 None => "$6::bigint IS NULL",
             },
+            // As the index has it.
+            match filter.deployment {
+                Some(_) => "(context::jsonb ->> 'deployment') = $7::text",
+                None => "$7::text IS NULL",
+            },
         );
+        let deployment = filter.deployment.clone();
         let (before, before_id) = upper.unzip();
         self.read(move |client, sql| async move {
             let rows = client
                 .query(
                     &client.prepare_cached(&sql.q(&query)).await?,
-                    &[&state, &flow, &limit, &before, &before_id, &since],
+                    &[
+                        &state,
+                        &flow,
+                        &limit,
+                        &before,
+                        &before_id,
+                        &since,
+                        &deployment,
+                    ],
                 )
                 .await?;
             let ids: Vec<String> = rows

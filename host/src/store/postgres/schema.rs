@@ -124,11 +124,14 @@ CREATE TABLE {s}.leases (
 );
 "#,
     // 2: a task run's peak memory (the most one attempt held), and the runs list's order as an
-    // index: newest first by (created_at, id), so a page after a cursor is a range of it.
+    // index: newest first by (created_at, id), so a page after a cursor is a range of it; a
+    // deployment's runs (their context's `deployment`) in that order too.
     r#"
 ALTER TABLE {s}.task_runs ADD COLUMN memory_peak bigint NOT NULL DEFAULT 0;
 CREATE INDEX flow_runs_created_id ON {s}.flow_runs (created_at, id);
 DROP INDEX {s}.flow_runs_created;
+CREATE INDEX flow_runs_deployment ON {s}.flow_runs ((context::jsonb ->> 'deployment'), created_at, id)
+    WHERE (context::jsonb ->> 'deployment') IS NOT NULL;
 "#,
 ];
 

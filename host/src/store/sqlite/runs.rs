@@ -299,9 +299,12 @@ impl SqliteStore {
             // when given (an unused parameter is bound to a test of its absence).
             let upper = filter.upper();
             let since = filter.since.map(|t| t.timestamp_micros());
+            // A deployment's runs: through the index on the context's `deployment` (the
+            // expression as the index has it).
             let sql = format!(
                 "SELECT id, flow, state_json, created_at, updated_at FROM flow_runs
                  WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR flow = ?2) AND {} AND {}
+                   AND {}
                  ORDER BY created_at DESC, id DESC LIMIT ?3",
                 match upper {
                     Some(_) => "(created_at, id) < (?4, ?5)",
@@ -310,6 +313,10 @@ impl SqliteStore {
                 match since {
                     Some(_) => "created_at >= ?6",
                     None => "?6 IS NULL",
+                },
+                match filter.deployment {
+                    Some(_) => "json_extract(context, '$.deployment') = ?7",
+                    None => "?7 IS NULL",
                 },
             );
             let mut s = conn.prepare_cached(&sql).map_err(&io)?;
@@ -321,7 +328,8 @@ impl SqliteStore {
                     limit,
                     before,
                     before_id,
-                    since
+                    since,
+                    filter.deployment
                 ],
                 |r| TryFrom::try_from(r),
             )

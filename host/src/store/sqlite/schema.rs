@@ -176,11 +176,14 @@ CREATE INDEX flow_runs_parent ON flow_runs(parent_task_run) WHERE parent_task_ru
 ALTER TABLE flow_runs ADD COLUMN files TEXT;
 ",
     // 12: a task run's peak memory (the most one attempt held), and the runs list's order as an
-    // index: newest first by (created_at, id), so a page after a cursor is a range of it.
+    // index: newest first by (created_at, id), so a page after a cursor is a range of it; a
+    // deployment's runs (their context's `deployment`) in that order too.
     r"
 ALTER TABLE task_runs ADD COLUMN memory_peak INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX flow_runs_created_id ON flow_runs(created_at, id);
 DROP INDEX flow_runs_created;
+CREATE INDEX flow_runs_deployment ON flow_runs(json_extract(context, '$.deployment'), created_at, id)
+    WHERE json_extract(context, '$.deployment') IS NOT NULL;
 ",
 ];
 

@@ -362,7 +362,7 @@ async fn catchup_all_starts_every_missed_slot_after_a_restart() {
     );
     assert_eq!(s.run_count().await, 4);
     // Each run's context names its deployment and its slot's time; the runs list finds them
-    // by deployment, newest first.
+    // by deployment (all four were recorded at 10:00, when their slots were: in any order).
     let (status, runs) = s
         .call(reqwest::Method::GET, "/runs?deployment=etl&limit=10", None)
         .await;
@@ -374,11 +374,16 @@ async fn catchup_all_starts_every_missed_slot_after_a_restart() {
         .map(|r| r["id"].as_str().expect("id"))
         .collect();
     assert_eq!(ids.len(), 4, "{runs}");
-    let newest = s.finished(ids[0]).await;
-    assert_eq!(newest["run"]["context"]["deployment"], "etl", "{newest}");
+    let mut slots = Vec::new();
+    for id in ids {
+        let run = s.finished(id).await;
+        assert_eq!(run["run"]["context"]["deployment"], "etl", "{run}");
+        slots.push(run["run"]["context"]["scheduled_start"].to_string());
+    }
+    slots.sort();
     assert_eq!(
-        newest["run"]["context"]["scheduled_start"], "2026-12-01T10:40:00+00:00",
-        "{newest}"
+        slots,
+        ["10:10", "10:20", "10:30", "10:40"].map(|t| format!("\"2026-12-01T{t}:00+00:00\""))
     );
     let (_, none) = s
         .call(reqwest::Method::GET, "/runs?deployment=other", None)

@@ -587,13 +587,16 @@ async fn task(
 ) -> Result<Response, Refused> {
     // Where a live page's tail starts: after every line stored before the run is read (the
     // lines of the task run stored since are in its tail, `RunView::log_tails`).
+    // Both in one read: the id resolved once, one hand-off to the store.
     let run = space.resolve(&id)?;
     let store = space.store().clone();
-    let newest = super::api::read(move || store.newest_log_seq(run))
-        .await
-        .map_err(|e| ApiError::internal("reading logs", &e))?
-        .map_err(|e| ApiError::store("reading logs", e))?;
-    let view = view(&space, &id).await?;
+    let (newest, view) = super::api::read(move || {
+        let newest = store.newest_log_seq(run)?;
+        super::wire::RunView::load(&*store, run).map(|view| (newest, view))
+    })
+    .await
+    .map_err(|e| ApiError::internal("reading the run", &e))?
+    .map_err(|e| ApiError::store("reading the run", e))?;
     let (task, shown) = find_task(&view, &name, &q)?;
     // Its logs: the newest lines of this task run (`RunView::log_tails`).
     let logs = view.log_tails.get(&shown.id);

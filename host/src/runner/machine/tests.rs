@@ -30,6 +30,7 @@ use super::*;
 use crate::clock::{Clock, SimClock};
 use crate::flow::{Backoff, FlowBuilder, Input, TaskDef, Trigger};
 use crate::sandbox::{Limit, LimitExceeded, Signal, TimeLimit, Usage};
+use crate::store::{CacheEntry, TaskWrite};
 
 /// Cases in CI (about 0.4 s in release; 100,000 take about 40 s).
 const CASES: u32 = 1024;
@@ -466,20 +467,37 @@ fn start_time() -> DateTime<Utc> {
     DateTime::from_timestamp(1_700_000_000, 0).expect("valid timestamp")
 }
 
+/// The machine's settings in these tests: no store, no events, no handlers, no executor queue,
+/// `tasks` tasks, on `clock`.
+fn settings(clock: &SimClock, tasks: usize) -> Settings {
+    Settings {
+        clock: Arc::new(clock.clone()),
+        handlers: Arc::new(StateHandlers::default()),
+        record: false,
+        events: false,
+        digests: vec![String::new(); tasks],
+        grants: vec![(String::new(), String::new()); tasks],
+        logs_before: 0,
+        tenant: None,
+        keep_retry_budget: false,
+        acquire: false,
+    }
+}
+
+/// A task named `name` whose input is `input`.
+fn task(name: &str, input: Value) -> TaskDef {
+    let mut t = TaskDef::new(name, PathBuf::from(format!("{name}.wasm")));
+    t.input = Input::Literal(input.into());
+    t
+}
+
 impl Harness {
     fn new(flow: &Flow, events: bool, items: u8, acquire: bool) -> Self {
         let clock = SimClock::new(start_time());
         let settings = Settings {
-            clock: Arc::new(clock.clone()),
-            handlers: Arc::new(StateHandlers::default()),
-            record: false,
             events,
-            digests: vec![String::new(); flow.def.tasks.len()],
-            grants: vec![(String::new(), String::new()); flow.def.tasks.len()],
-            logs_before: 0,
-            tenant: None,
-            keep_retry_budget: false,
             acquire,
+            ..settings(&clock, flow.def.tasks.len())
         };
         let mut params = BTreeMap::new();
         params.insert(
@@ -1086,8 +1104,7 @@ fn a_cancel_ends_paused_mapped_children_cancelled() {
 /// asking again.
 #[test]
 fn the_cache_is_asked_once_and_awaited_before_the_run_can_end() {
-    let mut t = TaskDef::new("t", PathBuf::from("t.wasm"));
-    t.input = Input::Literal(json!(1).into());
+    let mut t = task("t", json!(1));
     t.retries = 1;
     t.cache = Some(crate::cache::CachePolicy {
         cache_for: Duration::from_secs(3600),
@@ -1096,16 +1113,8 @@ fn the_cache_is_asked_once_and_awaited_before_the_run_can_end() {
     let def = Arc::new(FlowBuilder::new("cached").task(t).build().expect("flow"));
     let clock = SimClock::new(start_time());
     let settings = Settings {
-        clock: Arc::new(clock.clone()),
-        handlers: Arc::new(StateHandlers::default()),
         record: true,
-        events: false,
-        digests: vec![String::new()],
-        grants: vec![(String::new(), String::new())],
-        logs_before: 0,
-        tenant: None,
-        keep_retry_budget: false,
-        acquire: false,
+        ..settings(&clock, 1)
     };
     let run = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now());
     let mut m = FlowMachine::new(def, run, &[], settings);
@@ -1158,7 +1167,18 @@ fn the_cache_is_asked_once_and_awaited_before_the_run_can_end() {
         unit,
         outcome: outcome(Ending::Output(json!(2).into())),
     });
-    let _ = next(&mut m);
+    // The output is cached under the key that missed, from the moment it completed.
+    let writes: Vec<CacheWrite> = std::iter::from_fn(|| m.next_command())
+        .filter_map(|c| match c {
+            Command::Write(Write::Cache(w)) => Some(*w),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    assert_eq!(writes[0].output, Json::from(json!(2)));
+    assert_eq!(writes[0].created_at, clock.now());
+    assert_eq!(writes[0].expires_at, clock.now() + TimeDelta::seconds(3600));
+    assert_eq!(writes[0].task_run, m.run().tasks[0].id);
     assert!(m.is_idle());
     assert_eq!(m.run().tasks[0].state.name, StateName::Completed);
 }
@@ -1168,11 +1188,9 @@ fn the_cache_is_asked_once_and_awaited_before_the_run_can_end() {
 /// unit waits ends it Cancelled without an attempt and gives back a slot granted later.
 #[test]
 fn with_an_executor_that_queues_a_unit_is_pending_until_granted_a_slot() {
-    let mut a = TaskDef::new("a", PathBuf::from("a.wasm"));
-    a.input = Input::Literal(json!(1).into());
+    let mut a = task("a", json!(1));
     a.retries = 1;
-    let mut b = TaskDef::new("b", PathBuf::from("b.wasm"));
-    b.input = Input::Literal(json!(2).into());
+    let b = task("b", json!(2));
     let def = Arc::new(
         FlowBuilder::new("queued")
             .task(a)
@@ -1182,16 +1200,8 @@ fn with_an_executor_that_queues_a_unit_is_pending_until_granted_a_slot() {
     );
     let clock = SimClock::new(start_time());
     let settings = Settings {
-        clock: Arc::new(clock.clone()),
-        handlers: Arc::new(StateHandlers::default()),
-        record: false,
-        events: false,
-        digests: vec![String::new(); 2],
-        grants: vec![(String::new(), String::new()); 2],
-        logs_before: 0,
-        tenant: None,
-        keep_retry_budget: false,
         acquire: true,
+        ..settings(&clock, 2)
     };
     let run = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now());
     let mut m = FlowMachine::new(def, run, &[], settings);
@@ -1268,4 +1278,1036 @@ fn with_an_executor_that_queues_a_unit_is_pending_until_granted_a_slot() {
         "{commands:?}"
     );
     assert!(m.is_idle());
+}
+
+/// A machine over `def` with no store, no handler components and no executor queue, on a
+/// [`SimClock`] at [`start_time`].
+fn bare_machine(
+    def: FlowDef,
+    run: Option<FlowRun>,
+    keep_retry_budget: bool,
+) -> (FlowMachine, SimClock) {
+    machine_with(def, run, keep_retry_budget, false)
+}
+
+/// [`bare_machine`], with a store (`record`) or not.
+fn machine_with(
+    def: FlowDef,
+    run: Option<FlowRun>,
+    keep_retry_budget: bool,
+    record: bool,
+) -> (FlowMachine, SimClock) {
+    let def = Arc::new(def);
+    let clock = SimClock::new(start_time());
+    let n = def.tasks.len();
+    let settings = Settings {
+        record,
+        keep_retry_budget,
+        ..settings(&clock, n)
+    };
+    let run =
+        run.unwrap_or_else(|| FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now()));
+    (FlowMachine::new(def, run, &[], settings), clock)
+}
+
+/// Every command the machine has queued.
+fn drain(m: &mut FlowMachine) -> Vec<Command> {
+    std::iter::from_fn(|| m.next_command()).collect()
+}
+
+/// The attempts the commands start.
+fn runs(commands: Vec<Command>) -> Vec<Attempt> {
+    commands
+        .into_iter()
+        .filter_map(|c| match c {
+            Command::Run(a) => Some(a),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ended(ending: Ending, logs: Vec<LogRecord>, usage: Usage) -> RunOutcome {
+    RunOutcome {
+        ending,
+        logs,
+        logs_dropped_bytes: 0,
+        usage,
+    }
+}
+
+fn history(rec: &TaskRun) -> Vec<StateName> {
+    rec.history.iter().map(|t| t.to).collect()
+}
+
+/// A retry is Retrying (the first attempt Running); a task run's usage is the sum of its
+/// attempts' time and fuel and the most memory of any one; a completed task keeps its output.
+#[test]
+fn a_task_runs_usage_sums_its_attempts_and_its_retry_is_retrying() {
+    let mut t = task("t", json!(1));
+    t.retries = 1;
+    let (mut m, _clock) = bare_machine(
+        FlowBuilder::new("f").task(t).build().expect("flow"),
+        None,
+        false,
+    );
+    let unit = Unit::task(0);
+    m.start();
+    let first = runs(drain(&mut m));
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].ctx.attempt, 1);
+    assert_eq!(m.run().tasks[0].state.name, StateName::Running);
+    let usage = |fuel, secs, memory| Usage {
+        fuel_consumed: fuel,
+        duration: Duration::from_secs(secs),
+        memory_peak_bytes: memory,
+    };
+    m.handle(Event::AttemptEnded {
+        unit,
+        outcome: ended(Outcome::Retry(None).ending(), Vec::new(), usage(10, 1, 300)),
+    });
+    let _ = drain(&mut m);
+    m.handle(Event::TimerFired(unit));
+    let second = runs(drain(&mut m));
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].ctx.attempt, 2);
+    assert_eq!(m.run().tasks[0].state.name, StateName::Retrying);
+    m.handle(Event::AttemptEnded {
+        unit,
+        outcome: ended(
+            Ending::Output(json!(7).into()),
+            Vec::new(),
+            usage(5, 2, 200),
+        ),
+    });
+    let _ = drain(&mut m);
+    assert!(m.is_idle());
+    m.finish();
+    let rec = &m.run().tasks[0];
+    assert_eq!(
+        history(rec),
+        [
+            StateName::Pending,
+            StateName::Running,
+            StateName::AwaitingRetry,
+            StateName::Retrying,
+            StateName::Completed
+        ]
+    );
+    assert_eq!(rec.attempts, 2);
+    assert_eq!(rec.fuel_consumed, 15);
+    assert_eq!(rec.run_time, Duration::from_secs(3));
+    assert_eq!(rec.memory_peak_bytes, 300);
+    assert_eq!(rec.output, Some(json!(7).into()));
+    // Input caching: a completed task needs its input no more.
+    assert_eq!(rec.cached_input, None);
+}
+
+/// An attempt lost with its worker, with a retry left: Crashed is recorded before the retry
+/// waits, so the history says what happened to the attempt. Without a retry left, the task
+/// ends Crashed.
+#[test]
+fn a_lost_attempt_is_recorded_crashed_before_its_retry() {
+    let mut t = task("t", json!(1));
+    t.retries = 1;
+    let (mut m, _clock) = bare_machine(
+        FlowBuilder::new("f").task(t).build().expect("flow"),
+        None,
+        false,
+    );
+    let unit = Unit::task(0);
+    let lost = || Ending::Lost {
+        message: "the worker stopped answering".into(),
+    };
+    m.start();
+    let _ = drain(&mut m);
+    m.handle(Event::AttemptEnded {
+        unit,
+        outcome: ended(lost(), Vec::new(), Usage::default()),
+    });
+    let _ = drain(&mut m);
+    m.handle(Event::TimerFired(unit));
+    assert_eq!(runs(drain(&mut m)).len(), 1);
+    m.handle(Event::AttemptEnded {
+        unit,
+        outcome: ended(lost(), Vec::new(), Usage::default()),
+    });
+    let _ = drain(&mut m);
+    m.finish();
+    let rec = &m.run().tasks[0];
+    assert_eq!(
+        history(rec),
+        [
+            StateName::Pending,
+            StateName::Running,
+            StateName::Crashed,
+            StateName::AwaitingRetry,
+            StateName::Retrying,
+            StateName::Crashed
+        ]
+    );
+    assert_eq!(
+        rec.history[2].message.as_deref(),
+        Some("the worker stopped answering")
+    );
+    // Input caching: a task that did not complete keeps its input for a resume.
+    assert_eq!(rec.cached_input, Some(json!(1).into()));
+}
+
+/// A resumed run's retries count from where it resumed (unless it keeps its retry budget): a
+/// task that used its one retry before runs again as Running, attempt 3, and may retry once
+/// more.
+#[test]
+fn a_resumed_task_counts_its_retries_from_the_resume() {
+    let mut t = task("t", json!(1));
+    t.retries = 1;
+    let def = FlowBuilder::new("f").task(t).build().expect("flow");
+    let clock = SimClock::new(start_time());
+    let mut run = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now());
+    run.tasks[0].attempts = 2;
+    run.tasks[0].state = State::new(StateName::Failed, clock.now());
+    for keep in [false, true] {
+        let (mut m, _clock) = bare_machine(def.clone(), Some(run.clone()), keep);
+        let unit = Unit::task(0);
+        m.start();
+        let attempts = runs(drain(&mut m));
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].ctx.attempt, 3);
+        let started = m.run().tasks[0].state.name;
+        m.handle(Event::AttemptEnded {
+            unit,
+            outcome: ended(Outcome::Retry(None).ending(), Vec::new(), Usage::default()),
+        });
+        let after = m.run().tasks[0].state.name;
+        match keep {
+            false => {
+                assert_eq!(started, StateName::Running, "keep_retry_budget: {keep}");
+                assert_eq!(after, StateName::AwaitingRetry, "keep_retry_budget: {keep}");
+            }
+            true => {
+                assert_eq!(started, StateName::Retrying, "keep_retry_budget: {keep}");
+                assert_ne!(after, StateName::AwaitingRetry, "keep_retry_budget: {keep}");
+            }
+        }
+    }
+}
+
+/// Each child of a mapped task runs with its own element of the list as input, and a task
+/// downstream reads the children's outputs as a list, in map order.
+#[test]
+fn each_mapped_child_runs_with_its_element_and_downstream_reads_their_outputs() {
+    let mut t = task("t", json!([10, 20, 30]));
+    t.map = MapOver::Input;
+    let mut d = TaskDef::new("d", PathBuf::from("d.wasm"));
+    d.input = Input::Task("t".into());
+    let def = FlowBuilder::new("f").task(t).task(d).build().expect("flow");
+    let (mut m, _clock) = bare_machine(def, None, false);
+    m.start();
+    let mut children: Vec<(Option<u32>, Json, Unit)> = runs(drain(&mut m))
+        .into_iter()
+        .map(|a| (a.ctx.map_index, a.input, a.unit))
+        .collect();
+    children.sort_by_key(|(i, _, _)| *i);
+    let inputs: Vec<(Option<u32>, Json)> = children
+        .iter()
+        .map(|(i, input, _)| (*i, input.clone()))
+        .collect();
+    assert_eq!(
+        inputs,
+        [
+            (Some(0), json!(10).into()),
+            (Some(1), json!(20).into()),
+            (Some(2), json!(30).into())
+        ]
+    );
+    // They finish out of order; each output goes to its own place.
+    for (i, _, unit) in children.iter().rev() {
+        let out = json!((i.unwrap_or(0) + 1) * 100);
+        m.handle(Event::AttemptEnded {
+            unit: *unit,
+            outcome: ended(Ending::Output(out.into()), Vec::new(), Usage::default()),
+        });
+    }
+    let downstream = runs(drain(&mut m));
+    assert_eq!(downstream.len(), 1, "{downstream:?}");
+    assert_eq!(downstream[0].unit, Unit::task(1));
+    assert_eq!(downstream[0].input, Json::from(json!([100, 200, 300])));
+}
+
+/// The flow run's `max_log_bytes`: records are kept while they fit (one that fills the cap
+/// exactly is kept); from the first that does not, every later record is dropped too, even one
+/// that would fit, and the drop is reported once with what was dropped.
+#[test]
+fn logs_are_kept_up_to_the_cap_and_the_rest_dropped_and_counted() {
+    let record = |text: &str| LogRecord {
+        time: start_time(),
+        source: LogSource::Stdout,
+        level: LogLevel::Info,
+        message: text.into(),
+    };
+    let cost = |text: &str| record(text).cost();
+    let run_with = |cap: u64, lines: &[&str]| -> Vec<String> {
+        let t = task("t", json!(1));
+        let def = FlowBuilder::new("f")
+            .max_log_bytes(cap)
+            .task(t)
+            .build()
+            .expect("flow");
+        let (mut m, _clock) = bare_machine(def, None, false);
+        m.start();
+        let _ = drain(&mut m);
+        let logs = lines.iter().map(|l| record(l)).collect();
+        m.handle(Event::AttemptEnded {
+            unit: Unit::task(0),
+            outcome: ended(Ending::Output(json!(1).into()), logs, Usage::default()),
+        });
+        let _ = drain(&mut m);
+        m.finish();
+        m.run().tasks[0]
+            .logs
+            .iter()
+            .map(|r| r.message.clone())
+            .collect()
+    };
+    // Exactly at the cap: all kept, nothing reported.
+    let cap = 2 * cost("abc") + cost("d");
+    assert_eq!(run_with(cap, &["abc", "abc", "d"]), ["abc", "abc", "d"]);
+    // One record over: it and every later one dropped ("d" would still fit).
+    let kept = run_with(cap, &["abc", "abc", "too long", "d"]);
+    assert_eq!(kept.len(), 3, "{kept:?}");
+    assert_eq!(kept[..2], ["abc", "abc"]);
+    assert!(
+        kept[2].contains(&format!("max_log_bytes = {cap} bytes"))
+            && kept[2].contains("9 more bytes in 2 records"),
+        "{kept:?}"
+    );
+}
+
+/// Only a Completed task's output is cached (an output, or a SUCCESS signal's): a task that
+/// skipped itself (Skipped, of the Completed type, with no output) or failed caches nothing.
+#[test]
+fn only_a_completed_output_is_cached() {
+    for (ending, cached) in [
+        (Outcome::Output(Out::Scalar).ending(), true),
+        (Outcome::Success(Out::Scalar).ending(), true),
+        (Outcome::Skip.ending(), false),
+        (Outcome::Fail.ending(), false),
+    ] {
+        let mut t = task("t", json!(1));
+        t.cache = Some(crate::cache::CachePolicy {
+            cache_for: Duration::from_secs(60),
+            validator: crate::cache::CacheValidator::AllInputs,
+        });
+        let def = FlowBuilder::new("f").task(t).build().expect("flow");
+        let (mut m, _clock) = machine_with(def, None, false, true);
+        let unit = Unit::task(0);
+        m.start();
+        let _ = drain(&mut m);
+        m.handle(Event::CacheAnswered {
+            unit,
+            answer: Ok(CacheLookup::Miss("no entry".into())),
+        });
+        assert_eq!(runs(drain(&mut m)).len(), 1);
+        let what = format!("{ending:?}");
+        m.handle(Event::AttemptEnded {
+            unit,
+            outcome: ended(ending, Vec::new(), Usage::default()),
+        });
+        let writes = drain(&mut m)
+            .into_iter()
+            .filter(|c| matches!(c, Command::Write(Write::Cache(_))))
+            .count();
+        assert_eq!(writes, usize::from(cached), "{what}");
+    }
+}
+
+/// Resuming: a completed task keeps its output and does not run; a task that had not
+/// completed is reset to Pending ("resumed") and runs again. A mapped task whose input is
+/// unchanged (every upstream task it reads had completed) keeps its completed children and
+/// runs the others, with retries counted from their earlier attempts; if an upstream task runs
+/// again, every child runs again.
+#[test]
+fn a_resume_keeps_what_completed_and_runs_the_rest() {
+    let a = task("a", json!(0));
+    let mut m = TaskDef::new("m", PathBuf::from("m.wasm"));
+    m.input = Input::Task("a".into());
+    m.map = MapOver::Input;
+    m.retries = 1;
+    let mut d = TaskDef::new("d", PathBuf::from("d.wasm"));
+    d.input = Input::Task("m".into());
+    let def = FlowBuilder::new("f")
+        .task(a)
+        .task(m)
+        .task(d)
+        .build()
+        .expect("flow");
+    let now = start_time();
+    let mut record = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), now);
+    let completed = |rec: &mut TaskRun, output: Value| {
+        rec.state = State::new(StateName::Completed, now);
+        rec.attempts = 1;
+        rec.output = Some(output.into());
+    };
+    completed(&mut record.tasks[0], json!([1, 2]));
+    record.tasks[1].state = State::new(StateName::Failed, now);
+    record.tasks[1].attempts = 1;
+    let mut c0 = TaskRun::new("m", Some(0), now);
+    completed(&mut c0, json!(10));
+    let mut c1 = TaskRun::new("m", Some(1), now);
+    c1.state = State::new(StateName::Failed, now);
+    c1.attempts = 2;
+    record.tasks[1].children = vec![c0, c1];
+
+    // `a` completed: `m`'s input is unchanged, only child 1 runs, as attempt 3, Running.
+    let (mut machine, _clock) = bare_machine(def.clone(), Some(record.clone()), false);
+    machine.start();
+    let attempts = runs(drain(&mut machine));
+    let started: Vec<(Unit, u32, Json)> = attempts
+        .iter()
+        .map(|a| (a.unit, a.ctx.attempt, a.input.clone()))
+        .collect();
+    let child1 = Unit {
+        task: 1,
+        child: Some(1),
+    };
+    assert_eq!(started, [(child1, 3, Json::from(json!(2)))]);
+    let mapped = &machine.run().tasks[1];
+    assert_eq!(
+        mapped
+            .history
+            .last()
+            .map(|t| (t.from, t.to, t.message.as_deref())),
+        Some((Some(StateName::Failed), StateName::Pending, Some("resumed")))
+    );
+    assert_eq!(mapped.children[1].state.name, StateName::Running);
+    machine.handle(Event::AttemptEnded {
+        unit: child1,
+        outcome: ended(Outcome::Retry(None).ending(), Vec::new(), Usage::default()),
+    });
+    // One retry is left, counted from the resume.
+    assert_eq!(
+        machine.run().tasks[1].children[1].state.name,
+        StateName::AwaitingRetry
+    );
+    let _ = drain(&mut machine);
+    machine.handle(Event::TimerFired(child1));
+    let _ = drain(&mut machine);
+    machine.handle(Event::AttemptEnded {
+        unit: child1,
+        outcome: ended(
+            Ending::Output(json!(20).into()),
+            Vec::new(),
+            Usage::default(),
+        ),
+    });
+    let downstream = runs(drain(&mut machine));
+    assert_eq!(downstream.len(), 1);
+    assert_eq!(downstream[0].input, Json::from(json!([10, 20])));
+
+    // `a` had not completed: it runs again, and so does every child of `m`. Children keep
+    // their task run ids by map index; a list now shorter drops the children past its end.
+    record.tasks[0].state = State::new(StateName::Failed, now);
+    record.tasks[0].output = None;
+    let ids: Vec<TaskRunId> = record.tasks[1].children.iter().map(|c| c.id).collect();
+    for (list, expected) in [(json!([1, 2]), 2), (json!([7]), 1)] {
+        let (mut machine, _clock) = bare_machine(def.clone(), Some(record.clone()), false);
+        machine.start();
+        let first = runs(drain(&mut machine));
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].unit, Unit::task(0));
+        machine.handle(Event::AttemptEnded {
+            unit: Unit::task(0),
+            outcome: ended(Ending::Output(list.into()), Vec::new(), Usage::default()),
+        });
+        let mut children: Vec<Option<u32>> = runs(drain(&mut machine))
+            .iter()
+            .map(|a| a.unit.child)
+            .collect();
+        children.sort_unstable();
+        let want: Vec<Option<u32>> = (0..expected).map(|c| Some(c as u32)).collect();
+        assert_eq!(children, want);
+        let now_ids: Vec<TaskRunId> = machine.run().tasks[1]
+            .children
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(now_ids, ids[..expected]);
+    }
+}
+
+/// The flow's `max_mapped_children` counts every mapped task's children in the run: at the cap
+/// every child is made; one over fails the task that would pass it, before it makes any, and
+/// says how many there would be.
+#[test]
+fn max_mapped_children_counts_the_whole_run() {
+    let run = |first: usize, second: usize| -> FlowRun {
+        let list = |n: usize| Input::Literal(json!(vec![0; n]).into());
+        let mut m1 = TaskDef::new("m1", PathBuf::from("m.wasm"));
+        m1.input = list(first);
+        m1.map = MapOver::Input;
+        let mut m2 = TaskDef::new("m2", PathBuf::from("m.wasm"));
+        m2.input = list(second);
+        m2.map = MapOver::Input;
+        m2.upstream_tasks = vec!["m1".into()];
+        let def = FlowBuilder::new("f")
+            .max_mapped_children(5)
+            .task(m1)
+            .task(m2)
+            .build()
+            .expect("flow");
+        let (mut m, _clock) = bare_machine(def, None, false);
+        m.start();
+        loop {
+            let attempts = runs(drain(&mut m));
+            if attempts.is_empty() {
+                break;
+            }
+            for a in attempts {
+                m.handle(Event::AttemptEnded {
+                    unit: a.unit,
+                    outcome: ended(
+                        Ending::Output(json!(1).into()),
+                        Vec::new(),
+                        Usage::default(),
+                    ),
+                });
+            }
+        }
+        m.finish();
+        m.run().clone()
+    };
+    let at = run(3, 2);
+    assert_eq!(at.tasks[1].state.name, StateName::Mapped);
+    assert_eq!(at.tasks[1].children.len(), 2);
+    let over = run(3, 3);
+    assert_eq!(over.tasks[0].state.name, StateName::Mapped);
+    assert_eq!(over.tasks[1].state.name, StateName::Failed);
+    assert!(over.tasks[1].children.is_empty());
+    assert_eq!(
+        over.tasks[1].state.message.as_deref(),
+        Some(
+            "mapping over 3 elements would make 6 mapped children in this flow run (3 already), \
+             more than the flow's max_mapped_children of 5"
+        )
+    );
+    // One task alone: at the cap, and one over.
+    assert_eq!(run(0, 5).tasks[1].children.len(), 5);
+    let alone = run(0, 6);
+    assert_eq!(
+        alone.tasks[1].state.message.as_deref(),
+        Some(
+            "mapping over 6 elements would make more mapped children than the flow's \
+             max_mapped_children of 5"
+        )
+    );
+}
+
+/// A task skipped because an upstream task was skipped names that task, not another upstream.
+#[test]
+fn a_skip_names_the_upstream_task_that_was_skipped() {
+    let a = task("a", json!(1));
+    let b = task("b", json!(2));
+    let mut c = task("c", json!(3));
+    c.upstream_tasks = vec!["a".into(), "b".into()];
+    c.skip_on_upstream_skip = true;
+    let def = FlowBuilder::new("f")
+        .task(a)
+        .task(b)
+        .task(c)
+        .build()
+        .expect("flow");
+    let (mut m, _clock) = bare_machine(def, None, false);
+    m.start();
+    for attempt in runs(drain(&mut m)) {
+        let ending = match attempt.unit.task {
+            0 => Outcome::Output(Out::Scalar).ending(),
+            _ => Outcome::Skip.ending(),
+        };
+        m.handle(Event::AttemptEnded {
+            unit: attempt.unit,
+            outcome: ended(ending, Vec::new(), Usage::default()),
+        });
+    }
+    assert!(runs(drain(&mut m)).is_empty());
+    m.finish();
+    let c = &m.run().tasks[2];
+    assert_eq!(c.state.name, StateName::Skipped);
+    assert_eq!(
+        c.state.message.as_deref(),
+        Some("upstream task `b` was skipped")
+    );
+}
+
+/// Resuming: a consumer that had already received an output (it completed, or holds it as its
+/// cached input) no longer counts as waiting for it; those that had not received it still
+/// get it, and the last of them takes it, so it is released.
+#[test]
+fn a_resume_releases_an_output_once_its_last_consumer_takes_it() {
+    let a = task("a", json!(1));
+    let mut tasks = vec![a];
+    for name in ["b", "c", "d", "e"] {
+        let mut t = TaskDef::new(name, PathBuf::from("x.wasm"));
+        t.input = Input::Task("a".into());
+        tasks.push(t);
+    }
+    let mut builder = FlowBuilder::new("f");
+    for t in tasks {
+        builder = builder.task(t);
+    }
+    let def = builder.build().expect("flow");
+    let now = start_time();
+    let mut record = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), now);
+    record.tasks[0].state = State::new(StateName::Completed, now);
+    record.tasks[0].output = Some(json!(5).into());
+    // `b` completed; `c` had received its input and failed; `d` and `e` never ran.
+    record.tasks[1].state = State::new(StateName::Completed, now);
+    record.tasks[2].state = State::new(StateName::Failed, now);
+    record.tasks[2].cached_input = Some(json!(5).into());
+    let (mut m, _clock) = bare_machine(def, Some(record), false);
+    m.start();
+    let mut started: Vec<(usize, Json)> = runs(drain(&mut m))
+        .into_iter()
+        .map(|a| (a.unit.task, a.input))
+        .collect();
+    started.sort_by_key(|(t, _)| *t);
+    let five = Json::from(json!(5));
+    assert_eq!(
+        started,
+        [(2, five.clone()), (3, five.clone()), (4, five.clone())]
+    );
+    let a = &m.run().tasks[0];
+    assert!(a.output_released, "{a:?}");
+    assert_eq!(a.output, None);
+}
+
+/// A TriggerFailed message says how each upstream task stood: its state, or for a mapped task
+/// its children counted by state (in order of first appearance), or that it mapped none.
+#[test]
+fn a_trigger_failed_message_says_how_each_upstream_task_stood() {
+    let a = task("a", json!(1));
+    let mut m = task("m", json!([0, 1, 2]));
+    m.map = MapOver::Input;
+    let mut e = task("e", json!([]));
+    e.map = MapOver::Input;
+    let mut d = task("d", json!(3));
+    d.upstream_tasks = vec!["a".into(), "m".into(), "e".into()];
+    let def = FlowBuilder::new("f")
+        .task(a)
+        .task(m)
+        .task(e)
+        .task(d)
+        .build()
+        .expect("flow");
+    let (mut machine, _clock) = bare_machine(def, None, false);
+    machine.start();
+    for attempt in runs(drain(&mut machine)) {
+        let ending = match (attempt.unit.task, attempt.unit.child) {
+            (0, _) | (1, Some(1)) => Outcome::Fail.ending(),
+            _ => Outcome::Output(Out::Scalar).ending(),
+        };
+        machine.handle(Event::AttemptEnded {
+            unit: attempt.unit,
+            outcome: ended(ending, Vec::new(), Usage::default()),
+        });
+    }
+    assert!(runs(drain(&mut machine)).is_empty());
+    machine.finish();
+    let d = &machine.run().tasks[3];
+    assert_eq!(d.state.name, StateName::TriggerFailed);
+    assert_eq!(
+        d.state.message.as_deref(),
+        Some(
+            "trigger `all_successful` did not pass: `a` is Failed, `m`'s mapped children are \
+             2 Completed, 1 Failed, `e` mapped no children"
+        )
+    );
+}
+
+/// Runs a one-task flow whose task makes the given attempts (answering every handler-component
+/// request with the state it proposes), with `hooks` and the in-process `handler`; returns the
+/// handler-component requests as (the state entered, the lists asked for), and the record.
+fn with_hooks(
+    hooks: crate::flow::Hooks,
+    retries: u32,
+    endings: Vec<Ending>,
+    handler: Option<crate::runner::StateHandler>,
+) -> (Vec<(StateName, HookKinds)>, TaskRun) {
+    let mut t = task("t", json!(1));
+    t.retries = retries;
+    t.hooks = hooks;
+    t.max_retry_delay = Duration::from_secs(60);
+    let def = Arc::new(FlowBuilder::new("f").task(t).build().expect("flow"));
+    let clock = SimClock::new(start_time());
+    let mut handlers = StateHandlers::default();
+    if let Some(h) = handler {
+        handlers.every_task.push(h);
+    }
+    let settings = Settings {
+        handlers: Arc::new(handlers),
+        ..settings(&clock, 1)
+    };
+    let run = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now());
+    let mut m = FlowMachine::new(def, run, &[], settings);
+    let mut endings = endings.into_iter();
+    let mut asked = Vec::new();
+    m.start();
+    loop {
+        let commands = drain(&mut m);
+        if commands.is_empty() {
+            break;
+        }
+        for c in commands {
+            match c {
+                Command::RunHooks(r) => {
+                    asked.push((r.new.name, r.kinds));
+                    m.handle(Event::HooksDone {
+                        unit: r.unit,
+                        seq: r.seq,
+                        state: r.new,
+                        logs: Vec::new(),
+                    });
+                }
+                Command::Run(a) => {
+                    let ending = endings.next().expect("an ending for every attempt");
+                    m.handle(Event::AttemptEnded {
+                        unit: a.unit,
+                        outcome: ended(ending, Vec::new(), Usage::default()),
+                    });
+                }
+                Command::Timer { unit, at } => {
+                    clock.set(at);
+                    m.handle(Event::TimerFired(unit));
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(m.is_idle());
+    m.finish();
+    (asked, m.run().tasks[0].clone())
+}
+
+/// Each list of handler components is asked for exactly on its transitions: `on_state` on
+/// every one, `on_completion` into a Completed-type state, `on_failure` into a Failed-type or
+/// Crashed state, `on_retry` into Retrying.
+#[test]
+fn each_handler_list_runs_on_its_transitions_only() {
+    let hooks = |which: &str| {
+        let mut h = crate::flow::Hooks::default();
+        let list = match which {
+            "on_state" => &mut h.on_state,
+            "on_completion" => &mut h.on_completion,
+            "on_failure" => &mut h.on_failure,
+            _ => &mut h.on_retry,
+        };
+        list.push(PathBuf::from("h.wasm"));
+        h
+    };
+    let kinds = |which: &str| HookKinds {
+        on_state: which == "on_state",
+        on_completion: which == "on_completion",
+        on_failure: which == "on_failure",
+        on_retry: which == "on_retry",
+    };
+    let retry_then = |last: Ending| vec![Outcome::Retry(None).ending(), last];
+    use StateName::*;
+    for which in ["on_state", "on_completion", "on_failure", "on_retry"] {
+        let k = kinds(which);
+        let mut seen = 0;
+        // Retried, then completed; retried, then failed; lost, then crashed for good.
+        let scripts = [
+            retry_then(Outcome::Output(Out::Scalar).ending()),
+            retry_then(Outcome::Fail.ending()),
+            vec![Ending::Lost {
+                message: "gone".into(),
+            }],
+        ];
+        for (n, script) in scripts.into_iter().enumerate() {
+            let retries = if n == 2 { 0 } else { 1 };
+            let (asked, rec) = with_hooks(hooks(which), retries, script, None);
+            // Every transition (the record's creation, Pending, is none).
+            let want: Vec<(StateName, HookKinds)> = rec
+                .history
+                .iter()
+                .filter(|t| t.from.is_some())
+                .map(|t| t.to)
+                .filter(|s| match which {
+                    "on_state" => true,
+                    "on_completion" => s.state_type() == StateType::Completed,
+                    "on_failure" => {
+                        matches!(s.state_type(), StateType::Failed | StateType::Crashed)
+                    }
+                    _ => *s == Retrying,
+                })
+                .map(|s| (s, k))
+                .collect();
+            assert_eq!(asked, want, "{which}, script {n}: {:?}", history(&rec));
+            seen += asked.len();
+        }
+        assert!(seen > 0, "{which} never ran");
+    }
+    // The histories those ran over.
+    let (_, rec) = with_hooks(
+        hooks("on_state"),
+        1,
+        retry_then(Outcome::Fail.ending()),
+        None,
+    );
+    assert_eq!(
+        history(&rec),
+        [Pending, Running, AwaitingRetry, Retrying, Failed]
+    );
+}
+
+/// A state handler that replaces a finished attempt's state (here Completed) with a Scheduled
+/// one runs the task again only with a retry left, and no later than the task's longest retry delay; one that
+/// replaces it with a state that cannot follow an attempt (Running) fails the task.
+#[test]
+fn a_handlers_replacement_is_held_to_the_retry_policy() {
+    let later = |hours: i64| -> crate::runner::StateHandler {
+        Arc::new(move |_name: &str, _old: &State, new: State| {
+            if new.name == StateName::Completed {
+                let mut s = State::new(StateName::AwaitingRetry, new.timestamp);
+                s.scheduled_for = Some(new.timestamp + TimeDelta::hours(hours));
+                s
+            } else {
+                new
+            }
+        })
+    };
+    let complete_twice = || vec![Outcome::Output(Out::Scalar).ending(); 2];
+    // One retry: the replacement runs it again, its start capped at max_retry_delay (60 s);
+    // then no retry is left and the task fails, saying why.
+    let (_, rec) = with_hooks(
+        crate::flow::Hooks::default(),
+        1,
+        complete_twice(),
+        Some(later(1)),
+    );
+    use StateName::*;
+    assert_eq!(
+        history(&rec),
+        [Pending, Running, AwaitingRetry, Retrying, Failed],
+        "{:?}",
+        rec.history
+    );
+    let waited = &rec.history[2];
+    assert!(
+        waited
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("is capped at 1m from now")),
+        "{waited:?}"
+    );
+    assert_eq!(
+        rec.history[3].time - rec.history[2].time,
+        TimeDelta::seconds(60)
+    );
+    assert_eq!(
+        rec.state.message.as_deref(),
+        Some(
+            "a state handler replaced Completed with AwaitingRetry to run the task again, but no \
+             retries remain (2 attempts made, retries = 1)"
+        )
+    );
+    // Within the cap: no note, and the handler's own time.
+    let soon: crate::runner::StateHandler = Arc::new(|_: &str, _: &State, new: State| {
+        if new.name == StateName::Completed {
+            let mut s = State::new(StateName::AwaitingRetry, new.timestamp);
+            s.scheduled_for = Some(new.timestamp + TimeDelta::seconds(60));
+            s
+        } else {
+            new
+        }
+    });
+    let (_, rec) = with_hooks(
+        crate::flow::Hooks::default(),
+        1,
+        complete_twice(),
+        Some(soon),
+    );
+    assert_eq!(rec.history[2].message, None);
+    assert_eq!(
+        rec.history[3].time - rec.history[2].time,
+        TimeDelta::seconds(60)
+    );
+    // Running cannot follow an attempt.
+    let running: crate::runner::StateHandler =
+        Arc::new(|_: &str, _: &State, new: State| match new.name {
+            StateName::Completed => State::new(StateName::Running, new.timestamp),
+            _ => new,
+        });
+    let (_, rec) = with_hooks(
+        crate::flow::Hooks::default(),
+        0,
+        vec![Outcome::Output(Out::Scalar).ending()],
+        Some(running),
+    );
+    assert_eq!(rec.state.name, Failed);
+    assert_eq!(
+        rec.state.message.as_deref(),
+        Some(
+            "a state handler replaced Completed with Running, which cannot follow a finished \
+             attempt (only a finished, paused or scheduled state can)"
+        )
+    );
+}
+
+/// With a store, every transition is written as it happens: a task run's write carries its
+/// newest transition (a mapped child's first write, its whole history so far, and its parent),
+/// and only a Completed write carries the output.
+#[test]
+fn each_transition_is_written_with_the_output_only_when_completed() {
+    let mut t = task("t", json!(1));
+    t.retries = 1;
+    let mut m = task("m", json!([5]));
+    m.map = MapOver::Input;
+    m.upstream_tasks = vec!["t".into()];
+    let def = FlowBuilder::new("f").task(t).task(m).build().expect("flow");
+    let (mut machine, _clock) = machine_with(def, None, false, true);
+    let mut writes: Vec<TaskWrite> = Vec::new();
+    let mut take = |machine: &mut FlowMachine| -> Vec<Attempt> {
+        let mut attempts = Vec::new();
+        for c in drain(machine) {
+            match c {
+                Command::Write(Write::Task(w)) => writes.push(*w),
+                Command::Run(a) => attempts.push(a),
+                Command::Timer { unit, .. } => machine.handle(Event::TimerFired(unit)),
+                _ => {}
+            }
+        }
+        attempts
+    };
+    machine.start();
+    let mut endings = vec![
+        Outcome::Retry(None).ending(),
+        Ending::Output(json!(7).into()),
+        Ending::Output(json!(8).into()),
+    ]
+    .into_iter();
+    loop {
+        let attempts = take(&mut machine);
+        let attempts = if attempts.is_empty() {
+            take(&mut machine)
+        } else {
+            attempts
+        };
+        if attempts.is_empty() {
+            break;
+        }
+        for a in attempts {
+            let ending = endings.next().expect("an ending");
+            machine.handle(Event::AttemptEnded {
+                unit: a.unit,
+                outcome: ended(ending, Vec::new(), Usage::default()),
+            });
+        }
+    }
+    assert_eq!(endings.next(), None);
+    let t_id = machine.run().tasks[0].id;
+    let of_t: Vec<&TaskWrite> = writes.iter().filter(|w| w.id == t_id).collect();
+    let states: Vec<StateName> = of_t.iter().map(|w| w.state.name).collect();
+    use StateName::*;
+    assert_eq!(states, [Running, AwaitingRetry, Retrying, Completed]);
+    for w in &of_t {
+        assert_eq!(
+            w.transitions.iter().map(|t| t.to).collect::<Vec<_>>(),
+            [w.state.name],
+            "{w:?}"
+        );
+        match w.state.name {
+            Completed => assert!(
+                matches!(&w.output, Some(Blob::Value(v)) if &Json::from(json!(7)) == v),
+                "{w:?}"
+            ),
+            _ => assert!(w.output.is_none(), "{w:?}"),
+        }
+    }
+    let child = &machine.run().tasks[1].children[0];
+    let of_child: Vec<&TaskWrite> = writes.iter().filter(|w| w.id == child.id).collect();
+    assert_eq!(
+        of_child[0]
+            .transitions
+            .iter()
+            .map(|t| t.to)
+            .collect::<Vec<_>>(),
+        [Pending, Running]
+    );
+    assert_eq!(of_child[0].parent, Some(machine.run().tasks[1].id));
+    assert!(
+        of_child.last().is_some_and(
+            |w| matches!(&w.output, Some(Blob::Value(v)) if &Json::from(json!(8)) == v)
+        ),
+        "{of_child:?}"
+    );
+}
+
+/// A cache hit that a state handler sends back to run again runs the component: it does not
+/// ask the cache again (which would answer the same).
+#[test]
+fn a_cache_hit_a_handler_reschedules_runs_the_component() {
+    let mut t = task("t", json!(1));
+    t.retries = 1;
+    t.cache = Some(crate::cache::CachePolicy {
+        cache_for: Duration::from_secs(60),
+        validator: crate::cache::CacheValidator::AllInputs,
+    });
+    let def = Arc::new(FlowBuilder::new("f").task(t).build().expect("flow"));
+    let clock = SimClock::new(start_time());
+    let mut handlers = StateHandlers::default();
+    handlers
+        .every_task
+        .push(Arc::new(|_: &str, _: &State, new: State| match new.name {
+            StateName::Cached => State::new(StateName::AwaitingRetry, new.timestamp),
+            _ => new,
+        }));
+    let settings = Settings {
+        handlers: Arc::new(handlers),
+        record: true,
+        ..settings(&clock, 1)
+    };
+    let run = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now());
+    let mut m = FlowMachine::new(def, run, &[], settings);
+    let next = |m: &mut FlowMachine| -> Vec<Command> {
+        drain(m)
+            .into_iter()
+            .filter(|c| !matches!(c, Command::Write(_)))
+            .collect()
+    };
+    let unit = Unit::task(0);
+    m.start();
+    let commands = next(&mut m);
+    let Some(Command::LookupCache { key, .. }) = commands.first() else {
+        panic!("{commands:?}");
+    };
+    let entry = CacheEntry {
+        key: key.key.clone(),
+        task: "t".into(),
+        validator: key.validator.clone(),
+        component: String::new(),
+        blob: "b".into(),
+        size: 1,
+        created_at: clock.now(),
+        expires_at: clock.now() + TimeDelta::seconds(60),
+        flow_run: "earlier".into(),
+        task_run: "earlier".into(),
+    };
+    m.handle(Event::CacheAnswered {
+        unit,
+        answer: Ok(CacheLookup::Hit {
+            output: json!(2).into(),
+            blob: "b".into(),
+            entry: Box::new(entry),
+        }),
+    });
+    let commands = next(&mut m);
+    assert!(
+        matches!(commands.as_slice(), [Command::Timer { .. }]),
+        "{commands:?}"
+    );
+    m.handle(Event::TimerFired(unit));
+    let commands = next(&mut m);
+    assert!(
+        matches!(commands.as_slice(), [Command::Run(a)] if a.ctx.attempt == 1),
+        "{commands:?}"
+    );
 }

@@ -1545,8 +1545,10 @@ fn logs_are_kept_up_to_the_cap_and_the_rest_dropped_and_counted() {
         message: text.into(),
     };
     let cost = |text: &str| record(text).cost();
-    let run_with = |cap: u64, lines: &[&str]| -> Vec<String> {
-        let t = task("t", json!(1));
+    // Each batch is one attempt's records; every attempt but the last asks for a retry.
+    let run_with = |cap: u64, batches: &[&[&str]]| -> Vec<String> {
+        let mut t = task("t", json!(1));
+        t.retries = 1;
         let def = FlowBuilder::new("f")
             .max_log_bytes(cap)
             .task(t)
@@ -1554,13 +1556,21 @@ fn logs_are_kept_up_to_the_cap_and_the_rest_dropped_and_counted() {
             .expect("flow");
         let (mut m, _clock) = bare_machine(def, None, false);
         m.start();
-        let _ = drain(&mut m);
-        let logs = lines.iter().map(|l| record(l)).collect();
-        m.handle(Event::AttemptEnded {
-            unit: Unit::task(0),
-            outcome: ended(Ending::Output(json!(1).into()), logs, Usage::default()),
-        });
-        let _ = drain(&mut m);
+        for (n, lines) in batches.iter().enumerate() {
+            assert_eq!(runs(drain(&mut m)).len(), 1);
+            let ending = match n + 1 == batches.len() {
+                true => Ending::Output(json!(1).into()),
+                false => Outcome::Retry(None).ending(),
+            };
+            let logs = lines.iter().map(|l| record(l)).collect();
+            m.handle(Event::AttemptEnded {
+                unit: Unit::task(0),
+                outcome: ended(ending, logs, Usage::default()),
+            });
+            if let Some(Command::Timer { unit, .. }) = drain(&mut m).first() {
+                m.handle(Event::TimerFired(*unit));
+            }
+        }
         m.finish();
         m.run().tasks[0]
             .logs
@@ -1570,16 +1580,22 @@ fn logs_are_kept_up_to_the_cap_and_the_rest_dropped_and_counted() {
     };
     // Exactly at the cap: all kept, nothing reported.
     let cap = 2 * cost("abc") + cost("d");
-    assert_eq!(run_with(cap, &["abc", "abc", "d"]), ["abc", "abc", "d"]);
-    // One record over: it and every later one dropped ("d" would still fit).
-    let kept = run_with(cap, &["abc", "abc", "too long", "d"]);
-    assert_eq!(kept.len(), 3, "{kept:?}");
-    assert_eq!(kept[..2], ["abc", "abc"]);
-    assert!(
-        kept[2].contains(&format!("max_log_bytes = {cap} bytes"))
-            && kept[2].contains("9 more bytes in 2 records"),
-        "{kept:?}"
-    );
+    assert_eq!(run_with(cap, &[&["abc", "abc", "d"]]), ["abc", "abc", "d"]);
+    // One record over: it and every later one dropped, in the same attempt or a later one, even
+    // "d", which would still fit.
+    for batches in [
+        &[&["abc", "abc", "too long", "d"][..]][..],
+        &[&["abc", "abc", "too long"][..], &["d"][..]][..],
+    ] {
+        let kept = run_with(cap, batches);
+        assert_eq!(kept.len(), 3, "{kept:?}");
+        assert_eq!(kept[..2], ["abc", "abc"]);
+        assert!(
+            kept[2].contains(&format!("max_log_bytes = {cap} bytes"))
+                && kept[2].contains("9 more bytes in 2 records"),
+            "{kept:?}"
+        );
+    }
 }
 
 /// Only a Completed task's output is cached (an output, or a SUCCESS signal's): a task that
@@ -2309,5 +2325,66 @@ fn a_cache_hit_a_handler_reschedules_runs_the_component() {
     assert!(
         matches!(commands.as_slice(), [Command::Run(a)] if a.ctx.attempt == 1),
         "{commands:?}"
+    );
+}
+
+/// A flow written as code: a task run whose handle the body still holds shows the body its
+/// output; one whose handle the body dropped keeps none (its output is released); and a task
+/// run that pauses fails, since nobody could resume it (the body would wait for ever).
+#[test]
+fn a_code_flows_task_runs_keep_outputs_only_for_held_handles_and_cannot_pause() {
+    let t = TaskDef::new("t", PathBuf::from("t.wasm"));
+    let def = FlowBuilder::new("code")
+        .body(crate::flow::BodyDef::new("body.wasm"))
+        .task(t)
+        .build()
+        .expect("flow");
+    let (mut m, _clock) = bare_machine(def, None, false);
+    m.start();
+    let submit = |m: &mut FlowMachine, input: Value| -> usize {
+        let made = m
+            .submit(Submission {
+                task: "t",
+                inputs: vec![input.into()],
+                mapped: false,
+                wait_for: &[],
+                trigger: None,
+                subflow: false,
+            })
+            .expect("submitted");
+        made[0].0
+    };
+    let (held, dropped, paused) = (
+        submit(&mut m, json!(1)),
+        submit(&mut m, json!(2)),
+        submit(&mut m, json!(3)),
+    );
+    m.release(dropped);
+    for a in runs(drain(&mut m)) {
+        let ending = match a.unit.task {
+            i if i == paused => Outcome::Pause.ending(),
+            i => Ending::Output(json!(i * 10).into()),
+        };
+        m.handle(Event::AttemptEnded {
+            unit: a.unit,
+            outcome: ended(ending, Vec::new(), Usage::default()),
+        });
+    }
+    let held_state = m.state_of(held).expect("a task run");
+    assert_eq!(held_state.name, StateName::Completed);
+    assert_eq!(held_state.result, Some(json!(held * 10).into()));
+    let dropped_state = m.state_of(dropped).expect("a task run");
+    assert_eq!(dropped_state.name, StateName::Completed);
+    assert_eq!(dropped_state.result, None);
+    assert!(m.run().tasks[dropped].output_released);
+    assert!(!m.run().tasks[held].output_released);
+    let paused_state = m.state_of(paused).expect("a task run");
+    assert_eq!(paused_state.name, StateName::Failed);
+    assert!(
+        paused_state
+            .message
+            .as_deref()
+            .is_some_and(|msg| msg.starts_with("a task run of a flow written as code cannot pause")),
+        "{paused_state:?}"
     );
 }

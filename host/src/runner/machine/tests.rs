@@ -1127,10 +1127,10 @@ fn the_cache_is_asked_once_and_awaited_before_the_run_can_end() {
     m.start();
     let unit = Unit::task(0);
     let commands = next(&mut m);
-    assert!(
-        matches!(commands.as_slice(), [Command::LookupCache { unit: u, .. }] if *u == unit),
-        "{commands:?}"
-    );
+    let key = match commands.as_slice() {
+        [Command::LookupCache { unit: u, key }] if *u == unit => key.key.clone(),
+        _ => panic!("{commands:?}"),
+    };
     assert!(!m.is_idle(), "idle while the cache answer is awaited");
     m.handle(Event::CacheAnswered {
         unit,
@@ -1163,6 +1163,7 @@ fn the_cache_is_asked_once_and_awaited_before_the_run_can_end() {
         matches!(commands.as_slice(), [Command::Run(a)] if a.ctx.attempt == 2),
         "{commands:?}"
     );
+    clock.advance(TimeDelta::seconds(7));
     m.handle(Event::AttemptEnded {
         unit,
         outcome: outcome(Ending::Output(json!(2).into())),
@@ -1175,6 +1176,7 @@ fn the_cache_is_asked_once_and_awaited_before_the_run_can_end() {
         })
         .collect();
     assert_eq!(writes.len(), 1, "{writes:?}");
+    assert_eq!(writes[0].key.key, key);
     assert_eq!(writes[0].output, Json::from(json!(2)));
     assert_eq!(writes[0].created_at, clock.now());
     assert_eq!(writes[0].expires_at, clock.now() + TimeDelta::seconds(3600));
@@ -1485,7 +1487,7 @@ fn a_resumed_task_counts_its_retries_from_the_resume() {
             }
             true => {
                 assert_eq!(started, StateName::Retrying, "keep_retry_budget: {keep}");
-                assert_ne!(after, StateName::AwaitingRetry, "keep_retry_budget: {keep}");
+                assert_eq!(after, StateName::Failed, "keep_retry_budget: {keep}");
             }
         }
     }
@@ -1892,7 +1894,7 @@ fn a_resume_releases_an_output_once_its_last_consumer_takes_it() {
     );
     let a = &m.run().tasks[0];
     assert!(a.output_released, "{a:?}");
-    assert_eq!(a.output, None);
+    assert!(m.nodes[0].output.is_none());
 }
 
 /// A TriggerFailed message says how each upstream task stood: its state, or for a mapped task
@@ -1917,7 +1919,7 @@ fn a_trigger_failed_message_says_how_each_upstream_task_stood() {
     machine.start();
     for attempt in runs(drain(&mut machine)) {
         let ending = match (attempt.unit.task, attempt.unit.child) {
-            (0, _) | (1, Some(1)) => Outcome::Fail.ending(),
+            (0, _) | (1, Some(0)) => Outcome::Fail.ending(),
             _ => Outcome::Output(Out::Scalar).ending(),
         };
         machine.handle(Event::AttemptEnded {
@@ -1933,7 +1935,7 @@ fn a_trigger_failed_message_says_how_each_upstream_task_stood() {
         d.state.message.as_deref(),
         Some(
             "trigger `all_successful` did not pass: `a` is Failed, `m`'s mapped children are \
-             2 Completed, 1 Failed, `e` mapped no children"
+             1 Failed, 2 Completed, `e` mapped no children"
         )
     );
 }
@@ -2075,8 +2077,9 @@ fn each_handler_list_runs_on_its_transitions_only() {
 }
 
 /// A state handler that replaces a finished attempt's state (here Completed) with a Scheduled
-/// one runs the task again only with a retry left, and no later than the task's longest retry delay; one that
-/// replaces it with a state that cannot follow an attempt (Running) fails the task.
+/// one runs the task again only with a retry left, and no later than the task's longest retry
+/// delay; one that replaces it with a state that cannot follow an attempt (Running) fails the
+/// task.
 #[test]
 fn a_handlers_replacement_is_held_to_the_retry_policy() {
     let later = |hours: i64| -> crate::runner::StateHandler {
@@ -2129,7 +2132,7 @@ fn a_handlers_replacement_is_held_to_the_retry_policy() {
     let soon: crate::runner::StateHandler = Arc::new(|_: &str, _: &State, new: State| {
         if new.name == StateName::Completed {
             let mut s = State::new(StateName::AwaitingRetry, new.timestamp);
-            s.scheduled_for = Some(new.timestamp + TimeDelta::seconds(60));
+            s.scheduled_for = Some(new.timestamp + TimeDelta::seconds(30));
             s
         } else {
             new
@@ -2144,7 +2147,7 @@ fn a_handlers_replacement_is_held_to_the_retry_policy() {
     assert_eq!(rec.history[2].message, None);
     assert_eq!(
         rec.history[3].time - rec.history[2].time,
-        TimeDelta::seconds(60)
+        TimeDelta::seconds(30)
     );
     // Running cannot follow an attempt.
     let running: crate::runner::StateHandler =

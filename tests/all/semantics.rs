@@ -837,7 +837,7 @@ fn a_handler_rescheduling_a_cache_hit_runs_the_component() {
         dir.path(),
         "rerun",
         &format!(
-            "name = \"rerun\"\n[tasks.cached_to_Scheduled]\ncomponent = \"{}\"\ninput = 1\n\
+            "name = \"rerun\"\n[tasks.Cached_to_Scheduled]\ncomponent = \"{}\"\ninput = 1\n\
              cache_for = \"1h\"\nretries = 1\non_completion = [\"{}\"]\n",
             component("add_one"),
             component("replacer"),
@@ -845,13 +845,13 @@ fn a_handler_rescheduling_a_cache_hit_runs_the_component() {
     );
     let (code, r) = run(&home, &flow, &[]);
     assert_eq!(code, Some(0), "{r:#}");
-    let t = task(&r, "cached_to_Scheduled");
+    let t = task(&r, "Cached_to_Scheduled");
     assert_eq!(history(t), ["Pending", "Running", "Completed"], "{t:#}");
     // The second run hits the cache; the handler replaces Cached with Scheduled, and the
     // component runs instead of the cache being asked again.
     let (code, r) = run(&home, &flow, &[]);
     assert_eq!(code, Some(0), "{r:#}");
-    let t = task(&r, "cached_to_Scheduled");
+    let t = task(&r, "Cached_to_Scheduled");
     assert_eq!(
         history(t),
         ["Pending", "Scheduled", "Running", "Completed"],
@@ -859,6 +859,58 @@ fn a_handler_rescheduling_a_cache_hit_runs_the_component() {
     );
     assert_eq!(t["attempts"], 1, "{t:#}");
     assert_eq!(t["output"], 2, "{t:#}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A handler component's replacement stands only where the task run can go on from it
+
+#[test]
+fn a_handler_components_replacement_skips_an_attempt_or_fails_the_task() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (add, fail, replacer) = (
+        component("add_one"),
+        component("fail_if"),
+        component("replacer"),
+    );
+    let flow = write_flow(
+        dir.path(),
+        "replaced",
+        &format!(
+            "name = \"replaced\"\n\
+             [tasks.Running_to_Skipped]\ncomponent = \"{add}\"\ninput = 1\non_state = [\"{replacer}\"]\n\
+             [tasks.Running_to_Paused]\ncomponent = \"{add}\"\ninput = 1\non_state = [\"{replacer}\"]\n\
+             [tasks.fails]\ncomponent = \"{fail}\"\ninput = true\n\
+             [tasks.TriggerFailed_to_Running]\ncomponent = \"{add}\"\ninput = 1\n\
+             upstream_tasks = [\"fails\"]\non_state = [\"{replacer}\"]\n"
+        ),
+    );
+    let (code, r) = run(&dir.path().join("home"), &flow, &[]);
+    assert_eq!(code, Some(1), "{r:#}");
+    // Skipped before it started: the component never ran.
+    let t = task(&r, "Running_to_Skipped");
+    assert_eq!(history(t), ["Pending", "Skipped"], "{t:#}");
+    assert_eq!(t["attempts"], 0, "{t:#}");
+    assert_eq!(t["message"], "replaced by the handler", "{t:#}");
+    // Paused before it started would wait on nothing.
+    let t = task(&r, "Running_to_Paused");
+    assert_eq!(history(t), ["Pending", "Failed"], "{t:#}");
+    assert_eq!(t["attempts"], 0, "{t:#}");
+    assert_eq!(
+        t["message"],
+        "a state handler replaced Running with Paused before the attempt started (only Running, \
+         Retrying, or a finished state, which skips the attempt, can replace it)",
+        "{t:#}"
+    );
+    // Running after TriggerFailed would leave the flow run waiting on it (it said Paused).
+    let t = task(&r, "TriggerFailed_to_Running");
+    assert_eq!(history(t), ["Pending", "Failed"], "{t:#}");
+    assert_eq!(
+        t["message"],
+        "a state handler replaced TriggerFailed with Running but TriggerFailed ends the task \
+         run (only a finished state can replace it)",
+        "{t:#}"
+    );
+    assert_eq!(r["state"], "Failed", "{r:#}");
 }
 
 /// A run whose task `b` (one retry; it fails every attempt) crashed on its first attempt: a

@@ -166,7 +166,7 @@ impl FlowMachine {
                     from_cache: true,
                     guest_cancelled: false,
                 };
-                self.transition_after_attempt(unit, state, Some(Blob::Stored(blob)), then);
+                self.transition(unit, state, Some(Blob::Stored(blob)), then);
             }
             Ok(CacheLookup::Miss(reason)) => {
                 self.record(unit).cache = Some(miss(&key, reason));
@@ -272,7 +272,7 @@ impl FlowMachine {
             from_cache: false,
             guest_cancelled,
         };
-        self.transition_after_attempt(unit, state, output.map(Blob::Value), then);
+        self.transition(unit, state, output.map(Blob::Value), then);
     }
 
     /// The unit's attempt was lost with its worker and will be retried: the Crashed state is

@@ -113,7 +113,7 @@ impl FlowMachine {
                     let s = State::new(StateName::Paused, self.now()).with_message(
                         "manual_only: waiting to be resumed with this task as a start task",
                     );
-                    return self.transition(unit, s, None, Then::Nothing);
+                    return self.transition(unit, s, None, Then::Wait);
                 }
             }
         }

@@ -259,8 +259,10 @@ struct MapRun {
 /// What follows a transition once it is recorded.
 #[derive(Debug)]
 enum Then {
-    /// Nothing: the unit waits (paused), or the run is ending.
-    Nothing,
+    /// The unit waits, paused, to be resumed by a later run.
+    Wait,
+    /// Nothing: the run is ending.
+    End,
     /// The unit is finished: wake what waits for it.
     Finished,
     /// Run the component.
@@ -280,7 +282,8 @@ struct Pending {
     old: State,
     /// The state after the in-process handlers (recorded as is if the run is cancelled first).
     state: State,
-    proposed: Option<(StateName, Option<DateTime<Utc>>)>,
+    /// The state before the handlers (what a replacement is checked against).
+    proposed: (StateName, Option<DateTime<Utc>>),
     output: Option<Blob>,
     then: Then,
 }
@@ -578,7 +581,7 @@ impl FlowMachine {
             for unit in waiting {
                 let s = State::new(StateName::Cancelled, self.now())
                     .with_message("the flow run was cancelled before this task ran");
-                self.transition(unit, s, None, Then::Nothing);
+                self.transition(unit, s, None, Then::End);
             }
         }
         // Outputs still held go into the record (a code flow's: those whose handles the body

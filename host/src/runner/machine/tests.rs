@@ -1312,9 +1312,42 @@ fn machine_with(
     (FlowMachine::new(def, run, &[], settings), clock)
 }
 
+/// A machine for `def` (with a store when `record`) whose every transition goes through
+/// `handler`.
+fn handled_machine(
+    def: FlowDef,
+    handler: crate::runner::StateHandler,
+    record: bool,
+) -> (FlowMachine, SimClock) {
+    let def = Arc::new(def);
+    let clock = SimClock::new(start_time());
+    let mut handlers = StateHandlers::default();
+    handlers.every_task.push(handler);
+    let settings = Settings {
+        handlers: Arc::new(handlers),
+        record,
+        ..settings(&clock, def.tasks.len())
+    };
+    let run = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now());
+    (FlowMachine::new(def, run, &[], settings), clock)
+}
+
 /// Every command the machine has queued.
 fn drain(m: &mut FlowMachine) -> Vec<Command> {
     std::iter::from_fn(|| m.next_command()).collect()
+}
+
+/// Hands every command the machine gives to `answer`, until it gives none.
+fn drive(m: &mut FlowMachine, mut answer: impl FnMut(&mut FlowMachine, Command)) {
+    loop {
+        let commands = drain(m);
+        if commands.is_empty() {
+            return;
+        }
+        for c in commands {
+            answer(m, c);
+        }
+    }
 }
 
 /// The attempts the commands start.
@@ -1953,52 +1986,35 @@ fn with_hooks(
     t.retries = retries;
     t.hooks = hooks;
     t.max_retry_delay = Duration::from_secs(60);
-    let def = Arc::new(FlowBuilder::new("f").task(t).build().expect("flow"));
-    let clock = SimClock::new(start_time());
-    let mut handlers = StateHandlers::default();
-    if let Some(h) = handler {
-        handlers.every_task.push(h);
-    }
-    let settings = Settings {
-        handlers: Arc::new(handlers),
-        ..settings(&clock, 1)
-    };
-    let run = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now());
-    let mut m = FlowMachine::new(def, run, &[], settings);
+    let def = FlowBuilder::new("f").task(t).build().expect("flow");
+    let handler = handler.unwrap_or_else(|| Arc::new(|_: &str, _: &State, new: State| new));
+    let (mut m, clock) = handled_machine(def, handler, false);
     let mut endings = endings.into_iter();
     let mut asked = Vec::new();
     m.start();
-    loop {
-        let commands = drain(&mut m);
-        if commands.is_empty() {
-            break;
+    drive(&mut m, |m, c| match c {
+        Command::RunHooks(r) => {
+            asked.push((r.new.name, r.kinds));
+            m.handle(Event::HooksDone {
+                unit: r.unit,
+                seq: r.seq,
+                state: r.new,
+                logs: Vec::new(),
+            });
         }
-        for c in commands {
-            match c {
-                Command::RunHooks(r) => {
-                    asked.push((r.new.name, r.kinds));
-                    m.handle(Event::HooksDone {
-                        unit: r.unit,
-                        seq: r.seq,
-                        state: r.new,
-                        logs: Vec::new(),
-                    });
-                }
-                Command::Run(a) => {
-                    let ending = endings.next().expect("an ending for every attempt");
-                    m.handle(Event::AttemptEnded {
-                        unit: a.unit,
-                        outcome: ended(ending, Vec::new(), Usage::default()),
-                    });
-                }
-                Command::Timer { unit, at } => {
-                    clock.set(at);
-                    m.handle(Event::TimerFired(unit));
-                }
-                _ => {}
-            }
+        Command::Run(a) => {
+            let ending = endings.next().expect("an ending for every attempt");
+            m.handle(Event::AttemptEnded {
+                unit: a.unit,
+                outcome: ended(ending, Vec::new(), Usage::default()),
+            });
         }
-    }
+        Command::Timer { unit, at } => {
+            clock.set(at);
+            m.handle(Event::TimerFired(unit));
+        }
+        _ => {}
+    });
     assert!(m.is_idle());
     m.finish();
     (asked, m.run().tasks[0].clone())
@@ -2128,27 +2144,29 @@ fn a_handlers_replacement_is_held_to_the_retry_policy() {
              retries remain (2 attempts made, retries = 1)"
         )
     );
-    // Within the cap: no note, and the handler's own time.
-    let soon: crate::runner::StateHandler = Arc::new(|_: &str, _: &State, new: State| {
-        if new.name == StateName::Completed {
-            let mut s = State::new(StateName::AwaitingRetry, new.timestamp);
-            s.scheduled_for = Some(new.timestamp + TimeDelta::seconds(30));
-            s
-        } else {
-            new
-        }
-    });
-    let (_, rec) = with_hooks(
-        crate::flow::Hooks::default(),
-        1,
-        complete_twice(),
-        Some(soon),
-    );
-    assert_eq!(rec.history[2].message, None);
-    assert_eq!(
-        rec.history[3].time - rec.history[2].time,
-        TimeDelta::seconds(30)
-    );
+    // Within the cap, and exactly at it: no note, and the handler's own time.
+    for secs in [30, 60] {
+        let soon: crate::runner::StateHandler = Arc::new(move |_: &str, _: &State, new: State| {
+            if new.name == StateName::Completed {
+                let mut s = State::new(StateName::AwaitingRetry, new.timestamp);
+                s.scheduled_for = Some(new.timestamp + TimeDelta::seconds(secs));
+                s
+            } else {
+                new
+            }
+        });
+        let (_, rec) = with_hooks(
+            crate::flow::Hooks::default(),
+            1,
+            complete_twice(),
+            Some(soon),
+        );
+        assert_eq!(rec.history[2].message, None, "{secs} s");
+        assert_eq!(
+            rec.history[3].time - rec.history[2].time,
+            TimeDelta::seconds(secs)
+        );
+    }
     // Running cannot follow an attempt.
     let running: crate::runner::StateHandler =
         Arc::new(|_: &str, _: &State, new: State| match new.name {
@@ -2270,22 +2288,12 @@ fn a_cache_hit_a_handler_reschedules_runs_the_component() {
         cache_for: Duration::from_secs(60),
         validator: crate::cache::CacheValidator::AllInputs,
     });
-    let def = Arc::new(FlowBuilder::new("f").task(t).build().expect("flow"));
-    let clock = SimClock::new(start_time());
-    let mut handlers = StateHandlers::default();
-    handlers
-        .every_task
-        .push(Arc::new(|_: &str, _: &State, new: State| match new.name {
-            StateName::Cached => State::new(StateName::AwaitingRetry, new.timestamp),
-            _ => new,
-        }));
-    let settings = Settings {
-        handlers: Arc::new(handlers),
-        record: true,
-        ..settings(&clock, 1)
-    };
-    let run = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now());
-    let mut m = FlowMachine::new(def, run, &[], settings);
+    let def = FlowBuilder::new("f").task(t).build().expect("flow");
+    let handler = Arc::new(|_: &str, _: &State, new: State| match new.name {
+        StateName::Cached => State::new(StateName::AwaitingRetry, new.timestamp),
+        _ => new,
+    });
+    let (mut m, clock) = handled_machine(def, handler, true);
     let next = |m: &mut FlowMachine| -> Vec<Command> {
         drain(m)
             .into_iter()
@@ -2389,5 +2397,290 @@ fn a_code_flows_task_runs_keep_outputs_only_for_held_handles_and_cannot_pause() 
             .as_deref()
             .is_some_and(|msg| msg.starts_with("a task run of a flow written as code cannot pause")),
         "{paused_state:?}"
+    );
+}
+
+/// A flow `a` → `b` → `c` (`c` reads `b`'s output; `b` caches its output, one retry, and may
+/// be `manual_only`) run to its end, with an in-process state handler on `b` that replaces
+/// `from` with `to`. Tasks named in `fail` fail every attempt; the others output 1. Every
+/// cache lookup misses and every executor slot is granted at once (with `acquire`). Returns
+/// the record and every command the machine gave.
+fn run_replacing(
+    b: TaskDef,
+    (from, to): (StateName, StateName),
+    fail: &[&str],
+    acquire: bool,
+) -> (FlowRun, Vec<Command>) {
+    let a = task("a", json!(1));
+    let mut c = task("c", json!(null));
+    c.input = Input::Task("b".into());
+    let def = Arc::new(
+        FlowBuilder::new("f")
+            .task(a)
+            .task(b)
+            .task(c)
+            .build()
+            .expect("flow"),
+    );
+    let names: Vec<String> = def.tasks.iter().map(|t| t.name.clone()).collect();
+    let clock = SimClock::new(start_time());
+    let mut handlers = StateHandlers::default();
+    let handler: crate::runner::StateHandler =
+        Arc::new(
+            move |_: &str, _: &State, new: State| match new.name == from {
+                true => State::new(to, new.timestamp),
+                false => new,
+            },
+        );
+    handlers.task.insert("b".into(), vec![handler]);
+    let settings = Settings {
+        handlers: Arc::new(handlers),
+        record: true,
+        acquire,
+        ..settings(&clock, 3)
+    };
+    let run = FlowRun::new(&def, BTreeMap::new(), BTreeMap::new(), clock.now());
+    let mut m = FlowMachine::new(def, run, &[], settings);
+    let mut seen = Vec::new();
+    m.start();
+    drive(&mut m, |m, c| {
+        match &c {
+            Command::Run(a) => {
+                let ending = match fail.contains(&names[a.unit.task].as_str()) {
+                    true => Outcome::Fail.ending(),
+                    false => Outcome::Output(Out::Scalar).ending(),
+                };
+                m.handle(Event::AttemptEnded {
+                    unit: a.unit,
+                    outcome: ended(ending, Vec::new(), Usage::default()),
+                });
+            }
+            Command::Timer { unit, at } => {
+                clock.set(*at);
+                m.handle(Event::TimerFired(*unit));
+            }
+            Command::LookupCache { unit, .. } => m.handle(Event::CacheAnswered {
+                unit: *unit,
+                answer: Ok(CacheLookup::Miss("no entry".into())),
+            }),
+            Command::Acquire(unit) => m.handle(Event::SlotGranted(*unit)),
+            _ => {}
+        }
+        seen.push(c);
+    });
+    assert!(m.is_idle());
+    m.finish();
+    (m.into_run(), seen)
+}
+
+/// `b` as [`run_replacing`] wants it: cached, one retry.
+fn replaced_task() -> TaskDef {
+    let mut b = task("b", json!(1));
+    b.upstream_tasks = vec!["a".into()];
+    b.retries = 1;
+    b.cache = Some(crate::cache::CachePolicy {
+        cache_for: Duration::from_secs(60),
+        validator: crate::cache::CacheValidator::AllInputs,
+    });
+    b
+}
+
+/// What `b` went through, its attempts and its message; and the flow run's state.
+fn replaced_outcome(run: &FlowRun) -> (Vec<StateName>, u32, Option<&str>, StateName) {
+    let b = &run.tasks[1];
+    (
+        history(b),
+        b.attempts,
+        b.state.message.as_deref(),
+        run.state.name,
+    )
+}
+
+/// As in Prefect 1, where each step of the task runner checks the state it is handed, a state
+/// handler's replacement of an attempt's start (Running, Retrying) stands if it is a Running
+/// one; a finished one ends the task run without running the component (not counted as an
+/// attempt, nothing cached, an executor's slot given back, a Completed output null); any other
+/// would leave the task waiting on nothing, and fails it.
+#[test]
+fn a_replacement_of_an_attempts_start_runs_it_skips_it_or_fails_the_task() {
+    use StateName::*;
+    let ran_b = |seen: &[Command]| {
+        seen.iter()
+            .filter(|c| matches!(c, Command::Run(a) if a.unit.task == 1))
+            .count()
+    };
+    for acquire in [false, true] {
+        let (run, seen) = run_replacing(replaced_task(), (Running, Completed), &[], acquire);
+        assert_eq!(
+            replaced_outcome(&run),
+            (vec![Pending, Completed], 0, None, Completed)
+        );
+        assert_eq!(ran_b(&seen), 0);
+        assert!(
+            !seen
+                .iter()
+                .any(|c| matches!(c, Command::Write(Write::Cache(_)))),
+            "nothing ran, so nothing is cached: {seen:?}"
+        );
+        let c_input = seen.iter().find_map(|c| match c {
+            Command::Run(a) if a.unit.task == 2 => Some(a.input.clone()),
+            _ => None,
+        });
+        assert_eq!(c_input, Some(Json::null()));
+        let released = seen
+            .iter()
+            .filter(|c| matches!(c, Command::Release(u) if u.task == 1))
+            .count();
+        assert_eq!(released, 1, "acquire = {acquire}: {seen:?}");
+    }
+    // Skipped: what reads it is skipped too.
+    let (run, _) = run_replacing(replaced_task(), (Running, Skipped), &[], false);
+    assert_eq!(run.tasks[2].state.name, Skipped);
+    // A retry replaced with Completed: one attempt made.
+    let (run, seen) = run_replacing(replaced_task(), (Retrying, Completed), &["b"], false);
+    assert_eq!(
+        replaced_outcome(&run),
+        (
+            vec![Pending, Running, AwaitingRetry, Completed],
+            1,
+            None,
+            Completed
+        )
+    );
+    assert_eq!(ran_b(&seen), 1);
+    // Retrying for Running: a Running-type state, so the attempt runs.
+    let (run, seen) = run_replacing(replaced_task(), (Running, Retrying), &[], false);
+    assert_eq!(
+        replaced_outcome(&run),
+        (vec![Pending, Retrying, Completed], 1, None, Completed)
+    );
+    assert_eq!(ran_b(&seen), 1);
+    for to in [Paused, AwaitingRetry, Pending, Cancelling] {
+        let (run, seen) = run_replacing(replaced_task(), (Running, to), &[], false);
+        let message = format!(
+            "a state handler replaced Running with {to} before the attempt started (only \
+             Running, Retrying, or a finished state, which skips the attempt, can replace it)"
+        );
+        assert_eq!(
+            replaced_outcome(&run),
+            (vec![Pending, Failed], 0, Some(message.as_str()), Failed)
+        );
+        assert_eq!(ran_b(&seen), 0);
+        assert_eq!(run.tasks[2].state.name, TriggerFailed);
+    }
+}
+
+/// A `manual_only` task's pause replaced by the handlers: a paused state waits, a finished one
+/// ends the task run (what reads it goes on), and any other fails it.
+#[test]
+fn a_replacement_of_a_pause_waits_or_ends_the_task() {
+    use StateName::*;
+    let manual = || {
+        let mut b = replaced_task();
+        b.trigger = Trigger::ManualOnly;
+        b
+    };
+    let (run, seen) = run_replacing(manual(), (Paused, Skipped), &[], false);
+    assert_eq!(
+        replaced_outcome(&run),
+        (vec![Pending, Skipped], 0, None, Completed)
+    );
+    assert_eq!(run.tasks[2].state.name, Skipped);
+    assert!(
+        !seen
+            .iter()
+            .any(|c| matches!(c, Command::Run(a) if a.unit.task == 1))
+    );
+    let (run, _) = run_replacing(manual(), (Paused, Completed), &[], false);
+    assert_eq!(
+        replaced_outcome(&run),
+        (vec![Pending, Completed], 0, None, Completed)
+    );
+    assert_eq!(run.tasks[2].state.name, Completed);
+    let (run, _) = run_replacing(manual(), (Paused, Running), &[], false);
+    assert_eq!(
+        replaced_outcome(&run),
+        (
+            vec![Pending, Failed],
+            0,
+            Some(
+                "a state handler replaced Paused with Running (only a paused or a finished state \
+                 can replace a pause)"
+            ),
+            Failed
+        )
+    );
+    // Unreplaced, the flow run waits on it.
+    let (run, _) = run_replacing(manual(), (Completed, Completed), &[], false);
+    assert_eq!(
+        replaced_outcome(&run),
+        (
+            vec![Pending, Paused],
+            0,
+            Some("manual_only: waiting to be resumed with this task as a start task"),
+            Paused
+        )
+    );
+}
+
+/// A state that ends a task run without an attempt (here TriggerFailed; Cancelled below) can
+/// be replaced only with a finished one: anything else would leave the task in a state
+/// nothing moves it on from (and the flow run would say it waits on a paused task).
+#[test]
+fn a_replacement_of_a_state_that_ends_the_task_run_must_be_finished() {
+    use StateName::*;
+    let (run, seen) = run_replacing(replaced_task(), (TriggerFailed, Completed), &["a"], false);
+    assert_eq!(
+        replaced_outcome(&run),
+        (vec![Pending, Completed], 0, None, Completed)
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|c| matches!(c, Command::Run(a) if a.unit.task == 1))
+    );
+    for to in [Running, AwaitingRetry, Pending, Paused] {
+        let (run, seen) = run_replacing(replaced_task(), (TriggerFailed, to), &["a"], false);
+        let message = format!(
+            "a state handler replaced TriggerFailed with {to} but TriggerFailed ends the task \
+             run (only a finished state can replace it)"
+        );
+        assert_eq!(
+            replaced_outcome(&run),
+            (vec![Pending, Failed], 0, Some(message.as_str()), Failed)
+        );
+        assert!(
+            !seen
+                .iter()
+                .any(|c| matches!(c, Command::Run(a) if a.unit.task == 1))
+        );
+    }
+    // In a cancelled run, the refused replacement is Cancelled.
+    let mut t = task("t", json!(1));
+    t.retries = 1;
+    let def = FlowBuilder::new("f").task(t).build().expect("flow");
+    let handler = Arc::new(|_: &str, _: &State, new: State| match new.name {
+        Cancelled => State::new(Running, new.timestamp),
+        _ => new,
+    });
+    let (mut m, _clock) = handled_machine(def, handler, false);
+    m.start();
+    let [a] = runs(drain(&mut m)).try_into().expect("one attempt");
+    m.handle(Event::AttemptEnded {
+        unit: a.unit,
+        outcome: ended(Outcome::Fail.ending(), Vec::new(), Usage::default()),
+    });
+    let _ = drain(&mut m);
+    m.handle(Event::CancelRequested);
+    assert!(m.is_idle());
+    m.finish();
+    let t = &m.run().tasks[0];
+    assert_eq!(history(t), [Pending, Running, AwaitingRetry, Cancelled]);
+    assert_eq!(
+        t.state.message.as_deref(),
+        Some(
+            "a state handler replaced Cancelled with Running but Cancelled ends the task run \
+             (only a finished state can replace it)"
+        )
     );
 }

@@ -1,6 +1,6 @@
 //! Transitions: every state change goes through the in-process handlers, then the task's handler
-//! components (a command, answered later), then the retry budget for a replacement of an
-//! attempt's state, and is recorded and written; cancellation; the flow run's own state.
+//! components (a command, answered later), then what their replacement may be (the retry budget
+//! for an attempt's state), and is recorded and written; cancellation; the flow run's own state.
 
 use super::*;
 
@@ -136,35 +136,13 @@ impl FlowMachine {
     }
 
     /// Move a unit to `new`, through the state handlers, carrying `output` (recorded when the
-    /// unit ends in a Completed-type state); `then` follows once it is recorded.
-    pub(super) fn transition(&mut self, unit: Unit, new: State, output: Option<Blob>, then: Then) {
-        self.transition_inner(unit, new, output, false, then);
-    }
-
-    /// [`FlowMachine::transition`] for the state an attempt (or a cache hit) ends in: what the
-    /// state handlers replace it with goes through the task's retry policy
+    /// unit ends in a Completed-type state); `then` follows once it is recorded. What the
+    /// handlers replace `new` with is held to what `then` can follow
     /// ([`FlowMachine::police_replacement`]).
-    pub(super) fn transition_after_attempt(
-        &mut self,
-        unit: Unit,
-        new: State,
-        out: Option<Blob>,
-        then: Then,
-    ) {
-        self.transition_inner(unit, new, out, true, then);
-    }
-
-    pub(super) fn transition_inner(
-        &mut self,
-        unit: Unit,
-        new: State,
-        output: Option<Blob>,
-        after_attempt: bool,
-        then: Then,
-    ) {
+    pub(super) fn transition(&mut self, unit: Unit, new: State, output: Option<Blob>, then: Then) {
         let name = self.name_of(unit.task).clone();
         let old = self.record_ref(unit).state.clone();
-        let proposed = after_attempt.then_some((new.name, new.scheduled_for));
+        let proposed = (new.name, new.scheduled_for);
         let mut state = new;
         let handlers = self.settings.handlers.clone();
         if let Some(hs) = handlers.task.get(&*name) {
@@ -224,13 +202,11 @@ impl FlowMachine {
         old: State,
         mut state: State,
         output: Option<Blob>,
-        proposed: Option<(StateName, Option<DateTime<Utc>>)>,
-        then: Then,
+        proposed: (StateName, Option<DateTime<Utc>>),
+        mut then: Then,
     ) {
-        if let Some(proposed) = proposed
-            && (state.name, state.scheduled_for) != proposed
-        {
-            state = self.police_replacement(unit, proposed.0, state);
+        if (state.name, state.scheduled_for) != proposed {
+            (state, then) = self.police_replacement(unit, proposed.0, state, then);
         }
         if self.def.body.is_some() && state.state_type() == StateType::Paused {
             // Nobody could resume it: a code flow's body waits for its task runs.
@@ -262,7 +238,7 @@ impl FlowMachine {
             self.commands.push_back(Command::Event(event));
         }
         match then {
-            Then::Nothing => {}
+            Then::Wait | Then::End => {}
             Then::Finished => self.unit_finished(unit),
             Then::Launch => self.launch(unit),
             Then::Proceed {
@@ -286,13 +262,87 @@ impl FlowMachine {
         }
     }
 
+    /// The state handlers replaced `proposed` with `state`: a replacement stands only where
+    /// what follows `proposed` can go on from it (as in Prefect 1, where each step of the task
+    /// runner checks the state it is handed). Otherwise the task run is Failed (Cancelled once
+    /// the flow run is being cancelled), saying why, rather than left in a state nothing moves
+    /// it on from.
+    ///
+    /// - The start of an attempt (Running, Retrying): a Running-type state starts it; a
+    ///   finished state ends the task run without running the component (the attempt is not
+    ///   counted and nothing is cached).
+    /// - The end of an attempt or a cache hit: see [`FlowMachine::police_attempt_replacement`].
+    /// - A pause (`manual_only`): a paused state waits; a finished one ends the task run.
+    /// - A state that ends the task run without an attempt (Skipped, TriggerFailed, Cancelled,
+    ///   a mapped parent's end): only a finished state.
+    pub(super) fn police_replacement(
+        &mut self,
+        unit: Unit,
+        proposed: StateName,
+        state: State,
+        then: Then,
+    ) -> (State, Then) {
+        // A unit that ends here without (another) attempt: output null if it completed.
+        let ends = Then::Proceed {
+            output: None,
+            from_cache: false,
+            guest_cancelled: false,
+        };
+        let ty = state.state_type();
+        match then {
+            Then::Proceed { .. } => (self.police_attempt_replacement(unit, proposed, state), then),
+            Then::Launch if ty == StateType::Running => (state, then),
+            Then::Launch => {
+                // The attempt does not start: it is not counted, its slot goes back, and the
+                // key a cache miss kept to cache its output is dropped.
+                let rec = self.record(unit);
+                rec.attempts = rec.attempts.saturating_sub(1);
+                self.release_slot(unit);
+                self.commands.push_back(Command::Release(unit));
+                self.cache_keys.remove(&unit);
+                if state.is_terminal() {
+                    return (state, ends);
+                }
+                let why = "before the attempt started (only Running, Retrying, or a finished \
+                           state, which skips the attempt, can replace it)";
+                (self.refuse(proposed, &state, why), ends)
+            }
+            Then::Wait if ty == StateType::Paused => (state, then),
+            Then::Wait if state.is_terminal() => (state, ends),
+            Then::Wait => {
+                let why = "(only a paused or a finished state can replace a pause)";
+                (self.refuse(proposed, &state, why), ends)
+            }
+            Then::Finished | Then::End if state.is_terminal() => (state, then),
+            Then::Finished | Then::End => {
+                let why = format!(
+                    "but {proposed} ends the task run (only a finished state can replace it)"
+                );
+                (self.refuse(proposed, &state, &why), then)
+            }
+        }
+    }
+
+    /// The state a refused replacement leaves: Failed, saying why (Cancelled once the flow
+    /// run is being cancelled).
+    fn refuse(&self, proposed: StateName, state: &State, why: &str) -> State {
+        let name = match self.cancelled {
+            true => StateName::Cancelled,
+            false => StateName::Failed,
+        };
+        State::new(name, self.now()).with_message(format!(
+            "a state handler replaced {proposed} with {} {why}",
+            state.name
+        ))
+    }
+
     /// A state handler replaced the state an attempt ended in (`proposed`) with `state`. A
     /// Scheduled-type replacement asks to run the task again: it is a retry like any other, so
     /// it needs a retry left (attempts never exceed `retries + 1`), and it starts within the
     /// task's retry delay cap; otherwise the task is Failed, saying why. A replacement that
     /// would leave the task neither finished, paused nor scheduled (Running, Pending,
     /// Cancelling) would wait for ever, and fails too.
-    pub(super) fn police_replacement(
+    fn police_attempt_replacement(
         &self,
         unit: Unit,
         proposed: StateName,

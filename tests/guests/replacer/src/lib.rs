@@ -1,16 +1,18 @@
-//! A state handler that replaces every Completed with the state named after `to_` in its task's
-//! name (task `to_Running`: Running), to test what the engine accepts as a replacement; with a
-//! name after `cached_to_`, only a cache hit's Cached state.
+//! A state handler that replaces states as its task's name says, to test what the engine
+//! accepts as a replacement: task `to_Running` replaces every Completed-type state with
+//! Running; task `Cached_to_Scheduled` (any `<From>_to_<To>`) replaces only the state named
+//! `From` (here a cache hit's Cached) with `To`.
 
 use sluice_guest::export_handler;
 use sluice_guest::handler::State;
 
 fn handle(task: &str, _old: &State, new: &State) -> Option<State> {
-    if let Some(name) = task.strip_prefix("cached_to_") {
-        return (new.name == "Cached").then(|| State::named(name, "replaced by the handler"));
+    let replace = |to: &str| State::named(to, "replaced by the handler");
+    if let Some(to) = task.strip_prefix("to_") {
+        return (new.state_type == "COMPLETED").then(|| replace(to));
     }
-    let name = task.strip_prefix("to_")?;
-    (new.state_type == "COMPLETED").then(|| State::named(name, "replaced by the handler"))
+    let (from, to) = task.split_once("_to_")?;
+    (new.name == from).then(|| replace(to))
 }
 
 export_handler!(handle);

@@ -804,8 +804,8 @@ fn a_skipped_mapped_child_skips_the_downstream_task() {
 fn an_input_may_refer_to_one_upstream_output_several_times() {
     let dir = tempfile::tempdir().expect("temp dir");
     let id = component("identity");
-    // `twice` is `x`'s only consumer, so its last reference takes the output instead of copying
-    // it; every earlier reference must still get a copy. `x` then feeds two consumers.
+    // `twice` is `x`'s only consumer and refers to it three times: every reference gets the
+    // output. `y0` then feeds two consumers, one of them twice.
     let flow = write_flow(
         dir.path(),
         "refs",

@@ -1,6 +1,6 @@
 //! The graph side of the machine: preparing the node table from a record (fresh or resumed),
 //! evaluating a task once every upstream task finished (cancel, skip propagation, its trigger),
-//! resolving its input (handing an output to its last consumer instead of copying it), making
+//! resolving its input (sharing upstream outputs, released once the last consumer has them), making
 //! mapped children (under the flow's cap), and waking downstream tasks when a task finishes.
 
 use super::*;
@@ -173,25 +173,13 @@ impl FlowMachine {
         }
         let task = &self.def.tasks[self.nodes[i].template];
         let params = &self.run.parameters;
-        let nodes = &mut self.nodes;
-        let index = &self.index;
-        // References left to resolve per upstream task: the last reference of the last consumer
-        // takes the output instead of copying it.
-        let mut refs_left: HashMap<usize, usize> = HashMap::new();
-        for t in task.input.task_refs() {
-            *refs_left.entry(index[t]).or_default() += 1;
-        }
+        let (nodes, index) = (&self.nodes, &self.index);
+        // An output is shared, not copied (`Json` is reference-counted); the node's own share
+        // goes once its last consumer has it (`release_one`).
         let value = task
             .input
             .resolve(&|p| params.get(p).map(Json::from_value), &mut |t| {
-                let j = *index.get(t)?;
-                let left = refs_left.get_mut(&j)?;
-                *left -= 1;
-                if *left == 0 && nodes[j].consumers_left == 1 {
-                    nodes[j].output.take()
-                } else {
-                    nodes[j].output.clone()
-                }
+                nodes[*index.get(t)?].output.clone()
             });
         for u in self.nodes[i].data_upstream.clone() {
             self.release_one(u);

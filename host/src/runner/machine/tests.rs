@@ -1890,7 +1890,7 @@ fn a_skip_names_the_upstream_task_that_was_skipped() {
 
 /// Resuming: a consumer that had already received an output (it completed, or holds it as its
 /// cached input) no longer counts as waiting for it; those that had not received it still
-/// get it, and the last of them takes it, so it is released.
+/// get it, and once the last of them has it, it is released.
 #[test]
 fn a_resume_releases_an_output_once_its_last_consumer_takes_it() {
     let a = task("a", json!(1));
@@ -2402,7 +2402,7 @@ fn a_code_flows_task_runs_keep_outputs_only_for_held_handles_and_cannot_pause() 
 
 /// A flow `a` → `b` → `c` (`c` reads `b`'s output; `b` caches its output, one retry, and may
 /// be `manual_only`) run to its end, with an in-process state handler on `b` that replaces
-/// `from` with `to`. Tasks named in `fail` fail every attempt; the others output 1. Every
+/// `from` with `to` (`to` = `from`: the same state, dated an hour later). Tasks named in `fail` fail every attempt; the others output 1. Every
 /// cache lookup misses and every executor slot is granted at once (with `acquire`). Returns
 /// the record and every command the machine gave.
 fn run_replacing(
@@ -2425,13 +2425,16 @@ fn run_replacing(
     let names: Vec<String> = def.tasks.iter().map(|t| t.name.clone()).collect();
     let clock = SimClock::new(start_time());
     let mut handlers = StateHandlers::default();
-    let handler: crate::runner::StateHandler =
-        Arc::new(
-            move |_: &str, _: &State, new: State| match new.name == from {
-                true => State::new(to, new.timestamp),
-                false => new,
-            },
-        );
+    let handler: crate::runner::StateHandler = Arc::new(move |_: &str, _: &State, new: State| {
+        if new.name != from {
+            return new;
+        }
+        let mut to = State::new(to, new.timestamp);
+        if to.name == from {
+            to.scheduled_for = Some(new.timestamp + TimeDelta::hours(1));
+        }
+        to
+    });
     handlers.task.insert("b".into(), vec![handler]);
     let settings = Settings {
         handlers: Arc::new(handlers),
@@ -2609,6 +2612,12 @@ fn a_replacement_of_a_pause_waits_or_ends_the_task() {
             ),
             Failed
         )
+    );
+    // A pause dated (as Prefect 1's Paused can carry a start time) still waits.
+    let (run, _) = run_replacing(manual(), (Paused, Paused), &[], false);
+    assert_eq!(
+        replaced_outcome(&run),
+        (vec![Pending, Paused], 0, None, Paused)
     );
     // Unreplaced, the flow run waits on it.
     let (run, _) = run_replacing(manual(), (Completed, Completed), &[], false);

@@ -1,6 +1,6 @@
-//! The executor's promises that no state shows: newly ready work runs first (depth first), the
-//! last consumer of an output takes it instead of copying it, and a cancel requested through
-//! the store is noticed within the poll interval.
+//! The executor's promises that no state shows: newly ready work runs first (depth first), an
+//! output is shared with its consumers instead of copied and dropped once the last has it, and
+//! a cancel requested through the store is noticed within the poll interval.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -64,9 +64,10 @@ async fn newly_ready_work_runs_first() {
     }
 }
 
-/// The only consumer of a large output takes it: the run never holds a third copy of it.
+/// The only consumer of a large output shares it, and the run then drops its own share: the
+/// run never holds a third copy of it.
 #[tokio::test]
-async fn the_last_consumer_takes_the_output_instead_of_copying_it() {
+async fn a_consumer_shares_an_output_instead_of_copying_it() {
     const N: u64 = 1 << 19;
     let runner = FlowRunner::new(sandbox().clone());
     let mut list = TaskDef::new("list", guest("hostile"));

@@ -377,6 +377,10 @@ impl FlowMachine {
         self.nodes[i].input = None;
         if self.run.tasks[i].state.state_type() == StateType::Completed {
             self.run.tasks[i].cached_input = None;
+        } else {
+            // What did not complete hands nothing on (a mapped task's list, when a handler
+            // replaced its Mapped).
+            self.nodes[i].output = None;
         }
         let before = self.wake.len();
         for k in 0..self.nodes[i].downstream.len() {

@@ -2402,9 +2402,10 @@ fn a_code_flows_task_runs_keep_outputs_only_for_held_handles_and_cannot_pause() 
 
 /// A flow `a` → `b` → `c` (`c` reads `b`'s output; `b` caches its output, one retry, and may
 /// be `manual_only`) run to its end, with an in-process state handler on `b` that replaces
-/// `from` with `to` (`to` = `from`: the same state, dated an hour later). Tasks named in `fail` fail every attempt; the others output 1. Every
-/// cache lookup misses and every executor slot is granted at once (with `acquire`). Returns
-/// the record and every command the machine gave.
+/// `from` with `to` (`to` = `from`: the same state, dated an hour later). Tasks named in
+/// `fail` fail every attempt; the others output 1. Every cache lookup misses and every
+/// executor slot is granted at once (with `acquire`). Returns the record and every command
+/// the machine gave.
 fn run_replacing(
     b: TaskDef,
     (from, to): (StateName, StateName),
@@ -2692,4 +2693,57 @@ fn a_replacement_of_a_state_that_ends_the_task_run_must_be_finished() {
              (only a finished state can replace it)"
         )
     );
+}
+
+/// Replacements hold for mapped tasks too: children whose start a handler replaced with
+/// Skipped do not run and count as done (the parent is Mapped, their outputs null); a parent
+/// whose Mapped a handler replaced with Failed keeps no list.
+#[test]
+fn a_mapped_tasks_replacements_are_held_to_the_same_rules() {
+    use StateName::*;
+    let mapped = || {
+        let mut t = task("m", json!([1, 2]));
+        t.map = MapOver::Input;
+        FlowBuilder::new("f").task(t).build().expect("flow")
+    };
+    let replace = |from: StateName, to: StateName| -> crate::runner::StateHandler {
+        Arc::new(
+            move |_: &str, _: &State, new: State| match new.name == from {
+                true => State::new(to, new.timestamp),
+                false => new,
+            },
+        )
+    };
+    let (mut m, _clock) = handled_machine(mapped(), replace(Running, Skipped), false);
+    m.start();
+    assert!(runs(drain(&mut m)).is_empty(), "no child runs");
+    assert!(m.is_idle());
+    m.finish();
+    let t = &m.run().tasks[0];
+    assert_eq!(t.state.name, Mapped);
+    assert_eq!(t.output, Some(json!([null, null]).into()));
+    let children: Vec<(StateName, u32)> = t
+        .children
+        .iter()
+        .map(|c| (c.state.name, c.attempts))
+        .collect();
+    assert_eq!(children, [(Skipped, 0), (Skipped, 0)]);
+
+    let (mut m, _clock) = handled_machine(mapped(), replace(Mapped, Failed), false);
+    m.start();
+    for a in runs(drain(&mut m)) {
+        m.handle(Event::AttemptEnded {
+            unit: a.unit,
+            outcome: ended(
+                Outcome::Output(Out::Scalar).ending(),
+                Vec::new(),
+                Usage::default(),
+            ),
+        });
+    }
+    assert!(m.is_idle());
+    m.finish();
+    let t = &m.run().tasks[0];
+    assert_eq!(history(t), [Pending, Failed]);
+    assert_eq!(t.output, None);
 }

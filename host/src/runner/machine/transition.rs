@@ -31,11 +31,8 @@ impl FlowMachine {
             for (unit, p) in pending {
                 if matches!(p.then, Then::Launch) {
                     // An attempt whose start (Running) awaited the handlers does not start
-                    // now: nothing new starts once cancelled, and it is not counted.
-                    let rec = self.record(unit);
-                    rec.attempts = rec.attempts.saturating_sub(1);
-                    self.release_slot(unit);
-                    self.commands.push_back(Command::Release(unit));
+                    // now: nothing new starts once cancelled.
+                    self.abandon_start(unit);
                     let s = State::new(StateName::Cancelled, self.now())
                         .with_message("the flow run was cancelled before this task started");
                     self.transition(unit, s, None, Then::Finished);
@@ -293,13 +290,7 @@ impl FlowMachine {
             Then::Proceed { .. } => (self.police_attempt_replacement(unit, proposed, state), then),
             Then::Launch if ty == StateType::Running => (state, then),
             Then::Launch => {
-                // The attempt does not start: it is not counted, its slot goes back, and the
-                // key a cache miss kept to cache its output is dropped.
-                let rec = self.record(unit);
-                rec.attempts = rec.attempts.saturating_sub(1);
-                self.release_slot(unit);
-                self.commands.push_back(Command::Release(unit));
-                self.cache_keys.remove(&unit);
+                self.abandon_start(unit);
                 if state.is_terminal() {
                     return (state, ends);
                 }
@@ -321,6 +312,17 @@ impl FlowMachine {
                 (self.refuse(proposed, &state, &why), then)
             }
         }
+    }
+
+    /// An attempt whose start was recorded does not start after all: it is not counted, its
+    /// slots (the run's and an executor's) go back, and the key a cache miss kept to cache its
+    /// output is dropped.
+    fn abandon_start(&mut self, unit: Unit) {
+        let rec = self.record(unit);
+        rec.attempts = rec.attempts.saturating_sub(1);
+        self.release_slot(unit);
+        self.commands.push_back(Command::Release(unit));
+        self.cache_keys.remove(&unit);
     }
 
     /// The state a refused replacement leaves: Failed, saying why (Cancelled once the flow

@@ -260,10 +260,10 @@ impl FlowMachine {
     }
 
     /// The state handlers replaced `proposed` with `state`: a replacement stands only where
-    /// what follows `proposed` can go on from it (as in Prefect 1, where each step of the task
-    /// runner checks the state it is handed). Otherwise the task run is Failed (Cancelled once
-    /// the flow run is being cancelled), saying why, rather than left in a state nothing moves
-    /// it on from.
+    /// what follows `proposed` can go on from it. Otherwise the task run is Failed (Cancelled
+    /// once the flow run is being cancelled), saying why, rather than left in a state nothing
+    /// moves it on from (Sluice's rule: Prefect 1 leaves a task in whatever state a handler
+    /// returns; its task runner does run only a Running task, as below).
     ///
     /// - The start of an attempt (Running, Retrying): a Running-type state starts it; a
     ///   finished state ends the task run without running the component (the attempt is not

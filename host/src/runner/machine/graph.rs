@@ -1,7 +1,8 @@
 //! The graph side of the machine: preparing the node table from a record (fresh or resumed),
 //! evaluating a task once every upstream task finished (cancel, skip propagation, its trigger),
-//! resolving its input (sharing upstream outputs, released once the last consumer has them), making
-//! mapped children (under the flow's cap), and waking downstream tasks when a task finishes.
+//! resolving its input (sharing upstream outputs, released once the last consumer has them),
+//! making mapped children (under the flow's cap), and waking downstream tasks when a task
+//! finishes.
 
 use super::*;
 

@@ -294,20 +294,20 @@ impl FlowMachine {
                 if state.is_terminal() {
                     return (state, ends);
                 }
-                let why = "before the attempt started (only Running, Retrying, or a finished \
+                let why = " before the attempt started (only Running, Retrying, or a finished \
                            state, which skips the attempt, can replace it)";
                 (self.refuse(proposed, &state, why), ends)
             }
             Then::Wait if ty == StateType::Paused => (state, then),
             Then::Wait if state.is_terminal() => (state, ends),
             Then::Wait => {
-                let why = "(only a paused or a finished state can replace a pause)";
+                let why = " (only a paused or a finished state can replace a pause)";
                 (self.refuse(proposed, &state, why), ends)
             }
             Then::Finished | Then::End if state.is_terminal() => (state, then),
             Then::Finished | Then::End => {
                 let why = format!(
-                    "but {proposed} ends the task run (only a finished state can replace it)"
+                    " but {proposed} ends the task run (only a finished state can replace it)"
                 );
                 (self.refuse(proposed, &state, &why), then)
             }
@@ -325,15 +325,15 @@ impl FlowMachine {
         self.cache_keys.remove(&unit);
     }
 
-    /// The state a refused replacement leaves: Failed, saying why (Cancelled once the flow
-    /// run is being cancelled).
+    /// The state a refused replacement leaves: Failed, saying why (`why` follows "a state
+    /// handler replaced X with Y"), or Cancelled once the flow run is being cancelled.
     fn refuse(&self, proposed: StateName, state: &State, why: &str) -> State {
         let name = match self.cancelled {
             true => StateName::Cancelled,
             false => StateName::Failed,
         };
         State::new(name, self.now()).with_message(format!(
-            "a state handler replaced {proposed} with {} {why}",
+            "a state handler replaced {proposed} with {}{why}",
             state.name
         ))
     }
@@ -357,18 +357,15 @@ impl FlowMachine {
                 let rec = self.record_ref(unit);
                 let used = rec.attempts.saturating_sub(self.base_attempts(unit));
                 if self.cancelled {
-                    return State::new(StateName::Cancelled, now).with_message(format!(
-                        "a state handler replaced {proposed} with {}, but the flow run is \
-                         being cancelled",
-                        state.name
-                    ));
+                    return self.refuse(proposed, &state, ", but the flow run is being cancelled");
                 }
                 if used > task.retries {
-                    return State::new(StateName::Failed, now).with_message(format!(
-                        "a state handler replaced {proposed} with {} to run the task again, but \
-                         no retries remain ({used} attempts made, retries = {})",
-                        state.name, task.retries
-                    ));
+                    let why = format!(
+                        " to run the task again, but no retries remain ({used} attempts made, \
+                         retries = {})",
+                        task.retries
+                    );
+                    return self.refuse(proposed, &state, &why);
                 }
                 let cap = TimeDelta::from_std(task.retry_delay_cap()).unwrap_or(TimeDelta::MAX);
                 let latest = now
@@ -391,11 +388,9 @@ impl FlowMachine {
                 state
             }
             StateType::Running | StateType::Pending | StateType::Cancelling => {
-                State::new(StateName::Failed, now).with_message(format!(
-                    "a state handler replaced {proposed} with {}, which cannot follow a finished \
-                     attempt (only a finished, paused or scheduled state can)",
-                    state.name
-                ))
+                let why = ", which cannot follow a finished attempt (only a finished, paused or \
+                           scheduled state can)";
+                self.refuse(proposed, &state, why)
             }
             _ => state,
         }
